@@ -1,0 +1,3 @@
+from livescope.daemon.cli import main
+
+raise SystemExit(main())

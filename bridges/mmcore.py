@@ -1,0 +1,157 @@
+"""pymmcore-plus bridge: stream every frame of an MDA into livescope without slowing it down.
+
+    handle = attach(core, "tcp://127.0.0.1:5570")
+    core.mda.run(sequence)
+    handle.close()
+
+The MDA thread only puts (image, event, metadata) into a bounded queue; a sender thread builds
+the header and sends. A frame that finds the queue full is counted in ``dropped`` and its ``seq``
+is skipped, so the daemon counts it as lost: nothing is lost silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from typing import Any
+
+import numpy as np
+
+from .transport import FramePublisher
+
+__all__ = ["MMCoreBridge", "attach"]
+
+log = logging.getLogger(__name__)
+
+_END = object()
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+class MMCoreBridge:
+    def __init__(
+        self,
+        core: Any,
+        address: str,
+        *,
+        stream: str = "mmcore",
+        buffer_frames: int = 256,
+        camera: dict[str, Any] | None = None,
+        bits: int | None = None,
+        send_end: bool = True,
+    ) -> None:
+        self.core = core
+        self.stream = stream
+        self.camera = camera
+        self.bits = bits
+        self.send_end = send_end
+        self.publisher = FramePublisher(address, stream=stream, block=True, send_timeout_ms=2000, hwm=16)
+        self._queue: queue.Queue = queue.Queue(maxsize=buffer_frames)
+        self.seq = 0
+        self.dropped = 0
+        self.sent = 0
+        self._sizes: dict[str, Any] = {}
+        self._seq_info: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._sender, name="livescope-mmcore-sender", daemon=True)
+        self._thread.start()
+        ev = core.mda.events
+        ev.frameReady.connect(self._on_frame)
+        ev.sequenceStarted.connect(self._on_sequence)
+        ev.sequenceFinished.connect(self._on_finished)
+        self._closed = False
+
+    # -- MDA thread: no allocation beyond the queue entry, never blocks ------------------------
+    def _on_frame(self, image: np.ndarray, event: Any, meta: Any) -> None:
+        seq = self.seq
+        self.seq += 1
+        try:
+            self._queue.put_nowait((seq, image, event, meta))
+        except queue.Full:
+            self.dropped += 1
+
+    def _on_sequence(self, sequence: Any, *_: Any) -> None:
+        sizes = dict(sequence.sizes)
+        self._sizes = {k: int(v) for k, v in sizes.items() if k in ("p", "c", "z", "t") and v}
+        info: dict[str, Any] = {}
+        if sequence.time_plan is not None and getattr(sequence.time_plan, "interval", None) is not None:
+            interval = sequence.time_plan.interval
+            info["interval_s"] = float(getattr(interval, "total_seconds", lambda: interval)())
+        if sequence.z_plan is not None and getattr(sequence.z_plan, "step", None):
+            info["z_step_um"] = float(sequence.z_plan.step)
+        self._seq_info = info
+
+    def _on_finished(self, sequence: Any, *_: Any) -> None:
+        if self.send_end:
+            self._queue.put(_END)
+
+    # -- sender thread ---------------------------------------------------------------------
+    def _sender(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if item is _END:
+                self.publisher.seq = self.seq
+                self.publisher.end()
+                continue
+            seq, image, event, meta = item
+            try:
+                header = self._header(event, meta)
+                if self.publisher.send(image, seq=seq, **header):
+                    self.sent += 1
+                else:
+                    self.dropped += 1
+            except Exception:  # a bad frame must not stop the stream
+                log.exception("could not send frame seq=%d", seq)
+                self.dropped += 1
+
+    def _header(self, event: Any, meta: Any) -> dict[str, Any]:
+        index = {str(k): int(v) for k, v in dict(event.index).items() if str(k) in ("p", "c", "z", "t")}
+        meta = dict(meta or {})
+        header: dict[str, Any] = {
+            "index": index,
+            "sizes": self._sizes,
+            **self._seq_info,
+        }
+        if event.channel is not None:
+            header["channel"] = event.channel.config
+        px = meta.get("pixel_size_um")
+        if px:
+            header["pixel_size_um"] = float(px)
+        if "runner_time_ms" in meta:
+            header["time"] = float(meta["runner_time_ms"]) / 1000.0
+        if self.camera:
+            header["camera"] = self.camera
+        if self.bits:
+            header["bits"] = self.bits
+        meta.pop("mda_event", None)
+        header["meta"] = _jsonable({"frame": meta, "event": event.model_dump(mode="json", exclude_unset=True)})
+        return header
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Detach from the core, send what is queued, close the socket."""
+        if self._closed:
+            return
+        self._closed = True
+        ev = self.core.mda.events
+        for signal, slot in ((ev.frameReady, self._on_frame), (ev.sequenceStarted, self._on_sequence),
+                             (ev.sequenceFinished, self._on_finished)):
+            try:
+                signal.disconnect(slot)
+            except Exception:
+                pass
+        self._queue.put(None)
+        self._thread.join(timeout)
+        self.publisher.close()
+
+    def stats(self) -> dict[str, int]:
+        return {"sent": self.sent, "dropped": self.dropped, "queued": self._queue.qsize()}
+
+
+def attach(core: Any, address: str, **kwargs: Any) -> MMCoreBridge:
+    """Stream every ``frameReady`` frame of ``core`` (CMMCorePlus or UniMMCore) to ``address``."""
+    return MMCoreBridge(core, address, **kwargs)

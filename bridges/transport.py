@@ -1,0 +1,277 @@
+"""ZeroMQ sockets for frames: a lossless PUSH/PULL data path and a lossy PUB/SUB preview path.
+
+Data frames travel PUSH -> PULL with a bounded high-water mark: when the daemon is slow the
+sender sees it (a non-blocking send fails) and counts the frame it could not hand over. PUB/SUB
+silently drops frames for slow subscribers, so it is used only for previews.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import zmq
+
+from .protocol import Frame, ProtocolError, decode, encode, make_header
+
+__all__ = [
+    "DEFAULT_CONTROL",
+    "DEFAULT_INGEST",
+    "DEFAULT_PUBLISH",
+    "FramePublisher",
+    "FrameReceiver",
+    "PreviewPublisher",
+    "PreviewSubscriber",
+    "free_tcp_address",
+    "ipc_available",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INGEST = "tcp://127.0.0.1:5570"
+DEFAULT_PUBLISH = "tcp://127.0.0.1:5571"
+DEFAULT_CONTROL = "tcp://127.0.0.1:5572"
+
+
+def ipc_available() -> bool:
+    """ipc:// exists on POSIX libzmq builds; Windows needs tcp (or a recent libzmq with AF_UNIX)."""
+    return sys.platform != "win32" and zmq.has("ipc")
+
+
+def free_tcp_address(host: str = "127.0.0.1") -> str:
+    """A tcp address on a port that is free right now (tests, ad-hoc daemons)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return f"tcp://{host}:{s.getsockname()[1]}"
+
+
+class FramePublisher:
+    """Stream frames into livescope from any camera code, in three lines::
+
+        pub = FramePublisher("tcp://127.0.0.1:5570", stream="mycam")
+        pub.send(frame, index={"t": t}, pixel_size_um=0.1)
+        pub.close()
+
+    ``send`` never blocks by default: if the daemon's queue and the high-water mark are full it
+    returns False and counts the frame in ``dropped``. The array is sent without a copy: do not
+    modify it until ``send`` returned (pass ``copy=True`` to send a private copy).
+    """
+
+    def __init__(
+        self,
+        address: str,
+        stream: str = "camera",
+        *,
+        hwm: int = 64,
+        block: bool = False,
+        send_timeout_ms: int = -1,
+        context: zmq.Context | None = None,
+        **defaults: Any,
+    ) -> None:
+        self.stream = stream
+        self.block = block
+        self.defaults = defaults
+        self.seq = 0
+        self.sent = 0
+        self.dropped = 0
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.PUSH)
+        self._sock.setsockopt(zmq.SNDHWM, hwm)
+        self._sock.setsockopt(zmq.LINGER, 5000)
+        self._sock.setsockopt(zmq.SNDTIMEO, send_timeout_ms)  # with block=True: give up after this
+        self._sock.connect(address)
+        self._t0 = time.time()
+
+    def send(self, array: np.ndarray, *, copy: bool = False, seq: int | None = None, **fields: Any) -> bool:
+        """Send one frame; False if it could not be handed over (counted in ``dropped``).
+
+        ``seq`` defaults to the publisher's own counter; a caller that drops frames before
+        ``send`` passes its own, so the gap reaches the receiver as lost frames.
+        """
+        if self._sock is None:
+            raise RuntimeError("FramePublisher is closed; create a new one")
+        merged = {**self.defaults, **fields}
+        merged.setdefault("time", time.time() - self._t0)
+        if copy:
+            array = np.array(array, copy=True)
+        if seq is not None:
+            self.seq = int(seq)
+        header = make_header(array, stream=self.stream, seq=self.seq, **merged)
+        self.seq += 1  # a frame we fail to send is a gap in seq: the receiver counts it as lost
+        try:
+            self._sock.send_multipart(encode(header, array), copy=False, flags=0 if self.block else zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped += 1
+            return False
+        self.sent += 1
+        return True
+
+    def end(self) -> None:
+        """Tell the receiver the stream ended (it flushes and, for `--frames`-less runs, stops)."""
+        if self._sock is not None:
+            header = make_header(None, stream=self.stream, seq=self.seq, kind="end")
+            self._sock.send_multipart(encode(header, None))
+
+    def close(self, linger_s: float = 5.0) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=int(linger_s * 1000))
+            self._sock = None
+
+    def __enter__(self) -> FramePublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.end()
+        self.close()
+
+
+class FrameReceiver:
+    """PULL side of the data path: validates every message, counts rejects and lost frames."""
+
+    def __init__(self, address: str, *, bind: bool = True, hwm: int = 64, context: zmq.Context | None = None):
+        self.address = address
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.PULL)
+        self._sock.setsockopt(zmq.RCVHWM, hwm)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        try:
+            if bind:
+                self._sock.bind(address)
+            else:
+                self._sock.connect(address)
+        except zmq.ZMQError as exc:
+            self._sock.close()
+            raise OSError(
+                f"cannot bind the ingest socket to {address}: {exc}. Another livescope daemon may be "
+                "running; stop it or pass another address with --ingest"
+            ) from exc
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self.received = 0
+        self.rejected: Counter[str] = Counter()
+        self.lost = 0
+        self.restarts = 0
+        self._next_seq: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def recv(self, timeout_ms: int = 100) -> Frame | None:
+        """The next valid frame, or None on timeout. Malformed messages are counted and skipped."""
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            remaining = max(0, int((deadline - time.monotonic()) * 1000))
+            if not self._poller.poll(remaining):
+                return None
+            parts = self._sock.recv_multipart(copy=False)
+            try:
+                frame = decode(parts)
+            except ProtocolError as exc:
+                with self._lock:
+                    self.rejected[exc.reason] += 1
+                log.warning("rejected a message: %s", exc)
+                continue
+            self._track_seq(frame)
+            return frame
+
+    def _track_seq(self, frame: Frame) -> None:
+        stream, seq = frame.stream, frame.seq
+        with self._lock:
+            expected = self._next_seq.get(stream)
+            if expected is not None and seq > expected:
+                self.lost += seq - expected
+                log.warning("stream %r: %d frame(s) lost before seq %d", stream, seq - expected, seq)
+            elif expected is not None and seq < expected:
+                self.restarts += 1
+                log.warning("stream %r restarted (seq %d after %d)", stream, seq, expected - 1)
+            self._next_seq[stream] = seq + 1
+            if not frame.is_end:
+                self.received += 1
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "received": self.received,
+                "rejected": sum(self.rejected.values()),
+                "rejected_by_reason": dict(self.rejected),
+                "lost": self.lost,
+                "restarts": self.restarts,
+            }
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+
+class PreviewPublisher:
+    """PUB side of previews: high-water mark 2, so a slow viewer costs no memory."""
+
+    def __init__(self, address: str, *, context: zmq.Context | None = None) -> None:
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.PUB)
+        self._sock.setsockopt(zmq.SNDHWM, 2)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        try:
+            self._sock.bind(address)
+        except zmq.ZMQError as exc:
+            self._sock.close()
+            raise OSError(f"cannot bind the preview socket to {address}: {exc}; pass another --publish") from exc
+        self.sent = 0
+
+    def send(self, header: dict[str, Any], array: np.ndarray) -> None:
+        try:
+            self._sock.send_multipart(encode(header, array), copy=False, flags=zmq.NOBLOCK)
+            self.sent += 1
+        except zmq.Again:
+            pass  # a preview nobody can take right now is simply not shown
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+
+class PreviewSubscriber:
+    """SUB side for viewers: ``latest()`` drains the socket and keeps only the newest frame per
+    (product, position, channel, z)."""
+
+    def __init__(self, address: str, *, context: zmq.Context | None = None) -> None:
+        self.address = address
+        self._ctx = context or zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+        self.rejected = 0
+        self.received = 0
+        self._connect()
+
+    def _connect(self) -> None:
+        self._sock = self._ctx.socket(zmq.SUB)
+        self._sock.setsockopt(zmq.RCVHWM, 4)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sock.connect(self.address)
+
+    def latest(self, max_messages: int = 256) -> dict[tuple, Frame]:
+        out: dict[tuple, Frame] = {}
+        assert self._sock is not None
+        for _ in range(max_messages):
+            try:
+                parts = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            try:
+                frame = decode(parts)
+            except ProtocolError:
+                self.rejected += 1
+                continue
+            self.received += 1
+            h = frame.header
+            idx = h.get("index") or {}
+            key = (h.get("product", "raw"), idx.get("p", 0), idx.get("c", 0), idx.get("z", 0))
+            out[key] = frame
+        return out
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None

@@ -1,0 +1,367 @@
+"""The ``livescope`` command line. Logging is configured here, and only here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+log = logging.getLogger("livescope.cli")
+
+DEMO_ENGINES = ("register", "denoise", "deconvolve", "decompose")
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engines", default=None, help="comma-separated engine chain, e.g. register,denoise,deconvolve")
+    p.add_argument("--param", action="append", metavar="ENGINE.NAME=VALUE",
+                   help="an engine parameter, e.g. deconvolve.iterations=2 (repeatable)")
+    g = p.add_argument_group("deconvolution PSF (see docs/deconvolution.md)")
+    g.add_argument("--psf", help="measured PSF file (TIFF, 2-D or 3-D)")
+    g.add_argument("--psf-sigma", type=float, help="Gaussian PSF sigma in pixels")
+    g.add_argument("--na", type=float, help="numerical aperture (widefield PSF model)")
+    g.add_argument("--wavelength", type=float, help="emission wavelength in nm (widefield PSF model)")
+    g.add_argument("--ri", type=float, help="immersion refractive index (widefield PSF model)")
+    p.add_argument("--model", help="denoising model file (default: the shipped model)")
+    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime", "torch"], help="inference backend")
+
+
+def _engine_params(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    from .config import parse_params
+
+    params = parse_params(args.param)
+    dec = {k: v for k, v in (("psf", args.psf), ("psf_sigma", args.psf_sigma), ("na", args.na),
+                             ("wavelength_nm", args.wavelength), ("refractive_index", args.ri)) if v is not None}
+    if dec:
+        params.setdefault("deconvolve", {}).update(dec)
+    den = {k: v for k, v in (("model", args.model), ("backend", args.backend)) if v is not None}
+    if den:
+        params.setdefault("denoise", {}).update(den)
+    return params
+
+
+def _engines(arg: str | None) -> list[str] | None:
+    if arg is None:
+        return None
+    return [e.strip() for e in arg.split(",") if e.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..bridges.transport import DEFAULT_CONTROL, DEFAULT_INGEST, DEFAULT_PUBLISH
+
+    parser = argparse.ArgumentParser(prog="livescope", description="A live companion for microscopes.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v info, -vv debug)")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("demo", help="the simulated microscope through the daemon, all engines, a live window")
+    p.add_argument("--headless", action="store_true", help="no window: a progress bar, a summary and a PNG")
+    p.add_argument("--frames", type=int, default=None, help="time points to acquire (default 200 headless, 1000 with a window)")
+    p.add_argument("--out", default="livescope-demo.zarr", help="OME-Zarr output (replaced on each demo run)")
+    p.add_argument("--png", default=None, help="summary picture (default OUT.png)")
+    p.add_argument("--engines", default=None, help=f"engine chain (default: those available of {','.join(DEMO_ENGINES)})")
+    p.add_argument("--channels", type=int, default=1, choices=[1, 2], help="simulated channels")
+    p.add_argument("--z", type=int, default=1, help="simulated z planes")
+    p.add_argument("--size", type=int, default=256, help="simulated frame size (pixels)")
+
+    p = sub.add_parser("daemon", help="run the daemon: ingest -> engines -> store and previews")
+    p.add_argument("--config", help="TOML file with daemon settings (see docs/config.md)")
+    p.add_argument("--source", default=None, help="sim | file:PATH | zmq (bind --ingest) (default sim)")
+    _add_engine_options(p)
+    p.add_argument("--out", default=None, help="OME-Zarr output folder (none: no saving)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out")
+    p.add_argument("--ingest", default=None, help=f"frame socket to bind (default {DEFAULT_INGEST})")
+    p.add_argument("--publish", default=None, help=f"preview socket to bind (default {DEFAULT_PUBLISH})")
+    p.add_argument("--control", default=None, help=f"control socket to bind (default {DEFAULT_CONTROL})")
+    p.add_argument("--frames", type=int, default=None, help="stop after N time points (sim, file) or frames (zmq)")
+    p.add_argument("--rate", type=float, default=None, dest="rate_fps", help="file replay rate in frames/s")
+    p.add_argument("--compress", action="store_true", default=None, dest="compress_raw",
+                   help="blosc zstd + bitshuffle on raw (lossless)")
+    p.add_argument("--float16", action="store_true", default=None, help="save products as float16")
+    p.add_argument("--no-products", action="store_true", help="save raw only")
+    p.add_argument("--fsync", action="store_true", default=None, help="fsync every shard (power-loss safety, slower)")
+    p.add_argument("--memory-budget", type=float, default=None, dest="memory_budget_mb",
+                   help="MB of frames buffered for the store before frames are recorded lost (default 1024)")
+    p.add_argument("--sim-channels", type=int, default=None, choices=[1, 2])
+    p.add_argument("--sim-z", type=int, default=None)
+    p.add_argument("--sim-size", type=int, default=None)
+    p.add_argument("--sim-interval", type=float, default=None, dest="sim_interval_s", help="seconds between time points")
+    p.add_argument("--sim-drift", type=float, nargs=2, default=None, metavar=("DY", "DX"), help="sample drift px/frame")
+    p.add_argument("--progress", action="store_true", help="a progress bar (with --frames)")
+
+    p = sub.add_parser("view", help="the live viewer (subscribes to a daemon's previews)")
+    p.add_argument("--connect", default=DEFAULT_PUBLISH, help="the daemon's preview socket")
+    p.add_argument("--control", default=DEFAULT_CONTROL, help="the daemon's control socket (telemetry)")
+    p.add_argument("--screenshot", default=None, help="save a PNG of the window after --seconds and exit")
+    p.add_argument("--seconds", type=float, default=None, help="close after this many seconds")
+
+    p = sub.add_parser("process", help="the same engine chain offline on a TIFF or OME-Zarr movie")
+    p.add_argument("input")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--frames", type=int, default=None)
+    p.add_argument("--no-raw", action="store_true", help="do not copy the raw frames into the output")
+    _add_engine_options(p)
+
+    p = sub.add_parser("status", help="ask a running daemon for its status (JSON)")
+    p.add_argument("--control", default=DEFAULT_CONTROL)
+    p.add_argument("--timeout", type=float, default=3.0)
+
+    p = sub.add_parser("stop", help="ask a running daemon to stop (flushes and closes its store)")
+    p.add_argument("--control", default=DEFAULT_CONTROL)
+
+    p = sub.add_parser("recover", help="after a crash: trim a store to the frames it recorded as saved")
+    p.add_argument("store")
+    return parser
+
+
+def _has_display() -> bool:
+    if sys.platform in ("win32", "darwin"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def run_daemon(cfg: Any, *, progress: bool = False, on_started: Any = None) -> dict[str, Any]:
+    """Run the pipeline (and the configured source) until the source ends, N frames, or a signal."""
+    from .control import ControlServer
+    from .pipeline import Pipeline
+    from .sources import make_source
+
+    pipeline = Pipeline(cfg)
+    control = ControlServer(cfg.control, pipeline.handle) if cfg.control else None
+    pipeline.start()
+    if control:
+        control.start()
+    source = make_source(cfg)
+    old_handlers = {}
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        log.warning("signal %d: stopping (flushing the store)", signum)
+        pipeline.request_stop()
+
+    for signame in ("SIGINT", "SIGTERM", "SIGBREAK"):
+        sig = getattr(signal, signame, None)
+        if sig is not None:
+            try:
+                old_handlers[sig] = signal.signal(sig, _on_signal)
+            except ValueError:  # not the main thread (tests)
+                pass
+    bar = None
+    try:
+        if source is not None:
+            source.start()
+        if on_started is not None:
+            on_started(pipeline)
+        if progress and cfg.frames:
+            from tqdm import tqdm
+
+            planes = len(cfg.sim_channels) * cfg.sim_z if cfg.source == "sim" else 1
+            bar = tqdm(total=cfg.frames * planes, desc="frames saved", unit="frame")
+        while not pipeline.wait(timeout=0.25):
+            if bar is not None:
+                st = pipeline.status()["frames"]
+                bar.n = st["saved"]
+                bar.set_postfix(received=st["received"], lost=st["lost"], refresh=False)
+                bar.refresh()
+    finally:
+        if source is not None:
+            source.stop()
+        summary = pipeline.close()
+        if control:
+            control.close()
+        if bar is not None:
+            bar.n = summary["frames"]["saved"]
+            bar.refresh()
+            bar.close()
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+    if source is not None and hasattr(source, "stats"):
+        summary["source_stats"] = source.stats()
+    return summary
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    f = summary["frames"]
+    print(f"frames: received {f['received']}, saved {f['saved']}, lost {f['lost']}, "
+          f"rejected {f['rejected']}, skipped by engines {f['skipped'] or 0}")
+    for name, e in summary["engines"].items():
+        lat = e["latency"]
+        state = "on" if e["enabled"] else f"off ({e['reason']})"
+        print(f"engine {name:11s} {state}: processed {e['processed']}, "
+              f"p50 {lat.get('p50_ms', float('nan')):.1f} ms, p99 {lat.get('p99_ms', float('nan')):.1f} ms")
+    if summary.get("store"):
+        s = summary["store"]
+        print(f"store: {s['path']} ({s['bytes_written'] / 2**20:.1f} MB written; images: {', '.join(s['images'])})")
+    if summary.get("events"):
+        print(f"events flagged: {summary['events']}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..bridges.transport import free_tcp_address
+    from ..engines import available_engines
+    from .config import DaemonConfig
+
+    headless = args.headless or not _has_display()
+    if args.engines is not None:
+        engines = _engines(args.engines) or []
+    else:
+        have = set(available_engines())
+        engines = [e for e in DEMO_ENGINES if e in have]
+    frames = args.frames or (200 if headless else 1000)
+    cfg = DaemonConfig(
+        source="sim", engines=engines, out=Path(args.out), overwrite=True, frames=frames,
+        ingest=free_tcp_address(), publish=free_tcp_address(), control=free_tcp_address(),
+        sim_shape=(args.size, args.size), sim_channels=("GFP", "mCherry")[: args.channels], sim_z=args.z,
+        sim_interval_s=0.05, sim_drift=(0.02, -0.015),
+    )
+    print(f"livescope demo: simulated microscope, {frames} time points of {args.size}x{args.size}, "
+          f"engines: {', '.join(engines) or 'none'}; saving to {cfg.out}")
+    viewer = None
+
+    def _start_viewer(pipeline: Any) -> None:
+        nonlocal viewer
+        if not headless:
+            viewer = subprocess.Popen([sys.executable, "-m", "livescope.ui.viewer", "--connect", cfg.publish,
+                                       "--control", cfg.control])
+
+    t0 = time.perf_counter()
+    summary = run_daemon(cfg, progress=headless, on_started=_start_viewer)
+    elapsed = time.perf_counter() - t0
+    print(f"done in {elapsed:.1f} s")
+    _print_summary(summary)
+    png = Path(args.png) if args.png else Path(str(cfg.out).rstrip("/\\") + ".png")
+    try:
+        subprocess.run([sys.executable, "-m", "livescope.ui.snapshot", str(cfg.out), str(png)], check=True,
+                       env={**os.environ, **({"QT_QPA_PLATFORM": "offscreen"} if headless else {})})
+        print(f"picture of the last frame of each product: {png}")
+    except subprocess.CalledProcessError as exc:
+        print(f"could not write the summary picture ({exc}); install the ui extra: pip install 'livescope[ui]'")
+    if viewer is not None:
+        print("the viewer stays open until you close it")
+        viewer.wait()
+    return 0 if summary["frames"]["saved"] > 0 else 1
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    source = args.source
+    ingest = args.ingest
+    if source and source.startswith("zmq:"):
+        ingest, source = source[4:], "zmq"
+    overrides: dict[str, Any] = dict(
+        source=source, engines=_engines(args.engines), engine_params=_engine_params(args), out=args.out,
+        overwrite=args.overwrite, ingest=ingest, publish=args.publish, control=args.control, frames=args.frames,
+        rate_fps=args.rate_fps, compress_raw=args.compress_raw, float16=args.float16, fsync=args.fsync,
+        memory_budget_mb=args.memory_budget_mb, sim_z=args.sim_z, sim_interval_s=args.sim_interval_s,
+        sim_drift=tuple(args.sim_drift) if args.sim_drift else None,
+    )
+    if args.sim_channels:
+        overrides["sim_channels"] = ("GFP", "mCherry")[: args.sim_channels]
+    if args.sim_size:
+        overrides["sim_shape"] = (args.sim_size, args.sim_size)
+    if args.no_products:
+        overrides["save_products"] = False
+    cfg = load_config(args.config, **overrides)
+    if cfg.source == "zmq":
+        cfg.exit_on_end = False
+    log.info("daemon: source %s, engines %s, ingest %s, previews %s, control %s", cfg.source, cfg.engines,
+             cfg.ingest, cfg.publish, cfg.control)
+    print(json.dumps({"ingest": cfg.ingest, "publish": cfg.publish, "control": cfg.control,
+                      "out": str(cfg.out) if cfg.out else None}), flush=True)
+    summary = run_daemon(cfg, progress=args.progress)
+    _print_summary(summary)
+    return 0
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    from ..ui.viewer import run_viewer
+
+    return run_viewer(args.connect, args.control, screenshot=args.screenshot, seconds=args.seconds)
+
+
+def cmd_process(args: argparse.Namespace) -> int:
+    from .process import process_file
+
+    engines = _engines(args.engines) or []
+    result = process_file(args.input, args.out, engines, _engine_params(args), overwrite=args.overwrite,
+                          save_raw=not args.no_raw, frames=args.frames)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .control import ControlClient, ControlTimeout
+
+    client = ControlClient(args.control, timeout_s=args.timeout)
+    try:
+        print(json.dumps(client.status(), indent=1))
+    except ControlTimeout as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from .control import ControlClient, ControlTimeout
+
+    client = ControlClient(args.control)
+    try:
+        print(json.dumps(client.request("stop")))
+    except ControlTimeout as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from ..bridges.store import recover
+
+    print(json.dumps(recover(args.store), indent=1))
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "daemon": cmd_daemon, "view": cmd_view, "process": cmd_process,
+            "status": cmd_status, "stop": cmd_stop, "recover": cmd_recover}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from .. import __version__
+
+        print(__version__)
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 2
+    _setup_logging(args.verbose)
+    try:
+        return COMMANDS[args.command](args)
+    except (OSError, ValueError, RuntimeError) as exc:
+        if args.verbose:
+            raise
+        print(f"livescope {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

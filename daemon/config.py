@@ -1,0 +1,97 @@
+"""Daemon configuration: defaults, an optional TOML file, then command-line overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from ..bridges.transport import DEFAULT_CONTROL, DEFAULT_INGEST, DEFAULT_PUBLISH
+
+__all__ = ["DaemonConfig", "load_config", "parse_params"]
+
+
+@dataclasses.dataclass
+class DaemonConfig:
+    source: str = "sim"  # sim | file:PATH | zmq
+    engines: list[str] = dataclasses.field(default_factory=list)
+    engine_params: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    out: Path | None = None
+    overwrite: bool = False
+    ingest: str = DEFAULT_INGEST
+    publish: str | None = DEFAULT_PUBLISH
+    control: str | None = DEFAULT_CONTROL
+    frames: int | None = None  # time points for sim/file; frames to receive for zmq
+    # sim microscope
+    sim_shape: tuple[int, int] = (256, 256)
+    sim_channels: tuple[str, ...] = ("GFP",)
+    sim_z: int = 1
+    sim_interval_s: float = 0.05
+    sim_drift: tuple[float, float] = (0.0, 0.0)
+    sim_seed: int = 0
+    # file replay
+    rate_fps: float | None = None
+    # saving
+    save_products: bool | list[str] = True
+    float16: bool = False
+    compress_raw: bool = False
+    fsync: bool = False
+    memory_budget_mb: float = 1024.0
+    # previews
+    preview_hz: float = 20.0
+    preview_size: int = 512
+    # engine failure policy
+    max_engine_failures: int = 5
+    exit_on_end: bool = True
+
+    def saves(self, product: str) -> bool:
+        if product == "raw":
+            return True
+        if isinstance(self.save_products, bool):
+            return self.save_products
+        return product in self.save_products
+
+
+def parse_params(items: list[str] | None) -> dict[str, dict[str, Any]]:
+    """``["deconvolve.iterations=2", "denoise.backend=torch"]`` -> nested dict (values as TOML)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(f"--param {item!r}: expected ENGINE.NAME=VALUE, e.g. deconvolve.iterations=2")
+        key, raw = item.split("=", 1)
+        engine, name = key.split(".", 1)
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw  # a bare string such as a path
+        out.setdefault(engine, {})[name] = value
+    return out
+
+
+def load_config(path: str | Path | None, **overrides: Any) -> DaemonConfig:
+    """Defaults < TOML file (top-level keys as in DaemonConfig, engine params in [engines.NAME]) <
+    overrides that are not None."""
+    cfg = DaemonConfig()
+    if path is not None:
+        data = tomllib.loads(Path(path).read_text())
+        params = data.pop("engine_params", {}) | data.pop("params", {})
+        for key, value in data.items():
+            if not hasattr(cfg, key):
+                raise ValueError(f"{path}: unknown setting {key!r}")
+            setattr(cfg, key, value)
+        for engine, p in params.items():
+            cfg.engine_params.setdefault(engine, {}).update(p)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key == "engine_params":
+            for engine, p in value.items():
+                cfg.engine_params.setdefault(engine, {}).update(p)
+        else:
+            setattr(cfg, key, value)
+    if cfg.out is not None:
+        cfg.out = Path(cfg.out)
+    cfg.sim_shape = tuple(cfg.sim_shape)  # type: ignore[assignment]
+    cfg.sim_channels = tuple(cfg.sim_channels)
+    return cfg

@@ -1,0 +1,705 @@
+"""The daemon's pipeline: ingest -> raw store (lossless), and in parallel the engine chain.
+
+Threads:
+
+- *ingest* only receives, validates (in the receiver) and enqueues: every frame goes to the store
+  queue (within a memory budget) and into its (position, channel, z) engine slot;
+- *store* writes raw frames and products to OME-Zarr and turns completed writes into "saved";
+- *worker* runs the engine chain on the newest frame of each slot: a frame replaced in its slot
+  before the worker took it is *skipped* for every product, and recorded so;
+- *preview* publishes the newest frame of each product at display rate, downsampled.
+
+Policies: the producer is never blocked; raw is lossless up to ``memory_budget_mb`` of queued
+frames, past which each frame that cannot be kept is recorded as lost; a failing engine passes the
+frame through unprocessed, flagged, and is disabled after ``max_engine_failures`` in a row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import queue
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..bridges.protocol import Frame
+from ..bridges.store import ImageLayout, OmeZarrStore, StoreError
+from ..bridges.transport import FrameReceiver, PreviewPublisher
+from ..engines import EngineError, FrameInfo, StreamSpec, create_engine, engine_outputs
+from .config import DaemonConfig
+from .telemetry import Latency, Rate
+
+__all__ = ["Pipeline"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Segment:
+    """What a position's stream looks like now; a change of shape, dtype or bits starts a new one."""
+
+    number: int
+    shape: tuple[int, ...]
+    dtype: str
+    bits: int
+    layout: ImageLayout
+    spec_base: dict[str, Any]
+    t_start: int = 0
+    last_seq: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class _Item:
+    frame: Frame
+    p: int
+    c: int
+    z: int
+    t: int
+    segment: _Segment
+    received: float
+
+    @property
+    def array(self) -> np.ndarray:
+        return self.frame.array  # type: ignore[return-value]
+
+
+@dataclasses.dataclass
+class _Mark:
+    """A record without pixels: a frame skipped, lost or failed for some products."""
+
+    status: str
+    products: tuple[str, ...]
+    item: _Item
+
+
+@dataclasses.dataclass
+class _Product:
+    name: str
+    array: np.ndarray
+    item: _Item
+
+
+class _EngineState:
+    def __init__(self, name: str, params: dict[str, Any]) -> None:
+        self.name = name
+        self.params = dict(params)
+        self.enabled = True
+        self.reason = ""
+        self.failures_in_row = 0
+        self.failures = 0
+        self.processed = 0
+        self.latency = Latency()
+        try:
+            self.outputs = engine_outputs(name)
+        except EngineError as exc:
+            self.outputs = ()
+            self.enabled = False
+            self.reason = str(exc)
+            log.error("engine %s disabled: %s", name, exc)
+
+
+class _Chain:
+    """The engines for one (position, channel, z, segment), each instance holding its own state."""
+
+    def __init__(self, pipeline: Pipeline, spec: StreamSpec) -> None:
+        self.pipeline = pipeline
+        self.spec = spec
+        self.engines: dict[str, Any] = {}
+        for state in pipeline.engine_states.values():
+            if not state.enabled:
+                continue
+            self._create(state)
+
+    def _create(self, state: _EngineState) -> Any:
+        try:
+            engine = create_engine(state.name, **state.params)
+            engine.setup(self.spec)
+        except Exception as exc:
+            self.pipeline._disable(state, f"setup failed: {type(exc).__name__}: {exc}")
+            return None
+        self.engines[state.name] = engine
+        return engine
+
+    def run(self, item: _Item) -> tuple[dict[str, np.ndarray], dict[str, float], list[dict], list[str]]:
+        x: Any = item.array
+        images: dict[str, np.ndarray] = {}
+        scalars: dict[str, float] = {}
+        events: list[dict] = []
+        failed: list[str] = []
+        info = FrameInfo(
+            seq=item.frame.seq,
+            timestamp=item.frame.timestamp,
+            index={"p": item.p, "c": item.c, "z": item.z, "t": item.t},
+            meta=item.frame.header.get("meta") or {},
+        )
+        for state in self.pipeline.engine_states.values():
+            if not state.enabled:
+                continue
+            engine = self.engines.get(state.name) or self._create(state)
+            if engine is None:
+                continue
+            t0 = time.perf_counter()
+            try:
+                out = engine.process(x, info)
+                bad = [k for k, v in out.items() if isinstance(v, np.ndarray) and v.dtype.kind == "f"
+                       and not math.isfinite(float(v.sum(dtype=np.float64)))]
+                if bad:
+                    raise FloatingPointError(f"non-finite values in {', '.join(bad)}")
+            except Exception as exc:
+                state.failures += 1
+                state.failures_in_row += 1
+                failed.extend(state.outputs)
+                log.warning("engine %s failed on seq %d: %s", state.name, item.frame.seq, exc)
+                if state.failures_in_row >= self.pipeline.cfg.max_engine_failures:
+                    self.pipeline._disable(state, f"{state.failures_in_row} failures in a row, last: {exc}")
+                continue
+            state.latency.add(time.perf_counter() - t0)
+            state.failures_in_row = 0
+            state.processed += 1
+            scalar_names = set(getattr(engine, "scalar_outputs", ()))
+            for key, value in out.items():
+                if key == "events":
+                    events.extend(value or [])
+                elif key in scalar_names or np.ndim(value) == 0:
+                    scalars[key] = float(value)
+                else:
+                    images[key] = value
+            passes = getattr(engine, "passes", state.outputs[0] if state.outputs else None)
+            if passes is not None and passes in out:
+                x = out[passes]
+        return images, scalars, events, failed
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            close = getattr(engine, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    log.exception("closing engine failed")
+
+
+class Pipeline:
+    def __init__(self, cfg: DaemonConfig, *, provenance: dict[str, Any] | None = None) -> None:
+        self.cfg = cfg
+        self.started = time.time()
+        self.state = "starting"
+        self.engine_states: dict[str, _EngineState] = {
+            name: _EngineState(name, cfg.engine_params.get(name, {})) for name in cfg.engines
+        }
+        self.store: OmeZarrStore | None = None
+        if cfg.out is not None:
+            self.store = OmeZarrStore(
+                cfg.out,
+                overwrite=cfg.overwrite,
+                compress_raw=cfg.compress_raw,
+                float16=cfg.float16,
+                fsync=cfg.fsync,
+                provenance=self._provenance(provenance),
+            )
+        self.receiver = FrameReceiver(cfg.ingest, bind=True, hwm=256)
+        self.preview = PreviewPublisher(cfg.publish) if cfg.publish else None
+        self._store_q: queue.Queue = queue.Queue()
+        self._queued_bytes = 0
+        self._budget = int(cfg.memory_budget_mb * 2**20)
+        self._bytes_lock = threading.Lock()
+        self._slots: OrderedDict[tuple, _Item] = OrderedDict()
+        self._slot_cond = threading.Condition()
+        self._chains: dict[tuple, _Chain] = {}
+        self._chain_lock = threading.Lock()  # held while a frame runs: control commands wait for it
+        self._segments: dict[int, _Segment] = {}
+        self._t_counter: dict[tuple, int] = {}
+        self._preview_latest: dict[tuple, tuple[np.ndarray, dict[str, Any]]] = {}
+        self._preview_sent: dict[tuple, int] = {}
+        self._stop = threading.Event()
+        self._ingest_done = threading.Event()
+        self._ended = threading.Event()
+        self.events: list[dict[str, Any]] = []
+        self.scalars_last: dict[str, float] = {}
+        # counters
+        self.received = 0
+        self.dropped = 0  # over the memory budget: recorded as lost in the store
+        self.skipped: dict[str, int] = {}
+        self.saturated_last = 0
+        self.saturated_total = 0
+        self.store_errors = 0
+        self.fps_in = Rate()
+        self.fps_out = Rate()
+        self.fps_saved = Rate()
+        self.lat_store = Latency()
+        self.lat_chain = Latency()
+        self._threads: list[threading.Thread] = []
+        self._disk_warned = 0.0
+
+    def _provenance(self, extra: dict[str, Any] | None) -> dict[str, Any]:
+        import platform
+
+        versions = {"livescope": __version__, "python": platform.python_version()}
+        for mod in ("numpy", "scipy", "zarr", "tensorstore", "zmq", "pymmcore_plus", "torch", "onnxruntime"):
+            try:
+                m = __import__(mod)
+                versions[mod] = getattr(m, "__version__", "?")
+            except Exception:
+                pass
+        return {
+            "source": self.cfg.source,
+            "engines": {n: dict(s.params) for n, s in self.engine_states.items()},
+            "versions": versions,
+            "host": platform.node(),
+            **(extra or {}),
+        }
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.state != "starting":
+            raise RuntimeError("a pipeline runs once; create a new one")
+        for name, target in (("ingest", self._ingest_loop), ("store", self._store_loop),
+                             ("worker", self._worker_loop), ("preview", self._preview_loop)):
+            th = threading.Thread(target=target, name=f"livescope-{name}", daemon=True)
+            th.start()
+            self._threads.append(th)
+        self.state = "running"
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        with self._slot_cond:
+            self._slot_cond.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Until the source ended (or stop was requested); True if it did within ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._stop.is_set():
+            if self._ended.is_set() and self.cfg.exit_on_end:
+                return True
+            if self.cfg.frames is not None and self.cfg.source == "zmq" and self.received >= self.cfg.frames:
+                return True
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def close(self) -> dict[str, Any]:
+        """Stop receiving, let the engines finish what they hold, flush and close the store."""
+        self.state = "stopping"
+        self._stop.set()
+        self._ingest_done.wait(5)
+        with self._slot_cond:
+            self._slot_cond.notify_all()
+        for th in self._threads:
+            th.join(60)
+        for chain in self._chains.values():
+            chain.close()
+        if self.store is not None:
+            self.store.update_provenance(events=self.events[-1000:], summary=self.status()["frames"])
+            self.store.close()
+        self.receiver.close()
+        if self.preview is not None:
+            self.preview.close()
+        self.state = "stopped"
+        return self.status()
+
+    # -- ingest ----------------------------------------------------------------------------
+    def _segment_for(self, frame: Frame, p: int) -> _Segment:
+        h = frame.header
+        arr = frame.array
+        assert arr is not None
+        seg = self._segments.get(p)
+        shape, dtype, bits = tuple(arr.shape), arr.dtype.name, frame.bits
+        restarted = seg is not None and frame.seq < seg.last_seq.get(frame.stream, -1)
+        if seg is not None and seg.shape == shape and seg.dtype == dtype and seg.bits == bits and not restarted:
+            seg.last_seq[frame.stream] = frame.seq
+            return seg
+        number = 0 if seg is None else seg.number + 1
+        if seg is not None:
+            why = "the publisher restarted" if restarted else f"{seg.shape} {seg.dtype} {seg.bits}-bit -> {shape} {dtype} {bits}-bit"
+            log.warning("position %d: new segment %d (%s)", p, number, why)
+        sizes = h.get("sizes") or {}
+        index = h.get("index") or {}
+        has_c = int(sizes.get("c") or 1) > 1 or ("c" in index and "sizes" not in h)
+        has_z = int(sizes.get("z") or 1) > 1 or ("z" in index and "sizes" not in h)
+        channel_names = list((h.get("meta") or {}).get("channels", [])) or ([h["channel"]] if "channel" in h else [])
+        layout = ImageLayout(
+            plane_shape=shape[-2:],  # type: ignore[arg-type]
+            dtype=dtype,
+            has_c=has_c,
+            has_z=has_z or len(shape) == 3,
+            n_c=int(sizes.get("c") or 1),
+            n_z=int(sizes.get("z") or (shape[0] if len(shape) == 3 else 1)),
+            bits=bits,
+            pixel_size_um=h.get("pixel_size_um"),
+            z_step_um=h.get("z_step_um"),
+            interval_s=h.get("interval_s"),
+            channel_names=channel_names,
+        )
+        cam = h.get("camera") or {}
+        spec_base = {
+            "dtype": dtype,
+            "bits": bits,
+            "pixel_size_um": h.get("pixel_size_um"),
+            "z_step_um": h.get("z_step_um"),
+            "interval_s": h.get("interval_s"),
+            "position": p,
+            "camera_offset": cam.get("offset"),
+            "camera_gain": cam.get("gain"),
+            "binning": int(h.get("binning") or 1),
+        }
+        t_start = int(index.get("t", 0)) if seg is not None else 0
+        seg = _Segment(number, shape, dtype, bits, layout, spec_base, t_start=t_start)
+        seg.last_seq[frame.stream] = frame.seq
+        self._segments[p] = seg
+        return seg
+
+    def _ingest_loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                frame = self.receiver.recv(timeout_ms=50)
+                if frame is None:
+                    continue
+                if frame.is_end:
+                    log.info("stream %r ended", frame.stream)
+                    self._ended.set()
+                    if self.cfg.exit_on_end:
+                        break
+                    continue
+                self._route(frame)
+        except Exception:
+            log.exception("ingest failed")
+        finally:
+            self._ingest_done.set()
+
+    def _route(self, frame: Frame) -> None:
+        idx = frame.header.get("index") or {}
+        p, c, z = int(idx.get("p", 0)), int(idx.get("c", 0)), int(idx.get("z", 0))
+        seg = self._segment_for(frame, p)
+        if "t" in idx:
+            t = int(idx["t"]) - seg.t_start
+        else:
+            key = (p, c, z, seg.number)
+            t = self._t_counter.get(key, 0)
+            self._t_counter[key] = t + 1
+        item = _Item(frame, p, c, z, t, seg, frame.received_at)
+        self.received += 1
+        self.fps_in.tick()
+        nbytes = frame.array.nbytes  # type: ignore[union-attr]
+        with self._bytes_lock:
+            fits = self._queued_bytes + nbytes <= self._budget
+            if fits:
+                self._queued_bytes += nbytes
+        if fits:
+            self._store_q.put(item)
+        else:
+            self.dropped += 1
+            self._store_q.put(_Mark("lost", ("raw",), item))
+            if self.dropped == 1 or self.dropped % 100 == 0:
+                log.error("store falls behind: %d frame(s) lost over the %.0f MB memory budget",
+                          self.dropped, self.cfg.memory_budget_mb)
+        self._preview_latest[("raw", p, c, z)] = (frame.array, self._preview_header(item, "raw"))
+        if self.engine_states:
+            key = (p, c, z, seg.number)
+            with self._slot_cond:
+                old = self._slots.get(key)
+                self._slots[key] = item
+                self._slot_cond.notify()
+            if old is not None:
+                self._skip(old)
+
+    def _products(self) -> tuple[str, ...]:
+        out: list[str] = []
+        for s in self.engine_states.values():
+            if s.enabled:
+                out.extend(o for o in s.outputs if o not in getattr(s, "scalar_names", ()))
+        return tuple(out)
+
+    def _skip(self, item: _Item) -> None:
+        for s in self.engine_states.values():
+            if s.enabled:
+                self.skipped[s.name] = self.skipped.get(s.name, 0) + 1
+        self._store_q.put(_Mark("skipped", self._products(), item))
+
+    # -- engines ---------------------------------------------------------------------------
+    def _worker_loop(self) -> None:
+        while True:
+            with self._slot_cond:
+                while not self._slots and not self._stop.is_set():
+                    self._slot_cond.wait(0.1)
+                if not self._slots:
+                    if self._stop.is_set() and self._ingest_done.is_set():
+                        return
+                    continue
+                key, item = self._slots.popitem(last=False)
+            try:
+                self._process(key, item)
+            except Exception:
+                log.exception("engine chain failed on seq %d", item.frame.seq)
+
+    def _process(self, key: tuple, item: _Item) -> None:
+        with self._chain_lock:
+            chain = self._chains.get(key)
+            if chain is None:
+                seg = item.segment
+                spec = StreamSpec(shape=tuple(item.array.shape), channel=str(item.frame.header.get("channel", item.c)),
+                                  **seg.spec_base)
+                chain = self._chains[key] = _Chain(self, spec)
+            t0 = time.perf_counter()
+            images, scalars, events, failed = chain.run(item)
+            self.lat_chain.add(time.perf_counter() - t0)
+        for name, arr in images.items():
+            arr = np.asarray(arr)
+            if self.store is not None and self.cfg.saves(name):
+                self._store_q.put(_Product(name, arr, item))
+            self._preview_latest[(name, item.p, item.c, item.z)] = (arr, self._preview_header(item, name))
+        if failed:
+            self._store_q.put(_Mark("failed", tuple(failed), item))
+        if scalars:
+            self.scalars_last.update(scalars)
+            self._store_q.put(("scalars", scalars, item))
+        for ev in events:
+            ev = {"seq": item.frame.seq, "p": item.p, "c": item.c, "z": item.z, "t": item.t, **ev}
+            self.events.append(ev)
+            log.info("event: %s", json.dumps(ev, default=str))
+            if len(self.events) > 10000:
+                del self.events[:5000]
+        self.fps_out.tick()
+
+    def _disable(self, state: _EngineState, reason: str) -> None:
+        state.enabled = False
+        state.reason = reason
+        log.error("engine %s disabled: %s", state.name, reason)
+
+    # -- store -----------------------------------------------------------------------------
+    def _writer(self, product: str, item: _Item, dtype: str | None = None):
+        assert self.store is not None
+        seg = item.segment
+        layout = seg.layout
+        if product != "raw":
+            layout = dataclasses.replace(layout, dtype=dtype or "float32")
+        return self.store.image(product, item.p, seg.number, layout)
+
+    def _store_loop(self) -> None:
+        last_poll = 0.0
+        while True:
+            try:
+                entry = self._store_q.get(timeout=0.05)
+            except queue.Empty:
+                entry = None
+                if self._stop.is_set() and self._ingest_done.is_set() and not any(
+                    t.is_alive() for t in self._threads if t.name == "livescope-worker"
+                ) and self._store_q.empty():
+                    break
+            if entry is not None:
+                try:
+                    self._store_one(entry)
+                except Exception as exc:
+                    self.store_errors += 1
+                    log.error("store: %s", exc)
+                    if self.store_errors == 1:
+                        log.exception("first store error")
+            now = time.monotonic()
+            if self.store is not None and (now - last_poll > 0.02 or entry is None):
+                last_poll = now
+                for w in list(self.store.images.values()):
+                    try:
+                        w.flush_due(now)
+                        n = w.poll()
+                        if n and w.product == "raw":
+                            for _ in range(min(n, 1000)):
+                                self.fps_saved.tick(now)
+                    except Exception as exc:
+                        self.store_errors += 1
+                        log.error("store %s: %s", w.name, exc)
+                self._check_disk()
+
+    def _store_one(self, entry: Any) -> None:
+        if isinstance(entry, _Item):
+            arr = entry.array
+            sat_level = 2**entry.segment.bits - 1
+            sat = int(np.count_nonzero(arr >= sat_level)) if arr.dtype.kind in "ui" else 0
+            self.saturated_last = sat
+            self.saturated_total += sat
+            try:
+                if self.store is not None:
+                    w = self._writer("raw", entry)
+                    self._write(w, entry, arr, saturated=sat)
+                    self.lat_store.add(time.perf_counter() - entry.received)  # received -> buffered
+            finally:
+                with self._bytes_lock:
+                    self._queued_bytes -= arr.nbytes
+        elif self.store is None:
+            return
+        elif isinstance(entry, _Product):
+            w = self._writer(entry.name, entry.item)
+            self._write(w, entry.item, entry.array.astype(w.dtype, copy=False))
+        elif isinstance(entry, _Mark):
+            for product in entry.products:
+                w = self._writer(product, entry.item)
+                it = entry.item
+                if it.array.ndim == 3:
+                    for z in range(it.array.shape[0]):
+                        w.mark(it.t, it.c, z, entry.status, seq=it.frame.seq, time_s=it.frame.timestamp)
+                else:
+                    w.mark(it.t, it.c, it.z, entry.status, seq=it.frame.seq, time_s=it.frame.timestamp)
+        elif isinstance(entry, tuple) and entry[0] == "scalars":
+            _, scalars, item = entry
+            w = self._writer("raw", item)
+            for name, value in scalars.items():
+                w.write_scalar(name, item.t, item.c, item.z, value)
+
+    @staticmethod
+    def _write(w: Any, item: _Item, arr: np.ndarray, saturated: int = -1) -> None:
+        if arr.ndim == 3:  # a z-stack in one message
+            for z in range(arr.shape[0]):
+                w.write(item.t, item.c, z, arr[z], seq=item.frame.seq, time_s=item.frame.timestamp, saturated=saturated)
+        else:
+            w.write(item.t, item.c, item.z, arr, seq=item.frame.seq, time_s=item.frame.timestamp, saturated=saturated)
+
+    def _check_disk(self) -> None:
+        now = time.monotonic()
+        if self.store is None or now - self._disk_warned < 10:
+            return
+        free = self.store.free_bytes()
+        if free < self.store.min_free_gb * 2**30:
+            self._disk_warned = now
+            log.warning("only %.2f GB free at %s: the store will fill the disk soon", free / 2**30, self.store.path)
+
+    # -- previews --------------------------------------------------------------------------
+    def _preview_header(self, item: _Item, product: str) -> dict[str, Any]:
+        h = item.frame.header
+        return {
+            "v": 1, "stream": h["stream"], "seq": item.frame.seq, "product": product,
+            "index": {"p": item.p, "c": item.c, "z": item.z, "t": item.t},
+            "time": item.frame.timestamp, "bits": item.segment.bits,
+            "channel": h.get("channel"), "pixel_size_um": h.get("pixel_size_um"),
+        }
+
+    def _preview_loop(self) -> None:
+        period = 1.0 / max(self.cfg.preview_hz, 0.1)
+        while not self._stop.is_set() or not self._ingest_done.is_set():
+            time.sleep(period)
+            if self.preview is None:
+                continue
+            for key, (arr, header) in list(self._preview_latest.items()):
+                if self._preview_sent.get(key) == header["seq"]:
+                    continue
+                self._preview_sent[key] = header["seq"]
+                try:
+                    small = self._downsample(arr)
+                    hdr = dict(header, shape=list(small.shape), dtype=small.dtype.name)
+                    if header.get("pixel_size_um") and small.shape != arr.shape:
+                        hdr["pixel_size_um"] = header["pixel_size_um"] * arr.shape[-1] / small.shape[-1]
+                    if self.scalars_last:
+                        hdr["scalars"] = dict(self.scalars_last)
+                    self.preview.send(hdr, small)
+                except Exception:
+                    log.exception("preview failed")
+
+    def _downsample(self, arr: np.ndarray) -> np.ndarray:
+        arr = np.asarray(arr)
+        if arr.ndim == 3:
+            arr = arr[arr.shape[0] // 2]
+        step = max(1, math.ceil(max(arr.shape[-2:]) / self.cfg.preview_size))
+        small = arr[::step, ::step]
+        if small.dtype.kind == "f" and small.dtype != np.float32:
+            small = small.astype(np.float32)
+        return np.ascontiguousarray(small)
+
+    # -- control ---------------------------------------------------------------------------
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        cmd = request["cmd"]
+        if cmd == "status":
+            return {"ok": True, **self.status()}
+        if cmd == "stop":
+            self.request_stop()
+            return {"ok": True}
+        if cmd in ("enable", "disable", "set", "swap_model"):
+            name = request.get("engine")
+            state = self.engine_states.get(name)  # type: ignore[arg-type]
+            if state is None:
+                return {"ok": False, "error": f"no engine {name!r} in this daemon; it runs: {list(self.engine_states)}"}
+            with self._chain_lock:  # between frames
+                if cmd == "enable":
+                    state.enabled, state.reason, state.failures_in_row = True, "", 0
+                elif cmd == "disable":
+                    state.enabled, state.reason = False, "disabled by a control command"
+                elif cmd == "set":
+                    param, value = request.get("param"), request.get("value")
+                    if not isinstance(param, str):
+                        return {"ok": False, "error": "set needs a string 'param'"}
+                    for chain in self._chains.values():
+                        eng = chain.engines.get(name)
+                        if eng is not None:
+                            setter = getattr(eng, "set_param", None)
+                            if setter is None:
+                                return {"ok": False, "error": f"engine {name} has no settable parameters"}
+                            setter(param, value)
+                    state.params[param] = value
+                else:
+                    path = request.get("path")
+                    for chain in self._chains.values():
+                        eng = chain.engines.get(name)
+                        if eng is not None:
+                            swap = getattr(eng, "swap_model", None)
+                            if swap is None:
+                                return {"ok": False, "error": f"engine {name} has no model to swap"}
+                            swap(path)
+                    state.params["model"] = path
+            if self.store is not None:
+                self.store.update_provenance(engines={n: dict(s.params) for n, s in self.engine_states.items()})
+            return {"ok": True, "engine": name, "enabled": state.enabled}
+        return {"ok": False, "error": f"unknown command {cmd!r}; try status, stop, set, enable, disable, swap_model"}
+
+    def status(self) -> dict[str, Any]:
+        saved = lost_rec = 0
+        store_info: dict[str, Any] = {}
+        if self.store is not None:
+            raws = [w for w in self.store.images.values() if w.product == "raw"]
+            saved = sum(w.saved for w in raws)
+            lost_rec = sum(w.lost for w in raws)
+            store_info = {
+                "path": str(self.store.path),
+                "bytes_written": sum(w.bytes_written for w in self.store.images.values()),
+                "free_gb": round(self.store.free_bytes() / 2**30, 2),
+                "images": sorted(self.store.images),
+                "saved_by_image": {w.name: w.saved for w in self.store.images.values()},
+            }
+        rx = self.receiver.stats()
+        with self._bytes_lock:
+            queued = self._queued_bytes
+        return {
+            "state": self.state,
+            "uptime_s": round(time.time() - self.started, 3),
+            "source": self.cfg.source,
+            "frames": {
+                "received": self.received,
+                "saved": saved,
+                "lost": rx["lost"] + lost_rec,
+                "lost_in_transport": rx["lost"],
+                "dropped_over_budget": self.dropped,
+                "rejected": rx["rejected"],
+                "rejected_by_reason": rx["rejected_by_reason"],
+                "restarts": rx["restarts"],
+                "skipped": dict(self.skipped),
+                "saturated_last": self.saturated_last,
+                "store_errors": self.store_errors,
+            },
+            "fps": {"in": self.fps_in.per_second(), "saved": self.fps_saved.per_second(),
+                    "processed": self.fps_out.per_second()},
+            "latency": {"store": self.lat_store.summary(), "chain": self.lat_chain.summary()},
+            "queues": {"store_items": self._store_q.qsize(), "store_mb": round(queued / 2**20, 2),
+                       "engine_slots": len(self._slots)},
+            "engines": {
+                n: {"enabled": s.enabled, "reason": s.reason, "processed": s.processed, "failures": s.failures,
+                    "latency": s.latency.summary(), "outputs": list(s.outputs), "params": s.params}
+                for n, s in self.engine_states.items()
+            },
+            "segments": {str(p): s.number for p, s in self._segments.items()},
+            "events": len(self.events),
+            "scalars": dict(self.scalars_last),
+            "store": store_info,
+        }
