@@ -23,6 +23,8 @@ DEMO_ENGINES = ("register", "denoise", "deconvolve", "decompose")
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # pymmcore-plus logs every MDA event at INFO on its own logger: only with -vv
+    logging.getLogger("pymmcore-plus").setLevel(logging.DEBUG if verbose >= 2 else max(level, logging.WARNING))
 
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:

@@ -32,7 +32,7 @@ from .. import __version__
 from ..bridges.protocol import Frame
 from ..bridges.store import ImageLayout, OmeZarrStore, StoreError
 from ..bridges.transport import FrameReceiver, PreviewPublisher
-from ..engines import EngineError, FrameInfo, StreamSpec, create_engine, engine_outputs
+from ..engines import EngineError, FrameInfo, StreamSpec, create_engine, engine_factory, engine_outputs
 from .config import DaemonConfig
 from .telemetry import Latency, Rate
 
@@ -96,10 +96,16 @@ class _EngineState:
         self.failures = 0
         self.processed = 0
         self.latency = Latency()
+        self.needs_volume = False
         try:
             self.outputs = engine_outputs(name)
+            factory = engine_factory(name)
+            # an engine works on (z, y, x) stacks if its class says so or it was asked to (volume=True)
+            self.needs_volume = bool(getattr(factory, "needs_volume", False) or self.params.get("volume", False))
+            self.scalar_names = tuple(getattr(factory, "scalar_outputs", ()))
         except EngineError as exc:
             self.outputs = ()
+            self.scalar_names = ()
             self.enabled = False
             self.reason = str(exc)
             log.error("engine %s disabled: %s", name, exc)
@@ -155,7 +161,7 @@ class _Chain:
             except Exception as exc:
                 state.failures += 1
                 state.failures_in_row += 1
-                failed.extend(state.outputs)
+                failed.extend(o for o in state.outputs if o not in state.scalar_names)
                 log.warning("engine %s failed on seq %d: %s", state.name, item.frame.seq, exc)
                 if state.failures_in_row >= self.pipeline.cfg.max_engine_failures:
                     self.pipeline._disable(state, f"{state.failures_in_row} failures in a row, last: {exc}")
@@ -216,6 +222,9 @@ class Pipeline:
         self._chain_lock = threading.Lock()  # held while a frame runs: control commands wait for it
         self._segments: dict[int, _Segment] = {}
         self._t_counter: dict[tuple, int] = {}
+        # with an engine that needs volumes, the whole chain runs on (z, y, x) stacks assembled here
+        self._volume_mode = any(s.needs_volume and s.enabled for s in self.engine_states.values())
+        self._partial_volumes: dict[tuple, dict[int, _Item]] = {}
         self._preview_latest: dict[tuple, tuple[np.ndarray, dict[str, Any]]] = {}
         self._preview_sent: dict[tuple, int] = {}
         self._stop = threading.Event()
@@ -403,6 +412,11 @@ class Pipeline:
         self._preview_latest[("raw", p, c, z)] = (frame.array, self._preview_header(item, "raw"))
         if self.engine_states:
             key = (p, c, z, seg.number)
+            if self._volume_mode and frame.array.ndim == 2:  # type: ignore[union-attr]
+                vol = self._assemble(item)
+                if vol is None:
+                    return
+                item, key = vol, (p, c, -1, seg.number)
             with self._slot_cond:
                 old = self._slots.get(key)
                 self._slots[key] = item
@@ -410,11 +424,30 @@ class Pipeline:
             if old is not None:
                 self._skip(old)
 
+    def _assemble(self, item: _Item) -> _Item | None:
+        """Collect the z planes of one time point; a complete stack becomes one item (z = 0)."""
+        lay = item.segment.layout
+        n_z = lay.n_z if lay.has_z else 1
+        key = (item.p, item.c, item.segment.number, item.t)
+        planes = self._partial_volumes.setdefault(key, {})
+        planes[item.z] = item
+        for old in [k for k in self._partial_volumes if k[:3] == key[:3] and k[3] < item.t - 1]:
+            stale = self._partial_volumes.pop(old)  # planes of a stack that never completed
+            for it in stale.values():
+                self._skip(it)
+        if len(planes) < n_z:
+            return None
+        del self._partial_volumes[key]
+        stack = np.stack([planes[z].array for z in sorted(planes)])
+        first = planes[min(planes)]
+        header = dict(first.frame.header, shape=list(stack.shape))
+        return _Item(Frame(header, stack), item.p, item.c, 0, item.t, item.segment, first.received)
+
     def _products(self) -> tuple[str, ...]:
         out: list[str] = []
         for s in self.engine_states.values():
             if s.enabled:
-                out.extend(o for o in s.outputs if o not in getattr(s, "scalar_names", ()))
+                out.extend(o for o in s.outputs if o not in s.scalar_names)
         return tuple(out)
 
     def _skip(self, item: _Item) -> None:

@@ -9,6 +9,7 @@ from .base import (
     StreamSpec,
     available_engines,
     create_engine,
+    engine_factory,
     engine_outputs,
     register_engine,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "StreamSpec",
     "available_engines",
     "create_engine",
+    "engine_factory",
     "engine_outputs",
     "register_engine",
 ]

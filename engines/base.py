@@ -32,6 +32,7 @@ __all__ = [
     "StreamSpec",
     "available_engines",
     "create_engine",
+    "engine_factory",
     "engine_outputs",
     "register_engine",
 ]
@@ -146,3 +147,8 @@ def create_engine(name: str, **params: Any) -> Engine:
 
 def engine_outputs(name: str) -> tuple[str, ...]:
     return tuple(_load(name).outputs)  # type: ignore[attr-defined]
+
+
+def engine_factory(name: str) -> Callable[..., Engine]:
+    """The registered class (or factory) of an engine, for class-level facts such as ``needs_volume``."""
+    return _load(name)
