@@ -74,6 +74,9 @@ class MMCoreBridge:
             self.dropped += 1
 
     def _on_sequence(self, sequence: Any, *_: Any) -> None:
+        if type(sequence).__name__ == "GeneratorMDASequence":  # events from an iterable: sizes unknown
+            self._sizes, self._seq_info = {}, self._camera_geometry()
+            return
         sizes = dict(sequence.sizes)
         self._sizes = {k: int(v) for k, v in sizes.items() if k in ("p", "c", "z", "t") and v}
         info: dict[str, Any] = {}
@@ -83,6 +86,20 @@ class MMCoreBridge:
         if sequence.z_plan is not None and getattr(sequence.z_plan, "step", None):
             info["z_step_um"] = float(sequence.z_plan.step)
         self._seq_info = info
+        self._seq_info.update(self._camera_geometry())
+
+    def _camera_geometry(self) -> dict[str, Any]:
+        """Pixel-size affine (camera pixels -> stage um) and binning, read once per sequence."""
+        out: dict[str, Any] = {}
+        try:
+            out["pixel_size_affine"] = [float(v) for v in self.core.getPixelSizeAffine()]
+        except Exception:
+            pass
+        try:
+            out["binning"] = int(self.core.getProperty(self.core.getCameraDevice(), "Binning"))
+        except Exception:
+            pass
+        return out
 
     def _on_finished(self, sequence: Any, *_: Any) -> None:
         if self.send_end:

@@ -25,6 +25,7 @@ field              required  meaning
 ``z_step_um``      no        z step in micrometres
 ``interval_s``     no        nominal frame interval in seconds
 ``binning``        no        camera binning (int)
+``pixel_size_affine`` no     6 numbers (a, b, tx, c, d, ty): camera pixels -> stage micrometres
 ``camera``         no        {offset, gain, read_noise, ...} when known
 ``product``        no        on preview sockets: which product this is (``raw``, ``denoised``, ...)
 ``meta``           no        the acquisition's own metadata (JSON object), passed on untouched

@@ -347,7 +347,8 @@ def _build_core(scope: SimMicroscope) -> Any:
 
     @core.mda.events.sequenceStarted.connect
     def _on_seq(seq: Any, *_: Any) -> None:
-        scope._n_z = int(seq.sizes.get("z", 1) or 1)
+        generated = type(seq).__name__ == "GeneratorMDASequence"  # an iterable of events: no sizes
+        scope._n_z = 1 if generated else int(seq.sizes.get("z", 1) or 1)
 
     scope._n_z = 1
     return core

@@ -231,6 +231,8 @@ class Pipeline:
         self._ingest_done = threading.Event()
         self._ended = threading.Event()
         self.events: list[dict[str, Any]] = []
+        self._events_lock = threading.Lock()
+        self._event_id = 0
         self.scalars_last: dict[str, float] = {}
         # counters
         self.received = 0
@@ -358,6 +360,7 @@ class Pipeline:
             "camera_offset": cam.get("offset"),
             "camera_gain": cam.get("gain"),
             "binning": int(h.get("binning") or 1),
+            "extra": {k: h[k] for k in ("pixel_size_affine", "sizes") if k in h},
         }
         t_start = int(index.get("t", 0)) if seg is not None else 0
         seg = _Segment(number, shape, dtype, bits, layout, spec_base, t_start=t_start)
@@ -494,12 +497,26 @@ class Pipeline:
             self.scalars_last.update(scalars)
             self._store_q.put(("scalars", scalars, item))
         for ev in events:
-            ev = {"seq": item.frame.seq, "p": item.p, "c": item.c, "z": item.z, "t": item.t, **ev}
-            self.events.append(ev)
-            log.info("event: %s", json.dumps(ev, default=str))
-            if len(self.events) > 10000:
-                del self.events[:5000]
+            self.add_event({"seq": item.frame.seq, "p": item.p, "c": item.c, "z": item.z, "t": item.t,
+                            "time": item.frame.timestamp, **ev})
         self.fps_out.tick()
+
+    def add_event(self, event: dict[str, Any]) -> dict[str, Any]:
+        """Number an event and keep it for the feedback channel (``events`` on the control socket):
+        clients ask for events after the last id they handled, so none is lost or reordered while
+        the client keeps within the retention (10,000 events)."""
+        with self._events_lock:
+            self._event_id += 1
+            event = {"id": self._event_id, "emitted": time.time(), **event}
+            self.events.append(event)
+            if len(self.events) > 10000:
+                del self.events[:1000]
+        log.info("event: %s", json.dumps(event, default=str))
+        return event
+
+    def events_after(self, after: int, limit: int = 500) -> list[dict[str, Any]]:
+        with self._events_lock:
+            return [e for e in self.events if e["id"] > after][:limit]
 
     def _disable(self, state: _EngineState, reason: str) -> None:
         state.enabled = False
@@ -650,6 +667,17 @@ class Pipeline:
         if cmd == "stop":
             self.request_stop()
             return {"ok": True}
+        if cmd == "events":
+            after = request.get("after", 0)
+            if not isinstance(after, int):
+                return {"ok": False, "error": "events needs an integer 'after' (the last id handled)"}
+            evs = self.events_after(after, int(request.get("limit", 500)))
+            return {"ok": True, "events": evs, "last": self._event_id}
+        if cmd == "emit":  # an external producer of events (a trust check, a user click in the viewer)
+            ev = request.get("event")
+            if not isinstance(ev, dict):
+                return {"ok": False, "error": "emit needs an 'event' object"}
+            return {"ok": True, "event": self.add_event(ev)}
         if cmd in ("enable", "disable", "set", "swap_model"):
             name = request.get("engine")
             state = self.engine_states.get(name)  # type: ignore[arg-type]
@@ -685,7 +713,7 @@ class Pipeline:
             if self.store is not None:
                 self.store.update_provenance(engines={n: dict(s.params) for n, s in self.engine_states.items()})
             return {"ok": True, "engine": name, "enabled": state.enabled}
-        return {"ok": False, "error": f"unknown command {cmd!r}; try status, stop, set, enable, disable, swap_model"}
+        return {"ok": False, "error": f"unknown command {cmd!r}; try status, stop, set, enable, disable, swap_model, events, emit"}
 
     def status(self) -> dict[str, Any]:
         saved = lost_rec = 0
