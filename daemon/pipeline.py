@@ -101,7 +101,8 @@ class _EngineState:
             self.outputs = engine_outputs(name)
             factory = engine_factory(name)
             # an engine works on (z, y, x) stacks if its class says so or it was asked to (volume=True)
-            self.needs_volume = bool(getattr(factory, "needs_volume", False) or self.params.get("volume", False))
+            declared = getattr(factory, "needs_volume", False)  # may be a property: then it follows `volume`
+            self.needs_volume = (isinstance(declared, bool) and declared) or bool(self.params.get("volume", False))
             self.scalar_names = tuple(getattr(factory, "scalar_outputs", ()))
         except EngineError as exc:
             self.outputs = ()
