@@ -28,6 +28,7 @@ __all__ = [
     "FrameReceiver",
     "PreviewPublisher",
     "PreviewSubscriber",
+    "RestoreClient",
     "free_tcp_address",
     "ipc_available",
 ]
@@ -275,3 +276,66 @@ class PreviewSubscriber:
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
+
+
+class RestoreClient:
+    """Client of the daemon's synchronous restore socket (``livescope daemon --restore ADDR``).
+
+    ``restore(frame)`` sends one frame and waits at most ``timeout_s`` for the restored product
+    (float32). It returns ``(array, header)``, or ``(None, reason)`` on timeout or error: the
+    caller (an acquisition hook) then goes on with the raw frame. A timed-out REQ socket is
+    unusable, so it is recreated.
+    """
+
+    def __init__(self, address: str, stream: str = "restore", *, timeout_s: float = 1.0,
+                 context: zmq.Context | None = None, **defaults: Any) -> None:
+        self.address = address
+        self.stream = stream
+        self.timeout_s = timeout_s
+        self.defaults = defaults
+        self.seq = 0
+        self.served = 0
+        self.missed = 0
+        self._ctx = context or zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+        self._t0 = time.time()
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            self._sock = self._ctx.socket(zmq.REQ)
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.connect(self.address)
+        return self._sock
+
+    def restore(self, array: np.ndarray, *, want: str | None = None, timeout_s: float | None = None,
+                **fields: Any) -> tuple[np.ndarray | None, Any]:
+        merged = {**self.defaults, **fields}
+        merged.setdefault("time", time.time() - self._t0)
+        if want:
+            merged["want"] = want
+        header = make_header(np.ascontiguousarray(array), stream=self.stream, seq=self.seq, **merged)
+        self.seq += 1
+        sock = self._socket()
+        timeout_ms = int(1000 * (self.timeout_s if timeout_s is None else timeout_s))
+        try:
+            sock.send_multipart(encode(header, np.ascontiguousarray(array)), copy=False)
+            if not sock.poll(timeout_ms):
+                raise TimeoutError(f"no restored frame within {timeout_ms} ms")
+            reply = decode(sock.recv_multipart(copy=False))
+        except (TimeoutError, zmq.ZMQError, ProtocolError) as exc:
+            self._drop_socket()
+            self.missed += 1
+            return None, str(exc)
+        if reply.array is None:
+            self.missed += 1
+            return None, reply.header.get("error", "no image in the reply")
+        self.served += 1
+        return np.array(reply.array), reply.header
+
+    def _drop_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def close(self) -> None:
+        self._drop_socket()

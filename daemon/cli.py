@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ingest", default=None, help=f"frame socket to bind (default {DEFAULT_INGEST})")
     p.add_argument("--publish", default=None, help=f"preview socket to bind (default {DEFAULT_PUBLISH})")
     p.add_argument("--control", default=None, help=f"control socket to bind (default {DEFAULT_CONTROL})")
+    p.add_argument("--restore", default=None, help="bind a synchronous restore socket (e.g. tcp://127.0.0.1:5574) "
+                   "for capture-time hooks such as livescope.bridges.pycromanager.restore")
     p.add_argument("--frames", type=int, default=None, help="stop after N time points (sim, file) or frames (zmq)")
     p.add_argument("--rate", type=float, default=None, dest="rate_fps", help="file replay rate in frames/s")
     p.add_argument("--compress", action="store_true", default=None, dest="compress_raw",
@@ -267,6 +269,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = dict(
         source=source, engines=_engines(args.engines), engine_params=_engine_params(args), out=args.out,
         overwrite=args.overwrite, ingest=ingest, publish=args.publish, control=args.control, frames=args.frames,
+        restore=args.restore,
         rate_fps=args.rate_fps, compress_raw=args.compress_raw, float16=args.float16, fsync=args.fsync,
         memory_budget_mb=args.memory_budget_mb, sim_z=args.sim_z, sim_interval_s=args.sim_interval_s,
         sim_drift=tuple(args.sim_drift) if args.sim_drift else None,

@@ -22,6 +22,7 @@ class DaemonConfig:
     ingest: str = DEFAULT_INGEST
     publish: str | None = DEFAULT_PUBLISH
     control: str | None = DEFAULT_CONTROL
+    restore: str | None = None  # synchronous restore socket for capture-time hooks (off by default)
     frames: int | None = None  # time points for sim/file; frames to receive for zmq
     # sim microscope
     sim_shape: tuple[int, int] = (256, 256)

@@ -226,6 +226,9 @@ class Pipeline:
         # with an engine that needs volumes, the whole chain runs on (z, y, x) stacks assembled here
         self._volume_mode = any(s.needs_volume and s.enabled for s in self.engine_states.values())
         self._partial_volumes: dict[tuple, dict[int, _Item]] = {}
+        self._route_lock = threading.Lock()
+        self.restored = 0
+        self.restore_errors = 0
         self._preview_latest: dict[tuple, tuple[np.ndarray, dict[str, Any]]] = {}
         self._preview_sent: dict[tuple, int] = {}
         self._stop = threading.Event()
@@ -272,8 +275,11 @@ class Pipeline:
     def start(self) -> None:
         if self.state != "starting":
             raise RuntimeError("a pipeline runs once; create a new one")
-        for name, target in (("ingest", self._ingest_loop), ("store", self._store_loop),
-                             ("worker", self._worker_loop), ("preview", self._preview_loop)):
+        loops = [("ingest", self._ingest_loop), ("store", self._store_loop),
+                 ("worker", self._worker_loop), ("preview", self._preview_loop)]
+        if self.cfg.restore:
+            loops.append(("restore", self._restore_loop))
+        for name, target in loops:
             th = threading.Thread(target=target, name=f"livescope-{name}", daemon=True)
             th.start()
             self._threads.append(th)
@@ -387,7 +393,11 @@ class Pipeline:
         finally:
             self._ingest_done.set()
 
-    def _route(self, frame: Frame) -> None:
+    def _route(self, frame: Frame, to_engines: bool = True) -> tuple[tuple, _Item] | None:
+        with self._route_lock:  # the ingest and restore threads both route frames
+            return self._route_locked(frame, to_engines)
+
+    def _route_locked(self, frame: Frame, to_engines: bool) -> tuple[tuple, _Item] | None:
         idx = frame.header.get("index") or {}
         p, c, z = int(idx.get("p", 0)), int(idx.get("c", 0)), int(idx.get("z", 0))
         seg = self._segment_for(frame, p)
@@ -419,14 +429,17 @@ class Pipeline:
             if self._volume_mode and frame.array.ndim == 2:  # type: ignore[union-attr]
                 vol = self._assemble(item)
                 if vol is None:
-                    return
+                    return None
                 item, key = vol, (p, c, -1, seg.number)
+            if not to_engines:
+                return key, item
             with self._slot_cond:
                 old = self._slots.get(key)
                 self._slots[key] = item
                 self._slot_cond.notify()
             if old is not None:
                 self._skip(old)
+        return None
 
     def _assemble(self, item: _Item) -> _Item | None:
         """Collect the z planes of one time point; a complete stack becomes one item (z = 0)."""
@@ -460,6 +473,55 @@ class Pipeline:
                 self.skipped[s.name] = self.skipped.get(s.name, 0) + 1
         self._store_q.put(_Mark("skipped", self._products(), item))
 
+    # -- restore at capture time -----------------------------------------------------------
+    def _restore_loop(self) -> None:
+        """Synchronous restoration for hooks that must return the restored frame to the
+        acquisition (Pycro-Manager's ``restore``): the frame is saved as raw like any other, run
+        through the chain at once (never skipped), and the requested product is sent back."""
+        import zmq
+
+        from ..bridges.protocol import ProtocolError, decode, encode
+
+        sock = zmq.Context.instance().socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.bind(self.cfg.restore)
+        except zmq.ZMQError as exc:
+            log.error("cannot bind the restore socket to %s: %s", self.cfg.restore, exc)
+            sock.close()
+            return
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                if not poller.poll(50):
+                    continue
+                parts = sock.recv_multipart(copy=False)
+                ident, body = parts[0], parts[2:] if len(parts) > 2 and len(parts[1].bytes) == 0 else parts[1:]
+                envelope = [ident.bytes, b""]
+                try:
+                    frame = decode(body)
+                    routed = self._route(frame, to_engines=False)
+                    if routed is None:
+                        raise ValueError("the frame is part of a z-stack still being assembled")
+                    images = self._process(*routed)
+                    want = frame.header.get("want")
+                    if want is None and images:
+                        want = list(images)[-1]
+                    if want not in images:
+                        raise KeyError(f"no product {want!r}; the chain made {sorted(images)}")
+                    out = np.ascontiguousarray(images[want], dtype=np.float32)
+                    header = {"v": 1, "stream": frame.stream, "seq": frame.seq, "kind": "frame",
+                              "product": want, "shape": list(out.shape), "dtype": "float32"}
+                    sock.send_multipart(envelope + encode(header, out), copy=False)
+                    self.restored += 1
+                except (ProtocolError, ValueError, KeyError, RuntimeError) as exc:
+                    self.restore_errors += 1
+                    err = {"v": 1, "stream": "error", "seq": 0, "kind": "end", "error": str(exc)}
+                    sock.send_multipart(envelope + encode(err, None))
+        finally:
+            sock.close(linger=0)
+
     # -- engines ---------------------------------------------------------------------------
     def _worker_loop(self) -> None:
         while True:
@@ -476,7 +538,7 @@ class Pipeline:
             except Exception:
                 log.exception("engine chain failed on seq %d", item.frame.seq)
 
-    def _process(self, key: tuple, item: _Item) -> None:
+    def _process(self, key: tuple, item: _Item) -> dict[str, np.ndarray]:
         with self._chain_lock:
             chain = self._chains.get(key)
             if chain is None:
@@ -501,6 +563,7 @@ class Pipeline:
             self.add_event({"seq": item.frame.seq, "p": item.p, "c": item.c, "z": item.z, "t": item.t,
                             "time": item.frame.timestamp, **ev})
         self.fps_out.tick()
+        return images
 
     def add_event(self, event: dict[str, Any]) -> dict[str, Any]:
         """Number an event and keep it for the feedback channel (``events`` on the control socket):
@@ -762,6 +825,7 @@ class Pipeline:
             },
             "segments": {str(p): s.number for p, s in self._segments.items()},
             "events": len(self.events),
+            "restore": {"served": self.restored, "errors": self.restore_errors} if self.cfg.restore else None,
             "scalars": dict(self.scalars_last),
             "store": store_info,
         }

@@ -256,3 +256,38 @@ def test_volume_engines_get_assembled_stacks_and_products_land_per_plane(tmp_pat
         if (rec["status"][t] == STATUS["saved"]).all():
             np.testing.assert_allclose(prod[t, 2], raw[t].astype(np.float32).sum(axis=0))
     assert (rec["status"] == STATUS["saved"]).any()
+
+
+def test_restore_socket_returns_the_product_and_saves_raw(tmp_path, free_address):
+    from livescope.bridges.transport import RestoreClient
+
+    cfg = _cfg(tmp_path, free_address, source="zmq", engines=["passthrough"], exit_on_end=False,
+               restore=free_address())
+    pipeline = Pipeline(cfg)
+    pipeline.start()
+    client = RestoreClient(cfg.restore, stream="pm", timeout_s=5.0)
+    try:
+        frames = [np.full((16, 16), 10 * t, np.uint16) for t in range(5)]
+        for t, f in enumerate(frames):
+            out, header = client.restore(f, index={"t": t})
+            assert out is not None, header
+            assert out.dtype == np.float32 and header["product"] == "passthrough"
+            np.testing.assert_array_equal(out, f.astype(np.float32))
+        bad, reason = client.restore(frames[0], want="nonexistent", index={"t": 5})
+        assert bad is None and "no product" in reason
+        assert client.served == 5 and client.missed == 1
+    finally:
+        client.close()
+        summary = pipeline.close()
+    assert summary["frames"]["saved"] == 6
+    assert summary["restore"] == {"served": 5, "errors": 1}
+    np.testing.assert_array_equal(zarr.open_array(str(cfg.out / "raw" / "0"), mode="r")[:5], np.stack(frames))
+
+
+def test_restore_client_times_out_without_a_daemon(free_address):
+    from livescope.bridges.transport import RestoreClient
+
+    client = RestoreClient(free_address(), timeout_s=0.2)
+    out, reason = client.restore(np.zeros((8, 8), np.uint16))
+    assert out is None and "within 200 ms" in reason and client.missed == 1
+    client.close()
