@@ -29,6 +29,8 @@ field              required  meaning
 ``camera``         no        {offset, gain, read_noise, ...} when known
 ``product``        no        on preview sockets: which product this is (``raw``, ``denoised``, ...)
 ``meta``           no        the acquisition's own metadata (JSON object), passed on untouched
+``shm``            no        same-host fast path: {name, slot, ...} of a shared-memory slot holding
+                             the pixels; then the message has no buffer part (bridges/shm.py)
 =================  ========  =====================================================================
 """
 
@@ -225,6 +227,12 @@ def decode(parts: Sequence[Any]) -> Frame:
         raise ProtocolError("bad_json", str(exc)[:80]) from None
     header = _check_header(header)
     if header.get("kind", "frame") == "end":
+        return Frame(header, None)
+    if "shm" in header and len(parts) == 1:
+        # same-host fast path: the pixels are in a shared-memory slot (bridges/shm.py); the
+        # receiver resolves them, after checking the slot's size against shape x dtype
+        if not isinstance(header["shm"], dict):
+            raise ProtocolError("bad_field", "shm is not an object")
         return Frame(header, None)
     if len(parts) != 2:
         raise ProtocolError("bad_parts", f"{len(parts)} parts, expected header + buffer")

@@ -160,6 +160,7 @@ class FrameReceiver:
         self.restarts = 0
         self._next_seq: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._shm: Any = None
 
     def recv(self, timeout_ms: int = 100) -> Frame | None:
         """The next valid frame, or None on timeout. Malformed messages are counted and skipped."""
@@ -171,6 +172,8 @@ class FrameReceiver:
             parts = self._sock.recv_multipart(copy=False)
             try:
                 frame = decode(parts)
+                if frame.array is None and "shm" in frame.header and not frame.is_end:
+                    frame = self._from_shm(frame)
             except ProtocolError as exc:
                 with self._lock:
                     self.rejected[exc.reason] += 1
@@ -178,6 +181,17 @@ class FrameReceiver:
                 continue
             self._track_seq(frame)
             return frame
+
+    def _from_shm(self, frame: Frame) -> Frame:
+        if self._shm is None:
+            from .shm import ShmReader
+
+            self._shm = ShmReader()
+        array = self._shm.read(frame.header)  # a copy: the slot is released at once
+        shape, dtype = frame.header["shape"], np.dtype(frame.header["dtype"])
+        if array.dtype != dtype or list(array.shape) != list(shape):
+            raise ProtocolError("size_mismatch", f"shm slot holds {array.shape} {array.dtype}, header says {shape} {dtype}")
+        return Frame(frame.header, array)
 
     def _track_seq(self, frame: Frame) -> None:
         stream, seq = frame.stream, frame.seq
@@ -205,6 +219,8 @@ class FrameReceiver:
 
     def close(self) -> None:
         self._sock.close(linger=0)
+        if self._shm is not None:
+            self._shm.close()
 
 
 class PreviewPublisher:
