@@ -80,8 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256, help="simulated frame size (pixels)")
 
     p = sub.add_parser("daemon", help="run the daemon: ingest -> engines -> store and previews")
-    p.add_argument("--config", help="TOML file with daemon settings (see docs/config.md)")
-    p.add_argument("--source", default=None, help="sim | file:PATH | zmq (bind --ingest) (default sim)")
+    p.add_argument("--config", help="TOML file with daemon settings (docs/config.md), or with --source mmcore "
+                   "a Micro-Manager .cfg file")
+    p.add_argument("--source", default=None,
+                   help="sim | mmcore (runs the MDA in-process) | file:PATH | zmq[:ADDR] (bind --ingest) (default sim)")
+    p.add_argument("--sequence", default=None, help="useq MDASequence YAML/JSON for --source sim/mmcore")
     _add_engine_options(p)
     p.add_argument("--out", default=None, help="OME-Zarr output folder (none: no saving)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out")
@@ -280,7 +283,11 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         overrides["sim_shape"] = (args.sim_size, args.sim_size)
     if args.no_products:
         overrides["save_products"] = False
-    cfg = load_config(args.config, **overrides)
+    toml_config = args.config
+    if args.config and Path(args.config).suffix.lower() == ".cfg":
+        overrides["mm_config"], toml_config = args.config, None
+    overrides["sequence"] = args.sequence
+    cfg = load_config(toml_config, **overrides)
     if cfg.source == "zmq":
         cfg.exit_on_end = False
     log.info("daemon: source %s, engines %s, ingest %s, previews %s, control %s", cfg.source, cfg.engines,

@@ -14,7 +14,9 @@ __all__ = ["DaemonConfig", "load_config", "parse_params"]
 
 @dataclasses.dataclass
 class DaemonConfig:
-    source: str = "sim"  # sim | file:PATH | zmq
+    source: str = "sim"  # sim | mmcore | file:PATH | zmq
+    mm_config: str | None = None  # Micro-Manager .cfg for --source mmcore (none: the built-in microscope)
+    sequence: str | None = None  # useq MDASequence YAML/JSON for sim/mmcore
     engines: list[str] = dataclasses.field(default_factory=list)
     engine_params: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     out: Path | None = None

@@ -25,17 +25,36 @@ log = logging.getLogger(__name__)
 
 
 class SimSource:
-    """A real pymmcore-plus MDA on the built-in simulated microscope, run on its own thread."""
+    """A real pymmcore-plus MDA on the built-in simulated microscope (or, with ``mm_config``, on a
+    real Micro-Manager configuration), run in-process on its own thread and streamed to the daemon
+    through the pymmcore-plus bridge."""
 
     def __init__(self, cfg: DaemonConfig) -> None:
         self.cfg = cfg
         self.sim_config = SimConfig(shape=tuple(cfg.sim_shape), drift=tuple(cfg.sim_drift), seed=cfg.sim_seed,
                                     interval_s=cfg.sim_interval_s)
-        self.scope = SimMicroscope(self.sim_config)
-        self.sequence = self.scope.sequence(frames=cfg.frames or 10**9, channels=cfg.sim_channels,
-                                            z_planes=cfg.sim_z)
-        self.bridge = attach(self.scope.core, cfg.ingest, stream="sim", camera=self.scope.camera_metadata(),
-                             bits=self.sim_config.bits)
+        camera: dict[str, Any] | None = None
+        bits: int | None = None
+        if cfg.mm_config:
+            self.scope = None
+            self.core = _load_mm_config(cfg.mm_config)
+        else:
+            self.scope = SimMicroscope(self.sim_config)
+            self.core = self.scope.core
+            camera, bits = self.scope.camera_metadata(), self.sim_config.bits
+        if cfg.sequence:
+            from useq import MDASequence
+
+            self.sequence = MDASequence.from_file(cfg.sequence)
+        elif self.scope is not None:
+            self.sequence = self.scope.sequence(frames=cfg.frames or 10**9, channels=cfg.sim_channels,
+                                                z_planes=cfg.sim_z)
+        else:
+            from useq import MDASequence
+
+            self.sequence = MDASequence(time_plan={"interval": cfg.sim_interval_s, "loops": cfg.frames or 10**9})
+        self.bridge = attach(self.core, cfg.ingest, stream="sim" if self.scope else "mmcore", camera=camera,
+                             bits=bits)
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -44,18 +63,35 @@ class SimSource:
 
     def _run(self) -> None:
         try:
-            self.scope.core.mda.run(self.sequence)
+            self.core.mda.run(self.sequence)
         except Exception:
-            log.exception("the simulated MDA failed")
+            log.exception("the MDA failed")
 
     def stop(self) -> None:
         if self._thread is not None and self._thread.is_alive():
-            self.scope.core.mda.cancel()
+            self.core.mda.cancel()
             self._thread.join(10)
         self.bridge.close()
 
     def stats(self) -> dict[str, Any]:
         return {"bridge": self.bridge.stats()}
+
+
+def _load_mm_config(path: str | Path) -> Any:
+    from pymmcore_plus import CMMCorePlus
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Micro-Manager configuration {path} does not exist")
+    core = CMMCorePlus()
+    try:
+        core.loadSystemConfiguration(str(path))
+    except Exception as exc:
+        raise RuntimeError(
+            f"could not load {path}: {exc}. A real rig needs Micro-Manager's device adapters: install them "
+            "with `mmcore install` (pymmcore-plus), or run without --config to use the built-in microscope"
+        ) from exc
+    return core
 
 
 def read_movie(path: str | Path) -> tuple[Any, list[str], dict[str, Any]]:
@@ -161,7 +197,7 @@ class FileSource:
 def make_source(cfg: DaemonConfig) -> Any | None:
     """The source object for ``cfg.source`` (None for ``zmq``: external publishers connect)."""
     src = cfg.source
-    if src == "sim":
+    if src in ("sim", "mmcore"):
         return SimSource(cfg)
     if src.startswith("file:"):
         return FileSource(cfg, src[5:])

@@ -291,3 +291,34 @@ def test_restore_client_times_out_without_a_daemon(free_address):
     out, reason = client.restore(np.zeros((8, 8), np.uint16))
     assert out is None and "within 200 ms" in reason and client.missed == 1
     client.close()
+
+
+def test_mmcore_source_runs_a_useq_sequence_file_in_process(tmp_path, free_address):
+    seq = tmp_path / "seq.yaml"
+    seq.write_text("time_plan:\n  interval: 0\n  loops: 3\nchannels:\n  - config: GFP\n    group: Channel\n"
+                   "  - config: mCherry\n    group: Channel\nz_plan:\n  range: 1.0\n  step: 0.5\naxis_order: tpcz\n")
+    cfg = _cfg(tmp_path, free_address, source="mmcore", sequence=str(seq), sim_shape=(24, 32))
+    summary = run_daemon(cfg)
+    assert summary["frames"]["saved"] == 3 * 2 * 3
+    raw = zarr.open_array(str(cfg.out / "raw" / "0"), mode="r")
+    assert raw.shape == (3, 2, 3, 24, 32)
+    meta = json.loads((cfg.out / "raw" / "zarr.json").read_text())["attributes"]["ome"]["multiscales"][0]
+    assert meta["datasets"][0]["coordinateTransformations"][0]["scale"][2] == 0.5  # z step from the sequence
+
+
+def test_mmcore_source_with_a_missing_config_names_the_fix(tmp_path, free_address):
+    from livescope.daemon.sources import make_source
+
+    cfg = _cfg(tmp_path, free_address, source="mmcore", mm_config=str(tmp_path / "nope.cfg"))
+    with pytest.raises(FileNotFoundError, match="nope.cfg"):
+        make_source(cfg)
+
+
+def test_mmcore_source_with_an_unloadable_config_names_the_fix(tmp_path, free_address):
+    from livescope.daemon.sources import make_source
+
+    cfg_file = tmp_path / "rig.cfg"
+    cfg_file.write_text("Device,Camera,DemoCamera,DCam\n")
+    cfg = _cfg(tmp_path, free_address, source="mmcore", mm_config=str(cfg_file))
+    with pytest.raises(RuntimeError, match="mmcore install"):
+        make_source(cfg)
