@@ -125,7 +125,15 @@ def test_receiver_counts_rejects_and_lost_frames_and_keeps_running(free_address)
         pub.seq = 5  # frames 1-4 never sent: a gap of 4
         assert pub.send(frame0 + 1)
         got = []
-        wait_for(lambda: (f := rx.recv(50)) is not None and got.append(f) or len(got) >= 2, message="2 frames")
+
+        def drained():
+            f = rx.recv(50)
+            if f is not None:
+                got.append(f)
+            # PULL fair-queues between the two connections: wait for both to be drained
+            return len(got) >= 2 and rx.stats()["rejected"] >= 2
+
+        wait_for(drained, message="2 frames and 2 rejects")
         np.testing.assert_array_equal(got[0].array, frame0)
         np.testing.assert_array_equal(got[1].array, frame0 + 1)
         stats = rx.stats()
