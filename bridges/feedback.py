@@ -22,7 +22,7 @@ from typing import Any
 
 import zmq
 
-__all__ = ["AdaptiveTimelapse", "EventFollower"]
+__all__ = ["AdaptiveTimelapse", "EventFollower", "StageCorrection"]
 
 log = logging.getLogger(__name__)
 
@@ -174,3 +174,29 @@ class AdaptiveTimelapse:
             yield MDAEvent(**kwargs)
 
     _last_acq = 0.0
+
+
+class StageCorrection:
+    """Policy: move the XY stage by each drift event's ``stage_um`` (from the ``register`` engine
+    with ``feedback=True``), so the sample comes back under the camera.
+
+        follower = EventFollower(control, StageCorrection(core).on_event, kinds={"drift"})
+
+    ``stage_um`` is already in stage (x, y) micrometres through the camera-to-stage affine
+    (pymmcore-plus ``getPixelSizeAffine``); the sign is the one that undoes the drift.
+    """
+
+    def __init__(self, core: Any, *, max_step_um: float = 50.0) -> None:
+        self.core = core
+        self.max_step_um = max_step_um
+        self.moves: list[tuple[float, float]] = []
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        if event.get("kind") != "drift" or "stage_um" not in event:
+            return
+        dx, dy = (float(v) for v in event["stage_um"][:2])
+        if max(abs(dx), abs(dy)) > self.max_step_um:
+            log.warning("drift correction of (%.1f, %.1f) um refused: over %.0f um", dx, dy, self.max_step_um)
+            return
+        self.core.setRelativeXYPosition(dx, dy)
+        self.moves.append((dx, dy))
