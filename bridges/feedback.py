@@ -22,6 +22,8 @@ from typing import Any
 
 import zmq
 
+from .auth import read_token
+
 __all__ = ["AdaptiveTimelapse", "EventFollower", "StageCorrection"]
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,8 @@ class EventFollower:
                 sock.setsockopt(zmq.RCVTIMEO, 1000)
                 sock.connect(self.control)
             try:
-                sock.send(json.dumps({"cmd": "events", "after": self.last_id}).encode())
+                request = {"cmd": "events", "after": self.last_id, "token": read_token(self.control)}
+                sock.send(json.dumps(request).encode())
                 reply = json.loads(sock.recv())
             except zmq.Again:
                 sock.close(linger=0)

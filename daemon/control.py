@@ -16,6 +16,7 @@ from typing import Any
 
 import zmq
 
+from ..bridges.auth import check_token, create_token, read_token, remove_token
 from ..bridges.transport import DEFAULT_CONTROL
 
 __all__ = ["ControlClient", "ControlServer", "ControlTimeout"]
@@ -31,10 +32,11 @@ class ControlTimeout(TimeoutError):
 
 class ControlServer:
     def __init__(self, address: str, handler: Callable[[dict[str, Any]], dict[str, Any]],
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, *, require_token: bool = True) -> None:
         self.address = address
         self.handler = handler
         self.bad_requests = 0
+        self.unauthorised = 0
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -43,6 +45,8 @@ class ControlServer:
         except zmq.ZMQError as exc:
             self._sock.close()
             raise OSError(f"cannot bind the control socket to {address}: {exc}; pass another --control") from exc
+        # the token file is readable only by this user: other users of the PC cannot send commands
+        self.token = create_token(address) if require_token else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="livescope-control", daemon=True)
 
@@ -78,6 +82,11 @@ class ControlServer:
         except (ValueError, UnicodeDecodeError) as exc:
             self.bad_requests += 1
             return {"ok": False, "error": f"bad request: {exc}"}
+        if not check_token(self.token, request.get("token")):
+            self.unauthorised += 1
+            return {"ok": False, "error": "unauthorised: this daemon needs its control token (clients of the user "
+                                          "who started it read it from livescope's runtime folder)"}
+        request.pop("token", None)
         try:
             return self.handler(request)
         except Exception as exc:  # a failing command never takes the daemon down
@@ -90,14 +99,17 @@ class ControlServer:
             self._thread.join(2)
         else:
             self._sock.close(linger=0)
+        if self.token is not None:
+            remove_token(self.address)
 
 
 class ControlClient:
     """REQ client; recreates its socket after a timeout (a REQ socket is unusable after one)."""
 
     def __init__(self, address: str = DEFAULT_CONTROL, timeout_s: float = 3.0,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, token: str | None = None) -> None:
         self.address = address
+        self.token = token
         self.timeout_ms = int(timeout_s * 1000)
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
@@ -113,8 +125,9 @@ class ControlClient:
 
     def request(self, cmd: str, **kwargs: Any) -> dict[str, Any]:
         sock = self._socket()
+        token = self.token or read_token(self.address)
         try:
-            sock.send_json({"cmd": cmd, **kwargs})
+            sock.send_json({"cmd": cmd, **kwargs, **({"token": token} if token else {})})
             return sock.recv_json()
         except zmq.Again:
             sock.close(linger=0)

@@ -193,9 +193,24 @@ class _Chain:
                     log.exception("closing engine failed")
 
 
+def _refuse_open_binds(cfg: DaemonConfig) -> None:
+    """Every socket binds loopback unless the user set up CURVE keys (not yet supported: say so)."""
+    from ..bridges.auth import is_loopback
+
+    for name in ("ingest", "publish", "control", "restore"):
+        address = getattr(cfg, name, None)
+        if address and not is_loopback(address):
+            raise OSError(
+                f"--{name} {address} is not a loopback address: binding it would open the microscope PC to the "
+                "network. livescope binds other addresses only with ZeroMQ CURVE authentication, which this "
+                "version does not set up yet; use tcp://127.0.0.1:PORT and an SSH tunnel for remote viewers"
+            )
+
+
 class Pipeline:
     def __init__(self, cfg: DaemonConfig, *, provenance: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
+        _refuse_open_binds(cfg)
         self.started = time.time()
         self.state = "starting"
         self.engine_states: dict[str, _EngineState] = {

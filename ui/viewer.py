@@ -63,7 +63,9 @@ class _StatusPoller:
                 sock.setsockopt(zmq.RCVTIMEO, 1500)
                 sock.connect(self.address)
             try:
-                sock.send(b'{"cmd": "status"}')
+                from ..bridges.auth import read_token
+
+                sock.send(json.dumps({"cmd": "status", "token": read_token(self.address)}).encode())
                 self.latest = json.loads(sock.recv())
                 self.error = None
             except zmq.Again:

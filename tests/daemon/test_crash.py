@@ -35,7 +35,7 @@ def test_kill_9_mid_stream_keeps_every_frame_reported_saved(tmp_path, free_addre
             except ControlTimeout:
                 assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
                 return None
-            return st if st["frames"]["saved"] >= 60 else None
+            return st if st.get("ok") and st["frames"]["saved"] >= 60 else None  # ok: the token file is there
 
         st = wait_for(saved_enough, timeout=60, interval=0.05, message="60 saved frames")
         reported = st["frames"]["saved"]

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+
+import pytest
+import zmq
+
+from livescope.bridges.auth import is_loopback, read_token, token_file
+from livescope.daemon.config import DaemonConfig
+from livescope.daemon.control import ControlClient, ControlServer
+from livescope.daemon.pipeline import Pipeline
+
+
+def test_control_requires_the_token_and_the_token_file_is_private(free_address):
+    cfg = DaemonConfig(source="zmq", engines=["passthrough"], out=None, ingest=free_address(), publish=None,
+                       control=free_address(), exit_on_end=False)
+    pipeline = Pipeline(cfg)
+    server = ControlServer(cfg.control, pipeline.handle)
+    pipeline.start()
+    server.start()
+    try:
+        path = token_file(cfg.control)
+        assert path.exists() and read_token(cfg.control) == server.token
+        if sys.platform != "win32":
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+            assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+        intruder = zmq.Context.instance().socket(zmq.REQ)
+        intruder.setsockopt(zmq.RCVTIMEO, 3000)
+        intruder.connect(cfg.control)
+        for request in ({"cmd": "stop"}, {"cmd": "disable", "engine": "passthrough"}, {"cmd": "status"},
+                        {"cmd": "stop", "token": "0" * 32}):
+            intruder.send(json.dumps(request).encode())
+            reply = json.loads(intruder.recv())
+            assert reply["ok"] is False and "unauthorised" in reply["error"] and "frames" not in reply
+        intruder.close(0)
+        assert server.unauthorised == 4
+        assert pipeline.state == "running" and pipeline.engine_states["passthrough"].enabled
+        client = ControlClient(cfg.control)  # the same user: finds the token
+        assert client.status()["ok"]
+        client.close()
+    finally:
+        server.close()
+        pipeline.close()
+    assert not token_file(cfg.control).exists()  # removed when the daemon stops
+
+
+@pytest.mark.parametrize("address, local", [("tcp://127.0.0.1:5570", True), ("tcp://localhost:1", True),
+                                             ("tcp://[::1]:5", True), ("ipc:///tmp/x", True),
+                                             ("tcp://0.0.0.0:5570", False), ("tcp://192.168.1.4:5570", False),
+                                             ("tcp://*:5570", False)])
+def test_loopback_detection(address, local):
+    assert is_loopback(address) is local
+
+
+def test_non_loopback_bind_is_refused_without_keys(free_address):
+    with pytest.raises(OSError, match="CURVE"):
+        Pipeline(DaemonConfig(source="zmq", out=None, ingest="tcp://0.0.0.0:0", publish=None, control=None))
