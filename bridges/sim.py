@@ -351,4 +351,7 @@ def _build_core(scope: SimMicroscope) -> Any:
         scope._n_z = 1 if generated else int(seq.sizes.get("z", 1) or 1)
 
     scope._n_z = 1
+    # the camera learns t and z from each event; a hardware-sequenced burst would start only one
+    # event for many frames, so every frame is its own event here
+    core.mda.engine.use_hardware_sequencing = False
     return core

@@ -248,6 +248,8 @@ class ImageWriter:
         self.skipped = 0
         self.lost = 0
         self.bytes_written = 0
+        self.write_errors = 0
+        self.last_error = ""
         self.window = [math.inf, -math.inf]  # display range seen, for the omero block
         self._write_group_metadata()
 
@@ -419,18 +421,36 @@ class ImageWriter:
 
     def _drain(self, wait: bool) -> int:
         done_leads: list[tuple[int, ...]] = []
+        failed_leads: list[tuple[int, ...]] = []
         while self._inflight:
             fut, leads, _buf = self._inflight[0]
             if not wait and not fut.done():
                 break
-            fut.result()
             self._inflight.pop(0)
-            done_leads.extend(leads)
+            try:
+                fut.result()
+                done_leads.extend(leads)
+            except Exception as exc:  # disk full, permissions, a vanished folder: count, never stall
+                failed_leads.extend(leads)
+                self.write_errors += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.error("%s: writing %d frame(s) failed: %s", self.name, len(leads), self.last_error)
+        for lead in failed_leads:
+            self._rec["status"][lead] = STATUS["lost"]
+        self.lost += len(failed_leads)
         if done_leads:
             for lead in done_leads:
                 self._rec["status"][lead] = STATUS["saved"]
-            self._write_records(done_leads)
             self.saved += len(done_leads)
+        if done_leads or failed_leads:
+            try:
+                self._write_records(done_leads + failed_leads)
+            except Exception as exc:
+                # the frames are on disk but their records are not: they will not count as saved
+                # after a crash (recovery trusts the records); report it
+                self.write_errors += 1
+                self.last_error = f"records: {type(exc).__name__}: {exc}"
+                log.error("%s: writing records failed: %s", self.name, exc)
         return len(done_leads)
 
     def _write_records(self, leads: list[tuple[int, ...]]) -> None:
@@ -505,6 +525,7 @@ class OmeZarrStore:
         path: str | os.PathLike,
         *,
         overwrite: bool = False,
+        resume: bool = False,
         compress_raw: bool = False,
         float16: bool = False,
         fsync: bool = False,
@@ -512,14 +533,27 @@ class OmeZarrStore:
         min_free_gb: float = 1.0,
     ) -> None:
         self.path = Path(path)
+        self.segment_base = 0  # a resumed store continues with segments after the existing ones
+        previous: list[dict[str, Any]] = []
+        runs: list[dict[str, Any]] = []
         if self.path.exists() and any(self.path.iterdir()):
-            if not overwrite:
+            if resume and (self.path / "zarr.json").exists():
+                recovered = recover(self.path)  # trims a crashed run; idempotent after a clean one
+                meta = json.loads((self.path / "zarr.json").read_text())["attributes"]["livescope"]
+                previous = list(meta.get("images", []))
+                runs = list(meta.get("runs", [])) + [{k: meta.get("provenance", {}).get(k) for k in
+                                                     ("started", "finished", "source")} | {"saved": recovered}]
+                self.segment_base = 1 + max((int(i.get("segment", 0)) for i in previous), default=-1)
+            elif not overwrite:
                 raise StoreError(
-                    f"{self.path} already exists and is not empty; pass --overwrite to replace it "
-                    "or choose another --out"
+                    f"{self.path} already exists and is not empty; pass --resume to add this run to it "
+                    "(as new segments), --overwrite to replace it, or choose another --out"
                 )
-            shutil.rmtree(self.path)
+            else:
+                shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
+        self._previous_images = previous
+        self._runs = runs
         self.compress_raw = compress_raw
         self.float16 = float16
         self.fsync = fsync
@@ -542,12 +576,14 @@ class OmeZarrStore:
         return shutil.disk_usage(self.path).free
 
     def _write_root(self) -> None:
-        images = [
+        images = list(self._previous_images) + [
             {"path": w.name, "product": w.product, "position": w.position, "segment": w.segment}
             for w in self.images.values()
         ]
         attrs = {"livescope": {"version": 1, "layout": "one NGFF image per product/position/segment",
                                "images": images, "provenance": self.provenance}}
+        if self._runs:
+            attrs["livescope"]["runs"] = self._runs
         _atomic_write_json(self.path / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": attrs})
 
     def image(self, product: str, position: int, segment: int, layout: ImageLayout) -> ImageWriter:
@@ -573,7 +609,10 @@ class OmeZarrStore:
 
     def update_provenance(self, **items: Any) -> None:
         self.provenance.update(items)
-        self._write_root()
+        try:
+            self._write_root()
+        except OSError as exc:
+            log.error("could not update %s/zarr.json: %s", self.path, exc)
 
     def close(self) -> None:
         if self._closed:
@@ -585,7 +624,10 @@ class OmeZarrStore:
             except Exception:  # one broken image must not stop the others from closing
                 log.exception("closing image %s failed", w.name)
         self.provenance["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        self._write_root()
+        try:
+            self._write_root()
+        except OSError as exc:  # e.g. the disk is full: the previous root metadata stays valid
+            log.error("could not update %s/zarr.json on close: %s", self.path, exc)
 
 
 # -- reading --------------------------------------------------------------------------------

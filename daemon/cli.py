@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_options(p)
     p.add_argument("--out", default=None, help="OME-Zarr output folder (none: no saving)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="add this run to an existing --out as new segments (after a crash too)")
     p.add_argument("--ingest", default=None, help=f"frame socket to bind (default {DEFAULT_INGEST})")
     p.add_argument("--publish", default=None, help=f"preview socket to bind (default {DEFAULT_PUBLISH})")
     p.add_argument("--control", default=None, help=f"control socket to bind (default {DEFAULT_CONTROL})")
@@ -271,7 +273,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         ingest, source = source[4:], "zmq"
     overrides: dict[str, Any] = dict(
         source=source, engines=_engines(args.engines), engine_params=_engine_params(args), out=args.out,
-        overwrite=args.overwrite, ingest=ingest, publish=args.publish, control=args.control, frames=args.frames,
+        overwrite=args.overwrite, resume=args.resume, ingest=ingest, publish=args.publish, control=args.control, frames=args.frames,
         restore=args.restore,
         rate_fps=args.rate_fps, compress_raw=args.compress_raw, float16=args.float16, fsync=args.fsync,
         memory_budget_mb=args.memory_budget_mb, sim_z=args.sim_z, sim_interval_s=args.sim_interval_s,

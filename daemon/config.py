@@ -21,6 +21,7 @@ class DaemonConfig:
     engine_params: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     out: Path | None = None
     overwrite: bool = False
+    resume: bool = False  # add this run to an existing store as new segments
     ingest: str = DEFAULT_INGEST
     publish: str | None = DEFAULT_PUBLISH
     control: str | None = DEFAULT_CONTROL
@@ -41,6 +42,7 @@ class DaemonConfig:
     compress_raw: bool = False
     fsync: bool = False
     memory_budget_mb: float = 1024.0
+    min_free_gb: float = 1.0  # refuse to start with less free space at --out; warn while running
     # previews
     preview_hz: float = 20.0
     preview_size: int = 512

@@ -221,10 +221,12 @@ class Pipeline:
             self.store = OmeZarrStore(
                 cfg.out,
                 overwrite=cfg.overwrite,
+                resume=cfg.resume,
                 compress_raw=cfg.compress_raw,
                 float16=cfg.float16,
                 fsync=cfg.fsync,
                 provenance=self._provenance(provenance),
+                min_free_gb=cfg.min_free_gb,
             )
         self.receiver = FrameReceiver(cfg.ingest, bind=True, hwm=256)
         self.preview = PreviewPublisher(cfg.publish) if cfg.publish else None
@@ -349,7 +351,8 @@ class Pipeline:
         if seg is not None and seg.shape == shape and seg.dtype == dtype and seg.bits == bits and not restarted:
             seg.last_seq[frame.stream] = frame.seq
             return seg
-        number = 0 if seg is None else seg.number + 1
+        base = self.store.segment_base if self.store is not None else 0
+        number = base if seg is None else seg.number + 1
         if seg is not None:
             why = "the publisher restarted" if restarted else f"{seg.shape} {seg.dtype} {seg.bits}-bit -> {shape} {dtype} {bits}-bit"
             log.warning("position %d: new segment %d (%s)", p, number, why)
@@ -384,7 +387,7 @@ class Pipeline:
             "binning": int(h.get("binning") or 1),
             "extra": {k: h[k] for k in ("pixel_size_affine", "sizes") if k in h},
         }
-        t_start = int(index.get("t", 0)) if seg is not None else 0
+        t_start = int(index.get("t", 0)) if (seg is not None or base > 0) else 0
         seg = _Segment(number, shape, dtype, bits, layout, spec_base, t_start=t_start)
         seg.last_seq[frame.stream] = frame.seq
         self._segments[p] = seg
@@ -807,6 +810,8 @@ class Pipeline:
                 "free_gb": round(self.store.free_bytes() / 2**30, 2),
                 "images": sorted(self.store.images),
                 "saved_by_image": {w.name: w.saved for w in self.store.images.values()},
+                "write_errors": sum(w.write_errors for w in self.store.images.values()),
+                "last_error": next((w.last_error for w in self.store.images.values() if w.last_error), ""),
             }
         rx = self.receiver.stats()
         with self._bytes_lock:
