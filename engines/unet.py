@@ -1,0 +1,136 @@
+"""A compact 2-D U-Net sized for live frames (torch).
+
+The current frame comes in on channel 0, the ``k`` past frames of the same position and channel
+on channels 1..k (most recent first; never a future frame). Height and width must be multiples
+of ``2**depth``; :func:`pad_multiple` in ``inference`` takes care of that.
+
+Only imported where torch is needed (training, the torch backend, ONNX export), so that
+``import livescope.engines.denoise`` stays light.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["UNet", "build", "flops_and_traffic", "export_onnx"]
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1),
+        nn.LeakyReLU(0.1, inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1),
+        nn.LeakyReLU(0.1, inplace=True),
+    )
+
+
+class UNet(nn.Module):
+    """Encoder-decoder with skips; channels double per level up to ``max_channels``.
+
+    No residual connection to the input: Noise2Void trains with the centre pixel replaced by a
+    neighbour, and an identity path would learn to trust a value it never sees at inference.
+    """
+
+    def __init__(self, in_channels: int = 1, base: int = 16, depth: int = 2, max_channels: int = 64):
+        super().__init__()
+        self.in_channels = in_channels
+        self.depth = depth
+        self.base = base
+        self.max_channels = max_channels
+        widths = [min(base * 2**i, max_channels) for i in range(depth + 1)]
+        self.down = nn.ModuleList()
+        cin = in_channels
+        for w in widths[:-1]:
+            self.down.append(_block(cin, w))
+            cin = w
+        self.pool = nn.AvgPool2d(2)
+        self.bottom = _block(widths[-2] if depth else in_channels, widths[-1])
+        self.up = nn.ModuleList()
+        self.merge = nn.ModuleList()
+        for i in reversed(range(depth)):
+            self.up.append(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2))
+            self.merge.append(_block(2 * widths[i], widths[i]))
+        self.head = nn.Conv2d(widths[0], 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.bottom(x)
+        for up, merge, skip in zip(self.up, self.merge, reversed(skips)):
+            x = merge(torch.cat([up(x), skip], dim=1))
+        return self.head(x)
+
+
+def build(arch: dict[str, Any]) -> UNet:
+    """The network described by a model file's ``architecture`` entry."""
+    if arch.get("name") != "unet2d":
+        raise ValueError(f"unknown architecture {arch.get('name')!r}; this livescope knows 'unet2d'")
+    return UNet(
+        in_channels=int(arch["in_channels"]),
+        base=int(arch["base"]),
+        depth=int(arch["depth"]),
+        max_channels=int(arch.get("max_channels", 64)),
+    )
+
+
+def flops_and_traffic(net: UNet, height: int = 512, width: int = 512) -> dict[str, float]:
+    """Floating-point operations (multiply and add counted apart) and a lower bound of memory
+    traffic (each layer reads its input and weights and writes its output once, float32) for
+    one frame, measured by running the network on a dummy frame with hooks on every layer."""
+    totals = {"flops": 0.0, "bytes": 0.0}
+
+    def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        x = inp[0]
+        if isinstance(mod, nn.Conv2d):
+            k = mod.kernel_size[0] * mod.kernel_size[1]
+            totals["flops"] += 2.0 * mod.in_channels * k * out.numel() // mod.groups
+        elif isinstance(mod, nn.ConvTranspose2d):
+            k = mod.kernel_size[0] * mod.kernel_size[1]
+            totals["flops"] += 2.0 * x.numel() * k * mod.out_channels
+        else:
+            totals["flops"] += float(out.numel())
+        weights = sum(p.numel() for p in mod.parameters(recurse=False))
+        totals["bytes"] += 4.0 * (x.numel() + out.numel() + weights)
+
+    leaves = [m for m in net.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, net.in_channels, height, width))
+    finally:
+        for h in handles:
+            h.remove()
+    totals["params"] = float(sum(p.numel() for p in net.parameters()))
+    return totals
+
+
+def export_onnx(net: UNet, opset: int = 17) -> bytes:
+    """The ONNX graph with dynamic height and width (and batch), via the TorchScript-based
+    exporter (``dynamo=False``): it needs no onnxscript and gives a plain static graph that
+    onnxruntime and TensorRT's parser both take."""
+    import io
+    import warnings
+
+    net = net.eval()
+    buf = io.BytesIO()
+    dummy = torch.zeros(1, net.in_channels, 2**net.depth * 4, 2**net.depth * 4)
+    with warnings.catch_warnings():  # the legacy exporter is chosen on purpose (see above)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            net,
+            (dummy,),
+            buf,
+            input_names=["frames"],
+            output_names=["denoised"],
+            dynamic_axes={"frames": {0: "batch", 2: "height", 3: "width"},
+                          "denoised": {0: "batch", 2: "height", 3: "width"}},
+            opset_version=opset,
+            dynamo=False,
+        )
+    return buf.getvalue()
