@@ -125,6 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-raw", action="store_true", help="do not copy the raw frames into the output")
     _add_engine_options(p)
 
+    p = sub.add_parser("fit", help="fit a denoising model on your own data (self-supervised), from a file or live")
+    p.add_argument("input", nargs="?", help="a TIFF / OME-Zarr movie or frame (omit with --live)")
+    p.add_argument("--out", help="the model file to write (.lsm)")
+    p.add_argument("--live", action="store_true", help="fit on the running daemon's stream and hot-swap the model")
+    p.add_argument("--control", default=DEFAULT_CONTROL, help="with --live: the daemon's control socket")
+    p.add_argument("--frames", type=int, default=32, help="frames to fit on (live: the next N frames)")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--seconds", type=float, default=600.0, help="time budget")
+    p.add_argument("--from-model", default=None, help="continue from this model (default: the shipped one)")
+    p.add_argument("--clean", default=None, help="supervised: clean images to crappify (PSSR-style)")
+    p.add_argument("--past-frames", type=int, default=0, help="k past frames as extra input channels (new model)")
+
+    p = sub.add_parser("compile", help="build a TensorRT engine for a model ahead of time (NVIDIA GPU)")
+    p.add_argument("model", nargs="?", default=None, help="a .lsm model (default: the shipped one)")
+    p.add_argument("--shape", type=int, nargs=2, default=(512, 512), metavar=("H", "W"))
+
     p = sub.add_parser("status", help="ask a running daemon for its status (JSON)")
     p.add_argument("--control", default=DEFAULT_CONTROL)
     p.add_argument("--timeout", type=float, default=3.0)
@@ -352,8 +368,82 @@ def cmd_recover(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit(args: argparse.Namespace) -> int:
+    if args.live:
+        return _fit_live(args)
+    if not args.input or not args.out:
+        print("livescope fit: give INPUT and --out MODEL.lsm (or --live)", file=sys.stderr)
+        return 2
+    import numpy as np
+
+    from ..engines import fit as fitting
+    from ..engines import modelfile
+    from .sources import read_movie
+
+    data, axes, _ = read_movie(args.input)
+    arr = np.asarray(data[: args.frames])
+    lead = [a for a in axes if a not in ("y", "x")]
+    if len(lead) > 1:  # (t, c, z, y, x): fit on the first channel / middle plane
+        arr = arr.reshape(arr.shape[0], -1, *arr.shape[-2:])[:, 0]
+    clean = None
+    if args.clean:
+        cdata, _, _ = read_movie(args.clean)
+        clean = [np.asarray(c, dtype=np.float32) for c in cdata]
+    base = modelfile.load(args.from_model) if args.from_model or args.past_frames == 0 else None
+    result = fitting.fit(arr.astype(np.float32), model=base, past_frames=args.past_frames, steps=args.steps,
+                         time_budget_s=args.seconds, clean=clean, description=f"livescope fit {args.input}")
+    out = result.model.save(args.out)
+    losses = result.losses
+    curve = Path(str(out) + ".loss.csv")
+    curve.write_text("step,loss\n" + "".join(f"{i},{v:.6g}\n" for i, v in enumerate(losses)))
+    print(f"model written to {out} ({len(losses)} steps in {result.seconds:.0f} s; loss "
+          f"{losses[0]:.4g} -> {min(losses[-20:]):.4g}; curve in {curve})")
+    return 0
+
+
+def _fit_live(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .control import ControlClient
+
+    client = ControlClient(args.control, timeout_s=5.0)
+    try:
+        reply = client.request("fit", engine="denoise", frames=args.frames, steps=args.steps, seconds=args.seconds)
+        if not reply.get("ok"):
+            print(f"livescope fit --live: {reply.get('error')}", file=sys.stderr)
+            return 2
+        bar = tqdm(total=args.steps, desc="fitting on the live stream", unit="step")
+        while True:
+            fit = client.status().get("fit") or {}
+            bar.n = fit.get("step", 0)
+            losses = fit.get("loss_curve") or []
+            bar.set_postfix(state=fit.get("state"), collected=fit.get("collected"),
+                            loss=f"{losses[-1]:.4g}" if losses else "-", refresh=False)
+            bar.refresh()
+            if fit.get("state") in ("done", "failed"):
+                break
+            time.sleep(0.5)
+        bar.close()
+        if fit["state"] == "failed":
+            print(f"fitting failed: {fit.get('error')}", file=sys.stderr)
+            return 1
+        print(f"new model {fit['model']} is running (loss {losses[0]:.4g} -> {losses[-1]:.4g})")
+        return 0
+    finally:
+        client.close()
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from ..engines.inference import compile_model
+
+    path = compile_model(args.model, tuple(args.shape))
+    print(f"TensorRT engine cached at {path}")
+    return 0
+
+
 COMMANDS = {"demo": cmd_demo, "daemon": cmd_daemon, "view": cmd_view, "process": cmd_process,
-            "status": cmd_status, "stop": cmd_stop, "recover": cmd_recover}
+            "status": cmd_status, "stop": cmd_stop, "recover": cmd_recover, "fit": cmd_fit,
+            "compile": cmd_compile}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -370,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return COMMANDS[args.command](args)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, ImportError) as exc:
         if args.verbose:
             raise
         print(f"livescope {args.command}: {exc}", file=sys.stderr)

@@ -193,6 +193,88 @@ class _Chain:
                     log.exception("closing engine failed")
 
 
+class _FitJob:
+    """Self-supervised fitting on the live stream: collect the next N raw frames of the first
+    (position, channel, z) that arrives, fit on a thread while the stream goes on, save the model
+    in the output folder, and swap it into every running chain between two frames."""
+
+    def __init__(self, pipeline: Pipeline, engine: str, frames: int, steps: int, seconds: float) -> None:
+        self.pipeline = pipeline
+        self.engine = engine
+        self.n = frames
+        self.steps = steps
+        self.seconds = seconds
+        self.state = "collecting"
+        self.key: tuple | None = None
+        self.frames: list[np.ndarray] = []
+        self.losses: list[float] = []
+        self.step = 0
+        self.error = ""
+        self.path: str | None = None
+        self.started = time.time()
+        self.lock = threading.Lock()
+
+    @property
+    def collecting(self) -> bool:
+        return self.state == "collecting"
+
+    def offer(self, item: _Item) -> None:
+        key = (item.p, item.c, item.z)
+        if self.key is None:
+            self.key = key
+        if key != self.key or item.array.ndim != 2:
+            return
+        self.frames.append(np.array(item.array, dtype=np.float32))
+        if len(self.frames) >= self.n:
+            self.state = "fitting"
+            threading.Thread(target=self._fit, name="livescope-fit", daemon=True).start()
+
+    def _fit(self) -> None:
+        try:
+            from ..engines import fit as fitting
+            from ..engines import modelfile
+
+            current = self.pipeline.engine_states[self.engine].params.get("model")
+            base_model = modelfile.load(current)
+
+            def progress(step: int, loss: float) -> None:
+                with self.lock:
+                    self.step = step + 1
+                    self.losses.append(float(loss))
+
+            stack = np.stack(self.frames)
+            spec = next(iter(self.pipeline._segments.values())).spec_base if self.pipeline._segments else {}
+            result = fitting.fit(stack, model=base_model, steps=self.steps, time_budget_s=self.seconds,
+                                 offset=spec.get("camera_offset"), gain=spec.get("camera_gain"), progress=False,
+                                 callback=progress, description=f"fitted live on {len(self.frames)} frames")
+            folder = (self.pipeline.cfg.out / "models") if self.pipeline.cfg.out else None
+            if folder is None:
+                import tempfile
+
+                folder = __import__("pathlib").Path(tempfile.mkdtemp(prefix="livescope-fit-"))
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / time.strftime("denoise-fit-%Y%m%d-%H%M%S.lsm")
+            result.model.save(path)
+            self.state = "swapping"
+            self.pipeline._swap_all(self.engine, str(path))
+            self.path = str(path)
+            self.state = "done"
+            log.info("fitted model %s swapped in after %d steps (loss %.4g -> %.4g)", path, self.step,
+                     self.losses[0] if self.losses else float("nan"), self.losses[-1] if self.losses else float("nan"))
+        except Exception as exc:
+            self.state = "failed"
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.exception("live fitting failed")
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            losses = list(self.losses)
+        stride = max(1, len(losses) // 100)
+        return {"state": self.state, "engine": self.engine, "collected": len(self.frames), "frames": self.n,
+                "step": self.step, "steps": self.steps, "loss_curve": losses[::stride], "model": self.path,
+                "error": self.error, "elapsed_s": round(time.time() - self.started, 1)}
+
+
 def _refuse_open_binds(cfg: DaemonConfig) -> None:
     """Every socket binds loopback unless the user set up CURVE keys (not yet supported: say so)."""
     from ..bridges.auth import is_loopback
@@ -244,6 +326,7 @@ class Pipeline:
         self._volume_mode = any(s.needs_volume and s.enabled for s in self.engine_states.values())
         self._partial_volumes: dict[tuple, dict[int, _Item]] = {}
         self._route_lock = threading.Lock()
+        self._fit_job: _FitJob | None = None
         self.restored = 0
         self.restore_errors = 0
         self._preview_latest: dict[tuple, tuple[np.ndarray, dict[str, Any]]] = {}
@@ -426,6 +509,9 @@ class Pipeline:
             t = self._t_counter.get(key, 0)
             self._t_counter[key] = t + 1
         item = _Item(frame, p, c, z, t, seg, frame.received_at)
+        job = self._fit_job
+        if job is not None and job.collecting:
+            job.offer(item)
         self.received += 1
         self.fps_in.tick()
         nbytes = frame.array.nbytes  # type: ignore[union-attr]
@@ -600,6 +686,47 @@ class Pipeline:
         with self._events_lock:
             return [e for e in self.events if e["id"] > after][:limit]
 
+    def _confined(self, path: Any) -> str | None:
+        """Paths from the control socket must lie inside the output folder (or name the default)."""
+        if path in (None, "", "default"):
+            return None
+        if not isinstance(path, str):
+            raise ValueError("path must be a string")
+        if self.cfg.out is None:
+            raise PermissionError("this daemon has no --out folder: paths from the control socket are refused")
+        from pathlib import Path
+
+        root = Path(self.cfg.out).resolve()
+        target = (root / path).resolve()
+        if target != root and root not in target.parents:
+            raise PermissionError(f"{path} is outside the output folder {root}; copy the model there first")
+        return str(target)
+
+    def _start_fit(self, request: dict[str, Any]) -> dict[str, Any]:
+        name = request.get("engine", "denoise")
+        state = self.engine_states.get(name)
+        if state is None or not state.enabled:
+            return {"ok": False, "error": f"engine {name!r} is not running in this daemon"}
+        if self._fit_job is not None and self._fit_job.state in ("collecting", "fitting"):
+            return {"ok": False, "error": "a fit is already running; see status.fit"}
+        frames = int(request.get("frames", 32))
+        steps = int(request.get("steps", 200))
+        seconds = float(request.get("seconds", 120.0))
+        if not (2 <= frames <= 1000 and 1 <= steps <= 100000 and 0 < seconds <= 36000):
+            return {"ok": False, "error": "fit needs 2 <= frames <= 1000, 1 <= steps <= 100000, 0 < seconds <= 36000"}
+        self._fit_job = _FitJob(self, name, frames, steps, seconds)
+        return {"ok": True, "fit": self._fit_job.status()}
+
+    def _swap_all(self, name: str, path: str) -> None:
+        with self._chain_lock:  # between frames
+            for chain in self._chains.values():
+                eng = chain.engines.get(name)
+                if eng is not None:
+                    eng.swap_model(path)
+            self.engine_states[name].params["model"] = path
+        if self.store is not None:
+            self.store.update_provenance(engines={n: dict(s.params) for n, s in self.engine_states.items()})
+
     def _disable(self, state: _EngineState, reason: str) -> None:
         state.enabled = False
         state.reason = reason
@@ -755,6 +882,8 @@ class Pipeline:
                 return {"ok": False, "error": "events needs an integer 'after' (the last id handled)"}
             evs = self.events_after(after, int(request.get("limit", 500)))
             return {"ok": True, "events": evs, "last": self._event_id}
+        if cmd == "fit":
+            return self._start_fit(request)
         if cmd == "emit":  # an external producer of events (a trust check, a user click in the viewer)
             ev = request.get("event")
             if not isinstance(ev, dict):
@@ -783,7 +912,7 @@ class Pipeline:
                             setter(param, value)
                     state.params[param] = value
                 else:
-                    path = request.get("path")
+                    path = self._confined(request.get("path"))
                     for chain in self._chains.values():
                         eng = chain.engines.get(name)
                         if eng is not None:
@@ -846,6 +975,7 @@ class Pipeline:
             "segments": {str(p): s.number for p, s in self._segments.items()},
             "events": len(self.events),
             "restore": {"served": self.restored, "errors": self.restore_errors} if self.cfg.restore else None,
+            "fit": self._fit_job.status() if self._fit_job is not None else None,
             "scalars": dict(self.scalars_last),
             "store": store_info,
         }
