@@ -243,6 +243,10 @@ class ImageWriter:
         self._rec = {k: np.full(lead, _RECORD_FILL[k], dtype=dt) for k, dt in RECORD_FIELDS.items()}
         self._buffers: dict[tuple[int, int, int], _ShardBuffer] = {}
         self._inflight: list[tuple[Any, list[tuple[int, ...]]]] = []
+        self._dirty: list[tuple[int, ...]] = []  # records changed without a data write (marks, scalars)
+        self._dirty_scalars: set[str] = set()
+        self.inflight_bytes = 0
+        self.max_inflight_bytes = 256 * 2**20  # a cap on pixels held by writes in flight
         self.n_t = 0
         self.saved = 0
         self.skipped = 0
@@ -320,8 +324,12 @@ class ImageWriter:
         grow_z = lay.has_z and z >= lay.n_z
         if t < self.capacity_t and not grow_c and not grow_z:
             return
-        self._drain(wait=True)  # resizing under in-flight writes is not worth the subtlety
-        self.capacity_t = max(self.capacity_t, (t // self.GROW + 1) * self.GROW)
+        if grow_c or grow_z:
+            self._drain(wait=True)  # a new channel or plane changes every shard's shape: settle first
+        # growing only the time axis leaves in-flight writes (all inside the old bounds) valid, so
+        # no wait; grow geometrically (64, 128, ... up to 1024 time points at a time)
+        step = max(self.GROW, min(1024, self.capacity_t))
+        self.capacity_t = max(self.capacity_t, (t // step + 1) * step)
         if grow_c:
             lay.n_c = c + 1
         if grow_z:
@@ -373,7 +381,7 @@ class ImageWriter:
             self.skipped += 1
         elif status == "lost":
             self.lost += 1
-        self._write_records([lead])
+        self._dirty.append(lead)  # written with the next poll: one batched write, not four per frame
 
     def write_scalar(self, name: str, t: int, c: int, z: int, value: float) -> None:
         """A per-frame number computed by an engine (e.g. ``novelty``), stored beside the records."""
@@ -387,7 +395,8 @@ class ImageWriter:
             self._rec[name] = np.full(lead_shape, np.nan)
         lead = self.layout.lead_index(t, c, z)
         self._rec[name][lead] = value
-        self.records[name][lead].write(self._rec[name][lead]).result()
+        self._dirty_scalars.add(name)
+        self._dirty.append(lead)
 
     def _submit(self, key: tuple[int, int, int]) -> None:
         buf = self._buffers.pop(key)
@@ -405,6 +414,9 @@ class ImageWriter:
         leads = [self.layout.lead_index(t, c, z) for t in buf.filled]
         self.bytes_written += buf.data[0].nbytes * len(buf.filled)
         self._inflight.append((fut, leads, buf))
+        self.inflight_bytes += buf.data.nbytes
+        while self.inflight_bytes > self.max_inflight_bytes and len(self._inflight) > 1:
+            self._drain(wait=True, one=True)  # bounded write-behind
 
     def flush_due(self, now: float | None = None) -> None:
         """Submit partial shards whose oldest plane waited longer than ``flush_after_s``."""
@@ -419,14 +431,17 @@ class ImageWriter:
         """Turn completed writes (in order) into saved records; returns frames newly saved."""
         return self._drain(wait=False)
 
-    def _drain(self, wait: bool) -> int:
+    def _drain(self, wait: bool, one: bool = False) -> int:
         done_leads: list[tuple[int, ...]] = []
         failed_leads: list[tuple[int, ...]] = []
         while self._inflight:
-            fut, leads, _buf = self._inflight[0]
+            fut, leads, buf = self._inflight[0]
             if not wait and not fut.done():
                 break
+            if one and (done_leads or failed_leads):
+                break
             self._inflight.pop(0)
+            self.inflight_bytes -= buf.data.nbytes
             try:
                 fut.result()
                 done_leads.extend(leads)
@@ -442,9 +457,10 @@ class ImageWriter:
             for lead in done_leads:
                 self._rec["status"][lead] = STATUS["saved"]
             self.saved += len(done_leads)
-        if done_leads or failed_leads:
+        dirty, self._dirty = self._dirty, []
+        if done_leads or failed_leads or dirty:
             try:
-                self._write_records(done_leads + failed_leads)
+                self._write_records(done_leads + failed_leads + dirty)
             except Exception as exc:
                 # the frames are on disk but their records are not: they will not count as saved
                 # after a crash (recovery trusts the records); report it
@@ -456,7 +472,9 @@ class ImageWriter:
     def _write_records(self, leads: list[tuple[int, ...]]) -> None:
         lo = min(l[0] for l in leads)
         hi = max(l[0] for l in leads) + 1
-        futs = [self.records[k][lo:hi].write(self._rec[k][lo:hi]) for k in RECORD_FIELDS]  # scalars: own writes
+        names = list(RECORD_FIELDS) + sorted(self._dirty_scalars)
+        self._dirty_scalars.clear()
+        futs = [self.records[k][lo:hi].write(self._rec[k][lo:hi]) for k in names]
         for f in futs:
             f.result()
 

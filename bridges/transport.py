@@ -81,7 +81,11 @@ class FramePublisher:
         self.seq = 0
         self.sent = 0
         self.dropped = 0
-        self._ctx = context or zmq.Context.instance()
+        # an own context, terminated on close: close() then returns only when the queued frames
+        # (and the end marker) were handed to the daemon or linger ran out; a process that exits
+        # right after close() loses nothing
+        self._own_ctx = context is None
+        self._ctx = context or zmq.Context()
         self._sock = self._ctx.socket(zmq.PUSH)
         self._sock.setsockopt(zmq.SNDHWM, hwm)
         self._sock.setsockopt(zmq.LINGER, 5000)
@@ -123,6 +127,8 @@ class FramePublisher:
         if self._sock is not None:
             self._sock.close(linger=int(linger_s * 1000))
             self._sock = None
+            if self._own_ctx:
+                self._ctx.term()
 
     def __enter__(self) -> FramePublisher:
         return self

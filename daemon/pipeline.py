@@ -72,11 +72,24 @@ class _Item:
 
 @dataclasses.dataclass
 class _Mark:
-    """A record without pixels: a frame skipped, lost or failed for some products."""
+    """A record without pixels: a frame skipped, lost or failed for some products. It keeps only
+    the frame's coordinates, not its pixels (they would sit in the queue outside the budget)."""
 
     status: str
     products: tuple[str, ...]
-    item: _Item
+    p: int
+    c: int
+    zs: tuple[int, ...]
+    t: int
+    seq: int
+    time_s: float
+    segment: _Segment
+
+    @classmethod
+    def of(cls, status: str, products: tuple[str, ...], item: _Item) -> _Mark:
+        arr = item.frame.array
+        zs = tuple(range(arr.shape[0])) if arr is not None and arr.ndim == 3 else (item.z,)
+        return cls(status, products, item.p, item.c, zs, item.t, item.frame.seq, item.frame.timestamp, item.segment)
 
 
 @dataclasses.dataclass
@@ -314,6 +327,8 @@ class Pipeline:
         self.preview = PreviewPublisher(cfg.publish) if cfg.publish else None
         self._store_q: queue.Queue = queue.Queue()
         self._queued_bytes = 0
+        self._queued_product_bytes = 0
+        self.products_dropped = 0
         self._budget = int(cfg.memory_budget_mb * 2**20)
         self._bytes_lock = threading.Lock()
         self._slots: OrderedDict[tuple, _Item] = OrderedDict()
@@ -523,7 +538,7 @@ class Pipeline:
             self._store_q.put(item)
         else:
             self.dropped += 1
-            self._store_q.put(_Mark("lost", ("raw",), item))
+            self._store_q.put(_Mark.of("lost", ("raw",), item))
             if self.dropped == 1 or self.dropped % 100 == 0:
                 log.error("store falls behind: %d frame(s) lost over the %.0f MB memory budget",
                           self.dropped, self.cfg.memory_budget_mb)
@@ -575,7 +590,9 @@ class Pipeline:
         for s in self.engine_states.values():
             if s.enabled:
                 self.skipped[s.name] = self.skipped.get(s.name, 0) + 1
-        self._store_q.put(_Mark("skipped", self._products(), item))
+        products = tuple(p for p in self._products() if self.cfg.saves(p))
+        if products and self.store is not None:
+            self._store_q.put(_Mark.of("skipped", products, item))
 
     # -- restore at capture time -----------------------------------------------------------
     def _restore_loop(self) -> None:
@@ -653,13 +670,27 @@ class Pipeline:
             t0 = time.perf_counter()
             images, scalars, events, failed = chain.run(item)
             self.lat_chain.add(time.perf_counter() - t0)
+        dropped_products: list[str] = []
         for name, arr in images.items():
             arr = np.asarray(arr)
             if self.store is not None and self.cfg.saves(name):
-                self._store_q.put(_Product(name, arr, item))
+                # products get at most half the memory budget, so raw always has room; a product
+                # that does not fit is recorded as skipped for that frame
+                with self._bytes_lock:
+                    fits = self._queued_product_bytes + arr.nbytes <= self._budget // 2
+                    if fits:
+                        self._queued_product_bytes += arr.nbytes
+                if fits:
+                    self._store_q.put(_Product(name, arr, item))
+                else:
+                    dropped_products.append(name)
             self._preview_latest[(name, item.p, item.c, item.z)] = (arr, self._preview_header(item, name))
-        if failed:
-            self._store_q.put(_Mark("failed", tuple(failed), item))
+        if dropped_products:
+            self.products_dropped += len(dropped_products)
+            self._store_q.put(_Mark.of("skipped", tuple(dropped_products), item))
+        failed = [f for f in failed if self.cfg.saves(f)]
+        if failed and self.store is not None:
+            self._store_q.put(_Mark.of("failed", tuple(failed), item))
         if scalars:
             self.scalars_last.update(scalars)
             self._store_q.put(("scalars", scalars, item))
@@ -733,13 +764,15 @@ class Pipeline:
         log.error("engine %s disabled: %s", state.name, reason)
 
     # -- store -----------------------------------------------------------------------------
-    def _writer(self, product: str, item: _Item, dtype: str | None = None):
+    def _writer(self, product: str, item: _Item):
+        return self._writer_for(product, item.p, item.segment)
+
+    def _writer_for(self, product: str, position: int, seg: _Segment):
         assert self.store is not None
-        seg = item.segment
         layout = seg.layout
         if product != "raw":
-            layout = dataclasses.replace(layout, dtype=dtype or "float32")
-        return self.store.image(product, item.p, seg.number, layout)
+            layout = dataclasses.replace(layout, dtype="float32")
+        return self.store.image(product, position, seg.number, layout)
 
     def _store_loop(self) -> None:
         last_poll = 0.0
@@ -793,17 +826,17 @@ class Pipeline:
         elif self.store is None:
             return
         elif isinstance(entry, _Product):
-            w = self._writer(entry.name, entry.item)
-            self._write(w, entry.item, entry.array.astype(w.dtype, copy=False))
+            try:
+                w = self._writer(entry.name, entry.item)
+                self._write(w, entry.item, entry.array.astype(w.dtype, copy=False))
+            finally:
+                with self._bytes_lock:
+                    self._queued_product_bytes -= entry.array.nbytes
         elif isinstance(entry, _Mark):
             for product in entry.products:
-                w = self._writer(product, entry.item)
-                it = entry.item
-                if it.array.ndim == 3:
-                    for z in range(it.array.shape[0]):
-                        w.mark(it.t, it.c, z, entry.status, seq=it.frame.seq, time_s=it.frame.timestamp)
-                else:
-                    w.mark(it.t, it.c, it.z, entry.status, seq=it.frame.seq, time_s=it.frame.timestamp)
+                w = self._writer_for(product, entry.p, entry.segment)
+                for z in entry.zs:
+                    w.mark(entry.t, entry.c, z, entry.status, seq=entry.seq, time_s=entry.time_s)
         elif isinstance(entry, tuple) and entry[0] == "scalars":
             _, scalars, item = entry
             w = self._writer("raw", item)
@@ -966,6 +999,8 @@ class Pipeline:
                     "processed": self.fps_out.per_second()},
             "latency": {"store": self.lat_store.summary(), "chain": self.lat_chain.summary()},
             "queues": {"store_items": self._store_q.qsize(), "store_mb": round(queued / 2**20, 2),
+                       "products_mb": round(self._queued_product_bytes / 2**20, 2),
+                       "products_dropped": self.products_dropped,
                        "engine_slots": len(self._slots)},
             "engines": {
                 n: {"enabled": s.enabled, "reason": s.reason, "processed": s.processed, "failures": s.failures,
