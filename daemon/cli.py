@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control", default=DEFAULT_CONTROL, help="the daemon's control socket (telemetry)")
     p.add_argument("--screenshot", default=None, help="save a PNG of the window after --seconds and exit")
     p.add_argument("--seconds", type=float, default=None, help="close after this many seconds")
+    p.add_argument("--settings", default=None, help="where the window layout is remembered (an .ini file)")
 
     p = sub.add_parser("process", help="the same engine chain offline on a TIFF or OME-Zarr movie")
     p.add_argument("input")
@@ -320,7 +321,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 def cmd_view(args: argparse.Namespace) -> int:
     from ..ui.viewer import run_viewer
 
-    return run_viewer(args.connect, args.control, screenshot=args.screenshot, seconds=args.seconds)
+    return run_viewer(args.connect, args.control, screenshot=args.screenshot, seconds=args.seconds,
+                      settings_path=args.settings)
 
 
 def cmd_process(args: argparse.Namespace) -> int:

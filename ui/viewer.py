@@ -1,237 +1,871 @@
-"""The live viewer: one pyqtgraph panel per product, fed from the daemon's preview socket.
+"""The live viewer: a grid of linked panels (raw and each product), fed by the daemon's previews.
 
 It runs in its own process and never slows the daemon: previews arrive on a PUB/SUB socket with
-a high-water mark of a few frames; a QTimer at screen rate drains the socket and draws only the
-newest frame of each product. Levels are recomputed about once a second, not per frame.
+a small high-water mark; a QTimer at screen rate drains the socket and draws only the newest
+frame of each product; levels and histograms are recomputed about once a second. The control
+socket is served by a thread (:mod:`.link`), so a daemon that is away never freezes the window.
 
     livescope view --connect tcp://127.0.0.1:5571 --control tcp://127.0.0.1:5572
+
+Shortcuts are listed in ``SHORTCUTS`` (F1 in the window).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import sys
-import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..bridges.transport import DEFAULT_CONTROL, DEFAULT_PUBLISH, PreviewSubscriber
 
-__all__ = ["LiveViewer", "run_viewer", "main"]
+__all__ = ["LiveViewer", "run_viewer", "main", "SHORTCUTS"]
 
 log = logging.getLogger(__name__)
 
-ORDER = ["raw", "registered", "denoised", "deconvolved", "background", "slow", "fast"]
-CMAPS = {"background": "CET-L3", "slow": "CET-L3", "fast": "CET-L3"}
+ORDER = ["raw", "registered", "denoised", "deconvolved", "background", "slow", "fast", "composite", "residual"]
+DECOMPOSITION = ("background", "slow", "fast")
+RESTORED = ("deconvolved", "denoised", "registered")  # the ROI trace compares raw with the first present
+HIDDEN_BY_DEFAULT = {"residual"}
+LEVELS_EVERY_S = 1.0
+IDLE_AFTER_S = 3.0
+
+SHORTCUTS = [
+    ("Space", "pause / resume the live display"),
+    ("Esc", "back to live (after viewing an event)"),
+    ("A", "auto-contrast every panel now"),
+    ("L", "continuous auto-levels on/off"),
+    ("F", "fit the image to the panels"),
+    ("R", "show / hide the ROI"),
+    ("1 … 9", "show / hide panel 1 … 9"),
+    ("[  ]", "previous / next channel"),
+    ("PgUp  PgDn", "previous / next z plane"),
+    ("Ctrl+S", "snapshot of the window to PNG"),
+    ("Ctrl+T", "telemetry panel"),
+    ("Ctrl+E", "engine controls"),
+    ("Ctrl+B", "time strips (novelty, ROI)"),
+    ("F1", "this list"),
+    ("Ctrl+Q", "quit"),
+]
 
 
 def _qt():
     try:
         import pyqtgraph as pg
-        from pyqtgraph.Qt import QtCore, QtWidgets
+        from pyqtgraph.Qt import QtCore, QtGui, QtWidgets
     except ImportError as exc:  # pragma: no cover
         raise ImportError("the viewer needs pyqtgraph and Qt: pip install 'livescope[ui]'") from exc
-    return pg, QtCore, QtWidgets
+    return pg, QtCore, QtGui, QtWidgets
 
 
-class _StatusPoller:
-    """Asks the daemon for its status once a second on a thread (a REQ can block for seconds)."""
-
-    def __init__(self, address: str | None) -> None:
-        self.address = address
-        self.latest: dict[str, Any] | None = None
-        self.error: str | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="livescope-view-status", daemon=True)
-        if address:
-            self._thread.start()
-
-    def _run(self) -> None:
-        import json
-
-        import zmq
-
-        ctx = zmq.Context.instance()
-        sock = None
-        while not self._stop.is_set():
-            if sock is None:
-                sock = ctx.socket(zmq.REQ)
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.setsockopt(zmq.RCVTIMEO, 1500)
-                sock.connect(self.address)
-            try:
-                from ..bridges.auth import read_token
-
-                sock.send(json.dumps({"cmd": "status", "token": read_token(self.address)}).encode())
-                self.latest = json.loads(sock.recv())
-                self.error = None
-            except zmq.Again:
-                sock.close(linger=0)
-                sock = None  # a REQ socket is unusable after a timeout: make a new one
-                self.error = "daemon not answering"
-            self._stop.wait(1.0)
-        if sock is not None:
-            sock.close(linger=0)
-
-    def close(self) -> None:
-        self._stop.set()
+def _order(name: str) -> tuple[int, str]:
+    return (ORDER.index(name) if name in ORDER else len(ORDER), name)
 
 
 class LiveViewer:
-    def __init__(self, connect: str = DEFAULT_PUBLISH, control: str | None = DEFAULT_CONTROL) -> None:
-        pg, QtCore, QtWidgets = _qt()
-        self.pg = pg
-        pg.setConfigOptions(imageAxisOrder="row-major", antialias=False)
-        self.sub = PreviewSubscriber(connect)
-        self.status = _StatusPoller(control)
-        self.win = QtWidgets.QMainWindow()
-        self.win.setWindowTitle(f"livescope — {connect}")
-        self.win.resize(1200, 700)
-        self.layout = pg.GraphicsLayoutWidget()
-        self.layout.setBackground((20, 20, 24))
-        self.win.setCentralWidget(self.layout)
-        self.status_label = QtWidgets.QLabel("waiting for frames…")
-        self.status_label.setStyleSheet("color: #ddd; padding: 2px 6px; font-family: monospace;")
-        self.win.statusBar().addWidget(self.status_label, 1)
-        self.win.statusBar().setStyleSheet("background: #1b1b20;")
-        self.panels: dict[str, dict[str, Any]] = {}
-        self.frames_drawn = 0
-        self._last_levels = 0.0
-        self._display_times: list[float] = []
-        self.timer = QtCore.QTimer()
-        self.timer.timeout.connect(self.update)
-        self.timer.start(33)
-        self.status_timer = QtCore.QTimer()
-        self.status_timer.timeout.connect(self.update_status)
-        self.status_timer.start(500)
+    """The main window. ``update()`` (a timer) draws the newest previews; ``poll_daemon()``
+    (another timer) handles what the control thread brought back."""
 
-    def _panel(self, product: str) -> dict[str, Any]:
+    def __init__(self, connect: str = DEFAULT_PUBLISH, control: str | None = DEFAULT_CONTROL, *,
+                 settings_path: str | os.PathLike | None = None, snapshot_dir: str | os.PathLike | None = None,
+                 fps: float = 30.0) -> None:
+        pg, QtCore, QtGui, QtWidgets = _qt()
+        from . import style
+        from .controls import EngineControls
+        from .link import DaemonLink
+        from .settings import open_settings, read_json
+        from .telemetry import TelemetryPanel
+        from .timeline import FrameBuffer, NoveltyStrip, RoiTrace, strip_container
+
+        self.pg, self.QtCore, self.QtGui, self.QtWidgets = pg, QtCore, QtGui, QtWidgets
+        app = QtWidgets.QApplication.instance()
+        if app is not None:
+            style.apply_dark_theme(app)
+        self.connect_address = connect
+        self.control_address = control
+        self.sub = PreviewSubscriber(connect)
+        self.link = DaemonLink(control)
+        self.settings = open_settings(settings_path)
+        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else Path.cwd()
+
+        self.win = QtWidgets.QMainWindow()
+        self.win.setObjectName("livescopeViewer")
+        self.win.setWindowTitle(f"livescope — {connect}")
+        self.win.resize(1600, 1000)
+        self.win.setDockOptions(QtWidgets.QMainWindow.DockOption.AnimatedDocks
+                                | QtWidgets.QMainWindow.DockOption.AllowTabbedDocks)
+
+        # state
+        self.latest: dict[tuple, Any] = {}  # (product, p, c, z) -> newest Frame
+        self.panels: dict[str, Any] = {}
+        self.hidden: set[str] = set(read_json(self.settings, "panels/hidden", sorted(HIDDEN_BY_DEFAULT)))
+        self.cmaps: dict[str, str] = read_json(self.settings, "panels/cmaps", {})
+        self.auto_levels = bool(read_json(self.settings, "levels/continuous", True))
+        self.selection = {"p": 0, "c": 0, "z": 0}
+        self.seen: dict[str, dict[int, str]] = {"p": {}, "c": {}, "z": {}}
+        self.paused = False
+        self.frames_drawn = 0
+        self.redraws = 0
+        self.status: dict[str, Any] | None = None
+        self.events: list[dict[str, Any]] = []
+        self.buffer = FrameBuffer()
+        self._display_times: list[float] = []
+        self._last_levels = 0.0
+        self._last_frame_at: float | None = None
+        self._started = time.monotonic()
+        self._messages: dict[str, tuple[str, str, float | None]] = {}
+        self._last_seq: dict[str, int] = {}
+        self._grid_order: list[str] = []
+        self._cursor: tuple[float, float] | None = None
+        self._linking = False
+
+        # central: banner above the panel grid
+        central = QtWidgets.QWidget()
+        vbox = QtWidgets.QVBoxLayout(central)
+        vbox.setContentsMargins(0, 0, 0, 0)
+        vbox.setSpacing(0)
+        self.banner = QtWidgets.QLabel("")
+        self.banner.setObjectName("banner")
+        self.banner.setWordWrap(True)
+        self.banner.setVisible(False)
+        vbox.addWidget(self.banner)
+        self.grid_host = QtWidgets.QWidget()
+        self.grid = QtWidgets.QGridLayout(self.grid_host)
+        self.grid.setContentsMargins(6, 6, 6, 6)
+        self.grid.setSpacing(6)
+        self.placeholder = QtWidgets.QLabel(f"waiting for previews from {connect} …")
+        self.placeholder.setAlignment(QtCore.Qt.AlignmentFlag.AlignCenter)
+        self.placeholder.setStyleSheet(f"color:{style.COLORS['dim']}; font-size:13pt;")
+        self.grid.addWidget(self.placeholder, 0, 0)
+        vbox.addWidget(self.grid_host, 1)
+        viewer = self
+
+        class _Relayout(QtCore.QObject):
+            """The best column count depends on the grid's size: lay out again on resize."""
+
+            def eventFilter(self, obj: Any, event: Any) -> bool:
+                if event.type() == QtCore.QEvent.Type.Resize:
+                    viewer._grid_order = []
+                    viewer.relayout()
+                return False
+
+        self._relayout_filter = _Relayout()
+        self.grid_host.installEventFilter(self._relayout_filter)
+        self.win.setCentralWidget(central)
+
+        # docks: engine controls and telemetry on the right, time strips below
+        self.controls = EngineControls(self.send)
+        self.telemetry = TelemetryPanel()
+        self.novelty = NoveltyStrip()
+        self.novelty.sigEventClicked.connect(self.show_event)
+        self.roi_trace = RoiTrace()
+        self.dock_controls = self._dock("Engines", "engines", self.controls, QtCore.Qt.DockWidgetArea.RightDockWidgetArea)
+        self.dock_telemetry = self._dock("Telemetry", "telemetry", self.telemetry,
+                                         QtCore.Qt.DockWidgetArea.RightDockWidgetArea)
+        self.dock_time = self._dock("Time", "time", strip_container(self.novelty.widget, self.roi_trace.widget),
+                                    QtCore.Qt.DockWidgetArea.BottomDockWidgetArea)
+        self.win.resizeDocks([self.dock_controls, self.dock_telemetry], [300, 560], QtCore.Qt.Orientation.Vertical)
+        self.win.resizeDocks([self.dock_controls], [380], QtCore.Qt.Orientation.Horizontal)
+        self.win.resizeDocks([self.dock_time], [170], QtCore.Qt.Orientation.Vertical)
+
+        self._build_toolbar()
+        # status bar: daemon state on the left, the pixel under the cursor on the right
+        self.status_label = QtWidgets.QLabel("connecting to the daemon…")
+        self.status_label.setTextFormat(QtCore.Qt.TextFormat.RichText)
+        self.cursor_label = QtWidgets.QLabel("")
+        self.win.statusBar().addWidget(self.status_label, 1)
+        self.win.statusBar().addPermanentWidget(self.cursor_label)
+        self.win.statusBar().setSizeGripEnabled(False)
+        self._build_shortcuts()
+        self._restore_layout()
+        if not control:
+            self.say("control", "No control socket given: engine controls and telemetry are off.", "info")
+
+        self.timer = QtCore.QTimer()
+        self.timer.setTimerType(QtCore.Qt.TimerType.PreciseTimer)
+        self.timer.timeout.connect(self.update)
+        self.timer.start(max(1, int(1000 / fps)))
+        self.daemon_timer = QtCore.QTimer()
+        self.daemon_timer.timeout.connect(self.poll_daemon)
+        self.daemon_timer.start(200)
+
+    # -- building --------------------------------------------------------------------------------
+    def _dock(self, title: str, name: str, widget: Any, area: Any) -> Any:
+        QtWidgets = self.QtWidgets
+        dock = QtWidgets.QDockWidget(title, self.win)
+        dock.setObjectName(f"dock-{name}")
+        dock.setWidget(widget)
+        dock.setFeatures(QtWidgets.QDockWidget.DockWidgetFeature.DockWidgetMovable
+                         | QtWidgets.QDockWidget.DockWidgetFeature.DockWidgetClosable
+                         | QtWidgets.QDockWidget.DockWidgetFeature.DockWidgetFloatable)
+        self.win.addDockWidget(area, dock)
+        return dock
+
+    def _build_toolbar(self) -> None:
+        QtWidgets, QtCore = self.QtWidgets, self.QtCore
+        tb = QtWidgets.QToolBar("view")
+        tb.setObjectName("toolbar")
+        tb.setMovable(False)
+        self.win.addToolBar(tb)
+        self.panels_menu = QtWidgets.QMenu(self.win)
+        self.panels_button = QtWidgets.QToolButton()
+        self.panels_button.setText("Panels ▾")
+        self.panels_button.setToolTip("which panels show (1 … 9)")
+        self.panels_button.setMenu(self.panels_menu)
+        self.panels_button.setPopupMode(QtWidgets.QToolButton.ToolButtonPopupMode.InstantPopup)
+        tb.addWidget(self.panels_button)
+        tb.addSeparator()
+        self.selectors: dict[str, Any] = {}
+        for axis, label in (("p", "Position"), ("c", "Channel"), ("z", "Z")):
+            tb.addWidget(QtWidgets.QLabel(label))
+            combo = QtWidgets.QComboBox()
+            combo.setMinimumWidth(90)
+            combo.setFocusPolicy(QtCore.Qt.FocusPolicy.NoFocus)
+            combo.addItem("0", 0)
+            combo.activated.connect(lambda i, a=axis, cb=combo: self.select(a, cb.itemData(i)))
+            tb.addWidget(combo)
+            self.selectors[axis] = combo
+        tb.addSeparator()
+        self.act_auto = self._action(tb, "Auto levels", "continuous percentile auto-levels (L)", checkable=True,
+                                     checked=self.auto_levels, slot=self.set_auto_levels)
+        self._action(tb, "Auto-contrast", "set every panel's levels from its current frame (A)", slot=self.auto_contrast)
+        self._action(tb, "Fit", "fit the image to the panels (F)", slot=self.fit)
+        tb.addSeparator()
+        self.act_roi = self._action(tb, "ROI", "mean intensity in a rectangle over time (R)", checkable=True,
+                                    checked=bool(read_json_default(self.settings, "roi/visible", True)),
+                                    slot=self.set_roi_visible)
+        self.act_pause = self._action(tb, "Pause", "pause / resume the live display (Space)", checkable=True,
+                                      slot=self.set_paused)
+        self._action(tb, "Snapshot", "save the window as PNG (Ctrl+S)", slot=lambda: self.snapshot())
+        spacer = QtWidgets.QWidget()
+        spacer.setSizePolicy(QtWidgets.QSizePolicy.Policy.Expanding, QtWidgets.QSizePolicy.Policy.Preferred)
+        tb.addWidget(spacer)
+        self.source_label = QtWidgets.QLabel(self.connect_address)
+        tb.addWidget(self.source_label)
+
+    def _action(self, tb: Any, text: str, tip: str, *, checkable: bool = False, checked: bool = False,
+                slot: Any = None) -> Any:
+        act = self.QtGui.QAction(text, self.win)
+        act.setToolTip(tip)
+        act.setCheckable(checkable)
+        if checkable:
+            act.setChecked(checked)
+            act.toggled.connect(slot)
+        else:
+            act.triggered.connect(lambda *_: slot())
+        tb.addAction(act)
+        return act
+
+    def _build_shortcuts(self) -> None:
+        QtGui, QtCore = self.QtGui, self.QtCore
+        keys = {
+            "Space": lambda: self.act_pause.toggle(),
+            "Esc": self.go_live,
+            "A": self.auto_contrast,
+            "L": lambda: self.act_auto.toggle(),
+            "F": self.fit,
+            "R": lambda: self.act_roi.toggle(),
+            "[": lambda: self.step("c", -1),
+            "]": lambda: self.step("c", +1),
+            "PgUp": lambda: self.step("z", -1),
+            "PgDown": lambda: self.step("z", +1),
+            "Ctrl+S": lambda: self.snapshot(),
+            "Ctrl+T": lambda: self._toggle_dock(self.dock_telemetry),
+            "Ctrl+E": lambda: self._toggle_dock(self.dock_controls),
+            "Ctrl+B": lambda: self._toggle_dock(self.dock_time),
+            "F1": self.show_help,
+            "Ctrl+Q": self.win.close,
+        }
+        for i in range(1, 10):
+            keys[str(i)] = lambda i=i: self.toggle_panel_number(i)
+        self.shortcuts = []
+        for key, fn in keys.items():
+            sc = QtGui.QShortcut(QtGui.QKeySequence(key), self.win)
+            sc.setContext(QtCore.Qt.ShortcutContext.WindowShortcut)
+            sc.activated.connect(fn)
+            self.shortcuts.append(sc)
+
+    def _toggle_dock(self, dock: Any) -> None:
+        dock.setVisible(not dock.isVisible())
+
+    # -- panels ----------------------------------------------------------------------------------
+    def _panel(self, product: str) -> Any:
         panel = self.panels.get(product)
         if panel is not None:
             return panel
-        pg = self.pg
-        names = sorted([*self.panels, product], key=lambda n: (ORDER.index(n) if n in ORDER else 99, n))
-        # re-lay out the grid: up to 4 columns
-        self.layout.clear()
-        first_view = None
-        new_panels = {}
-        for i, name in enumerate(names):
-            old = self.panels.get(name)
-            row, col = divmod(i, 4)
-            label = pg.LabelItem(name, color="#e6e6e6", size="11pt")
-            self.layout.addItem(label, row=2 * row, col=col)
-            view = old["view"] if old else pg.ViewBox(lockAspect=True, invertY=True)
-            view.setBackgroundColor((10, 10, 12))
-            self.layout.addItem(view, row=2 * row + 1, col=col)
-            if old:
-                img = old["image"]
-            else:
-                img = pg.ImageItem(axisOrder="row-major")
-                img.setColorMap(pg.colormap.get(CMAPS.get(name, "CET-L1")))
-                view.addItem(img)
-            if first_view is None:
-                first_view = view
-            else:
-                view.setXLink(first_view)
-                view.setYLink(first_view)
-            new_panels[name] = {"view": view, "image": img, "label": label,
-                                "levels": old["levels"] if old else None, "seq": old["seq"] if old else -1,
-                                "shape": old["shape"] if old else None}
-        self.panels = new_panels
-        return self.panels[product]
+        from .panels import CompositePanel, ImagePanel
 
-    def update(self) -> None:
-        latest = self.sub.latest()
-        if not latest:
+        panel = CompositePanel() if product == "composite" else ImagePanel(product)
+        if product in self.cmaps and not panel.composite:
+            panel.set_cmap(self.cmaps[product])
+        if panel.widget.cmap is not None:
+            panel.widget.cmap.currentTextChanged.connect(lambda name, p=product: self.cmaps.__setitem__(p, name))
+        # pan and zoom together: by centre and scale, not by range (panels differ in size, and
+        # linked ranges under locked aspect ratios grow each other until the image is a dot)
+        panel.view.sigRangeChangedManually.connect(lambda *_, p=panel: self._link_from(p))
+        scene = panel.widget.graphics.scene()
+        scene.sigMouseMoved.connect(lambda pos, p=panel: self._mouse_moved(p, pos))
+        self.panels[product] = panel
+        if product == "raw":
+            self.roi_trace_attach(panel)
+        self._rebuild_panels_menu()
+        self.relayout()
+        return panel
+
+    def _link_from(self, source: Any) -> None:
+        if self._linking:
             return
+        (x0, x1), (y0, y1) = source.view.viewRange()
+        w = source.view.width()
+        if w <= 0 or x1 <= x0:
+            return
+        scale, cx, cy = (x1 - x0) / w, (x0 + x1) / 2, (y0 + y1) / 2
+        self._linking = True
+        try:
+            for panel in self.panels.values():
+                if panel is source or panel.shape is None:
+                    continue
+                f = panel.shape[1] / source.shape[1] if source.shape else 1.0  # another sampling
+                pw, ph = panel.view.width(), panel.view.height()
+                panel.view.setRange(xRange=(f * cx - f * scale * pw / 2, f * cx + f * scale * pw / 2),
+                                    yRange=(f * cy - f * scale * ph / 2, f * cy + f * scale * ph / 2), padding=0)
+        finally:
+            self._linking = False
+
+    def _rebuild_panels_menu(self) -> None:
+        self.panels_menu.clear()
+        for i, name in enumerate(sorted(self.panels, key=_order)):
+            act = self.panels_menu.addAction(f"{i + 1}  {name}" if i < 9 else name)
+            act.setCheckable(True)
+            act.setChecked(name not in self.hidden)
+            act.toggled.connect(lambda on, n=name: self.set_panel_visible(n, on))
+
+    def set_panel_visible(self, name: str, visible: bool) -> None:
+        (self.hidden.discard if visible else self.hidden.add)(name)
+        for act in self.panels_menu.actions():
+            if act.text().split()[-1] == name and act.isChecked() != visible:
+                act.setChecked(visible)
+        self.relayout()
+
+    def toggle_panel_number(self, number: int) -> None:
+        names = sorted(self.panels, key=_order)
+        if 1 <= number <= len(names):
+            name = names[number - 1]
+            self.set_panel_visible(name, name in self.hidden)
+
+    def visible_panels(self) -> list[str]:
+        return [n for n in sorted(self.panels, key=_order) if n not in self.hidden]
+
+    def relayout(self) -> None:
+        """Place the visible panels in the grid whose cells are largest for the frames' aspect."""
+        names = self.visible_panels()
+        if names == self._grid_order and all(self.panels[n].widget.isVisible() for n in names):
+            return
+        for i in reversed(range(self.grid.count())):
+            self.grid.takeAt(i)
+        for name, panel in self.panels.items():
+            panel.widget.setVisible(name in names)
+        self.placeholder.setVisible(not names)
+        if not names:
+            self.grid.addWidget(self.placeholder, 0, 0)
+            self._grid_order = names
+            return
+        n = len(names)
+        w, h = max(self.grid_host.width(), 400), max(self.grid_host.height(), 300)
+        aspect = 1.0
+        shape = next((self.panels[k].shape for k in names if self.panels[k].shape), None)
+        if shape:
+            aspect = shape[1] / shape[0]
+        best_cols, best = 1, -1.0
+        for cols in range(1, n + 1):
+            rows = math.ceil(n / cols)
+            cw, ch = w / cols - 50, h / rows - 28  # histogram and title bar
+            size = min(cw, ch * aspect)
+            if size > best + 1:
+                best_cols, best = cols, size
+        for r in range(self.grid.rowCount()):
+            self.grid.setRowStretch(r, 0)
+        for c in range(self.grid.columnCount()):
+            self.grid.setColumnStretch(c, 0)
+        for i, name in enumerate(names):
+            r, c = divmod(i, best_cols)
+            self.grid.addWidget(self.panels[name].widget, r, c)
+            self.grid.setRowStretch(r, 1)
+            self.grid.setColumnStretch(c, 1)
+        self._grid_order = names
+
+    def roi_trace_attach(self, raw_panel: Any) -> None:
+        self._roi_panel = raw_panel
+        self._roi_pending = True
+
+    def set_roi_visible(self, on: bool) -> None:
+        if self.roi_trace.roi is not None:
+            self.roi_trace.roi.setVisible(on)
+
+    # -- frames ----------------------------------------------------------------------------------
+    def update(self) -> int:
+        """Draw the newest preview of each product at the selected position, channel and z.
+        Returns the number of panels drawn."""
         now = time.monotonic()
-        relevel = now - self._last_levels > 1.0
-        for (product, p, c, z), frame in sorted(latest.items()):
-            if p != 0 or c != 0:
-                continue  # the first viewer shows position 0, channel 0 (selectors: issue 7)
-            arr = frame.array
-            if arr is None:
+        new = self.sub.latest()
+        if new:
+            self._last_frame_at = now
+            self.latest.update(new)
+            self._note_frames(new)
+        self._check_idle(now)
+        if self.paused:
+            return 0
+        sel = (self.selection["p"], self.selection["c"], self.selection["z"])
+        drawn = 0
+        decomposition_changed = False
+        for (product, p, c, z), frame in sorted(self.latest.items(), key=lambda kv: _order(kv[0][0])):
+            if (p, c, z) != sel or frame.array is None:
                 continue
             panel = self._panel(product)
-            if panel["levels"] is None or relevel:
-                finite = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr
-                if finite.size:
-                    lo, hi = np.percentile(finite[:: max(1, finite.size // 20000)], [0.5, 99.8])
-                    panel["levels"] = (float(lo), float(max(hi, lo + 1e-6)))
-            first = panel["shape"] != arr.shape
-            # the preview buffer belongs to this message: nothing else reuses it
-            panel["image"].setImage(arr, autoLevels=False, levels=panel["levels"])
-            if first:
-                panel["shape"] = arr.shape
-                panel["view"].autoRange(padding=0)
-            panel["seq"] = frame.seq
-            t = (frame.header.get("index") or {}).get("t", "?")
-            panel["label"].setText(f"{product}  ·  t={t}  seq={frame.seq}")
-            self.frames_drawn += 1
-        if relevel:
+            if panel.seq == frame.seq and panel.header is frame.header:
+                continue
+            if product in self.hidden:
+                panel.array, panel.header, panel.seq = frame.array, frame.header, frame.seq  # readout and ROI
+            else:
+                if panel.show_frame(frame.array, frame.header):
+                    self._shape_changed(product, frame.array.shape)
+                drawn += 1
+            if product in DECOMPOSITION:
+                decomposition_changed = True
+            self._sample_roi(product, frame)
+        if decomposition_changed and any(k in self.panels for k in DECOMPOSITION):
+            composite = self._panel("composite")
+            if "composite" not in self.hidden:
+                composite.show_composite(self.panels)
+                drawn += 1
+        if now - self._last_levels > LEVELS_EVERY_S:
             self._last_levels = now
-        self._display_times.append(now)
-        self._display_times = [t for t in self._display_times if now - t < 2.0]
+            for name in self.visible_panels():
+                panel = self.panels[name]
+                if self.auto_levels and panel.auto:
+                    panel.auto_levels()
+                panel.update_histogram()
+            self.novelty.redraw()
+            self.roi_trace.redraw()
+        if drawn:
+            self.frames_drawn += drawn
+            self.redraws += 1
+            self._display_times.append(now)
+            if self._cursor is not None:
+                self._readout(*self._cursor)
+        return drawn
 
-    def update_status(self) -> None:
-        st = self.status.latest
-        disp = len(self._display_times) / 2.0
-        if st is None:
-            text = self.status.error or "connecting to the daemon…"
-            self.status_label.setText(f"{text}   display {disp:.0f} fps")
+    def _note_frames(self, new: dict[tuple, Any]) -> None:
+        """Selectors, the recent-frame buffer, the novelty strip, stream restarts."""
+        sel = (self.selection["p"], self.selection["c"], self.selection["z"])
+        for (product, p, c, z), frame in new.items():
+            for axis, value in (("p", p), ("c", c), ("z", z)):
+                if value not in self.seen[axis]:
+                    name = str(frame.header.get("channel") or value) if axis == "c" else str(value)
+                    self.seen[axis][value] = name
+                    self._refresh_selector(axis)
+            if (p, c, z) != sel or frame.array is None:
+                continue
+            last = self._last_seq.get(product)
+            if last is not None and frame.seq < last - 1:
+                self.say("stream", f"The stream restarted (seq {last} → {frame.seq}); history cleared.", "info", 6)
+                self.novelty.clear()
+                self.roi_trace.reset()
+                self.buffer.clear()
+            self._last_seq[product] = frame.seq
+            self.buffer.add(product, frame.seq, frame.array, frame.header)
+            scalars = frame.header.get("scalars") or {}
+            # one product's frames only: the products' previews leave at slightly different times
+            novelty_from = next((d for d in DECOMPOSITION if any(k[0] == d for k in self.latest)), None)
+            if "novelty" in scalars and product == novelty_from:
+                t = (frame.header.get("index") or {}).get("t", frame.seq)
+                self.novelty.add(float(t), float(scalars["novelty"]))
+
+    def _shape_changed(self, product: str, shape: tuple[int, ...]) -> None:
+        self.say("shape", f"The stream changed shape: {product} is now {' × '.join(map(str, shape))}; "
+                 "views and levels were reset.", "info", 8)
+        self._grid_order = []
+        self.relayout()
+        if self.roi_trace.roi is not None and product == "raw":
+            self.roi_trace.reset()
+
+    def _sample_roi(self, product: str, frame: Any) -> None:
+        if getattr(self, "_roi_pending", False) and self._roi_panel.array is not None:
+            self._roi_pending = False
+            roi = self.roi_trace.attach(self._roi_panel.view, self._roi_panel.array.shape)
+            roi.setVisible(self.act_roi.isChecked())
+            geo = read_json_default(self.settings, "roi/rect", None)
+            if geo:
+                roi.setPos(geo[:2])
+                roi.setSize(geo[2:])
+        if self.roi_trace.roi is None:
             return
-        f = st.get("frames", {})
-        fps = st.get("fps", {})
-        lost = f.get("lost", 0)
-        eng = "  ".join(f"{n} {e['latency'].get('p50_ms', 0):.0f}/{e['latency'].get('p99_ms', 0):.0f} ms"
-                        + ("" if e["enabled"] else " (off)") for n, e in st.get("engines", {}).items())
-        lost_html = f"<span style='color:#ff5555'>lost {lost}</span>" if lost else "lost 0"
-        skipped = sum((f.get("skipped") or {}).values())
-        store = st.get("store") or {}
-        self.status_label.setText(
-            f"in {fps.get('in', 0):.1f} fps · saved {f.get('saved', 0)} ({fps.get('saved', 0):.1f} fps) · "
-            f"{lost_html} · skipped {skipped} · rejected {f.get('rejected', 0)} · display {disp:.0f} fps · "
-            f"{eng} · store {store.get('bytes_written', 0) / 2**20:.0f} MB, {store.get('free_gb', 0):.0f} GB free"
-        )
+        restored = next((r for r in RESTORED if r in self.panels), None)
+        self.roi_trace.restored_name = restored
+        if product in ("raw", restored):
+            t = (frame.header.get("index") or {}).get("t", frame.seq)
+            self.roi_trace.sample(product, frame.seq, float(t), frame.array)
+
+    def _check_idle(self, now: float) -> None:
+        if self._last_frame_at is None:
+            if now - self._started > IDLE_AFTER_S and self.link.connected:
+                self.say("idle", "The daemon is running but sends no frames yet: is the acquisition started?", "info")
+            return
+        idle = now - self._last_frame_at
+        if idle > IDLE_AFTER_S and "idle" not in self._messages and not self.paused:
+            self.say("idle", f"No new frames for {idle:.0f} s: the acquisition is paused or has ended.", "info")
+        elif idle <= IDLE_AFTER_S and "idle" in self._messages:
+            self.unsay("idle")
+
+    # -- selectors -------------------------------------------------------------------------------
+    def _refresh_selector(self, axis: str) -> None:
+        combo = self.selectors[axis]
+        blocker = self.QtCore.QSignalBlocker(combo)
+        combo.clear()
+        for value in sorted(self.seen[axis]):
+            combo.addItem(self.seen[axis][value] if axis == "c" else str(value), value)
+        combo.setCurrentIndex(max(0, combo.findData(self.selection[axis])))
+        del blocker
+
+    def select(self, axis: str, value: int) -> None:
+        if value is None or value == self.selection[axis]:
+            return
+        self.selection[axis] = int(value)
+        combo = self.selectors[axis]
+        combo.setCurrentIndex(max(0, combo.findData(value)))
+        for panel in self.panels.values():
+            panel.seq = -1  # redraw from what the new selection holds
+        self.novelty.clear()
+        self.roi_trace.reset()
+        self.buffer.clear()
+        self._last_seq.clear()
+
+    def step(self, axis: str, delta: int) -> None:
+        values = sorted(self.seen[axis])
+        if values:
+            i = values.index(self.selection[axis]) if self.selection[axis] in values else 0
+            self.select(axis, values[max(0, min(len(values) - 1, i + delta))])
+
+    # -- levels, view, modes ---------------------------------------------------------------------
+    def set_auto_levels(self, on: bool) -> None:
+        self.auto_levels = bool(on)
+        if on:
+            for panel in self.panels.values():
+                panel.auto = True
+            self._last_levels = 0.0
+
+    def auto_contrast(self) -> None:
+        for panel in self.panels.values():
+            panel.auto = True
+            panel.auto_levels()
+            panel.update_histogram()
+        if "composite" in self.panels:
+            self.panels["composite"].show_composite(self.panels)
+
+    def fit(self) -> None:
+        for panel in self.panels.values():
+            if panel.shape is not None:
+                panel.view.autoRange(padding=0)
+
+    def set_paused(self, on: bool) -> None:
+        self.paused = bool(on)
+        if on:
+            self.say("paused", "Paused: the display is frozen, the daemon goes on. Space resumes.", "info")
+        else:
+            self.unsay("paused")
+            self.unsay("event")
+            for panel in self.panels.values():
+                panel.seq = -1
+
+    def go_live(self) -> None:
+        if self.act_pause.isChecked():
+            self.act_pause.setChecked(False)
+
+    def show_event(self, event: dict[str, Any]) -> None:
+        """Pause and show the buffered frames nearest an event's seq."""
+        seq = event.get("seq")
+        if seq is None:
+            return
+        shown = []
+        if not self.act_pause.isChecked():
+            self.act_pause.setChecked(True)
+        for name, panel in self.panels.items():
+            if panel.composite:
+                continue
+            found = self.buffer.nearest(name, int(seq))
+            if found is not None:
+                panel.show_frame(*found)
+                shown.append(int(found[1].get("seq", -1)))
+        if "composite" in self.panels and shown:
+            self.panels["composite"].show_composite(self.panels)
+        score = event.get("score")
+        what = f"event {event.get('id', '?')} at t {event.get('t', '?')} (seq {seq}" + (
+            f", score {score:.2f})" if isinstance(score, (int, float)) else ")")
+        if shown:
+            near = min(shown, key=lambda s: abs(s - int(seq)))
+            self.say("event", f"Showing {what} — nearest buffered frame seq {near}. Esc or Space: back to live.",
+                     "info")
+        else:
+            self.say("event", f"{what}: its frame is no longer in the recent-frame buffer "
+                     f"({self.buffer.max_bytes >> 20} MB). Esc: back to live.", "warn")
+
+    # -- cursor readout --------------------------------------------------------------------------
+    def _mouse_moved(self, panel: Any, scene_pos: Any) -> None:
+        if not panel.view.sceneBoundingRect().contains(scene_pos):
+            return
+        pt = panel.view.mapSceneToView(scene_pos)
+        shape = panel.array.shape[:2] if panel.array is not None else None
+        self._cursor = (pt.x(), pt.y(), shape)  # type: ignore[assignment]
+        self._readout(pt.x(), pt.y(), shape)
+
+    def _readout(self, x: float, y: float, shape: tuple[int, ...] | None = None) -> None:
+        if shape is None:
+            return
+        inside = 0 <= x < shape[1] and 0 <= y < shape[0]
+        for panel in self.panels.values():
+            v = panel.value_at(x, y, shape) if inside else None
+            if not panel.composite:
+                panel.widget.value.setText("" if v is None else _fmt_value(v))
+        if not inside:
+            self.cursor_label.setText("")
+            return
+        px = f"x {int(x)}  y {int(y)} px"
+        ref = next((p for p in self.panels.values() if p.header.get("pixel_size_um")), None)
+        if ref is not None:
+            size = float(ref.header["pixel_size_um"]) * (ref.array.shape[1] / shape[1] if ref.array is not None else 1)
+            px += f"   ({(int(x) + 0.5) * size:.2f}, {(int(y) + 0.5) * size:.2f} µm)"
+        raw = self.panels.get("raw")
+        if raw is not None:
+            v = raw.value_at(x, y, shape)
+            if v is not None:
+                px += f"   raw {_fmt_value(v)}"
+        self.cursor_label.setText(px)
+
+    # -- the daemon ------------------------------------------------------------------------------
+    def send(self, cmd: str, **kwargs: Any) -> None:
+        if not self.control_address:
+            self.say("control", "No control socket: start the viewer with --control ADDR.", "warn", 5)
+            return
+        self.link.request(cmd, **kwargs)
+
+    def poll_daemon(self) -> None:
+        for kind, payload in self.link.drain():
+            if kind == "status":
+                self.status = payload
+                self.controls.follow(payload)
+                self.telemetry.update_status(payload, self.display_fps())
+            elif kind == "events":
+                self.events.extend(payload)
+                self.events = self.events[-1000:]
+                self.novelty.add_events(payload)
+            elif kind == "reply":
+                request, reply = payload
+                self.controls.show_reply(request, reply)
+                if not reply.get("ok"):
+                    self.say("reply", f"The daemon refused {request.get('cmd')} {request.get('engine', '')}: "
+                             f"{reply.get('error')}", "warn", 8)
+            elif kind == "down":
+                self.say("daemon", f"No livescope daemon answers at {payload}: is it running (`livescope daemon`)? "
+                         "Reconnecting by itself…", "error")
+                self.status_label.setText(f"<span style='color:#ff5a52'>●</span> no daemon at {payload}")
+            elif kind == "refused":
+                self.say("daemon", f"The daemon at {self.control_address} refuses this viewer: {payload}", "error")
+            elif kind == "up":
+                if "daemon" in self._messages:
+                    self.say("daemon", "Connected to the daemon again.", "ok", 4)
+            elif kind == "restarted":
+                self.say("daemon", "The daemon restarted: counters, events and plots start over.", "info", 8)
+                self.novelty.clear()
+                self.roi_trace.reset()
+                self.events.clear()
+        if self.status is not None and self.link.connected:
+            from .telemetry import status_line
+
+            self.status_label.setText(status_line(self.status, self.display_fps()))
+        elif not self.control_address:
+            self.status_label.setText(f"previews from {self.connect_address} · display {self.display_fps():.0f} fps")
+        self._show_messages()
+
+    def display_fps(self) -> float:
+        now = time.monotonic()
+        self._display_times = [t for t in self._display_times if now - t < 2.0]
+        return len(self._display_times) / 2.0
+
+    # -- messages ---------------------------------------------------------------------------------
+    def say(self, key: str, text: str, level: str = "info", seconds: float | None = None) -> None:
+        """A message in the banner above the panels; never a dialog (nothing blocks the display)."""
+        self._messages[key] = (text, level, None if seconds is None else time.monotonic() + seconds)
+        self._show_messages()
+
+    def unsay(self, key: str) -> None:
+        if self._messages.pop(key, None) is not None:
+            self._show_messages()
+
+    def _show_messages(self) -> None:
+        from .style import COLORS
+
+        now = time.monotonic()
+        for key in [k for k, (_, _, until) in self._messages.items() if until is not None and until < now]:
+            del self._messages[key]
+        if not self._messages:
+            self.banner.setVisible(False)
+            return
+        rank = {"error": 0, "warn": 1, "info": 2, "ok": 3}
+        items = sorted(self._messages.values(), key=lambda m: rank.get(m[1], 9))
+        level = items[0][1]
+        colours = {"error": ("#3a1d1f", COLORS["bad"]), "warn": ("#3a2f1a", COLORS["warn"]),
+                   "info": ("#1c2736", "#9cc7f0"), "ok": ("#1c3322", COLORS["ok"])}
+        bg, fg = colours.get(level, colours["info"])
+        self.banner.setStyleSheet(f"background:{bg}; color:{fg}; border-bottom:1px solid {fg};")
+        text = "   ·   ".join(m[0] for m in items)
+        if self.banner.text() != text:
+            self.banner.setText(text)
+        self.banner.setVisible(True)
+
+    def show_help(self) -> None:
+        text = "   ".join(f"<b>{k}</b> {v}" for k, v in SHORTCUTS)
+        self.say("help", text, "info", 12)
+
+    # -- snapshot, settings, closing ---------------------------------------------------------------
+    def snapshot(self, path: str | os.PathLike | None = None) -> Path:
+        """Save what the window shows as PNG (default: livescope-YYYYmmdd-HHMMSS.png in snapshot_dir)."""
+        if path is None:
+            path = self.snapshot_dir / time.strftime("livescope-%Y%m%d-%H%M%S.png")
+        path = Path(path)
+        if not self.win.grab().save(str(path)):
+            self.say("snapshot", f"Could not write {path}.", "warn", 6)
+        else:
+            self.say("snapshot", f"Snapshot saved: {path}", "ok", 5)
+        return path
+
+    def dump(self, folder: str | os.PathLike) -> dict[str, Any]:
+        """The window as PNG plus, for each visible panel, the frame, levels, look-up table and
+        where the image lies in the window: what a test needs to check the pixels shown."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.win.grab().save(str(folder / "window.png"))
+        state: dict[str, Any] = {"panels": {}, "window": [self.win.width(), self.win.height()]}
+        for name in self.visible_panels():
+            panel = self.panels[name]
+            if panel.array is None:
+                continue
+            gv = panel.widget.graphics
+            rect = panel.image.mapRectToScene(panel.image.boundingRect())
+            tl = gv.mapTo(self.win, gv.mapFromScene(rect.topLeft()))
+            br = gv.mapTo(self.win, gv.mapFromScene(rect.bottomRight()))
+            view_rect = panel.view.sceneBoundingRect()
+            vtl = gv.mapTo(self.win, gv.mapFromScene(view_rect.topLeft()))
+            vbr = gv.mapTo(self.win, gv.mapFromScene(view_rect.bottomRight()))
+            np.save(folder / f"{name}.npy", np.asarray(panel.array))
+            if panel.lut is not None:
+                np.save(folder / f"{name}-lut.npy", panel.lut)
+            state["panels"][name] = {
+                "seq": panel.seq, "levels": list(panel.levels) if panel.levels else None, "cmap": panel.cmap_name,
+                "image_rect": [tl.x(), tl.y(), br.x(), br.y()], "view_rect": [vtl.x(), vtl.y(), vbr.x(), vbr.y()],
+                "composite": panel.composite, "saturated_overlay": bool(panel.saturation.isVisible()),
+            }
+        (folder / "state.json").write_text(json.dumps(state, indent=1))
+        return state
+
+    def _restore_layout(self) -> None:
+        s = self.settings
+        geo, state = s.value("window/geometry"), s.value("window/state")
+        if geo is not None:
+            self.win.restoreGeometry(geo)
+        if state is not None:
+            self.win.restoreState(state)
+
+    def save_layout(self) -> None:
+        from .settings import write_json
+
+        s = self.settings
+        s.setValue("window/geometry", self.win.saveGeometry())
+        s.setValue("window/state", self.win.saveState())
+        write_json(s, "panels/hidden", sorted(self.hidden))
+        write_json(s, "panels/cmaps", {n: p.cmap_name for n, p in self.panels.items() if not p.composite}
+                   | {k: v for k, v in self.cmaps.items() if k not in self.panels})
+        write_json(s, "levels/continuous", self.auto_levels)
+        write_json(s, "roi/visible", self.act_roi.isChecked())
+        roi = self.roi_trace.roi
+        if roi is not None:
+            write_json(s, "roi/rect", [*map(float, roi.pos()), *map(float, roi.size())])
+        s.sync()
 
     def close(self) -> None:
         self.timer.stop()
-        self.status_timer.stop()
-        self.status.close()
+        self.daemon_timer.stop()
+        try:
+            self.save_layout()
+        except Exception:  # a read-only settings file must not stop the viewer from closing
+            log.exception("could not save the viewer layout")
+        self.link.close()
         self.sub.close()
 
 
+def read_json_default(settings: Any, key: str, default: Any) -> Any:
+    from .settings import read_json
+
+    return read_json(settings, key, default)
+
+
+def _fmt_value(v: float) -> str:
+    if v == int(v) and abs(v) < 1e7:
+        return f"{int(v)}"
+    if abs(v) >= 100:
+        return f"{v:.1f}"
+    return f"{v:.3g}"
+
+
 def run_viewer(connect: str = DEFAULT_PUBLISH, control: str | None = DEFAULT_CONTROL, *,
-               screenshot: str | None = None, seconds: float | None = None) -> int:
-    pg, QtCore, QtWidgets = _qt()
+               screenshot: str | None = None, seconds: float | None = None,
+               settings_path: str | None = None, dump: str | None = None) -> int:
+    pg, QtCore, QtGui, QtWidgets = _qt()
     app = QtWidgets.QApplication.instance() or QtWidgets.QApplication(sys.argv[:1])
-    viewer = LiveViewer(connect, control)
+    app.setApplicationName("livescope")
+    viewer = LiveViewer(connect, control, settings_path=settings_path)
     viewer.win.show()
     if seconds is not None:
         def _finish() -> None:
+            viewer.update()
             if screenshot:
                 viewer.win.grab().save(screenshot)
+            if dump:
+                viewer.dump(dump)
             app.quit()
 
         QtCore.QTimer.singleShot(int(seconds * 1000), _finish)
     rc = app.exec()
     viewer.close()
+    # tear the window down while Qt still runs: left to the interpreter's exit, PySide6 and
+    # pyqtgraph objects can be collected in an order that crashes
+    viewer.win.deleteLater()
+    app.processEvents()
+    del viewer
+    import gc
+
+    gc.collect()
     return int(rc or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="livescope view")
-    p.add_argument("--connect", default=DEFAULT_PUBLISH)
-    p.add_argument("--control", default=DEFAULT_CONTROL)
-    p.add_argument("--screenshot")
-    p.add_argument("--seconds", type=float)
+    p = argparse.ArgumentParser(prog="livescope view", description="the live viewer of a livescope daemon")
+    p.add_argument("--connect", default=DEFAULT_PUBLISH, help="the daemon's preview socket")
+    p.add_argument("--control", default=DEFAULT_CONTROL, help="the daemon's control socket ('' for none)")
+    p.add_argument("--screenshot", help="save the window to this PNG after --seconds")
+    p.add_argument("--seconds", type=float, help="quit after this many seconds")
+    p.add_argument("--settings", help="settings file (default: the user's; env LIVESCOPE_VIEWER_SETTINGS)")
+    p.add_argument("--dump", help="after --seconds, write the window and each panel's frame and levels here (tests)")
     a = p.parse_args(argv)
-    return run_viewer(a.connect, a.control, screenshot=a.screenshot, seconds=a.seconds)
+    return run_viewer(a.connect, a.control or None, screenshot=a.screenshot, seconds=a.seconds,
+                      settings_path=a.settings, dump=a.dump)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,405 @@
+"""Image panels: one product in a ViewBox with its own levels, colour map and histogram.
+
+Drawing stays on pyqtgraph's fast path: a bare ImageItem, ``setImage`` with fixed levels and a
+256-entry uint8 look-up table; levels (percentiles of a subsample) and the histogram are
+recomputed now and then by the viewer, never per frame. Sensor-saturated pixels of raw frames
+are painted in a warning colour by an overlay that only exists while there are some.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pyqtgraph as pg
+from pyqtgraph.Qt import QtCore, QtGui, QtWidgets
+
+from .style import COLORMAPS, COLORS, DEFAULT_CMAP, lut
+
+__all__ = ["ImagePanel", "CompositePanel", "ScaleBar", "percentile_levels", "apply_levels"]
+
+PERCENTILES = (0.5, 99.8)
+
+
+def percentile_levels(arr: np.ndarray, percentiles: tuple[float, float] = PERCENTILES,
+                      samples: int = 40_000) -> tuple[float, float] | None:
+    """Display levels from a strided subsample: cheap enough to run on a timer, robust to hot pixels."""
+    flat = np.asarray(arr).reshape(-1)
+    flat = flat[:: max(1, flat.size // samples)]
+    if flat.dtype.kind == "f":
+        flat = flat[np.isfinite(flat)]
+    if not flat.size:
+        return None
+    lo, hi = np.percentile(flat, percentiles)
+    lo, hi = float(lo), float(hi)
+    if hi <= lo:
+        hi = lo + (1.0 if flat.dtype.kind in "ui" else max(abs(lo) * 1e-3, 1e-6))
+    return lo, hi
+
+
+def apply_levels(arr: np.ndarray, levels: tuple[float, float], table: np.ndarray) -> np.ndarray:
+    """What a panel shows for ``arr``: levels to 0..len(table)-1, then the look-up table (RGB).
+    Used by the snapshot test and by the composite panel; matches pyqtgraph's ImageItem."""
+    lo, hi = levels
+    n = len(table)
+    scaled = (np.asarray(arr, np.float64) - lo) * (n / (hi - lo))
+    idx = np.clip(np.nan_to_num(scaled, nan=0.0), 0, n - 1).astype(np.intp)
+    return table[idx]
+
+
+def nice_length(target: float) -> float:
+    """The 1-2-5 number nearest below ``target`` (scale bar lengths)."""
+    if target <= 0:
+        return 0.0
+    exp = math.floor(math.log10(target))
+    for m in (5, 2, 1):
+        if m * 10**exp <= target:
+            return m * 10**exp
+    return 10**exp
+
+
+class ScaleBar(pg.GraphicsObject):
+    """A bar of a round length in micrometres, kept at the bottom right of its view."""
+
+    def __init__(self, view: pg.ViewBox) -> None:
+        super().__init__()
+        self.view = view
+        self.pixel_size_um: float | None = None
+        self.setFlag(self.GraphicsItemFlag.ItemIgnoresTransformations)
+        self.setZValue(50)
+        self._text = ""
+        self._w = 0.0
+        view.sigRangeChanged.connect(self.update_bar)
+        view.sigResized.connect(self.update_bar)
+        view.addItem(self, ignoreBounds=True)
+        self.setVisible(False)
+
+    def set_pixel_size(self, pixel_size_um: float | None) -> None:
+        if pixel_size_um != self.pixel_size_um:
+            self.pixel_size_um = pixel_size_um
+            self.update_bar()
+
+    def update_bar(self, *_: Any) -> None:
+        if not self.pixel_size_um:
+            self.setVisible(False)
+            return
+        (x0, x1), (y0, y1) = self.view.viewRange()
+        width_px = self.view.width()
+        if width_px <= 0 or x1 <= x0:
+            return
+        um_per_screen_px = (x1 - x0) * self.pixel_size_um / width_px
+        length_um = nice_length(0.18 * width_px * um_per_screen_px)
+        if length_um <= 0:
+            return
+        self.prepareGeometryChange()
+        self._w = length_um / um_per_screen_px
+        self._text = f"{length_um:g} µm"
+        # bottom right of the visible area, in view coordinates (y down: invertY)
+        self.setPos(x1 - (x1 - x0) * 0.04, y1 - (y1 - y0) * 0.05)
+        self.setVisible(True)
+        self.update()
+
+    def boundingRect(self) -> QtCore.QRectF:
+        return QtCore.QRectF(-self._w - 4, -22, self._w + 8, 30)
+
+    def paint(self, p: QtGui.QPainter, *_: Any) -> None:
+        p.setPen(QtCore.Qt.PenStyle.NoPen)
+        p.setBrush(QtGui.QColor(235, 235, 235, 230))
+        p.drawRect(QtCore.QRectF(-self._w, 0, self._w, 4))
+        p.setPen(QtGui.QColor(235, 235, 235))
+        font = p.font()
+        font.setPointSizeF(8.5)
+        p.setFont(font)
+        p.drawText(QtCore.QRectF(-self._w - 40, -18, self._w + 80, 16),
+                   QtCore.Qt.AlignmentFlag.AlignCenter, self._text)
+
+
+class _PanelFrame(QtWidgets.QFrame):
+    """Title bar (name, value under the cursor, colour map) above a graphics view."""
+
+    def __init__(self, title: str, with_cmap: bool, cmap: str) -> None:
+        super().__init__()
+        self.setObjectName("panel")
+        outer = QtWidgets.QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.setSpacing(0)
+        bar = QtWidgets.QFrame()
+        bar.setObjectName("panelBar")
+        row = QtWidgets.QHBoxLayout(bar)
+        row.setContentsMargins(8, 2, 4, 2)
+        row.setSpacing(8)
+        self.title = QtWidgets.QLabel(title)
+        self.title.setObjectName("panelTitle")
+        self.info = QtWidgets.QLabel("")
+        self.info.setObjectName("panelInfo")
+        self.value = QtWidgets.QLabel("")
+        self.value.setObjectName("panelInfo")
+        self.value.setAlignment(QtCore.Qt.AlignmentFlag.AlignRight | QtCore.Qt.AlignmentFlag.AlignVCenter)
+        # the grid decides the panels' width: labels shrink (and clip) rather than widen the window
+        self.info.setSizePolicy(QtWidgets.QSizePolicy.Policy.Ignored, QtWidgets.QSizePolicy.Policy.Preferred)
+        row.addWidget(self.title)
+        row.addWidget(self.info, 1)
+        row.addWidget(self.value)
+        self.cmap = None
+        if with_cmap:
+            self.cmap = QtWidgets.QComboBox()
+            self.cmap.addItems(COLORMAPS)
+            self.cmap.setCurrentText(cmap)
+            self.cmap.setToolTip("colour map")
+            self.cmap.setFixedWidth(80)
+            self.cmap.setFocusPolicy(QtCore.Qt.FocusPolicy.NoFocus)
+            row.addWidget(self.cmap)
+        outer.addWidget(bar)
+        self.graphics = pg.GraphicsLayoutWidget()
+        self.graphics.ci.setContentsMargins(0, 0, 0, 0)
+        self.graphics.ci.setSpacing(0)
+        self.graphics.setFocusPolicy(QtCore.Qt.FocusPolicy.NoFocus)
+        outer.addWidget(self.graphics, 1)
+
+
+class ImagePanel:
+    """One product: newest frame, levels (auto or set by hand on the histogram), colour map."""
+
+    composite = False
+
+    def __init__(self, product: str, *, show_histogram: bool = True) -> None:
+        self.product = product
+        self.cmap_name = DEFAULT_CMAP.get(product, "Grays")
+        self.widget = _PanelFrame(product, True, self.cmap_name)
+        self.view = pg.ViewBox(lockAspect=True, invertY=True, enableMenu=False)
+        self.view.setBackgroundColor(COLORS["panel"])
+        self.widget.graphics.addItem(self.view, row=0, col=0)
+        self.image = pg.ImageItem(axisOrder="row-major")
+        self.view.addItem(self.image)
+        self.saturation = pg.ImageItem(axisOrder="row-major")
+        self.saturation.setZValue(10)
+        self.saturation.setVisible(False)
+        self.view.addItem(self.saturation)
+        self.scale_bar = ScaleBar(self.view)
+        self.hist: pg.HistogramLUTItem | None = None
+        if show_histogram:
+            # driven by hand: its automatic mode would compute a histogram on every setImage
+            self.hist = pg.HistogramLUTItem(fillHistogram=True)
+            self.hist.vb.setMinimumWidth(30)
+            self.hist.vb.setMaximumWidth(30)
+            # no axis: the levels are written in the title bar, and ticks on every panel are clutter
+            self.hist.layout.removeItem(self.hist.axis)
+            self.hist.axis.hide()
+            self.hist.gradient.setVisible(False)  # the colour map is picked in the title bar
+            self.hist.layout.removeItem(self.hist.gradient)
+            self.hist.plot.setBrush(pg.mkBrush(120, 140, 170, 120))
+            self.hist.plot.setPen(pg.mkPen(150, 170, 200, 170))
+            self.hist.region.setBrush(pg.mkBrush(95, 168, 232, 35))
+            for line in self.hist.region.lines:
+                line.setPen(pg.mkPen(COLORS["accent"], width=1.5))
+                line.setHoverPen(pg.mkPen("#ffffff", width=2))
+            self.hist.sigLevelsChanged.connect(self._levels_dragged)
+            self.widget.graphics.addItem(self.hist, row=0, col=1)
+        self.levels: tuple[float, float] | None = None
+        self.auto = True  # follows the viewer's percentile auto-levels until the user drags levels
+        self.array: np.ndarray | None = None
+        self.header: dict[str, Any] = {}
+        self.seq = -1
+        self.shape: tuple[int, ...] | None = None
+        self.bits: int | None = None
+        self._setting_levels = False
+        self.set_cmap(self.cmap_name)
+        if self.widget.cmap is not None:
+            self.widget.cmap.currentTextChanged.connect(self.set_cmap)
+
+    # -- appearance ------------------------------------------------------------------------------
+    def set_cmap(self, name: str) -> None:
+        self.cmap_name = name
+        self.lut = lut(name)
+        self.image.setLookupTable(self.lut)
+        if self.widget.cmap is not None and self.widget.cmap.currentText() != name:
+            self.widget.cmap.setCurrentText(name)
+
+    def set_levels(self, levels: tuple[float, float], *, by_user: bool = False) -> None:
+        self.levels = (float(levels[0]), float(levels[1]))
+        if by_user:
+            self.auto = False
+        if self.array is not None:
+            self.image.setLevels(self.levels)
+        if self.hist is not None and not by_user:
+            self._setting_levels = True
+            try:
+                self.hist.setLevels(*self.levels)
+            finally:
+                self._setting_levels = False
+        self._update_info()
+
+    def _levels_dragged(self, *_: Any) -> None:
+        if self._setting_levels or self.hist is None:
+            return
+        lo, hi = self.hist.getLevels()
+        if hi > lo:
+            self.set_levels((lo, hi), by_user=True)
+
+    def auto_levels(self) -> None:
+        if self.array is None:
+            return
+        levels = percentile_levels(self.array)
+        if levels is not None:
+            self.set_levels(levels)
+
+    def update_histogram(self) -> None:
+        if self.hist is None or self.array is None:
+            return
+        flat = np.asarray(self.array).reshape(-1)
+        flat = flat[:: max(1, flat.size // 40_000)]
+        if flat.dtype.kind == "f":
+            flat = flat[np.isfinite(flat)]
+        if not flat.size:
+            return
+        lo, hi = float(flat.min()), float(flat.max())
+        if hi <= lo:
+            hi = lo + 1
+        counts, edges = np.histogram(flat, bins=96, range=(lo, hi))
+        # log counts: a dim background dominates otherwise
+        self.hist.plot.setData(edges[:-1], np.log1p(counts), stepMode=False)
+        lvl = self.levels or (lo, hi)
+        self.hist.setHistogramRange(min(lo, lvl[0]), max(hi, lvl[1]), padding=0.02)
+
+    # -- frames ------------------------------------------------------------------------------
+    def show_frame(self, arr: np.ndarray, header: dict[str, Any]) -> bool:
+        """Draw a frame; returns True when the frame's shape differs from the previous one."""
+        changed = self.shape is not None and self.shape != arr.shape
+        first = self.shape is None
+        self.array = arr
+        self.header = header
+        self.seq = int(header.get("seq", -1))
+        if self.levels is None or changed:
+            levels = percentile_levels(arr)
+            if levels is not None:
+                self.set_levels(levels)
+        self.image.setImage(arr, autoLevels=False, levels=self.levels)
+        self._update_saturation(arr, header)
+        self.scale_bar.set_pixel_size(header.get("pixel_size_um"))
+        if first or changed:
+            self.shape = arr.shape
+            self.view.autoRange(padding=0)
+            self.update_histogram()
+        self._update_info()
+        return changed
+
+    def _update_saturation(self, arr: np.ndarray, header: dict[str, Any]) -> None:
+        bits = header.get("bits")
+        if self.product != "raw" or arr.dtype.kind not in "ui" or not bits:
+            self.saturation.setVisible(False)
+            return
+        mask = arr >= (1 << int(bits)) - 1
+        if not mask.any():
+            self.saturation.setVisible(False)
+            return
+        rgba = np.zeros(arr.shape + (4,), np.uint8)
+        rgba[mask] = (*COLORS["saturated"], 255)
+        self.saturation.setImage(rgba, autoLevels=False, levels=(0, 255))
+        self.saturation.setVisible(True)
+
+    def _update_info(self) -> None:
+        t = (self.header.get("index") or {}).get("t")
+        lv = self.levels
+        parts = []
+        if t is not None:
+            parts.append(f"t {t}")
+        if lv is not None:
+            parts.append(f"{_fmt(lv[0])}–{_fmt(lv[1])}" + ("" if self.auto else " (fixed)"))
+        self.widget.info.setText("  ".join(parts))
+        self.widget.info.setToolTip(f"time point and display levels (min–max){'' if self.auto else ', set by hand'}")
+
+    def value_at(self, x: float, y: float, shape: tuple[int, ...] | None) -> float | None:
+        """The pixel value at view coordinates (x, y) given in a frame of ``shape``."""
+        arr = self.array
+        if arr is None:
+            return None
+        if shape is not None and shape[:2] != arr.shape[:2]:
+            x = x * arr.shape[1] / shape[1]
+            y = y * arr.shape[0] / shape[0]
+        ix, iy = int(math.floor(x)), int(math.floor(y))
+        if 0 <= iy < arr.shape[0] and 0 <= ix < arr.shape[1]:
+            v = arr[iy, ix]
+            return float(v) if np.ndim(v) == 0 else None
+        return None
+
+    def shown_rgb(self) -> np.ndarray | None:
+        """The RGB image this panel displays (levels and look-up table applied)."""
+        if self.array is None or self.levels is None:
+            return None
+        return apply_levels(self.array, self.levels, self.lut)
+
+
+class CompositePanel(ImagePanel):
+    """Slow (green) and fast (magenta) over the background (grey), each at its own panel's levels."""
+
+    composite = True
+
+    def __init__(self) -> None:
+        super().__init__("composite", show_histogram=False)
+        self.widget.cmap.setVisible(False)
+        legend = (f"<span style='color:#bbbbbb'>background</span> · <span style='color:#5fe35f'>slow</span>"
+                  f" · <span style='color:#ff5cff'>fast</span>")
+        self.widget.info.setTextFormat(QtCore.Qt.TextFormat.RichText)
+        self.legend = legend
+        self.widget.info.setText(legend)
+
+    def compose(self, parts: dict[str, ImagePanel]) -> np.ndarray | None:
+        bg, slow, fast = (parts.get(k) for k in ("background", "slow", "fast"))
+        base = next((p for p in (bg, slow, fast) if p is not None and p.array is not None), None)
+        if base is None:
+            return None
+        shape = base.array.shape
+        rgb = np.zeros(shape + (3,), np.float32)
+        for panel, colour, weight in ((bg, (1, 1, 1), 0.55), (slow, (0, 1, 0), 1.0), (fast, (1, 0, 1), 1.0)):
+            if panel is None or panel.array is None or panel.array.shape != shape or panel.levels is None:
+                continue
+            lo, hi = panel.levels
+            norm = np.clip((panel.array.astype(np.float32) - lo) / np.float32(hi - lo), 0, 1) * np.float32(weight)
+            for ch in range(3):
+                if colour[ch]:
+                    rgb[..., ch] += norm
+        return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+
+    def show_composite(self, parts: dict[str, ImagePanel]) -> None:
+        rgb = self.compose(parts)
+        if rgb is None:
+            return
+        first = self.shape is None or self.shape != rgb.shape[:2]
+        self.array = rgb
+        base = next(p for p in (parts.get("background"), parts.get("slow"), parts.get("fast")) if p is not None)
+        self.header = base.header
+        self.seq = base.seq
+        self.levels = (0.0, 255.0)
+        self.image.setImage(rgb, autoLevels=False, levels=(0, 255), lut=None)
+        self.scale_bar.set_pixel_size(self.header.get("pixel_size_um"))
+        if first:
+            self.shape = rgb.shape[:2]
+            self.view.autoRange(padding=0)
+
+    def set_cmap(self, name: str) -> None:  # an RGB image has no colour map
+        self.cmap_name = name
+        self.lut = None
+        self.image.setLookupTable(None)
+
+    def auto_levels(self) -> None:
+        pass
+
+    def _update_info(self) -> None:
+        pass
+
+    def value_at(self, x: float, y: float, shape: tuple[int, ...] | None) -> float | None:
+        return None
+
+    def shown_rgb(self) -> np.ndarray | None:
+        return self.array
+
+
+def _fmt(v: float) -> str:
+    if abs(v) < 1e-4:
+        return "0"
+    if abs(v) >= 1000 or v == int(v):
+        return f"{v:.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.3g}"
