@@ -187,7 +187,7 @@ class ImageWriter:
         segment: int,
         compress: bool = False,
         context: Any = None,
-        target_shard_mb: float = 16.0,
+        target_shard_mb: float = 8.0,
         flush_after_s: float = 0.5,
     ) -> None:
         self.name = name
@@ -246,7 +246,7 @@ class ImageWriter:
         self._dirty: list[tuple[int, ...]] = []  # records changed without a data write (marks, scalars)
         self._dirty_scalars: set[str] = set()
         self.inflight_bytes = 0
-        self.max_inflight_bytes = 256 * 2**20  # a cap on pixels held by writes in flight
+        self.max_inflight_bytes = 64 * 2**20  # a cap on pixels held by writes in flight, per image
         self.n_t = 0
         self.saved = 0
         self.skipped = 0

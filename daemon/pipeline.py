@@ -371,12 +371,13 @@ class Pipeline:
     def _provenance(self, extra: dict[str, Any] | None) -> dict[str, Any]:
         import platform
 
+        from importlib import metadata
+
         versions = {"livescope": __version__, "python": platform.python_version()}
-        for mod in ("numpy", "scipy", "zarr", "tensorstore", "zmq", "pymmcore_plus", "torch", "onnxruntime"):
-            try:
-                m = __import__(mod)
-                versions[mod] = getattr(m, "__version__", "?")
-            except Exception:
+        for dist in ("numpy", "scipy", "zarr", "tensorstore", "pyzmq", "pymmcore-plus", "torch", "onnxruntime"):
+            try:  # the installed version, without importing (torch alone would cost 300 MB)
+                versions[dist] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
                 pass
         return {
             "source": self.cfg.source,
