@@ -283,15 +283,25 @@ class Tap:
             self._queue.put(_END)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Send what is queued (and the end marker), stop the sender, close the socket."""
+        """Send what is queued (and the end marker) within ``timeout`` seconds, stop the sender,
+        close the socket. Frames still queued at the deadline are dropped and counted."""
         if self._closed:
             return
-        if self.send_end:
-            self._queue.put(_END)
         self._closed = True
-        self._queue.put(None)
-        self._thread.join(timeout)
-        self.publisher.close()
+        deadline = time.monotonic() + timeout
+        for marker in ([_END] if self.send_end else []) + [None]:
+            while True:
+                try:
+                    self._queue.put(marker, timeout=max(0.01, deadline - time.monotonic()))
+                    break
+                except queue.Full:  # the daemon is away: give up the oldest frame, it becomes a seq gap
+                    try:
+                        if self._queue.get_nowait() not in (None, _END):
+                            self.dropped += 1
+                    except queue.Empty:
+                        pass
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        self.publisher.close(linger_s=max(0.0, deadline - time.monotonic()))
 
     def stats(self) -> dict[str, int]:
         return {"frames": self.seq, "sent": self.sent, "dropped": self.dropped, "queued": self._queue.qsize()}

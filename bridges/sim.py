@@ -191,6 +191,9 @@ class SimMicroscope:
         self.sample = SimSample(config)
         self.cfg = self.sample.cfg
         self.core = _build_core(self)
+        import atexit
+
+        atexit.register(self.close)
 
     def sequence(
         self,
@@ -213,8 +216,27 @@ class SimMicroscope:
             kwargs["z_plan"] = {"range": self.cfg.z_step_um * (z_planes - 1), "step": self.cfg.z_step_um}
         return MDASequence(**kwargs)
 
+    def close(self) -> None:
+        """Unload the Python devices. Without it, CMMCore's destructor at interpreter exit can
+        abort the process ("exception not rethrown"); also run at exit."""
+        import atexit
+
+        atexit.unregister(self.close)
+        core, self.core = getattr(self, "core", None), None
+        if core is not None:
+            _unload(core)
+
     def camera_metadata(self) -> dict[str, Any]:
         return {"offset": self.cfg.offset, "gain": self.cfg.gain, "read_noise": self.cfg.read_noise / self.cfg.gain}
+
+
+def _unload(core: Any) -> None:
+    try:
+        if core.mda.is_running():
+            core.mda.cancel()
+        core.unloadAllDevices()
+    except Exception:  # at exit: nothing more to do
+        pass
 
 
 def _build_core(scope: SimMicroscope) -> Any:

@@ -245,6 +245,7 @@ class ImageWriter:
         self._inflight: list[tuple[Any, list[tuple[int, ...]]]] = []
         self._dirty: list[tuple[int, ...]] = []  # records changed without a data write (marks, scalars)
         self._dirty_scalars: set[str] = set()
+        self._meta_file: Any = None
         self.inflight_bytes = 0
         self.max_inflight_bytes = 64 * 2**20  # a cap on pixels held by writes in flight, per image
         self.n_t = 0
@@ -383,6 +384,13 @@ class ImageWriter:
             self.lost += 1
         self._dirty.append(lead)  # written with the next poll: one batched write, not four per frame
 
+    def write_meta(self, t: int, c: int, z: int, seq: int, meta: Mapping[str, Any]) -> None:
+        """The acquisition's own per-frame metadata (pymmcore-plus, Pycro-Manager), one JSON line
+        per frame in ``livescope/frames.jsonl``: append-only, never rewritten."""
+        if self._meta_file is None:
+            self._meta_file = open(self.path / "livescope" / "frames.jsonl", "a", encoding="utf-8")
+        self._meta_file.write(json.dumps({"t": t, "c": c, "z": z, "seq": seq, "meta": meta}, default=str) + "\n")
+
     def write_scalar(self, name: str, t: int, c: int, z: int, value: float) -> None:
         """A per-frame number computed by an engine (e.g. ``novelty``), stored beside the records."""
         self._ensure(t, c, z)
@@ -457,6 +465,8 @@ class ImageWriter:
             for lead in done_leads:
                 self._rec["status"][lead] = STATUS["saved"]
             self.saved += len(done_leads)
+        if self._meta_file is not None:
+            self._meta_file.flush()  # handed to the OS with the frames it describes
         dirty, self._dirty = self._dirty, []
         if done_leads or failed_leads or dirty:
             try:
@@ -489,6 +499,9 @@ class ImageWriter:
         for key in list(self._buffers):
             self._submit(key)
         self._drain(wait=True)
+        if self._meta_file is not None:
+            self._meta_file.close()
+            self._meta_file = None
         y, x = self.layout.plane_shape
         n_t = max(self.n_t, 1)
         lead = self.layout.lead_shape(n_t)

@@ -820,6 +820,9 @@ class Pipeline:
                 if self.store is not None:
                     w = self._writer("raw", entry)
                     self._write(w, entry, arr, saturated=sat)
+                    meta = entry.frame.header.get("meta")
+                    if meta:
+                        w.write_meta(entry.t, entry.c, entry.z, entry.frame.seq, meta)
                     self.lat_store.add(time.perf_counter() - entry.received)  # received -> buffered
             finally:
                 with self._bytes_lock:

@@ -72,6 +72,8 @@ class SimSource:
             self.core.mda.cancel()
             self._thread.join(10)
         self.bridge.close()
+        if self.scope is not None:
+            self.scope.close()
 
     def stats(self) -> dict[str, Any]:
         return {"bridge": self.bridge.stats()}

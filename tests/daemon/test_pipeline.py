@@ -322,3 +322,12 @@ def test_mmcore_source_with_an_unloadable_config_names_the_fix(tmp_path, free_ad
     cfg = _cfg(tmp_path, free_address, source="mmcore", mm_config=str(cfg_file))
     with pytest.raises(RuntimeError, match="mmcore install"):
         make_source(cfg)
+
+
+def test_acquisition_metadata_is_kept_per_frame(tmp_path, free_address):
+    cfg = _cfg(tmp_path, free_address, source="sim", frames=3, sim_shape=(16, 16), sim_interval_s=0.0)
+    run_daemon(cfg)
+    lines = [json.loads(x) for x in (cfg.out / "raw" / "livescope" / "frames.jsonl").read_text().splitlines()]
+    assert [x["t"] for x in lines] == [0, 1, 2]
+    assert lines[0]["meta"]["frame"]["camera_device"] == "Camera"
+    assert lines[0]["meta"]["event"]["index"]["t"] == 0
