@@ -11,8 +11,10 @@ is skipped, so the daemon counts it as lost: nothing is lost silently.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import queue
 import threading
 from typing import Any
@@ -21,11 +23,27 @@ import numpy as np
 
 from .transport import FramePublisher
 
-__all__ = ["MMCoreBridge", "attach"]
+__all__ = ["MMCoreBridge", "attach", "psygnal_signals"]
 
 log = logging.getLogger(__name__)
 
 _END = object()
+
+
+@contextlib.contextmanager
+def psygnal_signals() -> Any:
+    """Make a pymmcore-plus core created inside use psygnal signals, even in a process where a
+    Qt application exists: livescope runs MDAs on plain threads with no Qt event loop to deliver
+    queued Qt signals (and Qt signals would need qtpy)."""
+    old = os.environ.get("PYMM_SIGNALS_BACKEND")
+    os.environ["PYMM_SIGNALS_BACKEND"] = "psygnal"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PYMM_SIGNALS_BACKEND", None)
+        else:
+            os.environ["PYMM_SIGNALS_BACKEND"] = old
 
 
 def _jsonable(obj: Any) -> Any:

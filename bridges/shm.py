@@ -491,9 +491,9 @@ class ShmFramePublisher(FramePublisher):
         ring (their headers are on their way), then unlink every segment."""
         if self._sock is None:
             return
+        deadline = time.monotonic() + linger_s  # one linger for both: the headers, then the pixels
         self._close_monitor()
-        super().close(linger_s)
-        deadline = time.monotonic() + linger_s
+        super().close(linger_s)  # with its own context, returns once the headers were handed over
         pause = 1e-4
         while any(r.busy() for r in self._all_rings) and time.monotonic() < deadline:
             time.sleep(pause)

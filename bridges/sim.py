@@ -335,8 +335,11 @@ def _build_core(scope: SimMicroscope) -> Any:
     core_log = logging.getLogger("pymmcore-plus")
     old = core_log.level
     core_log.setLevel(logging.CRITICAL)  # UniMMCore looks for a Micro-Manager install it does not need
+    from .mmcore import psygnal_signals
+
     try:
-        core = UniMMCore()
+        with psygnal_signals():
+            core = UniMMCore()
     finally:
         core_log.setLevel(old)
     core.setAutoShutter(False)

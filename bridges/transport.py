@@ -230,12 +230,15 @@ class FrameReceiver:
 
 
 class PreviewPublisher:
-    """PUB side of previews: high-water mark 2, so a slow viewer costs no memory."""
+    """PUB side of previews. The high-water mark counts messages, one per (product, plane): it
+    holds about two display ticks' worth (``hwm``, default 32 messages of at most
+    ``preview_size``^2 pixels each), so a slow viewer costs at most a few tens of MB and never
+    slows the daemon; a smaller mark would drop the later products of every burst."""
 
-    def __init__(self, address: str, *, context: zmq.Context | None = None) -> None:
+    def __init__(self, address: str, *, hwm: int = 32, context: zmq.Context | None = None) -> None:
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.PUB)
-        self._sock.setsockopt(zmq.SNDHWM, 2)
+        self._sock.setsockopt(zmq.SNDHWM, hwm)
         self._sock.setsockopt(zmq.LINGER, 0)
         try:
             self._sock.bind(address)

@@ -346,6 +346,7 @@ class Pipeline:
         self.restore_errors = 0
         self._preview_latest: dict[tuple, tuple[np.ndarray, dict[str, Any]]] = {}
         self._preview_sent: dict[tuple, int] = {}
+        self._preview_when: dict[tuple, float] = {}
         self._stop = threading.Event()
         self._ingest_done = threading.Event()
         self._ended = threading.Event()
@@ -880,10 +881,16 @@ class Pipeline:
             time.sleep(period)
             if self.preview is None:
                 continue
-            for key, (arr, header) in list(self._preview_latest.items()):
-                if self._preview_sent.get(key) == header["seq"]:
-                    continue
+            # at most half the high-water mark per tick, the longest-waiting first, so every
+            # product and plane gets its turn even when there are more than fit in one burst
+            changed = [(self._preview_when.get(k, 0.0), k) for k, (_, h) in list(self._preview_latest.items())
+                       if self._preview_sent.get(k) != h["seq"]]
+            changed.sort(key=lambda x: x[0])
+            now = time.monotonic()
+            for _, key in changed[:16]:
+                arr, header = self._preview_latest[key]
                 self._preview_sent[key] = header["seq"]
+                self._preview_when[key] = now
                 try:
                     small = self._downsample(arr)
                     hdr = dict(header, shape=list(small.shape), dtype=small.dtype.name)

@@ -1,7 +1,10 @@
-"""``livescope process``: the same engine chain, offline, over a saved TIFF or OME-Zarr movie.
+"""``livescope process``: the same engine chain, offline, over a saved movie.
 
 Every frame is processed (nothing is skipped offline); products go to a new OME-Zarr store with
-the same layout as a live run. Dask-scale reprocessing is its own issue (docs/process.md).
+the same layout as a live run. By default the movie is cut into chunks run on dask.distributed
+(a local cluster, or an existing scheduler): :mod:`.distributed`, docs/process.md. ``workers=0``
+runs the whole movie in this process, frame by frame, with no Dask: the reference the chunked
+run is tested against.
 """
 
 from __future__ import annotations
@@ -23,6 +26,46 @@ log = logging.getLogger(__name__)
 
 
 def process_file(
+    input_path: str | Path,
+    out: str | Path,
+    engines: list[str],
+    engine_params: dict[str, dict[str, Any]] | None = None,
+    *,
+    overwrite: bool = False,
+    save_raw: bool = True,
+    frames: int | None = None,
+    progress: bool = True,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    chunk_t: int | None = None,
+    tile: int | None = None,
+    resume: bool = False,
+    processes: bool = True,
+    memory_limit: str | None = None,
+) -> dict[str, Any]:
+    """Run ``engines`` over the movie at ``input_path`` into the OME-Zarr folder ``out``.
+
+    scheduler: address of a running Dask scheduler (``tcp://host:8786``); else a LocalCluster of
+    ``workers`` processes (default: up to 4, one per core) is started; ``workers=0``: no Dask, one
+    process, frame by frame. chunk_t: time points per chunk (default: about 64 MB of input);
+    tile: spatial tile size in pixels for chains that allow it (default: whole frames).
+    resume: finish an interrupted run in ``out`` (complete chunks are kept).
+    processes / memory_limit: the LocalCluster's worker kind and per-worker memory limit.
+    """
+    if workers == 0 and not scheduler:
+        if resume or chunk_t or tile:
+            raise ValueError("resume, chunk_t and tile need Dask: give workers >= 1 or a scheduler")
+        return _process_serial(input_path, out, engines, engine_params, overwrite=overwrite,
+                               save_raw=save_raw, frames=frames, progress=progress)
+    from .distributed import plan_job, run_job
+
+    job = plan_job(input_path, out, engines, engine_params, frames=frames, chunk_t=chunk_t, tile=tile,
+                   save_raw=save_raw)
+    return run_job(job, scheduler=scheduler, workers=workers, resume=resume, overwrite=overwrite,
+                   progress=progress, processes=processes, memory_limit=memory_limit)
+
+
+def _process_serial(
     input_path: str | Path,
     out: str | Path,
     engines: list[str],

@@ -85,7 +85,10 @@ def _load_mm_config(path: str | Path) -> Any:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"Micro-Manager configuration {path} does not exist")
-    core = CMMCorePlus()
+    from ..bridges.mmcore import psygnal_signals
+
+    with psygnal_signals():
+        core = CMMCorePlus()
     try:
         core.loadSystemConfiguration(str(path))
     except Exception as exc:

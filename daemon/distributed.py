@@ -1,0 +1,992 @@
+"""``livescope process`` at scale: the engine chain over a saved movie, chunk-parallel on Dask.
+
+The movie is cut into chunks: a range of time points x one (channel, plane) "unit" x one spatial
+tile. Each chunk is one task that reads its own input lazily (with the context its engines need),
+runs a fresh engine chain on it and writes its part of every product straight into the output
+OME-Zarr, whose shards are aligned to the chunks, so no two tasks ever write the same file.
+
+What context a chunk needs follows from the engines (:func:`engine_reach`):
+
+- a spatial **halo**: pixels of overlap on each side of a tile, or ``None`` when the engine needs
+  the whole frame (it normalises over it, or its per-frame numbers are about the whole frame);
+- a temporal **warm-up**: past frames a fresh engine must see before its output equals the live
+  one's (a finite window: ``denoise``'s past frames), or ``None`` when the engine's state reaches
+  back further than any finite window (running averages, a reference from the first frames:
+  ``decompose``, ``register``). Such chains are run *in order* over time, one task per unit and
+  tile, handing their state from one time chunk to the next (and to disk, for resume), which is
+  exact; their parallelism comes from channels, planes and positions.
+
+What an engine fixes on its first frame (the camera offset of ``deconvolve``, the normalisation of
+``denoise``) is measured once by the driver on the unit's first frame and handed to every chunk,
+so chunks far into the movie see the same settings a single-process run would.
+
+Resume: a chunk counts as done when its marker file exists; the marker is written (atomically)
+only after all its data writes completed. Tasks are idempotent (the same chunk always writes the
+same bytes into the same shards), so a task that Dask runs twice, or that a killed worker left
+half-written, is simply redone. Records (``OUT/<product>/livescope/*``) are written by the driver
+alone, from the markers, so concurrent tasks never share a records shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "Job",
+    "Reach",
+    "Source",
+    "engine_reach",
+    "open_source",
+    "plan_job",
+    "run_chain",
+    "run_chunk",
+    "run_job",
+]
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = ".livescope-process"  # markers, checkpoints and the job description, inside OUT
+LEAD = ("t", "c", "z")
+
+
+# ============================================================================ sources
+
+
+@dataclasses.dataclass
+class Source:
+    """A movie on disk, opened lazily and once per process: picklable (only paths and facts).
+
+    ``sizes`` holds t, c, z (1 when absent) and y, x; ``read`` returns (t, [z,] y, x) blocks in
+    livescope's axis order whatever the file's own order is.
+    """
+
+    path: str
+    kind: str  # "zarr", "tiff", "ndtiff"
+    axes: list[str]  # the file's own axes (livescope names), for zarr/tiff
+    shape: tuple[int, ...]
+    dtype: str
+    sizes: dict[str, int]
+    has_c: bool
+    has_z: bool
+    info: dict[str, Any]
+    array_path: str = ""  # zarr: the full-resolution array; ndtiff: the dataset folder
+    keys: dict[str, list[Any]] = dataclasses.field(default_factory=dict)  # ndtiff axis values
+
+    def read(self, t0: int, t1: int, c: int, z: int | None, ys: tuple[int, int], xs: tuple[int, int]) -> np.ndarray:
+        """Frames t0..t1-1 of channel c, plane z (None: all planes), cropped to ys, xs."""
+        if self.kind == "ndtiff":
+            return self._read_ndtiff(t0, t1, c, z, ys, xs)
+        opened = _opened(self)
+        idx: list[Any] = []
+        keep: list[str] = []
+        for a in self.axes:
+            if a == "t":
+                idx.append(slice(t0, t1))
+                keep.append("t")
+            elif a == "c":
+                idx.append(c)
+            elif a == "z":
+                if z is None:
+                    idx.append(slice(None))
+                    keep.append("z")
+                else:
+                    idx.append(z)
+            elif a == "y":
+                idx.append(slice(*ys))
+                keep.append("y")
+            elif a == "x":
+                idx.append(slice(*xs))
+                keep.append("x")
+            else:  # another axis (a position): the first
+                idx.append(0)
+        if self.kind == "tiff" and not isinstance(opened, np.ndarray):
+            block = _read_tiff_pages(self, opened, idx)
+        else:
+            block = np.asarray(opened[tuple(idx)])
+        want = [a for a in ("t", "z", "y", "x") if a in keep]
+        return np.ascontiguousarray(np.transpose(block, [keep.index(a) for a in want]))
+
+    def _read_ndtiff(self, t0, t1, c, z, ys, xs) -> np.ndarray:
+        ds = _opened(self)
+        zs = range(self.sizes["z"]) if z is None else [z]
+        out = np.empty((t1 - t0, len(zs), ys[1] - ys[0], xs[1] - xs[0]), dtype=self.dtype)
+        for i, t in enumerate(range(t0, t1)):
+            for j, zz in enumerate(zs):
+                coords = {}
+                for name, lead in (("time", "t"), ("channel", "c"), ("z", "z")):
+                    if name in self.keys:
+                        coords[name] = self.keys[name][{"t": t, "c": c, "z": zz}[lead]]
+                if "position" in self.keys:
+                    coords["position"] = self.keys["position"][0]
+                img = np.asarray(ds.read_image(**coords))
+                out[i, j] = img[ys[0]:ys[1], xs[0]:xs[1]]
+        return out if z is None else out[:, 0]
+
+
+_OPENED: dict[tuple[str, str], Any] = {}
+
+
+def _opened(src: Source) -> Any:
+    key = (src.kind, src.path)
+    obj = _OPENED.get(key)
+    if obj is None:
+        if src.kind == "zarr":
+            import zarr
+
+            obj = zarr.open_array(src.array_path, mode="r")
+        elif src.kind == "tiff":
+            import tifffile
+
+            try:
+                obj = tifffile.memmap(src.path, mode="r")  # uncompressed, contiguous: zero copy
+                if tuple(obj.shape) != tuple(src.shape):
+                    obj = tifffile.TiffFile(src.path)
+            except ValueError:
+                obj = tifffile.TiffFile(src.path)  # page by page
+        else:
+            from ndstorage import Dataset
+
+            with contextlib.redirect_stdout(io.StringIO()):  # ndstorage prints its index progress
+                obj = Dataset(src.array_path)
+        _OPENED[key] = obj
+    return obj
+
+
+def _read_tiff_pages(src: Source, tif: Any, idx: list[Any]) -> np.ndarray:
+    """A block of a TIFF that cannot be memory-mapped: read only the pages it covers."""
+    lead_axes = [a for a in src.axes if a not in ("y", "x")]
+    lead_shape = [src.shape[src.axes.index(a)] for a in lead_axes]
+    ranges = []
+    for a in lead_axes:
+        sel = idx[src.axes.index(a)]
+        n = src.shape[src.axes.index(a)]
+        ranges.append(range(n)[sel] if isinstance(sel, slice) else [sel])
+    pages = [int(np.ravel_multi_index(p, lead_shape)) for p in np.ndindex(*[len(r) for r in ranges])
+             for p in [tuple(r[i] for r, i in zip(ranges, p))]]
+    block = tif.asarray(key=pages, series=0).reshape(len(pages), *src.shape[-2:])
+    ys, xs = idx[src.axes.index("y")], idx[src.axes.index("x")]
+    block = block[:, ys, xs]
+    kept = [len(r) for r, a in zip(ranges, lead_axes) if isinstance(idx[src.axes.index(a)], slice)]
+    return block.reshape(*kept, *block.shape[-2:])
+
+
+def open_source(path: str | os.PathLike) -> Source:
+    """OME-Zarr (livescope's own output or any NGFF image, Zarr v2 or v3), OME-TIFF / TIFF, or an
+    NDTiff dataset (Pycro-Manager, read with ``ndstorage``)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist")
+    if p.is_dir():
+        found = [q.parent for q in p.glob("*NDTiff.index")] or [q.parent for q in p.glob("*/NDTiff.index")]
+        if len(found) == 1:  # the dataset folder, or the folder Pycro-Manager made it in
+            return _open_ndtiff(found[0])
+    if p.is_dir() or p.suffix == ".zarr":
+        return _open_zarr(p)
+    return _open_tiff(p)
+
+
+def _finish(path: str, kind: str, axes: list[str], shape: tuple[int, ...], dtype: str, info: dict,
+            **kw: Any) -> Source:
+    unknown = [a for a in axes if a not in ("t", "c", "z", "y", "x", "p")]
+    if unknown or axes[-2:] != ["y", "x"]:
+        raise ValueError(f"{path}: axes {axes} are not t, c, z, y, x (with y, x last); convert it first")
+    sizes = {a: int(shape[axes.index(a)]) if a in axes else 1 for a in ("t", "c", "z", "y", "x")}
+    return Source(path=path, kind=kind, axes=axes, shape=tuple(int(s) for s in shape), dtype=str(np.dtype(dtype)),
+                  sizes=sizes, has_c="c" in axes, has_z="z" in axes, info=info, **kw)
+
+
+def _open_zarr(p: Path) -> Source:
+    import zarr
+
+    def attrs_of(d: Path) -> dict:
+        if (d / "zarr.json").exists():
+            return json.loads((d / "zarr.json").read_text()).get("attributes", {})
+        if (d / ".zattrs").exists():
+            return json.loads((d / ".zattrs").read_text())
+        return {}
+
+    attrs = attrs_of(p)
+    images = attrs.get("livescope", {}).get("images")
+    if images and "multiscales" not in attrs.get("ome", attrs):  # livescope's own root: its raw image
+        raw = next((i for i in images if i.get("product") == "raw" and not i.get("position")
+                    and not i.get("segment")), images[0])
+        p = p / raw["path"]
+        attrs = attrs_of(p)
+    ome = attrs.get("ome", attrs)
+    if "multiscales" not in ome:
+        raise ValueError(f"{p} is not an OME-Zarr image (no multiscales metadata); give the image's folder")
+    ms = ome["multiscales"][0]
+    axes = [(a["name"] if isinstance(a, dict) else a).lower() for a in ms["axes"]]
+    axes = [{"time": "t", "channel": "c", "position": "p"}.get(a, a) for a in axes]
+    ds = ms["datasets"][0]
+    arr = zarr.open_array(str(p / ds["path"]), mode="r")
+    info: dict[str, Any] = {}
+    for tr in ds.get("coordinateTransformations", []):
+        if tr.get("type") == "scale":
+            sc = dict(zip(axes, tr["scale"]))
+            info = {"pixel_size_um": sc.get("x"), "z_step_um": sc.get("z"), "interval_s": sc.get("t")}
+    if "t" not in axes:
+        raise ValueError(f"{p}: no time axis in {axes}; livescope process runs over time")
+    return _finish(str(p), "zarr", axes, arr.shape, str(arr.dtype), info, array_path=str(p / ds["path"]))
+
+
+def _open_tiff(p: Path) -> Source:
+    import tifffile
+
+    info: dict[str, Any] = {}
+    with tifffile.TiffFile(p) as tif:
+        series = tif.series[0]
+        axes = [a.lower() for a in series.axes.replace("I", "T").replace("Q", "T")]
+        if "s" in axes:
+            raise ValueError(f"{p}: RGB samples are not microscope frames; split the channels first")
+        if tif.is_imagej and tif.imagej_metadata:
+            ij = tif.imagej_metadata
+            if ij.get("spacing"):
+                info["z_step_um"] = float(ij["spacing"])
+            if ij.get("finterval"):
+                info["interval_s"] = float(ij["finterval"])
+        shape, dtype = tuple(series.shape), str(series.dtype)
+    if len(axes) == 2:
+        raise ValueError(f"{p} holds a single frame; livescope process needs a movie")
+    if "t" not in axes:  # a stack with no time axis: each plane is a time point (as read_movie does)
+        axes = ["t"] + axes[1:]
+    return _finish(str(p), "tiff", axes, shape, dtype, info)
+
+
+def _open_ndtiff(p: Path) -> Source:
+    from ndstorage import Dataset
+
+    with contextlib.redirect_stdout(io.StringIO()):  # ndstorage prints its index progress
+        ds = Dataset(str(p))
+    keys: dict[str, list[Any]] = {}
+    for name, values in ds.axes.items():
+        names = list(ds.get_channel_names() or []) if name == "channel" else []
+        # acquisition order for named channels, numeric order for the rest
+        keys[name] = names if len(names) == len(values) else sorted(values)
+    unknown = set(keys) - {"time", "channel", "z", "position"}
+    if unknown:
+        raise ValueError(f"{p}: NDTiff axes {sorted(unknown)} are not supported (time, channel, z, position)")
+    if len(keys.get("position", [0])) > 1:
+        log.warning("%s: %d positions; processing the first only", p, len(keys["position"]))
+    first = {k: v[0] for k, v in keys.items()}
+    img = np.asarray(ds.read_image(**first))
+    axes = (["t"] + (["c"] if "channel" in keys else []) + (["z"] if "z" in keys else []) + ["y", "x"])
+    shape = tuple([len(keys.get("time", [0]))] + ([len(keys["channel"])] if "channel" in keys else [])
+                  + ([len(keys["z"])] if "z" in keys else []) + list(img.shape))
+    src = _finish(str(p), "ndtiff", axes, shape, str(img.dtype), {}, array_path=str(p), keys=keys)
+    with contextlib.suppress(Exception):
+        ds.close()
+    return src
+
+
+# ============================================================================ engines
+
+
+@dataclasses.dataclass(frozen=True)
+class Reach:
+    """The context a chunk needs for one engine: ``halo`` pixels per side (None: the whole frame)
+    and ``warmup`` past frames (None: the whole past, so time runs in order)."""
+
+    halo: int | None
+    warmup: int | None
+    multiple: int = 1  # tile origins and sizes on multiples of this (a network's pooling grid)
+
+
+def engine_reach(name: str, eng: Any) -> Reach:
+    """The chunking rule of one engine, from its parameters (after ``setup``)."""
+    scalars = tuple(getattr(eng, "scalar_outputs", ()))
+    if name == "passthrough":
+        return Reach(0, 0)
+    if name == "deconvolve":
+        # Each RL step carries light one footprint further, but the engine also rescales every frame
+        # to conserve its total flux: one factor per frame, which a tile cannot know. So the frame
+        # stays whole (the engine tiles it inside the task under its memory budget, as live).
+        return Reach(None, 0)
+    if name == "denoise":
+        model = eng._loaded.model  # set by setup
+        m = int(model.multiple)
+        reach = max(int(eng.overlap) // 2, receptive_radius(model.metadata.get("architecture", {})))
+        # its normalisation is fixed on the first frame (handed over), so tiles are local
+        return Reach(-(-reach // m) * m, int(model.k), m)
+    window = getattr(eng, "window", 0)
+    if name in ("decompose", "register") or window is None:
+        return Reach(None, None)  # running averages / a reference from the first frames
+    if scalars:  # a per-frame number is about the whole frame
+        return Reach(None, 0 if not window else None)
+    return Reach(None, 0 if not window else None)
+
+
+def receptive_radius(arch: dict[str, Any]) -> int:
+    """Pixels on each side that reach one output pixel of livescope's U-Net (engines/unet.py): two
+    3x3 convolutions per block at each level 2**l going down and again coming up, the 2x2
+    pooling and up-sampling between levels, two more convolutions at the bottom. 0 when the
+    architecture is not known (the engine's own overlap then rules)."""
+    if arch.get("name") != "unet2d":
+        return 0
+    d = int(arch.get("depth", 0))
+    return sum(5 * 2**level for level in range(d)) + 2 * 2**d
+
+
+def _first_frame_state(name: str, eng: Any) -> dict[str, Any]:
+    """What an engine fixed on its first frame, to hand to chunks that start later."""
+    if name == "deconvolve" and getattr(eng, "offset", None) is None:
+        used = eng.describe().get("offset_used")
+        if used is not None:
+            return {"params": {"offset": float(used)}}
+    if name == "denoise":
+        norm = eng.describe().get("normalisation")
+        if norm:
+            return {"normalisation": dict(norm)}
+    return {}
+
+
+def _describe(eng: Any) -> Any:
+    try:
+        return json.loads(json.dumps(eng.describe(), default=str))
+    except Exception as exc:  # provenance must not stop the run
+        return f"describe() failed: {exc}"
+
+
+def _apply_first_frame_state(eng: Any, state: dict[str, Any]) -> None:
+    if "normalisation" in state:
+        from ..engines.inference import Normalisation
+
+        # denoise fixes its normalisation on a stream's first frame; there is no public setter yet
+        eng._norm = Normalisation(**state["normalisation"])
+
+
+def build_chain(engines: list[str], params: dict[str, dict[str, Any]], spec: Any,
+                state: list[dict[str, Any]] | None = None) -> list[Any]:
+    from ..engines import create_engine
+
+    chain = []
+    for i, name in enumerate(engines):
+        st = (state or [{}] * len(engines))[i]
+        eng = create_engine(name, **{**params.get(name, {}), **st.get("params", {})})
+        eng.setup(spec)
+        _apply_first_frame_state(eng, st)
+        chain.append(eng)
+    return chain
+
+
+def run_frame(engines: list[str], chain: list[Any], frame: np.ndarray, finfo: Any) -> dict[str, Any]:
+    """One frame through the chain; outputs by product name (scalars as floats)."""
+    x: Any = frame
+    out: dict[str, Any] = {}
+    for name, eng in zip(engines, chain):
+        res = eng.process(x, finfo)
+        scalars = set(getattr(eng, "scalar_outputs", ()))
+        for pname, value in res.items():
+            if pname == "events":
+                continue
+            out[pname] = float(value) if (pname in scalars or np.ndim(value) == 0) else value
+        passes = getattr(eng, "passes", eng.outputs[0])
+        if passes is not None and passes in res:
+            x = res[passes]
+    return out
+
+
+# ============================================================================ the job
+
+
+@dataclasses.dataclass
+class Job:
+    """Everything a task needs; small (sent once to each worker)."""
+
+    source: Source
+    out: str
+    engines: list[str]
+    params: dict[str, dict[str, Any]]
+    n_t: int
+    units: list[tuple[int, int | None]]  # (c, z); z None: whole stacks (volume engines)
+    unit_state: list[list[dict[str, Any]]]  # per unit, per engine: what its first frame fixed
+    images: dict[str, str]  # product -> dtype
+    scalars: list[str]
+    chunk_t: int
+    tile: tuple[int, int]  # core size (y, x) of the spatial tiles
+    halo: int
+    warmup: int
+    sequential: bool
+    save_raw: bool
+    spec_extra: dict[str, Any]
+    checkpoint: bool = True
+    describe: dict[str, Any] = dataclasses.field(default_factory=dict)  # the engines, for provenance
+
+    # -- geometry
+    @property
+    def n_tchunks(self) -> int:
+        return -(-self.n_t // self.chunk_t)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        Y, X = self.source.sizes["y"], self.source.sizes["x"]
+        return -(-Y // self.tile[0]), -(-X // self.tile[1])
+
+    def tchunk(self, ti: int) -> tuple[int, int]:
+        return ti * self.chunk_t, min(self.n_t, (ti + 1) * self.chunk_t)
+
+    def core(self, yi: int, xi: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        Y, X = self.source.sizes["y"], self.source.sizes["x"]
+        ty, tx = self.tile
+        return (yi * ty, min(Y, (yi + 1) * ty)), (xi * tx, min(X, (xi + 1) * tx))
+
+    def chunks(self) -> Iterator[tuple[int, int, int, int]]:
+        gy, gx = self.grid
+        for ui in range(len(self.units)):
+            for ti in range(self.n_tchunks):
+                for yi in range(gy):
+                    for xi in range(gx):
+                        yield ui, ti, yi, xi
+
+    # -- where things are
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.out) / STATE_DIR
+
+    def marker(self, ui: int, ti: int, yi: int, xi: int) -> Path:
+        return self.state_dir / "done" / f"u{ui}_t{ti}_y{yi}_x{xi}.json"
+
+    def checkpoint_path(self, ui: int, yi: int, xi: int) -> Path:
+        return self.state_dir / "state" / f"u{ui}_y{yi}_x{xi}.pkl"
+
+    def fingerprint(self) -> str:
+        facts = {"source": self.source.path, "n_t": self.n_t, "engines": self.engines,
+                 "params": self.params, "chunk_t": self.chunk_t, "tile": self.tile, "halo": self.halo,
+                 "warmup": self.warmup, "save_raw": self.save_raw, "units": self.units}
+        return hashlib.sha1(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
+
+    def lead_index(self, t: Any, unit: tuple[int, int | None]) -> tuple:
+        c, z = unit
+        return ((t,) + ((c,) if self.source.has_c else ())
+                + ((slice(None) if z is None else z,) if self.source.has_z else ()))
+
+    def spec(self, shape: tuple[int, ...], unit: tuple[int, int | None]) -> Any:
+        from ..engines import StreamSpec
+
+        info = self.source.info
+        return StreamSpec(shape=shape, dtype=self.spec_extra["dtype"], bits=self.spec_extra["bits"],
+                          pixel_size_um=info.get("pixel_size_um"), z_step_um=info.get("z_step_um"),
+                          interval_s=info.get("interval_s"), channel=str(unit[0]))
+
+    def frame_info(self, t: int, ui: int) -> Any:
+        from ..engines import FrameInfo
+
+        c, z = self.units[ui]
+        ts = t * float(self.source.info.get("interval_s") or 1.0)
+        index = {"t": t, "c": c} if z is None else {"t": t, "c": c, "z": z}
+        return FrameInfo(seq=t * len(self.units) + ui, timestamp=ts, index=index)
+
+
+# -- output arrays -----------------------------------------------------------------------------
+
+_ARRAYS: dict[str, Any] = {}
+
+
+def _ts_context() -> Any:
+    import tensorstore as ts
+
+    return ts.Context({"data_copy_concurrency": {"limit": 2}})
+
+
+def _array_spec(path: Path) -> dict[str, Any]:
+    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+
+
+def create_array(path: Path, shape: list[int], shard: list[int], dtype: str, names: list[str]) -> Any:
+    """A pre-sized zarr v3 array, sharded like the live store (one plane or tile per inner chunk)."""
+    import tensorstore as ts
+
+    dt = np.dtype(dtype)
+    inner = [1] * (len(shape) - 2) + shard[-2:]
+    spec = _array_spec(path)
+    spec["metadata"] = {
+        "shape": shape,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": shard}},
+        "chunk_key_encoding": {"name": "default"},
+        "data_type": dt.name,
+        "fill_value": "NaN" if dt.kind == "f" else 0,
+        "codecs": [{"name": "sharding_indexed", "configuration": {
+            "chunk_shape": inner,
+            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+            "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+            "index_location": "end"}}],
+        "dimension_names": names,
+    }
+    return ts.open(spec, create=True, delete_existing=True, context=_ts_context()).result()
+
+
+def _out_array(path: Path) -> Any:
+    key = str(path)
+    arr = _ARRAYS.get(key)
+    if arr is None:
+        import tensorstore as ts
+
+        arr = _ARRAYS[key] = ts.open(_array_spec(path), context=_ts_context()).result()
+    return arr
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.{time.monotonic_ns()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# ============================================================================ tasks
+
+
+def _run_frames(job: Job, chain: list[Any], ui: int, t_first: int, data: np.ndarray, keep_from: int,
+                crop: tuple[slice, slice]) -> tuple[dict[str, list[np.ndarray]], dict[str, list[float]]]:
+    """Frames t_first.. of ``data`` through the chain; outputs kept from time ``keep_from`` on."""
+    images: dict[str, list[np.ndarray]] = {p: [] for p in job.images if p != "raw"}
+    scalars: dict[str, list[float]] = {s: [] for s in job.scalars}
+    for i in range(data.shape[0]):
+        t = t_first + i
+        out = run_frame(job.engines, chain, data[i], job.frame_info(t, ui))
+        if t < keep_from:
+            continue  # warm-up
+        for p in images:
+            images[p].append(np.asarray(out[p], dtype=np.float32)[(..., *crop)])
+        for s in scalars:
+            scalars[s].append(float(out[s]))
+    return images, scalars
+
+
+def _write_chunk(job: Job, ui: int, ti: int, yi: int, xi: int, raw: np.ndarray | None,
+                 images: dict[str, list[np.ndarray]], scalars: dict[str, list[float]], seconds: float) -> dict:
+    """Write a chunk's data, wait for it, then its marker (the order resume relies on)."""
+    t0, t1 = job.tchunk(ti)
+    (y0, y1), (x0, x1) = job.core(yi, xi)
+    sel = job.lead_index(slice(t0, t1), job.units[ui]) + (slice(y0, y1), slice(x0, x1))
+    futs = []
+    window: dict[str, list[float]] = {}
+    if raw is not None:
+        futs.append(_out_array(Path(job.out) / "raw" / "0")[sel].write(raw.astype(job.images["raw"], copy=False)))
+    for p, planes in images.items():
+        block = np.stack(planes)
+        futs.append(_out_array(Path(job.out) / p / "0")[sel].write(block))
+        finite = block[np.isfinite(block)]
+        if finite.size:
+            window[p] = [float(np.percentile(finite, 0.1)), float(np.percentile(finite, 99.9))]
+    for f in futs:
+        f.result()
+    marker = {"t": [t0, t1], "unit": ui, "tile": [yi, xi], "scalars": scalars, "window": window,
+              "seconds": round(seconds, 4), "host": socket.gethostname(), "pid": os.getpid()}
+    _atomic_write(job.marker(ui, ti, yi, xi), json.dumps(marker).encode())
+    return marker
+
+
+def _read_region(job: Job, ui: int, t0: int, t1: int, yi: int, xi: int) -> tuple[np.ndarray, tuple[slice, slice]]:
+    """Input frames t0..t1-1 of a tile with its halo, and where the core sits in it."""
+    Y, X = job.source.sizes["y"], job.source.sizes["x"]
+    (y0, y1), (x0, x1) = job.core(yi, xi)
+    h = job.halo
+    ya, yb, xa, xb = max(0, y0 - h), min(Y, y1 + h), max(0, x0 - h), min(X, x1 + h)
+    c, z = job.units[ui]
+    data = job.source.read(t0, t1, c, z, (ya, yb), (xa, xb))
+    return data, (slice(y0 - ya, y1 - ya), slice(x0 - xa, x1 - xa))
+
+
+def run_chunk(job: Job, ui: int, ti: int, yi: int, xi: int) -> dict[str, Any]:
+    """One chunk from scratch: warm-up frames, then its own. Skipped when its marker exists."""
+    if job.marker(ui, ti, yi, xi).exists():
+        return {"skipped": True, "frames": 0}
+    t_start = time.perf_counter()
+    t0, t1 = job.tchunk(ti)
+    w0 = max(0, t0 - job.warmup)
+    data, crop = _read_region(job, ui, w0, t1, yi, xi)
+    chain = build_chain(job.engines, job.params, job.spec(tuple(data.shape[1:]), job.units[ui]), job.unit_state[ui])
+    try:
+        images, scalars = _run_frames(job, chain, ui, w0, data, t0, crop)
+    finally:
+        for eng in chain:
+            with contextlib.suppress(Exception):
+                getattr(eng, "close", lambda: None)()
+    raw = data[t0 - w0:][(..., *crop)] if job.save_raw else None
+    _write_chunk(job, ui, ti, yi, xi, raw, images, scalars, time.perf_counter() - t_start)
+    share = 1.0 / (job.grid[0] * job.grid[1])  # a tile is this much of a frame
+    return {"skipped": False, "frames": (t1 - t0) * share, "bytes": int(data[t0 - w0:][(..., *crop)].nbytes)}
+
+
+def run_chain(job: Job, ui: int, yi: int, xi: int) -> dict[str, Any]:
+    """All time chunks of one unit and tile, in order, the engines' state carried from chunk to
+    chunk (exact for engines with unbounded memory). After each chunk the state is saved, so a
+    rerun continues from the last one; chunks already marked done are recomputed (the state needs
+    them) but not rewritten."""
+    import cloudpickle  # a dependency of dask.distributed; pickles the engines' array modules too
+
+    ck = job.checkpoint_path(ui, yi, xi)
+    chain, start = None, 0
+    if ck.exists():
+        try:
+            after, chain = cloudpickle.loads(ck.read_bytes())
+            start = after + 1
+        except Exception as exc:  # a checkpoint from another version: start over, exactly
+            log.warning("ignoring checkpoint %s (%s); starting the chain from its first frame", ck, exc)
+            chain, start = None, 0
+    frames = 0
+    nbytes = 0
+    for ti in range(start, job.n_tchunks):
+        t_start = time.perf_counter()
+        t0, t1 = job.tchunk(ti)
+        data, crop = _read_region(job, ui, t0, t1, yi, xi)
+        if chain is None:
+            chain = build_chain(job.engines, job.params, job.spec(tuple(data.shape[1:]), job.units[ui]))
+        images, scalars = _run_frames(job, chain, ui, t0, data, t0, crop)
+        if not job.marker(ui, ti, yi, xi).exists():
+            raw = data[(..., *crop)] if job.save_raw else None
+            _write_chunk(job, ui, ti, yi, xi, raw, images, scalars, time.perf_counter() - t_start)
+            frames += (t1 - t0) / (job.grid[0] * job.grid[1])
+            nbytes += int(data[(..., *crop)].nbytes)
+        if job.checkpoint and ti + 1 < job.n_tchunks:
+            _atomic_write(ck, cloudpickle.dumps((ti, chain)))
+    with contextlib.suppress(FileNotFoundError):
+        ck.unlink()  # the chain is complete: its state is no longer needed
+    return {"skipped": frames == 0, "frames": frames, "bytes": nbytes}
+
+
+# ============================================================================ planning
+
+
+def _auto_chunk_t(plane_bytes: int, n_t: int, warmup: int, target_mb: float = 64.0) -> int:
+    n = int(max(1, min(256, target_mb * 2**20 // max(plane_bytes, 1))))
+    if warmup:
+        n = max(n, 4 * warmup)  # warm-up frames cost at most a quarter more work
+    return max(1, min(n, n_t))
+
+
+def plan_job(input_path: str | os.PathLike, out: str | os.PathLike, engines: list[str],
+             engine_params: dict[str, dict[str, Any]] | None = None, *, frames: int | None = None,
+             chunk_t: int | None = None, tile: int | None = None, save_raw: bool = True) -> Job:
+    """Open the input, run each unit's first frame through the chain (what it fixes there, and
+    which products it makes) and derive the chunking."""
+    from ..engines import engine_factory
+
+    src = open_source(input_path)
+    params = {k: dict(v) for k, v in (engine_params or {}).items()}
+    n_t = src.sizes["t"] if frames is None else min(int(frames), src.sizes["t"])
+    if n_t < 1:
+        raise ValueError(f"{input_path} has no frames to process")
+    volume = [bool(getattr(engine_factory(e)(**params.get(e, {})), "needs_volume", False)) for e in engines]
+    if any(volume) and not all(volume):
+        raise ValueError("the chain mixes engines on planes and on z-stacks; run them in two passes")
+    stacks = bool(volume) and all(volume)
+    if stacks and not src.has_z:
+        raise ValueError(f"{input_path} has no z axis but the engines want z-stacks (volume=True)")
+    zs: list[int | None] = [None] if stacks else list(range(src.sizes["z"]))
+    units = [(c, z) for c in range(src.sizes["c"]) for z in zs]
+    dtype = np.dtype(src.dtype)
+    raw_dtype = "float32" if dtype.kind == "f" else dtype.name
+    bits = dtype.itemsize * 8 if dtype.kind in "ui" else 16
+    job = Job(source=src, out=str(out), engines=list(engines), params=params, n_t=n_t, units=units,
+              unit_state=[], images={}, scalars=[], chunk_t=1, tile=(src.sizes["y"], src.sizes["x"]),
+              halo=0, warmup=0, sequential=False, save_raw=save_raw,
+              spec_extra={"dtype": raw_dtype, "bits": bits})
+    images: dict[str, str] = {"raw": raw_dtype} if save_raw else {}
+    scalars: list[str] = []
+    reach: list[Reach] = []
+    Y, X = src.sizes["y"], src.sizes["x"]
+    for ui, (c, z) in enumerate(units):
+        first = src.read(0, 1, c, z, (0, Y), (0, X))[0]
+        chain = build_chain(engines, params, job.spec(tuple(first.shape), (c, z)))
+        out_ = run_frame(engines, chain, first, job.frame_info(0, ui))
+        job.unit_state.append([_first_frame_state(n, e) for n, e in zip(engines, chain)])
+        if ui == 0:
+            reach = [engine_reach(n, e) for n, e in zip(engines, chain)]
+            job.describe = {n: _describe(e) for n, e in zip(engines, chain)}
+            for k, v in out_.items():
+                if isinstance(v, float):
+                    scalars.append(k)
+                else:
+                    images[k] = "float32"
+        for e in chain:
+            with contextlib.suppress(Exception):
+                getattr(e, "close", lambda: None)()
+    halo = None if any(r.halo is None for r in reach) else sum(r.halo for r in reach)  # type: ignore[misc]
+    warmup = None if any(r.warmup is None for r in reach) else sum(r.warmup for r in reach)  # type: ignore[misc]
+    multiple = math.lcm(*[r.multiple for r in reach]) if reach else 1
+    if halo is None and tile:
+        log.warning("the chain %s needs whole frames; --tile %d ignored", engines, tile)
+    if halo is not None and tile and (tile < Y or tile < X):
+        core = max(multiple, -(-int(tile) // multiple) * multiple)
+        if halo % multiple:
+            halo = -(-halo // multiple) * multiple
+        job.tile = (min(core, Y), min(core, X))
+    job.halo = halo or 0
+    job.sequential = warmup is None
+    job.warmup = warmup or 0
+    plane = int(np.prod(job.tile)) * dtype.itemsize * (src.sizes["z"] if stacks else 1)
+    job.chunk_t = int(chunk_t) if chunk_t else _auto_chunk_t(plane, n_t, job.warmup)
+    job.images, job.scalars = images, scalars
+    return job
+
+
+# ============================================================================ the driver
+
+
+def _create_output(job: Job, overwrite: bool, provenance: dict[str, Any]) -> None:
+    """The output folder with the live layout (via the store), then every array pre-sized with
+    shards of one time chunk x one tile."""
+    from ..bridges.store import RECORD_FIELDS, ImageLayout, OmeZarrStore
+
+    src = job.source
+    lay = ImageLayout(plane_shape=(src.sizes["y"], src.sizes["x"]), dtype=job.images.get("raw", job.spec_extra["dtype"]),
+                      has_c=src.has_c, has_z=src.has_z, n_c=src.sizes["c"], n_z=src.sizes["z"],
+                      bits=job.spec_extra["bits"], pixel_size_um=src.info.get("pixel_size_um"),
+                      z_step_um=src.info.get("z_step_um"), interval_s=src.info.get("interval_s"))
+    store = OmeZarrStore(job.out, overwrite=overwrite, provenance=provenance)
+    names = list(job.images) + (["raw"] if job.scalars and "raw" not in job.images else [])
+    for p in names:
+        store.image(p, 0, 0, lay if p == "raw" else ImageLayout(**{**lay.__dict__, "dtype": "float32"}))
+    store.close()
+    lead = lay.lead_shape(job.n_t)
+    shard_lead = [job.chunk_t] + [1] * (len(lead) - 1)
+    for p in names:
+        dt = job.images.get(p, job.spec_extra["dtype"])
+        create_array(Path(job.out) / p / "0", lead + [src.sizes["y"], src.sizes["x"]],
+                     shard_lead + list(job.tile), dt, lay.axes)
+        rec_dir = Path(job.out) / p / "livescope"
+        fields = dict(RECORD_FIELDS)
+        if p == "raw":
+            fields.update({s: "float64" for s in job.scalars})
+        for k, dt_k in fields.items():
+            _create_records(rec_dir / k, lead, dt_k, lay.axes[:-2])
+    job.state_dir.mkdir(parents=True, exist_ok=True)
+    (job.state_dir / "done").mkdir(exist_ok=True)
+    _atomic_write(job.state_dir / "job.json", json.dumps(
+        {"fingerprint": job.fingerprint(), "chunks": sum(1 for _ in job.chunks())}).encode())
+
+
+def _create_records(path: Path, lead: list[int], dtype: str, names: list[str]) -> None:
+    import tensorstore as ts
+
+    fill = {"seq": -1, "saturated": -1, "status": 0}.get(path.name, "NaN")
+    spec = _array_spec(path)
+    shard = [256] + lead[1:]
+    spec["metadata"] = {"shape": lead, "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": shard}},
+                        "chunk_key_encoding": {"name": "default"}, "data_type": dtype, "fill_value": fill,
+                        "codecs": [{"name": "sharding_indexed", "configuration": {
+                            "chunk_shape": shard, "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+                            "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                                             {"name": "crc32c"}], "index_location": "end"}}],
+                        "dimension_names": names}
+    ts.open(spec, create=True, delete_existing=True, context=_ts_context()).result()
+
+
+def _finalize(job: Job, summary: dict[str, Any]) -> dict[str, int]:
+    """Records and metadata from the markers (the driver is their only writer)."""
+    import tensorstore as ts
+
+    from ..bridges.store import STATUS
+
+    src = job.source
+    lead = [job.n_t] + ([src.sizes["c"]] if src.has_c else []) + ([src.sizes["z"]] if src.has_z else [])
+    gy, gx = job.grid
+    status = np.zeros(lead, np.uint8)
+    seq = np.full(lead, -1, np.int64)
+    tim = np.full(lead, np.nan)
+    scal = {s: np.full(lead, np.nan) for s in job.scalars}
+    windows: dict[str, list[float]] = {}
+    done_chunks = 0
+    for ui in range(len(job.units)):
+        for ti in range(job.n_tchunks):
+            markers = []
+            for yi in range(gy):
+                for xi in range(gx):
+                    m = job.marker(ui, ti, yi, xi)
+                    if m.exists():
+                        markers.append(json.loads(m.read_text()))
+            done_chunks += len(markers)
+            if len(markers) < gy * gx:
+                continue  # a frame counts as saved only when all its tiles are
+            t0, t1 = job.tchunk(ti)
+            ts_ = np.arange(t0, t1)
+            sel = job.lead_index(slice(t0, t1), job.units[ui])
+            status[sel] = STATUS["saved"]
+            seqs = ts_ * len(job.units) + ui
+            times = ts_ * float(src.info.get("interval_s") or 1.0)
+            extra = (1,) * (status[sel].ndim - 1)
+            seq[sel] = seqs.reshape(-1, *extra)
+            tim[sel] = times.reshape(-1, *extra)
+            for mk in markers:
+                for s, vals in mk["scalars"].items():
+                    scal[s][sel] = np.asarray(vals).reshape(-1, *extra)
+                for p, (lo, hi) in mk["window"].items():
+                    w = windows.setdefault(p, [math.inf, -math.inf])
+                    windows[p] = [min(w[0], lo), max(w[1], hi)]
+    names = list(job.images) + (["raw"] if job.scalars and "raw" not in job.images else [])
+    saved = {}
+    for p in names:
+        rec = {"seq": seq, "time": tim, "status": status if p in job.images else np.zeros_like(status),
+               "saturated": np.full(lead, -1, np.int32)}
+        if p == "raw":
+            rec.update(scal)
+        futs = [ts.open(_array_spec(Path(job.out) / p / "livescope" / k), context=_ts_context()).result()
+                .write(v) for k, v in rec.items()]
+        for f in futs:
+            f.result()
+        gpath = Path(job.out) / p / "zarr.json"
+        meta = json.loads(gpath.read_text())
+        attrs = meta["attributes"]
+        n_saved = int((rec["status"] == STATUS["saved"]).sum())
+        attrs["livescope"].update({"frames": job.n_t, "saved": n_saved})
+        saved[p] = n_saved
+        if p in windows and math.isfinite(windows[p][0]):
+            for ch in attrs["ome"].get("omero", {}).get("channels", []):
+                ch["window"].update({"start": windows[p][0], "end": windows[p][1],
+                                     "min": windows[p][0], "max": windows[p][1]})
+        _atomic_write(gpath, json.dumps(meta, indent=1).encode())
+    root = Path(job.out) / "zarr.json"
+    meta = json.loads(root.read_text())
+    prov = meta["attributes"]["livescope"].setdefault("provenance", {})
+    prov.setdefault("runs", []).append(summary)
+    prov["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    prov["chunks_done"] = done_chunks
+    _atomic_write(root, json.dumps(meta, indent=1, default=str).encode())
+    return saved
+
+
+@contextlib.contextmanager
+def _client(scheduler: str | None, workers: int | None, processes: bool, memory_limit: str | None):
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        client = Client(scheduler)
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    n = workers or max(1, min(os.cpu_count() or 1, 4))
+    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=processes,
+                           memory_limit=memory_limit or "auto", dashboard_address=":0",
+                           silence_logs=logging.WARNING)
+    client = Client(cluster)
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()
+
+
+def _dashboard(client: Any) -> str:
+    try:
+        import bokeh  # noqa: F401 - the dashboard needs it
+    except ImportError:
+        return f"{client.dashboard_link} (not served: `pip install bokeh` to see it)"
+    return str(client.dashboard_link)
+
+
+def run_job(job: Job, *, scheduler: str | None = None, workers: int | None = None, resume: bool = False,
+            overwrite: bool = False, progress: bool = True, processes: bool = True,
+            memory_limit: str | None = None, provenance: dict[str, Any] | None = None,
+            client: Any = None) -> dict[str, Any]:
+    """Create (or, with ``resume``, reopen) the output, run every chunk not yet done on the
+    cluster, then write records and metadata."""
+    from tqdm import tqdm
+
+    jf = job.state_dir / "job.json"
+    if resume and jf.exists():
+        prev = json.loads(jf.read_text())
+        if prev.get("fingerprint") != job.fingerprint():
+            raise ValueError(
+                f"{job.out} was started with another input, engines, parameters or chunking; resume it "
+                "with the same command (same --chunk-t / --tile), or start again with --overwrite")
+    else:
+        if resume:
+            log.info("%s: nothing to resume; starting", job.out)
+        prov = dict(provenance or {})
+        prov.setdefault("source", f"file:{job.source.path}")
+        prov["mode"] = "process"
+        prov["engines"] = {e: job.params.get(e, {}) for e in job.engines}
+        prov["engine_describe"] = job.describe
+        prov["chunking"] = {"chunk_t": job.chunk_t, "tile": list(job.tile), "halo": job.halo,
+                            "warmup": job.warmup, "in_order": job.sequential,
+                            "first_frame_state": job.unit_state}
+        _create_output(job, overwrite=overwrite, provenance=prov)
+    total = sum(1 for _ in job.chunks())
+    done_before = sum(1 for k in job.chunks() if job.marker(*k).exists())
+    gy, gx = job.grid
+    t_start = time.perf_counter()
+    frames = 0
+    nbytes = 0
+    with contextlib.ExitStack() as stack:
+        if client is None:
+            client = stack.enter_context(_client(scheduler, workers, processes, memory_limit))
+        n_workers = len(client.scheduler_info().get("workers", {}))
+        dash = _dashboard(client)
+        if progress:
+            print(f"livescope process: {total} chunks ({done_before} done before), {n_workers} workers, "
+                  f"dashboard {dash}", flush=True)
+        log.info("dashboard: %s", dash)
+        job_f = client.scatter(job, broadcast=True)
+        futures = []
+        if job.sequential:
+            for ui in range(len(job.units)):
+                for yi in range(gy):
+                    for xi in range(gx):
+                        if not all(job.marker(ui, ti, yi, xi).exists() for ti in range(job.n_tchunks)):
+                            futures.append(client.submit(run_chain, job_f, ui, yi, xi, pure=False,
+                                                         key=f"livescope-chain-u{ui}-y{yi}-x{xi}-{time.time_ns()}"))
+        else:
+            for k in job.chunks():
+                if not job.marker(*k).exists():
+                    futures.append(client.submit(run_chunk, job_f, *k, pure=False,
+                                                 key=f"livescope-chunk-{'-'.join(map(str, k))}-{time.time_ns()}"))
+        from distributed import wait
+
+        bar = tqdm(total=total, initial=done_before, unit="chunk", desc="process", disable=not progress)
+        pending = set(futures)
+        seen = done_before
+        try:
+            while pending:
+                try:
+                    finished = wait(list(pending), timeout=0.5, return_when="FIRST_COMPLETED").done
+                except TimeoutError:  # nothing finished in this half second: update the bar
+                    finished = set()
+                for f in finished:
+                    pending.discard(f)
+                    r = f.result()  # raises the task's own error (after Dask's retries)
+                    frames += r["frames"]
+                    nbytes += r.get("bytes", 0)
+                now = sum(1 for _ in (job.state_dir / "done").glob("*.json"))
+                if now > seen:
+                    bar.update(now - seen)
+                    seen = now
+                el = time.perf_counter() - t_start
+                bar.set_postfix(fps=f"{frames / el:.1f}" if el else "-", refresh=False)
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
+        finally:
+            bar.close()
+    elapsed = time.perf_counter() - t_start
+    summary = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() - elapsed)),
+               "seconds": round(elapsed, 3), "workers": n_workers, "scheduler": scheduler or "LocalCluster",
+               "chunks": total, "chunks_done_before": done_before, "chunk_t": job.chunk_t,
+               "tile": list(job.tile), "halo": job.halo, "warmup": job.warmup,
+               "in_order": job.sequential, "unit_state": job.unit_state}
+    saved = _finalize(job, summary)
+    n_frames = job.n_t * len(job.units)
+    frames = int(round(frames))
+    return {"frames": frames, "frames_total": n_frames, "seconds": round(elapsed, 3),
+            "fps": round(frames / elapsed, 2) if elapsed else None,
+            "mb_per_s": round(nbytes / 2**20 / elapsed, 2) if elapsed else None,
+            "chunks": total, "chunks_done_before": done_before, "workers": n_workers,
+            "chunk_t": job.chunk_t, "tile": list(job.tile), "halo": job.halo, "warmup": job.warmup,
+            "in_order": job.sequential, "out": job.out, "images": sorted(saved), "saved": saved}
