@@ -61,13 +61,19 @@ class MMCoreBridge:
         camera: dict[str, Any] | None = None,
         bits: int | None = None,
         send_end: bool = True,
+        shm: bool | None = False,
     ) -> None:
         self.core = core
         self.stream = stream
         self.camera = camera
         self.bits = bits
         self.send_end = send_end
-        self.publisher = FramePublisher(address, stream=stream, block=True, send_timeout_ms=2000, hwm=16)
+        if shm is False:
+            self.publisher = FramePublisher(address, stream=stream, block=True, send_timeout_ms=2000, hwm=16)
+        else:  # same-host shared memory (None: when the address is on this machine); bridges/shm.py
+            from .shm import make_publisher
+
+            self.publisher = make_publisher(address, stream, shm=shm, block=True, send_timeout_ms=2000, hwm=16)
         self._queue: queue.Queue = queue.Queue(maxsize=buffer_frames)
         self.seq = 0
         self.dropped = 0

@@ -194,7 +194,16 @@ def fit(sources: np.ndarray | Sequence[np.ndarray], *, model: ModelFile | None =
         return _augment(out, rng), has_next
 
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+
+    def schedule(step: int) -> float:
+        """Warm-up then cosine decay over whichever runs out first, steps or the time budget, so
+        a run stopped by its budget still ends at a low learning rate."""
+        frac = step / steps
+        if time_budget_s:
+            frac = max(frac, (time.perf_counter() - t0) / time_budget_s)
+        frac = min(frac, 1.0)
+        warm = min(1.0, frac / 0.05)
+        return lr * warm * 0.5 * (1 + np.cos(np.pi * frac)) + lr * 0.01
     losses: list[float] = []
     t0 = time.perf_counter()
     bar = None
@@ -222,10 +231,11 @@ def fit(sources: np.ndarray | Sequence[np.ndarray], *, model: ModelFile | None =
             sel = torch.from_numpy(has_next)
             terms.append(((pred[sel] - torch.from_numpy(data[:, -1])[sel]) ** 2).mean())
         loss = sum(terms)
+        for group in opt.param_groups:
+            group["lr"] = schedule(step)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        sched.step()
         losses.append(float(loss.detach()))
         if callback is not None:
             callback(step, losses[-1])

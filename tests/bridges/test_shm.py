@@ -445,3 +445,31 @@ def test_close_waits_for_the_reader_to_take_the_last_frames():
     finally:
         rx.close()
     assert json.loads(json.dumps(pub.segment_names)) == []
+
+
+def test_mmcore_bridge_over_shared_memory_into_a_daemon(tmp_path, free_address):
+    import zarr as _zarr
+
+    from livescope.bridges.mmcore import attach
+    from livescope.bridges.sim import SimConfig, SimMicroscope, SimSample
+    from livescope.daemon.config import DaemonConfig
+    from livescope.daemon.pipeline import Pipeline
+
+    cfg = DaemonConfig(source="zmq", out=tmp_path / "shm.zarr", ingest=free_address(), publish=None, control=None,
+                       exit_on_end=True)
+    pipeline = Pipeline(cfg)
+    pipeline.start()
+    scope = SimMicroscope(SimConfig(shape=(48, 64), seed=6))
+    bridge = attach(scope.core, cfg.ingest, shm=True)
+    try:
+        scope.core.mda.run(scope.sequence(frames=5, interval_s=0))
+        assert pipeline.wait(timeout=30)
+    finally:
+        bridge.close()
+        summary = pipeline.close()
+        scope.close()
+    assert bridge.publisher.mode == "shm"  # the pixels went through shared memory, not ZeroMQ
+    assert summary["frames"]["saved"] == 5 and summary["frames"]["rejected"] == 0
+    raw = _zarr.open_array(str(cfg.out / "raw" / "0"), mode="r")[...]
+    sample = SimSample(SimConfig(shape=(48, 64), seed=6))
+    np.testing.assert_array_equal(raw, np.stack([sample.render(t) for t in range(5)]))
