@@ -113,7 +113,7 @@ class Source:
                 keep.append("x")
             else:  # another axis (a position): the first
                 idx.append(0)
-        if self.kind == "tiff" and not isinstance(opened, np.ndarray):
+        if self.kind == "tiff" and not isinstance(opened, _ContiguousTiff):
             block = _read_tiff_pages(self, opened, idx)
         else:
             block = np.asarray(opened[tuple(idx)])
@@ -151,12 +151,16 @@ def _opened(src: Source) -> Any:
         elif src.kind == "tiff":
             import tifffile
 
-            try:
-                obj = tifffile.memmap(src.path, mode="r")  # uncompressed, contiguous: zero copy
-                if tuple(obj.shape) != tuple(src.shape):
-                    obj = tifffile.TiffFile(src.path)
-            except ValueError:
-                obj = tifffile.TiffFile(src.path)  # page by page
+            tif = tifffile.TiffFile(src.path)
+            series = tif.series[0]
+            if series.dataoffset is not None and tuple(series.shape) == tuple(src.shape):
+                # uncompressed and contiguous: plain reads at known offsets. Not a memory map: the
+                # pages a map touches count as the worker's memory, and Dask would restart it.
+                obj = _ContiguousTiff(src.path, int(series.dataoffset), tuple(series.shape),
+                                      np.dtype(series.dtype).newbyteorder(tif.byteorder))
+                tif.close()
+            else:
+                obj = tif  # page by page
         else:
             from ndstorage import Dataset
 
@@ -164,6 +168,31 @@ def _opened(src: Source) -> Any:
                 obj = Dataset(src.array_path)
         _OPENED[key] = obj
     return obj
+
+
+class _ContiguousTiff:
+    """``a[index]`` on an uncompressed, contiguous TIFF series by reading rows from the file."""
+
+    def __init__(self, path: str, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.path, self.offset, self.shape, self.dtype = path, offset, shape, dtype
+
+    def __getitem__(self, idx: tuple[Any, ...]) -> np.ndarray:
+        lead = self.shape[:-2]
+        Y, X = self.shape[-2:]
+        ys = range(Y)[idx[-2]]
+        xs = idx[-1]
+        ranges = [range(n)[i] if isinstance(i, slice) else [i] for i, n in zip(idx[:-2], lead)]
+        out = np.empty([len(r) for r in ranges] + [len(ys), X], dtype=self.dtype.newbyteorder("="))
+        row = X * self.dtype.itemsize
+        with open(self.path, "rb") as f:
+            for pos in np.ndindex(*out.shape[:-2]):
+                plane = int(np.ravel_multi_index(tuple(r[i] for r, i in zip(ranges, pos)), lead)) if lead else 0
+                f.seek(self.offset + (plane * Y + ys.start) * row)
+                buf = np.frombuffer(f.read(len(ys) * row), dtype=self.dtype).reshape(len(ys), X)
+                out[pos] = buf
+        out = out[..., xs]
+        squeeze = tuple(ax for ax, i in enumerate(idx[:-2]) if not isinstance(i, slice))
+        return out.reshape([n for ax, n in enumerate(out.shape) if ax not in squeeze])
 
 
 def _read_tiff_pages(src: Source, tif: Any, idx: list[Any]) -> np.ndarray:
@@ -567,11 +596,13 @@ def _run_frames(job: Job, chain: list[Any], ui: int, t_first: int, data: np.ndar
 
 
 def _write_chunk(job: Job, ui: int, ti: int, yi: int, xi: int, raw: np.ndarray | None,
-                 images: dict[str, list[np.ndarray]], scalars: dict[str, list[float]], seconds: float) -> dict:
+                 images: dict[str, list[np.ndarray]], scalars: dict[str, list[float]],
+                 timing: dict[str, float]) -> dict:
     """Write a chunk's data, wait for it, then its marker (the order resume relies on)."""
     t0, t1 = job.tchunk(ti)
     (y0, y1), (x0, x1) = job.core(yi, xi)
     sel = job.lead_index(slice(t0, t1), job.units[ui]) + (slice(y0, y1), slice(x0, x1))
+    t_write = time.perf_counter()
     futs = []
     window: dict[str, list[float]] = {}
     if raw is not None:
@@ -584,8 +615,10 @@ def _write_chunk(job: Job, ui: int, ti: int, yi: int, xi: int, raw: np.ndarray |
             window[p] = [float(np.percentile(finite, 0.1)), float(np.percentile(finite, 99.9))]
     for f in futs:
         f.result()
+    timing = {**timing, "write_s": time.perf_counter() - t_write}
     marker = {"t": [t0, t1], "unit": ui, "tile": [yi, xi], "scalars": scalars, "window": window,
-              "seconds": round(seconds, 4), "host": socket.gethostname(), "pid": os.getpid()}
+              "timing": {k: round(v, 5) for k, v in timing.items()}, "host": socket.gethostname(),
+              "pid": os.getpid()}
     _atomic_write(job.marker(ui, ti, yi, xi), json.dumps(marker).encode())
     return marker
 
@@ -609,6 +642,7 @@ def run_chunk(job: Job, ui: int, ti: int, yi: int, xi: int) -> dict[str, Any]:
     t0, t1 = job.tchunk(ti)
     w0 = max(0, t0 - job.warmup)
     data, crop = _read_region(job, ui, w0, t1, yi, xi)
+    t_read = time.perf_counter()
     chain = build_chain(job.engines, job.params, job.spec(tuple(data.shape[1:]), job.units[ui]), job.unit_state[ui])
     try:
         images, scalars = _run_frames(job, chain, ui, w0, data, t0, crop)
@@ -617,7 +651,8 @@ def run_chunk(job: Job, ui: int, ti: int, yi: int, xi: int) -> dict[str, Any]:
             with contextlib.suppress(Exception):
                 getattr(eng, "close", lambda: None)()
     raw = data[t0 - w0:][(..., *crop)] if job.save_raw else None
-    _write_chunk(job, ui, ti, yi, xi, raw, images, scalars, time.perf_counter() - t_start)
+    _write_chunk(job, ui, ti, yi, xi, raw, images, scalars,
+                 {"read_s": t_read - t_start, "compute_s": time.perf_counter() - t_read})
     share = 1.0 / (job.grid[0] * job.grid[1])  # a tile is this much of a frame
     return {"skipped": False, "frames": (t1 - t0) * share, "bytes": int(data[t0 - w0:][(..., *crop)].nbytes)}
 
@@ -644,12 +679,14 @@ def run_chain(job: Job, ui: int, yi: int, xi: int) -> dict[str, Any]:
         t_start = time.perf_counter()
         t0, t1 = job.tchunk(ti)
         data, crop = _read_region(job, ui, t0, t1, yi, xi)
+        t_read = time.perf_counter()
         if chain is None:
             chain = build_chain(job.engines, job.params, job.spec(tuple(data.shape[1:]), job.units[ui]))
         images, scalars = _run_frames(job, chain, ui, t0, data, t0, crop)
         if not job.marker(ui, ti, yi, xi).exists():
             raw = data[(..., *crop)] if job.save_raw else None
-            _write_chunk(job, ui, ti, yi, xi, raw, images, scalars, time.perf_counter() - t_start)
+            _write_chunk(job, ui, ti, yi, xi, raw, images, scalars,
+                         {"read_s": t_read - t_start, "compute_s": time.perf_counter() - t_read})
             frames += (t1 - t0) / (job.grid[0] * job.grid[1])
             nbytes += int(data[(..., *crop)].nbytes)
         if job.checkpoint and ti + 1 < job.n_tchunks:
@@ -671,7 +708,8 @@ def _auto_chunk_t(plane_bytes: int, n_t: int, warmup: int, target_mb: float = 64
 
 def plan_job(input_path: str | os.PathLike, out: str | os.PathLike, engines: list[str],
              engine_params: dict[str, dict[str, Any]] | None = None, *, frames: int | None = None,
-             chunk_t: int | None = None, tile: int | None = None, save_raw: bool = True) -> Job:
+             chunk_t: int | None = None, tile: int | None = None, save_raw: bool = True,
+             chunk_mb: float = 64.0) -> Job:
     """Open the input, run each unit's first frame through the chain (what it fixes there, and
     which products it makes) and derive the chunking."""
     from ..engines import engine_factory
@@ -730,7 +768,7 @@ def plan_job(input_path: str | os.PathLike, out: str | os.PathLike, engines: lis
     job.sequential = warmup is None
     job.warmup = warmup or 0
     plane = int(np.prod(job.tile)) * dtype.itemsize * (src.sizes["z"] if stacks else 1)
-    job.chunk_t = int(chunk_t) if chunk_t else _auto_chunk_t(plane, n_t, job.warmup)
+    job.chunk_t = int(chunk_t) if chunk_t else _auto_chunk_t(plane, n_t, job.warmup, chunk_mb)
     job.images, job.scalars = images, scalars
     return job
 
@@ -933,7 +971,9 @@ def run_job(job: Job, *, scheduler: str | None = None, workers: int | None = Non
             print(f"livescope process: {total} chunks ({done_before} done before), {n_workers} workers, "
                   f"dashboard {dash}", flush=True)
         log.info("dashboard: %s", dash)
-        job_f = client.scatter(job, broadcast=True)
+        # the job travels with each task (a few kB), not scattered: scattered data dies with the
+        # workers that hold it, and the run must survive losing any of them
+        job_f = job
         futures = []
         if job.sequential:
             for ui in range(len(job.units)):

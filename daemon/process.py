@@ -59,8 +59,14 @@ def process_file(
                                save_raw=save_raw, frames=frames, progress=progress)
     from .distributed import plan_job, run_job
 
+    chunk_mb = 64.0
+    if memory_limit:
+        from dask.utils import parse_bytes
+
+        # input, float32 products and the engines' scratch of one chunk: several times its input
+        chunk_mb = min(chunk_mb, parse_bytes(memory_limit) / 2**20 / 16)
     job = plan_job(input_path, out, engines, engine_params, frames=frames, chunk_t=chunk_t, tile=tile,
-                   save_raw=save_raw)
+                   save_raw=save_raw, chunk_mb=chunk_mb)
     return run_job(job, scheduler=scheduler, workers=workers, resume=resume, overwrite=overwrite,
                    progress=progress, processes=processes, memory_limit=memory_limit)
 
