@@ -37,13 +37,9 @@ def psygnal_signals() -> Any:
     queued Qt signals (and Qt signals would need qtpy)."""
     old = os.environ.get("PYMM_SIGNALS_BACKEND")
     os.environ["PYMM_SIGNALS_BACKEND"] = "psygnal"
-    # creating a core runs pymmcore-plus's configure_logging, which sets the ROOT logger to DEBUG:
-    # logging is the application's (our CLI's) to configure, so the root level is put back
-    root_level = logging.getLogger().level
     try:
         yield
     finally:
-        logging.getLogger().setLevel(root_level)
         if old is None:
             os.environ.pop("PYMM_SIGNALS_BACKEND", None)
         else:

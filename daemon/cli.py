@@ -22,7 +22,12 @@ DEMO_ENGINES = ("register", "denoise", "deconvolve", "decompose")
 
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING - 10 * verbose
+    try:  # importing pymmcore-plus sets the root logger to DEBUG: let it, then set ours
+        import pymmcore_plus._logger  # noqa: F401
+    except Exception:
+        pass
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger().setLevel(level)
     # pymmcore-plus logs every MDA event at INFO on its own logger: only with -vv
     logging.getLogger("pymmcore-plus").setLevel(logging.DEBUG if verbose >= 2 else max(level, logging.WARNING))
 
