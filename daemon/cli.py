@@ -226,8 +226,9 @@ def run_daemon(cfg: Any, *, progress: bool = False, on_started: Any = None) -> d
 
 def _print_summary(summary: dict[str, Any]) -> None:
     f = summary["frames"]
+    skipped = ", ".join(f"{k} {v}" for k, v in (f["skipped"] or {}).items()) or "none"
     print(f"frames: received {f['received']}, saved {f['saved']}, lost {f['lost']}, "
-          f"rejected {f['rejected']}, skipped by engines {f['skipped'] or 0}")
+          f"rejected {f['rejected']}; skipped under load (raw keeps them): {skipped}")
     for name, e in summary["engines"].items():
         lat = e["latency"]
         state = "on" if e["enabled"] else f"off ({e['reason']})"

@@ -19,6 +19,7 @@ from ..bridges.store import STATUS, read_records
 __all__ = ["last_frames", "render_montage", "main"]
 
 ORDER = ["raw", "registered", "denoised", "deconvolved", "background", "slow", "fast"]
+SKIP = {"residual"}  # the decomposition's remainder: in the store, not worth a tile
 
 
 def last_frames(store: str | Path) -> list[tuple[str, np.ndarray, int]]:
@@ -45,6 +46,7 @@ def last_frames(store: str | Path) -> list[tuple[str, np.ndarray, int]]:
         for a, n in zip(axes, arr.shape[1 : 1 + lead_rest]):
             sel.append(n // 2 if a == "z" else 0)
         out.append((entry["path"], np.asarray(arr[tuple(sel)]), t))
+    out = [o for o in out if o[0].split("_")[0] not in SKIP]
     out.sort(key=lambda x: (ORDER.index(x[0].split("_")[0]) if x[0].split("_")[0] in ORDER else 99, x[0]))
     return out
 
