@@ -26,7 +26,7 @@ field              required  meaning
 ``interval_s``     no        nominal frame interval in seconds
 ``binning``        no        camera binning (int)
 ``pixel_size_affine`` no     6 numbers (a, b, tx, c, d, ty): camera pixels -> stage micrometres
-``camera``         no        {offset, gain, read_noise, ...} when known
+``camera``         no        {offset (ADU), gain (ADU per photoelectron), read_noise (ADU), ...}
 ``product``        no        on preview sockets: which product this is (``raw``, ``denoised``, ...)
 ``meta``           no        the acquisition's own metadata (JSON object), passed on untouched
 ``shm``            no        same-host fast path: {name, slot, ...} of a shared-memory slot holding

@@ -227,7 +227,9 @@ class SimMicroscope:
             _unload(core)
 
     def camera_metadata(self) -> dict[str, Any]:
-        return {"offset": self.cfg.offset, "gain": self.cfg.gain, "read_noise": self.cfg.read_noise / self.cfg.gain}
+        """As the wire protocol has it: offset and read noise in ADU, gain in ADU per
+        photoelectron (the sim's ``gain`` is electrons per ADU, as camera sheets quote it)."""
+        return {"offset": self.cfg.offset, "gain": 1.0 / self.cfg.gain, "read_noise": self.cfg.read_noise / self.cfg.gain}
 
 
 def _unload(core: Any) -> None:

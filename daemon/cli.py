@@ -147,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None, help="a .lsm model (default: the shipped one)")
     p.add_argument("--shape", type=int, nargs=2, default=(512, 512), metavar=("H", "W"))
 
+    p = sub.add_parser("calibrate", help="camera noise calibration (gain, offset, read noise) from a movie")
+    p.add_argument("input", help="a TIFF time-lapse of the camera's frames")
+    p.add_argument("--dark", default=None, help="dark frames (TIFF): offset and read noise separately, sCMOS maps")
+    p.add_argument("--out", default=None, help="write the calibration as JSON")
+
     p = sub.add_parser("status", help="ask a running daemon for its status (JSON)")
     p.add_argument("--control", default=DEFAULT_CONTROL)
     p.add_argument("--timeout", type=float, default=3.0)
@@ -441,6 +446,18 @@ def _fit_live(args: argparse.Namespace) -> int:
         client.close()
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from ..engines.calibrate import calibrate_file
+
+    result = calibrate_file(args.input, dark=args.dark)
+    text = json.dumps(result, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"calibration written to {args.out}")
+    print(text if len(text) < 4000 else text[:4000] + "\n...")
+    return 0
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from ..engines.inference import compile_model
 
@@ -451,7 +468,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 COMMANDS = {"demo": cmd_demo, "daemon": cmd_daemon, "view": cmd_view, "process": cmd_process,
             "status": cmd_status, "stop": cmd_stop, "recover": cmd_recover, "fit": cmd_fit,
-            "compile": cmd_compile}
+            "compile": cmd_compile, "calibrate": cmd_calibrate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -337,7 +337,6 @@ class Reach:
 
 def engine_reach(name: str, eng: Any) -> Reach:
     """The chunking rule of one engine, from its parameters (after ``setup``)."""
-    scalars = tuple(getattr(eng, "scalar_outputs", ()))
     if name == "passthrough":
         return Reach(0, 0)
     if name == "deconvolve":
@@ -351,11 +350,11 @@ def engine_reach(name: str, eng: Any) -> Reach:
         reach = max(int(eng.overlap) // 2, receptive_radius(model.metadata.get("architecture", {})))
         # its normalisation is fixed on the first frame (handed over), so tiles are local
         return Reach(-(-reach // m) * m, int(model.k), m)
+    if name in ("decompose", "register"):
+        return Reach(None, None)  # running averages, a reference from the first frames
+    # an engine this table does not know: whole frames (it may normalise over them, and a
+    # per-frame number in ``scalars`` is about the whole frame); in order if it keeps a past
     window = getattr(eng, "window", 0)
-    if name in ("decompose", "register") or window is None:
-        return Reach(None, None)  # running averages / a reference from the first frames
-    if scalars:  # a per-frame number is about the whole frame
-        return Reach(None, 0 if not window else None)
     return Reach(None, 0 if not window else None)
 
 
@@ -579,24 +578,27 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def _run_frames(job: Job, chain: list[Any], ui: int, t_first: int, data: np.ndarray, keep_from: int,
-                crop: tuple[slice, slice]) -> tuple[dict[str, list[np.ndarray]], dict[str, list[float]]]:
+                crop: tuple[slice, slice]) -> tuple[dict[str, np.ndarray], dict[str, list[float]]]:
     """Frames t_first.. of ``data`` through the chain; outputs kept from time ``keep_from`` on."""
-    images: dict[str, list[np.ndarray]] = {p: [] for p in job.images if p != "raw"}
+    n_keep = t_first + data.shape[0] - keep_from
+    core = tuple(data.shape[1:-2]) + tuple(len(range(n)[c]) for c, n in zip(crop, data.shape[-2:]))
+    # one block per product, filled in place: a chunk's outputs are held once, not twice
+    images = {p: np.empty((n_keep, *core), np.float32) for p in job.images if p != "raw"}
     scalars: dict[str, list[float]] = {s: [] for s in job.scalars}
     for i in range(data.shape[0]):
         t = t_first + i
         out = run_frame(job.engines, chain, data[i], job.frame_info(t, ui))
         if t < keep_from:
             continue  # warm-up
-        for p in images:
-            images[p].append(np.asarray(out[p], dtype=np.float32)[(..., *crop)])
+        for p, block in images.items():
+            block[t - keep_from] = np.asarray(out[p], dtype=np.float32)[(..., *crop)]
         for s in scalars:
             scalars[s].append(float(out[s]))
     return images, scalars
 
 
 def _write_chunk(job: Job, ui: int, ti: int, yi: int, xi: int, raw: np.ndarray | None,
-                 images: dict[str, list[np.ndarray]], scalars: dict[str, list[float]],
+                 images: dict[str, np.ndarray], scalars: dict[str, list[float]],
                  timing: dict[str, float]) -> dict:
     """Write a chunk's data, wait for it, then its marker (the order resume relies on)."""
     t0, t1 = job.tchunk(ti)
@@ -607,12 +609,12 @@ def _write_chunk(job: Job, ui: int, ti: int, yi: int, xi: int, raw: np.ndarray |
     window: dict[str, list[float]] = {}
     if raw is not None:
         futs.append(_out_array(Path(job.out) / "raw" / "0")[sel].write(raw.astype(job.images["raw"], copy=False)))
-    for p, planes in images.items():
-        block = np.stack(planes)
+    for p, block in images.items():
         futs.append(_out_array(Path(job.out) / p / "0")[sel].write(block))
-        finite = block[np.isfinite(block)]
-        if finite.size:
-            window[p] = [float(np.percentile(finite, 0.1)), float(np.percentile(finite, 99.9))]
+        sample = block[::max(1, block.shape[0] // 4)].ravel()[::7]  # display range from a sample
+        sample = sample[np.isfinite(sample)]
+        if sample.size:
+            window[p] = [float(np.percentile(sample, 0.1)), float(np.percentile(sample, 99.9))]
     for f in futs:
         f.result()
     timing = {**timing, "write_s": time.perf_counter() - t_write}

@@ -145,6 +145,10 @@ class _Chain:
             self.pipeline._disable(state, f"setup failed: {type(exc).__name__}: {exc}")
             return None
         self.engines[state.name] = engine
+        # outputs may depend on parameters (trust's inner engine, register's volume): the instance
+        # knows best
+        state.outputs = tuple(getattr(engine, "outputs", state.outputs))
+        state.scalar_names = tuple(getattr(engine, "scalar_outputs", state.scalar_names))
         return engine
 
     def run(self, item: _Item) -> tuple[dict[str, np.ndarray], dict[str, float], list[dict], list[str]]:

@@ -63,8 +63,9 @@ def process_file(
     if memory_limit:
         from dask.utils import parse_bytes
 
-        # input, float32 products and the engines' scratch of one chunk: several times its input
-        chunk_mb = min(chunk_mb, parse_bytes(memory_limit) / 2**20 / 16)
+        # a chunk's input, its float32 products, their encoding for the write and the engines'
+        # scratch: measured up to ~10x the input, on top of ~100 MB of libraries per worker
+        chunk_mb = min(chunk_mb, parse_bytes(memory_limit) / 2**20 / 32)
     job = plan_job(input_path, out, engines, engine_params, frames=frames, chunk_t=chunk_t, tile=tile,
                    save_raw=save_raw, chunk_mb=chunk_mb)
     return run_job(job, scheduler=scheduler, workers=workers, resume=resume, overwrite=overwrite,

@@ -97,6 +97,7 @@ _LAZY: dict[str, str] = {
     "denoise": ".denoise",
     "decompose": ".decompose",
     "register": ".register",
+    "trust": ".trust",
 }
 
 

@@ -11,7 +11,8 @@ import zarr
 from livescope.daemon.cli import build_parser, main
 
 
-@pytest.mark.parametrize("command", ["demo", "daemon", "view", "process", "status", "stop", "recover"])
+@pytest.mark.parametrize("command", ["demo", "daemon", "view", "process", "status", "stop", "recover", "fit",
+                                     "compile", "calibrate"])
 def test_help_everywhere(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
@@ -76,3 +77,18 @@ def test_toml_config(tmp_path):
     p.write_text("nonsense = 1\n")
     with pytest.raises(ValueError, match="unknown setting"):
         load_config(p)
+
+
+def test_calibrate_a_sim_movie_recovers_the_gain(tmp_path, capsys):
+    import tifffile
+
+    from livescope.bridges.sim import SimConfig, SimSample
+
+    cfg = SimConfig(shape=(96, 96), seed=1, n_fast=0, n_slow=0)
+    sample = SimSample(cfg)
+    tifffile.imwrite(tmp_path / "m.tif", np.stack([sample.render(t) for t in range(16)]))
+    assert main(["calibrate", str(tmp_path / "m.tif"), "--out", str(tmp_path / "cal.json")]) == 0
+    result = json.loads((tmp_path / "cal.json").read_text())
+    assert abs(result["gain_adu_per_e"] - 1 / cfg.gain) / (1 / cfg.gain) < 0.05
+    assert abs(result["e_per_adu"] - cfg.gain) / cfg.gain < 0.05
+    assert "calibration written" in capsys.readouterr().out

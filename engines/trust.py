@@ -1,0 +1,486 @@
+"""Trust: every restored frame says how far to believe it.
+
+The ``trust`` engine wraps a restoration engine (``restore="denoise"`` or ``"deconvolve"``),
+runs it, and checks its product against the raw frame under the camera's noise model
+(:mod:`.calibrate`):
+
+- **residual** (denoising): ``raw - denoised`` must look like the camera's noise: standardised
+  by the model's variance it should have unit variance and no spatial correlation. Structure
+  left in it means signal was removed or invented;
+- **re-blur** (deconvolution): the result blurred again with the engine's own PSF (plus the
+  offset it removed) must reproduce the raw frame up to the noise: the same two tests;
+- **tta** (networks): the model's prediction under flips and a rotation, mapped back, must
+  agree: disagreement as a fraction of the noise's sigma. It costs three more inferences, so it
+  runs on every ``tta_every``-th frame only.
+
+Each check gives a map in [0, 1] (1: consistent with the noise) over windows of
+``(2 radius + 1)^2`` pixels, and a frame score: the map's ``area`` quantile (the trust that all
+but 1 % of the frame reaches). A score under its threshold adds an event
+``{"kind": "trust", "product", "score", "threshold", ...}`` for the feedback channel.
+
+Outputs for product ``P`` (``denoised`` / ``deconvolved``): the inner engine's outputs, the map
+``trust_P`` (float32 image), the scalars ``trust_P_score`` (residual or re-blur check),
+``trust_P_tta`` (sampled frames of networks only) and ``trust_P_ok`` (1.0 when every check
+computed on the frame passed). ``passes`` is the inner product, so the chain continues with it.
+
+The core functions are written against the array API (numpy, cupy, array_api_strict).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from . import _array
+from .base import EngineError, FrameInfo, StreamSpec, create_engine, engine_factory, register_engine
+from .calibrate import Calibrator, NoiseModel
+
+__all__ = [
+    "THRESHOLDS",
+    "Trust",
+    "box_mean",
+    "frame_score",
+    "reblur",
+    "residual_trust",
+    "score_deconvolved",
+    "score_denoised",
+    "standardised_residual",
+    "tta_predictions",
+    "tta_trust",
+]
+
+log = logging.getLogger(__name__)
+
+# Default thresholds on the frame scores: the 1 % quantile of the scores of a random half of
+# 2000 in-distribution 128x128 frames; the false-alarm rate on the other half was 0.0-0.8 %
+# (residual), 1.0-1.5 % (tta), 0.2-0.8 % (re-blur). Measured by `python bench/bench_trust.py`
+# (docs/trust.md has the frames, the rates per source and the machine).
+THRESHOLDS: dict[str, float] = {
+    "denoise": 0.52,
+    "deconvolve": 0.51,
+    "tta": 0.87,
+}
+
+TRANSFORMS = ("fliplr", "flipud", "rot90")
+
+# --------------------------------------------------------------------------- array helpers
+
+
+def box_mean(a: Any, radius: int) -> Any:
+    """Mean over a (2 radius + 1)^2 window, windows clipped at the frame's edges; an integral
+    image, so it runs on any array-API namespace (no ndimage needed)."""
+    xp = _array.namespace(a)
+    h, w = a.shape
+    c = xp.cumulative_sum(xp.cumulative_sum(xp.astype(a, xp.float64), axis=0), axis=1)
+    c = xp.concat([xp.zeros((1, w), dtype=c.dtype), c], axis=0)
+    c = xp.concat([xp.zeros((h + 1, 1), dtype=c.dtype), c], axis=1)
+    iy = np.arange(h)
+    ix = np.arange(w)
+    y0, y1 = np.clip(iy - radius, 0, h), np.clip(iy + radius + 1, 0, h)
+    x0, x1 = np.clip(ix - radius, 0, w), np.clip(ix + radius + 1, 0, w)
+
+    def take(yy: np.ndarray, xx: np.ndarray) -> Any:
+        rows = xp.take(c, xp.asarray(yy, dtype=xp.int64), axis=0)
+        return xp.take(rows, xp.asarray(xx, dtype=xp.int64), axis=1)
+
+    s = take(y1, x1) - take(y0, x1) - take(y1, x0) + take(y0, x0)
+    count = xp.asarray(((y1 - y0)[:, None] * (x1 - x0)[None, :]).astype(np.float64))
+    return xp.astype(s / count, a.dtype if a.dtype in (xp.float32, xp.float64) else xp.float32)
+
+
+def _pad_last(p: Any, axis: int) -> Any:
+    """Repeat the last row/column: lag products are one shorter than the frame."""
+    xp = _array.namespace(p)
+    last = p[-1:, :] if axis == 0 else p[:, -1:]
+    return xp.concat([p, last], axis=axis)
+
+
+def frame_score(trust_map: Any, area: float = 0.01, stride: int = 4) -> float:
+    """The trust that all but ``area`` of the frame reaches (a low quantile of the map; the
+    map is smooth over its windows, so every ``stride``-th pixel is enough)."""
+    xp = _array.namespace(trust_map)
+    sub = xp.reshape(trust_map[::stride, ::stride], (-1,))
+    s = xp.sort(sub)
+    k = int(min(max(math.floor(area * s.shape[0]), 0), s.shape[0] - 1))
+    return float(s[k])
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def standardised_residual(raw: Any, expected: Any, model: NoiseModel) -> Any:
+    """``(raw - expected) / sigma(expected)``: unit-variance white noise when ``expected`` is
+    the true signal and the noise model is right."""
+    xp = _array.namespace(raw, expected)
+    raw = xp.astype(raw, xp.float32)
+    expected = xp.astype(expected, xp.float32)
+    return (raw - expected) / xp.sqrt(model.variance(expected))
+
+
+def residual_trust(z: Any, radius: int = 8) -> tuple[Any, dict[str, float]]:
+    """Trust map of a standardised residual: local variance ``v`` (should be 1) and lag-1
+    autocorrelation ``rho`` (should be 0): ``min(v, 1/v) * (1 - |rho|)``, clipped to [0, 1].
+
+    The statistics are not centred on the local mean on purpose: a residual with a local bias
+    (a removed or invented blob) is structure, and raises both ``v`` and ``rho``.
+    Also returns the whole frame's ``var`` and ``rho`` (the naive baseline is ``var`` alone).
+    """
+    xp = _array.namespace(z)
+    z = xp.astype(z, xp.float32)
+    z2 = z * z
+    px = _pad_last(z[:, 1:] * z[:, :-1], 1)
+    py = _pad_last(z[1:, :] * z[:-1, :], 0)
+    v = box_mean(z2, radius)
+    rho = (box_mean(px, radius) + box_mean(py, radius)) / (2 * xp.clip(v, 1e-6, None))
+    tmap = xp.minimum(v, 1.0 / xp.clip(v, 1e-6, None)) * (1.0 - xp.clip(xp.abs(rho), 0.0, 1.0))
+    tmap = xp.clip(tmap, 0.0, 1.0)
+    var = float(xp.mean(z2))
+    rho_all = float((xp.mean(px) + xp.mean(py)) / (2 * max(var, 1e-6)))
+    return xp.astype(tmap, xp.float32), {"var": var, "rho": rho_all}
+
+
+def reblur(image: Any, psf: Any) -> Any:
+    """``image`` convolved with the centred ``psf`` (same ndim), edges reflected so light does
+    not wrap around; FFT-based (scipy.fft / cupyx / the namespace's fft)."""
+    xp = _array.namespace(image)
+    psf_np = np.asarray(_array.to_numpy(psf), dtype=np.float64)
+    psf_np = psf_np / psf_np.sum()
+    pads = [n // 2 + 1 for n in psf_np.shape]
+    idx = []
+    for n, p in zip(image.shape, pads, strict=True):
+        i = np.arange(-p, n + p)
+        i = np.abs(i)  # symmetric reflection, valid while p < n
+        i = np.where(i > n - 1, 2 * (n - 1) - i, i)
+        idx.append(np.clip(i, 0, n - 1))
+    ext = image
+    for ax, i in enumerate(idx):
+        ext = xp.take(ext, xp.asarray(i, dtype=xp.int64), axis=ax)
+    shape = tuple(ext.shape)
+    grid = np.zeros(shape, dtype=np.float64)
+    grid[tuple(slice(0, n) for n in psf_np.shape)] = psf_np
+    grid = np.roll(grid, [-(n // 2) for n in psf_np.shape], axis=tuple(range(psf_np.ndim)))
+    fft = _array.fft_module(image)
+    otf = xp.asarray(np.fft.rfftn(grid).astype(np.complex64))
+    ext = xp.astype(ext, xp.float32)
+    axes = tuple(range(len(shape)))
+    out = fft.irfftn(fft.rfftn(ext, axes=axes) * otf, s=shape, axes=axes)
+    crop = tuple(slice(p, p + n) for p, n in zip(pads, image.shape, strict=True))
+    return xp.astype(out[crop], xp.float32)
+
+
+def score_denoised(raw: Any, denoised: Any, model: NoiseModel, *, radius: int = 8,
+                   area: float = 0.01) -> tuple[Any, float, dict[str, float]]:
+    """Residual check of a denoised frame: (map, frame score, whole-frame statistics)."""
+    z = standardised_residual(raw, denoised, model)
+    tmap, stats = residual_trust(z, radius)
+    return tmap, frame_score(tmap, area), stats
+
+
+def score_deconvolved(raw: Any, deconvolved: Any, psf: Any, model: NoiseModel, *, offset: float = 0.0,
+                      radius: int = 8, area: float = 0.01) -> tuple[Any, float, dict[str, float]]:
+    """Re-blur check of a deconvolved frame (offset removed, as the deconvolve engine gives it):
+    ``reblur(deconvolved, psf) + offset`` against the raw frame under the noise model."""
+    expected = reblur(deconvolved, psf) + offset
+    return score_denoised(raw, expected, model, radius=radius, area=area)
+
+
+def _apply(name: str, a: Any, inverse: bool = False) -> Any:
+    xp = _array.namespace(a)
+    if name == "fliplr":
+        return xp.flip(a, axis=-1)
+    if name == "flipud":
+        return xp.flip(a, axis=-2)
+    if name == "rot90":  # transpose then flip: its inverse is flip then transpose
+        if inverse:
+            return xp.permute_dims(xp.flip(a, axis=-1), (1, 0))
+        return xp.flip(xp.permute_dims(a, (1, 0)), axis=-1)
+    if name == "identity":
+        return a
+    raise EngineError(f"unknown test-time transform {name!r}; choose from {', '.join(TRANSFORMS)}")
+
+
+def tta_predictions(predict: Callable[[Any], Any], raw: Any, transforms: Sequence[str] = TRANSFORMS) -> list[Any]:
+    """The model's predictions on the transformed frame, each mapped back to the frame."""
+    return [_apply(t, predict(_apply(t, raw)), inverse=True) for t in transforms]
+
+
+def tta_trust(predictions: Sequence[Any], model: NoiseModel, radius: int = 8) -> tuple[Any, dict[str, float]]:
+    """Agreement map of predictions under test-time augmentation:
+    ``1 - sqrt(local mean of their variance / local mean of the noise variance)``, clipped to
+    [0, 1]: 0 where the predictions disagree by as much as the camera noise itself."""
+    xp = _array.namespace(*predictions)
+    stack = xp.stack([xp.astype(p, xp.float32) for p in predictions])
+    mean = xp.mean(stack, axis=0)
+    spread = xp.var(stack, axis=0, correction=1)
+    noise = model.variance(mean)
+    ratio = box_mean(spread, radius) / box_mean(xp.astype(noise, xp.float32), radius)
+    tmap = xp.clip(1.0 - xp.sqrt(xp.clip(ratio, 0.0, None)), 0.0, 1.0)
+    return xp.astype(tmap, xp.float32), {"disagreement": float(xp.sqrt(xp.mean(spread) / xp.mean(noise)))}
+
+
+# --------------------------------------------------------------------------- engine
+
+_OWN = ("restore", "gain", "offset", "read_noise", "excess_noise", "calibration", "calibrate_frames",
+        "radius", "area", "threshold", "tta_threshold", "tta_every", "tta_transforms")
+
+
+def _product(restore: str) -> str:
+    outs = tuple(engine_factory(restore).outputs)  # type: ignore[attr-defined]
+    return outs[0]
+
+
+@register_engine("trust")
+class Trust:
+    """Run a restoration engine and say how far to believe each of its frames.
+
+    ``create_engine("trust", restore="denoise", backend="onnxruntime", tile=0)``: keywords that
+    are not the trust engine's own go to the inner engine (``gain``/``offset`` go to both when
+    the inner engine takes them). Noise model, in order: ``calibration`` (a dict or JSON file
+    from ``livescope calibrate``), else ``gain`` + ``offset`` + ``read_noise`` (ADU/e-, ADU, ADU
+    rms; ``excess_noise`` F for an EMCCD), else calibrated from the stream's first
+    ``calibrate_frames`` frames (photon-transfer curve of consecutive pairs), then held fixed so
+    a later change of the camera shows.
+    """
+
+    name: ClassVar[str] = "trust"
+    # class-level declaration for the default restore="denoise"; instances set their own
+    outputs: ClassVar[tuple[str, ...]] = ("denoised", "trust_denoised", "trust_denoised_score",
+                                          "trust_denoised_tta", "trust_denoised_ok")
+    scalar_outputs: ClassVar[tuple[str, ...]] = ("trust_denoised_score", "trust_denoised_tta",
+                                                 "trust_denoised_ok")
+
+    def __init__(self, restore: str = "denoise", gain: float | None = None, offset: float | None = None,
+                 read_noise: float | None = None, excess_noise: float = 1.0,
+                 calibration: str | Path | dict[str, Any] | None = None, calibrate_frames: int = 16,
+                 radius: int = 8, area: float = 0.01, threshold: float | None = None,
+                 tta_threshold: float | None = None, tta_every: int = 10,
+                 tta_transforms: Sequence[str] | str = TRANSFORMS, **inner_params: Any) -> None:
+        if restore == "trust":
+            raise EngineError("trust cannot wrap itself; restore= names a restoration engine (denoise, deconvolve)")
+        self.restore = str(restore)
+        self.gain = None if gain is None else float(gain)
+        self.offset = None if offset is None else float(offset)
+        self.read_noise = None if read_noise is None else float(read_noise)
+        self.excess_noise = float(excess_noise)
+        self.calibration = calibration
+        self.calibrate_frames = int(calibrate_frames)
+        self.radius = int(radius)
+        self.area = float(area)
+        self.threshold = float(THRESHOLDS.get(self.restore, THRESHOLDS["denoise"]) if threshold is None else threshold)
+        self.tta_threshold = float(THRESHOLDS["tta"] if tta_threshold is None else tta_threshold)
+        self.tta_every = int(tta_every)
+        if isinstance(tta_transforms, str):
+            tta_transforms = tuple(t.strip() for t in tta_transforms.split(",") if t.strip())
+        self.tta_transforms = tuple(tta_transforms)
+        for t in self.tta_transforms:
+            _apply(t, np.zeros((2, 2)))  # unknown names fail here, not mid-stream
+        factory = engine_factory(self.restore)
+        accepted = set(inspect.signature(factory).parameters)
+        self.inner_params = dict(inner_params)
+        for key in ("gain", "offset"):  # camera facts the inner engine may use too
+            if getattr(self, key) is not None and key in accepted and key not in self.inner_params:
+                self.inner_params[key] = getattr(self, key)
+        unknown = set(self.inner_params) - accepted
+        if unknown and not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values()):
+            raise EngineError(f"trust: neither trust nor {self.restore} has parameter(s) {', '.join(sorted(unknown))}; "
+                              f"trust has: {', '.join(_OWN)}")
+        self.inner = create_engine(self.restore, **self.inner_params)
+        self.product = _product(self.restore)
+        p = self.product
+        self.outputs = tuple(self.inner.outputs) + (f"trust_{p}", f"trust_{p}_score", f"trust_{p}_tta",
+                                                    f"trust_{p}_ok")  # type: ignore[misc]
+        self.scalar_outputs = tuple(getattr(self.inner, "scalar_outputs", ())) + (
+            f"trust_{p}_score", f"trust_{p}_tta", f"trust_{p}_ok")  # type: ignore[misc]
+        self.passes = p
+        self.spec: StreamSpec | None = None
+        self._model: NoiseModel | None = None
+        self._calibrator: Calibrator | None = None
+        self._fixed = False
+        self._warned_tta = False
+
+    # ------------------------------------------------------------------ protocol
+
+    @property
+    def needs_volume(self) -> bool:
+        return bool(getattr(self.inner, "needs_volume", False))
+
+    @property
+    def window(self) -> int:
+        return int(getattr(self.inner, "window", 0))
+
+    def setup(self, spec: StreamSpec) -> None:
+        if self.needs_volume:
+            raise EngineError("trust checks single planes; run the inner engine with volume=False")
+        self.spec = spec
+        self.inner.setup(spec)
+        self._reset_model()
+
+    def process(self, frame: Any, info: FrameInfo) -> dict[str, Any]:
+        out = dict(self.inner.process(frame, info))
+        restored = out[self.product]
+        raw = np.asarray(_array.to_numpy(frame), dtype=np.float32)
+        model = self._noise_model(raw)
+        p = self.product
+        if self.restore == "deconvolve":
+            psf, offset = self._inner_psf(raw)
+            tmap, score, stats = score_deconvolved(raw, np.asarray(_array.to_numpy(restored)), psf, model,
+                                                   offset=offset, radius=self.radius, area=self.area)
+        else:
+            tmap, score, stats = score_denoised(raw, np.asarray(_array.to_numpy(restored)), model,
+                                                radius=self.radius, area=self.area)
+        events: list[dict[str, Any]] = []
+        ok = score >= self.threshold
+        if not ok:
+            events.append(self._event("residual" if self.restore != "deconvolve" else "reblur", score,
+                                      self.threshold, info, stats))
+        out[f"trust_{p}_score"] = score
+        if self.tta_every > 0 and info.seq % self.tta_every == 0:
+            predict = self._predictor()
+            if predict is not None:
+                preds = [np.asarray(_array.to_numpy(restored), np.float32)]
+                preds += tta_predictions(predict, raw, self.tta_transforms)
+                tmap_tta, tstats = tta_trust(preds, model, self.radius)
+                tscore = frame_score(tmap_tta, self.area)
+                out[f"trust_{p}_tta"] = tscore
+                tmap = np.minimum(tmap, tmap_tta)
+                if tscore < self.tta_threshold:
+                    ok = False
+                    events.append(self._event("tta", tscore, self.tta_threshold, info, tstats))
+        out[f"trust_{p}"] = np.asarray(tmap, dtype=np.float32)
+        out[f"trust_{p}_ok"] = 1.0 if ok else 0.0
+        if events:
+            out["events"] = list(out.get("events") or []) + events
+        return out
+
+    def set_param(self, name: str, value: Any) -> None:
+        if name not in _OWN:
+            self.inner.set_param(name, value)  # type: ignore[attr-defined]
+            if name in ("gain", "offset"):
+                setattr(self, name, None if value in (None, "", "None", "none") else float(value))
+                self._reset_model()
+            return
+        if name == "restore":
+            raise KeyError("trust: restore cannot change live; start the stream with the other engine")
+        if name in ("gain", "offset", "read_noise", "excess_noise", "threshold", "tta_threshold", "area"):
+            value = None if value in (None, "", "None", "none") else float(value)
+        elif name in ("calibrate_frames", "radius", "tta_every"):
+            value = int(value)
+        elif name == "tta_transforms" and isinstance(value, str):
+            value = tuple(t.strip() for t in value.split(",") if t.strip())
+        setattr(self, name, value)
+        if name in ("gain", "offset", "read_noise", "excess_noise", "calibration", "calibrate_frames"):
+            if name == "excess_noise" and value is None:
+                self.excess_noise = 1.0
+            self._reset_model()
+
+    def describe(self) -> dict[str, Any]:
+        model = self._model
+        return {
+            "restore": self.restore,
+            "inner": self.inner.describe() if hasattr(self.inner, "describe") else {},
+            "noise_model": model.as_dict() if model is not None else None,
+            "noise_model_fixed": self._fixed,
+            "calibrate_frames": self.calibrate_frames,
+            "radius": self.radius,
+            "area": self.area,
+            "threshold": self.threshold,
+            "tta_threshold": self.tta_threshold,
+            "tta_every": self.tta_every,
+            "tta_transforms": list(self.tta_transforms),
+            "thresholds_source": "bench/bench_trust.py --far (docs/trust.md)",
+        }
+
+    def close(self) -> None:
+        if hasattr(self.inner, "close"):
+            self.inner.close()
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def noise_model(self) -> NoiseModel | None:
+        return self._model
+
+    def _reset_model(self) -> None:
+        self._model, self._calibrator, self._fixed = None, None, False
+        if self.calibration is not None:
+            self._model = NoiseModel.from_dict(self.calibration)  # type: ignore[arg-type]
+            self._fixed = True
+        elif self.gain is not None and self.offset is not None and self.read_noise is not None:
+            self._model = NoiseModel.from_camera(self.gain, self.offset, self.read_noise, self.excess_noise)
+            self._fixed = True
+        else:
+            sat = float(self.spec.saturation) if self.spec is not None else None
+            self._calibrator = Calibrator(excess_noise=self.excess_noise, saturation=sat)
+
+    def _noise_model(self, raw: np.ndarray) -> NoiseModel:
+        if self._fixed and self._model is not None:
+            return self._model
+        if self._calibrator is None:
+            self._reset_model()
+            return self._noise_model(raw)
+        cal = self._calibrator
+        if cal.frames < self.calibrate_frames:
+            cal.add_frame(raw)
+            try:
+                self._model = cal.model()
+            except ValueError as exc:
+                if self._model is None:
+                    raise EngineError(f"trust: cannot calibrate the camera noise from this frame ({exc}); "
+                                      "give calibration=FILE.json (livescope calibrate) or gain, offset "
+                                      "and read_noise") from exc
+            if cal.frames >= self.calibrate_frames:
+                self._fixed = True
+                log.info("trust: noise model fixed after %d frames: %s", cal.frames, self._model)
+        assert self._model is not None
+        return self._model
+
+    def _inner_psf(self, raw: np.ndarray) -> tuple[np.ndarray, float]:
+        inner = self.inner
+        psf = getattr(inner, "_kernel", None)
+        if psf is None:
+            raise EngineError("trust: the deconvolve engine exposes no PSF (_kernel); cannot re-blur")
+        offset_fn = getattr(inner, "_camera_offset", None)
+        offset = float(offset_fn(raw)) if offset_fn is not None else 0.0
+        return np.asarray(psf), offset
+
+    def _predictor(self) -> Callable[[np.ndarray], np.ndarray] | None:
+        """A stateless prediction of the inner network on any frame; None for classical engines.
+
+        Uses the inner engine's ``predict(frame)`` when it has one; for ``denoise`` (which has
+        none yet) its model, runner and the stream's fixed normalisation.
+        """
+        inner = self.inner
+        if callable(getattr(inner, "predict", None)):
+            return inner.predict  # type: ignore[no-any-return]
+        loaded, norm = getattr(inner, "_loaded", None), getattr(inner, "_norm", None)
+        if loaded is None or norm is None:
+            return None
+        if loaded.model.k:
+            if not self._warned_tta:
+                log.warning("trust: test-time augmentation skipped: the model takes past frames")
+                self._warned_tta = True
+            return None
+        from .inference import run_tiled
+
+        tile, overlap = int(getattr(inner, "tile", 0)), int(getattr(inner, "overlap", 0))
+
+        def predict(raw: np.ndarray) -> np.ndarray:
+            x = norm.forward(np.ascontiguousarray(raw))[None]
+            y = run_tiled(loaded.runner.run, x, multiple=loaded.model.multiple, tile=tile, overlap=overlap)
+            return norm.inverse(y)
+
+        return predict
+
+    def _event(self, check: str, score: float, threshold: float, info: FrameInfo,
+               stats: dict[str, float]) -> dict[str, Any]:
+        ev = {"kind": "trust", "product": self.product, "check": check, "score": float(score),
+              "threshold": float(threshold), "seq": int(info.seq)}
+        ev.update({k: float(v) for k, v in stats.items()})
+        ev.update({k: int(v) for k, v in info.index.items()})
+        return ev
