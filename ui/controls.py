@@ -75,6 +75,65 @@ class _EngineBox(QtWidgets.QGroupBox):
             w.setObjectName(f"{name}.{param}")
             form.addRow(param, w)
             self.widgets[param] = w
+        self.fit_button: QtWidgets.QPushButton | None = None
+        if name == "denoise":
+            self._add_fit_row(form)
+
+    def _add_fit_row(self, form: QtWidgets.QFormLayout) -> None:
+        """Fit the denoiser on the live stream (self-supervised) and hot-swap it: the daemon's
+        ``fit`` command; progress and the loss curve follow ``status.fit``."""
+        import pyqtgraph as pg
+
+        row = QtWidgets.QHBoxLayout()
+        self.fit_frames = QtWidgets.QSpinBox()
+        self.fit_frames.setRange(2, 1000)
+        self.fit_frames.setValue(32)
+        self.fit_frames.setSuffix(" frames")
+        self.fit_steps = QtWidgets.QSpinBox()
+        self.fit_steps.setRange(1, 100000)
+        self.fit_steps.setValue(300)
+        self.fit_steps.setSuffix(" steps")
+        self.fit_button = QtWidgets.QPushButton("Fit on stream")
+        self.fit_button.setObjectName("denoise.fit")
+        self.fit_button.setToolTip("Fit the denoiser on the next frames of this stream (no clean images needed), "
+                                   "then swap it in without stopping")
+        self.fit_button.clicked.connect(lambda: self.send("fit", engine=self.name, frames=self.fit_frames.value(),
+                                                          steps=self.fit_steps.value(), seconds=600))
+        for w in (self.fit_frames, self.fit_steps, self.fit_button):
+            row.addWidget(w)
+        form.addRow("fit", row)
+        self.fit_state = QtWidgets.QLabel("")
+        self.fit_state.setStyleSheet(f"color:{COLORS['dim']}; font-size:8pt;")
+        self.fit_plot = pg.PlotWidget()
+        self.fit_plot.setFixedHeight(60)
+        self.fit_plot.setBackground(None)
+        self.fit_plot.hideAxis("bottom")
+        self.fit_plot.getAxis("left").setWidth(34)
+        self.fit_plot.setMouseEnabled(False, False)
+        self.fit_curve = self.fit_plot.plot(pen=pg.mkPen(COLORS.get("accent", "#5fa8ff"), width=1.5))
+        self.fit_plot.setVisible(False)
+        form.addRow(self.fit_state)
+        form.addRow(self.fit_plot)
+
+    def follow_fit(self, fit: dict[str, Any] | None) -> None:
+        if self.fit_button is None or not fit:
+            return
+        state = fit.get("state", "")
+        running = state in ("collecting", "fitting", "swapping")
+        self.fit_button.setEnabled(not running)
+        if state == "collecting":
+            text = f"collecting {fit.get('collected', 0)}/{fit.get('frames', 0)} frames"
+        elif state == "fitting":
+            text = f"fitting: step {fit.get('step', 0)}/{fit.get('steps', 0)}"
+        elif state == "done":
+            text = f"done: running {str(fit.get('model', '')).rsplit('/', 1)[-1]}"
+        else:
+            text = f"{state}: {fit.get('error', '')}"
+        self.fit_state.setText(text)
+        losses = fit.get("loss_curve") or []
+        if losses:
+            self.fit_plot.setVisible(True)
+            self.fit_curve.setData(losses)
 
     def _toggle(self, checked: bool) -> None:
         self.send("enable" if checked else "disable", engine=self.name)
@@ -147,6 +206,8 @@ class EngineControls(QtWidgets.QWidget):
                 self.placeholder.setText("the daemon runs no engine")
         for name, engine in engines.items():
             self.boxes[name].follow(engine)
+        if "denoise" in self.boxes:
+            self.boxes["denoise"].follow_fit(status.get("fit"))
 
     def show_reply(self, request: dict[str, Any], reply: dict[str, Any]) -> None:
         what = " ".join(str(request.get(k)) for k in ("cmd", "engine", "param", "value") if k in request)

@@ -333,3 +333,21 @@ def test_apply_levels_matches_what_pyqtgraph_draws(qtbot):
     want = apply_levels(arr, (500, 3000), table)
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 8
     assert np.mean(np.all(got == want, axis=-1)) > 0.95
+
+
+def test_fit_button_starts_live_fitting_in_the_daemon(qtbot, viewer_factory, free_address):
+    pipeline, server, (_, publish, control) = _daemon(free_address, engines=("denoise",))
+    v = viewer_factory(publish, control)
+    try:
+        qtbot.waitUntil(lambda: "denoise" in v.controls.boxes, timeout=10000)
+        box = v.controls.boxes["denoise"]
+        box.fit_frames.setValue(4)
+        box.fit_steps.setValue(2)
+        box.fit_button.click()
+        # no frames arrive in this test: the daemon waits for them, and the viewer says so
+        qtbot.waitUntil(lambda: (pipeline.status()["fit"] or {}).get("state") == "collecting", timeout=5000)
+        assert pipeline.status()["fit"]["frames"] == 4 and pipeline.status()["fit"]["steps"] == 2
+        qtbot.waitUntil(lambda: "collecting 0/4" in box.fit_state.text(), timeout=5000)
+        assert not box.fit_button.isEnabled()
+    finally:
+        _stop(pipeline, server)
