@@ -225,6 +225,8 @@ def decode(parts: Sequence[Any]) -> Frame:
         header = json.loads(bytes(head))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError("bad_json", str(exc)[:80]) from None
+    except RecursionError:  # a deeply nested header: refuse it, never let it kill the receive loop
+        raise ProtocolError("bad_json", "nested too deeply") from None
     header = _check_header(header)
     if header.get("kind", "frame") == "end":
         return Frame(header, None)

@@ -79,9 +79,9 @@ class ControlServer:
             request = json.loads(body)
             if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
                 raise ValueError('expected a JSON object with a string "cmd"')
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             self.bad_requests += 1
-            return {"ok": False, "error": f"bad request: {exc}"}
+            return {"ok": False, "error": f"bad request: {str(exc)[:200]}"}
         if not check_token(self.token, request.get("token")):
             self.unauthorised += 1
             return {"ok": False, "error": "unauthorised: this daemon needs its control token (clients of the user "

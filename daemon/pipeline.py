@@ -741,6 +741,8 @@ class Pipeline:
 
     def _start_fit(self, request: dict[str, Any]) -> dict[str, Any]:
         name = request.get("engine", "denoise")
+        if not isinstance(name, str):
+            return {"ok": False, "error": "fit needs a string 'engine'"}
         state = self.engine_states.get(name)
         if state is None or not state.enabled:
             return {"ok": False, "error": f"engine {name!r} is not running in this daemon"}
@@ -928,7 +930,10 @@ class Pipeline:
             after = request.get("after", 0)
             if not isinstance(after, int):
                 return {"ok": False, "error": "events needs an integer 'after' (the last id handled)"}
-            evs = self.events_after(after, int(request.get("limit", 500)))
+            limit = request.get("limit", 500)
+            if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10000:
+                return {"ok": False, "error": "events: 'limit' must be an integer from 1 to 10000"}
+            evs = self.events_after(after, limit)
             return {"ok": True, "events": evs, "last": self._event_id}
         if cmd == "fit":
             return self._start_fit(request)
@@ -939,6 +944,8 @@ class Pipeline:
             return {"ok": True, "event": self.add_event(ev)}
         if cmd in ("enable", "disable", "set", "swap_model"):
             name = request.get("engine")
+            if not isinstance(name, str):
+                return {"ok": False, "error": f"{cmd} needs a string 'engine'"}
             state = self.engine_states.get(name)  # type: ignore[arg-type]
             if state is None:
                 return {"ok": False, "error": f"no engine {name!r} in this daemon; it runs: {list(self.engine_states)}"}

@@ -157,3 +157,8 @@ def test_publisher_never_blocks_and_counts_what_it_cannot_hand_over(free_address
         assert pub.seq == 50
     finally:
         pub.close(0)
+
+
+def test_deeply_nested_header_is_rejected_not_fatal():
+    with pytest.raises(ProtocolError, match="bad_json"):
+        decode([b"[" * 100000 + b"]" * 100000, b""])

@@ -58,3 +58,50 @@ def test_loopback_detection(address, local):
 def test_non_loopback_bind_is_refused_without_keys(free_address):
     with pytest.raises(OSError, match="CURVE"):
         Pipeline(DaemonConfig(source="zmq", out=None, ingest="tcp://0.0.0.0:0", publish=None, control=None))
+
+
+def test_fuzzed_control_requests_never_crash_the_server(free_address):
+    import math
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    cfg = DaemonConfig(source="zmq", engines=["passthrough"], out=None, ingest=free_address(), publish=None,
+                       control=None, exit_on_end=False)
+    pipeline = Pipeline(cfg)
+    server = ControlServer(free_address(), pipeline.handle, require_token=False)
+    pipeline.start()
+    values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True),
+                                    st.text(max_size=20)),
+                          lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5),
+                                                                                            children, max_size=4),
+                          max_leaves=10)
+    commands = st.sampled_from(["status", "set", "enable", "disable", "swap_model", "events", "emit", "fit",
+                                "nonsense", "", "STATUS"])
+
+    @settings(max_examples=150, deadline=None)
+    @given(cmd=commands, extra=st.dictionaries(st.sampled_from(["engine", "param", "value", "path", "after",
+                                                                 "limit", "event", "frames", "steps", "seconds"]),
+                                               values, max_size=5))
+    def check(cmd, extra):
+        request = {"cmd": cmd, **extra}
+        try:
+            body = json.dumps(request, allow_nan=True).encode()
+        except (TypeError, ValueError):
+            return
+        reply = server.handle_bytes(body)
+        assert isinstance(reply, dict) and "ok" in reply
+        json.dumps(reply, default=str)  # always serialisable
+
+    try:
+        check()
+        # deeply nested and non-UTF-8 bodies
+        for body in (b"[" * 5000 + b"]" * 5000, b'{"cmd": "status", "x": ' + b"[" * 100000 + b"]" * 100000 + b"}",
+                     b"\xff\xfe\xfd", b'{"cmd": ' + b'"' + b"a" * 70000 + b'"}'):
+            reply = server.handle_bytes(body)
+            assert reply["ok"] is False
+        assert pipeline.state == "running" and server.handle_bytes(b'{"cmd": "status"}')["ok"]
+        assert not math.isnan(pipeline.status()["uptime_s"])
+    finally:
+        server.close()
+        pipeline.close()
