@@ -361,7 +361,8 @@ class Pipeline:
         # counters
         self.received = 0
         self.dropped = 0  # over the memory budget: recorded as lost in the store
-        self.skipped: dict[str, int] = {}
+        self.skipped: dict[str, int] = {}  # per engine
+        self.skipped_frames = 0  # frames the chain did not take (each counts once, whatever the engines)
         self.saturated_last = 0
         self.saturated_total = 0
         self.store_errors = 0
@@ -593,6 +594,7 @@ class Pipeline:
         return tuple(out)
 
     def _skip(self, item: _Item) -> None:
+        self.skipped_frames += 1
         for s in self.engine_states.values():
             if s.enabled:
                 self.skipped[s.name] = self.skipped.get(s.name, 0) + 1
@@ -1014,6 +1016,7 @@ class Pipeline:
                 "rejected_by_reason": rx["rejected_by_reason"],
                 "restarts": rx["restarts"],
                 "skipped": dict(self.skipped),
+                "skipped_frames": self.skipped_frames,
                 "saturated_last": self.saturated_last,
                 "store_errors": self.store_errors,
             },

@@ -31,7 +31,7 @@ def status_line(st: dict[str, Any], display_fps: float) -> str:
     f = st.get("frames", {})
     fps = st.get("fps", {})
     lost = int(f.get("lost", 0))
-    skipped = sum((f.get("skipped") or {}).values())
+    skipped = f.get("skipped_frames", max((f.get("skipped") or {}).values(), default=0))
     rejected = int(f.get("rejected", 0))
     store = st.get("store") or {}
     parts = [
@@ -144,7 +144,7 @@ class TelemetryPanel(QtWidgets.QWidget):
         for key, s in self.series.items():
             self.curves[key].setData(np.fromiter(s.t, float), np.fromiter(s.v, float))
         lost = int(f.get("lost", 0))
-        skipped = sum((f.get("skipped") or {}).values())
+        skipped = f.get("skipped_frames", max((f.get("skipped") or {}).values(), default=0))
         rejected = int(f.get("rejected", 0))
         q = st.get("queues") or {}
         store = st.get("store") or {}
