@@ -129,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--frames", type=int, default=None)
     p.add_argument("--no-raw", action="store_true", help="do not copy the raw frames into the output")
+    g = p.add_argument_group("scale (dask.distributed; see docs/process.md)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="local Dask workers (default: one per core, up to 4; 0 = no Dask, one process)")
+    g.add_argument("--scheduler", default=None, help="an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (HPC, k8s)")
+    g.add_argument("--chunk-t", type=int, default=None, help="time points per task")
+    g.add_argument("--tile", type=int, default=None, help="spatial tile size in pixels (engines that allow tiling)")
+    g.add_argument("--memory-limit", default=None, help="per local worker, e.g. 4GB")
+    g.add_argument("--resume", action="store_true", help="finish an interrupted run: complete chunks are skipped")
+    g.add_argument("--threads", action="store_true", help="local workers as threads, not processes")
     _add_engine_options(p)
 
     p = sub.add_parser("fit", help="fit a denoising model on your own data (self-supervised), from a file or live")
@@ -341,7 +350,9 @@ def cmd_process(args: argparse.Namespace) -> int:
 
     engines = _engines(args.engines) or []
     result = process_file(args.input, args.out, engines, _engine_params(args), overwrite=args.overwrite,
-                          save_raw=not args.no_raw, frames=args.frames)
+                          save_raw=not args.no_raw, frames=args.frames, workers=args.workers,
+                          scheduler=args.scheduler, chunk_t=args.chunk_t, tile=args.tile, resume=args.resume,
+                          memory_limit=args.memory_limit, processes=not args.threads)
     print(json.dumps(result, indent=1))
     return 0
 

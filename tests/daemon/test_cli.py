@@ -92,3 +92,14 @@ def test_calibrate_a_sim_movie_recovers_the_gain(tmp_path, capsys):
     assert abs(result["gain_adu_per_e"] - 1 / cfg.gain) / (1 / cfg.gain) < 0.05
     assert abs(result["e_per_adu"] - cfg.gain) / cfg.gain < 0.05
     assert "calibration written" in capsys.readouterr().out
+
+
+def test_process_on_two_dask_workers_from_the_cli(tmp_path):
+    import tifffile
+
+    movie = np.random.default_rng(1).integers(0, 1000, (8, 32, 32), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "m.tif", movie)
+    assert main(["process", str(tmp_path / "m.tif"), "--out", str(tmp_path / "o.zarr"), "--engines", "passthrough",
+                 "--workers", "2", "--threads", "--chunk-t", "3", "--tile", "16"]) == 0
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "o.zarr" / "passthrough" / "0"))[...],
+                                  movie.astype(np.float32))

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,6 @@ from ..conftest import wait_for
 
 pytest.importorskip("distributed", reason="dask.distributed is not installed: pip install 'dask[distributed]'")
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 @pytest.fixture(scope="module")
