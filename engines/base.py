@@ -98,6 +98,7 @@ _LAZY: dict[str, str] = {
     "decompose": ".decompose",
     "register": ".register",
     "trust": ".trust",
+    "restore": ".netdeconv",
 }
 
 

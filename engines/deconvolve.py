@@ -425,7 +425,7 @@ class Deconvolve:
         "psf_pixel_size_um", "psf_z_step_um", "psf_2d", "method", "alpha", "beta", "order",
         "cutoff", "volume",
     )  # fmt: skip
-    _PARAMS = _PSF_PARAMS + ("iterations", "offset", "memory_budget_mb", "device")
+    _PARAMS = _PSF_PARAMS + ("iterations", "offset", "memory_budget_mb", "device", "model")
 
     def __init__(
         self,
@@ -448,6 +448,7 @@ class Deconvolve:
         memory_budget_mb: float | None = 1024.0,
         volume: bool = False,
         device: str = "cpu",
+        model: str | Path | None = None,
     ) -> None:
         self.psf = psf
         self.psf_sigma = float(psf_sigma)
@@ -468,6 +469,7 @@ class Deconvolve:
         self.memory_budget_mb = None if memory_budget_mb is None else float(memory_budget_mb)
         self.volume = _as_bool(volume)
         self.device = str(device).lower()
+        self.model = None if model in (None, "") else str(model)  # method="net": a fitted model file
         self._validate()
         self.spec: StreamSpec | None = None
         self._kernel: np.ndarray | None = None  # the PSF as used, at the frames' sampling
@@ -476,6 +478,7 @@ class Deconvolve:
         self._footprint: tuple[int, ...] = ()
         self._plans: dict[tuple[int, ...], DeconvolutionPlan] = {}
         self._offset_used: float | None = None
+        self._net: Any = None  # method="net": netdeconv.NetDeconvolve, built in setup
 
     # ---- protocol
 
@@ -485,10 +488,18 @@ class Deconvolve:
 
     def setup(self, spec: StreamSpec) -> None:
         self.spec = spec
+        if self.method == "net":  # the learned deconvolution (netdeconv.py); no PSF to prepare here
+            self._net = self._open_net()
+            self._net.setup(spec)
+            return
         self._offset_used = None
         self._prepare()
 
     def process(self, frame: Any, info: FrameInfo) -> dict[str, Any]:
+        if self.method == "net":
+            if self._net is None:
+                self.setup(self.spec or StreamSpec(shape=tuple(np.shape(frame))))
+            return self._net.process(frame, info)
         if self._kernel is None:
             if self.spec is None:
                 self.setup(StreamSpec(shape=tuple(np.shape(frame))))
@@ -539,6 +550,8 @@ class Deconvolve:
                     self._prepare()
             if name == "offset":
                 self._offset_used = None
+            if name in ("model", "method", "offset"):
+                self._net = None  # reopened on the next frame
         except Exception:
             setattr(self, name, old)  # keep the engine usable with its previous setting
             raise
@@ -568,10 +581,14 @@ class Deconvolve:
 
     @property
     def n_iterations(self) -> int:
-        return DEFAULT_ITERATIONS[self.method] if self.iterations is None else self.iterations
+        return DEFAULT_ITERATIONS.get(self.method, 0) if self.iterations is None else self.iterations
 
     def _validate(self) -> None:
-        if self.method not in DEFAULT_ITERATIONS:
+        if self.method == "net":
+            if self.model is None:
+                raise EngineError("method='net' needs model=PATH of a model fitted with "
+                                  "livescope.engines.netdeconv.fit_deconvolution")
+        elif self.method not in DEFAULT_ITERATIONS:
             raise EngineError(f"method must be 'wb' (Wiener-Butterworth) or 'rl' (classic), got {self.method!r}")
         if self.iterations is not None and self.iterations < 0:
             raise EngineError(f"iterations must be >= 0, got {self.iterations}")
@@ -581,6 +598,11 @@ class Deconvolve:
             raise EngineError(f"psf_2d must be 'plane' or 'projection', got {self.psf_2d!r}")
         if self.memory_budget_mb is not None and self.memory_budget_mb <= 0:
             raise EngineError("memory_budget_mb must be positive (or None for no tiling)")
+
+    def _open_net(self) -> Any:
+        from .netdeconv import NetDeconvolve
+
+        return NetDeconvolve(model=self.model, offset=self.offset)
 
     def _to_device(self, data: np.ndarray) -> Any:
         if self.device == "cpu":

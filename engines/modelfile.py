@@ -75,6 +75,11 @@ class ModelFile:
         return int(self.metadata["inputs"]["size_multiple"])
 
     @property
+    def task(self) -> str:
+        """What the network does: "denoise" (files without the field), "deconvolve", "restore"."""
+        return str(self.metadata.get("task", "denoise"))
+
+    @property
     def arch(self) -> dict[str, Any]:
         return dict(self.metadata["architecture"])
 
