@@ -45,6 +45,11 @@ from typing import Any
 
 import numpy as np
 
+try:  # 10x faster JSON for the per-frame header (a fixed cost that matters at 512x512 and kHz rates)
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - the stdlib path is correct, only slower
+    _orjson = None
+
 __all__ = [
     "DTYPES",
     "MAX_FRAME_BYTES",
@@ -132,7 +137,10 @@ def encode(header: Mapping[str, Any], array: np.ndarray | None) -> list[Any]:
 
     The array is sent without a copy: the caller must not modify it until the send completed.
     """
-    head = json.dumps(header, separators=(",", ":"), default=_json_default).encode()
+    if _orjson is not None:
+        head = _orjson.dumps(header, default=_json_default, option=_orjson.OPT_SERIALIZE_NUMPY)
+    else:
+        head = json.dumps(header, separators=(",", ":"), default=_json_default).encode()
     if array is None:
         return [head]
     if not array.flags.c_contiguous:
@@ -222,7 +230,7 @@ def decode(parts: Sequence[Any]) -> Frame:
     if len(head) > MAX_HEADER_BYTES:
         raise ProtocolError("header_too_large", f"{len(head)} bytes")
     try:
-        header = json.loads(bytes(head))
+        header = _orjson.loads(head) if _orjson is not None else json.loads(bytes(head))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError("bad_json", str(exc)[:80]) from None
     except RecursionError:  # a deeply nested header: refuse it, never let it kill the receive loop

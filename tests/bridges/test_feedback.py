@@ -41,7 +41,7 @@ def test_events_switch_a_running_mda_to_fast_and_back(free_address):
     server.start()
     scope = SimMicroscope(SimConfig(shape=(32, 32)))
     bridge = attach(scope.core, cfg.ingest)
-    policy = AdaptiveTimelapse(slow_s=0.4, fast_s=0.05, quiet_s=0.5, frames=24)
+    policy = AdaptiveTimelapse(slow_s=0.6, fast_s=0.05, quiet_s=0.5, frames=20)
     follower = EventFollower(cfg.control, policy.on_event)
     acquired: dict[int, tuple[float, str]] = {}
     scope.core.mda.events.frameReady.connect(
@@ -53,20 +53,20 @@ def test_events_switch_a_running_mda_to_fast_and_back(free_address):
         bridge.close()
         server.close()
         summary = pipeline.close()
-    assert summary["frames"]["received"] == 24
-    modes = [acquired[t][1] for t in range(24)]
+    assert summary["frames"]["received"] == 20
+    modes = [acquired[t][1] for t in range(20)]
     first_fast = modes.index("fast")
     assert modes[:first_fast] == ["slow"] * first_fast and first_fast == 6  # right after frame 5
     # back to slow after the quiet period, and only one switch each way
     switches = [m for _, m, _ in policy.switches]
     assert switches == ["fast", "slow"]
-    times = np.array([acquired[t][0] for t in range(24)])
+    times = np.array([acquired[t][0] for t in range(20)])
     gaps = np.diff(times)
     assert np.all(gaps[first_fast: first_fast + 5] < 0.2)
-    assert np.all(gaps[:4] > 0.3)
+    assert np.all(gaps[:4] > 0.45)
     # the trigger is recorded with the event's seq, and the switch did not wait out the slow interval
     trigger = policy.switches[0][2]
     assert trigger["seq"] == 5 and trigger["event_id"] == 1
     latency = times[first_fast] - times[5]
-    assert latency < 0.3, latency
+    assert latency < 0.45, latency  # the slow interval is 0.6 s: the switch did not wait it out
     assert follower.handled == 1 and follower.errors == 0

