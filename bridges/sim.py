@@ -226,6 +226,29 @@ class SimMicroscope:
         if core is not None:
             _unload(core)
 
+    def endless(self, channels: Sequence[str] = ("GFP",), z_planes: int = 1, interval_s: float | None = None):
+        """MDA events for a time-lapse that runs until cancelled (``core.mda.cancel()``): a
+        ``useq.MDASequence`` of a huge loop count would be built eagerly and never start."""
+        import time as _time
+
+        from useq import MDAEvent
+
+        interval = self.cfg.interval_s if interval_s is None else interval_s
+        self._n_z = z_planes
+        t0 = _time.monotonic()
+        t = 0
+        while True:
+            due = t0 + t * interval
+            delay = due - _time.monotonic()
+            if delay > 0:
+                _time.sleep(delay)
+            for c, name in enumerate(channels):
+                for z in range(z_planes):
+                    index = {"t": t} | ({"c": c} if len(channels) > 1 else {}) | ({"z": z} if z_planes > 1 else {})
+                    z_pos = (z - (z_planes - 1) / 2) * self.cfg.z_step_um if z_planes > 1 else None
+                    yield MDAEvent(index=index, channel={"config": name, "group": "Channel"}, z_pos=z_pos)
+            t += 1
+
     def camera_metadata(self) -> dict[str, Any]:
         """As the wire protocol has it: offset and read noise in ADU, gain in ADU per
         photoelectron (the sim's ``gain`` is electrons per ADU, as camera sheets quote it)."""

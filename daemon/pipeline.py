@@ -463,8 +463,9 @@ class Pipeline:
             log.warning("position %d: new segment %d (%s)", p, number, why)
         sizes = h.get("sizes") or {}
         index = h.get("index") or {}
-        has_c = int(sizes.get("c") or 1) > 1 or ("c" in index and "sizes" not in h)
-        has_z = int(sizes.get("z") or 1) > 1 or ("z" in index and "sizes" not in h)
+        known = bool(sizes)  # an MDA from a generator, or a plain publisher: sizes unknown
+        has_c = int(sizes.get("c") or 1) > 1 or ("c" in index and not known)
+        has_z = int(sizes.get("z") or 1) > 1 or ("z" in index and not known)
         channel_names = list((h.get("meta") or {}).get("channels", [])) or ([h["channel"]] if "channel" in h else [])
         layout = ImageLayout(
             plane_shape=shape[-2:],  # type: ignore[arg-type]
@@ -704,7 +705,8 @@ class Pipeline:
             self._store_q.put(("scalars", scalars, item))
         for ev in events:
             self.add_event({"seq": item.frame.seq, "p": item.p, "c": item.c, "z": item.z, "t": item.t,
-                            "time": item.frame.timestamp, **ev})
+                            "time": item.frame.timestamp, "frame_shape": list(item.array.shape[-2:]),
+                            "pixel_size_um": item.frame.header.get("pixel_size_um"), **ev})
         self.fps_out.tick()
         return images
 
@@ -901,7 +903,8 @@ class Pipeline:
                 self._preview_when[key] = now
                 try:
                     small = self._downsample(arr)
-                    hdr = dict(header, shape=list(small.shape), dtype=small.dtype.name)
+                    hdr = dict(header, shape=list(small.shape), dtype=small.dtype.name,
+                               frame_shape=list(np.shape(arr)[-2:]))  # the viewer scales event boxes by it
                     if header.get("pixel_size_um") and small.shape != arr.shape:
                         hdr["pixel_size_um"] = header["pixel_size_um"] * arr.shape[-1] / small.shape[-1]
                     if self.scalars_last:

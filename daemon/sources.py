@@ -46,13 +46,15 @@ class SimSource:
             from useq import MDASequence
 
             self.sequence = MDASequence.from_file(cfg.sequence)
-        elif self.scope is not None:
-            self.sequence = self.scope.sequence(frames=cfg.frames or 10**9, channels=cfg.sim_channels,
-                                                z_planes=cfg.sim_z)
+        elif self.scope is not None and cfg.frames:
+            self.sequence = self.scope.sequence(frames=cfg.frames, channels=cfg.sim_channels, z_planes=cfg.sim_z)
+        elif self.scope is not None:  # until stopped
+            self.sequence = self.scope.endless(channels=cfg.sim_channels, z_planes=cfg.sim_z,
+                                               interval_s=cfg.sim_interval_s)
         else:
             from useq import MDASequence
 
-            self.sequence = MDASequence(time_plan={"interval": cfg.sim_interval_s, "loops": cfg.frames or 10**9})
+            self.sequence = MDASequence(time_plan={"interval": cfg.sim_interval_s, "loops": cfg.frames or 1_000_000})
         self.bridge = attach(self.core, cfg.ingest, stream="sim" if self.scope else "mmcore", camera=camera,
                              bits=bits)
         self._thread: threading.Thread | None = None

@@ -194,6 +194,10 @@ def fit(sources: np.ndarray | Sequence[np.ndarray], *, model: ModelFile | None =
         return _augment(out, rng), has_next
 
     opt = torch.optim.Adam(net.parameters(), lr=lr)
+    # a step count alone: one-cycle over the steps; with a time budget the schedule follows
+    # whichever runs out first, so a run stopped by its budget still ends at a low learning rate
+    one_cycle = None if time_budget_s else torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=steps, pct_start=0.05)
 
     def schedule(step: int) -> float:
         """Warm-up then cosine decay over whichever runs out first, steps or the time budget, so
@@ -231,11 +235,14 @@ def fit(sources: np.ndarray | Sequence[np.ndarray], *, model: ModelFile | None =
             sel = torch.from_numpy(has_next)
             terms.append(((pred[sel] - torch.from_numpy(data[:, -1])[sel]) ** 2).mean())
         loss = sum(terms)
-        for group in opt.param_groups:
-            group["lr"] = schedule(step)
+        if one_cycle is None:
+            for group in opt.param_groups:
+                group["lr"] = schedule(step)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if one_cycle is not None:
+            one_cycle.step()
         losses.append(float(loss.detach()))
         if callback is not None:
             callback(step, losses[-1])

@@ -8,6 +8,7 @@ are painted in a warning colour by an overlay that only exists while there are s
 
 from __future__ import annotations
 
+import html
 import math
 from typing import Any
 
@@ -15,9 +16,11 @@ import numpy as np
 import pyqtgraph as pg
 from pyqtgraph.Qt import QtCore, QtGui, QtWidgets
 
+from ..bridges.store import COLORS as STORE_CHANNEL_COLORS
 from .style import COLORMAPS, COLORS, DEFAULT_CMAP, lut
 
-__all__ = ["ImagePanel", "CompositePanel", "ScaleBar", "percentile_levels", "apply_levels"]
+__all__ = ["ImagePanel", "CompositePanel", "ScaleBar", "percentile_levels", "apply_levels", "channel_color",
+           "overlay_rgb"]
 
 PERCENTILES = (0.5, 99.8)
 
@@ -46,6 +49,26 @@ def apply_levels(arr: np.ndarray, levels: tuple[float, float], table: np.ndarray
     scaled = (np.asarray(arr, np.float64) - lo) * (n / (hi - lo))
     idx = np.clip(np.nan_to_num(scaled, nan=0.0), 0, n - 1).astype(np.intp)
     return table[idx]
+
+
+def channel_color(c: int) -> tuple[int, int, int]:
+    """Channel ``c``'s display colour: the one the store writes in the OME-Zarr omero metadata
+    (0 green, 1 magenta, 2 cyan, 3 yellow, ...), so the viewer and napari/Fiji agree."""
+    hexa = STORE_CHANNEL_COLORS[int(c) % len(STORE_CHANNEL_COLORS)]
+    return int(hexa[0:2], 16), int(hexa[2:4], 16), int(hexa[4:6], 16)
+
+
+def overlay_rgb(channels: list[tuple[np.ndarray, tuple[float, float], tuple[int, int, int]]]) -> np.ndarray:
+    """Additive colour overlay: each (frame, levels, colour) scaled to 0..1 at its own levels,
+    times its colour, summed and clipped; uint8 RGB of the frames' shape."""
+    shape = channels[0][0].shape[:2]
+    rgb = np.zeros(shape + (3,), np.float32)
+    for arr, (lo, hi), colour in channels:
+        norm = np.clip((np.asarray(arr, np.float32) - np.float32(lo)) / np.float32(hi - lo), 0, 1)
+        for ch in range(3):
+            if colour[ch]:
+                rgb[..., ch] += norm * np.float32(colour[ch] / 255.0)
+    return (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
 def nice_length(target: float) -> float:
@@ -204,6 +227,28 @@ class ImagePanel:
         self.shape: tuple[int, ...] | None = None
         self.bits: int | None = None
         self._setting_levels = False
+        # channels overlaid in their colours: the frames drawn (c -> frame, header), the other
+        # channels' own percentile levels, and what was drawn last (to skip unchanged redraws)
+        self.overlaid = False
+        self.overlay_key: tuple | None = None
+        self.overlay_channels: dict[int, tuple[np.ndarray, dict[str, Any]]] = {}
+        self.overlay_levels: dict[int, tuple[float, float]] = {}
+        self.overlay: np.ndarray | None = None
+        self._names: dict[int, str] = {}
+        # a clicked event's bounding box, and a ring on the newest event (preview pixels)
+        self.event_box = QtWidgets.QGraphicsRectItem()
+        pen = QtGui.QPen(QtGui.QColor(COLORS["event"]))
+        pen.setCosmetic(True)  # the same width at every zoom
+        pen.setWidthF(1.6)
+        self.event_box.setPen(pen)
+        self.event_box.setZValue(30)
+        self.event_box.setVisible(False)
+        self.view.addItem(self.event_box, ignoreBounds=True)
+        self.event_mark = pg.ScatterPlotItem(size=18, symbol="o", pen=pg.mkPen(COLORS["event"], width=2),
+                                             brush=pg.mkBrush(0, 0, 0, 0), pxMode=True)
+        self.event_mark.setZValue(31)
+        self.event_mark.setVisible(False)
+        self.view.addItem(self.event_mark, ignoreBounds=True)
         self.set_cmap(self.cmap_name)
         if self.widget.cmap is not None:
             self.widget.cmap.currentTextChanged.connect(self.set_cmap)
@@ -212,7 +257,8 @@ class ImagePanel:
     def set_cmap(self, name: str) -> None:
         self.cmap_name = name
         self.lut = lut(name)
-        self.image.setLookupTable(self.lut)
+        if not self.overlaid:  # an overlay is RGB: the map applies again when it ends
+            self.image.setLookupTable(self.lut)
         if self.widget.cmap is not None and self.widget.cmap.currentText() != name:
             self.widget.cmap.setCurrentText(name)
 
@@ -221,7 +267,10 @@ class ImagePanel:
         if by_user:
             self.auto = False
         if self.array is not None:
-            self.image.setLevels(self.levels)
+            if self.overlaid:
+                self.overlay_key = None  # an RGB overlay: the viewer composes it again at these levels
+            else:
+                self.image.setLevels(self.levels)
         if self.hist is not None and not by_user:
             self._setting_levels = True
             try:
@@ -270,6 +319,10 @@ class ImagePanel:
         self.array = arr
         self.header = header
         self.seq = int(header.get("seq", -1))
+        if self.overlaid:  # back to one channel through the colour map
+            self.overlaid = False
+            self.overlay_key = None
+            self.image.setLookupTable(self.lut)
         if self.levels is None or changed:
             levels = percentile_levels(arr)
             if levels is not None:
@@ -283,6 +336,84 @@ class ImagePanel:
             self.update_histogram()
         self._update_info()
         return changed
+
+    def show_overlay(self, channels: dict[int, tuple[np.ndarray, dict[str, Any]]], selected: int,
+                     names: dict[int, str] | None = None) -> bool:
+        """Draw every channel of ``channels`` (c -> (frame, header)) additively in its colour.
+        The selected channel keeps this panel's levels (auto or dragged on the histogram) and is
+        what the readout, the ROI and the histogram use; every other channel has its own
+        percentile levels. Channels of another shape than the selected one are left out.
+        Returns True when the selected channel's shape changed."""
+        primary_c = selected if selected in channels else min(channels)
+        arr, header = channels[primary_c]
+        changed = self.shape is not None and self.shape != arr.shape
+        first = self.shape is None
+        self.array, self.header, self.seq = arr, header, int(header.get("seq", -1))
+        if self.levels is None or changed:
+            levels = percentile_levels(arr)
+            if levels is not None:
+                self.set_levels(levels)
+        parts, shown = [], {}
+        for c in sorted(channels):
+            frame, hdr = channels[c]
+            if frame.shape[:2] != arr.shape[:2]:
+                continue
+            if c == primary_c:
+                lv = self.levels
+            else:
+                lv = self.overlay_levels.get(c)
+                old = self.overlay_channels.get(c)
+                if lv is None or (old is not None and old[0].shape != frame.shape):
+                    lv = percentile_levels(frame)
+                    if lv is None:
+                        continue
+                    self.overlay_levels[c] = lv
+            if lv is None:
+                continue
+            parts.append((frame, lv, channel_color(c)))
+            shown[c] = (frame, hdr)
+        if not parts:
+            return changed
+        self.overlay_channels = shown
+        self.overlay = overlay_rgb(parts)
+        if not self.overlaid:
+            self.image.setLookupTable(None)
+            self.overlaid = True
+        self.image.setImage(self.overlay, autoLevels=False, levels=(0, 255))
+        self._update_saturation(arr, header)
+        self.scale_bar.set_pixel_size(header.get("pixel_size_um"))
+        if first or changed:
+            self.shape = arr.shape
+            self.view.autoRange(padding=0)
+            self.update_histogram()
+        self._names = names or {}
+        self._update_info()
+        return changed
+
+    def overlay_auto_levels(self) -> None:
+        """Percentile levels of every overlaid channel but the selected one (that one follows the
+        panel's levels): on the viewer's levels timer, not per frame."""
+        for c, (frame, _) in self.overlay_channels.items():
+            if frame is not self.array:
+                lv = percentile_levels(frame)
+                if lv is not None:
+                    self.overlay_levels[c] = lv
+
+    def show_event_box(self, rect: tuple[float, float, float, float] | None) -> None:
+        """A box (x, y, width, height) in this panel's pixels, or None to hide it."""
+        if rect is None:
+            self.event_box.setVisible(False)
+            return
+        self.event_box.setRect(QtCore.QRectF(*rect))
+        self.event_box.setVisible(True)
+
+    def show_event_mark(self, point: tuple[float, float] | None) -> None:
+        """A ring at (x, y) in this panel's pixels, or None to hide it."""
+        if point is None:
+            self.event_mark.setVisible(False)
+            return
+        self.event_mark.setData([point[0]], [point[1]])
+        self.event_mark.setVisible(True)
 
     def _update_saturation(self, arr: np.ndarray, header: dict[str, Any]) -> None:
         bits = header.get("bits")
@@ -306,6 +437,14 @@ class ImagePanel:
             parts.append(f"t {t}")
         if lv is not None:
             parts.append(f"{_fmt(lv[0])}–{_fmt(lv[1])}" + ("" if self.auto else " (fixed)"))
+        if self.overlaid and self.overlay_channels:
+            names = self._names
+            parts.append(" ".join("<span style='color:#%02x%02x%02x'>%s</span>"
+                                  % (*channel_color(c), html.escape(str(names.get(c, c))))
+                                  for c in sorted(self.overlay_channels)))
+            self.widget.info.setTextFormat(QtCore.Qt.TextFormat.RichText)
+        else:
+            self.widget.info.setTextFormat(QtCore.Qt.TextFormat.PlainText)
         self.widget.info.setText("  ".join(parts))
         self.widget.info.setToolTip(f"time point and display levels (min–max){'' if self.auto else ', set by hand'}")
 
@@ -325,6 +464,8 @@ class ImagePanel:
 
     def shown_rgb(self) -> np.ndarray | None:
         """The RGB image this panel displays (levels and look-up table applied)."""
+        if self.overlaid and self.overlay is not None:
+            return self.overlay
         if self.array is None or self.levels is None:
             return None
         return apply_levels(self.array, self.levels, self.lut)

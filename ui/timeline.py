@@ -4,6 +4,7 @@ bounded buffer of recent preview frames that makes the click possible."""
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict, deque
 from typing import Any
 
@@ -13,7 +14,55 @@ from pyqtgraph.Qt import QtCore, QtWidgets
 
 from .style import COLORS
 
-__all__ = ["FrameBuffer", "NoveltyStrip", "RoiTrace"]
+__all__ = ["FrameBuffer", "NoveltyStrip", "RoiTrace", "event_stride", "event_rect", "event_point"]
+
+
+def event_stride(event: dict[str, Any], header: dict[str, Any], preview_shape: tuple[int, ...]) -> tuple[int, str]:
+    """The integer stride between a novelty event's full-frame pixels and a preview's pixels, and
+    the rule that gave it. The daemon downsamples previews with ``arr[::step, ::step]``, ``step =
+    ceil(max(frame shape) / preview_size)``, and scales the header's ``pixel_size_um`` by ``W / w``
+    (full width over preview width), a ratio in (step - 1, step] for any frame wider than
+    step * (step - 1) pixels, so its ceiling is the step:
+
+    1. ``pixel size``: the event's full-frame ``pixel_size_um`` and the preview's: ceil(ratio);
+    2. ``frame shape``: the event's ``frame_shape`` (or ``shape``), or the preview header's
+       ``frame_shape``: ceil(longer full side / longer preview side);
+    3. ``assumed``: neither known: the smallest stride that puts the box inside the preview
+       (1 when it fits, which is exact for frames no larger than the preview size); approximate.
+    """
+    h, w = (int(n) for n in preview_shape[:2])
+    full_px, prev_px = event.get("pixel_size_um"), header.get("pixel_size_um")
+    if isinstance(full_px, (int, float)) and isinstance(prev_px, (int, float)) and full_px > 0 and prev_px > 0:
+        return max(1, math.ceil(prev_px / full_px - 1e-6)), "pixel size"
+    full = event.get("frame_shape") or event.get("shape") or header.get("frame_shape")
+    if isinstance(full, (list, tuple)) and len(full) >= 2 and all(isinstance(n, int) and n > 0 for n in full[-2:]):
+        return max(1, math.ceil(max(full[-2:]) / max(h, w) - 1e-9)), "frame shape"
+    need = 1
+    bbox = event.get("bbox")
+    if isinstance(bbox, (list, tuple)) and len(bbox) == 4 and h > 0 and w > 0:
+        need = max(1, math.ceil(float(bbox[2]) / h - 1e-9), math.ceil(float(bbox[3]) / w - 1e-9))
+    return need, "assumed"
+
+
+def event_rect(event: dict[str, Any], stride: int) -> tuple[float, float, float, float] | None:
+    """The event's ``bbox`` [y0, x0, y1, x1] (full-frame pixels, end exclusive) as (x, y, width,
+    height) in preview pixels: full pixel i lies in preview pixel i // stride."""
+    bbox = event.get("bbox")
+    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4):
+        return None
+    y0, x0, y1, x1 = (float(v) / stride for v in bbox)
+    if y1 <= y0 or x1 <= x0:
+        return None
+    return x0, y0, x1 - x0, y1 - y0
+
+
+def event_point(event: dict[str, Any], stride: int) -> tuple[float, float] | None:
+    """The event's ``centroid`` [y, x] (full-frame pixel indices) as (x, y) in preview pixels,
+    at the pixel's centre."""
+    c = event.get("centroid")
+    if not (isinstance(c, (list, tuple)) and len(c) == 2):
+        return None
+    return (float(c[1]) + 0.5) / stride, (float(c[0]) + 0.5) / stride
 
 
 class FrameBuffer:

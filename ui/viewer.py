@@ -35,6 +35,7 @@ RESTORED = ("deconvolved", "denoised", "registered")  # the ROI trace compares r
 HIDDEN_BY_DEFAULT = {"residual"}
 LEVELS_EVERY_S = 1.0
 IDLE_AFTER_S = 3.0
+EVENT_MARK_S = 4.0  # how long the newest event's ring stays on the raw panel
 
 SHORTCUTS = [
     ("Space", "pause / resume the live display"),
@@ -45,6 +46,7 @@ SHORTCUTS = [
     ("R", "show / hide the ROI"),
     ("1 … 9", "show / hide panel 1 … 9"),
     ("[  ]", "previous / next channel"),
+    ("O", "overlay all channels in their colours on/off"),
     ("PgUp  PgDn", "previous / next z plane"),
     ("Ctrl+S", "snapshot of the window to PNG"),
     ("Ctrl+T", "telemetry panel"),
@@ -107,6 +109,9 @@ class LiveViewer:
         self.hidden: set[str] = set(read_json(self.settings, "panels/hidden", sorted(HIDDEN_BY_DEFAULT)))
         self.cmaps: dict[str, str] = read_json(self.settings, "panels/cmaps", {})
         self.auto_levels = bool(read_json(self.settings, "levels/continuous", True))
+        self.overlay = bool(read_json(self.settings, "view/overlay", False))
+        self._event_mark_until = 0.0
+        self._shown_event: dict[str, Any] | None = None
         self.selection = {"p": 0, "c": 0, "z": 0}
         self.seen: dict[str, dict[int, str]] = {"p": {}, "c": {}, "z": {}}
         self.paused = False
@@ -231,6 +236,12 @@ class LiveViewer:
             combo.activated.connect(lambda i, a=axis, cb=combo: self.select(a, cb.itemData(i)))
             tb.addWidget(combo)
             self.selectors[axis] = combo
+        self.overlay_box = QtWidgets.QCheckBox("Overlay channels")
+        self.overlay_box.setToolTip("every channel of this position and z in its colour, each at its own levels (O)")
+        self.overlay_box.setFocusPolicy(QtCore.Qt.FocusPolicy.NoFocus)
+        self.overlay_box.setChecked(self.overlay)
+        self.overlay_box.toggled.connect(self.set_overlay)
+        tb.addWidget(self.overlay_box)
         tb.addSeparator()
         self.act_auto = self._action(tb, "Auto levels", "continuous percentile auto-levels (L)", checkable=True,
                                      checked=self.auto_levels, slot=self.set_auto_levels)
@@ -273,6 +284,7 @@ class LiveViewer:
             "R": lambda: self.act_roi.toggle(),
             "[": lambda: self.step("c", -1),
             "]": lambda: self.step("c", +1),
+            "O": lambda: self.overlay_box.toggle(),
             "PgUp": lambda: self.step("z", -1),
             "PgDown": lambda: self.step("z", +1),
             "Ctrl+S": lambda: self.snapshot(),
@@ -424,13 +436,29 @@ class LiveViewer:
         sel = (self.selection["p"], self.selection["c"], self.selection["z"])
         drawn = 0
         decomposition_changed = False
+        # the newest frame of each channel of the selected position and z, per product
+        channels: dict[str, dict[int, Any]] = {}
+        if self.overlay:
+            for (product, p, c, z), frame in self.latest.items():
+                if (p, z) == (sel[0], sel[2]) and frame.array is not None:
+                    channels.setdefault(product, {})[c] = frame
         for (product, p, c, z), frame in sorted(self.latest.items(), key=lambda kv: _order(kv[0][0])):
             if (p, c, z) != sel or frame.array is None:
                 continue
             panel = self._panel(product)
-            if panel.seq == frame.seq and panel.header is frame.header:
+            group = channels.get(product, {})
+            if len(group) > 1 and product not in self.hidden:
+                # overlaid: redraw when any channel has a new frame
+                key = (sel[0], sel[2], *sorted((k, f.seq, id(f.header)) for k, f in group.items()))
+                if panel.overlaid and panel.overlay_key == key:
+                    continue
+                if panel.show_overlay({k: (f.array, f.header) for k, f in group.items()}, sel[1], self.seen["c"]):
+                    self._shape_changed(product, frame.array.shape)
+                panel.overlay_key = key
+                drawn += 1
+            elif panel.seq == frame.seq and panel.header is frame.header and not panel.overlaid:
                 continue
-            if product in self.hidden:
+            elif product in self.hidden:
                 panel.array, panel.header, panel.seq = frame.array, frame.header, frame.seq  # readout and ROI
             else:
                 if panel.show_frame(frame.array, frame.header):
@@ -450,6 +478,9 @@ class LiveViewer:
                 panel = self.panels[name]
                 if self.auto_levels and panel.auto:
                     panel.auto_levels()
+                if self.auto_levels and panel.overlaid:
+                    panel.overlay_auto_levels()
+                    panel.overlay_key = None  # draw again at the new levels
                 panel.update_histogram()
             self.novelty.redraw()
             self.roi_trace.redraw()
@@ -553,6 +584,20 @@ class LiveViewer:
             self.select(axis, values[max(0, min(len(values) - 1, i + delta))])
 
     # -- levels, view, modes ---------------------------------------------------------------------
+    def set_overlay(self, on: bool) -> None:
+        """Overlay every channel of the selected position and z in its colour, or (off) show the
+        channel picked in the selector through each panel's colour map."""
+        self.overlay = bool(on)
+        if self.overlay_box.isChecked() != self.overlay:
+            self.overlay_box.setChecked(self.overlay)
+        for panel in self.panels.values():
+            panel.seq = -1
+            panel.overlay_key = None
+        if self.overlay and len(self.seen["c"]) < 2:
+            self.say("overlay", "Overlay channels: the stream has one channel so far.", "info", 4)
+        if not self.paused:
+            self.update()
+
     def set_auto_levels(self, on: bool) -> None:
         self.auto_levels = bool(on)
         if on:
@@ -580,8 +625,11 @@ class LiveViewer:
         else:
             self.unsay("paused")
             self.unsay("event")
+            self._shown_event = None
             for panel in self.panels.values():
                 panel.seq = -1
+                panel.overlay_key = None
+                panel.show_event_box(None)
 
     def go_live(self) -> None:
         if self.act_pause.isChecked():
@@ -604,16 +652,53 @@ class LiveViewer:
                 shown.append(int(found[1].get("seq", -1)))
         if "composite" in self.panels and shown:
             self.panels["composite"].show_composite(self.panels)
+        self._shown_event = event
+        rule = self.draw_event_box(event)
         score = event.get("score")
         what = f"event {event.get('id', '?')} at t {event.get('t', '?')} (seq {seq}" + (
             f", score {score:.2f})" if isinstance(score, (int, float)) else ")")
         if shown:
             near = min(shown, key=lambda s: abs(s - int(seq)))
-            self.say("event", f"Showing {what} — nearest buffered frame seq {near}. Esc or Space: back to live.",
+            box = (" Its box is drawn at an assumed scale: the event gives neither its frame's pixel size nor shape."
+                   if rule == "assumed" else "")
+            self.say("event", f"Showing {what} — nearest buffered frame seq {near}.{box} Esc or Space: back to live.",
                      "info")
         else:
             self.say("event", f"{what}: its frame is no longer in the recent-frame buffer "
                      f"({self.buffer.max_bytes >> 20} MB). Esc: back to live.", "warn")
+
+    def draw_event_box(self, event: dict[str, Any]) -> str | None:
+        """Draw the event's bounding box on every panel, scaled from full-frame pixels to that
+        panel's preview (see ``timeline.event_stride``). Returns the scaling rule used (None: no box)."""
+        from .timeline import event_rect, event_stride
+
+        rule = None
+        for panel in self.panels.values():
+            if panel.array is None:
+                panel.show_event_box(None)
+                continue
+            stride, rule = event_stride(event, panel.header, panel.array.shape[:2])
+            panel.show_event_box(event_rect(event, stride))
+            if event_rect(event, stride) is None:
+                rule = None
+        return rule
+
+    def mark_newest_event(self, events: list[dict[str, Any]]) -> None:
+        """A ring on the raw panel at the newest event's centroid, for EVENT_MARK_S seconds."""
+        from .timeline import event_point, event_stride
+
+        raw = self.panels.get("raw")
+        newest = next((e for e in reversed(events) if e.get("centroid") is not None), None)
+        if raw is None or raw.array is None or newest is None:
+            return
+        if (newest.get("p", self.selection["p"]), newest.get("z", self.selection["z"])) != (
+                self.selection["p"], self.selection["z"]):
+            return
+        stride, _ = event_stride(newest, raw.header, raw.array.shape[:2])
+        point = event_point(newest, stride)
+        if point is not None:
+            raw.show_event_mark(point)
+            self._event_mark_until = time.monotonic() + EVENT_MARK_S
 
     # -- cursor readout --------------------------------------------------------------------------
     def _mouse_moved(self, panel: Any, scene_pos: Any) -> None:
@@ -664,6 +749,7 @@ class LiveViewer:
                 self.events.extend(payload)
                 self.events = self.events[-1000:]
                 self.novelty.add_events(payload)
+                self.mark_newest_event(payload)
             elif kind == "reply":
                 request, reply = payload
                 self.controls.show_reply(request, reply)
@@ -684,6 +770,11 @@ class LiveViewer:
                 self.novelty.clear()
                 self.roi_trace.reset()
                 self.events.clear()
+        if self._event_mark_until and time.monotonic() > self._event_mark_until:
+            self._event_mark_until = 0.0
+            raw = self.panels.get("raw")
+            if raw is not None:
+                raw.show_event_mark(None)
         if self.status is not None and self.link.connected:
             from .telemetry import status_line
 
@@ -791,6 +882,7 @@ class LiveViewer:
         write_json(s, "panels/cmaps", {n: p.cmap_name for n, p in self.panels.items() if not p.composite}
                    | {k: v for k, v in self.cmaps.items() if k not in self.panels})
         write_json(s, "levels/continuous", self.auto_levels)
+        write_json(s, "view/overlay", self.overlay)
         write_json(s, "roi/visible", self.act_roi.isChecked())
         roi = self.roi_trace.roi
         if roi is not None:

@@ -331,3 +331,22 @@ def test_acquisition_metadata_is_kept_per_frame(tmp_path, free_address):
     assert [x["t"] for x in lines] == [0, 1, 2]
     assert lines[0]["meta"]["frame"]["camera_device"] == "Camera"
     assert lines[0]["meta"]["event"]["index"]["t"] == 0
+
+
+def test_sim_without_frames_runs_until_stopped(tmp_path, free_address):
+    cfg = _cfg(tmp_path, free_address, source="sim", frames=None, sim_shape=(24, 24), sim_interval_s=0.01,
+               sim_channels=("GFP", "mCherry"))
+
+    def stop_later(pipeline):
+        def run():
+            wait_for(lambda: pipeline.status()["frames"]["saved"] >= 20, timeout=60, message="20 saved frames")
+            pipeline.request_stop()
+
+        threading.Thread(target=run, daemon=True).start()
+
+    summary = run_daemon(cfg, on_started=stop_later)
+    assert summary["frames"]["saved"] >= 20 and summary["frames"]["lost"] == 0
+    raw = zarr.open_array(str(cfg.out / "raw" / "0"), mode="r")
+    assert raw.ndim == 4 and raw.shape[1] == 2  # t, c, y, x: both channels kept apart
+    rec = read_records(cfg.out / "raw")
+    assert (rec["status"] == STATUS["saved"]).sum() == summary["frames"]["saved"]

@@ -351,3 +351,113 @@ def test_fit_button_starts_live_fitting_in_the_daemon(qtbot, viewer_factory, fre
         assert not box.fit_button.isEnabled()
     finally:
         _stop(pipeline, server)
+
+
+# -- channels overlaid in their colours; event boxes -------------------------------------------------
+
+def _rendered(item):
+    """What pyqtgraph draws for an ImageItem, as (h, w, 3) uint8."""
+    item.render()
+    q = item.qimage.convertToFormat(item.qimage.Format.Format_RGB888)
+    h, w = q.height(), q.width()
+    return np.frombuffer(q.constBits(), np.uint8, q.sizeInBytes()).reshape(h, q.bytesPerLine())[:, : w * 3] \
+        .reshape(h, w, 3).copy()
+
+
+def test_overlay_shows_each_channel_in_its_colour_and_toggles_back(qtbot, viewer_factory, free_address):
+    addr, pub = _publisher(free_address)
+    v = viewer_factory(addr)
+    gfp = np.full((16, 20), 100, np.uint16)
+    gfp[:, :8] = 1000  # channel 0 bright on the left
+    mch = np.full((16, 20), 50, np.uint16)
+    mch[:, 12:] = 3000  # channel 1 bright on the right
+    frames = lambda s: [("raw", gfp, {"c": 0, "channel": "GFP"}), ("raw", mch, {"c": 1, "channel": "mCherry"})]  # noqa: E731
+    try:
+        last = _feed_until(qtbot, pub, frames, lambda: 1 in v.seen["c"] and v.panels.get("raw") is not None
+                           and v.panels["raw"].array is not None)
+        panel = v.panels["raw"]
+        assert panel.image.image.ndim == 2  # one channel through the colour map
+        v.overlay_box.setChecked(True)  # what the toolbar checkbox (and O) does
+        last = _feed_until(qtbot, pub, frames, lambda: panel.overlaid and set(panel.overlay_channels) == {0, 1},
+                           start=last)
+        got = _rendered(panel.image)
+        assert got.shape == (16, 20, 3)
+        left, middle, right = got[:, :8].reshape(-1, 3), got[:, 8:12].reshape(-1, 3), got[:, 12:].reshape(-1, 3)
+        # channel 0 green (00FF00), channel 1 magenta (FF00FF), as the store's omero colours
+        assert (left[:, 1] >= 250).all() and (left[:, 0] <= 5).all() and (left[:, 2] <= 5).all()
+        assert (right[:, 0] >= 250).all() and (right[:, 2] >= 250).all() and (right[:, 1] <= 5).all()
+        assert (middle <= 5).all()
+        assert "mCherry" in panel.widget.info.text() and "GFP" in panel.widget.info.text()
+        # the readout still gives the selected channel's value
+        assert panel.value_at(2, 2, gfp.shape) == 1000
+        v.select("c", 1)  # the selected channel changes which one the readout follows, not the overlay
+        v.update()
+        assert panel.overlaid and panel.value_at(15, 2, gfp.shape) == 3000
+        v.select("c", 0)
+        v.overlay_box.setChecked(False)
+        _feed_until(qtbot, pub, frames, lambda: not panel.overlaid and panel.image.image is not None
+                    and panel.image.image.ndim == 2, start=last)
+        np.testing.assert_array_equal(panel.image.image, gfp)
+        back = _rendered(panel.image)
+        assert (back[..., 0] == back[..., 1]).all() and (back[..., 1] == back[..., 2]).all()  # grey again
+    finally:
+        pub.close()
+
+
+def test_event_stride_rules_match_the_daemons_downsampling():
+    import math
+
+    from livescope.ui.timeline import event_point, event_rect, event_stride
+
+    for height, width in ((700, 1000), (1030, 900), (512, 512), (2048, 2048), (601, 37)):
+        step = max(1, math.ceil(max(height, width) / 512))  # the daemon's _downsample
+        small = np.zeros((height, width), np.uint8)[::step, ::step].shape
+        preview = {"pixel_size_um": 0.1 * width / small[1]}  # the daemon's header scaling
+        assert event_stride({"pixel_size_um": 0.1}, preview, small) == (step, "pixel size")
+        assert event_stride({"frame_shape": [height, width]}, {}, small) == (step, "frame shape")
+        assert event_stride({}, {"frame_shape": [3, height, width]}, small) == (step, "frame shape")
+    # neither: the smallest stride that keeps the box inside the preview, flagged as assumed
+    assert event_stride({"bbox": [0, 0, 10, 10]}, {"pixel_size_um": 0.2}, (64, 64)) == (1, "assumed")
+    assert event_stride({"bbox": [100, 30, 130, 60]}, {}, (64, 64)) == (3, "assumed")
+    ev = {"bbox": [8, 12, 20, 28], "centroid": [13.5, 19.5]}
+    assert event_rect(ev, 2) == (6.0, 4.0, 8.0, 6.0)
+    assert event_point(ev, 2) == (10.0, 7.0)
+    assert event_rect({"bbox": [5, 5, 5, 9]}, 1) is None and event_rect({}, 1) is None
+
+
+def test_clicked_events_box_lands_scaled_on_the_panels(qtbot, viewer_factory, free_address):
+    addr, pub = _publisher(free_address)
+    v = viewer_factory(addr)
+    try:
+        def make(seq):
+            arr = np.full((30, 40), 100 + seq, np.uint16)  # a 60x80 frame, previewed with stride 2
+            return [("raw", arr, {"pixel_size_um": 0.5}), ("denoised", arr.astype(np.float32), {"pixel_size_um": 0.5})]
+
+        _feed_until(qtbot, pub, make, lambda: "denoised" in v.panels and v.panels["raw"].seq >= 5)
+        seq = v.panels["raw"].seq
+        event = {"id": 1, "seq": seq, "t": seq, "score": 4.0, "bbox": [8, 12, 20, 28], "centroid": [14.0, 20.0],
+                 "pixel_size_um": 0.25}
+        v.novelty.sigEventClicked.emit(event)
+        for name in ("raw", "denoised"):
+            box = v.panels[name].event_box
+            assert box.isVisible()
+            r = box.rect()
+            assert (r.x(), r.y(), r.width(), r.height()) == (6.0, 4.0, 8.0, 6.0)
+            # where it lands in the window: over preview pixels x 6..14, y 4..10 of the image
+            scene = box.mapRectToScene(r)
+            image = v.panels[name].image.mapRectFromScene(scene)
+            assert (image.x(), image.y(), image.width(), image.height()) == pytest.approx((6, 4, 8, 6), abs=1e-6)
+        assert "assumed" not in v.banner.text()
+        v.go_live()
+        assert not v.panels["raw"].event_box.isVisible()
+        # the newest event's ring on the raw panel, for a few seconds
+        v.mark_newest_event([{"id": 2, "p": 0, "z": 0, "centroid": [14.0, 20.0], "pixel_size_um": 0.25}])
+        mark = v.panels["raw"].event_mark
+        assert mark.isVisible()
+        pts = mark.data
+        assert (pts["x"][0], pts["y"][0]) == (10.25, 7.25)
+        v._event_mark_until = 1e-9  # its time is over
+        v.poll_daemon()
+        assert not mark.isVisible()
+    finally:
+        pub.close()

@@ -1,0 +1,234 @@
+"""Learned deconvolution: a tiny network taught by per-region WB-RL on a field-varying blur.
+
+Known objects are real images (W2S 400-frame averages); the blur is a Gaussian whose sigma grows
+from 1 px at the field centre to 3 px in the corners, applied by blending blurred copies. The
+network is fitted once per module on crops of one image and judged on crops of the other.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from livescope.engines import FrameInfo, StreamSpec, create_engine
+from livescope.engines import modelfile
+from livescope.engines import netdeconv as N
+from livescope.engines.psf import gaussian_psf
+
+pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+W2S = DATA / "w2s_pairs"
+FIELD = 96  # px, square field of view
+S0, S1 = 1.0, 3.0  # blur sigma at the centre and in the corners (px)
+OFFSET = 100.0
+PEAK = 200.0  # photons at the object's brightest
+
+
+def sigma_map(shape: tuple[int, int]) -> np.ndarray:
+    h, w = shape
+    y, x = np.mgrid[:h, :w]
+    cy, cx = (h - 1) / 2, (w - 1) / 2
+    return S0 + (S1 - S0) * ((y - cy) ** 2 + (x - cx) ** 2) / (cy**2 + cx**2)
+
+
+def field_blur(obj: np.ndarray) -> np.ndarray:
+    """Blur growing towards the corners: each pixel interpolates between the two blurred copies
+    whose sigma brackets its own."""
+    sig = sigma_map(obj.shape)
+    levels = np.linspace(S0, S1, 5)
+    copies = np.stack([ndimage.gaussian_filter(obj, s, mode="reflect") for s in levels])
+    pos = np.clip((sig - S0) / (levels[1] - levels[0]), 0, len(levels) - 1 - 1e-9)
+    i = pos.astype(int)
+    f = pos - i
+    yy, xx = np.indices(obj.shape)
+    return (1 - f) * copies[i, yy, xx] + f * copies[i + 1, yy, xx]
+
+
+def psf_grid(shape: tuple[int, int], n: int = 3) -> np.ndarray:
+    """The per-region teacher's PSFs: the Gaussian at each region's centre (what a bead there
+    would show)."""
+    sig = sigma_map(shape)
+    cy = ((np.arange(n) + 0.5) * shape[0] / n - 0.5).round().astype(int)
+    cx = ((np.arange(n) + 0.5) * shape[1] / n - 0.5).round().astype(int)
+    ks = [[gaussian_psf(sig[a, b]) for b in cx] for a in cy]
+    size = max(k.shape[0] for row in ks for k in row)
+    return np.array([[np.pad(k, (size - k.shape[0]) // 2) for k in row] for row in ks])
+
+
+def load_object(name: str) -> np.ndarray:
+    import tifffile
+
+    path = W2S / f"target_avg400_{name}.tif"
+    if not path.is_file():
+        pytest.skip(f"{path} missing: the shared real data set (../shared/data) is not here")
+    return tifffile.imread(path).astype(np.float64) / 255 * PEAK + 2
+
+
+def acquire(obj: np.ndarray, rng: np.random.Generator, n: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """n raw frames (offset, Poisson, read noise 2 ADU) of random fields of view, and the objects."""
+    raws, objs = [], []
+    for _ in range(n):
+        y0, x0 = rng.integers(0, obj.shape[0] - FIELD + 1, 2)
+        o = obj[y0:y0 + FIELD, x0:x0 + FIELD]
+        b = field_blur(o)
+        raws.append(rng.poisson(np.maximum(b, 0)) + rng.normal(0, 2.0, b.shape) + OFFSET)
+        objs.append(o)
+    return np.stack(raws).astype(np.float32), np.stack(objs)
+
+
+def psnr(est: np.ndarray, ref: np.ndarray) -> float:
+    return float(10 * np.log10(ref.max() ** 2 / np.mean((np.asarray(est, float) - ref) ** 2)))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    train, _ = acquire(load_object("035_1"), rng, 20)
+    held, held_obj = acquire(load_object("085_1"), rng, 6)
+    grid = psf_grid((FIELD, FIELD))
+    t0 = time.perf_counter()
+    res = N.fit_deconvolution(train, psf=grid, steps=300, offset=OFFSET, base=8, depth=2,
+                              patch=32, batch=8, lr=3e-3, threads=2)
+    fit_s = time.perf_counter() - t0
+    path = res.model.save(tmp_path_factory.mktemp("netdeconv") / "deconv.lsm")
+    return {"model": res.model, "path": path, "grid": grid, "held": held, "held_obj": held_obj,
+            "losses": res.losses, "fit_s": fit_s}
+
+
+def offset_free(raw: np.ndarray) -> np.ndarray:
+    return np.maximum(raw - OFFSET, 0)
+
+
+def test_psf_field_weights_and_single_psf_blur() -> None:
+    grid = psf_grid((40, 52), 3)
+    field = N.PSFField.of(grid)
+    w = field.weights((40, 52))
+    np.testing.assert_allclose(w.sum(axis=(0, 1)), 1.0, atol=1e-6)
+    assert w[0, 0, 0, 0] == pytest.approx(1.0) and w[1, 1, 20, 26] > 0.9
+    # one PSF: the field blur is plain convolution with reflected edges
+    img = np.random.default_rng(1).random((40, 52))
+    one = N.PSFField.of(gaussian_psf(1.5))
+    np.testing.assert_allclose(one.blur(img), ndimage.convolve(img, one.kernels[0, 0], mode="reflect"), atol=1e-5)
+    assert one.symmetric() and not field.symmetric()
+
+
+def test_restore_targets_deconvolve_the_temporal_mean() -> None:
+    rng = np.random.default_rng(2)
+    obj = ndimage.gaussian_filter(rng.random((32, 32)) * 100, 1) + 5
+    frames = rng.poisson(np.broadcast_to(obj, (6, 32, 32))).astype(np.float32)
+    field = N.PSFField.of(gaussian_psf(1.0))
+    teacher = N._teacher_params(None)
+    targets = N.teacher_targets(frames, field, teacher, task="restore", window=3)
+    np.testing.assert_allclose(targets[2], N.teacher_deconvolve(frames[1:4].mean(0), field, teacher), rtol=1e-5)
+    with pytest.raises(Exception, match="time-lapse"):
+        N.teacher_targets(frames[:1], field, teacher, task="restore")
+
+
+def test_net_reproduces_teacher_on_held_back_frames(trained) -> None:
+    field = N.PSFField.of(trained["grid"])
+    teacher = N._teacher_params(None)
+    net = N.NetDeconvolver(trained["model"], backend="onnxruntime", tile=0)
+    net_err, raw_err = [], []
+    for raw in trained["held"]:
+        d = offset_free(raw)
+        target = N.teacher_deconvolve(d, field, teacher)
+        net_err.append(psnr(net.restore(d, check=False)[0], target))
+        raw_err.append(psnr(d, target))
+    # measured: net 28.4 dB against the teacher, the raw frame 24.9 dB (held-back image)
+    assert np.mean(net_err) > np.mean(raw_err) + 1.0, (net_err, raw_err)
+    assert np.mean(trained["losses"][-20:]) < 0.7 * np.mean(trained["losses"][:20])
+
+
+def _quality(trained) -> dict[str, float]:
+    field = N.PSFField.of(trained["grid"])
+    teacher = N._teacher_params(None)
+    net = N.NetDeconvolver(trained["model"], backend="onnxruntime", tile=0)
+    res: dict[str, list[float]] = {"net": [], "centre": [], "best_single": [], "regional": []}
+    singles = {s: N.PSFField.of(gaussian_psf(s)) for s in (1.0, 1.5, 2.0, 2.5, 3.0)}
+    per_sigma: dict[float, list[float]] = {s: [] for s in singles}
+    for raw, obj in zip(trained["held"], trained["held_obj"]):
+        d = offset_free(raw)
+        res["net"].append(psnr(net.restore(d, check=False)[0], obj))
+        res["regional"].append(psnr(N.teacher_deconvolve(d, field, teacher), obj))
+        for s, f in singles.items():
+            per_sigma[s].append(psnr(N.teacher_deconvolve(d, f, teacher), obj))
+    out = {k: float(np.mean(v)) for k, v in res.items() if v}
+    out["centre"] = float(np.mean(per_sigma[S0]))
+    out["best_single"] = max(float(np.mean(v)) for v in per_sigma.values())
+    return out
+
+
+@pytest.fixture(scope="module")
+def quality(trained) -> dict[str, float]:
+    return _quality(trained)
+
+
+def test_net_beats_centre_psf_wb_on_field_varying_blur(quality) -> None:
+    # single-PSF WB-RL with the PSF a bead in the field centre shows
+    assert quality["net"] >= quality["centre"] + 1.0, quality
+
+
+@pytest.mark.xfail(strict=True, reason="measured: after 300 steps (~20 s) the net is 1.0 dB BELOW WB-RL with "
+                   "the best single PSF (26.02 vs 26.97 dB, sigma 2.5 tuned against the object); a too large "
+                   "PSF regularises the noise and beats the per-region teacher (25.03) too "
+                   "(docs/learned_deconvolution.md)")
+def test_net_beats_best_single_psf_wb_by_1db(quality) -> None:
+    assert quality["net"] >= quality["best_single"] + 1.0, quality
+
+
+def test_onnx_matches_torch(trained) -> None:
+    d = offset_free(trained["held"][0])
+    a = N.NetDeconvolver(trained["model"], backend="onnxruntime", tile=0)
+    b = N.NetDeconvolver(trained["model"], backend="torch", tile=0)
+    assert a.runner.name == "onnxruntime" and b.runner.name == "torch"
+    ya, yb = a.restore(d, check=False)[0], b.restore(d, check=False)[0]
+    np.testing.assert_allclose(ya, yb, atol=1e-4 * float(np.abs(yb).max()))
+
+
+def test_consistency_flags_a_frame_of_different_structure(trained) -> None:
+    eng = create_engine("restore", model=str(trained["path"]), backend="onnxruntime", tile=0)
+    eng.setup(StreamSpec(shape=(FIELD, FIELD), camera_offset=OFFSET))
+    thr = trained["model"].metadata["consistency"]["threshold"]
+    for i, raw in enumerate(trained["held"]):  # another image, same kind of sample: no alarm
+        out = eng.process(raw.astype(np.uint16), FrameInfo(seq=i))
+        assert out["restored"].shape == (FIELD, FIELD) and out["restored"].dtype == np.float32
+        assert out["consistency"] < thr and "events" not in out
+    rng = np.random.default_rng(5)
+    beads = np.full((FIELD, FIELD), 2.0)
+    pts = rng.integers(5, FIELD - 5, (25, 2))
+    beads[pts[:, 0], pts[:, 1]] = 3000.0
+    raw = rng.poisson(field_blur(beads)) + rng.normal(0, 2.0, beads.shape) + OFFSET
+    out = eng.process(raw.astype(np.uint16), FrameInfo(seq=99))
+    assert out["consistency"] > thr
+    (event,) = out["events"]
+    assert event["kind"] == "consistency" and event["seq"] == 99 and event["score"] == out["consistency"]
+
+
+def test_deconvolve_engine_method_net_and_model_file(trained) -> None:
+    eng = create_engine("deconvolve", method="net", model=str(trained["path"]))
+    eng.setup(StreamSpec(shape=(FIELD, FIELD), camera_offset=OFFSET))
+    raw = trained["held"][1]
+    out = eng.process(raw.astype(np.uint16), FrameInfo(seq=0))
+    direct = N.NetDeconvolver(trained["path"], backend="auto", tile=0).restore(offset_free(raw.astype(np.uint16).astype(np.float32)), check=False)[0]
+    np.testing.assert_allclose(out["deconvolved"], direct, rtol=1e-4, atol=1e-3)
+    assert set(out) <= {"deconvolved", "events"}
+    loaded = modelfile.load(trained["path"])
+    assert loaded.task == "deconvolve" and loaded.k == 0 and loaded.metadata["inputs"]["coordinates"] == 2
+    with pytest.raises(Exception, match="model=PATH"):
+        create_engine("deconvolve", method="net")
+
+
+def test_old_model_files_still_load_as_denoisers() -> None:
+    path = modelfile.default_model_path()
+    if not path.is_file():
+        pytest.skip("the shipped denoising model is not built here")
+    model = modelfile.load(path)
+    assert model.task == "denoise"
+    with pytest.raises(Exception, match="not deconvolution"):
+        N.NetDeconvolver(model)
