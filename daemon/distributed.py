@@ -920,7 +920,7 @@ def _client(scheduler: str | None, workers: int | None, processes: bool, memory_
         return
     n = workers or max(1, min(os.cpu_count() or 1, 4))
     cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=processes,
-                           memory_limit=memory_limit or "auto", dashboard_address=":0",
+                           memory_limit=memory_limit or "auto", dashboard_address="127.0.0.1:0",  # loopback only
                            silence_logs=logging.WARNING)
     client = Client(cluster)
     try:
@@ -935,7 +935,14 @@ def _dashboard(client: Any) -> str:
         import bokeh  # noqa: F401 - the dashboard needs it
     except ImportError:
         return f"{client.dashboard_link} (not served: `pip install bokeh` to see it)"
-    return str(client.dashboard_link)
+    from distributed import LocalCluster
+
+    link = str(client.dashboard_link)
+    if isinstance(getattr(client, "cluster", None), LocalCluster):
+        import re
+
+        link = re.sub(r"//[^/:]+:", "//127.0.0.1:", link)  # a local cluster serves it on loopback only
+    return link
 
 
 def run_job(job: Job, *, scheduler: str | None = None, workers: int | None = None, resume: bool = False,

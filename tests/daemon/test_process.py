@@ -227,3 +227,17 @@ def test_an_existing_output_is_not_overwritten_without_asking(tmp_path, client):
     res = run_job(plan_job(movie, tmp_path / "o.zarr", ["passthrough"]), client=client, progress=False,
                   overwrite=True)
     assert res["saved"]["raw"] == 4
+
+
+def test_the_dashboard_of_a_local_cluster_is_served_on_loopback():
+    import re
+    import urllib.request
+
+    pytest.importorskip("bokeh")
+    from livescope.daemon import distributed as D
+
+    with D._client(None, 1, False, None) as client:  # the real cluster factory
+        link = D._dashboard(client)
+        assert link.startswith("http://127.0.0.1:")
+        port = re.search(r":(\d+)/", link).group(1)
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=20).status == 200
