@@ -15,20 +15,16 @@ import contextlib
 import json
 import logging
 import os
-import queue
-import threading
 from typing import Any
 
 import numpy as np
 
+from ._sender import QueuedSender
 from .transport import FramePublisher
 
 __all__ = ["MMCoreBridge", "attach", "psygnal_signals"]
 
 log = logging.getLogger(__name__)
-
-_END = object()
-
 
 @contextlib.contextmanager
 def psygnal_signals() -> Any:
@@ -50,7 +46,7 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-class MMCoreBridge:
+class MMCoreBridge(QueuedSender):
     def __init__(
         self,
         core: Any,
@@ -69,33 +65,24 @@ class MMCoreBridge:
         self.bits = bits
         self.send_end = send_end
         if shm is False:
-            self.publisher = FramePublisher(address, stream=stream, block=True, send_timeout_ms=2000, hwm=16)
+            publisher = FramePublisher(address, stream=stream, block=True, send_timeout_ms=2000, hwm=16)
         else:  # same-host shared memory (None: when the address is on this machine); bridges/shm.py
             from .shm import make_publisher
 
-            self.publisher = make_publisher(address, stream, shm=shm, block=True, send_timeout_ms=2000, hwm=16)
-        self._queue: queue.Queue = queue.Queue(maxsize=buffer_frames)
-        self.seq = 0
-        self.dropped = 0
-        self.sent = 0
+            publisher = make_publisher(address, stream, shm=shm, block=True, send_timeout_ms=2000, hwm=16)
         self._sizes: dict[str, Any] = {}
         self._seq_info: dict[str, Any] = {}
-        self._thread = threading.Thread(target=self._sender, name="livescope-mmcore-sender", daemon=True)
-        self._thread.start()
+        # the end marker goes out when each MDA sequence finishes, not on close
+        super().__init__(publisher, buffer_frames=buffer_frames, end_on_close=False,
+                         name="livescope-mmcore-sender")
         ev = core.mda.events
         ev.frameReady.connect(self._on_frame)
         ev.sequenceStarted.connect(self._on_sequence)
         ev.sequenceFinished.connect(self._on_finished)
-        self._closed = False
 
     # -- MDA thread: no allocation beyond the queue entry, never blocks ------------------------
     def _on_frame(self, image: np.ndarray, event: Any, meta: Any) -> None:
-        seq = self.seq
-        self.seq += 1
-        try:
-            self._queue.put_nowait((seq, image, event, meta))
-        except queue.Full:
-            self.dropped += 1
+        self.enqueue(image, event, meta)
 
     def _on_sequence(self, sequence: Any, *_: Any) -> None:
         if type(sequence).__name__ == "GeneratorMDASequence":  # events from an iterable: sizes unknown
@@ -127,28 +114,11 @@ class MMCoreBridge:
 
     def _on_finished(self, sequence: Any, *_: Any) -> None:
         if self.send_end:
-            self._queue.put(_END)
+            self.end()
 
     # -- sender thread ---------------------------------------------------------------------
-    def _sender(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if item is _END:
-                self.publisher.seq = self.seq
-                self.publisher.end()
-                continue
-            seq, image, event, meta = item
-            try:
-                header = self._header(event, meta)
-                if self.publisher.send(image, seq=seq, **header):
-                    self.sent += 1
-                else:
-                    self.dropped += 1
-            except Exception:  # a bad frame must not stop the stream
-                log.exception("could not send frame seq=%d", seq)
-                self.dropped += 1
+    def _frame(self, image: np.ndarray, event: Any, meta: Any) -> tuple[np.ndarray, dict[str, Any]]:
+        return image, self._header(event, meta)
 
     def _header(self, event: Any, meta: Any) -> dict[str, Any]:
         index = {str(k): int(v) for k, v in dict(event.index).items() if str(k) in ("p", "c", "z", "t")}
@@ -177,7 +147,6 @@ class MMCoreBridge:
         """Detach from the core, send what is queued, close the socket."""
         if self._closed:
             return
-        self._closed = True
         ev = self.core.mda.events
         for signal, slot in ((ev.frameReady, self._on_frame), (ev.sequenceStarted, self._on_sequence),
                              (ev.sequenceFinished, self._on_finished)):
@@ -185,12 +154,7 @@ class MMCoreBridge:
                 signal.disconnect(slot)
             except Exception:
                 pass
-        self._queue.put(None)
-        self._thread.join(timeout)
-        self.publisher.close()
-
-    def stats(self) -> dict[str, int]:
-        return {"sent": self.sent, "dropped": self.dropped, "queued": self._queue.qsize()}
+        super().close(timeout)
 
 
 def attach(core: Any, address: str, **kwargs: Any) -> MMCoreBridge:

@@ -41,7 +41,6 @@ import json
 import logging
 import math
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -49,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from ._sender import QueuedSender
 from .feedback import AdaptiveTimelapse, EventFollower
 from .transport import FramePublisher, RestoreClient
 
@@ -67,7 +67,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_END = object()
 _STANDARD_AXES = ("time", "channel", "z")
 
 
@@ -202,7 +201,7 @@ def _call_arity(fn: Callable[..., Any]) -> int:
     return n
 
 
-class Tap:
+class Tap(QueuedSender):
     """``image_process_fn(image, metadata)``: forward the frame, return it unchanged (see :func:`tap`)."""
 
     def __init__(self, address: str, *, stream: str = "pycromanager", buffer_frames: int = 256,
@@ -214,16 +213,11 @@ class Tap:
         self.bits = bits
         self.send_end = send_end
         self.mapper = MetadataMapper(channels)
-        self.publisher = FramePublisher(address, stream=stream, block=True, send_timeout_ms=2000, hwm=16)
-        self._queue: queue.Queue = queue.Queue(maxsize=buffer_frames)
-        self.seq = 0
-        self.sent = 0
-        self.dropped = 0
         self._then = then
         self._then_arity = _call_arity(then) if then is not None else 0
-        self._closed = False
-        self._thread = threading.Thread(target=self._sender, name="livescope-pycromanager-sender", daemon=True)
-        self._thread.start()
+        publisher = FramePublisher(address, stream=stream, block=True, send_timeout_ms=2000, hwm=16)
+        super().__init__(publisher, buffer_frames=buffer_frames, end_on_close=send_end,
+                         name="livescope-pycromanager-sender")
 
     # -- acquisition thread: a queue entry, never a wait ----------------------------------
     def __call__(self, image: np.ndarray, metadata: dict[str, Any]) -> Any:
@@ -239,72 +233,22 @@ class Tap:
         return self._then(image, metadata)
 
     def _enqueue(self, image: np.ndarray, metadata: Mapping[str, Any]) -> None:
-        seq = self.seq
-        self.seq += 1
-        try:
-            # a shallow copy: Pycro-Manager goes on using (and may extend) its dict after we return
-            self._queue.put_nowait((seq, image, dict(metadata or {})))
-        except queue.Full:
-            self.dropped += 1
+        # a shallow copy: Pycro-Manager goes on using (and may extend) its dict after we return
+        self.enqueue(image, dict(metadata or {}))
 
     # -- sender thread ---------------------------------------------------------------------
-    def _sender(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if item is _END:
-                self.publisher.seq = self.seq
-                self.publisher.end()
-                continue
-            seq, image, metadata = item
-            try:
-                image = np.asarray(image)
-                header = self._header(image, metadata)
-                if self.publisher.send(np.ascontiguousarray(image), seq=seq, **header):
-                    self.sent += 1
-                else:
-                    self.dropped += 1
-            except Exception:  # one bad frame must not stop the stream
-                log.exception("could not send frame seq=%d", seq)
-                self.dropped += 1
+    def _frame(self, image: Any, metadata: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        image = np.asarray(image)
+        return image, self._header(image, metadata)
 
-    def _header(self, image: np.ndarray, metadata: Mapping[str, Any]) -> dict[str, Any]:
-        header = self.mapper.header(metadata, image.dtype)
+    def _header(self, image: np.ndarray, metadata: Mapping[str, Any], axes: Mapping[str, Any] | None = None
+                ) -> dict[str, Any]:
+        header = self.mapper.header(metadata, image.dtype, **({"axes": axes} if axes is not None else {}))
         if self.camera:
             header["camera"] = self.camera
         if self.bits:
             header["bits"] = self.bits
         return header
-
-    def end(self) -> None:
-        """Queue the end-of-stream marker (the daemon flushes; with ``--exit-on-end`` it stops)."""
-        if not self._closed:
-            self._queue.put(_END)
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Send what is queued (and the end marker) within ``timeout`` seconds, stop the sender,
-        close the socket. Frames still queued at the deadline are dropped and counted."""
-        if self._closed:
-            return
-        self._closed = True
-        deadline = time.monotonic() + timeout
-        for marker in ([_END] if self.send_end else []) + [None]:
-            while True:
-                try:
-                    self._queue.put(marker, timeout=max(0.01, deadline - time.monotonic()))
-                    break
-                except queue.Full:  # the daemon is away: give up the oldest frame, it becomes a seq gap
-                    try:
-                        if self._queue.get_nowait() not in (None, _END):
-                            self.dropped += 1
-                    except queue.Empty:
-                        pass
-        self._thread.join(max(0.0, deadline - time.monotonic()))
-        self.publisher.close(linger_s=max(0.0, deadline - time.monotonic()))
-
-    def stats(self) -> dict[str, int]:
-        return {"frames": self.seq, "sent": self.sent, "dropped": self.dropped, "queued": self._queue.qsize()}
 
     def __enter__(self) -> Tap:
         return self
@@ -652,37 +596,11 @@ class SavedTap(Tap):
     def __call__(self, axes: dict[str, Any], dataset: Any) -> None:  # type: ignore[override]
         # only the axes are queued: the pixels stay on disk until the sender reads them, so a
         # long buffer costs no memory
-        seq = self.seq
-        self.seq += 1
-        try:
-            self._queue.put_nowait((seq, dataset, dict(axes)))
-        except queue.Full:
-            self.dropped += 1
+        self.enqueue(dataset, dict(axes))
 
-    def _sender(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if item is _END:
-                self.publisher.seq = self.seq
-                self.publisher.end()
-                continue
-            seq, dataset, axes = item
-            try:
-                image, metadata = self._reader.read(dataset, axes)
-                header = self.mapper.header(metadata, image.dtype, axes=axes)
-                if self.camera:
-                    header["camera"] = self.camera
-                if self.bits:
-                    header["bits"] = self.bits
-                if self.publisher.send(np.ascontiguousarray(image), seq=seq, **header):
-                    self.sent += 1
-                else:
-                    self.dropped += 1
-            except Exception:
-                log.exception("could not read or send saved frame %s (seq=%d)", axes, seq)
-                self.dropped += 1
+    def _frame(self, dataset: Any, axes: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:  # type: ignore[override]
+        image, metadata = self._reader.read(dataset, axes)
+        return image, self._header(image, metadata, axes)
 
 
 class _SavedFrameReader:
