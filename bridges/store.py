@@ -330,14 +330,15 @@ class ImageWriter:
         # growing only the time axis leaves in-flight writes (all inside the old bounds) valid, so
         # no wait; grow geometrically (64, 128, ... up to 1024 time points at a time)
         step = max(self.GROW, min(1024, self.capacity_t))
-        self.capacity_t = max(self.capacity_t, (t // step + 1) * step)
-        if grow_c:
-            lay.n_c = c + 1
-        if grow_z:
-            lay.n_z = z + 1
-        lead = lay.lead_shape(self.capacity_t)
+        capacity = max(self.capacity_t, (t // step + 1) * step)
+        n_c = c + 1 if grow_c else lay.n_c
+        n_z = z + 1 if grow_z else lay.n_z
+        lead = [capacity] + ([n_c] if lay.has_c else []) + ([n_z] if lay.has_z else [])
         y, x = lay.plane_shape
+        # the array first: if that fails (a full disk) nothing here has changed and the caller
+        # counts the frame as lost
         self.array = self.array.resize(exclusive_max=lead + [y, x], resize_metadata_only=True).result()
+        self.capacity_t, lay.n_c, lay.n_z = capacity, n_c, n_z
         for k in list(self.records):
             self.records[k] = self.records[k].resize(exclusive_max=lead, resize_metadata_only=True).result()
             old = self._rec[k]

@@ -333,6 +333,7 @@ class Pipeline:
         self._queued_bytes = 0
         self._queued_product_bytes = 0
         self.products_dropped = 0
+        self.store_lost = 0  # raw frames the store refused outright (its errors are in the log)
         self._budget = int(cfg.memory_budget_mb * 2**20)
         self._bytes_lock = threading.Lock()
         self._slots: OrderedDict[tuple, _Item] = OrderedDict()
@@ -830,7 +831,12 @@ class Pipeline:
             try:
                 if self.store is not None:
                     w = self._writer("raw", entry)
-                    self._write(w, entry, arr, saturated=sat)
+                    try:
+                        self._write(w, entry, arr, saturated=sat)
+                    except Exception:
+                        # the store could not take it (e.g. the disk is full): a lost frame, counted
+                        self.store_lost += 1
+                        raise
                     meta = entry.frame.header.get("meta")
                     if meta:
                         w.write_meta(entry.t, entry.c, entry.z, entry.frame.seq, meta)
@@ -1012,7 +1018,7 @@ class Pipeline:
             "frames": {
                 "received": self.received,
                 "saved": saved,
-                "lost": rx["lost"] + lost_rec,
+                "lost": rx["lost"] + lost_rec + self.store_lost,
                 "lost_in_transport": rx["lost"],
                 "dropped_over_budget": self.dropped,
                 "rejected": rx["rejected"],
