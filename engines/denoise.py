@@ -61,7 +61,7 @@ class Denoise:
     outputs: ClassVar[tuple[str, ...]] = ("denoised",)
 
     def __init__(self, model: str | Path | None = None, backend: str = "auto", tile: int = 512,
-                 overlap: int = 48, offset: float | None = None, gain: float | None = None,
+                 overlap: int = 104, offset: float | None = None, gain: float | None = None,
                  threads: int | None = None) -> None:
         if backend != "auto" and backend not in ORDER:
             raise EngineError(f"unknown backend {backend!r}; choose auto, {', '.join(ORDER)}")
