@@ -161,7 +161,12 @@ class _PanelFrame(QtWidgets.QFrame):
         self.value.setAlignment(QtCore.Qt.AlignmentFlag.AlignRight | QtCore.Qt.AlignmentFlag.AlignVCenter)
         # the grid decides the panels' width: labels shrink (and clip) rather than widen the window
         self.info.setSizePolicy(QtWidgets.QSizePolicy.Policy.Ignored, QtWidgets.QSizePolicy.Policy.Preferred)
+        # trust of this product's newest frame, when a `trust` engine scores it (docs/trust.md)
+        self.trust = QtWidgets.QLabel("")
+        self.trust.setObjectName("panelInfo")
+        self.trust.setVisible(False)
         row.addWidget(self.title)
+        row.addWidget(self.trust)
         row.addWidget(self.info, 1)
         row.addWidget(self.value)
         self.cmap = None
@@ -179,6 +184,21 @@ class _PanelFrame(QtWidgets.QFrame):
         self.graphics.ci.setSpacing(0)
         self.graphics.setFocusPolicy(QtCore.Qt.FocusPolicy.NoFocus)
         outer.addWidget(self.graphics, 1)
+
+
+def show_trust(frame_widget: Any, score: float | None, ok: float | None) -> None:
+    """The trust badge in a panel's title bar: green when the frame passed its trust check, red
+    when it fell below the threshold (an event went to the feedback channel too)."""
+    label = frame_widget.trust
+    if score is None:
+        label.setVisible(False)
+        return
+    good = ok is None or ok >= 0.5
+    label.setText(("trusted " if good else "check ") + f"{score:.2f}")
+    label.setStyleSheet(f"color:{COLORS['ok'] if good else COLORS['bad']}; font-weight:bold;")
+    label.setToolTip("trust score of this frame (docs/trust.md): "
+                     + ("above" if good else "below") + " its threshold")
+    label.setVisible(True)
 
 
 class ImagePanel:

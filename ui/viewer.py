@@ -512,6 +512,12 @@ class LiveViewer:
             self._last_seq[product] = frame.seq
             self.buffer.add(product, frame.seq, frame.array, frame.header)
             scalars = frame.header.get("scalars") or {}
+            score = scalars.get(f"trust_{product}_score")
+            panel = self.panels.get(product)
+            if score is not None and panel is not None:
+                from .panels import show_trust
+
+                show_trust(panel.widget, float(score), scalars.get(f"trust_{product}_ok"))
             # one product's frames only: the products' previews leave at slightly different times
             novelty_from = next((d for d in DECOMPOSITION if any(k[0] == d for k in self.latest)), None)
             if "novelty" in scalars and product == novelty_from:

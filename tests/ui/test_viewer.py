@@ -378,8 +378,13 @@ def test_overlay_shows_each_channel_in_its_colour_and_toggles_back(qtbot, viewer
         panel = v.panels["raw"]
         assert panel.image.image.ndim == 2  # one channel through the colour map
         v.overlay_box.setChecked(True)  # what the toolbar checkbox (and O) does
-        last = _feed_until(qtbot, pub, frames, lambda: panel.overlaid and set(panel.overlay_channels) == {0, 1},
-                           start=last)
+        def coloured() -> bool:
+            # per-channel levels come from the viewer's levels timer: wait for the first ones
+            got = _rendered(panel.image)
+            return got.shape == (16, 20, 3) and bool((got[:, :8, 1] >= 250).all() and (got[:, 12:, 0] >= 250).all())
+
+        last = _feed_until(qtbot, pub, frames, lambda: panel.overlaid and set(panel.overlay_channels) == {0, 1}
+                           and coloured(), start=last)
         got = _rendered(panel.image)
         assert got.shape == (16, 20, 3)
         left, middle, right = got[:, :8].reshape(-1, 3), got[:, 8:12].reshape(-1, 3), got[:, 12:].reshape(-1, 3)
@@ -459,5 +464,25 @@ def test_clicked_events_box_lands_scaled_on_the_panels(qtbot, viewer_factory, fr
         v._event_mark_until = 1e-9  # its time is over
         v.poll_daemon()
         assert not mark.isVisible()
+    finally:
+        pub.close()
+
+
+def test_trust_badge_follows_the_trust_engines_scores(qtbot, viewer_factory, free_address):
+    addr, pub = _publisher(free_address)
+    v = viewer_factory(addr)
+    try:
+        arr = np.full((24, 24), 7.0, np.float32)
+        raw = np.full((24, 24), 100, np.uint16)
+
+        def frames(score, ok):
+            return lambda seq: [("raw", raw, {}),
+                                ("denoised", arr, {"scalars": {"trust_denoised_score": score, "trust_denoised_ok": ok}})]
+
+        badge = lambda: v.panels["denoised"].widget.trust if "denoised" in v.panels else None  # noqa: E731
+        start = _feed_until(qtbot, pub, frames(0.31, 0.0),
+                            lambda: badge() is not None and badge().isVisible() and "check 0.31" in badge().text())
+        _feed_until(qtbot, pub, frames(0.82, 1.0), lambda: "trusted 0.82" in badge().text(), start=start)
+        assert "raw" in v.panels and not v.panels["raw"].widget.trust.isVisible()  # no score, no badge
     finally:
         pub.close()
