@@ -357,32 +357,27 @@ def cmd_process(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def _control_request(address: str, cmd: str, timeout_s: float = 3.0, indent: int | None = None) -> int:
+    """One control command, its JSON reply printed; a daemon that does not answer says how to fix it."""
     from .control import ControlClient, ControlTimeout
 
-    client = ControlClient(args.control, timeout_s=args.timeout)
+    client = ControlClient(address, timeout_s=timeout_s)
     try:
-        print(json.dumps(client.status(), indent=1))
+        print(json.dumps(client.request(cmd), indent=indent))
     except ControlTimeout as exc:
         print(exc, file=sys.stderr)
         return 2
     finally:
         client.close()
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    return _control_request(args.control, "status", args.timeout, indent=1)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from .control import ControlClient, ControlTimeout
-
-    client = ControlClient(args.control)
-    try:
-        print(json.dumps(client.request("stop")))
-    except ControlTimeout as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    finally:
-        client.close()
-    return 0
+    return _control_request(args.control, "stop")
 
 
 def cmd_recover(args: argparse.Namespace) -> int:

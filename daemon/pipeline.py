@@ -30,7 +30,7 @@ import numpy as np
 
 from .. import __version__
 from ..bridges.protocol import Frame
-from ..bridges.store import ImageLayout, OmeZarrStore, StoreError
+from ..bridges.store import ImageLayout, OmeZarrStore, StoreError, image_name
 from ..bridges.transport import FrameReceiver, PreviewPublisher
 from ..engines import EngineError, FrameInfo, StreamSpec, create_engine, engine_factory, engine_outputs
 from .config import DaemonConfig
@@ -782,9 +782,11 @@ class Pipeline:
 
     def _writer_for(self, product: str, position: int, seg: _Segment):
         assert self.store is not None
-        layout = seg.layout
-        if product != "raw":
-            layout = dataclasses.replace(layout, dtype="float32")
+        name = image_name(product, position, seg.number)
+        writer = self.store.images.get(name)  # the common case, per frame: no new layout
+        if writer is not None:
+            return writer
+        layout = seg.layout if product == "raw" else dataclasses.replace(seg.layout, dtype="float32")
         return self.store.image(product, position, seg.number, layout)
 
     def _store_loop(self) -> None:

@@ -9,6 +9,7 @@ run is tested against.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -97,6 +98,7 @@ def _process_serial(
                          has_c="c" in lead, has_z="z" in lead, n_c=sizes.get("c", 1), n_z=sizes.get("z", 1),
                          bits=bits, pixel_size_um=info.get("pixel_size_um"), z_step_um=info.get("z_step_um"),
                          interval_s=info.get("interval_s"))
+    product_layout = dataclasses.replace(layout, dtype="float32")  # once, not per frame
     store = OmeZarrStore(out, overwrite=overwrite, provenance={
         "source": f"file:{input_path}", "engines": {e: engine_params.get(e, {}) for e in engines}, "mode": "process"})
     chains: dict[tuple, list[Any]] = {}
@@ -138,7 +140,7 @@ def _process_serial(
                         if pname in scalars or np.ndim(value) == 0:
                             store.image("raw", 0, 0, layout).write_scalar(pname, t, c, z, float(value))
                             continue
-                        w = store.image(pname, 0, 0, ImageLayout(**{**layout.__dict__, "dtype": "float32"}))
+                        w = store.image(pname, 0, 0, product_layout)
                         w.write(t, c, z, np.asarray(value, dtype=np.float32), seq=seq, time_s=ts)
                     passes = getattr(eng, "passes", eng.outputs[0])
                     if passes is not None and passes in out_:
