@@ -3,6 +3,7 @@ single-process loop (``workers=0``), on a movie larger than the workers' memory 
 
     python bench/bench_process.py                    # 2 GiB movie, 512 MB per worker (~3 min)
     python bench/bench_process.py --gb 0.25 --memory-limit 128MB   # a quick look
+    python bench/bench_process.py --chains deconvolve                # the compute-bound rows only
 
 Prints a markdown table (frames/s, input MB/s, scaling efficiency) and the measured per-chunk
 costs (read, compute, write per frame) from which docs/process.md projects a 16-GPU cluster.
@@ -61,6 +62,7 @@ def main() -> None:
     ap.add_argument("--compute-frames", type=int, default=1024,
                     help="frames for the compute-bound chain (deconvolve)")
     ap.add_argument("--dir", default=None, help="where to put the movie (default: a temporary folder)")
+    ap.add_argument("--chains", default="passthrough,deconvolve", help="which chains to run (comma-separated)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -77,7 +79,10 @@ def main() -> None:
         frame_mb = args.size * args.size * 2 / 2**20
         rows = []
         costs = {}
+        wanted = set(args.chains.split(","))
         for chain, frames in ((["passthrough"], n_t), (["deconvolve"], min(n_t, args.compute_frames))):
+            if chain[0] not in wanted:
+                continue
             base_fps = {}
             for workers in (0, 1, 2):
                 out = base / f"out_{chain[0]}_{workers}.zarr"
@@ -95,7 +100,8 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
                 print(f"  {chain} workers={workers}: {wall:.1f} s, {fps:.1f} frames/s", flush=True)
         print()
-        print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; "
+        print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, "
+              f"load average {os.getloadavg()[0]:.1f}; "
               f"movie {n_t} x {args.size}x{args.size} uint16 ({n_t * frame_mb / 1024:.2f} GiB), "
               f"worker memory limit {args.memory_limit}, products float32, raw not copied")
         print()

@@ -1,7 +1,7 @@
 """``livescope process`` at scale: the engine chain over a saved movie, chunk-parallel on Dask.
 
-The movie is cut into chunks: a range of time points x one (channel, plane) "unit" x one spatial
-tile. Each chunk is one task that reads its own input lazily (with the context its engines need),
+The movie is cut into chunks: a range of time points x one (position, channel, plane) "unit" x
+one spatial tile. Each chunk is one task that reads its own input lazily (with the context its engines need),
 runs a fresh engine chain on it and writes its part of every product straight into the output
 OME-Zarr, whose shards are aligned to the chunks, so no two tasks ever write the same file.
 
@@ -25,6 +25,9 @@ only after all its data writes completed. Tasks are idempotent (the same chunk a
 same bytes into the same shards), so a task that Dask runs twice, or that a killed worker left
 half-written, is simply redone. Records (``OUT/<product>/livescope/*``) are written by the driver
 alone, from the markers, so concurrent tasks never share a records shard.
+The engines' events travel in the markers too and are put together by the driver (numbered in
+frame order, into ``provenance.events`` where the live daemon keeps them), so a rerun task or a
+resume never duplicates one.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,8 +74,8 @@ LEAD = ("t", "c", "z")
 class Source:
     """A movie on disk, opened lazily and once per process: picklable (only paths and facts).
 
-    ``sizes`` holds t, c, z (1 when absent) and y, x; ``read`` returns (t, [z,] y, x) blocks in
-    livescope's axis order whatever the file's own order is.
+    ``sizes`` holds t, p (stage positions), c, z (1 when absent) and y, x; ``read`` returns
+    (t, [z,] y, x) blocks of one position in livescope's axis order whatever the file's own order is.
     """
 
     path: str
@@ -85,12 +89,15 @@ class Source:
     info: dict[str, Any]
     array_path: str = ""  # zarr: the full-resolution array; ndtiff: the dataset folder
     keys: dict[str, list[Any]] = dataclasses.field(default_factory=dict)  # ndtiff axis values
+    # zarr: one array per position (livescope's own output keeps position p in ``raw_p<p>``)
+    position_paths: list[str] = dataclasses.field(default_factory=list)
 
-    def read(self, t0: int, t1: int, c: int, z: int | None, ys: tuple[int, int], xs: tuple[int, int]) -> np.ndarray:
-        """Frames t0..t1-1 of channel c, plane z (None: all planes), cropped to ys, xs."""
+    def read(self, t0: int, t1: int, c: int, z: int | None, ys: tuple[int, int], xs: tuple[int, int],
+             p: int = 0) -> np.ndarray:
+        """Frames t0..t1-1 of position p, channel c, plane z (None: all planes), cropped to ys, xs."""
         if self.kind == "ndtiff":
-            return self._read_ndtiff(t0, t1, c, z, ys, xs)
-        opened = _opened(self)
+            return self._read_ndtiff(t0, t1, c, z, ys, xs, p)
+        opened = _opened(self, p)
         idx: list[Any] = []
         keep: list[str] = []
         for a in self.axes:
@@ -111,8 +118,8 @@ class Source:
             elif a == "x":
                 idx.append(slice(*xs))
                 keep.append("x")
-            else:  # another axis (a position): the first
-                idx.append(0)
+            else:  # "p": a position axis inside the array
+                idx.append(p)
         if self.kind == "tiff" and not isinstance(opened, _ContiguousTiff):
             block = _read_tiff_pages(self, opened, idx)
         else:
@@ -120,7 +127,7 @@ class Source:
         want = [a for a in ("t", "z", "y", "x") if a in keep]
         return np.ascontiguousarray(np.transpose(block, [keep.index(a) for a in want]))
 
-    def _read_ndtiff(self, t0, t1, c, z, ys, xs) -> np.ndarray:
+    def _read_ndtiff(self, t0, t1, c, z, ys, xs, p) -> np.ndarray:
         ds = _opened(self)
         zs = range(self.sizes["z"]) if z is None else [z]
         out = np.empty((t1 - t0, len(zs), ys[1] - ys[0], xs[1] - xs[0]), dtype=self.dtype)
@@ -131,7 +138,7 @@ class Source:
                     if name in self.keys:
                         coords[name] = self.keys[name][{"t": t, "c": c, "z": zz}[lead]]
                 if "position" in self.keys:
-                    coords["position"] = self.keys["position"][0]
+                    coords["position"] = self.keys["position"][p]
                 img = np.asarray(ds.read_image(**coords))
                 out[i, j] = img[ys[0]:ys[1], xs[0]:xs[1]]
         return out if z is None else out[:, 0]
@@ -140,14 +147,15 @@ class Source:
 _OPENED: dict[tuple[str, str], Any] = {}
 
 
-def _opened(src: Source) -> Any:
-    key = (src.kind, src.path)
+def _opened(src: Source, p: int = 0) -> Any:
+    array_path = src.position_paths[p] if src.position_paths else src.array_path
+    key = (src.kind, array_path if src.kind == "zarr" else src.path)
     obj = _OPENED.get(key)
     if obj is None:
         if src.kind == "zarr":
             import zarr
 
-            obj = zarr.open_array(src.array_path, mode="r")
+            obj = zarr.open_array(array_path, mode="r")
         elif src.kind == "tiff":
             import tifffile
 
@@ -233,7 +241,9 @@ def _finish(path: str, kind: str, axes: list[str], shape: tuple[int, ...], dtype
     unknown = [a for a in axes if a not in ("t", "c", "z", "y", "x", "p")]
     if unknown or axes[-2:] != ["y", "x"]:
         raise ValueError(f"{path}: axes {axes} are not t, c, z, y, x (with y, x last); convert it first")
-    sizes = {a: int(shape[axes.index(a)]) if a in axes else 1 for a in ("t", "c", "z", "y", "x")}
+    sizes = {a: int(shape[axes.index(a)]) if a in axes else 1 for a in ("t", "p", "c", "z", "y", "x")}
+    if kw.get("position_paths"):
+        sizes["p"] = len(kw["position_paths"])
     return Source(path=path, kind=kind, axes=axes, shape=tuple(int(s) for s in shape), dtype=str(np.dtype(dtype)),
                   sizes=sizes, has_c="c" in axes, has_z="z" in axes, info=info, **kw)
 
@@ -250,10 +260,15 @@ def _open_zarr(p: Path) -> Source:
 
     attrs = attrs_of(p)
     images = attrs.get("livescope", {}).get("images")
-    if images and "multiscales" not in attrs.get("ome", attrs):  # livescope's own root: its raw image
-        raw = next((i for i in images if i.get("product") == "raw" and not i.get("position")
-                    and not i.get("segment")), images[0])
-        p = p / raw["path"]
+    positions: list[Path] = []
+    if images and "multiscales" not in attrs.get("ome", attrs):  # livescope's own root: its raw images
+        raws = sorted((i for i in images if i.get("product") == "raw" and not i.get("segment")),
+                      key=lambda i: int(i.get("position") or 0))
+        if [int(i.get("position") or 0) for i in raws] != list(range(len(raws))):
+            raws = raws[:1]  # positions with gaps: not a set to map one to one
+        root = p
+        positions = [root / i["path"] for i in raws] or [root / images[0]["path"]]
+        p = positions[0]
         attrs = attrs_of(p)
     ome = attrs.get("ome", attrs)
     if "multiscales" not in ome:
@@ -270,7 +285,18 @@ def _open_zarr(p: Path) -> Source:
             info = {"pixel_size_um": sc.get("x"), "z_step_um": sc.get("z"), "interval_s": sc.get("t")}
     if "t" not in axes:
         raise ValueError(f"{p}: no time axis in {axes}; livescope process runs over time")
-    return _finish(str(p), "zarr", axes, arr.shape, str(arr.dtype), info, array_path=str(p / ds["path"]))
+    paths: list[str] = []
+    if len(positions) > 1:
+        if "p" in axes:
+            raise ValueError(f"{p}: a position axis inside images that are positions themselves")
+        for q in positions:
+            other = zarr.open_array(str(q / ds["path"]), mode="r")
+            if other.shape != arr.shape or other.dtype != arr.dtype:
+                raise ValueError(f"{q}: shape {other.shape} {other.dtype} differs from position 0 "
+                                 f"({arr.shape} {arr.dtype}); process the positions one by one")
+            paths.append(str(q / ds["path"]))
+    return _finish(str(p), "zarr", axes, arr.shape, str(arr.dtype), info, array_path=str(p / ds["path"]),
+                   position_paths=paths)
 
 
 def _open_tiff(p: Path) -> Source:
@@ -309,13 +335,14 @@ def _open_ndtiff(p: Path) -> Source:
     unknown = set(keys) - {"time", "channel", "z", "position"}
     if unknown:
         raise ValueError(f"{p}: NDTiff axes {sorted(unknown)} are not supported (time, channel, z, position)")
-    if len(keys.get("position", [0])) > 1:
-        log.warning("%s: %d positions; processing the first only", p, len(keys["position"]))
     first = {k: v[0] for k, v in keys.items()}
     img = np.asarray(ds.read_image(**first))
-    axes = (["t"] + (["c"] if "channel" in keys else []) + (["z"] if "z" in keys else []) + ["y", "x"])
-    shape = tuple([len(keys.get("time", [0]))] + ([len(keys["channel"])] if "channel" in keys else [])
-                  + ([len(keys["z"])] if "z" in keys else []) + list(img.shape))
+    # the axes as livescope names them; NDTiff has no array order (images are looked up by their
+    # coordinates), so this order only names the sizes
+    named = [("time", "t"), ("position", "p"), ("channel", "c"), ("z", "z")]
+    axes = ["t"] + [short for name, short in named[1:] if name in keys] + ["y", "x"]
+    shape = tuple([len(keys.get("time", [0]))] + [len(keys[name]) for name, _ in named[1:] if name in keys]
+                  + list(img.shape))
     src = _finish(str(p), "ndtiff", axes, shape, str(img.dtype), {}, array_path=str(p), keys=keys)
     with contextlib.suppress(Exception):
         ds.close()
@@ -411,8 +438,10 @@ def build_chain(engines: list[str], params: dict[str, dict[str, Any]], spec: Any
     return chain
 
 
-def run_frame(engines: list[str], chain: list[Any], frame: np.ndarray, finfo: Any) -> dict[str, Any]:
-    """One frame through the chain; outputs by product name (scalars as floats)."""
+def run_frame(engines: list[str], chain: list[Any], frame: np.ndarray, finfo: Any,
+              events: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One frame through the chain; outputs by product name (scalars as floats). The engines'
+    events (``out["events"]``) are appended to ``events`` when given."""
     x: Any = frame
     out: dict[str, Any] = {}
     for name, eng in zip(engines, chain):
@@ -420,12 +449,44 @@ def run_frame(engines: list[str], chain: list[Any], frame: np.ndarray, finfo: An
         scalars = set(getattr(eng, "scalar_outputs", ()))
         for pname, value in res.items():
             if pname == "events":
+                if events is not None and value:
+                    events.extend(value)
                 continue
             out[pname] = float(value) if (pname in scalars or np.ndim(value) == 0) else value
         passes = getattr(eng, "passes", eng.outputs[0])
         if passes is not None and passes in res:
             x = res[passes]
     return out
+
+
+def _plain(v: Any) -> Any:
+    """JSON's types for what engines put in events (numpy scalars and arrays included)."""
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return _plain(v.tolist())
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    return str(v)
+
+
+def event_record(ev: dict[str, Any], *, seq: int, p: int, c: int, z: int | None, t: int, time_s: float,
+                 frame_shape: list[int], pixel_size_um: float | None) -> dict[str, Any]:
+    """An engine's event with the fields the live daemon adds (daemon/pipeline.py ``_process``):
+    which frame, where, when. ``id`` is given when the run's events are put together, in frame
+    order; ``emitted`` is when it was computed, as live."""
+    return _plain({"emitted": time.time(), "seq": seq, "p": p, "c": c, "z": z, "t": t, "time": time_s,
+                   "frame_shape": frame_shape, "pixel_size_um": pixel_size_um, **ev})
+
+
+def number_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Events in frame order (stable within a frame), numbered from 1 like the live feedback channel."""
+    ordered = sorted(events, key=lambda e: e["_order"])
+    return [{"id": i + 1, **{k: v for k, v in e.items() if k != "_order"}} for i, e in enumerate(ordered)]
 
 
 # ============================================================================ the job
@@ -440,7 +501,7 @@ class Job:
     engines: list[str]
     params: dict[str, dict[str, Any]]
     n_t: int
-    units: list[tuple[int, int | None]]  # (c, z); z None: whole stacks (volume engines)
+    units: list[tuple[int, int, int | None]]  # (p, c, z); z None: whole stacks (volume engines)
     unit_state: list[list[dict[str, Any]]]  # per unit, per engine: what its first frame fixed
     images: dict[str, str]  # product -> dtype
     scalars: list[str]
@@ -497,25 +558,31 @@ class Job:
                  "warmup": self.warmup, "save_raw": self.save_raw, "units": self.units}
         return hashlib.sha1(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
 
-    def lead_index(self, t: Any, unit: tuple[int, int | None]) -> tuple:
-        c, z = unit
+    def lead_index(self, t: Any, unit: tuple[int, int, int | None]) -> tuple:
+        _, c, z = unit
         return ((t,) + ((c,) if self.source.has_c else ())
                 + ((slice(None) if z is None else z,) if self.source.has_z else ()))
 
-    def spec(self, shape: tuple[int, ...], unit: tuple[int, int | None]) -> Any:
+    def image_path(self, product: str, p: int) -> Path:
+        """The full-resolution array of ``product`` at position p (``raw``, ``raw_p1`` ...)."""
+        from ..bridges.store import image_name
+
+        return Path(self.out) / image_name(product, p, 0) / "0"
+
+    def spec(self, shape: tuple[int, ...], unit: tuple[int, int, int | None]) -> Any:
         from ..engines import StreamSpec
 
         info = self.source.info
         return StreamSpec(shape=shape, dtype=self.spec_extra["dtype"], bits=self.spec_extra["bits"],
                           pixel_size_um=info.get("pixel_size_um"), z_step_um=info.get("z_step_um"),
-                          interval_s=info.get("interval_s"), channel=str(unit[0]))
+                          interval_s=info.get("interval_s"), channel=str(unit[1]))
 
     def frame_info(self, t: int, ui: int) -> Any:
         from ..engines import FrameInfo
 
-        c, z = self.units[ui]
+        p, c, z = self.units[ui]
         ts = t * float(self.source.info.get("interval_s") or 1.0)
-        index = {"t": t, "c": c} if z is None else {"t": t, "c": c, "z": z}
+        index = {"t": t, "p": p, "c": c} if z is None else {"t": t, "p": p, "c": c, "z": z}
         return FrameInfo(seq=t * len(self.units) + ui, timestamp=ts, index=index)
 
 
@@ -578,28 +645,42 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def _run_frames(job: Job, chain: list[Any], ui: int, t_first: int, data: np.ndarray, keep_from: int,
-                crop: tuple[slice, slice]) -> tuple[dict[str, np.ndarray], dict[str, list[float]]]:
-    """Frames t_first.. of ``data`` through the chain; outputs kept from time ``keep_from`` on."""
+                crop: tuple[slice, slice], tile: int = 0,
+                ) -> tuple[dict[str, np.ndarray], dict[str, list[float]], list[dict[str, Any]]]:
+    """Frames t_first.. of ``data`` through the chain; outputs and events kept from time
+    ``keep_from`` on (those of warm-up frames belong to the chunk before)."""
     n_keep = t_first + data.shape[0] - keep_from
     core = tuple(data.shape[1:-2]) + tuple(len(range(n)[c]) for c, n in zip(crop, data.shape[-2:]))
     # one block per product, filled in place: a chunk's outputs are held once, not twice
     images = {p: np.empty((n_keep, *core), np.float32) for p in job.images if p != "raw"}
     scalars: dict[str, list[float]] = {s: [] for s in job.scalars}
+    events: list[dict[str, Any]] = []
+    p, c, z = job.units[ui]
     for i in range(data.shape[0]):
         t = t_first + i
-        out = run_frame(job.engines, chain, data[i], job.frame_info(t, ui))
+        finfo = job.frame_info(t, ui)
+        raised: list[dict[str, Any]] = []
+        out = run_frame(job.engines, chain, data[i], finfo, raised)
         if t < keep_from:
             continue  # warm-up
-        for p, block in images.items():
-            block[t - keep_from] = np.asarray(out[p], dtype=np.float32)[(..., *crop)]
+        for pname, block in images.items():
+            block[t - keep_from] = np.asarray(out[pname], dtype=np.float32)[(..., *crop)]
         for s in scalars:
             scalars[s].append(float(out[s]))
-    return images, scalars
+        for k, ev in enumerate(raised):
+            rec = event_record(ev, seq=finfo.seq, p=p, c=c, z=z, t=t, time_s=finfo.timestamp,
+                               frame_shape=[job.source.sizes["y"], job.source.sizes["x"]],
+                               pixel_size_um=job.source.info.get("pixel_size_um"))
+            if job.grid != (1, 1):
+                rec["tile"] = tile  # an engine on a tile sees the tile's pixels only
+            rec["_order"] = [finfo.seq, tile, k]
+            events.append(rec)
+    return images, scalars, events
 
 
 def _write_chunk(job: Job, ui: int, ti: int, yi: int, xi: int, raw: np.ndarray | None,
                  images: dict[str, np.ndarray], scalars: dict[str, list[float]],
-                 timing: dict[str, float]) -> dict:
+                 events: list[dict[str, Any]], timing: dict[str, float]) -> dict:
     """Write a chunk's data, wait for it, then its marker (the order resume relies on)."""
     t0, t1 = job.tchunk(ti)
     (y0, y1), (x0, x1) = job.core(yi, xi)
@@ -607,10 +688,11 @@ def _write_chunk(job: Job, ui: int, ti: int, yi: int, xi: int, raw: np.ndarray |
     t_write = time.perf_counter()
     futs = []
     window: dict[str, list[float]] = {}
+    pos = job.units[ui][0]
     if raw is not None:
-        futs.append(_out_array(Path(job.out) / "raw" / "0")[sel].write(raw.astype(job.images["raw"], copy=False)))
+        futs.append(_out_array(job.image_path("raw", pos))[sel].write(raw.astype(job.images["raw"], copy=False)))
     for p, block in images.items():
-        futs.append(_out_array(Path(job.out) / p / "0")[sel].write(block))
+        futs.append(_out_array(job.image_path(p, pos))[sel].write(block))
         sample = block[::max(1, block.shape[0] // 4)].ravel()[::7]  # display range from a sample
         sample = sample[np.isfinite(sample)]
         if sample.size:
@@ -618,7 +700,9 @@ def _write_chunk(job: Job, ui: int, ti: int, yi: int, xi: int, raw: np.ndarray |
     for f in futs:
         f.result()
     timing = {**timing, "write_s": time.perf_counter() - t_write}
-    marker = {"t": [t0, t1], "unit": ui, "tile": [yi, xi], "scalars": scalars, "window": window,
+    # the chunk's events travel in its marker: written once with its data, replaced (not added
+    # to) when Dask reruns the task, and put together by the driver alone
+    marker = {"t": [t0, t1], "unit": ui, "tile": [yi, xi], "scalars": scalars, "window": window, "events": events,
               "timing": {k: round(v, 5) for k, v in timing.items()}, "host": socket.gethostname(),
               "pid": os.getpid()}
     _atomic_write(job.marker(ui, ti, yi, xi), json.dumps(marker).encode())
@@ -631,18 +715,50 @@ def _read_region(job: Job, ui: int, t0: int, t1: int, yi: int, xi: int) -> tuple
     (y0, y1), (x0, x1) = job.core(yi, xi)
     h = job.halo
     ya, yb, xa, xb = max(0, y0 - h), min(Y, y1 + h), max(0, x0 - h), min(X, x1 + h)
-    c, z = job.units[ui]
-    data = job.source.read(t0, t1, c, z, (ya, yb), (xa, xb))
+    p, c, z = job.units[ui]
+    data = job.source.read(t0, t1, c, z, (ya, yb), (xa, xb), p)
     return data, (slice(y0 - ya, y1 - ya), slice(x0 - xa, x1 - xa))
 
 
 _CHAINS: dict[tuple, list[Any]] = {}
+_MALLOC_TUNED = False
+
+
+def tune_worker_malloc() -> bool:
+    """Undo what Dask's nanny does to a worker's memory allocator, once per process.
+
+    The nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536`` (so freed memory goes back to
+    the system and the worker's memory reads low). Setting it also switches off glibc's adaptive
+    mmap threshold: every array above 128 kB (a 512x512 float32 frame is 1 MB) is then mapped
+    and unmapped afresh, and its pages faulted in and zeroed again on each use. Measured on
+    ``deconvolve`` (512x512, bench/bench_process_worker.py): 35x the page faults, 2-3x the time
+    per frame. Arrays up to 32 MB now come from the heap again and up to 64 MB of freed heap is
+    kept for reuse; Dask's memory monitor counts that as the worker's (unmanaged) memory.
+    Returns whether it changed anything (only on glibc, only where the variable is set)."""
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return False
+    _MALLOC_TUNED = True
+    if not sys.platform.startswith("linux") or "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+        ok = libc.mallopt(m_mmap_threshold, 32 * 2**20) == 1 and libc.mallopt(m_trim_threshold, 64 * 2**20) == 1
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to undo
+        return False
+    if ok:
+        log.debug("worker %d: malloc mmap threshold 32 MB, trim threshold 64 MB", os.getpid())
+    return ok
 
 
 def run_chunk(job: Job, ui: int, ti: int, yi: int, xi: int) -> dict[str, Any]:
     """One chunk from scratch: warm-up frames, then its own. Skipped when its marker exists."""
     if job.marker(ui, ti, yi, xi).exists():
         return {"skipped": True, "frames": 0}
+    tune_worker_malloc()
     t_start = time.perf_counter()
     t0, t1 = job.tchunk(ti)
     w0 = max(0, t0 - job.warmup)
@@ -655,12 +771,12 @@ def run_chunk(job: Job, ui: int, ti: int, yi: int, xi: int) -> dict[str, Any]:
     if chain is None:
         chain = build_chain(job.engines, job.params, job.spec(tuple(data.shape[1:]), job.units[ui]),
                             job.unit_state[ui])
-    images, scalars = _run_frames(job, chain, ui, w0, data, t0, crop)
+    images, scalars, events = _run_frames(job, chain, ui, w0, data, t0, crop, yi * job.grid[1] + xi)
     if job.warmup == 0:
         _CHAINS.clear()  # one chain kept per worker: bounded memory
         _CHAINS[key] = chain
     raw = data[t0 - w0:][(..., *crop)] if job.save_raw else None
-    _write_chunk(job, ui, ti, yi, xi, raw, images, scalars,
+    _write_chunk(job, ui, ti, yi, xi, raw, images, scalars, events,
                  {"read_s": t_read - t_start, "compute_s": time.perf_counter() - t_read})
     share = 1.0 / (job.grid[0] * job.grid[1])  # a tile is this much of a frame
     return {"skipped": False, "frames": (t1 - t0) * share, "bytes": int(data[t0 - w0:][(..., *crop)].nbytes)}
@@ -673,6 +789,7 @@ def run_chain(job: Job, ui: int, yi: int, xi: int) -> dict[str, Any]:
     them) but not rewritten."""
     import cloudpickle  # a dependency of dask.distributed; pickles the engines' array modules too
 
+    tune_worker_malloc()
     ck = job.checkpoint_path(ui, yi, xi)
     chain, start = None, 0
     if ck.exists():
@@ -684,6 +801,7 @@ def run_chain(job: Job, ui: int, yi: int, xi: int) -> dict[str, Any]:
             chain, start = None, 0
     frames = 0
     nbytes = 0
+    checkpoint = job.checkpoint
     for ti in range(start, job.n_tchunks):
         t_start = time.perf_counter()
         t0, t1 = job.tchunk(ti)
@@ -691,21 +809,47 @@ def run_chain(job: Job, ui: int, yi: int, xi: int) -> dict[str, Any]:
         t_read = time.perf_counter()
         if chain is None:
             chain = build_chain(job.engines, job.params, job.spec(tuple(data.shape[1:]), job.units[ui]))
-        images, scalars = _run_frames(job, chain, ui, t0, data, t0, crop)
+        images, scalars, events = _run_frames(job, chain, ui, t0, data, t0, crop, yi * job.grid[1] + xi)
         if not job.marker(ui, ti, yi, xi).exists():
             raw = data[(..., *crop)] if job.save_raw else None
-            _write_chunk(job, ui, ti, yi, xi, raw, images, scalars,
+            _write_chunk(job, ui, ti, yi, xi, raw, images, scalars, events,
                          {"read_s": t_read - t_start, "compute_s": time.perf_counter() - t_read})
             frames += (t1 - t0) / (job.grid[0] * job.grid[1])
             nbytes += int(data[(..., *crop)].nbytes)
-        if job.checkpoint and ti + 1 < job.n_tchunks:
-            _atomic_write(ck, cloudpickle.dumps((ti, chain)))
+        if checkpoint and ti + 1 < job.n_tchunks:
+            try:
+                state = cloudpickle.dumps((ti, chain))
+            except Exception as exc:  # an engine holding a lock or a thread: no checkpoints, still exact
+                log.warning("the chain %s cannot be saved (%s): a resume reruns unit %d from its first "
+                            "frame (it rewrites only the missing chunks)", job.engines, exc, ui)
+                checkpoint = False
+            else:
+                _atomic_write(ck, state)
     with contextlib.suppress(FileNotFoundError):
         ck.unlink()  # the chain is complete: its state is no longer needed
     return {"skipped": frames == 0, "frames": frames, "bytes": nbytes}
 
 
 # ============================================================================ planning
+
+
+def chain_wants_stacks(engines: list[str], params: dict[str, dict[str, Any]], src: Source) -> bool:
+    """Whether the chain runs on (z, y, x) stacks (every engine ``needs_volume``) or on planes."""
+    from ..engines import engine_factory
+
+    volume = [bool(getattr(engine_factory(e)(**params.get(e, {})), "needs_volume", False)) for e in engines]
+    if any(volume) and not all(volume):
+        raise ValueError("the chain mixes engines on planes and on z-stacks; run them in two passes")
+    stacks = bool(volume) and all(volume)
+    if stacks and not src.has_z:
+        raise ValueError(f"{src.path} has no z axis but the engines want z-stacks (volume=True)")
+    return stacks
+
+
+def plan_units(src: Source, stacks: bool) -> list[tuple[int, int, int | None]]:
+    """(position, channel, plane) in acquisition order (plane None: the whole stack)."""
+    zs: list[int | None] = [None] if stacks else list(range(src.sizes["z"]))
+    return [(p, c, z) for p in range(src.sizes["p"]) for c in range(src.sizes["c"]) for z in zs]
 
 
 def _auto_chunk_t(plane_bytes: int, n_t: int, warmup: int, target_mb: float = 64.0) -> int:
@@ -721,21 +865,13 @@ def plan_job(input_path: str | os.PathLike, out: str | os.PathLike, engines: lis
              chunk_mb: float = 64.0) -> Job:
     """Open the input, run each unit's first frame through the chain (what it fixes there, and
     which products it makes) and derive the chunking."""
-    from ..engines import engine_factory
-
     src = open_source(input_path)
     params = {k: dict(v) for k, v in (engine_params or {}).items()}
     n_t = src.sizes["t"] if frames is None else min(int(frames), src.sizes["t"])
     if n_t < 1:
         raise ValueError(f"{input_path} has no frames to process")
-    volume = [bool(getattr(engine_factory(e)(**params.get(e, {})), "needs_volume", False)) for e in engines]
-    if any(volume) and not all(volume):
-        raise ValueError("the chain mixes engines on planes and on z-stacks; run them in two passes")
-    stacks = bool(volume) and all(volume)
-    if stacks and not src.has_z:
-        raise ValueError(f"{input_path} has no z axis but the engines want z-stacks (volume=True)")
-    zs: list[int | None] = [None] if stacks else list(range(src.sizes["z"]))
-    units = [(c, z) for c in range(src.sizes["c"]) for z in zs]
+    stacks = chain_wants_stacks(engines, params, src)
+    units = plan_units(src, stacks)
     dtype = np.dtype(src.dtype)
     raw_dtype = "float32" if dtype.kind == "f" else dtype.name
     bits = dtype.itemsize * 8 if dtype.kind in "ui" else 16
@@ -747,9 +883,9 @@ def plan_job(input_path: str | os.PathLike, out: str | os.PathLike, engines: lis
     scalars: list[str] = []
     reach: list[Reach] = []
     Y, X = src.sizes["y"], src.sizes["x"]
-    for ui, (c, z) in enumerate(units):
-        first = src.read(0, 1, c, z, (0, Y), (0, X))[0]
-        chain = build_chain(engines, params, job.spec(tuple(first.shape), (c, z)))
+    for ui, (p, c, z) in enumerate(units):
+        first = src.read(0, 1, c, z, (0, Y), (0, X), p)[0]
+        chain = build_chain(engines, params, job.spec(tuple(first.shape), (p, c, z)))
         out_ = run_frame(engines, chain, first, job.frame_info(0, ui))
         job.unit_state.append([_first_frame_state(n, e) for n, e in zip(engines, chain)])
         if ui == 0:
@@ -797,21 +933,24 @@ def _create_output(job: Job, overwrite: bool, provenance: dict[str, Any]) -> Non
                       z_step_um=src.info.get("z_step_um"), interval_s=src.info.get("interval_s"))
     store = OmeZarrStore(job.out, overwrite=overwrite, provenance=provenance)
     names = list(job.images) + (["raw"] if job.scalars and "raw" not in job.images else [])
-    for p in names:
-        store.image(p, 0, 0, lay if p == "raw" else ImageLayout(**{**lay.__dict__, "dtype": "float32"}))
+    positions = range(src.sizes["p"])
+    for pos in positions:  # position p of a product is its own image, as live (``raw_p1``)
+        for p in names:
+            store.image(p, pos, 0, lay if p == "raw" else ImageLayout(**{**lay.__dict__, "dtype": "float32"}))
     store.close()
     lead = lay.lead_shape(job.n_t)
     shard_lead = [job.chunk_t] + [1] * (len(lead) - 1)
-    for p in names:
-        dt = job.images.get(p, job.spec_extra["dtype"])
-        create_array(Path(job.out) / p / "0", lead + [src.sizes["y"], src.sizes["x"]],
-                     shard_lead + list(job.tile), dt, lay.axes)
-        rec_dir = Path(job.out) / p / "livescope"
-        fields = dict(RECORD_FIELDS)
-        if p == "raw":
-            fields.update({s: "float64" for s in job.scalars})
-        for k, dt_k in fields.items():
-            _create_records(rec_dir / k, lead, dt_k, lay.axes[:-2])
+    for pos in positions:
+        for p in names:
+            dt = job.images.get(p, job.spec_extra["dtype"])
+            create_array(job.image_path(p, pos), lead + [src.sizes["y"], src.sizes["x"]],
+                         shard_lead + list(job.tile), dt, lay.axes)
+            rec_dir = job.image_path(p, pos).parent / "livescope"
+            fields = dict(RECORD_FIELDS)
+            if p == "raw":
+                fields.update({s: "float64" for s in job.scalars})
+            for k, dt_k in fields.items():
+                _create_records(rec_dir / k, lead, dt_k, lay.axes[:-2])
     job.state_dir.mkdir(parents=True, exist_ok=True)
     (job.state_dir / "done").mkdir(exist_ok=True)
     _atomic_write(job.state_dir / "job.json", json.dumps(
@@ -843,13 +982,16 @@ def _finalize(job: Job, summary: dict[str, Any]) -> dict[str, int]:
     src = job.source
     lead = [job.n_t] + ([src.sizes["c"]] if src.has_c else []) + ([src.sizes["z"]] if src.has_z else [])
     gy, gx = job.grid
-    status = np.zeros(lead, np.uint8)
-    seq = np.full(lead, -1, np.int64)
-    tim = np.full(lead, np.nan)
-    scal = {s: np.full(lead, np.nan) for s in job.scalars}
+    positions = range(src.sizes["p"])
+    status = {pos: np.zeros(lead, np.uint8) for pos in positions}
+    seq = {pos: np.full(lead, -1, np.int64) for pos in positions}
+    tim = {pos: np.full(lead, np.nan) for pos in positions}
+    scal = {pos: {s: np.full(lead, np.nan) for s in job.scalars} for pos in positions}
     windows: dict[str, list[float]] = {}
+    events: list[dict[str, Any]] = []
     done_chunks = 0
     for ui in range(len(job.units)):
+        pos = job.units[ui][0]
         for ti in range(job.n_tchunks):
             markers = []
             for yi in range(gy):
@@ -863,43 +1005,52 @@ def _finalize(job: Job, summary: dict[str, Any]) -> dict[str, int]:
             t0, t1 = job.tchunk(ti)
             ts_ = np.arange(t0, t1)
             sel = job.lead_index(slice(t0, t1), job.units[ui])
-            status[sel] = STATUS["saved"]
+            status[pos][sel] = STATUS["saved"]
             seqs = ts_ * len(job.units) + ui
             times = ts_ * float(src.info.get("interval_s") or 1.0)
-            extra = (1,) * (status[sel].ndim - 1)
-            seq[sel] = seqs.reshape(-1, *extra)
-            tim[sel] = times.reshape(-1, *extra)
+            extra = (1,) * (status[pos][sel].ndim - 1)
+            seq[pos][sel] = seqs.reshape(-1, *extra)
+            tim[pos][sel] = times.reshape(-1, *extra)
             for mk in markers:
+                events.extend(mk.get("events", ()))
                 for s, vals in mk["scalars"].items():
-                    scal[s][sel] = np.asarray(vals).reshape(-1, *extra)
+                    scal[pos][s][sel] = np.asarray(vals).reshape(-1, *extra)
                 for p, (lo, hi) in mk["window"].items():
                     w = windows.setdefault(p, [math.inf, -math.inf])
                     windows[p] = [min(w[0], lo), max(w[1], hi)]
     names = list(job.images) + (["raw"] if job.scalars and "raw" not in job.images else [])
     saved = {}
-    for p in names:
-        rec = {"seq": seq, "time": tim, "status": status if p in job.images else np.zeros_like(status),
-               "saturated": np.full(lead, -1, np.int32)}
-        if p == "raw":
-            rec.update(scal)
-        futs = [ts.open(_array_spec(Path(job.out) / p / "livescope" / k), context=_ts_context()).result()
-                .write(v) for k, v in rec.items()]
-        for f in futs:
-            f.result()
-        gpath = Path(job.out) / p / "zarr.json"
-        meta = json.loads(gpath.read_text())
-        attrs = meta["attributes"]
-        n_saved = int((rec["status"] == STATUS["saved"]).sum())
-        attrs["livescope"].update({"frames": job.n_t, "saved": n_saved})
-        saved[p] = n_saved
-        if p in windows and math.isfinite(windows[p][0]):
-            for ch in attrs["ome"].get("omero", {}).get("channels", []):
-                ch["window"].update({"start": windows[p][0], "end": windows[p][1],
-                                     "min": windows[p][0], "max": windows[p][1]})
-        _atomic_write(gpath, json.dumps(meta, indent=1).encode())
+    for pos in positions:
+        for p in names:
+            rec = {"seq": seq[pos], "time": tim[pos],
+                   "status": status[pos] if p in job.images else np.zeros_like(status[pos]),
+                   "saturated": np.full(lead, -1, np.int32)}
+            if p == "raw":
+                rec.update(scal[pos])
+            image = job.image_path(p, pos).parent
+            futs = [ts.open(_array_spec(image / "livescope" / k), context=_ts_context()).result()
+                    .write(v) for k, v in rec.items()]
+            for f in futs:
+                f.result()
+            gpath = image / "zarr.json"
+            meta = json.loads(gpath.read_text())
+            attrs = meta["attributes"]
+            n_saved = int((rec["status"] == STATUS["saved"]).sum())
+            attrs["livescope"].update({"frames": job.n_t, "saved": n_saved})
+            saved[image.name] = n_saved
+            if p in windows and math.isfinite(windows[p][0]):
+                for ch in attrs["ome"].get("omero", {}).get("channels", []):
+                    ch["window"].update({"start": windows[p][0], "end": windows[p][1],
+                                         "min": windows[p][0], "max": windows[p][1]})
+            _atomic_write(gpath, json.dumps(meta, indent=1).encode())
     root = Path(job.out) / "zarr.json"
     meta = json.loads(root.read_text())
     prov = meta["attributes"]["livescope"].setdefault("provenance", {})
+    # the engines' events where the live daemon keeps them (``provenance.events``), rebuilt from
+    # the markers on every run: a resumed or retried chunk replaces its events, never adds to them.
+    # All of them, where live keeps the last 1000: offline there is no stream to keep up with.
+    prov["events"] = number_events(events)
+    summary["events"] = len(prov["events"])
     prov.setdefault("runs", []).append(summary)
     prov["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     prov["chunks_done"] = done_chunks
@@ -1045,4 +1196,5 @@ def run_job(job: Job, *, scheduler: str | None = None, workers: int | None = Non
             "mb_per_s": round(nbytes / 2**20 / elapsed, 2) if elapsed else None,
             "chunks": total, "chunks_done_before": done_before, "workers": n_workers,
             "chunk_t": job.chunk_t, "tile": list(job.tile), "halo": job.halo, "warmup": job.warmup,
-            "in_order": job.sequential, "out": job.out, "images": sorted(saved), "saved": saved}
+            "in_order": job.sequential, "out": job.out, "images": sorted(saved), "saved": saved,
+            "events": summary["events"]}

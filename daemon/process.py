@@ -19,7 +19,6 @@ import numpy as np
 
 from ..bridges.store import ImageLayout, OmeZarrStore
 from ..engines import FrameInfo, StreamSpec, create_engine
-from .sources import read_movie
 
 __all__ = ["process_file"]
 
@@ -86,35 +85,37 @@ def _process_serial(
 ) -> dict[str, Any]:
     from tqdm import tqdm
 
-    data, axes, info = read_movie(input_path)
+    from .distributed import chain_wants_stacks, event_record, number_events, open_source, plan_units
+
+    src = open_source(input_path)
     engine_params = engine_params or {}
-    n_t = data.shape[0] if frames is None else min(frames, data.shape[0])
-    lead = [a for a in axes if a not in ("y", "x")]
-    sizes = dict(zip(axes, data.shape))
-    dtype = np.dtype(data.dtype)
-    plane_shape = tuple(data.shape[-2:])
+    info = src.info
+    n_t = src.sizes["t"] if frames is None else min(frames, src.sizes["t"])
+    dtype = np.dtype(src.dtype)
+    Y, X = src.sizes["y"], src.sizes["x"]
     bits = dtype.itemsize * 8 if dtype.kind in "ui" else 16
-    layout = ImageLayout(plane_shape=plane_shape, dtype=dtype.name if dtype.kind != "f" else "float32",
-                         has_c="c" in lead, has_z="z" in lead, n_c=sizes.get("c", 1), n_z=sizes.get("z", 1),
+    layout = ImageLayout(plane_shape=(Y, X), dtype=dtype.name if dtype.kind != "f" else "float32",
+                         has_c=src.has_c, has_z=src.has_z, n_c=src.sizes["c"], n_z=src.sizes["z"],
                          bits=bits, pixel_size_um=info.get("pixel_size_um"), z_step_um=info.get("z_step_um"),
                          interval_s=info.get("interval_s"))
     product_layout = dataclasses.replace(layout, dtype="float32")  # once, not per frame
+    stacks = chain_wants_stacks(engines, engine_params, src)
+    units = plan_units(src, stacks)  # (position, channel, plane or None for the whole stack)
     store = OmeZarrStore(out, overwrite=overwrite, provenance={
         "source": f"file:{input_path}", "engines": {e: engine_params.get(e, {}) for e in engines}, "mode": "process"})
     chains: dict[tuple, list[Any]] = {}
     timings: dict[str, float] = {e: 0.0 for e in engines}
+    events: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     seq = 0
     try:
         for t in tqdm(range(n_t), desc="process", unit="frame", disable=not progress):
-            block = np.asarray(data[t])
-            for rest in np.ndindex(*block.shape[:-2]):
-                idx = dict(zip(lead[1:], rest))
-                c, z = int(idx.get("c", 0)), int(idx.get("z", 0))
-                plane = block[rest]
-                key = (c, z)
+            for p, c, z in units:
+                block = src.read(t, t + 1, c, z, (0, Y), (0, X), p)[0]  # (y, x), or (z, y, x) for stacks
+                planes = list(range(src.sizes["z"])) if z is None else [z]
+                key = (p, c, z)
                 if key not in chains:
-                    spec = StreamSpec(shape=plane_shape, dtype=layout.dtype, bits=bits,
+                    spec = StreamSpec(shape=tuple(block.shape), dtype=layout.dtype, bits=bits,
                                       pixel_size_um=info.get("pixel_size_um"), z_step_um=info.get("z_step_um"),
                                       interval_s=info.get("interval_s"), channel=str(c))
                     chain = []
@@ -123,12 +124,19 @@ def _process_serial(
                         eng.setup(spec)
                         chain.append(eng)
                     chains[key] = chain
-                x: Any = plane
+                x: Any = block
                 ts = t * float(info.get("interval_s") or 1.0)
-                finfo = FrameInfo(seq=seq, timestamp=ts, index={"t": t, "c": c, "z": z})
+                index = {"t": t, "p": p, "c": c} if z is None else {"t": t, "p": p, "c": c, "z": z}
+                finfo = FrameInfo(seq=seq, timestamp=ts, index=index)
+
+                def write(image: Any, value: np.ndarray) -> None:
+                    value = value.reshape(len(planes), Y, X)
+                    for j, zz in enumerate(planes):
+                        image.write(t, c, zz, value[j], seq=seq, time_s=ts)
+
                 if save_raw:
-                    store.image("raw", 0, 0, layout).write(t, c, z, plane.astype(layout.dtype, copy=False),
-                                                         seq=seq, time_s=ts)
+                    write(store.image("raw", p, 0, layout), block.astype(layout.dtype, copy=False))
+                k = 0
                 for name, eng in zip(engines, chains[key]):
                     t0 = time.perf_counter()
                     out_ = eng.process(x, finfo)
@@ -136,21 +144,28 @@ def _process_serial(
                     scalars = set(getattr(eng, "scalar_outputs", ()))
                     for pname, value in out_.items():
                         if pname == "events":
+                            for ev in value or ():
+                                rec = event_record(ev, seq=seq, p=p, c=c, z=z, t=t, time_s=ts, frame_shape=[Y, X],
+                                                   pixel_size_um=info.get("pixel_size_um"))
+                                events.append({**rec, "_order": [seq, 0, k]})
+                                k += 1
                             continue
                         if pname in scalars or np.ndim(value) == 0:
-                            store.image("raw", 0, 0, layout).write_scalar(pname, t, c, z, float(value))
+                            for zz in planes:  # a stack's number belongs to each of its planes
+                                store.image("raw", p, 0, layout).write_scalar(pname, t, c, zz, float(value))
                             continue
-                        w = store.image(pname, 0, 0, product_layout)
-                        w.write(t, c, z, np.asarray(value, dtype=np.float32), seq=seq, time_s=ts)
+                        write(store.image(pname, p, 0, product_layout), np.asarray(value, dtype=np.float32))
                     passes = getattr(eng, "passes", eng.outputs[0])
                     if passes is not None and passes in out_:
                         x = out_[passes]
                 seq += 1
                 for w in store.images.values():
                     w.poll()
+        # where the live daemon keeps them (``provenance.events``); all of them, offline
+        store.update_provenance(events=number_events(events))
     finally:
         store.close()
     elapsed = time.perf_counter() - t_start
     return {"frames": seq, "seconds": round(elapsed, 3), "fps": round(seq / elapsed, 2) if elapsed else None,
             "engine_seconds": {k: round(v, 3) for k, v in timings.items()}, "out": str(out),
-            "images": sorted(store.images)}
+            "images": sorted(store.images), "events": len(events)}

@@ -39,12 +39,14 @@ def client():
     cluster.close()
 
 
-def _movie(tmp_path: Path, shape=(20, 2, 40, 48), seed=0) -> Path:
+def _movie(tmp_path: Path, shape=(20, 2, 40, 48), seed=0, flash: tuple | None = None) -> Path:
     import tifffile
 
     rng = np.random.default_rng(seed)
     movie = (rng.poisson(200.0, shape) + 100).astype(np.uint16)
     movie[..., 10:20, 12:30] += 400  # something to register and decompose
+    if flash is not None:  # a sudden event: a bright patch in one frame of one channel
+        movie[flash] += 1500
     path = tmp_path / "m.tif"
     tifffile.imwrite(path, movie, imagej=True, metadata={"axes": "TCYX"[-len(shape):] if len(shape) == 4 else "TYX"})
     return path
@@ -110,7 +112,7 @@ def test_inputs_ome_zarr_ndtiff_and_hyperstack_axes(tmp_path, client):
     movie = rng.integers(0, 4000, (5, 3, 2, 20, 24), dtype=np.uint16)  # t, z, c (ImageJ order)
     tifffile.imwrite(tmp_path / "h.tif", movie, imagej=True, metadata={"axes": "TZCYX"})
     src = open_source(tmp_path / "h.tif")
-    assert src.sizes == {"t": 5, "c": 2, "z": 3, "y": 20, "x": 24}
+    assert src.sizes == {"t": 5, "p": 1, "c": 2, "z": 3, "y": 20, "x": 24}
     np.testing.assert_array_equal(src.read(1, 4, 1, 2, (3, 9), (0, 24)), movie[1:4, 2, 1, 3:9])
     np.testing.assert_array_equal(src.read(0, 2, 0, None, (0, 20), (5, 7)), movie[0:2, :, 0, :, 5:7])
     # the output of one run is the input of the next: livescope's own OME-Zarr (t, c, z, y, x)
@@ -186,9 +188,10 @@ _INTERRUPTED = textwrap.dedent("""
 def test_resume_after_a_crash_completes_the_output_exactly(tmp_path, engines):
     """The driver is killed (SIGKILL) mid-run; a chunk's data is then damaged without its marker
     being written (a half-written chunk); ``resume`` keeps the complete chunks and redoes the rest."""
-    movie = _movie(tmp_path, shape=(30, 2, 24, 24))
+    movie = _movie(tmp_path, shape=(30, 2, 24, 24), flash=(25, 1, slice(4, 20), slice(4, 20)))
     params = {"passthrough": {"delay_s": 0.05}, "decompose": {"background_window": 8, "background_samples": 4}}
     ref = process_file(movie, tmp_path / "ref.zarr", engines, params, workers=0, progress=False)
+    assert ref["events"] == (1 if "decompose" in engines else 0)
     out = tmp_path / "d.zarr"
     proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTED, str(movie), str(out), ",".join(engines)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -215,6 +218,13 @@ def test_resume_after_a_crash_completes_the_output_exactly(tmp_path, engines):
     assert res["frames"] == 60 - 3 * len(done)  # only the missing chunks were written
     _assert_same(tmp_path / "ref.zarr", out, ref["images"])
     assert not list((out / ".livescope-process" / "state").glob("*.pkl"))  # chains finished
+    # the engines' events: once each, as in the single-process run (``emitted`` is a wall clock)
+    ev_ref, ev = ([{k: v for k, v in e.items() if k != "emitted"} for e in json.loads(
+        (d / "zarr.json").read_text())["attributes"]["livescope"]["provenance"]["events"]]
+        for d in (tmp_path / "ref.zarr", out))
+    assert ev == ev_ref and len(ev) == ref["events"]
+    if ev:
+        assert (ev[0]["t"], ev[0]["c"], ev[0]["kind"]) == (25, 1, "novelty")
 
 
 def test_an_existing_output_is_not_overwritten_without_asking(tmp_path, client):
