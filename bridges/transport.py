@@ -3,22 +3,30 @@
 Data frames travel PUSH -> PULL with a bounded high-water mark: when the daemon is slow the
 sender sees it (a non-blocking send fails) and counts the frame it could not hand over. PUB/SUB
 silently drops frames for slow subscribers, so it is used only for previews.
+
+Every class takes ``curve=``: a :class:`~livescope.bridges.auth.CurveServer` for the sockets that
+bind (the daemon's), a :class:`~livescope.bridges.auth.CurveClient` for those that connect. With
+it, the socket speaks ZeroMQ CURVE (encrypted, and only allowed client keys get in).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import sys
 import threading
 import time
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zmq
 
 from .protocol import Frame, ProtocolError, decode, encode, make_header
+
+if TYPE_CHECKING:
+    from .auth import CurveClient, CurveServer
 
 __all__ = [
     "DEFAULT_CONTROL",
@@ -43,6 +51,14 @@ DEFAULT_CONTROL = "tcp://127.0.0.1:5572"
 def ipc_available() -> bool:
     """ipc:// exists on POSIX libzmq builds; Windows needs tcp (or a recent libzmq with AF_UNIX)."""
     return sys.platform != "win32" and zmq.has("ipc")
+
+
+def _owner_only(address: str) -> None:
+    """ipc sockets the daemon binds: only its user may connect (the socket file gets 0600)."""
+    if address.startswith("ipc://"):
+        from .auth import restrict_ipc
+
+        restrict_ipc(address)
 
 
 def free_tcp_address(host: str = "127.0.0.1") -> str:
@@ -73,6 +89,7 @@ class FramePublisher:
         block: bool = False,
         send_timeout_ms: int = -1,
         context: zmq.Context | None = None,
+        curve: CurveClient | None = None,
         **defaults: Any,
     ) -> None:
         self.stream = stream
@@ -90,6 +107,8 @@ class FramePublisher:
         self._sock.setsockopt(zmq.SNDHWM, hwm)
         self._sock.setsockopt(zmq.LINGER, 5000)
         self._sock.setsockopt(zmq.SNDTIMEO, send_timeout_ms)  # with block=True: give up after this
+        if curve is not None:
+            curve.secure(self._sock)
         self._sock.connect(address)
         self._t0 = time.time()
 
@@ -139,21 +158,39 @@ class FramePublisher:
 
 
 class FrameReceiver:
-    """PULL side of the data path: validates every message, counts rejects and lost frames."""
+    """PULL side of the data path: validates every message, counts rejects and lost frames.
 
-    def __init__(self, address: str, *, bind: bool = True, hwm: int = 64, context: zmq.Context | None = None):
+    ``private`` (with ``bind``): an extra endpoint bound *before* CURVE is applied, for frame
+    sources inside the daemon's own process; it must be an owner-only ipc address
+    (:func:`~livescope.bridges.auth.private_ipc_address`), since it takes frames without keys.
+    """
+
+    def __init__(self, address: str, *, bind: bool = True, hwm: int = 64, context: zmq.Context | None = None,
+                 curve: CurveServer | CurveClient | None = None, private: str | None = None):
         self.address = address
-        self._ctx = context or zmq.Context.instance()
+        self._private = private if bind else None
+        self._curve = curve if bind else None
+        self._ctx = self._curve.acquire() if self._curve is not None else context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.PULL)
         self._sock.setsockopt(zmq.RCVHWM, hwm)
         self._sock.setsockopt(zmq.LINGER, 0)
         try:
+            if bind and private:
+                if not private.startswith("ipc://"):
+                    raise ValueError(f"a private ingest endpoint must be ipc:// (owner-only), not {private}")
+                self._sock.bind(private)  # CURVE options apply only to the binds that follow them
+                _owner_only(private)
+            if curve is not None:
+                curve.secure(self._sock)
             if bind:
                 self._sock.bind(address)
+                _owner_only(address)
             else:
                 self._sock.connect(address)
         except zmq.ZMQError as exc:
             self._sock.close()
+            if self._curve is not None:
+                self._curve.release()
             raise OSError(
                 f"cannot bind the ingest socket to {address}: {exc}. Another livescope daemon may be "
                 "running; stop it or pass another address with --ingest"
@@ -224,9 +261,18 @@ class FrameReceiver:
             }
 
     def close(self) -> None:
+        if self._sock.closed:
+            return
         self._sock.close(linger=0)
+        if self._private and self._private.startswith("ipc://"):
+            try:  # libzmq leaves the socket file behind
+                os.unlink(self._private[len("ipc://"):])
+            except OSError:
+                pass
         if self._shm is not None:
             self._shm.close()
+        if self._curve is not None:
+            self._curve.release()
 
 
 class PreviewPublisher:
@@ -235,15 +281,22 @@ class PreviewPublisher:
     ``preview_size``^2 pixels each), so a slow viewer costs at most a few tens of MB and never
     slows the daemon; a smaller mark would drop the later products of every burst."""
 
-    def __init__(self, address: str, *, hwm: int = 32, context: zmq.Context | None = None) -> None:
-        self._ctx = context or zmq.Context.instance()
+    def __init__(self, address: str, *, hwm: int = 32, context: zmq.Context | None = None,
+                 curve: CurveServer | None = None) -> None:
+        self._curve = curve
+        self._ctx = curve.acquire() if curve is not None else context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.PUB)
         self._sock.setsockopt(zmq.SNDHWM, hwm)
         self._sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.secure(self._sock)
         try:
             self._sock.bind(address)
+            _owner_only(address)
         except zmq.ZMQError as exc:
             self._sock.close()
+            if curve is not None:
+                curve.release()
             raise OSError(f"cannot bind the preview socket to {address}: {exc}; pass another --publish") from exc
         self.sent = 0
 
@@ -255,15 +308,20 @@ class PreviewPublisher:
             pass  # a preview nobody can take right now is simply not shown
 
     def close(self) -> None:
+        if self._sock.closed:
+            return
         self._sock.close(linger=0)
+        if self._curve is not None:
+            self._curve.release()
 
 
 class PreviewSubscriber:
     """SUB side for viewers: ``latest()`` drains the socket and keeps only the newest frame per
     (product, position, channel, z)."""
 
-    def __init__(self, address: str, *, context: zmq.Context | None = None) -> None:
+    def __init__(self, address: str, *, context: zmq.Context | None = None, curve: CurveClient | None = None) -> None:
         self.address = address
+        self._curve = curve
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
         self.rejected = 0
@@ -275,6 +333,8 @@ class PreviewSubscriber:
         self._sock.setsockopt(zmq.RCVHWM, 4)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SUBSCRIBE, b"")
+        if self._curve is not None:
+            self._curve.secure(self._sock)
         self._sock.connect(self.address)
 
     def latest(self, max_messages: int = 256) -> dict[tuple, Frame]:
@@ -313,8 +373,9 @@ class RestoreClient:
     """
 
     def __init__(self, address: str, stream: str = "restore", *, timeout_s: float = 1.0,
-                 context: zmq.Context | None = None, **defaults: Any) -> None:
+                 context: zmq.Context | None = None, curve: CurveClient | None = None, **defaults: Any) -> None:
         self.address = address
+        self._curve = curve
         self.stream = stream
         self.timeout_s = timeout_s
         self.defaults = defaults
@@ -329,6 +390,8 @@ class RestoreClient:
         if self._sock is None:
             self._sock = self._ctx.socket(zmq.REQ)
             self._sock.setsockopt(zmq.LINGER, 0)
+            if self._curve is not None:
+                self._curve.secure(self._sock)
             self._sock.connect(self.address)
         return self._sock
 

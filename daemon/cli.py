@@ -46,6 +46,26 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime", "torch"], help="inference backend")
 
 
+def _add_curve_options(p: argparse.ArgumentParser, *, daemon: bool = False) -> None:
+    g = p.add_argument_group("ZeroMQ CURVE (docs/reliability.md#curve)")
+    if daemon:
+        g.add_argument("--curve", action="store_true", default=None,
+                       help="CURVE on every socket, loopback too (closes previews and ingest to other users of "
+                       "the PC); always on for a non-loopback address")
+        g.add_argument("--curve-dir", default=None, help="the keys folder (server key pair + allowed/ client keys; "
+                       "default: see `livescope keys init`); implies --curve")
+    else:
+        g.add_argument("--curve", action="store_true", help="the daemon runs CURVE: use the client keys")
+        g.add_argument("--curve-dir", default=None,
+                       help="folder with client.key_secret and the daemon's server.key; implies --curve")
+
+
+def _client_curve(args: argparse.Namespace) -> Any:
+    from .config import client_curve
+
+    return client_curve(getattr(args, "curve", False), getattr(args, "curve_dir", None))
+
+
 def _engine_params(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     from .config import parse_params
 
@@ -115,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sim-interval", type=float, default=None, dest="sim_interval_s", help="seconds between time points")
     p.add_argument("--sim-drift", type=float, nargs=2, default=None, metavar=("DY", "DX"), help="sample drift px/frame")
     p.add_argument("--progress", action="store_true", help="a progress bar (with --frames)")
+    _add_curve_options(p, daemon=True)
 
     p = sub.add_parser("view", help="the live viewer (subscribes to a daemon's previews)")
     p.add_argument("--connect", default=DEFAULT_PUBLISH, help="the daemon's preview socket")
@@ -122,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--screenshot", default=None, help="save a PNG of the window after --seconds and exit")
     p.add_argument("--seconds", type=float, default=None, help="close after this many seconds")
     p.add_argument("--settings", default=None, help="where the window layout is remembered (an .ini file)")
+    _add_curve_options(p)
 
     p = sub.add_parser("process", help="the same engine chain offline on a TIFF or OME-Zarr movie")
     p.add_argument("input")
@@ -151,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-model", default=None, help="continue from this model (default: the shipped one)")
     p.add_argument("--clean", default=None, help="supervised: clean images to crappify (PSSR-style)")
     p.add_argument("--past-frames", type=int, default=0, help="k past frames as extra input channels (new model)")
+    _add_curve_options(p)
 
     p = sub.add_parser("compile", help="build a TensorRT engine for a model ahead of time (NVIDIA GPU)")
     p.add_argument("model", nargs="?", default=None, help="a .lsm model (default: the shipped one)")
@@ -164,9 +187,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="ask a running daemon for its status (JSON)")
     p.add_argument("--control", default=DEFAULT_CONTROL)
     p.add_argument("--timeout", type=float, default=3.0)
+    _add_curve_options(p)
 
     p = sub.add_parser("stop", help="ask a running daemon to stop (flushes and closes its store)")
     p.add_argument("--control", default=DEFAULT_CONTROL)
+    _add_curve_options(p)
+
+    p = sub.add_parser("keys", help="ZeroMQ CURVE keys: needed to bind other addresses than loopback, or --curve")
+    ks = p.add_subparsers(dest="keys_command", required=True)
+    k = ks.add_parser("init", help="make a server key pair, a client key pair and an allow-list with that client")
+    k.add_argument("--dir", default=None, help="the keys folder (default: $LIVESCOPE_KEYS_DIR, else "
+                   "~/.config/livescope/keys, %%APPDATA%%\\livescope\\keys on Windows)")
+    k.add_argument("--force", action="store_true", help="replace existing keys (clients holding old keys are refused)")
+    k = ks.add_parser("client", help="make a client key pair only (on a viewer's or a camera's machine)")
+    k.add_argument("--dir", default=None)
+    k.add_argument("--force", action="store_true")
+    k = ks.add_parser("allow", help="allow a client: copy its public key (.key) into the daemon's allow-list")
+    k.add_argument("public_key", help="the client's public key file (CLIENT.key, never the .key_secret)")
+    k.add_argument("--dir", default=None, help="the daemon's keys folder")
+    k.add_argument("--name", default=None, help="name in the allow-list (default: the file's name)")
 
     p = sub.add_parser("recover", help="after a crash: trim a store to the frames it recorded as saved")
     p.add_argument("store")
@@ -186,11 +225,18 @@ def run_daemon(cfg: Any, *, progress: bool = False, on_started: Any = None) -> d
     from .sources import make_source
 
     pipeline = Pipeline(cfg)
-    control = ControlServer(cfg.control, pipeline.handle) if cfg.control else None
+    try:
+        control = ControlServer(cfg.control, pipeline.handle, curve=pipeline.curve) if cfg.control else None
+    except Exception:
+        pipeline.close()
+        raise
     pipeline.start()
     if control:
         control.start()
-    source = make_source(cfg)
+    # in-process sources connect where the pipeline lets them in (an owner-only ipc endpoint with CURVE)
+    import dataclasses
+
+    source = make_source(dataclasses.replace(cfg, ingest=pipeline.source_ingest))
     old_handlers = {}
 
     def _on_signal(signum: int, _frame: Any) -> None:
@@ -314,7 +360,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         restore=args.restore,
         rate_fps=args.rate_fps, compress_raw=args.compress_raw, float16=args.float16, fsync=args.fsync,
         memory_budget_mb=args.memory_budget_mb, sim_z=args.sim_z, sim_interval_s=args.sim_interval_s,
-        sim_drift=tuple(args.sim_drift) if args.sim_drift else None,
+        sim_drift=tuple(args.sim_drift) if args.sim_drift else None, curve=args.curve, curve_dir=args.curve_dir,
     )
     if args.sim_channels:
         overrides["sim_channels"] = ("GFP", "mCherry")[: args.sim_channels]
@@ -332,17 +378,25 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     log.info("daemon: source %s, engines %s, ingest %s, previews %s, control %s", cfg.source, cfg.engines,
              cfg.ingest, cfg.publish, cfg.control)
     print(json.dumps({"ingest": cfg.ingest, "publish": cfg.publish, "control": cfg.control,
-                      "out": str(cfg.out) if cfg.out else None}), flush=True)
+                      "out": str(cfg.out) if cfg.out else None, "curve": cfg.wants_curve()}), flush=True)
     summary = run_daemon(cfg, progress=args.progress)
     _print_summary(summary)
     return 0
 
 
 def cmd_view(args: argparse.Namespace) -> int:
+    import inspect
+
     from ..ui.viewer import run_viewer
 
+    curve = _client_curve(args)
+    extra = {}
+    if curve is not None:
+        if "curve" not in inspect.signature(run_viewer).parameters:
+            raise RuntimeError("this viewer cannot use CURVE keys yet; reach the daemon over an SSH tunnel")
+        extra["curve"] = curve
     return run_viewer(args.connect, args.control, screenshot=args.screenshot, seconds=args.seconds,
-                      settings_path=args.settings)
+                      settings_path=args.settings, **extra)
 
 
 def cmd_process(args: argparse.Namespace) -> int:
@@ -357,11 +411,12 @@ def cmd_process(args: argparse.Namespace) -> int:
     return 0
 
 
-def _control_request(address: str, cmd: str, timeout_s: float = 3.0, indent: int | None = None) -> int:
+def _control_request(address: str, cmd: str, timeout_s: float = 3.0, indent: int | None = None,
+                     curve: Any = None) -> int:
     """One control command, its JSON reply printed; a daemon that does not answer says how to fix it."""
     from .control import ControlClient, ControlTimeout
 
-    client = ControlClient(address, timeout_s=timeout_s)
+    client = ControlClient(address, timeout_s=timeout_s, curve=curve)
     try:
         print(json.dumps(client.request(cmd), indent=indent))
     except ControlTimeout as exc:
@@ -373,11 +428,33 @@ def _control_request(address: str, cmd: str, timeout_s: float = 3.0, indent: int
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    return _control_request(args.control, "status", args.timeout, indent=1)
+    return _control_request(args.control, "status", args.timeout, indent=1, curve=_client_curve(args))
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    return _control_request(args.control, "stop")
+    return _control_request(args.control, "stop", curve=_client_curve(args))
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from ..bridges import auth
+
+    if args.keys_command == "init":
+        made = auth.init_keys(args.dir, overwrite=args.force)
+        print(f"CURVE keys in {made['folder']} (folder and secret keys readable only by you):\n"
+              f"  server: {made['server_secret'].name} (secret, stays here), {made['server_public'].name} (public)\n"
+              f"  client: {made['client_secret'].name} + {made['client_public'].name}, allowed in {made['allowed']}\n"
+              "A client on another machine needs client.key_secret and server.key in its own keys folder "
+              "(--curve-dir). Allow more clients with `livescope keys allow CLIENT.key`. Then run "
+              "`livescope daemon --curve` (or bind a non-loopback address).")
+    elif args.keys_command == "client":
+        public, secret = auth.make_client_keys(args.dir, overwrite=args.force)
+        print(f"client keys: {secret} (secret, stays on this machine) and {public}. Copy {public.name} to the "
+              "daemon's PC and run `livescope keys allow client.key --name NAME` there; copy the daemon's "
+              f"server.key into {public.parent}.")
+    else:
+        dest = auth.allow_client(args.public_key, args.dir, name=args.name)
+        print(f"allowed: {dest} (running daemons pick it up at the client's next connection)")
+    return 0
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
@@ -425,7 +502,7 @@ def _fit_live(args: argparse.Namespace) -> int:
 
     from .control import ControlClient
 
-    client = ControlClient(args.control, timeout_s=5.0)
+    client = ControlClient(args.control, timeout_s=5.0, curve=_client_curve(args))
     try:
         reply = client.request("fit", engine="denoise", frames=args.frames, steps=args.steps, seconds=args.seconds)
         if not reply.get("ok"):
@@ -474,7 +551,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 COMMANDS = {"demo": cmd_demo, "daemon": cmd_daemon, "view": cmd_view, "process": cmd_process,
             "status": cmd_status, "stop": cmd_stop, "recover": cmd_recover, "fit": cmd_fit,
-            "compile": cmd_compile, "calibrate": cmd_calibrate}
+            "compile": cmd_compile, "calibrate": cmd_calibrate, "keys": cmd_keys}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..bridges.transport import DEFAULT_CONTROL, DEFAULT_INGEST, DEFAULT_PUBLISH
 
-__all__ = ["DaemonConfig", "load_config", "parse_params"]
+__all__ = ["DaemonConfig", "client_curve", "load_config", "parse_params"]
 
 
 @dataclasses.dataclass
@@ -26,6 +26,10 @@ class DaemonConfig:
     publish: str | None = DEFAULT_PUBLISH
     control: str | None = DEFAULT_CONTROL
     restore: str | None = None  # synchronous restore socket for capture-time hooks (off by default)
+    # ZeroMQ CURVE on every socket the daemon binds: always for a non-loopback address, on
+    # loopback when asked (closes previews and ingest to the PC's other users); keys from curve_dir
+    curve: bool = False
+    curve_dir: str | None = None  # default: livescope.bridges.auth.default_keys_dir()
     frames: int | None = None  # time points for sim/file; frames to receive for zmq
     # sim microscope
     sim_shape: tuple[int, int] = (256, 256)
@@ -50,12 +54,32 @@ class DaemonConfig:
     max_engine_failures: int = 5
     exit_on_end: bool = True
 
+    def open_binds(self) -> list[str]:
+        """The sockets this daemon would bind on a non-loopback address, as ``--name ADDRESS``."""
+        from ..bridges.auth import is_loopback
+
+        return [f"--{name} {address}" for name in ("ingest", "publish", "control", "restore")
+                if (address := getattr(self, name)) and not is_loopback(address)]
+
+    def wants_curve(self) -> bool:
+        return bool(self.curve or self.curve_dir or self.open_binds())
+
     def saves(self, product: str) -> bool:
         if product == "raw":
             return True
         if isinstance(self.save_products, bool):
             return self.save_products
         return product in self.save_products
+
+
+def client_curve(curve: bool = False, curve_dir: str | Path | None = None) -> Any:
+    """The CURVE keys a client (CLI, viewer, publisher) uses: None unless asked for with ``--curve``
+    or ``--curve-dir``; then the client key pair and the server's public key from the folder."""
+    if not (curve or curve_dir):
+        return None
+    from ..bridges.auth import CurveClient
+
+    return CurveClient.from_dir(curve_dir)
 
 
 def parse_params(items: list[str] | None) -> dict[str, dict[str, Any]]:

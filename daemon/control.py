@@ -4,6 +4,11 @@ Commands: ``{"cmd": "status"}``, ``{"cmd": "stop"}``,
 ``{"cmd": "set", "engine": E, "param": P, "value": V}``, ``{"cmd": "enable"|"disable", "engine": E}``,
 ``{"cmd": "swap_model", "engine": E, "path": MODEL}``. Replies are JSON objects with ``ok``.
 A malformed request gets ``{"ok": false, "error": ...}``; the server keeps running.
+
+Who may send commands: on a plain (loopback) socket, whoever holds the daemon's token (only its
+user can read it). With CURVE (``curve=``), only clients whose key is in the allow-list connect at
+all, and the allowed key stands for the token: a client on another machine cannot read the token
+file, and a request over CURVE carries the client's verified key.
 """
 
 from __future__ import annotations
@@ -12,12 +17,15 @@ import json
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from ..bridges.auth import check_token, create_token, read_token, remove_token
+from ..bridges.auth import check_token, create_token, read_token, remove_token, restrict_ipc
 from ..bridges.transport import DEFAULT_CONTROL
+
+if TYPE_CHECKING:
+    from ..bridges.auth import CurveClient, CurveServer
 
 __all__ = ["ControlClient", "ControlServer", "ControlTimeout"]
 
@@ -32,18 +40,25 @@ class ControlTimeout(TimeoutError):
 
 class ControlServer:
     def __init__(self, address: str, handler: Callable[[dict[str, Any]], dict[str, Any]],
-                 context: zmq.Context | None = None, *, require_token: bool = True) -> None:
+                 context: zmq.Context | None = None, *, require_token: bool = True,
+                 curve: CurveServer | None = None) -> None:
         self.address = address
         self.handler = handler
         self.bad_requests = 0
         self.unauthorised = 0
-        self._ctx = context or zmq.Context.instance()
+        self._curve = curve
+        self._ctx = curve.acquire() if curve is not None else context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.secure(self._sock)
         try:
             self._sock.bind(address)
+            restrict_ipc(address)  # an ipc control socket: only this user may connect
         except zmq.ZMQError as exc:
             self._sock.close()
+            if curve is not None:
+                curve.release()
             raise OSError(f"cannot bind the control socket to {address}: {exc}; pass another --control") from exc
         # the token file is readable only by this user: other users of the PC cannot send commands
         self.token = create_token(address) if require_token else None
@@ -59,19 +74,30 @@ class ControlServer:
         while not self._stop.is_set():
             if not poller.poll(100):
                 continue
-            parts = self._sock.recv_multipart()
+            parts = self._sock.recv_multipart(copy=False)
             if len(parts) < 3:
                 self.bad_requests += 1
                 continue
-            ident, body = parts[0], parts[-1]
-            reply = self.handle_bytes(body)
+            ident, body = parts[0].bytes, parts[-1]
+            reply = self.handle_bytes(body.bytes, curve_client=self._curve_user(body))
             try:
                 self._sock.send_multipart([ident, b"", json.dumps(reply, default=str).encode()], flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass  # the client went away
         self._sock.close(linger=0)
+        if self._curve is not None:
+            self._curve.release()
 
-    def handle_bytes(self, body: bytes) -> dict[str, Any]:
+    def _curve_user(self, frame: zmq.Frame) -> str | None:
+        """The client key ZAP verified for this message (CURVE only), else None."""
+        if self._curve is None:
+            return None
+        try:
+            return frame.get("User-Id") or None
+        except zmq.ZMQError:
+            return None
+
+    def handle_bytes(self, body: bytes, *, curve_client: str | None = None) -> dict[str, Any]:
         if len(body) > MAX_REQUEST_BYTES:
             self.bad_requests += 1
             return {"ok": False, "error": "request too large"}
@@ -82,7 +108,7 @@ class ControlServer:
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             self.bad_requests += 1
             return {"ok": False, "error": f"bad request: {str(exc)[:200]}"}
-        if not check_token(self.token, request.get("token")):
+        if curve_client is None and not check_token(self.token, request.get("token")):
             self.unauthorised += 1
             return {"ok": False, "error": "unauthorised: this daemon needs its control token (clients of the user "
                                           "who started it read it from livescope's runtime folder)"}
@@ -97,8 +123,10 @@ class ControlServer:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(2)
-        else:
+        elif not self._sock.closed:
             self._sock.close(linger=0)
+            if self._curve is not None:
+                self._curve.release()
         if self.token is not None:
             remove_token(self.address)
 
@@ -107,9 +135,11 @@ class ControlClient:
     """REQ client; recreates its socket after a timeout (a REQ socket is unusable after one)."""
 
     def __init__(self, address: str = DEFAULT_CONTROL, timeout_s: float = 3.0,
-                 context: zmq.Context | None = None, token: str | None = None) -> None:
+                 context: zmq.Context | None = None, token: str | None = None,
+                 curve: CurveClient | None = None) -> None:
         self.address = address
         self.token = token
+        self.curve = curve
         self.timeout_ms = int(timeout_s * 1000)
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
@@ -120,6 +150,8 @@ class ControlClient:
             self._sock.setsockopt(zmq.LINGER, 0)
             self._sock.setsockopt(zmq.RCVTIMEO, self.timeout_ms)
             self._sock.setsockopt(zmq.SNDTIMEO, self.timeout_ms)
+            if self.curve is not None:
+                self.curve.secure(self._sock)
             self._sock.connect(self.address)
         return self._sock
 
@@ -132,9 +164,11 @@ class ControlClient:
         except zmq.Again:
             sock.close(linger=0)
             self._sock = None
+            hint = ("if it runs CURVE, pass --curve or --curve-dir" if self.curve is None else
+                    "with CURVE, a daemon also stays silent to a key not in its allow-list (`livescope keys allow`)")
             raise ControlTimeout(
                 f"no answer from a livescope daemon at {self.address} within {self.timeout_ms / 1000:.0f} s; "
-                "is it running (`livescope daemon`)? pass its address with --control"
+                f"is it running (`livescope daemon`)? pass its address with --control; {hint}"
             ) from None
 
     def status(self) -> dict[str, Any]:

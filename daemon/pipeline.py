@@ -292,24 +292,28 @@ class _FitJob:
                 "error": self.error, "elapsed_s": round(time.time() - self.started, 1)}
 
 
-def _refuse_open_binds(cfg: DaemonConfig) -> None:
-    """Every socket binds loopback unless the user set up CURVE keys (not yet supported: say so)."""
-    from ..bridges.auth import is_loopback
+def _curve_server(cfg: DaemonConfig) -> Any:
+    """CURVE for every socket the daemon binds, or None. A non-loopback address requires it: with
+    no keys the daemon refuses to start and says how to make them."""
+    if not cfg.wants_curve():
+        return None
+    from ..bridges.auth import CurveKeysMissing, CurveServer
 
-    for name in ("ingest", "publish", "control", "restore"):
-        address = getattr(cfg, name, None)
-        if address and not is_loopback(address):
-            raise OSError(
-                f"--{name} {address} is not a loopback address: binding it would open the microscope PC to the "
-                "network. livescope binds other addresses only with ZeroMQ CURVE authentication, which this "
-                "version does not set up yet; use tcp://127.0.0.1:PORT and an SSH tunnel for remote viewers"
-            )
+    try:
+        return CurveServer(cfg.curve_dir)
+    except CurveKeysMissing as exc:
+        opened = cfg.open_binds()
+        why = (f"{', '.join(opened)}: not a loopback address; binding it would open the microscope PC to the "
+               "network, so livescope requires ZeroMQ CURVE keys. ") if opened else "CURVE was asked for (--curve). "
+        raise CurveKeysMissing(why + str(exc)) from None
 
 
 class Pipeline:
     def __init__(self, cfg: DaemonConfig, *, provenance: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
-        _refuse_open_binds(cfg)
+        self.curve = _curve_server(cfg)
+        if self.curve is not None:
+            self.curve.acquire()  # the pipeline's own hold: the context lives until close() and the control server
         self.started = time.time()
         self.state = "starting"
         self.engine_states: dict[str, _EngineState] = {
@@ -317,18 +321,43 @@ class Pipeline:
         }
         self.store: OmeZarrStore | None = None
         if cfg.out is not None:
-            self.store = OmeZarrStore(
-                cfg.out,
-                overwrite=cfg.overwrite,
-                resume=cfg.resume,
-                compress_raw=cfg.compress_raw,
-                float16=cfg.float16,
-                fsync=cfg.fsync,
-                provenance=self._provenance(provenance),
-                min_free_gb=cfg.min_free_gb,
-            )
-        self.receiver = FrameReceiver(cfg.ingest, bind=True, hwm=256)
-        self.preview = PreviewPublisher(cfg.publish) if cfg.publish else None
+            try:
+                self.store = OmeZarrStore(
+                    cfg.out,
+                    overwrite=cfg.overwrite,
+                    resume=cfg.resume,
+                    compress_raw=cfg.compress_raw,
+                    float16=cfg.float16,
+                    fsync=cfg.fsync,
+                    provenance=self._provenance(provenance),
+                    min_free_gb=cfg.min_free_gb,
+                )
+            except BaseException:
+                if self.curve is not None:  # no authenticator thread left behind
+                    self.curve.close()
+                raise
+        # with CURVE, the daemon's own frame sources (sim, file, mmcore) cannot hold client keys: they
+        # connect to an owner-only ipc endpoint of the same ingest socket instead
+        self.source_ingest = cfg.ingest
+        private = None
+        if self.curve is not None and cfg.source != "zmq":
+            from ..bridges.auth import private_ipc_address
+
+            try:
+                private = self.source_ingest = private_ipc_address("ingest")
+            except OSError as exc:
+                self.curve.close()
+                raise OSError(f"--source {cfg.source} with CURVE needs an owner-only ipc socket ({exc}); run the "
+                              "source as an external publisher with client keys and --source zmq") from None
+        try:
+            self.receiver = FrameReceiver(cfg.ingest, bind=True, hwm=256, curve=self.curve, private=private)
+            self.preview = PreviewPublisher(cfg.publish, curve=self.curve) if cfg.publish else None
+        except Exception:
+            if getattr(self, "receiver", None) is not None:
+                self.receiver.close()
+            if self.curve is not None:
+                self.curve.close()
+            raise
         self._store_q: queue.Queue = queue.Queue()
         self._queued_bytes = 0
         self._queued_product_bytes = 0
@@ -443,6 +472,8 @@ class Pipeline:
         self.receiver.close()
         if self.preview is not None:
             self.preview.close()
+        if self.curve is not None and self.state != "stopped":
+            self.curve.release()
         self.state = "stopped"
         return self.status()
 
@@ -613,13 +644,21 @@ class Pipeline:
 
         from ..bridges.protocol import ProtocolError, decode, encode
 
-        sock = zmq.Context.instance().socket(zmq.ROUTER)
+        curve = self.curve
+        sock = (curve.acquire() if curve is not None else zmq.Context.instance()).socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.secure(sock)
         try:
             sock.bind(self.cfg.restore)
+            from ..bridges.auth import restrict_ipc
+
+            restrict_ipc(self.cfg.restore)
         except zmq.ZMQError as exc:
             log.error("cannot bind the restore socket to %s: %s", self.cfg.restore, exc)
             sock.close()
+            if curve is not None:
+                curve.release()
             return
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
@@ -652,6 +691,8 @@ class Pipeline:
                     sock.send_multipart(envelope + encode(err, None))
         finally:
             sock.close(linger=0)
+            if curve is not None:
+                curve.release()
 
     # -- engines ---------------------------------------------------------------------------
     def _worker_loop(self) -> None:
@@ -1046,6 +1087,7 @@ class Pipeline:
             "segments": {str(p): s.number for p, s in self._segments.items()},
             "events": len(self.events),
             "restore": {"served": self.restored, "errors": self.restore_errors} if self.cfg.restore else None,
+            "curve": {"keys": str(self.curve.folder), "refused_clients": self.curve.refused} if self.curve else None,
             "fit": self._fit_job.status() if self._fit_job is not None else None,
             "scalars": dict(self.scalars_last),
             "store": store_info,

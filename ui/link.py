@@ -28,8 +28,9 @@ LinkMessage = tuple[str, Any]
 
 class DaemonLink:
     def __init__(self, address: str | None, *, status_every_s: float = 0.5, events_every_s: float = 1.0,
-                 timeout_s: float = 1.5) -> None:
+                 timeout_s: float = 1.5, curve: Any = None) -> None:
         self.address = address
+        self.curve = curve  # a livescope.bridges.auth.CurveClient for a daemon that runs CURVE
         self.status_every_s = status_every_s
         self.events_every_s = events_every_s
         self.timeout_ms = int(timeout_s * 1000)
@@ -79,6 +80,8 @@ class DaemonLink:
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.RCVTIMEO, self.timeout_ms)
                 sock.setsockopt(zmq.SNDTIMEO, self.timeout_ms)
+                if self.curve is not None:
+                    self.curve.secure(sock)
                 sock.connect(self.address)
             token = read_token(self.address)  # read each time: a restarted daemon has a new one
             try:

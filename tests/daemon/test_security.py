@@ -13,6 +13,8 @@ from livescope.daemon.config import DaemonConfig
 from livescope.daemon.control import ControlClient, ControlServer
 from livescope.daemon.pipeline import Pipeline
 
+from tests.conftest import wait_for
+
 
 def test_control_requires_the_token_and_the_token_file_is_private(free_address):
     cfg = DaemonConfig(source="zmq", engines=["passthrough"], out=None, ingest=free_address(), publish=None,
@@ -55,8 +57,9 @@ def test_loopback_detection(address, local):
     assert is_loopback(address) is local
 
 
-def test_non_loopback_bind_is_refused_without_keys(free_address):
-    with pytest.raises(OSError, match="CURVE"):
+def test_non_loopback_bind_is_refused_without_keys(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIVESCOPE_KEYS_DIR", str(tmp_path / "no-keys"))  # whatever keys this machine has
+    with pytest.raises(OSError, match="CURVE.*livescope keys init"):
         Pipeline(DaemonConfig(source="zmq", out=None, ingest="tcp://0.0.0.0:0", publish=None, control=None))
 
 
@@ -102,6 +105,32 @@ def test_fuzzed_control_requests_never_crash_the_server(free_address):
             assert reply["ok"] is False
         assert pipeline.state == "running" and server.handle_bytes(b'{"cmd": "status"}')["ok"]
         assert not math.isnan(pipeline.status()["uptime_s"])
+    finally:
+        server.close()
+        pipeline.close()
+
+
+@pytest.mark.skipif(sys.platform == "win32" or not zmq.has("ipc"), reason="ipc sockets are POSIX only")
+def test_ipc_sockets_the_daemon_binds_are_owner_only(tmp_path):
+    folder = tmp_path / "s"
+    folder.mkdir()
+    os.chmod(folder, 0o755)  # a folder others may enter: the socket files themselves must keep them out
+    names = ("ingest", "publish", "control", "restore")
+    addresses = {name: f"ipc://{folder}/{name}" for name in names}
+    cfg = DaemonConfig(source="zmq", engines=[], out=None, exit_on_end=False, **addresses)
+    pipeline = Pipeline(cfg)
+    server = ControlServer(cfg.control, pipeline.handle)
+    pipeline.start()
+    server.start()
+    try:
+        def modes():
+            return {n: stat.S_IMODE(os.stat(folder / n).st_mode) if (folder / n).exists() else None for n in names}
+
+        # the restore socket is bound by its own thread: wait for it
+        wait_for(lambda: set(modes().values()) == {0o600}, timeout=5, message="0600 on every socket file")
+        client = ControlClient(cfg.control)
+        assert client.status()["ok"]  # the owner still connects
+        client.close()
     finally:
         server.close()
         pipeline.close()
