@@ -5,6 +5,10 @@
 
 Frames are 128x128 and labelled:
 
+Checks: the residual (denoising) and re-blur (deconvolution) checks, TTA and the feature distance
+(networks: tile features in the model's variance-stabilised units against the statistics its
+model file holds), and the naive baseline (the whole frame's residual variance).
+
 - in distribution (null) for the shipped denoise model (trained on W2S widefield cells):
   ``w2s-resim``, crops of the two W2S 400-frame averages (random flips / rotations) rendered
   with fresh Poisson-Gaussian noise at the W2S inputs' photon level through a known camera
@@ -119,7 +123,8 @@ def auc(pos: np.ndarray, neg: np.ndarray) -> float:
 def run_denoise(frames, tta: bool, timings: dict) -> dict[str, np.ndarray]:
     eng = create_engine("denoise", backend="onnxruntime", tile=0)
     eng.setup(StreamSpec(shape=SHAPE))
-    res: dict[str, list[float]] = {"score": [], "base": [], "tta": []}
+    res: dict[str, list[float]] = {"score": [], "base": [], "tta": [], "features": []}
+    stats_f = eng._loaded.model.metadata["training_features"]
     for i, (raw, model) in enumerate(frames):
         eng._norm = None  # each crop is a stream of its own: normalisation fixed on its first frame
         t0 = time.perf_counter()
@@ -131,6 +136,12 @@ def run_denoise(frames, tta: bool, timings: dict) -> dict[str, np.ndarray]:
         timings.setdefault("residual check", []).append(t2 - t1)
         res["score"].append(score)
         res["base"].append(-abs(np.log(stats["var"])))
+        norm = eng._norm
+        t4 = time.perf_counter()
+        y = norm.forward(raw) * np.float32(norm.high - norm.low) + np.float32(norm.low)
+        _, fscore, _ = T.feature_trust(y, stats_f, low=norm.low, noise=1.0 if norm.gain > 0 else None)
+        timings.setdefault("feature check", []).append(time.perf_counter() - t4)
+        res["features"].append(fscore)
         if tta:
             predict = _predictor(eng)
             t3 = time.perf_counter()
@@ -263,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
 
     th_d, far_d = threshold(r_null["score"], source)
     th_t, far_t = threshold(r_null["tta"], source)
+    th_f, far_f = threshold(r_null["features"], source)
     th_c, far_c = threshold(d_null["score"], dsource)
     print(f"# Trust scores ({platform.machine()}, {SHAPE[0]}x{SHAPE[1]} frames, "
           f"{time.perf_counter() - t_start:.0f} s)\n")
@@ -270,28 +282,31 @@ def main(argv: list[str] | None = None) -> None:
     print("| check | null frames | threshold | false alarms (held-out half, per source) |")
     print("|---|---|---|---|")
     for name, r, th, far in (("denoise residual", r_null["score"], th_d, far_d), ("tta", r_null["tta"], th_t, far_t),
+                             ("features", r_null["features"], th_f, far_f),
                              ("deconvolve re-blur", d_null["score"], th_c, far_c)):
         rates = "; ".join(f"{k}: {v:.1%} of {n}" for k, (v, n) in far.items())
         print(f"| {name} | {r.size} | {th:.2f} | {rates} |")
     for name, r in (("denoise residual", r_null["score"]), ("tta", r_null["tta"]),
-                    ("deconvolve re-blur", d_null["score"])):
+                    ("features", r_null["features"]), ("deconvolve re-blur", d_null["score"])):
         q = np.quantile(r, [0.001, 0.01, 0.05, 0.5])
         print(f"\n{name}: null quantiles 0.1/1/5/50 %: " + ", ".join(f"{v:.3f}" for v in q), end="")
     print()
     print(f"\nengine defaults now: {T.THRESHOLDS}\n")
 
     print("## Separating artefact frames from good ones (ROC AUC; detected = below the threshold)\n")
-    print("| product | artefact | frames | residual/re-blur AUC | tta AUC | baseline AUC (residual variance alone) "
-          "| detected (residual) | detected (tta) | detected (either) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| product | artefact | frames | residual/re-blur AUC | tta AUC | features AUC | baseline AUC (residual "
+          "variance alone) | detected (residual) | detected (tta) | detected (features) | detected (any) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for k, r in r_art.items():
-        either = np.mean((r["score"] < th_d) | (r["tta"] < th_t))
+        either = np.mean((r["score"] < th_d) | (r["tta"] < th_t) | (r["features"] < th_f))
         print(f"| denoised | {k} | {r['score'].size} | {auc(r['score'], r_null['score']):.3f} | "
-              f"{auc(r['tta'], r_null['tta']):.3f} | {auc(r['base'], r_null['base']):.3f} | "
-              f"{np.mean(r['score'] < th_d):.0%} | {np.mean(r['tta'] < th_t):.0%} | {either:.0%} |")
+              f"{auc(r['tta'], r_null['tta']):.3f} | {auc(r['features'], r_null['features']):.3f} | "
+              f"{auc(r['base'], r_null['base']):.3f} | "
+              f"{np.mean(r['score'] < th_d):.0%} | {np.mean(r['tta'] < th_t):.0%} | "
+              f"{np.mean(r['features'] < th_f):.0%} | {either:.0%} |")
     for k, r in d_art.items():
-        print(f"| deconvolved | {k} | {r['score'].size} | {auc(r['score'], d_null['score']):.3f} | | "
-              f"{auc(r['base'], d_null['base']):.3f} | {np.mean(r['score'] < th_c):.0%} | | |")
+        print(f"| deconvolved | {k} | {r['score'].size} | {auc(r['score'], d_null['score']):.3f} | | | "
+              f"{auc(r['base'], d_null['base']):.3f} | {np.mean(r['score'] < th_c):.0%} | | | |")
 
     print("\n## Cost per 128x128 frame (median ms)\n")
     print("| step | ms |\n|---|---|")
@@ -301,7 +316,12 @@ def main(argv: list[str] | None = None) -> None:
     big = camera(np.tile(w2s.crop(rng), (4, 4)), rng)
     den = ndimage.gaussian_filter(big.astype(np.float32), 1.5)
     psf = np.outer(*(2 * [np.exp(-np.arange(-6, 7) ** 2 / (2 * 1.6**2))]))
+    stab = CAMERA.stabilise(big.astype(np.float32))
+    from livescope.engines import modelfile
+
+    tstats = modelfile.load().training_features
     for name, fn in (("residual check, 512x512", lambda: T.score_denoised(big, den, CAMERA)),
+                     ("feature check, 512x512", lambda: T.feature_trust(stab, tstats, low=float(stab.min()))),
                      ("re-blur check, 512x512", lambda: T.score_deconvolved(big, den, psf, CAMERA, offset=OFFSET))):
         ts = []
         for _ in range(7):

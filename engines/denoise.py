@@ -8,8 +8,18 @@ Parameters (constructor keywords, ``--param denoise.key=value``):
   (a failing one falls back down that order, with the reason logged);
 - ``tile``, ``overlap``: frames larger than ``tile`` run in overlapping tiles stitched without
   seams; ``tile`` 0 runs whole frames;
-- ``offset``, ``gain``: camera offset (ADU) and gain (ADU per photoelectron); None takes the
-  stream's ``camera_offset`` / ``camera_gain``, else fits the noise model on the first frame.
+- ``offset``, ``gain``, ``read_noise``, ``excess_noise``: the camera: offset (ADU), gain (ADU per
+  photoelectron), read noise (ADU rms), EMCCD excess-noise factor F (1 for CCD/sCMOS). None takes
+  the stream's ``camera_offset`` / ``camera_gain`` (and ``spec.extra["camera_read_noise"]``),
+  else fits the noise model on the first frame;
+- ``calibration``: a camera calibration (the dict or JSON file of ``livescope calibrate``, or a
+  :class:`~.calibrate.NoiseModel`); it wins over the keywords above. Without a parameter, a
+  ``spec.extra["calibration"]`` that the daemon passes on is used the same way.
+
+Which noise model the variance-stabilising transform uses, in order: ``calibration``;
+``gain`` + ``offset`` + ``read_noise`` (all three: nothing is fitted); the stream's calibration
+(``spec.extra``); ``gain`` (given or the stream's) with the read variance fitted from the frame;
+everything fitted from the first frame. ``describe()["noise_source"]`` says which one ran.
 
 Models may take ``k`` past frames of the same position and channel as extra inputs (causal);
 until ``k`` frames have been seen the oldest available stands in. The normalisation is fixed
@@ -22,6 +32,7 @@ torch is not imported here: with the onnxruntime backend, torch need not be inst
 from __future__ import annotations
 
 import collections
+import dataclasses
 import importlib.util
 import logging
 import threading
@@ -32,6 +43,7 @@ import numpy as np
 
 from . import modelfile
 from ._array import to_numpy
+from .calibrate import NoiseModel
 from .base import EngineError, FrameInfo, StreamSpec, register_engine
 from .inference import ORDER, Normalisation, Runner, run_tiled
 
@@ -39,7 +51,9 @@ __all__ = ["Denoise"]
 
 log = logging.getLogger(__name__)
 
-_PARAMS = ("model", "backend", "tile", "overlap", "offset", "gain", "threads")
+_PARAMS = ("model", "backend", "tile", "overlap", "offset", "gain", "read_noise", "excess_noise", "calibration",
+           "threads")
+_CAMERA = ("offset", "gain", "read_noise", "excess_noise", "calibration")
 
 
 def _tensorrt_installed() -> bool:
@@ -62,6 +76,8 @@ class Denoise:
 
     def __init__(self, model: str | Path | None = None, backend: str = "auto", tile: int = 512,
                  overlap: int = 104, offset: float | None = None, gain: float | None = None,
+                 read_noise: float | None = None, excess_noise: float = 1.0,
+                 calibration: str | Path | dict[str, Any] | NoiseModel | None = None,
                  threads: int | None = None) -> None:
         if backend != "auto" and backend not in ORDER:
             raise EngineError(f"unknown backend {backend!r}; choose auto, {', '.join(ORDER)}")
@@ -71,6 +87,11 @@ class Denoise:
         self.overlap = int(overlap)
         self.offset = None if offset is None else float(offset)
         self.gain = None if gain is None else float(gain)
+        self.read_noise = None if read_noise is None else float(read_noise)
+        self.excess_noise = float(excess_noise)
+        self.calibration = calibration
+        self._calibrated = _noise_model(calibration)  # a bad file fails here, not on the first frame
+        self._noise_source = ""
         self.threads = None if threads is None else int(threads)
         self.spec: StreamSpec | None = None
         self._norm: Normalisation | None = None
@@ -119,9 +140,16 @@ class Denoise:
             self.backend = str(value)
             if self.spec is not None:
                 self._swap(self._open(self.model_path))
-        elif name in ("offset", "gain"):
-            setattr(self, name, None if value in (None, "", "none", "None") else float(value))
-            self._norm = None
+        elif name in _CAMERA:
+            if name == "calibration":
+                value = None if value in ("", "none", "None") else value
+                self._calibrated = _noise_model(value)
+            elif name == "excess_noise":
+                value = 1.0 if value in (None, "", "none", "None") else float(value)
+            else:
+                value = None if value in (None, "", "none", "None") else float(value)
+            setattr(self, name, value)
+            self._norm = None  # the next frame sets the normalisation again
         elif name == "threads":
             self.threads = int(value)
         else:
@@ -141,6 +169,10 @@ class Denoise:
             "overlap": self.overlap,
             "offset": self.offset,
             "gain": self.gain,
+            "read_noise": self.read_noise,
+            "excess_noise": self.excess_noise,
+            "calibration": self._calibrated.as_dict() if self._calibrated is not None else None,
+            "noise_source": self._noise_source or None,
             "normalisation": self._norm.as_dict() if self._norm else None,
         }
 
@@ -172,11 +204,41 @@ class Denoise:
 
     def _estimate(self, raw: np.ndarray, model: modelfile.ModelFile) -> Normalisation:
         spec = self.spec
+        extra = dict(spec.extra) if spec is not None else {}
+        cfg = model.metadata["normalisation"]
+        vst = bool(cfg.get("vst", True))
+        percentiles = tuple(cfg.get("percentiles", (1.0, 99.8)))
+        known = self._known_model(extra)
+        if known is not None and vst:
+            norm = _normalisation_from(known, raw, percentiles)
+            return norm
         offset = self.offset if self.offset is not None else (spec.camera_offset if spec else None)
         gain = self.gain if self.gain is not None else (spec.camera_gain if spec else None)
-        cfg = model.metadata["normalisation"]
-        return Normalisation.estimate(raw, offset=offset, gain=gain, vst=bool(cfg.get("vst", True)),
-                                      percentiles=tuple(cfg.get("percentiles", (1.0, 99.8))))
+        if gain is not None and gain > 0:
+            gain = float(gain) * self.excess_noise**2  # the transform needs the photon-transfer slope
+        self._noise_source = ("fitted read variance, gain given" if gain else "fitted from the first frame") \
+            if vst else "no variance-stabilising transform (model)"
+        return Normalisation.estimate(raw, offset=offset, gain=gain, vst=vst, percentiles=percentiles)
+
+    def _known_model(self, extra: dict[str, Any]) -> NoiseModel | None:
+        """The camera's noise model when it is fully known (nothing left to fit), else None."""
+        if self._calibrated is not None:
+            self._noise_source = "calibration parameter"
+            return self._calibrated
+        if self.gain is not None and self.offset is not None and self.read_noise is not None:
+            self._noise_source = "gain, offset, read_noise parameters"
+            return NoiseModel.from_camera(self.gain, self.offset, self.read_noise, self.excess_noise)
+        if self.gain is None and self.offset is None and extra.get("calibration") is not None:
+            self._noise_source = "stream calibration (spec.extra)"
+            return _noise_model(extra["calibration"])
+        spec = self.spec
+        gain = self.gain if self.gain is not None else (spec.camera_gain if spec else None)
+        offset = self.offset if self.offset is not None else (spec.camera_offset if spec else None)
+        read = self.read_noise if self.read_noise is not None else extra.get("camera_read_noise")
+        if gain and offset is not None and read is not None:
+            self._noise_source = "stream camera (gain, offset, read noise)"
+            return NoiseModel.from_camera(float(gain), float(offset), float(read), self.excess_noise)
+        return None
 
     def _input_shape(self, model: modelfile.ModelFile) -> tuple[int, int, int, int]:
         m = model.multiple
@@ -212,3 +274,33 @@ class Denoise:
             if self._loaded is serving:  # not if the model was swapped meanwhile
                 self._loaded = _Loaded(serving.model, runner, serving.path)
                 log.info("denoise now runs on TensorRT")
+
+
+def _noise_model(calibration: Any) -> NoiseModel | None:
+    if calibration is None or isinstance(calibration, NoiseModel):
+        return calibration
+    try:
+        return NoiseModel.from_dict(calibration)
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise EngineError(f"denoise: cannot read the camera calibration {calibration!r} ({exc}); give the "
+                          "dict or JSON file that `livescope calibrate INPUT --out cal.json` writes") from exc
+
+
+def _normalisation_from(model: NoiseModel, raw: np.ndarray, percentiles: tuple[float, ...]) -> Normalisation:
+    """The generalised Anscombe transform of a known camera: ``var = slope (x - offset) + read_var``.
+
+    Without dark frames a calibration knows only the intercept ``read_var - slope * offset``: the
+    transform then takes offset 0 and the intercept as its read variance (the same line).
+    """
+    if model.slope <= 0:
+        raise EngineError("denoise: the calibration has no photon-transfer slope (gain 0); "
+                          "calibrate again on frames with signal")
+    if model.offset is not None and model.read_var is not None:
+        norm = Normalisation(offset=float(model.offset), gain=float(model.slope), read_var=float(model.read_var))
+    else:
+        norm = Normalisation(offset=0.0, gain=float(model.slope), read_var=float(model.intercept))
+    y = norm.forward(raw)  # low 0, high 1: the stabilised frame itself
+    lo, hi = np.percentile(y, list(percentiles))
+    if not hi > lo:
+        hi = lo + 1.0
+    return dataclasses.replace(norm, low=float(lo), high=float(hi))

@@ -11,7 +11,9 @@ Three ways, mixed per batch as the data allow:
   made from them (Poisson-Gaussian noise, blur, down- and up-sampling) and the clean image is
   the target.
 
-``fit`` returns the packaged model and its loss curve; progress shows with tqdm.
+``fit`` returns the packaged model and its loss curve; progress shows with tqdm. The model file
+also records statistics of its training frames' features (``metadata["training_features"]``),
+against which the ``trust`` engine measures how far a live frame lies from the training data.
 """
 
 from __future__ import annotations
@@ -139,6 +141,7 @@ def fit(sources: np.ndarray | Sequence[np.ndarray], *, model: ModelFile | None =
 
     supervised = clean is not None
     stacks: list[np.ndarray] = []
+    seen: list[tuple[np.ndarray, Normalisation]] = []  # raw training frames and their normalisation
     if supervised:
         stacks = [np.asarray(c, dtype=np.float32) for c in clean]
         src_desc = f"supervised on {len(stacks)} clean image(s), crappified"
@@ -148,6 +151,7 @@ def fit(sources: np.ndarray | Sequence[np.ndarray], *, model: ModelFile | None =
             s = _as_stack(s)
             norm = Normalisation.estimate(s, offset=offset, gain=gain, vst=vst)
             stacks.append(norm.forward(s))
+            seen += [(f, norm) for f in s[:: max(1, len(s) // 8)][:8]]
         src_desc = ", ".join(f"{s.shape}" for s in stacks)
     for s in stacks:
         if min(s.shape[-2:]) < patch:
@@ -269,6 +273,9 @@ def fit(sources: np.ndarray | Sequence[np.ndarray], *, model: ModelFile | None =
         "normalisation": {"vst": vst, "percentiles": [1.0, 99.8],
                           "rule": "offset, generalised Anscombe with fitted or given gain, percentiles"},
     }
+    features = _training_features(seen, stacks if supervised else [], vst, rng)
+    if features is not None:
+        meta["training_features"] = features
     try:
         from importlib.metadata import version
 
@@ -277,3 +284,23 @@ def fit(sources: np.ndarray | Sequence[np.ndarray], *, model: ModelFile | None =
         ls_version = "unknown"
     meta["livescope_version"] = str(ls_version)
     return FitResult(ModelFile.from_net(net, meta), losses, seconds)
+
+
+def _training_features(seen: list[tuple[np.ndarray, Normalisation]], clean: list[np.ndarray], vst: bool,
+                       rng: np.random.Generator) -> dict[str, Any] | None:
+    """Feature statistics of the training frames for the trust engine's distance check (None,
+    logged, when the frames are too small for them). Supervised: noisy copies of the clean
+    images, as the network saw them."""
+    from .trust import FEATURE_TILE, feature_statistics, normalised_features
+
+    for c in clean:
+        img = c if c.ndim == 2 else c[0]
+        noisy = crappify(img, rng)
+        seen.append((noisy, Normalisation.estimate(noisy, vst=vst)))
+    feats = [normalised_features(np.asarray(f, np.float32), n, shifts=True) for f, n in seen
+             if min(np.shape(f)[-2:]) >= FEATURE_TILE]
+    try:
+        return feature_statistics(feats) if feats else None
+    except ValueError as exc:
+        log.warning("no training feature statistics in the model (%s): its trust feature check will be off", exc)
+        return None

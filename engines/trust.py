@@ -11,7 +11,13 @@ runs it, and checks its product against the raw frame under the camera's noise m
   offset it removed) must reproduce the raw frame up to the noise: the same two tests;
 - **tta** (networks): the model's prediction under flips and a rotation, mapped back, must
   agree: disagreement as a fraction of the noise's sigma. It costs three more inferences, so it
-  runs on every ``tta_every``-th frame only.
+  runs on every ``tta_every``-th frame only;
+- **features** (networks): how far the frame lies from the model's training data: per 32x32
+  tile, eight statistics of the frame in the variance-stabilised units the model's
+  normalisation gives (noise sigma 1: structure per scale, contrast, orientation coherence,
+  skewness), and their Mahalanobis distance from the training tiles' mean and covariance, which
+  ``fit`` stores in the model file (``training_features``). Runs on every ``feature_every``-th
+  frame; a model file without the statistics has no feature score (``describe()`` says so).
 
 Each check gives a map in [0, 1] (1: consistent with the noise) over windows of
 ``(2 radius + 1)^2`` pixels, and a frame score: the map's ``area`` quantile (the trust that all
@@ -19,9 +25,10 @@ but 1 % of the frame reaches). A score under its threshold adds an event
 ``{"kind": "trust", "product", "score", "threshold", ...}`` for the feedback channel.
 
 Outputs for product ``P`` (``denoised`` / ``deconvolved``): the inner engine's outputs, the map
-``trust_P`` (float32 image), the scalars ``trust_P_score`` (residual or re-blur check),
-``trust_P_tta`` (sampled frames of networks only) and ``trust_P_ok`` (1.0 when every check
-computed on the frame passed). ``passes`` is the inner product, so the chain continues with it.
+``trust_P`` (float32 image: the minimum of the maps of the checks run on the frame), the
+scalars ``trust_P_score`` (residual or re-blur check), ``trust_P_tta`` and ``trust_P_features``
+(sampled frames of networks only) and ``trust_P_ok`` (1.0 when every check computed on the frame
+passed). ``passes`` is the inner product, so the chain continues with it.
 
 The core functions are written against the array API (numpy, cupy, array_api_strict).
 """
@@ -42,15 +49,20 @@ from .base import EngineError, FrameInfo, StreamSpec, create_engine, engine_fact
 from .calibrate import Calibrator, NoiseModel
 
 __all__ = [
+    "FEATURE_NAMES",
     "THRESHOLDS",
     "Trust",
     "box_mean",
+    "feature_statistics",
+    "feature_trust",
     "frame_score",
+    "normalised_features",
     "reblur",
     "residual_trust",
     "score_deconvolved",
     "score_denoised",
     "standardised_residual",
+    "tile_features",
     "tta_predictions",
     "tta_trust",
 ]
@@ -59,13 +71,15 @@ log = logging.getLogger(__name__)
 
 # Default thresholds on the frame scores: the 1 % quantile of the scores of a random half of
 # 2000 in-distribution 128x128 frames; the false-alarm rate on the other half was 0.0-0.8 %
-# (residual), 0.2-0.3 % (tta), 0.2-0.8 % (re-blur). Measured by `python bench/bench_trust.py`
-# with the shipped denoiser of 2026-11-22 04:40 (retraining the model means re-measuring these;
-# docs/trust.md has the frames, the rates per source and the machine).
+# (residual), 0.2-0.3 % (tta), 0.2-1.2 % (re-blur), 0.0-2.1 % (features, 1.3 % overall).
+# Measured by `python bench/bench_trust.py` with the shipped denoiser of 2026-11-22 04:40 and its
+# training feature statistics (retraining the model means re-measuring these; docs/trust.md has
+# the frames, the rates per source and the machine).
 THRESHOLDS: dict[str, float] = {
     "denoise": 0.59,
     "deconvolve": 0.51,
     "tta": 0.91,
+    "features": 0.52,
 }
 
 TRANSFORMS = ("fliplr", "flipud", "rot90")
@@ -225,10 +239,170 @@ def tta_trust(predictions: Sequence[Any], model: NoiseModel, radius: int = 8) ->
     return xp.astype(tmap, xp.float32), {"disagreement": float(xp.sqrt(xp.mean(spread) / xp.mean(noise)))}
 
 
+# --------------------------------------------------------------------------- features
+
+FEATURE_VERSION = 1
+FEATURE_TILE = 32
+FEATURE_NAMES = ("contrast", "level", "fine", "band_1_2", "band_2_4", "band_4_8", "coherence", "skewness")
+_FINE_NOISE_GAIN: float | None = None  # variance white noise keeps in ``y - gaussian(y, 1)``
+
+
+def _fine_noise_gain() -> float:
+    global _FINE_NOISE_GAIN
+    if _FINE_NOISE_GAIN is None:
+        from scipy import ndimage
+
+        d = np.zeros((33, 33))
+        d[16, 16] = 1.0
+        _FINE_NOISE_GAIN = float(np.sum((d - ndimage.gaussian_filter(d, 1.0)) ** 2))
+    return _FINE_NOISE_GAIN
+
+
+def _tile_means(a: Any, tile: int) -> Any:
+    """Means over non-overlapping ``tile x tile`` blocks (the frame cropped to whole tiles)."""
+    xp = _array.namespace(a)
+    ny, nx = a.shape[0] // tile, a.shape[1] // tile
+    b = xp.reshape(a[: ny * tile, : nx * tile], (ny, tile, nx, tile))
+    return xp.mean(xp.mean(b, axis=3), axis=1)
+
+
+def tile_features(stabilised: Any, *, low: float = 0.0, noise: float | None = 1.0,
+                  tile: int = FEATURE_TILE) -> Any:
+    """Per ``tile x tile`` block, the :data:`FEATURE_NAMES` statistics of a frame in
+    variance-stabilised units (the model's normalisation before its percentile scaling), as a
+    (ny, nx, 8) float64 array:
+
+    ``contrast`` log of the block's standard deviation; ``level`` asinh of its mean above ``low``
+    (the frame's 1 % level); ``fine`` and ``band_*`` log energies of the detail the frame holds
+    at each scale (differences of Gaussians, sigma 0-1, 1-2, 2-4, 4-8 px); ``coherence`` of the
+    structure tensor (0 isotropic, 1 one orientation: lines); ``skewness`` (sparse bright
+    structure). All in units of the noise ``noise`` (1 after a variance-stabilising transform;
+    None estimates it from the finest scale, which then says nothing of the noise itself).
+    numpy or cupy (scipy / cupyx ndimage).
+    """
+    xp = _array.namespace(stabilised)
+    nd = _array.ndimage_module(stabilised)
+    y = xp.astype(stabilised, xp.float32)
+    if min(y.shape) < tile:
+        raise ValueError(f"frame {tuple(y.shape)} is smaller than one feature tile ({tile} px)")
+    g = [nd.gaussian_filter(y, s) for s in (1.0, 2.0, 4.0, 8.0)]
+    fine = y - g[0]
+    if noise is None:
+        # median absolute deviation: structure touches few pixels of the finest scale
+        med = float(np.median(_array.to_numpy(xp.abs(fine))))
+        noise = max(1.4826 * med / math.sqrt(_fine_noise_gain()), 1e-6)
+    inv = 1.0 / float(noise) ** 2
+    eps = 1e-3  # log floor: a band with no detail at all (a flat test image) stays finite
+
+    def energy(a: Any) -> Any:
+        return xp.log(_tile_means(a * a, tile) * inv + eps)
+
+    m = _tile_means(y, tile)
+    ny, nx = m.shape
+    crop = y[: ny * tile, : nx * tile]
+    centred = crop - xp.reshape(xp.broadcast_to(m[:, None, :, None], (ny, tile, nx, tile)), crop.shape)
+    var = _tile_means(centred * centred, tile)
+    third = _tile_means(centred * centred * centred, tile)
+    gx = nd.sobel(g[0], axis=1)
+    gy = nd.sobel(g[0], axis=0)
+    jxx, jyy, jxy = _tile_means(gx * gx, tile), _tile_means(gy * gy, tile), _tile_means(gx * gy, tile)
+    coherence = xp.sqrt((jxx - jyy) ** 2 + 4 * jxy * jxy) / (jxx + jyy + 1e-6)
+    feats = [
+        0.5 * xp.log(var * inv + eps),
+        xp.asinh((m - float(low)) / float(noise)),
+        energy(fine),
+        energy(g[0] - g[1]),
+        energy(g[1] - g[2]),
+        energy(g[2] - g[3]),
+        coherence,
+        third / (var + 1e-6) ** 1.5,
+    ]
+    return xp.astype(xp.stack(feats, axis=-1), xp.float64)
+
+
+def normalised_features(raw: Any, norm: Any, *, shifts: bool = False, tile: int = FEATURE_TILE) -> Any:
+    """:func:`tile_features` of a raw frame under a model's normalisation ``norm`` (an
+    ``inference.Normalisation``: its variance-stabilised units, before the percentile scaling);
+    ``shifts`` adds the tilings shifted by half a tile (4x the tiles: for training statistics).
+    Returns (n_tiles, 8)."""
+    xp = _array.namespace(raw)
+    y = norm.forward(raw) * np.float32(norm.high - norm.low) + np.float32(norm.low)
+    noise = 1.0 if float(getattr(norm, "gain", 0.0)) > 0 else None
+    offsets = [(0, 0), (0, tile // 2), (tile // 2, 0), (tile // 2, tile // 2)] if shifts else [(0, 0)]
+    parts = [xp.reshape(tile_features(y[dy:, dx:], low=float(norm.low), noise=noise, tile=tile),
+                        (-1, len(FEATURE_NAMES)))
+             for dy, dx in offsets if min(y.shape[0] - dy, y.shape[1] - dx) >= tile]
+    return xp.concat(parts, axis=0)
+
+
+def _mahalanobis_z(features: np.ndarray, stats: dict[str, Any]) -> np.ndarray:
+    """RMS z-distance ``sqrt(d^2 / n_features)`` of each feature row from the training tiles."""
+    f = np.asarray(features, np.float64).reshape(-1, len(stats["mean"]))
+    diff = f - np.asarray(stats["mean"], np.float64)
+    prec = np.linalg.inv(np.asarray(stats["cov"], np.float64))
+    d2 = np.einsum("ij,jk,ik->i", diff, prec, diff)
+    return np.sqrt(np.maximum(d2, 0.0) / f.shape[1])
+
+
+def feature_statistics(features: Sequence[Any], *, shrinkage: float = 0.05, description: str = "") -> dict[str, Any]:
+    """What a model file stores about its training data: mean and covariance of the training
+    frames' tile features (:func:`tile_features`, any number of (..., 8) arrays), the covariance
+    shrunk towards its diagonal so that a few hundred tiles give a stable inverse, and the
+    quantiles of the training tiles' own z-distances (the map's scale)."""
+    rows = np.concatenate([np.asarray(_array.to_numpy(f), np.float64).reshape(-1, len(FEATURE_NAMES))
+                           for f in features])
+    if rows.shape[0] < 4 * len(FEATURE_NAMES):
+        raise ValueError(f"{rows.shape[0]} training tiles are too few for feature statistics; "
+                         f"need {4 * len(FEATURE_NAMES)} ({FEATURE_TILE}x{FEATURE_TILE} px each)")
+    mean = rows.mean(axis=0)
+    cov = np.cov(rows, rowvar=False)
+    cov = (1 - shrinkage) * cov + shrinkage * np.diag(np.diag(cov)) + 1e-6 * np.eye(cov.shape[0])
+    stats: dict[str, Any] = {"version": FEATURE_VERSION, "names": list(FEATURE_NAMES), "tile": FEATURE_TILE,
+                             "units": "variance-stabilised (noise sigma 1)", "tiles": int(rows.shape[0]),
+                             "mean": mean.tolist(), "cov": cov.tolist()}
+    z = _mahalanobis_z(rows, stats)
+    stats["z_quantiles"] = {q: float(np.quantile(z, float(q) / 100)) for q in ("50", "90", "99", "99.9")}
+    if description:
+        stats["data"] = description
+    return stats
+
+
+def feature_trust(stabilised: Any, stats: dict[str, Any], *, low: float = 0.0, noise: float | None = 1.0,
+                  area: float = 0.01) -> tuple[Any, float, dict[str, float]]:
+    """Distance of a frame from a model's training data: (map, frame score, statistics).
+
+    Per tile, ``(z99 / z)^2`` clipped to 1, where ``z`` is the tile's RMS z-distance from the
+    training tiles and ``z99`` the 99 % quantile of the training tiles' own: 1 for a tile as
+    typical as 99 % of the training data, falling as the inverse squared distance beyond. The
+    frame score is the ``area`` quantile of the tiles (the least typical tile on small frames);
+    the map is the tiles' values spread over their pixels, smoothed over half a tile.
+    """
+    if int(stats.get("version", 0)) > FEATURE_VERSION or list(stats.get("names", ())) != list(FEATURE_NAMES):
+        raise EngineError("the model file's training feature statistics were written by a newer livescope "
+                          "(other features); upgrade livescope or refit the model")
+    xp = _array.namespace(stabilised)
+    tile = int(stats.get("tile", FEATURE_TILE))
+    feats = np.asarray(_array.to_numpy(tile_features(stabilised, low=low, noise=noise, tile=tile)))
+    ny, nx = feats.shape[:2]
+    z = _mahalanobis_z(feats, stats).reshape(ny, nx)
+    z99 = float(stats["z_quantiles"]["99"])
+    tiles = np.clip((z99 / np.maximum(z, 1e-6)) ** 2, 0.0, 1.0)
+    flat = np.sort(tiles.reshape(-1))
+    score = float(flat[int(min(max(math.floor(area * flat.size), 0), flat.size - 1))])
+    h, w = stabilised.shape
+    up = np.repeat(np.repeat(tiles, tile, axis=0), tile, axis=1)
+    up = np.pad(up, ((0, h - up.shape[0]), (0, w - up.shape[1])), mode="edge").astype(np.float32)
+    tmap = box_mean(xp.asarray(up), tile // 4)
+    info = {"feature_z_median": float(np.median(z)), "feature_z_max": float(z.max()), "z99_training": z99}
+    return xp.astype(tmap, xp.float32), score, info
+
+
 # --------------------------------------------------------------------------- engine
 
 _OWN = ("restore", "gain", "offset", "read_noise", "excess_noise", "calibration", "calibrate_frames",
-        "radius", "area", "threshold", "tta_threshold", "tta_every", "tta_transforms")
+        "radius", "area", "threshold", "tta_threshold", "tta_every", "tta_transforms", "feature_every",
+        "feature_threshold")
+_CAMERA = ("gain", "offset", "read_noise", "excess_noise", "calibration")  # also the inner engine's, if it takes them
 
 
 def _product(restore: str) -> str:
@@ -252,16 +426,17 @@ class Trust:
     name: ClassVar[str] = "trust"
     # class-level declaration for the default restore="denoise"; instances set their own
     outputs: ClassVar[tuple[str, ...]] = ("denoised", "trust_denoised", "trust_denoised_score",
-                                          "trust_denoised_tta", "trust_denoised_ok")
+                                          "trust_denoised_tta", "trust_denoised_features", "trust_denoised_ok")
     scalar_outputs: ClassVar[tuple[str, ...]] = ("trust_denoised_score", "trust_denoised_tta",
-                                                 "trust_denoised_ok")
+                                                 "trust_denoised_features", "trust_denoised_ok")
 
     def __init__(self, restore: str = "denoise", gain: float | None = None, offset: float | None = None,
                  read_noise: float | None = None, excess_noise: float = 1.0,
                  calibration: str | Path | dict[str, Any] | None = None, calibrate_frames: int = 16,
                  radius: int = 8, area: float = 0.01, threshold: float | None = None,
                  tta_threshold: float | None = None, tta_every: int = 10,
-                 tta_transforms: Sequence[str] | str = TRANSFORMS, **inner_params: Any) -> None:
+                 tta_transforms: Sequence[str] | str = TRANSFORMS, feature_every: int = 5,
+                 feature_threshold: float | None = None, **inner_params: Any) -> None:
         if restore == "trust":
             raise EngineError("trust cannot wrap itself; restore= names a restoration engine (denoise, deconvolve)")
         self.restore = str(restore)
@@ -279,12 +454,14 @@ class Trust:
         if isinstance(tta_transforms, str):
             tta_transforms = tuple(t.strip() for t in tta_transforms.split(",") if t.strip())
         self.tta_transforms = tuple(tta_transforms)
+        self.feature_every = int(feature_every)
+        self.feature_threshold = float(THRESHOLDS["features"] if feature_threshold is None else feature_threshold)
         for t in self.tta_transforms:
             _apply(t, np.zeros((2, 2)))  # unknown names fail here, not mid-stream
         factory = engine_factory(self.restore)
         accepted = set(inspect.signature(factory).parameters)
         self.inner_params = dict(inner_params)
-        for key in ("gain", "offset"):  # camera facts the inner engine may use too
+        for key in _CAMERA:  # camera facts the inner engine may use too (denoise: its normalisation)
             if getattr(self, key) is not None and key in accepted and key not in self.inner_params:
                 self.inner_params[key] = getattr(self, key)
         unknown = set(self.inner_params) - accepted
@@ -295,15 +472,16 @@ class Trust:
         self.product = _product(self.restore)
         p = self.product
         self.outputs = tuple(self.inner.outputs) + (f"trust_{p}", f"trust_{p}_score", f"trust_{p}_tta",
-                                                    f"trust_{p}_ok")  # type: ignore[misc]
+                                                    f"trust_{p}_features", f"trust_{p}_ok")  # type: ignore[misc]
         self.scalar_outputs = tuple(getattr(self.inner, "scalar_outputs", ())) + (
-            f"trust_{p}_score", f"trust_{p}_tta", f"trust_{p}_ok")  # type: ignore[misc]
+            f"trust_{p}_score", f"trust_{p}_tta", f"trust_{p}_features", f"trust_{p}_ok")  # type: ignore[misc]
         self.passes = p
         self.spec: StreamSpec | None = None
         self._model: NoiseModel | None = None
         self._calibrator: Calibrator | None = None
         self._fixed = False
         self._warned_tta = False
+        self._warned_features = False
 
     # ------------------------------------------------------------------ protocol
 
@@ -353,6 +531,16 @@ class Trust:
                 if tscore < self.tta_threshold:
                     ok = False
                     events.append(self._event("tta", tscore, self.tta_threshold, info, tstats))
+        if self.feature_every > 0 and info.seq % self.feature_every == 0:
+            found = self._features_input(raw)
+            if found is not None:
+                stabilised, stats, low, noise = found
+                fmap, fscore, fstats = feature_trust(stabilised, stats, low=low, noise=noise, area=self.area)
+                out[f"trust_{p}_features"] = fscore
+                tmap = np.minimum(tmap, fmap)
+                if fscore < self.feature_threshold:
+                    ok = False
+                    events.append(self._event("features", fscore, self.feature_threshold, info, fstats))
         out[f"trust_{p}"] = np.asarray(tmap, dtype=np.float32)
         out[f"trust_{p}_ok"] = 1.0 if ok else 0.0
         if events:
@@ -362,15 +550,15 @@ class Trust:
     def set_param(self, name: str, value: Any) -> None:
         if name not in _OWN:
             self.inner.set_param(name, value)  # type: ignore[attr-defined]
-            if name in ("gain", "offset"):
-                setattr(self, name, None if value in (None, "", "None", "none") else float(value))
-                self._reset_model()
             return
+        if name in _CAMERA and name in _accepted(self.inner):
+            self.inner.set_param(name, value)  # type: ignore[attr-defined]
         if name == "restore":
             raise KeyError("trust: restore cannot change live; start the stream with the other engine")
-        if name in ("gain", "offset", "read_noise", "excess_noise", "threshold", "tta_threshold", "area"):
+        if name in ("gain", "offset", "read_noise", "excess_noise", "threshold", "tta_threshold", "area",
+                    "feature_threshold"):
             value = None if value in (None, "", "None", "none") else float(value)
-        elif name in ("calibrate_frames", "radius", "tta_every"):
+        elif name in ("calibrate_frames", "radius", "tta_every", "feature_every"):
             value = int(value)
         elif name == "tta_transforms" and isinstance(value, str):
             value = tuple(t.strip() for t in value.split(",") if t.strip())
@@ -394,7 +582,10 @@ class Trust:
             "tta_threshold": self.tta_threshold,
             "tta_every": self.tta_every,
             "tta_transforms": list(self.tta_transforms),
-            "thresholds_source": "bench/bench_trust.py --far (docs/trust.md)",
+            "feature_every": self.feature_every,
+            "feature_threshold": self.feature_threshold,
+            "feature_check": self._feature_status(),
+            "thresholds_source": "bench/bench_trust.py (docs/trust.md)",
         }
 
     def close(self) -> None:
@@ -478,6 +669,41 @@ class Trust:
 
         return predict
 
+    def _training_features(self) -> dict[str, Any] | None:
+        loaded = getattr(self.inner, "_loaded", None)
+        if loaded is None:
+            return None
+        return loaded.model.metadata.get("training_features")  # type: ignore[no-any-return]
+
+    def _feature_status(self) -> str:
+        if getattr(self.inner, "_loaded", None) is None and self.restore == "denoise":
+            return "not yet known (before setup)"
+        if getattr(self.inner, "_loaded", None) is None:
+            return f"unavailable: {self.restore} is not a network"
+        stats = self._training_features()
+        if stats is None:
+            return ("unavailable: the model file has no training feature statistics (fitted before "
+                    "livescope stored them); refit it or run engines/models/add_feature_stats.py --model FILE")
+        if self.feature_every <= 0:
+            return "off (feature_every 0)"
+        return (f"on, every {self.feature_every} frame(s): {stats.get('tiles')} training tiles"
+                + (f" of {stats['data']}" if stats.get("data") else ""))
+
+    def _features_input(self, raw: np.ndarray) -> tuple[np.ndarray, dict[str, Any], float, float | None] | None:
+        """The frame in the model's variance-stabilised units, the training statistics, and the
+        normalisation's low level and noise; None when the check cannot run (said once)."""
+        stats = self._training_features()
+        norm = getattr(self.inner, "_norm", None)
+        if stats is None or norm is None or min(raw.shape) < int(stats.get("tile", FEATURE_TILE)):
+            if not self._warned_features and getattr(self.inner, "_loaded", None) is not None:
+                log.warning("trust: feature check skipped: %s", self._feature_status() if stats is None
+                            else "the frame is smaller than one feature tile")
+                self._warned_features = True
+            return None
+        stabilised = norm.forward(raw) * np.float32(norm.high - norm.low) + np.float32(norm.low)
+        noise = 1.0 if float(norm.gain) > 0 else None
+        return stabilised, stats, float(norm.low), noise
+
     def _event(self, check: str, score: float, threshold: float, info: FrameInfo,
                stats: dict[str, float]) -> dict[str, Any]:
         ev = {"kind": "trust", "product": self.product, "check": check, "score": float(score),
@@ -485,3 +711,7 @@ class Trust:
         ev.update({k: float(v) for k, v in stats.items()})
         ev.update({k: int(v) for k, v in info.index.items()})
         return ev
+
+
+def _accepted(engine: Any) -> set[str]:
+    return set(inspect.signature(type(engine)).parameters)

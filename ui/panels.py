@@ -3,7 +3,8 @@
 Drawing stays on pyqtgraph's fast path: a bare ImageItem, ``setImage`` with fixed levels and a
 256-entry uint8 look-up table; levels (percentiles of a subsample) and the histogram are
 recomputed now and then by the viewer, never per frame. Sensor-saturated pixels of raw frames
-are painted in a warning colour by an overlay that only exists while there are some.
+are painted in a warning colour by an overlay that only exists while there are some; regions a
+``trust`` engine does not vouch for can be tinted by another (``trust_tint``).
 """
 
 from __future__ import annotations
@@ -20,9 +21,14 @@ from ..bridges.store import COLORS as STORE_CHANNEL_COLORS
 from .style import COLORMAPS, COLORS, DEFAULT_CMAP, lut
 
 __all__ = ["ImagePanel", "CompositePanel", "ScaleBar", "percentile_levels", "apply_levels", "channel_color",
-           "overlay_rgb"]
+           "overlay_rgb", "trust_tint", "TRUST_TINT_RANGE"]
 
 PERCENTILES = (0.5, 99.8)
+# trust map values tinted: none at or above the upper value, full tint at or below the lower.
+# The engines' frame thresholds lie near 0.5-0.6 (docs/trust.md), and good frames' maps sit at
+# 0.65-1 away from their edges, so a tint starts where a region is less trusted than those.
+TRUST_TINT_RANGE = (0.2, 0.6)
+TRUST_TINT_ALPHA = 0.6
 
 
 def percentile_levels(arr: np.ndarray, percentiles: tuple[float, float] = PERCENTILES,
@@ -69,6 +75,19 @@ def overlay_rgb(channels: list[tuple[np.ndarray, tuple[float, float], tuple[int,
             if colour[ch]:
                 rgb[..., ch] += norm * np.float32(colour[ch] / 255.0)
     return (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def trust_tint(tmap: np.ndarray, colour: tuple[int, int, int],
+               tint_range: tuple[float, float] = TRUST_TINT_RANGE, alpha: float = TRUST_TINT_ALPHA) -> np.ndarray:
+    """RGBA (uint8) tint over the regions of a trust map in [0, 1] below ``tint_range[1]``: its
+    opacity grows linearly to ``alpha`` at ``tint_range[0]`` and below; NaN (no check) untinted."""
+    lo, hi = tint_range
+    t = np.nan_to_num(np.asarray(tmap, np.float32), nan=1.0)
+    weight = np.clip((np.float32(hi) - t) / np.float32(hi - lo), 0.0, 1.0)
+    rgba = np.empty(t.shape + (4,), np.uint8)
+    rgba[..., :3] = colour
+    rgba[..., 3] = np.rint(weight * (255 * alpha)).astype(np.uint8)
+    return rgba
 
 
 def nice_length(target: float) -> float:
@@ -186,18 +205,23 @@ class _PanelFrame(QtWidgets.QFrame):
         outer.addWidget(self.graphics, 1)
 
 
-def show_trust(frame_widget: Any, score: float | None, ok: float | None) -> None:
-    """The trust badge in a panel's title bar: green when the frame passed its trust check, red
-    when it fell below the threshold (an event went to the feedback channel too)."""
+def show_trust(frame_widget: Any, score: float | None, ok: float | None,
+               sampled: dict[str, float] | None = None) -> None:
+    """The trust badge in a panel's title bar: green when the frame passed its trust checks, red
+    when one fell below its threshold (an event went to the feedback channel too). ``score`` is
+    the residual (or re-blur) score of every frame; ``sampled`` the newest scores of the checks
+    run on a sample of frames (``tta``, ``features``), shown beside it so a failing one shows."""
     label = frame_widget.trust
     if score is None:
         label.setVisible(False)
         return
     good = ok is None or ok >= 0.5
-    label.setText(("trusted " if good else "check ") + f"{score:.2f}")
+    extra = "".join(f" · {name} {value:.2f}" for name, value in (sampled or {}).items())
+    label.setText(("trusted " if good else "check ") + f"{score:.2f}" + extra)
     label.setStyleSheet(f"color:{COLORS['ok'] if good else COLORS['bad']}; font-weight:bold;")
-    label.setToolTip("trust score of this frame (docs/trust.md): "
-                     + ("above" if good else "below") + " its threshold")
+    label.setToolTip("trust scores of this frame (docs/trust.md): residual or re-blur check"
+                     + (", and the newest of the sampled checks (" + ", ".join(sampled) + ")" if sampled else "")
+                     + "; " + ("all above" if good else "one below") + " its threshold")
     label.setVisible(True)
 
 
@@ -219,6 +243,13 @@ class ImagePanel:
         self.saturation.setZValue(10)
         self.saturation.setVisible(False)
         self.view.addItem(self.saturation)
+        # low-trust regions tinted over the image (the viewer's trust overlay, T)
+        self.trust_item = pg.ImageItem(axisOrder="row-major")
+        self.trust_item.setZValue(5)
+        self.trust_item.setVisible(False)
+        self.view.addItem(self.trust_item)
+        self.trust_map: np.ndarray | None = None
+        self.trust_key: tuple | None = None
         self.scale_bar = ScaleBar(self.view)
         self.hist: pg.HistogramLUTItem | None = None
         if show_histogram:
@@ -418,6 +449,46 @@ class ImagePanel:
                 lv = percentile_levels(frame)
                 if lv is not None:
                     self.overlay_levels[c] = lv
+
+    def show_trust_map(self, tmap: np.ndarray | None, key: tuple | None = None) -> None:
+        """Tint the regions of this product that its trust map (same field of view, any sampling)
+        does not vouch for; None hides the tint. ``key`` skips redrawing the same map."""
+        if tmap is None or self.array is None:
+            self.trust_item.setVisible(False)
+            self.trust_map, self.trust_key = None, None
+            return
+        if key is not None and key == self.trust_key and self.trust_item.isVisible():
+            return
+        self.trust_map, self.trust_key = tmap, key
+        self.trust_item.setImage(trust_tint(tmap, COLORS["low_trust"]), autoLevels=False, levels=(0, 255))
+        h, w = self.array.shape[:2]
+        self.trust_item.setRect(QtCore.QRectF(0, 0, w, h))  # over the image, whatever the map's sampling
+        self.trust_item.setVisible(True)
+
+    def trust_at(self, x: float, y: float, shape: tuple[int, ...] | None) -> float | None:
+        """The trust map's value at view coordinates (x, y) of a frame of ``shape``."""
+        tmap = self.trust_map
+        if tmap is None or not self.trust_item.isVisible():
+            return None
+        h, w = shape[:2] if shape is not None else tmap.shape[:2]
+        ix, iy = int(math.floor(x * tmap.shape[1] / w)), int(math.floor(y * tmap.shape[0] / h))
+        if 0 <= iy < tmap.shape[0] and 0 <= ix < tmap.shape[1]:
+            return float(tmap[iy, ix])
+        return None
+
+    def shown_rgb_with_trust(self) -> np.ndarray | None:
+        """What the panel shows including the trust tint (alpha-blended as Qt does), same shape as
+        ``shown_rgb``; the tint resampled by nearest neighbour when its sampling differs."""
+        rgb = self.shown_rgb()
+        if rgb is None or self.trust_map is None or not self.trust_item.isVisible():
+            return rgb
+        tint = trust_tint(self.trust_map, COLORS["low_trust"])
+        h, w = rgb.shape[:2]
+        iy = (np.arange(h) * tint.shape[0] // h)[:, None]
+        ix = (np.arange(w) * tint.shape[1] // w)[None, :]
+        tint = tint[iy, ix]
+        a = tint[..., 3:4].astype(np.float32) / 255
+        return np.rint(rgb * (1 - a) + tint[..., :3] * a).astype(np.uint8)
 
     def show_event_box(self, rect: tuple[float, float, float, float] | None) -> None:
         """A box (x, y, width, height) in this panel's pixels, or None to hide it."""

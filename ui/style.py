@@ -21,6 +21,7 @@ COLORS = {
     "warn": "#e8a23c",
     "bad": "#ff5a52",
     "saturated": (255, 40, 40),
+    "low_trust": (255, 140, 20),  # amber tint over regions a trust engine does not vouch for
     "raw": "#9aa3b5",
     "restored": "#5fa8e8",
     "novelty": "#e8a23c",

@@ -33,6 +33,7 @@ ORDER = ["raw", "registered", "denoised", "deconvolved", "background", "slow", "
 DECOMPOSITION = ("background", "slow", "fast")
 RESTORED = ("deconvolved", "denoised", "registered")  # the ROI trace compares raw with the first present
 HIDDEN_BY_DEFAULT = {"residual"}
+TRUST_PREFIX = "trust_"  # trust_<product>: a trust engine's map of <product>, drawn as its tint, not a panel
 LEVELS_EVERY_S = 1.0
 IDLE_AFTER_S = 3.0
 EVENT_MARK_S = 4.0  # how long the newest event's ring stays on the raw panel
@@ -47,6 +48,7 @@ SHORTCUTS = [
     ("1 … 9", "show / hide panel 1 … 9"),
     ("[  ]", "previous / next channel"),
     ("O", "overlay all channels in their colours on/off"),
+    ("T", "trust map on/off: tint regions the trust engine does not vouch for"),
     ("PgUp  PgDn", "previous / next z plane"),
     ("Ctrl+S", "snapshot of the window to PNG"),
     ("Ctrl+T", "telemetry panel"),
@@ -110,6 +112,8 @@ class LiveViewer:
         self.cmaps: dict[str, str] = read_json(self.settings, "panels/cmaps", {})
         self.auto_levels = bool(read_json(self.settings, "levels/continuous", True))
         self.overlay = bool(read_json(self.settings, "view/overlay", False))
+        self.trust_overlay = bool(read_json(self.settings, "view/trust", False))
+        self._trust_sampled: dict[str, dict[str, float]] = {}  # product -> newest sampled trust scores
         self._event_mark_until = 0.0
         self._shown_event: dict[str, Any] | None = None
         self.selection = {"p": 0, "c": 0, "z": 0}
@@ -242,6 +246,13 @@ class LiveViewer:
         self.overlay_box.setChecked(self.overlay)
         self.overlay_box.toggled.connect(self.set_overlay)
         tb.addWidget(self.overlay_box)
+        self.trust_box = QtWidgets.QCheckBox("Trust map")
+        self.trust_box.setToolTip("tint in amber the regions a trust engine does not vouch for: the stronger, the "
+                                  "lower their trust (T; docs/trust.md)")
+        self.trust_box.setFocusPolicy(QtCore.Qt.FocusPolicy.NoFocus)
+        self.trust_box.setChecked(self.trust_overlay)
+        self.trust_box.toggled.connect(self.set_trust_overlay)
+        tb.addWidget(self.trust_box)
         tb.addSeparator()
         self.act_auto = self._action(tb, "Auto levels", "continuous percentile auto-levels (L)", checkable=True,
                                      checked=self.auto_levels, slot=self.set_auto_levels)
@@ -285,6 +296,7 @@ class LiveViewer:
             "[": lambda: self.step("c", -1),
             "]": lambda: self.step("c", +1),
             "O": lambda: self.overlay_box.toggle(),
+            "T": lambda: self.trust_box.toggle(),
             "PgUp": lambda: self.step("z", -1),
             "PgDown": lambda: self.step("z", +1),
             "Ctrl+S": lambda: self.snapshot(),
@@ -443,7 +455,7 @@ class LiveViewer:
                 if (p, z) == (sel[0], sel[2]) and frame.array is not None:
                     channels.setdefault(product, {})[c] = frame
         for (product, p, c, z), frame in sorted(self.latest.items(), key=lambda kv: _order(kv[0][0])):
-            if (p, c, z) != sel or frame.array is None:
+            if (p, c, z) != sel or frame.array is None or product.startswith(TRUST_PREFIX):
                 continue
             panel = self._panel(product)
             group = channels.get(product, {})
@@ -467,6 +479,7 @@ class LiveViewer:
             if product in DECOMPOSITION:
                 decomposition_changed = True
             self._sample_roi(product, frame)
+        self._draw_trust(sel)
         if decomposition_changed and any(k in self.panels for k in DECOMPOSITION):
             composite = self._panel("composite")
             if "composite" not in self.hidden:
@@ -491,6 +504,18 @@ class LiveViewer:
             if self._cursor is not None:
                 self._readout(*self._cursor)
         return drawn
+
+    def _draw_trust(self, sel: tuple[int, int, int]) -> None:
+        """Each panel's trust tint from the newest ``trust_<product>`` map (when the overlay is on)."""
+        for name, panel in self.panels.items():
+            if panel.composite:
+                continue
+            frame = self.latest.get((TRUST_PREFIX + name, *sel)) if self.trust_overlay else None
+            if frame is None or frame.array is None or panel.array is None or np.ndim(frame.array) != 2:
+                if panel.trust_item.isVisible():
+                    panel.show_trust_map(None)
+                continue
+            panel.show_trust_map(frame.array, key=(frame.seq, id(frame.header), id(panel.array)))
 
     def _note_frames(self, new: dict[tuple, Any]) -> None:
         """Selectors, the recent-frame buffer, the novelty strip, stream restarts."""
@@ -517,7 +542,11 @@ class LiveViewer:
             if score is not None and panel is not None:
                 from .panels import show_trust
 
-                show_trust(panel.widget, float(score), scalars.get(f"trust_{product}_ok"))
+                sampled = self._trust_sampled.setdefault(product, {})
+                for check in ("tta", "features"):  # run on some frames only: keep the newest
+                    if scalars.get(f"trust_{product}_{check}") is not None:
+                        sampled[check] = float(scalars[f"trust_{product}_{check}"])
+                show_trust(panel.widget, float(score), scalars.get(f"trust_{product}_ok"), sampled)
             # one product's frames only: the products' previews leave at slightly different times
             novelty_from = next((d for d in DECOMPOSITION if any(k[0] == d for k in self.latest)), None)
             if "novelty" in scalars and product == novelty_from:
@@ -603,6 +632,20 @@ class LiveViewer:
             self.say("overlay", "Overlay channels: the stream has one channel so far.", "info", 4)
         if not self.paused:
             self.update()
+
+    def set_trust_overlay(self, on: bool) -> None:
+        """Tint low-trust regions of every product a trust engine scores (T), or hide the tints."""
+        self.trust_overlay = bool(on)
+        if self.trust_box.isChecked() != self.trust_overlay:
+            self.trust_box.setChecked(self.trust_overlay)
+        has_maps = any(k[0].startswith(TRUST_PREFIX) for k in self.latest)
+        if self.trust_overlay and not has_maps:
+            self.say("trust", "Trust map: no trust map received yet; run the daemon with --engines trust "
+                     "(docs/trust.md).", "info", 6)
+        elif not self.trust_overlay:
+            self.unsay("trust")
+        sel = (self.selection["p"], self.selection["c"], self.selection["z"])
+        self._draw_trust(sel)
 
     def set_auto_levels(self, on: bool) -> None:
         self.auto_levels = bool(on)
@@ -736,6 +779,10 @@ class LiveViewer:
             v = raw.value_at(x, y, shape)
             if v is not None:
                 px += f"   raw {_fmt_value(v)}"
+        for name, panel in sorted(self.panels.items(), key=lambda kv: _order(kv[0])):
+            t = panel.trust_at(x, y, shape) if not panel.composite else None
+            if t is not None:
+                px += f"   trust {name} {t:.2f}"
         self.cursor_label.setText(px)
 
     # -- the daemon ------------------------------------------------------------------------------
@@ -866,6 +913,7 @@ class LiveViewer:
                 "seq": panel.seq, "levels": list(panel.levels) if panel.levels else None, "cmap": panel.cmap_name,
                 "image_rect": [tl.x(), tl.y(), br.x(), br.y()], "view_rect": [vtl.x(), vtl.y(), vbr.x(), vbr.y()],
                 "composite": panel.composite, "saturated_overlay": bool(panel.saturation.isVisible()),
+                "trust_overlay": bool(panel.trust_item.isVisible()),
             }
         (folder / "state.json").write_text(json.dumps(state, indent=1))
         return state
@@ -889,6 +937,7 @@ class LiveViewer:
                    | {k: v for k, v in self.cmaps.items() if k not in self.panels})
         write_json(s, "levels/continuous", self.auto_levels)
         write_json(s, "view/overlay", self.overlay)
+        write_json(s, "view/trust", self.trust_overlay)
         write_json(s, "roi/visible", self.act_roi.isChecked())
         roi = self.roi_trace.roi
         if roi is not None:

@@ -133,7 +133,7 @@ def test_tta_transforms_map_back_exactly():
 
 
 def test_denoise_trust_in_distribution_stays_above_threshold(w2s_scene):
-    eng = _denoise_trust(tta_every=2, **CAM)
+    eng = _denoise_trust(tta_every=2, feature_every=1, **CAM)
     rng = np.random.default_rng(0)
     scores = []
     for seq, (y, x) in enumerate([(0, 0), (200, 300), (384, 100), (100, 384)]):
@@ -145,8 +145,10 @@ def test_denoise_trust_in_distribution_stays_above_threshold(w2s_scene):
         assert out["trust_denoised"].shape == raw.shape and out["trust_denoised"].dtype == np.float32
         assert out["trust_denoised_ok"] == 1.0
         assert ("trust_denoised_tta" in out) == (seq % 2 == 0)
+        assert out["trust_denoised_features"] > T.THRESHOLDS["features"]
         scores.append(out["trust_denoised_score"])
     assert min(scores) > T.THRESHOLDS["denoise"]
+    assert eng.describe()["feature_check"].startswith("on, every 1 frame")
     assert eng.passes == "denoised" and eng.product == "denoised"
 
 
@@ -175,6 +177,11 @@ def test_denoise_trust_falls_on_other_structure_and_fires_the_event(kind, w2s_sc
         assert out["trust_denoised"].mean() < 0.7
     if kind != "wrong offset":  # augmentations disagree on structure the model never saw
         assert out["trust_denoised_tta"] < T.THRESHOLDS["tta"]
+        # and its features lie far from the training data's (seq 0: feature_every 5 samples it)
+        assert out["trust_denoised_features"] < T.THRESHOLDS["features"]
+        assert any(e["check"] == "features" and e["feature_z_max"] > 2 for e in ev)
+    # a moved offset: with the camera's calibration given, the normalisation's stabilised units
+    # are off too and the features may see it; without it (bench) they do not (AUC ~0.6)
 
 
 def test_self_calibrated_trust_notices_a_later_offset_change():
@@ -244,3 +251,70 @@ def test_calibration_file_sets_the_noise_model(tmp_path):
     eng.setup(StreamSpec(shape=(64, 64)))
     assert eng.noise_model.gain == GAIN and eng.noise_model.offset == OFFSET
     assert eng.describe()["noise_model_fixed"]
+
+
+# --------------------------------------------------------------------------- feature distance
+
+
+def test_tile_features_measure_noise_scale_and_orientation():
+    rng = np.random.default_rng(3)
+    noise = rng.normal(50, 1, (64, 96)).astype(np.float32)  # variance-stabilised: sigma 1
+    f = T.tile_features(noise, low=50.0)
+    assert f.shape == (2, 3, len(T.FEATURE_NAMES))
+    i = {n: k for k, n in enumerate(T.FEATURE_NAMES)}
+    np.testing.assert_allclose(f[..., i["contrast"]], 0.0, atol=0.06)  # log std of unit noise
+    np.testing.assert_allclose(f[..., i["fine"]], np.log(T._fine_noise_gain() + 1e-3), atol=0.08)
+    assert np.abs(f[..., i["level"]]).max() < 0.2
+    # noise of sigma 2 reads as such in units of sigma 1, and is estimated as 1 when noise=None
+    f2 = T.tile_features(50 + 2 * (noise - 50), low=50.0)
+    np.testing.assert_allclose(f2[..., i["contrast"]] - f[..., i["contrast"]], np.log(2), atol=0.01)
+    f_est = T.tile_features(50 + 2 * (noise - 50), low=50.0, noise=None)
+    np.testing.assert_allclose(f_est[..., i["contrast"]], f[..., i["contrast"]], atol=0.05)
+    lines = noise + 20 * (np.sin(np.arange(96) / 2.0)[None, :] > 0.8)  # vertical stripes
+    assert (T.tile_features(lines)[..., i["coherence"]] > 0.8).all() and (f[..., i["coherence"]] < 0.3).all()
+    with pytest.raises(ValueError, match="smaller than one feature tile"):
+        T.tile_features(noise[:16])
+
+
+def test_feature_distance_is_low_on_training_like_frames_and_high_on_others():
+    rng = np.random.default_rng(4)
+
+    def blobs(n):
+        y = np.full((96, 96), 5.0, np.float32)
+        yy, xx = np.mgrid[:96, :96]
+        for cy, cx in rng.uniform(0, 96, (n, 2)):
+            y += 12 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 4.0**2))
+        return y + rng.normal(0, 1, y.shape).astype(np.float32)
+
+    train = [T.tile_features(blobs(20)).reshape(-1, 8) for _ in range(12)]
+    stats = T.feature_statistics(train, description="blobs")
+    assert stats["tiles"] == 12 * 9 and stats["data"] == "blobs"
+    assert stats["z_quantiles"]["99"] > stats["z_quantiles"]["50"]
+    good = [T.feature_trust(blobs(20), stats)[1] for _ in range(6)]
+    stripes = blobs(20) + 15 * (np.sin(np.arange(96) / 1.5)[None, :] > 0.5)
+    tmap, bad, info = T.feature_trust(stripes, stats)
+    assert min(good) > 0.5 and bad < 0.2 and info["feature_z_max"] > 2 * stats["z_quantiles"]["99"]
+    assert tmap.shape == stripes.shape and tmap.dtype == np.float32 and 0 <= tmap.min() <= tmap.max() <= 1
+    # only half the frame striped: the map says which half
+    half = blobs(20)
+    half[:, 48:] += 15 * (np.sin(np.arange(48) / 1.5)[None, :] > 0.5)
+    hmap, _, _ = T.feature_trust(half, stats)
+    assert hmap[:, :32].mean() > 0.8 and hmap[:, 64:].mean() < 0.3
+    with pytest.raises(ValueError, match="too few"):
+        T.feature_statistics([train[0][:5]])
+
+
+def test_model_file_without_training_features_has_no_feature_score(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from livescope.engines import modelfile
+
+    shipped = modelfile.load()
+    assert shipped.training_features is not None and shipped.training_features["names"] == list(T.FEATURE_NAMES)
+    old = modelfile.ModelFile({k: v for k, v in shipped.metadata.items() if k != "training_features"},
+                              shipped.onnx, shipped.weights)
+    path = old.save(tmp_path / "old.lsm")
+    assert modelfile.load(path).hash == shipped.hash  # the hash covers the weights, not the metadata
+    eng = _denoise_trust(model=str(path), feature_every=1, **CAM)
+    out = eng.process(_camera(np.full((64, 64), 20.0), np.random.default_rng(0)), FrameInfo(seq=0))
+    assert "trust_denoised_features" not in out and "trust_denoised_score" in out
+    assert eng.describe()["feature_check"].startswith("unavailable: the model file has no training feature")

@@ -486,3 +486,64 @@ def test_trust_badge_follows_the_trust_engines_scores(qtbot, viewer_factory, fre
         assert "raw" in v.panels and not v.panels["raw"].widget.trust.isVisible()  # no score, no badge
     finally:
         pub.close()
+
+
+def _grab_pixels(widget):
+    q = widget.grab().toImage().convertToFormat(widget.grab().toImage().Format.Format_RGB888)
+    h, w = q.height(), q.width()
+    return np.frombuffer(q.constBits(), np.uint8, q.sizeInBytes()).reshape(h, q.bytesPerLine())[:, : w * 3] \
+        .reshape(h, w, 3).copy()
+
+
+def test_trust_map_tints_low_trust_regions_and_toggles(qtbot, viewer_factory, free_address, tmp_path):
+    addr, pub = _publisher(free_address)
+    v = viewer_factory(addr)
+    raw = np.full((24, 32), 100, np.uint16)
+    den = np.tile(np.linspace(0, 1000, 32, dtype=np.float32), (24, 1))
+    tmap = np.ones((12, 16), np.float32)  # the trust map at half the product's sampling
+    tmap[:, :8] = 0.1  # the left half is not trusted
+    tmap[:, 8:12] = 0.4  # a band half tinted
+    frames = lambda s: [("raw", raw, {}), ("denoised", den, {"scalars": {"trust_denoised_score": 0.1,  # noqa: E731
+                                                                       "trust_denoised_ok": 0.0}}),
+                        ("trust_denoised", tmap, {})]
+    try:
+        last = _feed_until(qtbot, pub, frames, lambda: ("trust_denoised", 0, 0, 0) in v.latest
+                           and "denoised" in v.panels and v.panels["denoised"].array is not None)
+        assert "trust_denoised" not in v.panels  # a map to tint with, not a panel of its own
+        panel = v.panels["denoised"]
+        assert not panel.trust_item.isVisible() and not v.trust_overlay  # off until asked for
+        v.trust_box.setChecked(True)  # what the toolbar checkbox (and T) does
+        last = _feed_until(qtbot, pub, frames, lambda: panel.trust_item.isVisible(), start=last)
+        assert not v.panels["raw"].trust_item.isVisible()  # raw has no trust map: no tint
+        rgba = panel.trust_item.image
+        assert rgba.shape == (12, 16, 4)
+        alpha = rgba[..., 3].astype(int)
+        assert (alpha[:, :8] == round(255 * 0.6)).all() and (alpha[:, 12:] == 0).all()
+        assert (np.abs(alpha[:, 8:12] - 255 * 0.6 * 0.5) <= 1).all()  # 0.4: half way through (0.2, 0.6)
+        assert tuple(rgba[0, 0, :3]) == (255, 140, 20)
+        # the tint covers exactly the image, though sampled at half its resolution
+        tint_rect = panel.trust_item.mapRectToScene(panel.trust_item.boundingRect())
+        image_rect = panel.image.mapRectToScene(panel.image.boundingRect())
+        assert (tint_rect.x(), tint_rect.y(), tint_rect.width(), tint_rect.height()) == pytest.approx(
+            (image_rect.x(), image_rect.y(), image_rect.width(), image_rect.height()), abs=1e-6)
+        # the window's pixels: amber over the left half, the plain grey ramp on the right
+        state = v.dump(tmp_path / "dump")
+        assert state["panels"]["denoised"]["trust_overlay"]
+        x0, y0, x1, y1 = state["panels"]["denoised"]["image_rect"]
+        win = _grab_pixels(v.win)
+        want = panel.shown_rgb_with_trust()
+        for iy, ix in ((6, 3), (18, 5), (6, 20), (18, 28), (12, 29)):
+            wy = int(y0 + (iy + 0.5) * (y1 - y0) / 24)
+            wx = int(x0 + (ix + 0.5) * (x1 - x0) / 32)
+            np.testing.assert_allclose(win[wy, wx], want[iy, ix], atol=12)
+        left = win[int(y0 + 0.5 * (y1 - y0)), int(x0 + 0.1 * (x1 - x0))].astype(int)
+        assert left[0] > left[2] + 60  # amber: red well above blue
+        # the cursor readout gives the trust under the pointer
+        v._readout(2.0, 2.0, den.shape)
+        assert "trust denoised 0.10" in v.cursor_label.text()
+        v.trust_box.setChecked(False)
+        assert not panel.trust_item.isVisible()
+        back = _grab_pixels(v.win)[int(y0 + 0.5 * (y1 - y0)), int(x0 + 0.1 * (x1 - x0))].astype(int)
+        assert abs(back[0] - back[2]) <= 2  # grey again
+    finally:
+        pub.close()
