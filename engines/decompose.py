@@ -25,6 +25,14 @@ or the first intervals seen), and each lag uses the buffered frame nearest to th
 the acquisition speeds up or slows down (event-driven acquisition), every component keeps its
 time scale in seconds. Streams without increasing timestamps fall back to counting frames.
 
+``method="learned"`` replaces background, slow and fast by the shares of a residual cascade of
+small networks, one per lag (``engines/multilag.py``): the longest lag's share is the background,
+lags of at most ``fast_lag`` (1) intervals are fast, the lags between slow; the residual and the
+novelty are then what no lag's network predicts. With ``model`` a fitted model file (``livescope
+fit --task decompose``); without one, the engine collects ``fit_frames`` frames (a central crop of
+at most 256x256), fits on a background thread within ``fit_seconds`` while the rolling method
+goes on, and switches between two frames (online fitting on the user's own stream).
+
 The novelty score of a frame is the part of it that no lag predicts: per pixel the smallest
 absolute difference to any lagged frame, in units of the noise, thresholded at 3 sigma and
 averaged over ``event_block``-sized blocks; the frame's score is its most novel block. A score
@@ -37,7 +45,9 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+import threading
 from collections import deque
+from pathlib import Path
 from typing import Any, ClassVar
 
 from ._array import namespace, to_numpy
@@ -53,7 +63,10 @@ _NOVELTY_Z0 = 3.0
 # Scores needed before the robust statistics of the past are trusted enough to raise events.
 _NOVELTY_MIN_HISTORY = 8
 
-_REBUILD = ("lags", "background_window", "background_samples", "method", "event_block")
+_REBUILD = ("lags", "background_window", "background_samples", "method", "event_block",
+            "fit_frames")
+# Online fitting trains on a central crop of at most this size: bounded memory at any camera size.
+_FIT_CROP = 256
 
 
 def order_statistic(xp: Any, frames: list[Any], rank: int) -> Any:
@@ -129,18 +142,42 @@ class Decompose:
         event_min_novelty: float = 0.5,
         event_block: int = 16,
         novelty_window: int = 64,
+        model: str | None = None,
+        backend: str = "auto",
+        fast_lag: float = 1.0,
+        fit_frames: int = 256,
+        fit_steps: int = 1500,
+        fit_seconds: float = 120.0,
+        fit_out: str | None = None,
     ) -> None:
         if isinstance(lags, str):  # --param decompose.lags=1,2,4,8
             lags = [int(v) for v in lags.replace("(", "").replace(")", "").split(",") if v.strip()]
         self.lags = tuple(sorted({int(v) for v in lags}))
         if not self.lags or self.lags[0] < 1:
             raise EngineError(f"decompose: lags must be positive frame counts, got {lags!r}")
-        if method != "rolling":
+        if method not in ("rolling", "learned"):
             raise EngineError(
-                f"decompose: unknown method {method!r}; use method='rolling' (the learned "
-                "multi-lag predictors are not shipped: they did not pass their acceptance test)"
+                f"decompose: unknown method {method!r}; use method='rolling' (the default) or "
+                "method='learned' (learned multi-lag predictors, see docs/decomposition.md)"
             )
         self.method = method
+        self.model = None if model in (None, "", "none", "None") else str(model)
+        self.backend = str(backend)
+        self.fast_lag = float(fast_lag)
+        self.fit_frames = int(fit_frames)
+        self.fit_steps = int(fit_steps)
+        self.fit_seconds = float(fit_seconds)
+        self.fit_out = None if fit_out in (None, "", "none", "None") else str(fit_out)
+        if self.fit_frames < 2 * self.lags[-1] + 15:
+            raise EngineError(f"decompose: fit_frames must be at least twice the longest lag + "
+                              f"15 ({2 * self.lags[-1] + 15}), got {fit_frames}")
+        self._predictor: Any = None
+        self._fit_state = "off"
+        self._fit_lock = threading.Lock()
+        self._fitted: tuple[int, Any] | None = None
+        self._generation = 0
+        if self.method == "learned" and self.model is not None:
+            self._predictor = self._open_model(self.model)
         self.background_window = int(background_window)
         self.background_samples = int(background_samples)
         if self.background_samples < 1 or self.background_window < self.background_samples:
@@ -178,11 +215,18 @@ class Decompose:
         params = self.describe()["parameters"]
         if name not in params:
             raise KeyError(f"decompose has no parameter {name!r}; it has: {', '.join(params)}")
+        if name == "model":
+            self.swap_model(value)
+            return
         kwargs = dict(params)
         kwargs[name] = value
+        kwargs["model"] = None  # the loaded model stays; only "model" swaps it
         fresh = Decompose(**kwargs)  # validates the value the same way the constructor does
         for key in params:
-            setattr(self, key, getattr(fresh, key))
+            if key != "model":
+                setattr(self, key, getattr(fresh, key))
+        if name in ("method", "lags") and self.method == "learned" and self.model is not None:
+            self._predictor = self._open_model(self.model)
         if name in _REBUILD:
             log.info("decompose: %s changed, restarting the rolling state", name)
             self._reset()
@@ -205,10 +249,73 @@ class Decompose:
                 "event_min_novelty": self.event_min_novelty,
                 "event_block": self.event_block,
                 "novelty_window": self.novelty_window,
+                "model": self.model,
+                "backend": self.backend,
+                "fast_lag": self.fast_lag,
+                "fit_frames": self.fit_frames,
+                "fit_steps": self.fit_steps,
+                "fit_seconds": self.fit_seconds,
+                "fit_out": self.fit_out,
             },
             "time_base": "seconds" if self._use_time else "frames",
             "interval": self._interval,
+            "model_hash": self._predictor.model.hash if self._predictor is not None else None,
+            "backend_running": self._predictor.backend if self._predictor is not None else None,
+            "fit": self._fit_state if self.method == "learned" else None,
         }
+
+    # -- pickling (process saves an in-order chain's state between time chunks) ---------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_fit_lock", None)  # locks, threads and backend sessions do not pickle
+        predictor = state.pop("_predictor", None)
+        state["_model_file"] = predictor.model if predictor is not None else None
+        state["_fitted"] = None
+        if state.get("_fit_state") in ("collecting", "fitting"):
+            state["_fit_state"] = "off"  # a fit in flight is not carried over
+            state["_fit_buf"] = []
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        model = state.pop("_model_file", None)
+        self.__dict__.update(state)
+        self._fit_lock = threading.Lock()
+        self._predictor = None
+        if model is not None:
+            from .multilag import MultiLagPredictor
+
+            self._predictor = MultiLagPredictor(model, self.backend)
+
+    # -- learned predictors ----------------------------------------------------------------
+
+    def _open_model(self, path: str | Path) -> Any:
+        from .modelfile import load
+        from .multilag import MultiLagPredictor
+
+        predictor = MultiLagPredictor(load(path), self.backend)
+        model_lags = tuple(sorted(int(round(v)) for v in predictor.lags))
+        if model_lags != self.lags:
+            log.info("decompose: the model was fitted with lags %s; using them instead of %s",
+                     model_lags, self.lags)
+            self.lags = model_lags
+        return predictor
+
+    def swap_model(self, path: str | Path | None) -> None:
+        """Load a fitted cascade now and use it from the next frame on (a bad file raises here
+        and leaves the running method in place)."""
+        if path in (None, "", "none", "None"):
+            self._predictor = None
+            self.model = None
+            return
+        old_lags = self.lags
+        predictor = self._open_model(path)
+        self._predictor = predictor
+        self.model = str(path)
+        self.method = "learned"
+        if self.lags != old_lags:
+            self._reset()
+        log.info("decompose: learned model %s (%s) in use", path, predictor.model.hash)
 
     def close(self) -> None:
         self._reset()
@@ -243,6 +350,11 @@ class Decompose:
         self._intervals: list[float] = []
         self._interval: float | None = None
         self._scores: deque[float] = deque(maxlen=self.novelty_window)
+        # Online fitting: frames collected for it (host copies of a central crop).
+        self._fit_buf: list[Any] = []
+        self._generation = getattr(self, "_generation", 0) + 1  # a fit started before is stale
+        if getattr(self, "_fit_state", "off") in ("collecting", "fitting"):
+            self._fit_state = "off"
 
     def state_nbytes(self) -> int:
         """Bytes of frame-sized state held (constant once the buffers are full)."""
@@ -276,6 +388,12 @@ class Decompose:
         if lagged:
             self._update_sigma(xp, cur, lagged[0])
         sigma = self._sigma if self._sigma is not None else 0.0
+
+        self._take_fitted()
+        if self._predictor is not None and lagged:
+            return self._process_learned(xp, raw, cur, t, gain, lagged, sigma, info)
+        if self.method == "learned" and self.model is None:
+            self._collect_for_fit(cur)
 
         self._insert_history(xp, cur)
         self._update_background(xp, sigma)
@@ -314,6 +432,99 @@ class Decompose:
             "bleach": inv,
             "events": events,
         }
+
+    def _process_learned(self, xp: Any, raw: Any, cur: Any, t: float, gain: float,
+                         lagged: list[Any], sigma: float, info: FrameInfo) -> dict[str, Any]:
+        from .multilag import components
+
+        predictor = self._predictor  # one reference for the whole frame: a swap lands between
+        inputs = self._octaves(xp, t)  # longest lag first
+        shares_np = predictor.predict([_host(f) for f in inputs])
+        shares = xp.asarray(shares_np)
+        split = components(predictor.lags, self.fast_lag)
+        zero = xp.zeros(cur.shape, dtype=xp.float32)
+
+        def total(idx: list[int]) -> Any:
+            out = zero
+            for i in idx:
+                out = out + shares[i, ...]
+            return out
+
+        bg, slow, fast = (total(split[k]) for k in ("background", "slow", "fast"))
+        residual_c = cur - bg - slow - fast
+        # Novelty: signal in the frame that no lag's network predicted (the positive residual).
+        # Not its absolute value: an object that vanishes leaves a negative residual for each
+        # lag that still held it, and would read as novel again 1, 2, 4 and 8 frames later.
+        novelty, excess = self._novelty_map(xp, residual_c * (1.0 / max(sigma, 1e-12)), sigma)
+        events = self._events(novelty, excess, info)
+        self._push_ring(cur, t)
+        self._n += 1
+        inv = 1.0 / gain
+        if inv != 1.0:
+            bg, slow, fast = bg * inv, slow * inv, fast * inv
+        return {
+            "background": bg,
+            "slow": slow,
+            "fast": fast,
+            "residual": raw - bg - slow - fast,
+            "novelty": novelty,
+            "bleach": inv,
+            "events": events,
+        }
+
+    def _collect_for_fit(self, cur: Any) -> None:
+        if self._fit_state not in ("off", "collecting"):
+            return
+        import numpy as np
+
+        h, w = cur.shape
+        ch, cw = min(h, _FIT_CROP), min(w, _FIT_CROP)
+        y0, x0 = (h - ch) // 2, (w - cw) // 2
+        self._fit_buf.append(np.array(_host(cur[y0:y0 + ch, x0:x0 + cw]), dtype=np.float32))
+        self._fit_state = "collecting"
+        if len(self._fit_buf) < self.fit_frames:
+            return
+        frames = np.stack(self._fit_buf)
+        self._fit_buf = []
+        self._fit_state = "fitting"
+        generation = self._generation
+        thread = threading.Thread(target=self._fit_thread, args=(frames, generation),
+                                  name="decompose-fit", daemon=True)
+        thread.start()
+
+    def _fit_thread(self, frames: Any, generation: int) -> None:
+        try:
+            from .multilag import fit_multilag
+
+            model = fit_multilag(frames, lags=self.lags, steps=self.fit_steps,
+                                 time_budget_s=self.fit_seconds,
+                                 metadata={"fitted_on": "online, the stream's first frames"})
+            if self.fit_out:
+                model.save(self.fit_out)
+        except Exception as exc:  # the rolling method goes on; the reason is in the log
+            log.error("decompose: online fit failed (%s); staying with the rolling method", exc)
+            with self._fit_lock:
+                if generation == self._generation:
+                    self._fit_state = f"failed: {exc}"
+            return
+        with self._fit_lock:
+            if generation == self._generation:
+                self._fitted = (generation, model)
+
+    def _take_fitted(self) -> None:
+        with self._fit_lock:
+            fitted, self._fitted = self._fitted, None
+        if fitted is None or fitted[0] != self._generation:
+            return
+        from .multilag import MultiLagPredictor
+
+        model = fitted[1]
+        self._predictor = MultiLagPredictor(model, self.backend)
+        self._fit_state = f"fitted {model.hash}"
+        if self.fit_out:
+            self.model = self.fit_out
+        log.info("decompose: online fit done (%s, %s steps); learned predictors in use",
+                 model.hash, model.metadata["training"]["steps"])
 
     def _allocate(self, xp: Any, shape: tuple[int, ...]) -> None:
         self._ring = xp.zeros((self._ring_len, *shape), dtype=xp.float32)
@@ -357,6 +568,29 @@ class Decompose:
             target = t - lag * interval
             best = min(range(len(times)), key=lambda i: (abs(times[i] - target), times[i]))
             out.append(self._ring[(self._ring_pos - len(times) + best) % self._ring_len, ...])
+        return out
+
+    def _octaves(self, xp: Any, t: float) -> list[Any]:
+        """The learned predictors' inputs, longest lag first: for lag k the mean of the buffered
+        frames from k to 2k - 1 intervals back (by time), or the frame nearest to k back when
+        none falls in that span (early in the stream, or after the interval changed)."""
+        interval = self._interval
+        if interval is None:
+            interval = statistics.median(self._intervals) if self._intervals else 1.0
+        times = self._ring_t
+        n = len(times)
+        out = []
+        for lag in reversed(self.lags):
+            near, far = t - (lag - 0.5) * interval, t - (2 * lag - 0.5) * interval
+            picks = [i for i in range(n) if far < times[i] <= near]
+            if not picks:
+                target = t - lag * interval
+                picks = [min(range(n), key=lambda i: (abs(times[i] - target), times[i]))]
+            slots = [(self._ring_pos - n + i) % self._ring_len for i in picks]
+            acc = self._ring[slots[0], ...]
+            for slot in slots[1:]:
+                acc = acc + self._ring[slot, ...]
+            out.append(acc * (1.0 / len(slots)) if len(slots) > 1 else acc)
         return out
 
     def _push_ring(self, cur: Any, t: float) -> None:
@@ -463,7 +697,14 @@ class Decompose:
         err = xp.abs(cur - lagged[0])
         for prev in lagged[1:]:
             err = xp.minimum(err, xp.abs(cur - prev))
-        excess = xp.clip(err * (1.0 / (sigma * math.sqrt(2.0))) - _NOVELTY_Z0, 0.0, None)
+        return self._novelty_map(xp, err * (1.0 / math.sqrt(2.0) / sigma), sigma)
+
+    def _novelty_map(self, xp: Any, z: Any, sigma: float) -> tuple[float, Any]:
+        """Score from a per-pixel error in noise sigmas: the excess over 3 sigma, averaged per
+        block; the frame's score is its most novel block."""
+        if sigma <= 0:
+            return 0.0, None
+        excess = xp.clip(z - _NOVELTY_Z0, 0.0, None)
         h, w = excess.shape
         b = max(1, min(self.event_block, h, w))
         hb, wb = h // b, w // b

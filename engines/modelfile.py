@@ -3,7 +3,8 @@
 Members:
 
 - ``metadata.json``: format version, architecture, input rules (channels, k past frames, size
-  multiple), normalisation, what it was trained on and how, and the sha256 of the two members
+  multiple), normalisation, what it was trained on and how (``training_features``: statistics
+  of the training frames for the trust engine, optional), and the sha256 of the two members
   below;
 - ``model.onnx``: the graph for onnxruntime and TensorRT (dynamic batch, height and width);
 - ``weights.npz``: the torch state dict as plain arrays (no pickle), for the torch backend and
@@ -78,6 +79,12 @@ class ModelFile:
     def task(self) -> str:
         """What the network does: "denoise" (files without the field), "deconvolve", "restore"."""
         return str(self.metadata.get("task", "denoise"))
+
+    @property
+    def training_features(self) -> dict[str, Any] | None:
+        """Statistics of the training frames' features (``trust.feature_statistics``); None in
+        files written before livescope stored them. Metadata only: not covered by the hash."""
+        return self.metadata.get("training_features")
 
     @property
     def arch(self) -> dict[str, Any]:
@@ -163,7 +170,7 @@ def _check(path: Path, meta: dict[str, Any], members: dict[str, bytes]) -> None:
     if version > FORMAT_VERSION:
         raise ModelFileError(f"{path} has model format {version}; this livescope reads up to "
                              f"{FORMAT_VERSION}: upgrade livescope")
-    if meta["architecture"].get("name") != "unet2d":
+    if meta["architecture"].get("name") not in ("unet2d", "multilag2d"):
         raise ModelFileError(f"{path}: unknown architecture {meta['architecture'].get('name')!r}")
     for name, data in members.items():
         if _sha256(data) != meta["sha256"].get(name):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["UNet", "build", "flops_and_traffic", "export_onnx"]
+__all__ = ["MultiLag", "UNet", "build", "flops_and_traffic", "export_onnx"]
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -34,7 +34,8 @@ class UNet(nn.Module):
     neighbour, and an identity path would learn to trust a value it never sees at inference.
     """
 
-    def __init__(self, in_channels: int = 1, base: int = 16, depth: int = 2, max_channels: int = 64):
+    def __init__(self, in_channels: int = 1, base: int = 16, depth: int = 2, max_channels: int = 64,
+                 out_channels: int = 1):
         super().__init__()
         self.in_channels = in_channels
         self.depth = depth
@@ -53,7 +54,7 @@ class UNet(nn.Module):
         for i in reversed(range(depth)):
             self.up.append(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2))
             self.merge.append(_block(2 * widths[i], widths[i]))
-        self.head = nn.Conv2d(widths[0], 1, 1)
+        self.head = nn.Conv2d(widths[0], out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
@@ -67,10 +68,72 @@ class UNet(nn.Module):
         return self.head(x)
 
 
-def build(arch: dict[str, Any]) -> UNet:
+class MultiLag(nn.Module):
+    """Learned multi-lag predictors as a residual cascade: one small U-Net per lag.
+
+    Input channels are the lagged inputs, longest lag first: for lag k the mean of the frames
+    t-k ... t-2k+1 (its octave: t-1; t-2..t-3; t-4..t-7; t-8..t-15, so every past frame counts
+    once and the long lags are less noisy). The first network predicts frame t from the longest
+    lag alone (as its input plus a correction); each next one sees its own lag's input and the
+    sum predicted so far, and predicts what is left. Output channel i is lag i's share;
+    their sum is the prediction of frame t. The cascade decides which lag explains what: the t-1
+    network never gets the chance to learn the background, because the t-8 network has
+    already taken it.
+    """
+
+    def __init__(self, lags: int = 4, base: int = 8, depth: int = 2, max_channels: int = 32,
+                 unshuffle: int = 2):
+        super().__init__()
+        self.in_channels = lags
+        self.base = base
+        self.max_channels = max_channels
+        self.unshuffle = unshuffle
+        # Each stage works at 1/unshuffle of the resolution on unshuffle**2 times the channels
+        # (pixel unshuffle, then shuffle back): every pixel still counts, at about a quarter of
+        # the memory traffic, which is what bounds these thin layers on a CPU.
+        f2 = unshuffle * unshuffle
+        self.nets = nn.ModuleList(
+            UNet(2 * f2, base=base, depth=depth, max_channels=max_channels, out_channels=f2)
+            for _ in range(lags)
+        )
+        self.depth = depth + (unshuffle.bit_length() - 1)  # size multiple 2**depth, as UNet
+        self.down = nn.PixelUnshuffle(unshuffle) if unshuffle > 1 else nn.Identity()
+        self.up = nn.PixelShuffle(unshuffle) if unshuffle > 1 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
+        # upto: run only the first stages (fitting them one after the other); the earlier,
+        # frozen ones then run without gradients.
+        n = len(self.nets) if upto is None else int(upto)
+        cum = torch.zeros_like(x[:, :1])
+        outs = []
+        for i, net in enumerate(self.nets[:n]):
+            frozen = upto is not None and i < n - 1
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+                share = self.up(net(self.down(torch.cat([x[:, i : i + 1], cum], dim=1))))
+                if i == 0:
+                    # The longest lag's input (the mean of its octave of frames) is already
+                    # nearly the background: the network learns the correction, and converges
+                    # fast. A slow start here would leave background for the shorter lags.
+                    share = share + x[:, :1]
+            outs.append(share)
+            cum = cum + share
+        return torch.cat(outs, dim=1)
+
+
+def build(arch: dict[str, Any]) -> nn.Module:
     """The network described by a model file's ``architecture`` entry."""
+    if arch.get("name") == "multilag2d":
+        unshuffle = int(arch.get("unshuffle", 1))
+        return MultiLag(
+            lags=len(arch["lags"]),
+            base=int(arch["base"]),
+            depth=int(arch["depth"]) - (unshuffle.bit_length() - 1),
+            max_channels=int(arch.get("max_channels", 32)),
+            unshuffle=unshuffle,
+        )
     if arch.get("name") != "unet2d":
-        raise ValueError(f"unknown architecture {arch.get('name')!r}; this livescope knows 'unet2d'")
+        raise ValueError(f"unknown architecture {arch.get('name')!r}; this livescope knows "
+                         "'unet2d' and 'multilag2d'")
     return UNet(
         in_channels=int(arch["in_channels"]),
         base=int(arch["base"]),
@@ -110,7 +173,7 @@ def flops_and_traffic(net: UNet, height: int = 512, width: int = 512) -> dict[st
     return totals
 
 
-def export_onnx(net: UNet, opset: int = 17) -> bytes:
+def export_onnx(net: nn.Module, opset: int = 17) -> bytes:
     """The ONNX graph with dynamic height and width (and batch), via the TorchScript-based
     exporter (``dynamo=False``): it needs no onnxscript and gives a plain static graph that
     onnxruntime and TensorRT's parser both take."""

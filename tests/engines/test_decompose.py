@@ -235,7 +235,7 @@ def test_parameters_describe_and_errors():
     with pytest.raises(KeyError, match="event_threshold"):
         engine.set_param("nonsense", 1)
     with pytest.raises(EngineError, match="rolling"):
-        create_engine("decompose", method="learned")
+        create_engine("decompose", method="nonsense")
     with pytest.raises(EngineError, match="positive"):
         create_engine("decompose", lags=(0, 2))
 
