@@ -33,8 +33,10 @@ class EventFollower:
     """Fetch the daemon's events in order and call ``callback(event)`` for each, on a thread."""
 
     def __init__(self, control: str, callback: Callable[[dict[str, Any]], None], *, poll_s: float = 0.005,
-                 after: int = 0, kinds: set[str] | None = None, context: zmq.Context | None = None) -> None:
+                 after: int = 0, kinds: set[str] | None = None, context: zmq.Context | None = None,
+                 curve: Any = None) -> None:
         self.control = control
+        self.curve = curve  # a livescope.bridges.auth.CurveClient for a daemon that runs CURVE
         self.callback = callback
         self.poll_s = poll_s
         self.last_id = after
@@ -53,6 +55,8 @@ class EventFollower:
                 sock = self._ctx.socket(zmq.REQ)
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.RCVTIMEO, 1000)
+                if self.curve is not None:
+                    self.curve.secure(sock)
                 sock.connect(self.control)
             try:
                 request = {"cmd": "events", "after": self.last_id, "token": read_token(self.control)}

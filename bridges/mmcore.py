@@ -58,14 +58,18 @@ class MMCoreBridge(QueuedSender):
         bits: int | None = None,
         send_end: bool = True,
         shm: bool | None = False,
+        curve: Any = None,
     ) -> None:
         self.core = core
         self.stream = stream
         self.camera = camera
         self.bits = bits
         self.send_end = send_end
-        if shm is False:
-            publisher = FramePublisher(address, stream=stream, block=True, send_timeout_ms=2000, hwm=16)
+        if curve is not None and shm:
+            raise ValueError("shm=True and curve: shared memory is same-host only; use one or the other")
+        if shm is False or curve is not None:  # curve: a livescope.bridges.auth.CurveClient
+            publisher = FramePublisher(address, stream=stream, block=True, send_timeout_ms=2000, hwm=16,
+                                       curve=curve)
         else:  # same-host shared memory (None: when the address is on this machine); bridges/shm.py
             from .shm import make_publisher
 

@@ -207,7 +207,7 @@ class Tap(QueuedSender):
     def __init__(self, address: str, *, stream: str = "pycromanager", buffer_frames: int = 256,
                  channels: Sequence[str] | None = None, camera: dict[str, Any] | None = None,
                  bits: int | None = None, send_end: bool = True,
-                 then: Callable[..., Any] | None = None) -> None:
+                 then: Callable[..., Any] | None = None, curve: Any = None) -> None:
         self.stream = stream
         self.camera = camera
         self.bits = bits
@@ -215,7 +215,9 @@ class Tap(QueuedSender):
         self.mapper = MetadataMapper(channels)
         self._then = then
         self._then_arity = _call_arity(then) if then is not None else 0
-        publisher = FramePublisher(address, stream=stream, block=True, send_timeout_ms=2000, hwm=16)
+        # curve: a livescope.bridges.auth.CurveClient, for a daemon that runs CURVE
+        publisher = FramePublisher(address, stream=stream, block=True, send_timeout_ms=2000, hwm=16,
+                                   curve=curve)
         super().__init__(publisher, buffer_frames=buffer_frames, end_on_close=send_end,
                          name="livescope-pycromanager-sender")
 
@@ -277,7 +279,8 @@ class FeedbackTap(Tap):
                  **opts: Any) -> None:
         super().__init__(address, **opts)
         self.policy = policy
-        self.follower = EventFollower(control, policy.on_event, kinds=policy.kinds) if follow else None
+        self.follower = (EventFollower(control, policy.on_event, kinds=policy.kinds, curve=opts.get("curve"))
+                         if follow else None)
 
     def __call__(self, image: np.ndarray, metadata: dict[str, Any], event_queue: Any) -> Any:  # type: ignore[override]
         try:
@@ -421,12 +424,13 @@ class RestoreHook:
     def __init__(self, restore_address: str, *, want: str | None = None, timeout_s: float = 2.0,
                  scale: float | None = None, headroom: float = 4.0, stream: str = "pycromanager",
                  channels: Sequence[str] | None = None, camera: dict[str, Any] | None = None,
-                 max_misses_in_row: int = 3, retry_s: float = 5.0, latency_window: int = 10000) -> None:
+                 max_misses_in_row: int = 3, retry_s: float = 5.0, latency_window: int = 10000,
+                 curve: Any = None) -> None:
         if scale is not None and not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale={scale!r}: give a positive number, or None to choose it from the first frame")
         if headroom < 1:
             raise ValueError("headroom must be >= 1 (how many times brighter than the first frame later frames may be)")
-        self.client = RestoreClient(restore_address, stream=stream, timeout_s=timeout_s)
+        self.client = RestoreClient(restore_address, stream=stream, timeout_s=timeout_s, curve=curve)
         self.want = want
         self.timeout_s = timeout_s
         self.scale = scale

@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--float16", action="store_true", default=None, help="save products as float16")
     p.add_argument("--no-products", action="store_true", help="save raw only")
     p.add_argument("--fsync", action="store_true", default=None, help="fsync every shard (power-loss safety, slower)")
+    p.add_argument("--calibration", default=None, metavar="CAL.json",
+                   help="camera noise calibration from `livescope calibrate --out` (gain, offset, read "
+                        "noise): the denoiser's normalisation and the trust checks use it")
     p.add_argument("--memory-budget", type=float, default=None, dest="memory_budget_mb",
                    help="MB of frames buffered for the store before frames are recorded lost (default 1024)")
     p.add_argument("--sim-channels", type=int, default=None, choices=[1, 2])
@@ -162,13 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", action="store_true", help="local workers as threads, not processes")
     _add_engine_options(p)
 
-    p = sub.add_parser("fit", help="fit a denoising model on your own data (self-supervised), from a file or live")
+    p = sub.add_parser("fit", help="fit a model on your own data (self-supervised): denoising (default) or the "
+                       "learned decomposition (--task decompose), from a file or live")
     p.add_argument("input", nargs="?", help="a TIFF / OME-Zarr movie or frame (omit with --live)")
     p.add_argument("--out", help="the model file to write (.lsm)")
     p.add_argument("--live", action="store_true", help="fit on the running daemon's stream and hot-swap the model")
     p.add_argument("--control", default=DEFAULT_CONTROL, help="with --live: the daemon's control socket")
-    p.add_argument("--frames", type=int, default=32, help="frames to fit on (live: the next N frames)")
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--task", choices=("denoise", "decompose"), default="denoise",
+                   help="decompose: the learned multi-lag predictors (docs/decomposition.md)")
+    p.add_argument("--lags", default="1,2,4,8", help="with --task decompose: the lags, in frames")
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames to fit on (live: the next N frames; default 32, 400 for --task decompose)")
+    p.add_argument("--steps", type=int, default=None, help="default 400 (denoise), 1000 (decompose)")
     p.add_argument("--seconds", type=float, default=600.0, help="time budget")
     p.add_argument("--from-model", default=None, help="continue from this model (default: the shipped one)")
     p.add_argument("--clean", default=None, help="supervised: clean images to crappify (PSSR-style)")
@@ -359,7 +367,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, resume=args.resume, ingest=ingest, publish=args.publish, control=args.control, frames=args.frames,
         restore=args.restore,
         rate_fps=args.rate_fps, compress_raw=args.compress_raw, float16=args.float16, fsync=args.fsync,
-        memory_budget_mb=args.memory_budget_mb, sim_z=args.sim_z, sim_interval_s=args.sim_interval_s,
+        memory_budget_mb=args.memory_budget_mb, calibration=args.calibration, sim_z=args.sim_z, sim_interval_s=args.sim_interval_s,
         sim_drift=tuple(args.sim_drift) if args.sim_drift else None, curve=args.curve, curve_dir=args.curve_dir,
     )
     if args.sim_channels:
@@ -385,18 +393,10 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
 
 def cmd_view(args: argparse.Namespace) -> int:
-    import inspect
-
     from ..ui.viewer import run_viewer
 
-    curve = _client_curve(args)
-    extra = {}
-    if curve is not None:
-        if "curve" not in inspect.signature(run_viewer).parameters:
-            raise RuntimeError("this viewer cannot use CURVE keys yet; reach the daemon over an SSH tunnel")
-        extra["curve"] = curve
     return run_viewer(args.connect, args.control, screenshot=args.screenshot, seconds=args.seconds,
-                      settings_path=args.settings, **extra)
+                      settings_path=args.settings, curve=_client_curve(args))
 
 
 def cmd_process(args: argparse.Namespace) -> int:
@@ -465,11 +465,23 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    decompose = args.task == "decompose"
+    if args.frames is None:
+        args.frames = 400 if decompose else 32
+    if args.steps is None:
+        args.steps = 1000 if decompose else 400
+    if args.live and decompose:
+        print("livescope fit --live --task decompose: the decompose engine fits on the live stream by "
+              "itself; run the daemon with --param decompose.method=learned (docs/decomposition.md)",
+              file=sys.stderr)
+        return 2
     if args.live:
         return _fit_live(args)
     if not args.input or not args.out:
         print("livescope fit: give INPUT and --out MODEL.lsm (or --live)", file=sys.stderr)
         return 2
+    if decompose:
+        return _fit_decompose(args)
     import numpy as np
 
     from ..engines import fit as fitting
@@ -494,6 +506,34 @@ def cmd_fit(args: argparse.Namespace) -> int:
     curve.write_text("step,loss\n" + "".join(f"{i},{v:.6g}\n" for i, v in enumerate(losses)))
     print(f"model written to {out} ({len(losses)} steps in {result.seconds:.0f} s; loss "
           f"{losses[0]:.4g} -> {min(losses[-20:]):.4g}; curve in {curve})")
+    return 0
+
+
+def _fit_decompose(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from ..engines.multilag import fit_multilag
+    from .sources import read_movie
+
+    data, axes, _ = read_movie(args.input)
+    arr = np.asarray(data[: args.frames])
+    if len([a for a in axes if a not in ("y", "x")]) > 1:  # (t, c, z, y, x): first channel, plane
+        arr = arr.reshape(arr.shape[0], -1, *arr.shape[-2:])[:, 0]
+    lags = [int(v) for v in str(args.lags).split(",") if v.strip()]
+    with tqdm(total=args.steps, desc="fitting the multi-lag predictors", unit="step") as bar:
+        def progress(step: int, steps: int, loss: float) -> None:
+            bar.n = step
+            bar.set_postfix(loss=f"{loss:.4g}", refresh=True)
+
+        model = fit_multilag(arr.astype(np.float32), lags=lags, steps=args.steps,
+                             time_budget_s=args.seconds, progress=progress,
+                             metadata={"description": f"livescope fit --task decompose {args.input}"})
+    out = model.save(args.out)
+    t = model.metadata["training"]
+    print(f"model written to {out} ({t['steps']} steps in {t['seconds']:.0f} s, lags {lags}, loss "
+          f"{t['final_loss']:.4g}); use it with --param decompose.method=learned "
+          f"--param decompose.model={out}")
     return 0
 
 

@@ -46,6 +46,8 @@ class DaemonConfig:
     compress_raw: bool = False
     fsync: bool = False
     memory_budget_mb: float = 1024.0
+    # camera noise calibration (JSON from `livescope calibrate --out`): denoise and trust use it
+    calibration: str | None = None
     min_free_gb: float = 1.0  # refuse to start with less free space at --out; warn while running
     # previews
     preview_hz: float = 20.0

@@ -311,6 +311,7 @@ def _curve_server(cfg: DaemonConfig) -> Any:
 class Pipeline:
     def __init__(self, cfg: DaemonConfig, *, provenance: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
+        self._calibration = _read_calibration(cfg.calibration)
         self.curve = _curve_server(cfg)
         if self.curve is not None:
             self.curve.acquire()  # the pipeline's own hold: the context lives until close() and the control server
@@ -523,7 +524,9 @@ class Pipeline:
             "camera_offset": cam.get("offset"),
             "camera_gain": cam.get("gain"),
             "binning": int(h.get("binning") or 1),
-            "extra": {k: h[k] for k in ("pixel_size_affine", "sizes") if k in h},
+            "extra": {**{k: h[k] for k in ("pixel_size_affine", "sizes") if k in h},
+                      "camera_read_noise": cam.get("read_noise"),  # ADU rms
+                      **({"calibration": self._calibration} if self._calibration else {})},
         }
         t_start = int(index.get("t", 0)) if (seg is not None or base > 0) else 0
         seg = _Segment(number, shape, dtype, bits, layout, spec_base, t_start=t_start)
@@ -1092,3 +1095,20 @@ class Pipeline:
             "scalars": dict(self.scalars_last),
             "store": store_info,
         }
+
+
+def _read_calibration(path: str | None) -> dict[str, Any] | None:
+    """The camera calibration file, checked now: a bad one stops the daemon before it starts."""
+    if not path:
+        return None
+    from pathlib import Path
+
+    from ..engines.calibrate import NoiseModel
+
+    try:
+        data = json.loads(Path(path).read_text())
+        NoiseModel.from_dict(data)  # the fields the engines will read
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"--calibration {path}: not a readable livescope calibration ({exc!r}); "
+                         "write one with `livescope calibrate MOVIE --out CAL.json`") from exc
+    return data

@@ -78,7 +78,7 @@ class LiveViewer:
 
     def __init__(self, connect: str = DEFAULT_PUBLISH, control: str | None = DEFAULT_CONTROL, *,
                  settings_path: str | os.PathLike | None = None, snapshot_dir: str | os.PathLike | None = None,
-                 fps: float = 30.0) -> None:
+                 fps: float = 30.0, curve: Any = None) -> None:
         pg, QtCore, QtGui, QtWidgets = _qt()
         from . import style
         from .controls import EngineControls
@@ -93,8 +93,8 @@ class LiveViewer:
             style.apply_dark_theme(app)
         self.connect_address = connect
         self.control_address = control
-        self.sub = PreviewSubscriber(connect)
-        self.link = DaemonLink(control)
+        self.sub = PreviewSubscriber(connect, curve=curve)  # curve: client keys, or None
+        self.link = DaemonLink(control, curve=curve)
         self.settings = open_settings(settings_path)
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else Path.cwd()
 
@@ -971,11 +971,11 @@ def _fmt_value(v: float) -> str:
 
 def run_viewer(connect: str = DEFAULT_PUBLISH, control: str | None = DEFAULT_CONTROL, *,
                screenshot: str | None = None, seconds: float | None = None,
-               settings_path: str | None = None, dump: str | None = None) -> int:
+               settings_path: str | None = None, dump: str | None = None, curve: Any = None) -> int:
     pg, QtCore, QtGui, QtWidgets = _qt()
     app = QtWidgets.QApplication.instance() or QtWidgets.QApplication(sys.argv[:1])
     app.setApplicationName("livescope")
-    viewer = LiveViewer(connect, control, settings_path=settings_path)
+    viewer = LiveViewer(connect, control, settings_path=settings_path, curve=curve)
     viewer.win.show()
     if seconds is not None:
         def _finish() -> None:

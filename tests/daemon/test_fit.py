@@ -33,6 +33,36 @@ def test_fit_a_file_writes_a_model_and_loss_curve(tmp_path, capsys):
     assert "model written" in capsys.readouterr().out
 
 
+def test_fit_decompose_then_process_with_the_learned_model(tmp_path, capsys):
+    """`livescope fit --task decompose` writes a cascade that `process` (and the daemon) run."""
+    import tifffile
+    import zarr
+
+    sample = SimSample(SimConfig(shape=(48, 48), seed=3))
+    movie = np.stack([sample.render(t) for t in range(40)])
+    tifffile.imwrite(tmp_path / "movie.tif", movie)
+    out = tmp_path / "lags.lsm"
+    assert main(["fit", str(tmp_path / "movie.tif"), "--task", "decompose", "--out", str(out),
+                 "--steps", "8", "--seconds", "60"]) == 0
+    assert "decompose.model=" in capsys.readouterr().out
+    model = modelfile.load(out)
+    assert model.task == "decompose" and model.arch["lags"] == [8, 4, 2, 1]
+    assert main(["process", str(tmp_path / "movie.tif"), "--out", str(tmp_path / "o.zarr"),
+                 "--engines", "decompose", "--param", "decompose.method=learned",
+                 "--param", f"decompose.model={out}", "--workers", "0"]) == 0
+    parts = {k: zarr.open_array(str(tmp_path / "o.zarr" / k / "0"))[...]
+             for k in ("background", "slow", "fast", "residual")}
+    total = sum(parts.values()).reshape(movie.shape)
+    np.testing.assert_allclose(total, movie, atol=0.05)
+    import json
+
+    prov = json.loads((tmp_path / "o.zarr" / "zarr.json").read_text())["attributes"]
+    prov = prov.get("livescope", prov)["provenance"]
+    assert prov["engines"]["decompose"]["method"] == "learned"
+    assert main(["fit", "--live", "--task", "decompose"]) == 2
+    assert "method=learned" in capsys.readouterr().err
+
+
 def test_compile_without_tensorrt_names_the_fix(capsys):
     pytest.importorskip("onnx")
     try:

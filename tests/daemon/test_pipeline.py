@@ -350,3 +350,29 @@ def test_sim_without_frames_runs_until_stopped(tmp_path, free_address):
     assert raw.ndim == 4 and raw.shape[1] == 2  # t, c, y, x: both channels kept apart
     rec = read_records(cfg.out / "raw")
     assert (rec["status"] == STATUS["saved"]).sum() == summary["frames"]["saved"]
+
+
+def test_calibration_file_reaches_the_denoiser(tmp_path, free_address):
+    """`livescope daemon --calibration CAL.json`: the denoiser normalises with that camera model."""
+    pytest.importorskip("onnxruntime")
+    cal = {"gain_adu_per_e": 0.5, "intercept_adu2": 0.64 - 0.5 * 100, "offset_adu": 100.0,
+           "read_var_adu2": 0.64, "excess_noise_factor": 1.0}
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps(cal))
+    cfg = _cfg(tmp_path, free_address, source="zmq", engines=["denoise"], exit_on_end=False, out=None,
+               calibration=str(path))
+    pipeline = Pipeline(cfg)
+    pipeline.start()
+    try:
+        pub = FramePublisher(cfg.ingest, stream="cam", block=True)
+        pub.send(np.full((32, 32), 300, np.uint16))
+        wait_for(lambda: pipeline.engine_states["denoise"].processed == 1, message="one denoised frame")
+        chain = next(iter(pipeline._chains.values()))
+        described = chain.engines["denoise"].describe()
+        assert described["noise_source"] == "stream calibration (spec.extra)"
+        pub.close(0)
+    finally:
+        pipeline.close()
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="livescope calibrate"):
+        Pipeline(DaemonConfig(calibration=str(path), ingest=free_address(), publish=None, control=None, out=None))
