@@ -456,6 +456,22 @@ class Pipeline:
             time.sleep(0.05)
         return True
 
+    def _describe_engines(self) -> dict[str, Any]:
+        """Each engine's ``describe()`` per stream (position/channel/z/segment key): the model hash
+        in use (after an online fit or a hot swap), the camera calibration, the time base; stored in
+        the provenance so that a saved stream says what produced its products."""
+        out: dict[str, dict[str, Any]] = {}
+        with self._chain_lock:
+            chains = list(self._chains.items())
+        for key, chain in chains:
+            for name, engine in chain.engines.items():
+                try:
+                    d = engine.describe()
+                except Exception as exc:  # a broken describe must not lose the store's close
+                    d = {"error": repr(exc)}
+                out.setdefault(name, {})["/".join(str(k) for k in key)] = d
+        return json.loads(json.dumps(out, default=str))
+
     def close(self) -> dict[str, Any]:
         """Stop receiving, let the engines finish what they hold, flush and close the store."""
         self.state = "stopping"
@@ -465,10 +481,12 @@ class Pipeline:
             self._slot_cond.notify_all()
         for th in self._threads:
             th.join(60)
+        described = self._describe_engines()  # before close: what each engine ended up using
         for chain in self._chains.values():
             chain.close()
         if self.store is not None:
-            self.store.update_provenance(events=self.events[-1000:], summary=self.status()["frames"])
+            self.store.update_provenance(events=self.events[-1000:], summary=self.status()["frames"],
+                                         engine_state=described)
             self.store.close()
         self.receiver.close()
         if self.preview is not None:

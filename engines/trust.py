@@ -600,8 +600,11 @@ class Trust:
 
     def _reset_model(self) -> None:
         self._model, self._calibrator, self._fixed = None, None, False
-        if self.calibration is not None:
-            self._model = NoiseModel.from_dict(self.calibration)  # type: ignore[arg-type]
+        calibration = self.calibration
+        if calibration is None and self.spec is not None:  # the daemon's --calibration FILE
+            calibration = dict(self.spec.extra or {}).get("calibration")
+        if calibration is not None:
+            self._model = NoiseModel.from_dict(calibration)  # type: ignore[arg-type]
             self._fixed = True
         elif self.gain is not None and self.offset is not None and self.read_noise is not None:
             self._model = NoiseModel.from_camera(self.gain, self.offset, self.read_noise, self.excess_noise)

@@ -43,6 +43,10 @@ def test_sim_two_channels_z_stack_every_raw_frame_saved_bit_exact(tmp_path, free
     meta = json.loads((cfg.out / "raw" / "zarr.json").read_text())["attributes"]["ome"]
     assert [a["name"] for a in meta["multiscales"][0]["axes"]] == ["t", "c", "z", "y", "x"]
     assert [c["label"] for c in meta["omero"]["channels"]][:1] == ["GFP"]
+    # each engine instance's describe() is in the provenance, one per (p, c, z, segment) stream
+    root = json.loads((cfg.out / "zarr.json").read_text())["attributes"]
+    state = root.get("livescope", root)["provenance"]["engine_state"]["passthrough"]
+    assert len(state) == 6 and all("delay_s" in json.dumps(d) for d in state.values())
     # the passthrough product kept the same index as raw for every frame it processed
     prod = zarr.open_array(str(cfg.out / "passthrough" / "0"), mode="r")
     prec = read_records(cfg.out / "passthrough")

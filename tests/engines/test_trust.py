@@ -251,6 +251,10 @@ def test_calibration_file_sets_the_noise_model(tmp_path):
     eng.setup(StreamSpec(shape=(64, 64)))
     assert eng.noise_model.gain == GAIN and eng.noise_model.offset == OFFSET
     assert eng.describe()["noise_model_fixed"]
+    # the daemon's --calibration arrives in the stream spec instead
+    eng = create_engine("trust", restore="deconvolve")
+    eng.setup(StreamSpec(shape=(64, 64), extra={"calibration": CAMERA.as_dict()}))
+    assert eng.noise_model.gain == GAIN and eng.describe()["noise_model_fixed"]
 
 
 # --------------------------------------------------------------------------- feature distance
