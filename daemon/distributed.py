@@ -91,6 +91,11 @@ class Source:
     keys: dict[str, list[Any]] = dataclasses.field(default_factory=dict)  # ndtiff axis values
     # zarr: one array per position (livescope's own output keeps position p in ``raw_p<p>``)
     position_paths: list[str] = dataclasses.field(default_factory=list)
+    # tiff: one OME series per stage position (the OME-TIFF way of storing positions)
+    tiff_series: list[int] = dataclasses.field(default_factory=list)
+
+    def series(self, p: int = 0) -> int:
+        return self.tiff_series[p] if self.tiff_series else 0
 
     def read(self, t0: int, t1: int, c: int, z: int | None, ys: tuple[int, int], xs: tuple[int, int],
              p: int = 0) -> np.ndarray:
@@ -121,7 +126,7 @@ class Source:
             else:  # "p": a position axis inside the array
                 idx.append(p)
         if self.kind == "tiff" and not isinstance(opened, _ContiguousTiff):
-            block = _read_tiff_pages(self, opened, idx)
+            block = _read_tiff_pages(self, opened, idx, self.series(p))
         else:
             block = np.asarray(opened[tuple(idx)])
         want = [a for a in ("t", "z", "y", "x") if a in keep]
@@ -149,7 +154,7 @@ _OPENED: dict[tuple[str, str], Any] = {}
 
 def _opened(src: Source, p: int = 0) -> Any:
     array_path = src.position_paths[p] if src.position_paths else src.array_path
-    key = (src.kind, array_path if src.kind == "zarr" else src.path)
+    key = (src.kind, array_path if src.kind == "zarr" else f"{src.path}#{src.series(p)}")
     obj = _OPENED.get(key)
     if obj is None:
         if src.kind == "zarr":
@@ -160,7 +165,7 @@ def _opened(src: Source, p: int = 0) -> Any:
             import tifffile
 
             tif = tifffile.TiffFile(src.path)
-            series = tif.series[0]
+            series = tif.series[src.series(p)]
             if series.dataoffset is not None and tuple(series.shape) == tuple(src.shape):
                 # uncompressed and contiguous: plain reads at known offsets. Not a memory map: the
                 # pages a map touches count as the worker's memory, and Dask would restart it.
@@ -203,7 +208,7 @@ class _ContiguousTiff:
         return out.reshape([n for ax, n in enumerate(out.shape) if ax not in squeeze])
 
 
-def _read_tiff_pages(src: Source, tif: Any, idx: list[Any]) -> np.ndarray:
+def _read_tiff_pages(src: Source, tif: Any, idx: list[Any], series: int = 0) -> np.ndarray:
     """A block of a TIFF that cannot be memory-mapped: read only the pages it covers."""
     lead_axes = [a for a in src.axes if a not in ("y", "x")]
     lead_shape = [src.shape[src.axes.index(a)] for a in lead_axes]
@@ -214,7 +219,7 @@ def _read_tiff_pages(src: Source, tif: Any, idx: list[Any]) -> np.ndarray:
         ranges.append(range(n)[sel] if isinstance(sel, slice) else [sel])
     pages = [int(np.ravel_multi_index(p, lead_shape)) for p in np.ndindex(*[len(r) for r in ranges])
              for p in [tuple(r[i] for r, i in zip(ranges, p))]]
-    block = tif.asarray(key=pages, series=0).reshape(len(pages), *src.shape[-2:])
+    block = tif.asarray(key=pages, series=series).reshape(len(pages), *src.shape[-2:])
     ys, xs = idx[src.axes.index("y")], idx[src.axes.index("x")]
     block = block[:, ys, xs]
     kept = [len(r) for r, a in zip(ranges, lead_axes) if isinstance(idx[src.axes.index(a)], slice)]
@@ -244,6 +249,8 @@ def _finish(path: str, kind: str, axes: list[str], shape: tuple[int, ...], dtype
     sizes = {a: int(shape[axes.index(a)]) if a in axes else 1 for a in ("t", "p", "c", "z", "y", "x")}
     if kw.get("position_paths"):
         sizes["p"] = len(kw["position_paths"])
+    if kw.get("tiff_series"):
+        sizes["p"] = len(kw["tiff_series"])
     return Source(path=path, kind=kind, axes=axes, shape=tuple(int(s) for s in shape), dtype=str(np.dtype(dtype)),
                   sizes=sizes, has_c="c" in axes, has_z="z" in axes, info=info, **kw)
 
@@ -315,11 +322,19 @@ def _open_tiff(p: Path) -> Source:
             if ij.get("finterval"):
                 info["interval_s"] = float(ij["finterval"])
         shape, dtype = tuple(series.shape), str(series.dtype)
+        several: list[int] = []
+        if tif.is_ome and len(tif.series) > 1:  # OME-TIFF keeps each stage position as a series
+            for i, other in enumerate(tif.series):
+                if tuple(other.shape) != shape or str(other.dtype) != dtype or other.axes != series.axes:
+                    raise ValueError(f"{p}: OME series {i} ({other.axes} {other.shape} {other.dtype}) differs "
+                                     f"from series 0 ({series.axes} {shape} {dtype}); livescope reads the "
+                                     "series as stage positions of one experiment: split the file first")
+            several = list(range(len(tif.series)))
     if len(axes) == 2:
         raise ValueError(f"{p} holds a single frame; livescope process needs a movie")
     if "t" not in axes:  # a stack with no time axis: each plane is a time point (as read_movie does)
         axes = ["t"] + axes[1:]
-    return _finish(str(p), "tiff", axes, shape, dtype, info)
+    return _finish(str(p), "tiff", axes, shape, dtype, info, tiff_series=several)
 
 
 def _open_ndtiff(p: Path) -> Source:

@@ -124,3 +124,32 @@ def test_engines_on_z_stacks_equal_one_single_process_run(tmp_path, client, engi
         assert {"shift_z", "shift_y", "shift_x"} <= set(rec)
         assert np.all(rec["shift_x"][1:] == rec["shift_x"][1:, :1])  # one number per stack, on each plane
         assert np.ptp(rec["shift_x"][:, 0]) > 1.0  # it did follow the drift (0.5 px per frame)
+
+
+@pytest.mark.parametrize("compression", [None, "zlib"])  # contiguous reads and page-by-page reads
+def test_ome_tiff_series_are_stage_positions(tmp_path, client, compression):
+    import tifffile
+
+    rng = np.random.default_rng(6)
+    movie = rng.integers(0, 4000, (3, 5, 2, 16, 20), dtype=np.uint16)  # position, t, c, y, x
+    path = tmp_path / "multi.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        for pos in movie:
+            tw.write(pos, metadata={"axes": "TCYX"}, compression=compression)
+    src = open_source(path)
+    assert src.sizes == {"t": 5, "p": 3, "c": 2, "z": 1, "y": 16, "x": 20}
+    np.testing.assert_array_equal(src.read(1, 4, 1, None, (2, 9), (0, 20), p=2), movie[2, 1:4, 1, 2:9])
+    ref = process_file(path, tmp_path / "ref.zarr", ["passthrough"], workers=0, progress=False)
+    res = run_job(plan_job(path, tmp_path / "n.zarr", ["passthrough"], chunk_t=2), client=client, progress=False)
+    expect = {f"{prod}{suffix}" for prod in ("raw", "passthrough") for suffix in ("", "_p1", "_p2")}
+    assert set(res["images"]) == set(ref["images"]) == expect
+    _assert_same_output(tmp_path / "ref.zarr", tmp_path / "n.zarr", sorted(expect))
+    for p, suffix in enumerate(("", "_p1", "_p2")):
+        np.testing.assert_array_equal(_array(tmp_path / "n.zarr" / f"raw{suffix}"), movie[p])
+    # series that are not positions of one experiment are refused with the fix
+    odd = tmp_path / "odd.ome.tif"
+    with tifffile.TiffWriter(odd, ome=True) as tw:
+        tw.write(movie[0], metadata={"axes": "TCYX"})
+        tw.write(movie[1, :, 0], metadata={"axes": "TYX"})
+    with pytest.raises(ValueError, match="split the file"):
+        open_source(odd)
