@@ -452,10 +452,16 @@ class Decompose:
 
         bg, slow, fast = (total(split[k]) for k in ("background", "slow", "fast"))
         residual_c = cur - bg - slow - fast
-        # Novelty: signal in the frame that no lag's network predicted (the positive residual).
-        # Not its absolute value: an object that vanishes leaves a negative residual for each
-        # lag that still held it, and would read as novel again 1, 2, 4 and 8 frames later.
-        novelty, excess = self._novelty_map(xp, residual_c * (1.0 / max(sigma, 1e-12)), sigma)
+        # Novelty: signal in the frame that neither the fitted predictors nor any lag's input
+        # explains: the positive residual, capped by the frame's excess over each input. Not
+        # the residual's absolute value: an object that vanishes leaves a negative residual for
+        # every lag that still holds it. And not the residual alone: after a sudden event the
+        # networks, which never saw one, over- and undershoot around it while it is in their
+        # inputs, and that echo read as new events 2-3 frames later.
+        unexplained = residual_c
+        for inp in inputs:
+            unexplained = xp.minimum(unexplained, cur - inp)
+        novelty, excess = self._novelty_map(xp, unexplained * (1.0 / max(sigma, 1e-12)), sigma)
         events = self._events(novelty, excess, info)
         self._push_ring(cur, t)
         self._n += 1

@@ -191,16 +191,59 @@ def fit_multilag(
     scales = np.array([reference_scale(f) for f in frames], dtype=np.float64)
     net = MultiLag(lags=len(lags_desc), base=base)
     stages = len(lags_desc)
+    # One intra-op thread: the batches are small, so more threads win little when the cores are
+    # free and lose 5-15x when other processes load them (measured: 27 vs 205-490 ms per step).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     t0 = time.perf_counter()
+    try:
+        losses, step = _fit_stages(torch, net, frames, lags_desc, steps, time_budget_s, crop, batch,
+                                   lr, rng, scales, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+    seconds = time.perf_counter() - t0
+    net.eval()
+    arch = {"name": "multilag2d", "lags": lags_desc, "depth": net.depth, "base": net.base,
+            "max_channels": net.max_channels, "unshuffle": net.unshuffle}
+    weights = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in net.state_dict().items()}
+    meta = dict(metadata or {})
+    meta.update(
+        format="livescope-denoise-model",  # the shared model file format (see modelfile.py)
+        format_version=1,
+        task="decompose",
+        architecture=arch,
+        inputs={"channels": len(lags_desc), "past_frames": len(lags_desc) - 1,
+                "size_multiple": 2**net.depth,
+                "layout": "NCHW float32, channel i = mean of frames t - lags[i] ... "
+                          "t - 2 lags[i] + 1, longest lag first"},
+        normalisation={"vst": False, "percentiles": list(_PERCENTILES),
+                       "reference": "the most recent lagged frame"},
+        training={"frames": int(frames.shape[0]), "shape": list(frames.shape[1:]),
+                  "steps": int(step), "seconds": round(seconds, 1), "crop": crop,
+                  "batch": batch, "lr": lr, "seed": seed,
+                  "final_loss": float(np.mean(losses[-50:])) if losses else None},
+    )
+    log.info("multilag fit: %d steps in %.0f s, loss %.4f", step, seconds,
+             meta["training"]["final_loss"] or float("nan"))
+    model = ModelFile(meta, export_onnx(net), weights)
+    model.to_bytes()  # fills in the hashes: the model's identity from here on
+    return model
+
+
+def _fit_stages(torch: Any, net: Any, frames: np.ndarray, lags_desc: list[int], steps: int,
+                time_budget_s: float | None, crop: int, batch: int, lr: float,
+                rng: np.random.Generator, scales: np.ndarray,
+                progress: Callable[[int, int, float], None] | None) -> tuple[list[float], int]:
+    """Greedy, one stage after the other: the t-8 network is fitted alone, then frozen; then the
+    t-4 network on what it leaves; and so on. Fitted together, a shorter lag learns what a longer
+    one has not learned yet (a slow blob is as visible at t-2 as at t-4) and keeps some of it:
+    measured, the t-2 share then holds the slow objects."""
+    stages = len(lags_desc)
     losses: list[float] = []
     step = 0
-    # Greedy, one stage after the other: the t-8 network is fitted alone, then frozen; then the
-    # t-4 network on what it leaves; and so on. Fitted together, a shorter lag learns what a
-    # longer one has not learned yet (a slow blob is as visible at t-2 as at t-4) and keeps
-    # some of it: measured, the t-2 share then holds the slow objects.
     for stage in range(stages):
-        params = list(net.nets[stage].parameters())
-        opt = torch.optim.AdamW(params, lr=lr)
+        opt = torch.optim.AdamW(list(net.nets[stage].parameters()), lr=lr)
         first = stage * steps // stages
         last = (stage + 1) * steps // stages
         s_t0 = time.perf_counter()
@@ -229,30 +272,4 @@ def fit_multilag(
             losses.append(float(loss.detach()))
             if progress is not None and step % 25 == 0:
                 progress(step, steps, float(np.mean(losses[-25:])))
-    seconds = time.perf_counter() - t0
-    net.eval()
-    arch = {"name": "multilag2d", "lags": lags_desc, "depth": net.depth, "base": net.base,
-            "max_channels": net.max_channels, "unshuffle": net.unshuffle}
-    weights = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in net.state_dict().items()}
-    meta = dict(metadata or {})
-    meta.update(
-        format="livescope-denoise-model",  # the shared model file format (see modelfile.py)
-        format_version=1,
-        task="decompose",
-        architecture=arch,
-        inputs={"channels": len(lags_desc), "past_frames": len(lags_desc) - 1,
-                "size_multiple": 2**net.depth,
-                "layout": "NCHW float32, channel i = mean of frames t - lags[i] ... "
-                          "t - 2 lags[i] + 1, longest lag first"},
-        normalisation={"vst": False, "percentiles": list(_PERCENTILES),
-                       "reference": "the most recent lagged frame"},
-        training={"frames": int(frames.shape[0]), "shape": list(frames.shape[1:]),
-                  "steps": int(step), "seconds": round(seconds, 1), "crop": crop,
-                  "batch": batch, "lr": lr, "seed": seed,
-                  "final_loss": float(np.mean(losses[-50:])) if losses else None},
-    )
-    log.info("multilag fit: %d steps in %.0f s, loss %.4f", step, seconds,
-             meta["training"]["final_loss"] or float("nan"))
-    model = ModelFile(meta, export_onnx(net), weights)
-    model.to_bytes()  # fills in the hashes: the model's identity from here on
-    return model
+    return losses, step
