@@ -10,8 +10,9 @@ The scene (in photons per pixel before blur):
 - optional sample drift (``drift`` px/frame) that the XY stage can compensate, and
   photobleaching (``bleach_tau`` frames).
 
-The optical image is the scene blurred by a Gaussian PSF (wider out of focus for z planes),
-then Poisson shot noise, Gaussian read noise, gain and offset, clipped to ``bits``. Frames are
+The optical image is the scene blurred by a Gaussian PSF (wider out of focus for z planes; with
+``psf_sigma_corner`` the in-focus sigma also grows with the squared distance from the field
+centre, as field curvature and off-axis aberrations make it), then Poisson shot noise, Gaussian read noise, gain and offset, clipped to ``bits``. Frames are
 reproducible: the noise of frame (t, c, z) depends only on the seed and those indices, so tests
 regenerate any frame independently. ``truth(t, c, z)`` returns the components; ``test_psf_sigma``
 gives a deliberately mismatched PSF for engines' tests (no inverse crime).
@@ -62,6 +63,9 @@ class SimConfig:
     fast_photons: float = 200.0
     psf_sigma: float = 1.6  # px, in focus
     psf_mismatch: float = 0.15  # engines' tests get psf_sigma * (1 + mismatch)
+    # field-varying blur: the in-focus sigma (px) in the corners; it grows with the squared
+    # distance from the centre, where it is psf_sigma. None: one PSF over the whole field
+    psf_sigma_corner: float | None = None
     defocus_px_per_um: float = 2.0  # extra blur sigma per micrometre out of focus
     drift: tuple[float, float] = (0.0, 0.0)  # sample drift in px/frame (y, x)
     bleach_tau: float | None = None  # frames
@@ -150,9 +154,38 @@ class SimSample:
         shift = self.drift_px(t) - np.asarray(stage_yx_um, float) / cfg.pixel_size_um
         if np.any(np.abs(shift) > 1e-6):
             scene = ndimage.shift(scene, shift, order=1, mode="nearest")
-        sigma = math.hypot(cfg.psf_sigma, cfg.defocus_px_per_um * z_um)
-        blurred = ndimage.gaussian_filter(scene, sigma, mode="reflect")
-        return blurred / np.float32(cfg.gain)
+        return self.blur(scene, z_um) / np.float32(cfg.gain)
+
+    def psf_sigma_map(self, z_um: float = 0.0) -> np.ndarray:
+        """(h, w) Gaussian PSF sigma in px at every pixel (constant without ``psf_sigma_corner``)."""
+        cfg = self.cfg
+        h, w = cfg.shape
+        if cfg.psf_sigma_corner is None:
+            focus = np.full((h, w), cfg.psf_sigma)
+        else:
+            y, x = np.mgrid[:h, :w]
+            cy, cx = (h - 1) / 2, (w - 1) / 2
+            r2 = ((y - cy) ** 2 + (x - cx) ** 2) / (cy**2 + cx**2)  # 0 at the centre, 1 in the corners
+            focus = cfg.psf_sigma + (cfg.psf_sigma_corner - cfg.psf_sigma) * r2
+        return np.hypot(focus, cfg.defocus_px_per_um * z_um)
+
+    def blur(self, scene: np.ndarray, z_um: float = 0.0) -> np.ndarray:
+        """The optics: Gaussian blur of ``psf_sigma_map(z_um)``, edges continued by reflection.
+        A varying sigma is rendered by blurring copies at sigma levels <= 0.1 px apart and
+        interpolating, per pixel, between the two copies that bracket its sigma."""
+        cfg = self.cfg
+        if cfg.psf_sigma_corner is None:
+            sigma = math.hypot(cfg.psf_sigma, cfg.defocus_px_per_um * z_um)
+            return ndimage.gaussian_filter(scene, sigma, mode="reflect")
+        sig = self.psf_sigma_map(z_um)
+        lo, hi = float(sig.min()), float(sig.max())
+        levels = np.linspace(lo, hi, max(2, int(math.ceil((hi - lo) / 0.1)) + 1))
+        copies = np.stack([ndimage.gaussian_filter(scene, s, mode="reflect") for s in levels])
+        pos = np.clip((sig - lo) / (levels[1] - levels[0]), 0, len(levels) - 1 - 1e-9)
+        i = pos.astype(int)
+        f = (pos - i).astype(np.float32)
+        yy, xx = np.indices(sig.shape)
+        return ((1 - f) * copies[i, yy, xx] + f * copies[i + 1, yy, xx]).astype(np.float32)
 
     def render(
         self,

@@ -165,22 +165,42 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", action="store_true", help="local workers as threads, not processes")
     _add_engine_options(p)
 
-    p = sub.add_parser("fit", help="fit a model on your own data (self-supervised): denoising (default) or the "
-                       "learned decomposition (--task decompose), from a file or live")
+    p = sub.add_parser("fit", help="fit a model on your own data (self-supervised): denoising (default), the "
+                       "learned decomposition (--task decompose) or deconvolution (--task deconvolve|restore), "
+                       "from a file or live")
     p.add_argument("input", nargs="?", help="a TIFF / OME-Zarr movie or frame (omit with --live)")
     p.add_argument("--out", help="the model file to write (.lsm)")
     p.add_argument("--live", action="store_true", help="fit on the running daemon's stream and hot-swap the model")
     p.add_argument("--control", default=DEFAULT_CONTROL, help="with --live: the daemon's control socket")
-    p.add_argument("--task", choices=("denoise", "decompose"), default="denoise",
-                   help="decompose: the learned multi-lag predictors (docs/decomposition.md)")
+    p.add_argument("--task", choices=("denoise", "decompose", "deconvolve", "restore"), default="denoise",
+                   help="decompose: the learned multi-lag predictors (docs/decomposition.md); deconvolve / "
+                   "restore: a network taught by WB-RL with your PSF (docs/learned_deconvolution.md)")
+    p.add_argument("--engine", default=None, help="with --live: the daemon's engine to fit for (default: the "
+                   "task's name: denoise, deconvolve or restore)")
     p.add_argument("--lags", default="1,2,4,8", help="with --task decompose: the lags, in frames")
     p.add_argument("--frames", type=int, default=None,
                    help="frames to fit on (live: the next N frames; default 32, 400 for --task decompose)")
-    p.add_argument("--steps", type=int, default=None, help="default 400 (denoise), 1000 (decompose)")
+    p.add_argument("--steps", type=int, default=None, help="default 400 (denoise, deconvolve), 1000 (decompose)")
     p.add_argument("--seconds", type=float, default=600.0, help="time budget")
     p.add_argument("--from-model", default=None, help="continue from this model (default: the shipped one)")
     p.add_argument("--clean", default=None, help="supervised: clean images to crappify (PSSR-style)")
     p.add_argument("--past-frames", type=int, default=0, help="k past frames as extra input channels (new model)")
+    g = p.add_argument_group("with --task deconvolve / restore: the teacher's PSF and settings (file fits; live "
+                             "fits take the running engine's)")
+    g.add_argument("--psf", help="measured PSF (TIFF of a bead, 2-D or 3-D) or .npy of one PSF or a grid "
+                   "(ny, nx, ky, kx) of per-region PSFs")
+    g.add_argument("--psf-sigma", type=float, help="Gaussian PSF sigma in pixels (default 1.5)")
+    g.add_argument("--psf-sigma-corner", type=float, help="field-varying blur: the Gaussian sigma in the corners "
+                   "(it grows with the squared distance from the centre, where it is --psf-sigma)")
+    g.add_argument("--psf-regions", type=int, default=3, help="with --psf-sigma-corner: regions per axis (default 3)")
+    g.add_argument("--na", type=float, help="numerical aperture (widefield PSF model; needs --pixel-size)")
+    g.add_argument("--wavelength", type=float, default=520.0, help="emission wavelength in nm (widefield model)")
+    g.add_argument("--ri", type=float, default=1.515, help="immersion refractive index (widefield model)")
+    g.add_argument("--pixel-size", type=float, default=None, help="pixel size in um (default: the movie's)")
+    g.add_argument("--teacher", choices=("wb", "rl"), default="wb", help="the classical teacher (default wb)")
+    g.add_argument("--teacher-iterations", type=int, default=None, help="its iterations (default 2 for wb, 3 for rl)")
+    g.add_argument("--restore-window", type=int, default=5,
+                   help="with --task restore: frames averaged for the teacher (the scene must be still over them)")
     _add_curve_options(p)
 
     p = sub.add_parser("compile", help="build a TensorRT engine for a model ahead of time (NVIDIA GPU)")
@@ -482,6 +502,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         return 2
     if decompose:
         return _fit_decompose(args)
+    if args.task in ("deconvolve", "restore"):
+        return _fit_deconvolution(args)
     import numpy as np
 
     from ..engines import fit as fitting
@@ -537,6 +559,53 @@ def _fit_decompose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit_deconvolution(args: argparse.Namespace) -> int:
+    """A network taught by the classical engine (WB-RL) with the given PSF, fitted on the movie's
+    planes; z-stacks give one time-lapse per plane (the network is 2-D, applied plane by plane)."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from ..engines import modelfile
+    from ..engines.netdeconv import fit_deconvolution, psf_from_options
+    from .sources import read_movie
+
+    data, axes, info = read_movie(args.input)
+    arr = np.asarray(data[: args.frames], dtype=np.float32)
+    if "c" in axes:  # the first channel
+        arr = np.take(arr, 0, axis=axes.index("c"))
+    arr = arr.reshape(arr.shape[0], -1, *arr.shape[-2:])  # (t, planes, y, x)
+    stacks = [arr[:, z] for z in range(arr.shape[1])]  # one time-lapse per plane
+    psf, what = psf_from_options(
+        arr.shape[-2:], psf=args.psf, psf_sigma=args.psf_sigma, psf_sigma_corner=args.psf_sigma_corner,
+        regions=args.psf_regions, na=args.na, wavelength_nm=args.wavelength, refractive_index=args.ri,
+        pixel_size_um=args.pixel_size or info.get("pixel_size_um"))
+    teacher: dict[str, Any] = {"method": args.teacher}
+    if args.teacher_iterations is not None:
+        teacher["iterations"] = args.teacher_iterations
+    elif args.teacher == "rl":
+        teacher["iterations"] = 3  # early-stopped RL measured best at low photon counts (docs)
+    base = modelfile.load(args.from_model) if args.from_model else None
+    with tqdm(total=args.steps, desc=f"fitting ({args.task}, teacher {args.teacher})", unit="step") as bar:
+        def progress(step: int, loss: float) -> None:
+            bar.n = step + 1
+            bar.set_postfix(loss=f"{loss:.4g}", refresh=step % 10 == 0)
+
+        result = fit_deconvolution(stacks if len(stacks) > 1 else stacks[0], psf=psf, teacher_params=teacher,
+                                   task=args.task, steps=args.steps, time_budget_s=args.seconds, model=base,
+                                   restore_window=args.restore_window, callback=progress,
+                                   description=f"livescope fit --task {args.task} {args.input}; PSF: {what}")
+    out = result.model.save(args.out)
+    losses = result.losses
+    curve = Path(str(out) + ".loss.csv")
+    curve.write_text("step,loss\n" + "".join(f"{i},{v:.6g}\n" for i, v in enumerate(losses)))
+    use = (f"--engines restore --param restore.model={out}" if args.task == "restore"
+           else f"--param deconvolve.method=net --param deconvolve.model={out}")
+    print(f"model written to {out} ({len(losses)} steps in {result.seconds:.0f} s; loss {losses[0]:.4g} -> "
+          f"{min(losses[-20:]):.4g}; PSF: {what}; consistency threshold "
+          f"{result.model.metadata['consistency']['threshold']:.3g}; curve in {curve}); use it with {use}")
+    return 0
+
+
 def _fit_live(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -544,7 +613,9 @@ def _fit_live(args: argparse.Namespace) -> int:
 
     client = ControlClient(args.control, timeout_s=5.0, curve=_client_curve(args))
     try:
-        reply = client.request("fit", engine="denoise", frames=args.frames, steps=args.steps, seconds=args.seconds)
+        engine = args.engine or args.task
+        reply = client.request("fit", engine=engine, task=args.task, frames=args.frames, steps=args.steps,
+                               seconds=args.seconds)
         if not reply.get("ok"):
             print(f"livescope fit --live: {reply.get('error')}", file=sys.stderr)
             return 2

@@ -213,11 +213,18 @@ class _Chain:
 class _FitJob:
     """Self-supervised fitting on the live stream: collect the next N raw frames of the first
     (position, channel, z) that arrives, fit on a thread while the stream goes on, save the model
-    in the output folder, and swap it into every running chain between two frames."""
+    in the output folder, and swap it into every running chain between two frames.
 
-    def __init__(self, pipeline: Pipeline, engine: str, frames: int, steps: int, seconds: float) -> None:
+    ``task`` "denoise" fits the denoiser; "deconvolve" / "restore" fit the learned deconvolution
+    (``engines.netdeconv``) with the running engine's PSF and classical settings as the teacher:
+    those of its current model (``restore``, ``deconvolve --method net``), or of the classical
+    ``deconvolve`` engine itself, which is then switched to ``method=net`` with the new model."""
+
+    def __init__(self, pipeline: Pipeline, engine: str, frames: int, steps: int, seconds: float,
+                 task: str = "denoise") -> None:
         self.pipeline = pipeline
         self.engine = engine
+        self.task = task
         self.n = frames
         self.steps = steps
         self.seconds = seconds
@@ -246,31 +253,34 @@ class _FitJob:
             self.state = "fitting"
             threading.Thread(target=self._fit, name="livescope-fit", daemon=True).start()
 
+    def _progress(self, step: int, loss: float) -> None:
+        with self.lock:
+            self.step = step + 1
+            self.losses.append(float(loss))
+
     def _fit(self) -> None:
         try:
-            from ..engines import fit as fitting
             from ..engines import modelfile
-
-            current = self.pipeline.engine_states[self.engine].params.get("model")
-            base_model = modelfile.load(current)
-
-            def progress(step: int, loss: float) -> None:
-                with self.lock:
-                    self.step = step + 1
-                    self.losses.append(float(loss))
 
             stack = np.stack(self.frames)
             spec = next(iter(self.pipeline._segments.values())).spec_base if self.pipeline._segments else {}
-            result = fitting.fit(stack, model=base_model, steps=self.steps, time_budget_s=self.seconds,
-                                 offset=spec.get("camera_offset"), gain=spec.get("camera_gain"), progress=False,
-                                 callback=progress, description=f"fitted live on {len(self.frames)} frames")
+            description = f"fitted live on {len(self.frames)} frames"
+            if self.task == "denoise":
+                from ..engines import fit as fitting
+
+                base_model = modelfile.load(self.pipeline.engine_states[self.engine].params.get("model"))
+                result = fitting.fit(stack, model=base_model, steps=self.steps, time_budget_s=self.seconds,
+                                     offset=spec.get("camera_offset"), gain=spec.get("camera_gain"), progress=False,
+                                     callback=self._progress, description=description)
+            else:
+                result = self._fit_deconvolution(stack, spec, description)
             folder = (self.pipeline.cfg.out / "models") if self.pipeline.cfg.out else None
             if folder is None:
                 import tempfile
 
                 folder = __import__("pathlib").Path(tempfile.mkdtemp(prefix="livescope-fit-"))
             folder.mkdir(parents=True, exist_ok=True)
-            path = folder / time.strftime("denoise-fit-%Y%m%d-%H%M%S.lsm")
+            path = folder / time.strftime(f"{self.task}-fit-%Y%m%d-%H%M%S.lsm")
             result.model.save(path)
             self.state = "swapping"
             self.pipeline._swap_all(self.engine, str(path))
@@ -283,11 +293,41 @@ class _FitJob:
             self.error = f"{type(exc).__name__}: {exc}"
             log.exception("live fitting failed")
 
+    def _fit_deconvolution(self, stack: np.ndarray, spec: dict[str, Any], description: str) -> Any:
+        from ..engines import modelfile
+        from ..engines.netdeconv import fit_deconvolution
+
+        params = self.pipeline.engine_states[self.engine].params
+        base_model = None
+        if params.get("model") and (self.engine == "restore" or params.get("method") == "net"):
+            # refit from the running model: its PSF(s) and teacher, its weights as the start
+            base_model = modelfile.load(params["model"])
+            psf = np.asarray(base_model.metadata["psf"]["kernels"], dtype=np.float64)
+            teacher = dict(base_model.metadata.get("teacher") or {})
+        else:  # the classical engine: its PSF as it prepares it for this stream, its settings
+            seg = next(iter(self.pipeline._segments.values()))
+            engine = create_engine(self.engine, **params)
+            engine.setup(StreamSpec(shape=tuple(stack.shape[1:]), **seg.spec_base))
+            # TODO(lead): a public Deconvolve.kernel would spare reading the private attribute
+            psf = getattr(engine, "_kernel", None)
+            if psf is None or np.ndim(psf) != 2:
+                raise RuntimeError(f"engine {self.engine} has no 2-D PSF to teach with (volume deconvolution?); "
+                                   "fit a model on planes from a file with livescope fit --task deconvolve and "
+                                   "swap it in")
+            teacher = {"method": engine.method, "iterations": engine.n_iterations, "alpha": engine.alpha,
+                       "beta": engine.beta, "order": engine.order}
+        if base_model is not None and base_model.metadata.get("field_shape") not in (None, list(stack.shape[1:])):
+            base_model = None  # fitted on another field: its field coordinates do not carry over
+        return fit_deconvolution(stack, psf=psf, teacher_params=teacher, task=self.task, model=base_model,
+                                 steps=self.steps, time_budget_s=self.seconds, offset=spec.get("camera_offset"),
+                                 gain=spec.get("camera_gain"), callback=self._progress, description=description)
+
     def status(self) -> dict[str, Any]:
         with self.lock:
             losses = list(self.losses)
         stride = max(1, len(losses) // 100)
-        return {"state": self.state, "engine": self.engine, "collected": len(self.frames), "frames": self.n,
+        return {"state": self.state, "engine": self.engine, "task": self.task, "collected": len(self.frames),
+                "frames": self.n,
                 "step": self.step, "steps": self.steps, "loss_curve": losses[::stride], "model": self.path,
                 "error": self.error, "elapsed_s": round(time.time() - self.started, 1)}
 
@@ -815,21 +855,41 @@ class Pipeline:
             return {"ok": False, "error": f"engine {name!r} is not running in this daemon"}
         if self._fit_job is not None and self._fit_job.state in ("collecting", "fitting"):
             return {"ok": False, "error": "a fit is already running; see status.fit"}
+        # the task follows the engine; "restore" on the deconvolve engine (or the reverse) is allowed
+        tasks = {"denoise": ("denoise",), "deconvolve": ("deconvolve", "restore"), "restore": ("restore", "deconvolve")}
+        if name not in tasks:
+            return {"ok": False, "error": f"engine {name!r} cannot be fitted live; these can: {', '.join(tasks)}"}
+        task = request.get("task") or tasks[name][0]
+        if task not in tasks[name]:
+            return {"ok": False, "error": f"engine {name!r} cannot run a model fitted for {task!r}; "
+                                          f"it takes: {', '.join(tasks[name])}"}
+        if name == "deconvolve" and state.params.get("method", "wb") not in ("wb", "rl", "net"):
+            return {"ok": False, "error": "deconvolve runs an unknown method"}
         frames = int(request.get("frames", 32))
         steps = int(request.get("steps", 200))
         seconds = float(request.get("seconds", 120.0))
         if not (2 <= frames <= 1000 and 1 <= steps <= 100000 and 0 < seconds <= 36000):
             return {"ok": False, "error": "fit needs 2 <= frames <= 1000, 1 <= steps <= 100000, 0 < seconds <= 36000"}
-        self._fit_job = _FitJob(self, name, frames, steps, seconds)
+        self._fit_job = _FitJob(self, name, frames, steps, seconds, task=str(task))
         return {"ok": True, "fit": self._fit_job.status()}
 
     def _swap_all(self, name: str, path: str) -> None:
         with self._chain_lock:  # between frames
+            state = self.engine_states[name]
             for chain in self._chains.values():
                 eng = chain.engines.get(name)
-                if eng is not None:
-                    eng.swap_model(path)
-            self.engine_states[name].params["model"] = path
+                if eng is None:
+                    continue
+                swap = getattr(eng, "swap_model", None)
+                if swap is not None:
+                    swap(path)
+                else:  # the deconvolve engine: the model is a parameter; a classical run switches to it
+                    eng.set_param("model", path)
+                    if getattr(eng, "method", "net") != "net":
+                        eng.set_param("method", "net")
+            state.params["model"] = path
+            if name == "deconvolve":
+                state.params["method"] = "net"
         if self.store is not None:
             self.store.update_provenance(engines={n: dict(s.params) for n, s in self.engine_states.items()})
 

@@ -23,6 +23,8 @@ binned, standardised residual (:func:`consistency_score`) is ~1 for a frame the 
 explains and grows when the output does not account for the data. The threshold is measured at
 fit time on the training frames and stored in the model file.
 
+z-stacks (``volume=True``) are restored plane by plane with the 2-D network.
+
 torch is imported only for fitting; the engines run on onnxruntime without it.
 """
 
@@ -52,6 +54,8 @@ __all__ = [
     "Restore",
     "consistency_score",
     "fit_deconvolution",
+    "psf_from_options",
+    "radial_psf_grid",
     "teacher_targets",
 ]
 
@@ -148,6 +152,64 @@ class PSFField:
 
     def as_metadata(self) -> dict[str, Any]:
         return {"grid": list(self.grid), "kernels": np.round(self.kernels, 8).tolist()}
+
+
+def radial_psf_grid(shape: Sequence[int], sigma_centre: float, sigma_corner: float, regions: int = 3) -> np.ndarray:
+    """(regions, regions, k, k) Gaussian PSFs for a blur whose sigma grows with the squared
+    distance from the field centre (``sigma_centre``) to the corners (``sigma_corner``), each
+    the PSF at its region's centre (what a bead there would show). The simulated microscope's
+    ``psf_sigma_corner`` follows the same law."""
+    from .psf import gaussian_psf
+
+    h, w = int(shape[0]), int(shape[1])
+    cy = (np.arange(regions) + 0.5) * h / regions - 0.5
+    cx = (np.arange(regions) + 0.5) * w / regions - 0.5
+    oy, ox = (h - 1) / 2, (w - 1) / 2
+
+    def sigma(y: float, x: float) -> float:
+        return sigma_centre + (sigma_corner - sigma_centre) * ((y - oy) ** 2 + (x - ox) ** 2) / (oy**2 + ox**2)
+
+    ks = [[gaussian_psf(sigma(y, x)) for x in cx] for y in cy]
+    size = max(k.shape[0] for row in ks for k in row)
+    return np.array([[_pad_to(k, (size, size)) for k in row] for row in ks])
+
+
+def psf_from_options(shape: Sequence[int], *, psf: str | Path | None = None, psf_sigma: float | None = None,
+                     psf_sigma_corner: float | None = None, regions: int = 3, na: float | None = None,
+                     wavelength_nm: float = 520.0, refractive_index: float = 1.515,
+                     pixel_size_um: float | None = None, psf_2d: str = "plane") -> tuple[np.ndarray, str]:
+    """The teacher's PSF(s) from the options the ``deconvolve`` engine takes, and what it is.
+
+    ``psf``: a TIFF of a bead (2-D, or 3-D reduced with ``psf_2d``; cleaned as the engine does) or
+    a ``.npy`` holding one PSF or a grid (ny, nx, ky, kx); else the widefield model with ``na``
+    (needs ``pixel_size_um``); else a Gaussian of ``psf_sigma`` px (1.5), growing to
+    ``psf_sigma_corner`` in the corners on a ``regions`` x ``regions`` grid when that is given.
+    """
+    from .psf import clean_psf, crop_psf, gaussian_psf, load_psf, psf_to_2d, widefield_psf
+
+    if psf is not None:
+        path = Path(psf)
+        if path.suffix.lower() == ".npy":
+            if not path.is_file():
+                raise EngineError(f"PSF file {str(path)!r} does not exist")
+            a = np.load(path)
+            if a.ndim == 4:
+                return PSFField.of(a).kernels, f"PSF grid {a.shape[:2]} from {path}"
+        else:
+            a = load_psf(path)
+        kernel = crop_psf(psf_to_2d(clean_psf(a, where=str(path)), psf_2d))
+        return kernel, f"measured PSF {path}"
+    if na is not None:
+        if pixel_size_um is None:
+            raise EngineError("the widefield PSF model (--na) needs the pixel size: the movie does not say "
+                              "it; give --pixel-size, or use --psf-sigma")
+        kernel = crop_psf(widefield_psf(na, wavelength_nm, refractive_index, pixel_size_um))
+        return kernel, f"widefield model NA {na}, {wavelength_nm} nm, n {refractive_index}, pixel {pixel_size_um} um"
+    sigma = 1.5 if psf_sigma is None else float(psf_sigma)
+    if psf_sigma_corner is not None:
+        grid = radial_psf_grid(shape, sigma, float(psf_sigma_corner), int(regions))
+        return grid, f"gaussian sigma {sigma} px (centre) to {psf_sigma_corner} px (corners), {regions}x{regions} regions"
+    return gaussian_psf(sigma), f"gaussian sigma {sigma} px"
 
 
 # --------------------------------------------------------------------------- teacher
@@ -484,13 +546,14 @@ class NetDeconvolver:
         return float(c["threshold"]) if c else None
 
 
-_PARAMS = ("model", "backend", "tile", "overlap", "offset", "gain", "threads", "check", "threshold")
+_PARAMS = ("model", "backend", "tile", "overlap", "offset", "gain", "threads", "check", "threshold", "volume")
 
 
 @register_engine("restore")
 class Restore:
     """Denoise and deconvolve in one network pass (a model fitted with ``task='restore'``;
-    a ``deconvolve`` model runs too).
+    a ``deconvolve`` model runs too). With ``volume=True`` it takes z-stacks and restores them
+    plane by plane (the network is 2-D).
 
     Outputs ``restored`` (offset-free, camera units like the ``deconvolve`` engine's output) and
     the per-frame ``consistency`` score (NaN with ``check=False``); a frame scoring above
@@ -504,7 +567,8 @@ class Restore:
 
     def __init__(self, model: str | Path | None = None, backend: str = "auto", tile: int = 512,
                  overlap: int = 48, offset: float | None = None, gain: float | None = None,
-                 threads: int | None = None, check: bool = True, threshold: float | None = None) -> None:
+                 threads: int | None = None, check: bool = True, threshold: float | None = None,
+                 volume: bool = False) -> None:
         if model in (None, "", "default"):
             raise EngineError(f"{self.name} needs model=PATH of a model fitted with "
                               "livescope.engines.netdeconv.fit_deconvolution (no default model is shipped)")
@@ -518,6 +582,7 @@ class Restore:
         self.threads = None if threads is None else int(threads)
         self.check = _as_bool(check)
         self.threshold = None if threshold is None else float(threshold)
+        self.volume = _as_bool(volume)
         self.spec: StreamSpec | None = None
         self._net: NetDeconvolver | None = None
         self._offset_used: float | None = None
@@ -528,6 +593,10 @@ class Restore:
         self._offset_used = None
         self._net = self._open(self.model)
 
+    @property
+    def needs_volume(self) -> bool:
+        return self.volume
+
     def process(self, frame: Any, info: FrameInfo) -> dict[str, Any]:
         if self._net is None:
             self.setup(StreamSpec(shape=tuple(np.shape(frame))))
@@ -536,17 +605,25 @@ class Restore:
         raw = np.asarray(to_numpy(frame), dtype=np.float32)
         data = np.maximum(raw - np.float32(self._camera_offset(raw)), 0)
         gain = self.gain if self.gain is not None else (self.spec.camera_gain if self.spec else None)
-        out, score = net.restore(data, gain=gain, check=self.check)
-        result: dict[str, Any] = {self._output: out}
-        events: list[dict[str, Any]] = []
         thr = self.threshold if self.threshold is not None else net.threshold
-        if score is not None and thr is not None and score > thr:
-            events.append({"kind": "consistency", "engine": self.name, "seq": info.seq, "score": score,
-                           "threshold": thr, "model_hash": net.model.hash,
-                           "message": "the network's output, re-blurred with the PSF, does not explain this "
-                                      "frame: it may differ from the frames the model was fitted on"})
-        if self._output == "restored":
-            result["consistency"] = float("nan") if score is None else score
+        # a z-stack (volume=True) is restored plane by plane with the 2-D network: the model
+        # was fitted on planes, and the in-focus PSF is what it learned to undo
+        planes = data[None] if data.ndim == 2 else data
+        outs, scores = [], []
+        events: list[dict[str, Any]] = []
+        for z, plane in enumerate(planes):
+            out, score = net.restore(plane, gain=gain, check=self.check)
+            outs.append(out)
+            scores.append(score)
+            if score is not None and thr is not None and score > thr:
+                events.append({"kind": "consistency", "engine": self.name, "seq": info.seq, "score": score,
+                               "threshold": thr, "model_hash": net.model.hash,
+                               **({"z": z} if data.ndim == 3 else {}),
+                               "message": "the network's output, re-blurred with the PSF, does not explain this "
+                                          "frame: it may differ from the frames the model was fitted on"})
+        result: dict[str, Any] = {self._output: outs[0] if data.ndim == 2 else np.stack(outs)}
+        if self._output == "restored":  # a stack scores as its worst plane
+            result["consistency"] = float("nan") if scores[0] is None else float(max(scores))  # type: ignore[type-var]
         if events:
             result["events"] = events
         return result
@@ -557,8 +634,8 @@ class Restore:
         if name == "model":
             self.swap_model(value)
             return
-        if name == "check":
-            self.check = _as_bool(value)
+        if name in ("check", "volume"):
+            setattr(self, name, _as_bool(value))
         elif name in ("offset", "gain", "threshold"):
             setattr(self, name, None if value in (None, "", "none", "None") else float(value))
             self._offset_used = None
@@ -585,7 +662,7 @@ class Restore:
             "psf_grid": list(net.field.grid) if net else None,
             "backend": self.backend, "backend_running": net.runner.name if net else None,
             "tile": self.tile, "overlap": self.overlap, "offset": self.offset, "offset_used": self._offset_used,
-            "gain": self.gain, "check": self.check,
+            "gain": self.gain, "check": self.check, "volume": self.volume,
             "threshold": self.threshold if self.threshold is not None else (net.threshold if net else None),
         }
 

@@ -52,3 +52,37 @@ def test_stage_compensates_drift():
     ref = s.clean(0)
     assert np.abs(back - ref).mean() < 0.1 * np.abs(drifted - ref).mean()
     assert cfg.test_psf_sigma != cfg.psf_sigma  # engines' tests get a mismatched PSF
+
+
+def _spot_sigma(img: np.ndarray, y: int, x: int, r: int = 10) -> float:
+    """rms width (px, per axis) of a spot centred at (y, x)."""
+    win = img[y - r:y + r + 1, x - r:x + r + 1].astype(float)
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    return float(np.sqrt((win * (yy**2 + xx**2)).sum() / win.sum() / 2))
+
+
+def test_field_varying_psf_grows_towards_the_corners():
+    shape = (97, 97)
+    plain = SimSample(SimConfig(shape=shape, seed=4, n_slow=0, n_fast=0))
+    varying = SimSample(SimConfig(shape=shape, seed=4, n_slow=0, n_fast=0, psf_sigma=1.2, psf_sigma_corner=3.0))
+    sig = varying.psf_sigma_map()
+    assert sig[48, 48] == 1.2 and sig[0, 0] == sig[-1, -1] == 3.0
+    assert 1.2 < sig[48, 20] < sig[20, 20] < 3.0
+    assert np.allclose(plain.psf_sigma_map(), 1.6) and np.allclose(varying.psf_sigma_map(1.0)[48, 48], np.hypot(1.2, 2.0))
+    # beads at the centre and near a corner: each shows the sigma of its place
+    beads = np.zeros(shape, np.float32)
+    for y, x in ((48, 48), (12, 12), (12, 84)):
+        beads[y, x] = 1000.0
+    img = varying.blur(beads)
+    assert abs(_spot_sigma(img, 48, 48) - 1.2) < 0.05
+    for y, x in ((12, 12), (12, 84)):
+        assert abs(_spot_sigma(img, y, x) - sig[y, x]) < 0.1, (_spot_sigma(img, y, x), sig[y, x])
+    np.testing.assert_allclose(img.sum(), beads.sum(), rtol=1e-2)  # flux is kept (to 0.4 %: sigma is per output pixel)
+    # off by default: one Gaussian, the frames of before
+    from scipy import ndimage
+
+    np.testing.assert_allclose(plain.blur(beads), ndimage.gaussian_filter(beads, 1.6, mode="reflect"))
+    # the truth is the scene before the optics, as for a single PSF; the rendered frame follows the blur
+    assert set(varying.components(0)) == {"background", "slow", "fast"}
+    np.testing.assert_allclose(varying.clean(0), varying.blur(varying.components(0)["background"]) / 2.0, rtol=1e-5)
+    assert np.abs(varying.clean(0) - plain.clean(0)).max() > 1.0

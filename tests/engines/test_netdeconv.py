@@ -28,6 +28,10 @@ FIELD = 96  # px, square field of view
 S0, S1 = 1.0, 3.0  # blur sigma at the centre and in the corners (px)
 OFFSET = 100.0
 PEAK = 200.0  # photons at the object's brightest
+# the teacher: per-region RL stopped at 3 iterations. At 200 photons early-stopped RL regularises
+# the noise far better than WB 2 it. (per-region: 30.4 vs 25.0 dB against the object on the
+# held-back frames); its cost is paid once at fit time, not per frame
+TEACHER = {"method": "rl", "iterations": 3}
 
 
 def sigma_map(shape: tuple[int, int]) -> np.ndarray:
@@ -93,7 +97,7 @@ def trained(tmp_path_factory):
     held, held_obj = acquire(load_object("085_1"), rng, 6)
     grid = psf_grid((FIELD, FIELD))
     t0 = time.perf_counter()
-    res = N.fit_deconvolution(train, psf=grid, steps=300, offset=OFFSET, base=8, depth=2,
+    res = N.fit_deconvolution(train, psf=grid, teacher_params=TEACHER, steps=300, offset=OFFSET, base=8, depth=2,
                               patch=32, batch=8, lr=3e-3, threads=2)
     fit_s = time.perf_counter() - t0
     path = res.model.save(tmp_path_factory.mktemp("netdeconv") / "deconv.lsm")
@@ -132,7 +136,7 @@ def test_restore_targets_deconvolve_the_temporal_mean() -> None:
 
 def test_net_reproduces_teacher_on_held_back_frames(trained) -> None:
     field = N.PSFField.of(trained["grid"])
-    teacher = N._teacher_params(None)
+    teacher = N._teacher_params(TEACHER)
     net = N.NetDeconvolver(trained["model"], backend="onnxruntime", tile=0)
     net_err, raw_err = [], []
     for raw in trained["held"]:
@@ -140,27 +144,29 @@ def test_net_reproduces_teacher_on_held_back_frames(trained) -> None:
         target = N.teacher_deconvolve(d, field, teacher)
         net_err.append(psnr(net.restore(d, check=False)[0], target))
         raw_err.append(psnr(d, target))
-    # measured: net 28.4 dB against the teacher, the raw frame 24.9 dB (held-back image)
+    # measured: the net against its teacher vs the raw frame against it (held-back image)
     assert np.mean(net_err) > np.mean(raw_err) + 1.0, (net_err, raw_err)
     assert np.mean(trained["losses"][-20:]) < 0.7 * np.mean(trained["losses"][:20])
 
 
 def _quality(trained) -> dict[str, float]:
     field = N.PSFField.of(trained["grid"])
-    teacher = N._teacher_params(None)
     net = N.NetDeconvolver(trained["model"], backend="onnxruntime", tile=0)
-    res: dict[str, list[float]] = {"net": [], "centre": [], "best_single": [], "regional": []}
     singles = {s: N.PSFField.of(gaussian_psf(s)) for s in (1.0, 1.5, 2.0, 2.5, 3.0)}
-    per_sigma: dict[float, list[float]] = {s: [] for s in singles}
+    classical = {"wb2": {"iterations": 2}, "wb1": {"iterations": 1}, "rl3": {"method": "rl", "iterations": 3}}
+    res: dict[str, list[float]] = {"net": [], "teacher": [], "regional_wb2": []}
+    per: dict[tuple[str, float], list[float]] = {(c, s): [] for c in classical for s in singles}
     for raw, obj in zip(trained["held"], trained["held_obj"]):
         d = offset_free(raw)
         res["net"].append(psnr(net.restore(d, check=False)[0], obj))
-        res["regional"].append(psnr(N.teacher_deconvolve(d, field, teacher), obj))
-        for s, f in singles.items():
-            per_sigma[s].append(psnr(N.teacher_deconvolve(d, f, teacher), obj))
-    out = {k: float(np.mean(v)) for k, v in res.items() if v}
-    out["centre"] = float(np.mean(per_sigma[S0]))
-    out["best_single"] = max(float(np.mean(v)) for v in per_sigma.values())
+        res["teacher"].append(psnr(N.teacher_deconvolve(d, field, N._teacher_params(TEACHER)), obj))
+        res["regional_wb2"].append(psnr(N.teacher_deconvolve(d, field, N._teacher_params(None)), obj))
+        for (c, s), v in per.items():
+            v.append(psnr(N.teacher_deconvolve(d, singles[s], N._teacher_params(classical[c])), obj))
+    out = {k: float(np.mean(v)) for k, v in res.items()}
+    out["centre"] = float(np.mean(per[("wb2", S0)]))
+    for c in classical:  # the best single PSF, tuned against the object (which a user cannot do)
+        out[f"best_single_{c}"] = max(float(np.mean(v)) for (cc, _), v in per.items() if cc == c)
     return out
 
 
@@ -174,12 +180,19 @@ def test_net_beats_centre_psf_wb_on_field_varying_blur(quality) -> None:
     assert quality["net"] >= quality["centre"] + 1.0, quality
 
 
-@pytest.mark.xfail(strict=True, reason="measured: after 300 steps (~20 s) the net is 1.0 dB BELOW WB-RL with "
-                   "the best single PSF (26.02 vs 26.97 dB, sigma 2.5 tuned against the object); a too large "
-                   "PSF regularises the noise and beats the per-region teacher (25.03) too "
-                   "(docs/learned_deconvolution.md)")
 def test_net_beats_best_single_psf_wb_by_1db(quality) -> None:
-    assert quality["net"] >= quality["best_single"] + 1.0, quality
+    """The issue's goal: against WB-RL as the deconvolve engine runs it (2 iterations) with the
+    single PSF that does best against the known object. Measured: net 28.57, best single-PSF
+    WB 2 it. 26.97 (sigma 3), i.e. +1.6 dB; the per-region WB 2 it. 25.0."""
+    assert quality["net"] >= quality["best_single_wb2"] + 1.0, quality
+
+
+@pytest.mark.xfail(strict=True, reason="measured: net 28.57 dB vs single-PSF WB 1 it. 28.40 and single-PSF "
+                   "RL stopped at 3 it. 31.24 (sigma 2.5, tuned against the object): at 200 photons "
+                   "regularising the noise matters more than the field-varying blur, and the net (300 "
+                   "steps) is still 1.9 dB below its teacher (docs/learned_deconvolution.md)")
+def test_net_beats_every_single_psf_classical_setting(quality) -> None:
+    assert quality["net"] >= max(quality["best_single_wb1"], quality["best_single_rl3"]) + 1.0, quality
 
 
 def test_onnx_matches_torch(trained) -> None:
@@ -232,3 +245,29 @@ def test_old_model_files_still_load_as_denoisers() -> None:
     assert model.task == "denoise"
     with pytest.raises(Exception, match="not deconvolution"):
         N.NetDeconvolver(model)
+
+
+def test_z_stacks_are_restored_plane_by_plane(trained) -> None:
+    """volume=True: a (z, y, x) stack in, each plane through the 2-D network, the stack's
+    consistency is its worst plane's and an event names the plane."""
+    eng = create_engine("restore", model=str(trained["path"]), backend="onnxruntime", tile=0, volume=True)
+    assert eng.needs_volume
+    eng.setup(StreamSpec(shape=(3, FIELD, FIELD), camera_offset=OFFSET))
+    rng = np.random.default_rng(6)
+    beads = np.full((FIELD, FIELD), 2.0)
+    pts = rng.integers(5, FIELD - 5, (25, 2))
+    beads[pts[:, 0], pts[:, 1]] = 3000.0
+    bead_plane = rng.poisson(field_blur(beads)) + rng.normal(0, 2.0, beads.shape) + OFFSET
+    stack = np.stack([trained["held"][0], trained["held"][1], bead_plane]).astype(np.uint16)
+    out = eng.process(stack, FrameInfo(seq=7))
+    net = N.NetDeconvolver(trained["path"], backend="onnxruntime", tile=0)
+    planes = [net.restore(offset_free(p.astype(np.float32))) for p in stack]
+    assert out["restored"].shape == (3, FIELD, FIELD)
+    for z, (img, score) in enumerate(planes):
+        np.testing.assert_allclose(out["restored"][z], img, rtol=1e-4, atol=1e-3)
+    assert out["consistency"] == pytest.approx(max(s for _, s in planes))
+    assert [e["z"] for e in out["events"]] == [2]
+    dec = create_engine("deconvolve", method="net", model=str(trained["path"]), volume=True)
+    assert dec.needs_volume
+    dec.setup(StreamSpec(shape=(3, FIELD, FIELD), camera_offset=OFFSET))
+    np.testing.assert_allclose(dec.process(stack, FrameInfo(seq=8))["deconvolved"], out["restored"], rtol=1e-4, atol=1e-3)
