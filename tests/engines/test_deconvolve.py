@@ -94,8 +94,11 @@ def test_wb_in_two_iterations_comes_close_to_matched_rl_at_its_best(known) -> No
     data = noisy(blurred)
     rl = {i: rel_error(run(data, AIRY, i, "rl"), obj) for i in (2, 4, 5, 10, 15, 20, 30, 40)}
     wb = min(rel_error(run(data, AIRY, i, "wb"), obj) for i in (1, 2))
-    # on this sparse synthetic scene WB stays ~14 % above RL's best (on the real image of the
-    # benchmark it matches it); it beats RL given the same number of FFTs by far
+    # on this sparse scene WB stays 13.6 % above RL's best (0.242 vs 0.213 at 20 iterations): the
+    # gap lies near and past the OTF's support, which RL's many non-negative steps extrapolate
+    # and no linear back projector can; no alpha / order / beta / cutoff closes it (best 1.09x,
+    # bench_deconvolve.py --part 4). On the benchmark's dense real image WB 1 iteration is
+    # within 0.7 dB of RL's best. Given the same number of FFTs WB beats RL by far.
     assert wb <= 1.2 * min(rl.values()), (wb, rl)
     assert wb < 0.85 * rl[4], (wb, rl)
 
@@ -118,15 +121,15 @@ def test_wb_defaults_follow_the_psf() -> None:
     assert abs(bp[0, -1]) < 1e-3 * abs(bp[0, i]) + 1e-6  # rolled off past the cutoff
 
 
-def test_tiled_equals_untiled_within_1e3() -> None:
-    obj = scene(n=300, seed=4)
+def test_tiled_equals_untiled() -> None:
+    obj = scene(n=400, seed=4)
     data = noisy(blur(obj, AIRY), seed=5)
     for method, its in (("wb", 2), ("rl", 4)):
         wb = D.wb_parameters(AIRY)
         fp = D._footprint(AIRY, method, wb)
         full_plans: dict = {}
         full = run(data, AIRY, its, method, wb=wb, footprint=fp, plans=full_plans)
-        domain = D.fast_shape([n + 2 * f for n, f in zip(data.shape, fp)])
+        domain = D.padded_shape(data.shape, D.edge_pad(AIRY, method, wb))
         budget_mb = 0.6 * np.prod(domain) * D.BYTES_PER_VOXEL / 2**20
         tile_plans: dict = {}
         tiled = run(data, AIRY, its, method, wb=wb, footprint=fp, plans=tile_plans, memory_budget_mb=budget_mb)
@@ -134,7 +137,44 @@ def test_tiled_equals_untiled_within_1e3() -> None:
         assert np.prod(window) < np.prod(domain)
         assert list(full_plans) == [domain]
         diff = np.abs(tiled - full).max() / np.abs(full).max()
-        assert diff < 1e-3, (method, diff)
+        assert diff < 1e-5, (method, diff)  # measured 6e-7: float32 rounding
+
+
+def textbook_rl(data: np.ndarray, plan: D.DeconvolutionPlan, iterations: int, level: float) -> np.ndarray:
+    """RL as written, in float64: flat start, forward and back projection every iteration."""
+    otf, bp = np.asarray(plan.otf, complex), np.asarray(plan.otf_bp, complex)
+    conv = lambda a, t: np.fft.irfft2(np.fft.rfft2(a) * t, s=a.shape)  # noqa: E731
+    est = np.full(data.shape, level)
+    for _ in range(iterations):
+        est = np.maximum(est * conv(data / np.maximum(conv(est, otf), D.TINY), bp), 0.0)
+    return est
+
+
+@pytest.mark.parametrize("method", ["wb", "rl"])
+def test_first_iteration_shortcut_matches_textbook_rl_from_any_flat_start(known, method: str) -> None:
+    # the engine skips the first forward projection (H maps a flat estimate onto itself)
+    _, blurred = known
+    data = noisy(blurred)[:, :90]
+    plan = D.make_plan(AIRY, data.shape, method)
+    for its in (1, 2, 3):
+        ours = np.asarray(D.richardson_lucy(data, plan, its), float)
+        for level in (float(data.mean()), 1.0, 1e3):
+            ref = textbook_rl(data.astype(float), plan, its, level)
+            np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5 * ref.max())
+
+
+def test_narrow_edge_pad_changes_little_against_the_full_footprint(known) -> None:
+    obj, blurred = known
+    data = noisy(blurred)
+    for method, its in (("wb", 2), ("rl", 20)):
+        wb = D.wb_parameters(AIRY)
+        fp = D._footprint(AIRY, method, wb)
+        pad = D.edge_pad(AIRY, method, wb)
+        assert all(p < f for p, f in zip(pad, fp))
+        narrow = run(data, AIRY, its, method, wb=wb, footprint=fp, pad=pad)
+        wide = run(data, AIRY, its, method, wb=wb, footprint=fp, pad=fp)
+        assert np.abs(narrow - wide).max() < 0.01 * wide.max(), method
+        assert rel_error(narrow, obj) == pytest.approx(rel_error(wide, obj), rel=2e-3)
 
 
 def test_tiles_that_cannot_fit_are_refused_clearly() -> None:
