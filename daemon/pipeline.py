@@ -308,8 +308,7 @@ class _FitJob:
             seg = next(iter(self.pipeline._segments.values()))
             engine = create_engine(self.engine, **params)
             engine.setup(StreamSpec(shape=tuple(stack.shape[1:]), **seg.spec_base))
-            # TODO(lead): a public Deconvolve.kernel would spare reading the private attribute
-            psf = getattr(engine, "_kernel", None)
+            psf = getattr(engine, "kernel", None)
             if psf is None or np.ndim(psf) != 2:
                 raise RuntimeError(f"engine {self.engine} has no 2-D PSF to teach with (volume deconvolution?); "
                                    "fit a model on planes from a file with livescope fit --task deconvolve and "
@@ -880,13 +879,7 @@ class Pipeline:
                 eng = chain.engines.get(name)
                 if eng is None:
                     continue
-                swap = getattr(eng, "swap_model", None)
-                if swap is not None:
-                    swap(path)
-                else:  # the deconvolve engine: the model is a parameter; a classical run switches to it
-                    eng.set_param("model", path)
-                    if getattr(eng, "method", "net") != "net":
-                        eng.set_param("method", "net")
+                eng.swap_model(path)  # a classical deconvolve run switches to method="net"
             state.params["model"] = path
             if name == "deconvolve":
                 state.params["method"] = "net"

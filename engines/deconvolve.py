@@ -717,6 +717,22 @@ class Deconvolve:
         if self.memory_budget_mb is not None and self.memory_budget_mb <= 0:
             raise EngineError("memory_budget_mb must be positive (or None for no tiling)")
 
+    @property
+    def kernel(self) -> np.ndarray | None:
+        """The PSF as used, at the frames' sampling (None before setup, and for method="net")."""
+        return self._kernel
+
+    def swap_model(self, path: str | Path) -> None:
+        """Open a fitted deconvolution model now and run it from the next frame on (a classical
+        run switches to method="net"). A bad file raises here and the running method stays."""
+        from .netdeconv import NetDeconvolve
+
+        net = NetDeconvolve(model=str(path), offset=self.offset)
+        if self.spec is not None:
+            net.setup(self.spec)
+        self.model, self.method, self._net = str(path), "net", net
+        log.info("deconvolve: model %s in use", path)
+
     def _open_net(self) -> Any:
         from .netdeconv import NetDeconvolve
 

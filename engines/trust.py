@@ -637,9 +637,9 @@ class Trust:
 
     def _inner_psf(self, raw: np.ndarray) -> tuple[np.ndarray, float]:
         inner = self.inner
-        psf = getattr(inner, "_kernel", None)
+        psf = getattr(inner, "kernel", None)
         if psf is None:
-            raise EngineError("trust: the deconvolve engine exposes no PSF (_kernel); cannot re-blur")
+            raise EngineError("trust: the deconvolve engine exposes no PSF (its kernel: method='net' has none); cannot re-blur")
         offset_fn = getattr(inner, "_camera_offset", None)
         offset = float(offset_fn(raw)) if offset_fn is not None else 0.0
         return np.asarray(psf), offset

@@ -323,3 +323,17 @@ def test_gpu_path_needs_cupy() -> None:
     gpu = create_engine("deconvolve", offset=0, device="gpu").process(frame, INFO)["deconvolved"]
     np.testing.assert_allclose(gpu, cpu, rtol=1e-3, atol=1e-3 * cpu.max())
     assert cupy is not None
+
+
+def test_kernel_is_public_and_a_bad_model_swap_keeps_the_running_method(tmp_path):
+    eng = create_engine("deconvolve", psf_sigma=1.5)
+    eng.setup(StreamSpec(shape=(32, 32)))
+    assert eng.kernel is not None and eng.kernel.ndim == 2
+    method = eng.method
+    bad = tmp_path / "bad.lsm"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(EngineError):
+        eng.swap_model(bad)
+    assert eng.method == method and eng.model is None
+    out = eng.process(np.full((32, 32), 10, np.uint16), FrameInfo(seq=0))
+    assert out["deconvolved"].shape == (32, 32)
