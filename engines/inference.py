@@ -123,6 +123,8 @@ class Normalisation:
                 read_var = fit_b + (fit_a - a) * float(np.median(first - off))
             else:
                 a, read_var = fit_a, fit_b
+                if not a > 1e-6:  # a nearly flat frame can fit a gain of ~1e-16: the transform's
+                    a = 0.0       # 2/gain then overflows float32; such noise is signal-independent
         norm = cls(offset=off, gain=a, read_var=read_var)
         y = norm._stabilise(x)
         lo, hi = np.percentile(y, list(percentiles))

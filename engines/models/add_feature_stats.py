@@ -10,8 +10,11 @@ computes them from the training frames, normalised the way ``fit`` normalised th
 on its own, offset unknown, gain fitted), and rewrites ``metadata.json`` only: ``model.onnx`` and
 ``weights.npz`` are copied byte for byte, so their sha256 (and the model hash) stay the same.
 
-The shipped model was fitted on ONE frame, W2S ``input_avg1_035_1`` (engines/models/
-train_default.py), read from ``../shared/data`` next to the repository (or --data).
+Which frames: ``--frames`` when given; else, for a model of the supervised recipe of
+engines/models/train_default.py (the shipped one), the crappified training frames that script
+draws (its ``feature_frames``, from the same clean images and seeds: sim frames and the
+cell-migration time-lapse from ``../shared/data`` next to the repository, or --data); else the
+W2S frame ``input_avg1_035_1`` that the earlier Noise2Void default was fitted on.
 """
 
 from __future__ import annotations
@@ -45,8 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=HERE / "denoise_default.lsm")
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
-    p.add_argument("--frames", type=Path, nargs="*", help="training frames (default: W2S input_avg1_035_1)")
+    p.add_argument("--frames", type=Path, nargs="*",
+                   help="training frames (default: the model's own training draws, see above)")
     p.add_argument("--description", default=None)
+    p.add_argument("--seed", type=int, default=0, help="supervised recipe: train_default.py's --seed")
+    p.add_argument("--sim-images", type=int, default=48, help="supervised recipe: train_default.py's --sim-images")
     args = p.parse_args(argv)
 
     import tifffile
@@ -55,13 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     from livescope.engines.inference import Normalisation
     from livescope.engines.trust import feature_statistics, normalised_features
 
+    model = modelfile.load(args.model)
+    if not args.frames and model.metadata.get("training", {}).get("method") == "supervised-crappify":
+        return _supervised(args, model)
     frames = args.frames or [args.data / "w2s_pairs" / "input_avg1_035_1.tif"]
     missing = [f for f in frames if not f.is_file()]
     if missing:
         print(f"training frames not found: {', '.join(map(str, missing))}; pass --data or --frames", file=sys.stderr)
         return 2
-    model = modelfile.load(args.model)
-    before = {k: hashlib.sha256(v).hexdigest() for k, v in _members(args.model).items()}
     cfg = model.metadata["normalisation"]
     feats = []
     for f in frames:
@@ -73,13 +80,38 @@ def main(argv: list[str] | None = None) -> int:
         for frame in stack[:: max(1, len(stack) // 8)][:8]:
             feats.append(normalised_features(frame, norm, shifts=True))
     desc = args.description or "; ".join(f.name for f in frames) + " (added by engines/models/add_feature_stats.py)"
+    return _write(args.model, model, feature_statistics(feats, description=desc))
+
+
+def _supervised(args: argparse.Namespace, model) -> int:
+    """The supervised recipe's statistics: the crappified frames train_default.py draws."""
+    import importlib.util
+
+    from livescope.engines.trust import feature_statistics, normalised_features
+
+    if not (args.data / "cancer_cell_migration_crop.tif").is_file():
+        print(f"training data not found at {args.data}; pass --data", file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location("train_default", HERE / "train_default.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    pool, _ = train.clean_pool(args.data, sim_images=args.sim_images, seed=args.seed)
+    feats = [normalised_features(f, n, shifts=True) for f, n in train.feature_frames(pool, seed=args.seed + 1)]
+    desc = args.description or "crappified training frames (engines/models/train_default.py feature_frames)"
+    return _write(args.model, model, feature_statistics(feats, description=desc))
+
+
+def _write(path: Path, model, stats: dict) -> int:
+    from livescope.engines import modelfile
+
+    before = {k: hashlib.sha256(v).hexdigest() for k, v in _members(path).items()}
     meta = dict(model.metadata)
-    meta["training_features"] = feature_statistics(feats, description=desc)
-    rewrite_metadata(args.model, meta)
-    after = {k: hashlib.sha256(v).hexdigest() for k, v in _members(args.model).items()}
-    reloaded = modelfile.load(args.model)
+    meta["training_features"] = stats
+    rewrite_metadata(path, meta)
+    after = {k: hashlib.sha256(v).hexdigest() for k, v in _members(path).items()}
+    reloaded = modelfile.load(path)
     assert before == after and reloaded.hash == model.hash, "member bytes changed"
-    print(json.dumps({"model": str(args.model), "hash": reloaded.hash, "members_unchanged": before == after,
+    print(json.dumps({"model": str(path), "hash": reloaded.hash, "members_unchanged": before == after,
                       "tiles": meta["training_features"]["tiles"],
                       "z_quantiles": meta["training_features"]["z_quantiles"]}, indent=1))
     return 0
