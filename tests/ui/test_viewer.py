@@ -526,7 +526,13 @@ def test_trust_map_tints_low_trust_regions_and_toggles(qtbot, viewer_factory, fr
         image_rect = panel.image.mapRectToScene(panel.image.boundingRect())
         assert (tint_rect.x(), tint_rect.y(), tint_rect.width(), tint_rect.height()) == pytest.approx(
             (image_rect.x(), image_rect.y(), image_rect.width(), image_rect.height()), abs=1e-6)
-        # the window's pixels: amber over the left half, the plain grey ramp on the right
+        # the window's pixels: amber over the left half, the plain grey ramp on the right. The view
+        # ranges itself on the event loop: wait until the image lies inside the window
+        def laid_out():
+            x0, y0, x1, y1 = v.dump(tmp_path / "dump")["panels"]["denoised"]["image_rect"]
+            return 0 <= x0 < x1 <= v.win.width() and 0 <= y0 < y1 <= v.win.height()
+
+        qtbot.waitUntil(laid_out, timeout=5000)
         state = v.dump(tmp_path / "dump")
         assert state["panels"]["denoised"]["trust_overlay"]
         x0, y0, x1, y1 = state["panels"]["denoised"]["image_rect"]
