@@ -27,16 +27,6 @@ pytest.importorskip("distributed", reason="dask.distributed is not installed: pi
 
 
 
-@pytest.fixture(scope="module")
-def client():
-    """Two thread workers, shared by the tests that do not kill anything (start-up is the cost)."""
-    from distributed import Client, LocalCluster
-
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0")
-    c = Client(cluster)
-    yield c
-    c.close()
-    cluster.close()
 
 
 def _movie(tmp_path: Path, shape=(20, 2, 40, 48), seed=0, flash: tuple | None = None) -> Path:

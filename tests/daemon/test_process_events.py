@@ -19,15 +19,6 @@ PARAMS = {"decompose": {"background_window": 8, "background_samples": 4}}
 FLASH_T, FLASH_C = 25, 1  # a sudden bright patch in one frame of channel 1
 
 
-@pytest.fixture(scope="module")
-def client():
-    from distributed import Client, LocalCluster
-
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0")
-    c = Client(cluster)
-    yield c
-    c.close()
-    cluster.close()
 
 
 def _movie(tmp_path: Path) -> Path:

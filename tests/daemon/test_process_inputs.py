@@ -18,15 +18,6 @@ from livescope.daemon.process import process_file
 pytest.importorskip("distributed", reason="dask.distributed is not installed: pip install 'dask[distributed]'")
 
 
-@pytest.fixture(scope="module")
-def client():
-    from distributed import Client, LocalCluster
-
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0")
-    c = Client(cluster)
-    yield c
-    c.close()
-    cluster.close()
 
 
 def _array(path: Path) -> np.ndarray:

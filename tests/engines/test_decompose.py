@@ -9,16 +9,9 @@ import pytest
 
 from livescope.engines.base import EngineError, FrameInfo, StreamSpec, create_engine
 
+from .movies import COMPONENTS, corr, spots
+
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-COMPONENTS = ("background", "slow", "fast")
-
-
-def _spots(shape, centres, sigma, amp):
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    img = np.zeros(shape)
-    for cy, cx in centres:
-        img += amp * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
-    return img
 
 
 def synthetic_movie(
@@ -54,8 +47,8 @@ def synthetic_movie(
     truth = {k: np.zeros((n_frames, h, w)) for k in COMPONENTS}
     for t in range(n_frames):
         truth["background"][t] = static
-        truth["slow"][t] = _spots(shape, slow_pos + t * slow_vel, slow_sigma, amp)
-        truth["fast"][t] = _spots(shape, fast_pos, fast_sigma, amp)
+        truth["slow"][t] = spots(shape, slow_pos + t * slow_vel, slow_sigma, amp)
+        truth["fast"][t] = spots(shape, fast_pos, fast_sigma, amp)
         fast_pos = fast_pos + rng.normal(0, fast_step, fast_pos.shape)
         fast_pos = np.where(fast_pos < 2, 4 - fast_pos, fast_pos)  # reflect at the edges
         fast_pos = np.where(fast_pos > h - 3, 2 * (h - 3) - fast_pos, fast_pos)
@@ -79,12 +72,6 @@ def run_engine(frames, timestamps=None, **params):
             out[k].append(res[k])
         events += res["events"]
     return {k: np.asarray(v) for k, v in out.items()}, events, engine
-
-
-def corr(a, b):
-    a = np.ravel(a) - np.mean(a)
-    b = np.ravel(b) - np.mean(b)
-    return float(a @ b / np.sqrt((a @ a) * (b @ b)))
 
 
 def rolling_median(frames, window):
