@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -35,19 +36,14 @@ import numpy as np
 from livescope.engines.base import FrameInfo, StreamSpec, create_engine
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "engines"))
+from movies import lag_movie, spots  # noqa: E402  (the movies the tests use)
+
 DATA = ROOT.parent / "shared" / "data"
 COMPONENTS = ("background", "slow", "fast")
 
 
 # -- synthetic movies with known components ------------------------------------------------
-
-
-def _spots(shape, centres, sigma, amp):
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    img = np.zeros(shape)
-    for cy, cx in centres:
-        img += amp * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
-    return img
 
 
 def synthetic_movie(n_frames, shape, slow_sigma=2.5, fast_sigma=1.3, n_slow=6, n_fast=12,
@@ -67,8 +63,8 @@ def synthetic_movie(n_frames, shape, slow_sigma=2.5, fast_sigma=1.3, n_slow=6, n
     truth = {k: np.zeros((n_frames, h, w), np.float32) for k in COMPONENTS}
     for t in range(n_frames):
         truth["background"][t] = static
-        truth["slow"][t] = _spots(shape, slow_pos + t * slow_vel, slow_sigma, amp)
-        truth["fast"][t] = _spots(shape, fast_pos, fast_sigma, amp)
+        truth["slow"][t] = spots(shape, slow_pos + t * slow_vel, slow_sigma, amp)
+        truth["fast"][t] = spots(shape, fast_pos, fast_sigma, amp)
         fast_pos = fast_pos + rng.normal(0, fast_step, fast_pos.shape)
         fast_pos = np.where(fast_pos < 2, 4 - fast_pos, fast_pos)
         fast_pos = np.where(fast_pos > h - 3, 2 * (h - 3) - fast_pos, fast_pos)
@@ -336,11 +332,6 @@ def learned_table(quick, real=True):
     """Fit the cascade on one lag-matched movie, test on another: the 3x4 matrix (each lag's
     share against each true component), the components against the rolling method and the
     peers, and inference speed at 512x512."""
-    import sys
-
-    sys.path.insert(0, str(ROOT / "tests" / "engines"))
-    from movies import lag_movie  # the same movies the tests use
-
     from livescope.engines import modelfile
     from livescope.engines.multilag import MultiLagPredictor, fit_multilag, octave_inputs
 

@@ -510,11 +510,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from ..engines import modelfile
     from .sources import read_movie
 
-    data, axes, _ = read_movie(args.input)
-    arr = np.asarray(data[: args.frames])
-    lead = [a for a in axes if a not in ("y", "x")]
-    if len(lead) > 1:  # (t, c, z, y, x): fit on the first channel / middle plane
-        arr = arr.reshape(arr.shape[0], -1, *arr.shape[-2:])[:, 0]
+    arr = _fit_frames(args)
     clean = None
     if args.clean:
         cdata, _, _ = read_movie(args.clean)
@@ -531,17 +527,27 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit_frames(args: argparse.Namespace) -> Any:
+    """The first ``--frames`` time points of INPUT as (t, y, x): the first channel and plane of a
+    (t, c, z, y, x) movie."""
+    import numpy as np
+
+    from .sources import read_movie
+
+    data, axes, _ = read_movie(args.input)
+    arr = np.asarray(data[: args.frames])
+    if len([a for a in axes if a not in ("y", "x")]) > 1:
+        arr = arr.reshape(arr.shape[0], -1, *arr.shape[-2:])[:, 0]
+    return arr
+
+
 def _fit_decompose(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
     from ..engines.multilag import fit_multilag
-    from .sources import read_movie
 
-    data, axes, _ = read_movie(args.input)
-    arr = np.asarray(data[: args.frames])
-    if len([a for a in axes if a not in ("y", "x")]) > 1:  # (t, c, z, y, x): first channel, plane
-        arr = arr.reshape(arr.shape[0], -1, *arr.shape[-2:])[:, 0]
+    arr = _fit_frames(args)
     lags = [int(v) for v in str(args.lags).split(",") if v.strip()]
     with tqdm(total=args.steps, desc="fitting the multi-lag predictors", unit="step") as bar:
         def progress(step: int, steps: int, loss: float) -> None:

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from .base import EngineError
-from .modelfile import ModelFile
+from .modelfile import FORMAT, FORMAT_VERSION, ModelFile
 
 __all__ = ["MultiLagPredictor", "components", "fit_multilag", "octave", "octave_inputs",
            "reference_scale"]
@@ -209,8 +209,8 @@ def fit_multilag(
     weights = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in net.state_dict().items()}
     meta = dict(metadata or {})
     meta.update(
-        format="livescope-denoise-model",  # the shared model file format (see modelfile.py)
-        format_version=1,
+        format=FORMAT,  # the shared model file format (modelfile.py)
+        format_version=FORMAT_VERSION,
         task="decompose",
         architecture=arch,
         inputs={"channels": len(lags_desc), "past_frames": len(lags_desc) - 1,
