@@ -16,17 +16,26 @@ unmatched one, a Wiener filter rolled off by a Butterworth low-pass at the resol
 which reaches in 1-2 iterations what matched RL reaches after tens. ``eps`` is chosen so that
 the back projector's gain at the cutoff is ``beta`` (default: the OTF's own gain there).
 
-Everything per PSF is computed once per FFT shape and cached (OTF and back projector, both in
-the real-FFT half spectrum). From the flat start the first iteration is a single back
-projection of the data (2 FFTs, not 4). Frames are padded by reflection by the reach of one
-RL step (99 % of its light, :func:`edge_pad`) and rounded up to a 5-smooth FFT length, so the
-periodic FFT does not wrap one edge's light onto the other. Frames larger than the memory
-budget are split into overlapping tiles cut from the same padded domain and stitched by
-cropping; the overlap grows with the iterations, because each RL step carries light one PSF
-plus one back-projector footprint further.
+Everything per PSF is computed once per transform shape and cached (OTF and back projector).
+From the flat start the first iteration is a single back projection of the data (2
+transforms, not 4). Edges, two ways (``boundary``):
+
+- ``dct`` (the default for mirror-symmetric PSFs: Gaussians, the widefield model): the frame
+  continues by reflection to infinity, exactly, with no padding at all. A convolution with an
+  even kernel under symmetric extension is diagonal in the DCT-II basis (Martucci's symmetric
+  convolution), so each projection is one ``dctn`` and one ``idctn`` of the bare frame, with the
+  OTF sampled at k / 2N (:class:`DCTPlan`).
+- ``reflect`` (any PSF): the frame is padded by reflection by the reach of one RL step (99 % of
+  its light, :func:`edge_pad`) and rounded up to a 5-smooth FFT length, so the periodic FFT does
+  not wrap one edge's light onto the other (OTFs in the real-FFT half spectrum).
+
+Frames larger than the memory budget are split into overlapping tiles cut from the same
+extended domain and stitched by cropping; the overlap grows with the iterations, because each RL
+step carries light one PSF plus one back-projector footprint further.
 
 The core (:func:`richardson_lucy`, :func:`deconvolve_array`) is written against the array API
-and runs on numpy (scipy.fft with worker threads), cupy (cupyx.scipy.fft) or array_api_strict.
+and runs on numpy (scipy.fft with worker threads), cupy (cupyx.scipy.fft) or array_api_strict
+(whose ``fft`` extension has no DCT: there ``boundary="auto"`` means ``reflect``).
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ from .psf import (
 )
 
 __all__ = [
+    "DCTPlan",
     "Deconvolve",
     "DeconvolutionPlan",
     "make_plan",
@@ -72,6 +82,8 @@ DEFAULT_ALPHA = 1e-2  # Wiener constant; chosen on simulations (docs/deconvoluti
 DEFAULT_ORDER = 10  # Butterworth order n in (k/kc)^(2n); Guo et al.'s code default
 BYTES_PER_VOXEL = 40  # float32 estimate, data, blurred, ratio + two complex64 half spectra + FFT scratch
 TINY = 1e-6  # below this the blurred estimate is taken as zero (data are photon-like counts)
+BOUNDARIES = ("auto", "dct", "reflect")
+SYMMETRY_TOL = 1e-6  # a PSF is mirror-symmetric when flipping any axis moves it by less (of its peak)
 
 
 # --------------------------------------------------------------------------- FFT helpers
@@ -106,6 +118,24 @@ def _irfftn(fft: Any, a: Any, shape: tuple[int, ...], axes: tuple[int, ...]) -> 
     return fft.irfftn(a, s=shape, axes=axes)
 
 
+def _dctn(fft: Any, a: Any, axes: tuple[int, ...]) -> Any:
+    if _is_scipy(fft):
+        return fft.dctn(a, type=2, axes=axes, workers=fft_workers(a.shape), overwrite_x=False)
+    return fft.dctn(a, type=2, axes=axes)
+
+
+def _idctn(fft: Any, a: Any, axes: tuple[int, ...]) -> Any:
+    if _is_scipy(fft):
+        return fft.idctn(a, type=2, axes=axes, workers=fft_workers(a.shape), overwrite_x=True)
+    return fft.idctn(a, type=2, axes=axes)
+
+
+def has_dct(fft: Any) -> bool:
+    """Whether this FFT module has the DCT the ``dct`` boundary needs (scipy.fft, cupyx.scipy.fft;
+    not the array API's ``fft`` extension)."""
+    return hasattr(fft, "dctn") and hasattr(fft, "idctn")
+
+
 def _fast_len(n: int) -> int:
     """The next product of 2, 3 and 5 (``real=True``), on every axis: the lengths with factors 7
     or 11 that ``next_fast_len`` allows for complex axes were slower here (a 539x539 rfft +
@@ -123,6 +153,29 @@ def fast_shape(shape: Sequence[int]) -> tuple[int, ...]:
 def padded_shape(shape: Sequence[int], pad: Sequence[int]) -> tuple[int, ...]:
     """The FFT shape of a frame padded by ``pad`` on each side: the periodic domain it runs in."""
     return fast_shape([int(n) + 2 * int(p) for n, p in zip(shape, pad, strict=True)])
+
+
+def dct_shape(shape: Sequence[int], pad: Sequence[int]) -> tuple[int, ...]:
+    """The DCT shape of a frame under the ``dct`` boundary: each axis as it is when its length is
+    5-smooth (exact symmetric extension, no padding; 512, 1024, 2048, 2304, 1200 ...), else
+    extended by reflection at its far end by at least ``pad`` to a 5-smooth length (a DCT of 539
+    took 1.5x as long as one of 540): there the extension is exact for ``pad`` pixels past the
+    edge, as in ``reflect``."""
+    out = []
+    for n, p in zip(shape, pad, strict=True):
+        n = int(n)
+        out.append(n if _fast_len(n) == n else _fast_len(n + int(p)))
+    return tuple(out)
+
+
+def is_mirror_symmetric(psf: np.ndarray, tol: float = SYMMETRY_TOL) -> bool:
+    """True when the PSF has odd length on every axis and is its own mirror image along each
+    (the Gaussians and the widefield model are; a measured bead PSF almost never is)."""
+    a = np.asarray(psf, dtype=np.float64)
+    if any(n % 2 == 0 for n in a.shape):
+        return False
+    peak = float(np.abs(a).max()) or 1.0
+    return all(float(np.abs(a - np.flip(a, axis=ax)).max()) <= tol * peak for ax in range(a.ndim))
 
 
 # --------------------------------------------------------------------------- OTFs
@@ -220,8 +273,49 @@ def back_projector_kernel(psf: np.ndarray, method: str, wb: dict[str, Any]) -> n
     return np.roll(kernel, [n // 2 for n in shape], axis=tuple(range(len(shape))))
 
 
+def _otf_dct(psf: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The OTF of a mirror-symmetric PSF at the DCT-II frequencies k / 2N of ``shape`` (real).
+
+    For an even kernel the symmetric extension of period 2N turns convolution into a product in
+    the DCT-II basis, with the kernel's DFT on the 2N grid at bins 0..N-1 as multipliers. That
+    DFT of an even kernel is a DCT-I of its one-sided quadrant: ``x_0 + 2 sum_n x_n cos(pi k n /
+    N)`` per axis, computed here once on the (N + 1)-long grid (host, float64)."""
+    import scipy.fft
+
+    centre = [n // 2 for n in psf.shape]
+    quadrant = psf[tuple(slice(c, None) for c in centre)]
+    if any(q >= n for q, n in zip(quadrant.shape, shape, strict=True)):
+        raise EngineError(f"PSF {psf.shape} reaches past the frame {shape}: use boundary='reflect'")
+    grid = np.zeros([n + 1 for n in shape], dtype=np.float64)
+    grid[tuple(slice(0, q) for q in quadrant.shape)] = quadrant
+    lam = scipy.fft.dctn(grid, type=1)
+    return lam[tuple(slice(0, n) for n in shape)]
+
+
+def _dct_freq_grid(shape: tuple[int, ...], cutoff: Sequence[float]) -> np.ndarray:
+    """(|k| / kc)^2 at the DCT-II frequencies k / 2N cycles per pixel."""
+    w = np.zeros(shape)
+    for ax, n in enumerate(shape):
+        sh = [1] * len(shape)
+        sh[ax] = n
+        w = w + ((np.arange(n) / (2.0 * n)).reshape(sh) / cutoff[ax]) ** 2
+    return w
+
+
+def _back_projector_dct(otf: np.ndarray, shape: tuple[int, ...], method: str, wb: dict[str, Any]) -> np.ndarray:
+    """:func:`_back_projector_otf` for a real (even) OTF at the DCT frequencies."""
+    if method == "rl":
+        return otf
+    a = wb["alpha"]
+    butterworth = 1.0 / np.sqrt(1.0 + wb["eps2"] * _dct_freq_grid(shape, wb["cutoff"]) ** wb["order"])
+    return otf / (otf * otf + a) * butterworth * (1.0 + a)
+
+
 class DeconvolutionPlan:
-    """OTF and back projector of one PSF on one FFT shape, on the frames' array backend."""
+    """OTF and back projector of one PSF on one FFT shape, on the frames' array backend
+    (``reflect`` boundary: real-FFT half spectra, complex)."""
+
+    boundary = "reflect"
 
     def __init__(self, psf: np.ndarray, shape: tuple[int, ...], method: str, wb: dict[str, Any], xp: Any) -> None:
         otf = _otf(psf, shape)
@@ -231,16 +325,36 @@ class DeconvolutionPlan:
         self.otf_bp = xp.asarray(bp.astype(np.complex64))
 
 
-def make_plan(psf: np.ndarray, shape: tuple[int, ...], method: str = "wb", xp: Any = np, **wb: Any) -> DeconvolutionPlan:
+class DCTPlan:
+    """OTF and back projector of one mirror-symmetric PSF at the DCT-II frequencies of one shape
+    (``dct`` boundary: real multipliers, float32), on the frames' array backend."""
+
+    boundary = "dct"
+
+    def __init__(self, psf: np.ndarray, shape: tuple[int, ...], method: str, wb: dict[str, Any], xp: Any) -> None:
+        if not is_mirror_symmetric(psf):
+            raise EngineError("boundary='dct' needs a mirror-symmetric PSF (a Gaussian or the widefield "
+                              "model); this one is not: use boundary='reflect' (or 'auto')")
+        otf = _otf_dct(psf, shape)
+        bp = _back_projector_dct(otf, shape, method, wb)
+        self.shape = shape
+        self.otf = xp.asarray(otf.astype(np.float32))
+        self.otf_bp = xp.asarray(bp.astype(np.float32))
+
+
+def make_plan(psf: np.ndarray, shape: tuple[int, ...], method: str = "wb", xp: Any = np,
+              boundary: str = "reflect", **wb: Any) -> DeconvolutionPlan | DCTPlan:  # fmt: skip
     """Convenience for scripts and tests: WB parameters derived from the PSF unless given."""
-    return DeconvolutionPlan(psf, tuple(shape), method, wb_parameters(psf, **wb), xp)
+    cls = DCTPlan if boundary == "dct" else DeconvolutionPlan
+    return cls(psf, tuple(shape), method, wb_parameters(psf, **wb), xp)
 
 
 # --------------------------------------------------------------------------- core
 
 
-def richardson_lucy(data: Any, plan: DeconvolutionPlan, iterations: int, *, fft: Any = None) -> Any:
-    """RL iterations on an array already of the plan's FFT shape (periodic boundaries).
+def richardson_lucy(data: Any, plan: DeconvolutionPlan | DCTPlan, iterations: int, *, fft: Any = None) -> Any:
+    """RL iterations on an array already of the plan's shape: periodic boundaries for a
+    :class:`DeconvolutionPlan`, symmetric (mirror) ones for a :class:`DCTPlan`.
 
     Starts from a flat estimate, as scikit-image does: starting from the data itself carries
     its noise into every iterate, and measured on a real image that cost 2-3 dB PSNR
@@ -258,10 +372,11 @@ def richardson_lucy(data: Any, plan: DeconvolutionPlan, iterations: int, *, fft:
         raise ValueError(f"data shape {shape} does not match the plan's FFT shape {plan.shape}")
     if iterations == 0:
         return data
-    est = _maximum(xp, _project(fft, data, plan.otf_bp, shape, axes), 0.0)
+    project = _project_dct if plan.boundary == "dct" else _project
+    est = _maximum(xp, project(fft, data, plan.otf_bp, shape, axes), 0.0)
     for _ in range(iterations - 1):
-        blurred = _maximum(xp, _project(fft, est, plan.otf, shape, axes), TINY)
-        correction = _project(fft, _divide_into(xp, data, blurred), plan.otf_bp, shape, axes)
+        blurred = _maximum(xp, project(fft, est, plan.otf, shape, axes), TINY)
+        correction = project(fft, _divide_into(xp, data, blurred), plan.otf_bp, shape, axes)
         est = _maximum(xp, _multiply_into(xp, est, correction), 0.0)
     return est
 
@@ -271,6 +386,13 @@ def _project(fft: Any, a: Any, transfer: Any, shape: tuple[int, ...], axes: tupl
     spectrum = _rfftn(fft, a, axes)
     spectrum *= transfer
     return _irfftn(fft, spectrum, shape, axes)
+
+
+def _project_dct(fft: Any, a: Any, transfer: Any, shape: tuple[int, ...], axes: tuple[int, ...]) -> Any:
+    """Convolution with an even kernel under symmetric extension: idct(dct(a) * transfer)."""
+    coeffs = _dctn(fft, a, axes)
+    coeffs *= transfer
+    return _idctn(fft, coeffs, axes)
 
 
 # Elementwise steps write into a frame-sized buffer the iteration already owns, on numpy and
@@ -358,12 +480,16 @@ def deconvolve_array(
     pad: Sequence[int] | None = None,
     memory_budget_mb: float | None = None,
     conserve_flux: bool = True,
+    boundary: str = "auto",
 ) -> Any:
     """Deconvolve one offset-free, non-negative frame or stack (any array-API backend).
 
-    ``plans`` caches OTFs per FFT shape across calls; ``footprint`` is the per-axis reach of one
-    RL step (PSF plus back projector, 99.9 % of its light: the tiles' overlap) and ``pad`` the
-    reflected border (99 % of it, :func:`edge_pad`); all are derived here when not given.
+    ``plans`` caches OTFs per (boundary, transform shape) across calls; ``footprint`` is the
+    per-axis reach of one RL step (PSF plus back projector, 99.9 % of its light: the tiles'
+    overlap) and ``pad`` the reflected border of the ``reflect`` boundary (99 % of it,
+    :func:`edge_pad`); all are derived here when not given. ``boundary``: ``dct`` (exact mirror
+    extension, no padding; mirror-symmetric PSFs), ``reflect`` (padding; any PSF) or ``auto``
+    (:func:`choose_boundary`).
     """
     xp = _array.namespace(data)
     fft = _array.fft_module(data)
@@ -377,20 +503,31 @@ def deconvolve_array(
         pad = pd if pad is None else pad
     shape = tuple(int(n) for n in data.shape)
     pad = tuple(int(r) for r in pad)
-    # the padded, periodic domain every tile is cut from: reflection beyond the edges
-    domain = padded_shape(shape, pad)
+    if not (boundary == "dct" and ("dct", dct_shape(shape, pad)) in plans):  # a cached plan was checked
+        boundary = choose_boundary(psf, shape, fft, boundary)
+    if boundary == "dct":
+        # the DCT itself continues the frame by reflection: no border, tiles start at the frame
+        domain, pad = dct_shape(shape, pad), (0,) * len(shape)
+        plan_cls: type[DeconvolutionPlan] | type[DCTPlan] = DCTPlan
+    else:
+        # the padded, periodic domain every tile is cut from: reflection beyond the edges
+        domain, plan_cls = padded_shape(shape, pad), DeconvolutionPlan
     budget = math.inf if memory_budget_mb is None else memory_budget_mb * 2**20 / BYTES_PER_VOXEL
 
     def run(window_start: Sequence[int], window: tuple[int, ...]) -> Any:
-        index = [
-            _symmetric(np.mod(s + np.arange(w), big) - p, n)
-            for s, w, big, p, n in zip(window_start, window, domain, pad, shape, strict=True)
-        ]
+        if boundary == "dct":
+            index = [_symmetric(s + np.arange(w), n) for s, w, n in zip(window_start, window, shape, strict=True)]
+        else:
+            index = [
+                _symmetric(np.mod(s + np.arange(w), big) - p, n)
+                for s, w, big, p, n in zip(window_start, window, domain, pad, shape, strict=True)
+            ]
         block = _gather(xp, data, index, pad)
-        plan = plans.get(window)
+        key = (boundary, window)
+        plan = plans.get(key)
         if plan is None:
-            log.debug("computing OTF and back projector for FFT shape %s", window)
-            plan = plans[window] = DeconvolutionPlan(psf, window, method, wb, xp)
+            log.debug("computing OTF and back projector for %s shape %s", boundary, window)
+            plan = plans[key] = plan_cls(psf, window, method, wb, xp)
         return richardson_lucy(block, plan, iterations, fft=fft)
 
     if math.prod(domain) <= budget:
@@ -404,8 +541,35 @@ def deconvolve_array(
         # multiplication also makes the cropped view a compact array (0.1 ms at 512x512).
         total = float(xp.sum(out))
         if total > 0:
-            out = out * (float(xp.sum(data)) / total)
+            factor = float(xp.sum(data)) / total
+            m = _in_place(out)
+            if m is not None and out.flags["C_CONTIGUOUS"] and out.flags["OWNDATA"]:
+                m.multiply(out, out.dtype.type(factor), out=out)  # the dct boundary's own buffer
+            else:
+                out = out * factor
     return out
+
+
+def choose_boundary(psf: np.ndarray, shape: Sequence[int], fft: Any, boundary: str = "auto") -> str:
+    """``dct`` where it is exact and available (a mirror-symmetric PSF that fits in the frame,
+    an FFT module with a DCT), else ``reflect``; an explicit ``dct`` that cannot run is refused
+    with the reason."""
+    if boundary not in BOUNDARIES:
+        raise EngineError(f"boundary must be one of {', '.join(BOUNDARIES)}; got {boundary!r}")
+    if boundary == "reflect":
+        return boundary
+    why = None
+    if not has_dct(fft):
+        why = f"{getattr(fft, '__name__', fft)!s} has no DCT"
+    elif not is_mirror_symmetric(psf):
+        why = "the PSF is not mirror-symmetric (a measured PSF rarely is)"
+    elif any(n // 2 >= int(s) for n, s in zip(psf.shape, shape, strict=True)):
+        why = f"the PSF {tuple(psf.shape)} reaches past the frame {tuple(shape)}"
+    if why is None:
+        return "dct"
+    if boundary == "dct":
+        raise EngineError(f"boundary='dct' cannot run here: {why}; use boundary='reflect' (or 'auto')")
+    return "reflect"
 
 
 def _tiled(run: Any, shape: tuple[int, ...], domain: tuple[int, ...], pad: tuple[int, ...],
@@ -540,7 +704,7 @@ class Deconvolve:
         "psf_pixel_size_um", "psf_z_step_um", "psf_2d", "method", "alpha", "beta", "order",
         "cutoff", "volume",
     )  # fmt: skip
-    _PARAMS = _PSF_PARAMS + ("iterations", "offset", "memory_budget_mb", "device", "model")
+    _PARAMS = _PSF_PARAMS + ("iterations", "offset", "memory_budget_mb", "device", "model", "boundary")
 
     def __init__(
         self,
@@ -564,6 +728,7 @@ class Deconvolve:
         volume: bool = False,
         device: str = "cpu",
         model: str | Path | None = None,
+        boundary: str = "auto",
     ) -> None:
         self.psf = psf
         self.psf_sigma = float(psf_sigma)
@@ -585,6 +750,7 @@ class Deconvolve:
         self.volume = _as_bool(volume)
         self.device = str(device).lower()
         self.model = None if model in (None, "") else str(model)  # method="net": a fitted model file
+        self.boundary = str(boundary).lower()
         self._validate()
         self.spec: StreamSpec | None = None
         self._kernel: np.ndarray | None = None  # the PSF as used, at the frames' sampling
@@ -594,6 +760,7 @@ class Deconvolve:
         self._pad: tuple[int, ...] = ()  # reflected border (99 % reach)
         self._plans: dict[tuple[int, ...], DeconvolutionPlan] = {}
         self._offset_used: float | None = None
+        self._boundary_used: str | None = None
         self._net: Any = None  # method="net": netdeconv.NetDeconvolve, built in setup
 
     # ---- protocol
@@ -631,6 +798,7 @@ class Deconvolve:
         offset = self._camera_offset(data)
         data = np.maximum(data - np.float32(offset), np.float32(0.0))
         xp_data = self._to_device(data)
+        self._boundary_used = choose_boundary(self._kernel, data.shape, _array.fft_module(xp_data), self.boundary)
         out = deconvolve_array(
             xp_data,
             self._kernel,
@@ -641,6 +809,7 @@ class Deconvolve:
             footprint=self._footprint,
             pad=self._pad,
             memory_budget_mb=self.memory_budget_mb,
+            boundary=self._boundary_used,
         )
         return {"deconvolved": np.asarray(_array.to_numpy(out), dtype=np.float32)}
 
@@ -655,7 +824,7 @@ class Deconvolve:
             value = None if value is None else int(value)
         elif name == "volume":
             value = _as_bool(value)
-        elif name in ("method", "psf_2d", "device"):
+        elif name in ("method", "psf_2d", "device", "boundary"):
             value = str(value).lower() if name != "psf_2d" else str(value)
         setattr(self, name, value)
         try:
@@ -667,6 +836,8 @@ class Deconvolve:
                     self._prepare()
             if name == "offset":
                 self._offset_used = None
+            if name == "boundary":
+                self._plans = {}
             if name in ("model", "method", "offset"):
                 self._net = None  # reopened on the next frame
         except Exception:
@@ -690,6 +861,7 @@ class Deconvolve:
             d["footprint_px"] = self._footprint
             d["pad_px"] = self._pad
         d["offset_used"] = self._offset_used
+        d["boundary_used"] = self._boundary_used
         return d
 
     def close(self) -> None:
@@ -710,6 +882,8 @@ class Deconvolve:
             raise EngineError(f"method must be 'wb' (Wiener-Butterworth) or 'rl' (classic), got {self.method!r}")
         if self.iterations is not None and self.iterations < 0:
             raise EngineError(f"iterations must be >= 0, got {self.iterations}")
+        if self.boundary not in BOUNDARIES:
+            raise EngineError(f"boundary must be one of {', '.join(BOUNDARIES)}, got {self.boundary!r}")
         if self.device not in ("cpu", "gpu"):
             raise EngineError(f"device must be 'cpu' or 'gpu', got {self.device!r}")
         if self.psf_2d not in ("plane", "projection"):

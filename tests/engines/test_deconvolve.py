@@ -121,23 +121,102 @@ def test_wb_defaults_follow_the_psf() -> None:
     assert abs(bp[0, -1]) < 1e-3 * abs(bp[0, i]) + 1e-6  # rolled off past the cutoff
 
 
-def test_tiled_equals_untiled() -> None:
+@pytest.mark.parametrize("boundary", ["dct", "reflect"])
+def test_tiled_equals_untiled(boundary: str) -> None:
     obj = scene(n=400, seed=4)
+    # the dct boundary needs no border, so its untiled domain is the bare frame: make it larger
+    # than the tiles' overlap allows at 400 px
     data = noisy(blur(obj, AIRY), seed=5)
+    if boundary == "dct":
+        data = np.concatenate([data, data[::-1][:240]], axis=0)
     for method, its in (("wb", 2), ("rl", 4)):
         wb = D.wb_parameters(AIRY)
         fp = D._footprint(AIRY, method, wb)
         full_plans: dict = {}
-        full = run(data, AIRY, its, method, wb=wb, footprint=fp, plans=full_plans)
-        domain = D.padded_shape(data.shape, D.edge_pad(AIRY, method, wb))
+        full = run(data, AIRY, its, method, wb=wb, footprint=fp, plans=full_plans, boundary=boundary)
+        if boundary == "dct":
+            domain = D.dct_shape(data.shape, D.edge_pad(AIRY, method, wb))
+            assert domain == data.shape  # 640 x 400: 5-smooth, no padding at all
+        else:
+            domain = D.padded_shape(data.shape, D.edge_pad(AIRY, method, wb))
         budget_mb = 0.6 * np.prod(domain) * D.BYTES_PER_VOXEL / 2**20
         tile_plans: dict = {}
-        tiled = run(data, AIRY, its, method, wb=wb, footprint=fp, plans=tile_plans, memory_budget_mb=budget_mb)
-        (window,) = tile_plans  # one FFT shape for all tiles, smaller than the whole
-        assert np.prod(window) < np.prod(domain)
-        assert list(full_plans) == [domain]
+        tiled = run(data, AIRY, its, method, wb=wb, footprint=fp, plans=tile_plans, memory_budget_mb=budget_mb,
+                    boundary=boundary)  # fmt: skip
+        ((kind, window),) = tile_plans  # one transform shape for all tiles, smaller than the whole
+        assert kind == boundary and np.prod(window) < np.prod(domain)
+        assert list(full_plans) == [(boundary, domain)]
         diff = np.abs(tiled - full).max() / np.abs(full).max()
-        assert diff < 1e-5, (method, diff)  # measured 6e-7: float32 rounding
+        assert diff < 1e-5, (method, diff)  # measured 6e-7 (reflect), 9e-7 (dct): float32 rounding
+
+
+def mirror_extended(a: np.ndarray) -> np.ndarray:
+    """``a`` and its mirror images along every axis: one period (2N) of its symmetric extension."""
+    for ax in range(a.ndim):
+        a = np.concatenate([a, np.flip(a, axis=ax)], axis=ax)
+    return a
+
+
+@pytest.mark.parametrize("psf", [AIRY, P.gaussian_psf(1.5), P.gaussian_psf((1.2, 2.0, 1.5), ndim=3)],
+                         ids=["airy", "gauss2d", "gauss3d"])  # fmt: skip
+@pytest.mark.parametrize("method", ["wb", "rl"])
+def test_dct_boundary_is_rl_on_the_exact_mirror_extension(psf: np.ndarray, method: str) -> None:
+    # the DCT path must equal RL run periodically on one full period of the frame's symmetric
+    # extension (the frame continued by reflection forever), with no padding of its own
+    rng = np.random.default_rng(3)
+    shape = (96, 90) if psf.ndim == 2 else (20, 40, 36)
+    data = rng.poisson(50.0, size=shape).astype(np.float32) + 1
+    ext = mirror_extended(data)
+    plan = D.make_plan(psf, ext.shape, method)
+    for its in (1, 2, 4):
+        ref = np.asarray(D.richardson_lucy(ext, plan, its))[tuple(slice(0, n) for n in shape)]
+        ours = run(data, psf, its, method, boundary="dct", conserve_flux=False)
+        assert ours.shape == shape
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=5e-6 * ref.max())
+        # the padded reflect boundary approximates the same extension, less exactly
+        padded = run(data, psf, its, method, boundary="reflect", conserve_flux=False)
+        assert np.abs(padded - ref).max() < 0.01 * ref.max()
+
+
+def test_auto_boundary_takes_dct_only_where_it_is_exact(known) -> None:
+    _, blurred = known
+    data = noisy(blurred)
+    fft = D._array.fft_module(data)
+    assert D.choose_boundary(AIRY, data.shape, fft) == "dct"
+    assert D.choose_boundary(P.gaussian_psf(2.0), data.shape, fft) == "dct"
+    lopsided = AIRY.copy()
+    lopsided[AIRY.shape[0] // 2, AIRY.shape[1] // 2 + 1] += 0.01  # a measured PSF is never exact
+    assert not D.is_mirror_symmetric(lopsided)
+    assert D.choose_boundary(lopsided, data.shape, fft) == "reflect"
+    assert D.choose_boundary(AIRY, (20, 20), fft) == "reflect"  # the PSF reaches past the frame
+    with pytest.raises(EngineError, match="not mirror-symmetric.*boundary='reflect'"):
+        run(data, lopsided, 2, boundary="dct")
+    with pytest.raises(EngineError, match="boundary must be one of"):
+        run(data, AIRY, 2, boundary="periodic")
+    # a frame length that is not 5-smooth is extended to one at its far end
+    odd = np.concatenate([data, data[:, :-1]], axis=1)[:, :187]  # 96 x 187 (187 = 11 * 17)
+    plans: dict = {}
+    out = run(odd, AIRY, 2, plans=plans)
+    ((kind, window),) = plans
+    assert kind == "dct" and window[1] > 187 and D._fast_len(window[1]) == window[1]
+    ref = run(odd, AIRY, 2, boundary="reflect")
+    assert out.shape == odd.shape and np.abs(out - ref).max() < 0.01 * ref.max()
+
+
+def test_engine_reports_and_switches_its_boundary(known) -> None:
+    _, blurred = known
+    data = noisy(blurred)
+    eng = create_engine("deconvolve", psf_sigma=1.5)
+    eng.setup(StreamSpec(shape=data.shape, camera_offset=0.0))
+    dct = eng.process(data, INFO)["deconvolved"]
+    assert eng.describe()["boundary_used"] == "dct"
+    eng.set_param("boundary", "reflect")
+    refl = eng.process(data, INFO)["deconvolved"]
+    assert eng.describe()["boundary_used"] == "reflect"
+    assert np.abs(dct - refl).max() < 0.01 * refl.max()
+    with pytest.raises(EngineError, match="boundary"):
+        eng.set_param("boundary", "wrap")
+    assert eng.boundary == "reflect"  # the previous setting stays
 
 
 def textbook_rl(data: np.ndarray, plan: D.DeconvolutionPlan, iterations: int, level: float) -> np.ndarray:
@@ -209,17 +288,21 @@ def test_offset_is_estimated_when_unknown() -> None:
     assert 100 <= eng.describe()["offset_used"] <= 106  # background is 5 photons
 
 
-def test_otf_is_computed_once_per_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("boundary", ["dct", "reflect"])
+def test_otf_is_computed_once_per_shape(monkeypatch: pytest.MonkeyPatch, boundary: str) -> None:
     calls = []
-    real = D._otf
-    monkeypatch.setattr(D, "_otf", lambda psf, shape: calls.append(shape) or real(psf, shape))
-    eng = create_engine("deconvolve")
+    for name in ("_otf", "_otf_dct"):
+        real = getattr(D, name)
+        monkeypatch.setattr(D, name, lambda psf, shape, real=real, name=name: calls.append((name, shape))
+                            or real(psf, shape))  # fmt: skip
+    eng = create_engine("deconvolve", boundary=boundary)
     eng.setup(StreamSpec(shape=(64, 80)))
     setup_calls = len(calls)  # the back projector's footprint, at setup
     frame = np.random.default_rng(1).poisson(20, (64, 80)).astype(np.uint16)
     for i in range(3):
         eng.process(frame, FrameInfo(seq=i))
     assert len(calls) == setup_calls + 1
+    assert calls[-1][0] == ("_otf_dct" if boundary == "dct" else "_otf")
 
 
 def test_default_engine_needs_no_arguments_and_describes_itself() -> None:
