@@ -187,12 +187,76 @@ def test_net_beats_best_single_psf_wb_by_1db(quality) -> None:
     assert quality["net"] >= quality["best_single_wb2"] + 1.0, quality
 
 
-@pytest.mark.xfail(strict=True, reason="measured: net 28.57 dB vs single-PSF WB 1 it. 28.40 and single-PSF "
-                   "RL stopped at 3 it. 31.24 (sigma 2.5, tuned against the object): at 200 photons "
-                   "regularising the noise matters more than the field-varying blur, and the net (300 "
-                   "steps) is still 1.9 dB below its teacher (docs/learned_deconvolution.md)")
-def test_net_beats_every_single_psf_classical_setting(quality) -> None:
-    assert quality["net"] >= max(quality["best_single_wb1"], quality["best_single_rl3"]) + 1.0, quality
+def test_net_beats_single_psf_wb_at_its_best_iteration_count_by_1db(quality) -> None:
+    """WB-RL with one PSF at 1 iteration does better than at 2 on these noisy frames; the net
+    beats that too. Measured: net 29.96, best single-PSF WB 1 it. 28.40 (+1.56 dB)."""
+    assert quality["net"] >= max(quality["best_single_wb1"], quality["best_single_wb2"]) + 1.0, quality
+    assert quality["net"] >= quality["teacher"] - 1.0, quality  # measured 0.46 dB below it
+
+
+@pytest.mark.xfail(strict=True, reason="measured: net 29.96 dB vs single-PSF RL stopped at 3 it. 31.24 (sigma "
+                   "2.5, tuned against the object): at 200 photons regularising the noise matters more than "
+                   "the field-varying blur; the per-region RL 3 it. teacher itself reaches only 30.42 "
+                   "(docs/learned_deconvolution.md)")
+def test_net_beats_single_psf_early_stopped_rl(quality) -> None:
+    assert quality["net"] >= quality["best_single_rl3"] + 1.0, quality
+
+
+def still_fields(obj: np.ndarray, rng: np.random.Generator, n_fields: int, n_frames: int) -> tuple[list, list]:
+    """Time-lapses of still fields of view: the same blurred object, fresh noise every frame."""
+    movies, objs = [], []
+    for _ in range(n_fields):
+        y0, x0 = rng.integers(0, obj.shape[0] - FIELD + 1, 2)
+        o = obj[y0:y0 + FIELD, x0:x0 + FIELD]
+        b = np.maximum(field_blur(o), 0)
+        movies.append(np.stack([rng.poisson(b) + rng.normal(0, 2.0, b.shape) + OFFSET
+                                for _ in range(n_frames)]).astype(np.float32))
+        objs.append(o)
+    return movies, objs
+
+
+@pytest.fixture(scope="module")
+def restore_fit():
+    """task='restore' fitted on 10 still fields x 4 frames of 035_1 (the teacher deconvolves the
+    4-frame mean), judged on single frames of 085_1 fields."""
+    train, _ = still_fields(load_object("035_1"), np.random.default_rng(10), 10, 4)
+    held, held_obj = still_fields(load_object("085_1"), np.random.default_rng(11), 6, 1)
+    res = N.fit_deconvolution(train, psf=psf_grid((FIELD, FIELD)), teacher_params=TEACHER, task="restore",
+                              restore_window=4, steps=600, offset=OFFSET, base=8, depth=2, patch=32, batch=8,
+                              lr=3e-3, threads=2)
+    return {"model": res.model, "held": [m[0] for m in held], "held_obj": held_obj}
+
+
+def test_restore_beats_denoise_then_deconvolve_at_lower_cost(restore_fit) -> None:
+    """The combined network against livescope's own chain `denoise,deconvolve` (the shipped
+    denoiser, then WB-RL with the single PSF and iteration count that do best against the
+    known object, which a user cannot choose), on held-back frames of another image; cost in
+    FLOPs per 512x512 frame (deterministic: speed itself is measured in bench/)."""
+    from livescope.engines import unet
+
+    if not modelfile.default_model_path().is_file():
+        pytest.skip("the shipped denoising model is not built here")
+    net = N.NetDeconvolver(restore_fit["model"], backend="onnxruntime", tile=0)
+    den = create_engine("denoise", backend="onnxruntime")
+    den.setup(StreamSpec(shape=(FIELD, FIELD), camera_offset=OFFSET))
+    restored, chain = [], {}
+    for i, (raw, obj) in enumerate(zip(restore_fit["held"], restore_fit["held_obj"])):
+        restored.append(psnr(net.restore(offset_free(raw), check=False)[0], obj))
+        denoised = den.process(raw.astype(np.uint16), FrameInfo(seq=i))["denoised"]  # camera units
+        for sigma in (1.0, 1.5, 2.0, 2.5, 3.0):
+            for its in (1, 2):
+                dec = create_engine("deconvolve", psf_sigma=sigma, iterations=its)
+                dec.setup(StreamSpec(shape=(FIELD, FIELD), camera_offset=OFFSET))
+                out = dec.process(denoised, FrameInfo(seq=i))["deconvolved"]
+                chain.setdefault((sigma, its), []).append(psnr(out, obj))
+    best_chain = max(float(np.mean(v)) for v in chain.values())
+    ours = float(np.mean(restored))
+    raw_psnr = float(np.mean([psnr(offset_free(r), o) for r, o in zip(restore_fit["held"], restore_fit["held_obj"])]))
+    assert ours >= raw_psnr + 5.0, (ours, raw_psnr)  # it learned (the fit that sat at identity did not)
+    assert ours >= best_chain + 1.0, (ours, best_chain, raw_psnr)
+    cost = unet.flops_and_traffic(restore_fit["model"].build_torch())["flops"]
+    denoiser = unet.flops_and_traffic(modelfile.load(modelfile.default_model_path()).build_torch())["flops"]
+    assert cost < denoiser, (cost, denoiser)  # and the chain runs a deconvolution on top
 
 
 def test_onnx_matches_torch(trained) -> None:
