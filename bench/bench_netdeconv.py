@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from livescope.engines import FrameInfo, StreamSpec, create_engine
 from livescope.engines import netdeconv as N
 from livescope.engines.deconvolve import deconvolve_array, wb_parameters
 from livescope.engines.psf import gaussian_psf
@@ -126,6 +127,14 @@ def main(argv=None):
     nets = {t: N.NetDeconvolver(r.model, backend="onnxruntime", tile=0, threads=args.threads)
             for t, (r, _) in fits.items()}
     single = {s: N.PSFField.of(gaussian_psf(s)) for s in (1.0, 1.5, 2.0, 2.5, 3.0)}
+    den = create_engine("denoise", backend="onnxruntime")
+    den.setup(StreamSpec(shape=(F, F), camera_offset=OFFSET))
+
+    def denoise(d: np.ndarray) -> np.ndarray:
+        """livescope's denoise engine on the camera frame, its output back to photons."""
+        out = den.process((d + OFFSET).astype(np.float32), FrameInfo(seq=0))["denoised"]
+        return np.maximum(out - OFFSET, 0)
+
     rl = {"method": "rl", "iterations": 10}
     methods = {
         "raw (offset removed)": lambda d: d,
@@ -141,6 +150,10 @@ def main(argv=None):
         "RL 10 it., per-region 3x3": lambda d: N.teacher_deconvolve(d, field, _p(rl)),
         f"{teacher_name}, per-region 3x3 (the teacher)": lambda d: N.teacher_deconvolve(d, field, teacher),
         "Gaussian sigma 1 then per-region WB 2 it.": lambda d: N.teacher_deconvolve(ndimage.gaussian_filter(d, 1.0), field, wb),
+        **{f"denoise engine (shipped model), then WB {it} it. single PSF sigma {s}":
+           (lambda f, it: lambda d: N.teacher_deconvolve(denoise(d), f, _p({"iterations": it})))(single[s], it)
+           for s in (2.0, 2.5) for it in (1, 2)},
+        "denoise engine (shipped model) alone": lambda d: denoise(d),
         "net, task deconvolve (onnxruntime)": lambda d: nets["deconvolve"].restore(d, check=False)[0],
         "net, task restore (onnxruntime)": lambda d: nets["restore"].restore(d, check=False)[0],
     }
