@@ -9,17 +9,26 @@ Checks: the residual (denoising) and re-blur (deconvolution) checks, TTA and the
 (networks: tile features in the model's variance-stabilised units against the statistics its
 model file holds), and the naive baseline (the whole frame's residual variance).
 
-- in distribution (null) for the shipped denoise model (trained on W2S widefield cells):
-  ``w2s-resim``, crops of the two W2S 400-frame averages (random flips / rotations) rendered
-  with fresh Poisson-Gaussian noise at the W2S inputs' photon level through a known camera
-  (gain 2 ADU/e-, offset 100, read noise 1 e-); ``w2s-real``, crops of the real noisy W2S
-  inputs (noise model calibrated from each whole input frame);
+- in distribution (null) for the shipped denoise model (supervised, trained on crappified sim
+  microscope frames and the cell-migration movie; neither W2S image): ``w2s-resim``, crops of the
+  two W2S 400-frame averages (random flips / rotations) rendered with fresh Poisson-Gaussian
+  noise at the W2S inputs' photon level through a known camera (gain 2 ADU/e-, offset 100, read
+  noise 1 e-); ``w2s-real``, crops of the real noisy W2S inputs (noise model calibrated from each
+  whole input frame); ``sim``, held-out frames of the sim microscope (seeds the training never
+  drew: its kind of structure, its camera);
 - in distribution for deconvolution: ``sim`` frames (the sim microscope, nuclei, PSF sigma
   1.6) and w2s-resim frames blurred by a Gaussian PSF, each deconvolved with the true PSF;
-- artefact frames: nuclei through the W2S model (``sim`` and the real migration time-lapse),
-  ``filaments``, a ``test-pattern`` (Siemens star on a checkerboard), ``wrong-offset`` (the
-  camera's offset moved 10-40 ADU from its calibration), and for deconvolution a PSF too wide
-  (x1.3-2) or too narrow (x0.5-0.75) and a wrong offset.
+- out-of-distribution frames for the denoiser (each outside what the model was trained on or
+  what the camera's noise model says): ``filaments`` and a ``test-pattern`` (Siemens star on a
+  checkerboard, blurred 1.2 px as the training's frames were: structure classes absent from
+  training), a ``sharp test pattern`` (blurred 0.3 px: pixel-sharp edges, finer than any
+  training frame's 0.8-2.4 px blur), ``wrong-offset`` (the camera's offset
+  moved 10-40 ADU from its calibration), ``saturated`` (a brighter W2S render clipped at a
+  ceiling on 5-20 % of the pixels), ``bright`` (20-60x the W2S photon level: 5-1000x above the
+  training's 4-400 photon peaks), ``correlated noise`` (the camera noise smoothed by a 0.8 px
+  Gaussian at its variance, as interpolated or on-camera-filtered frames have), ``EMCCD`` (an
+  undeclared multiplication register: noise variance 2x the declared camera's); for
+  deconvolution a PSF too wide (x1.3-2) or too narrow (x0.5-0.75) and a wrong offset.
 
 Thresholds: the 1 % quantile of the scores of the first half of the null frames; the false-alarm
 rate is then measured on the other half (and on the real crops). The engine's
@@ -88,13 +97,38 @@ def filaments(rng: np.random.Generator, peak: float = 15.0) -> np.ndarray:
     return ndimage.gaussian_filter(img, 1.6) + rng.uniform(0.5, 3)
 
 
-def test_pattern(rng: np.random.Generator, peak: float = 15.0) -> np.ndarray:
+def test_pattern(rng: np.random.Generator, peak: float = 15.0, blur: float = 1.2) -> np.ndarray:
     yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]].astype(np.float32)
     cy, cx = rng.uniform(40, 88, 2)
     star = (np.sin(np.arctan2(yy - cy, xx - cx) * rng.integers(12, 36)) > 0).astype(np.float32)
     sq = int(rng.integers(8, 24))
     checker = np.where((yy // sq + xx // sq) % 2 == 0, 1.0, 0.4)
-    return ndimage.gaussian_filter(peak * star * checker, 1.2) + 1.0
+    return ndimage.gaussian_filter(peak * star * checker, blur) + 1.0
+
+
+def saturated(scene: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A brighter render clipped at a ceiling on 5-20 % of its pixels (a saturating camera)."""
+    raw = camera(scene * rng.uniform(3, 8), rng)
+    ceiling = np.quantile(raw, rng.uniform(0.8, 0.95))
+    return np.minimum(raw, ceiling).astype(np.uint16)
+
+
+def correlated_noise(scene: np.ndarray, rng: np.random.Generator, sigma: float = 0.8) -> np.ndarray:
+    """The camera's noise smoothed by a Gaussian and scaled back to its variance: white per
+    pixel no more (interpolated, resampled or on-camera-filtered frames)."""
+    expected = GAIN * scene + OFFSET
+    noise = camera(scene, rng).astype(np.float32) - expected
+    smooth = ndimage.gaussian_filter(noise, sigma)
+    smooth *= noise.std() / max(float(smooth.std()), 1e-6)
+    return np.clip(np.rint(expected + smooth), 0, 65535).astype(np.uint16)
+
+
+def emccd(scene: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """An EMCCD's multiplication register (gamma-distributed gain: excess noise F^2 = 2) that the
+    declared camera model does not know about."""
+    e = rng.poisson(np.maximum(scene, 0)).astype(np.float64)
+    e = np.where(e > 0, rng.gamma(np.maximum(e, 1e-9), 1.0), 0.0) + rng.normal(0, READ_E, scene.shape)
+    return np.clip(np.rint(GAIN * e + OFFSET), 0, 65535).astype(np.uint16)
 
 
 def sim_frames(n: int, seed: int = 0) -> list[tuple[np.ndarray, NoiseModel]]:
@@ -120,8 +154,11 @@ def auc(pos: np.ndarray, neg: np.ndarray) -> float:
 # --------------------------------------------------------------------------- runs
 
 
+THREADS: int | None = None  # onnxruntime intra-op threads (--threads)
+
+
 def run_denoise(frames, tta: bool, timings: dict) -> dict[str, np.ndarray]:
-    eng = create_engine("denoise", backend="onnxruntime", tile=0)
+    eng = create_engine("denoise", backend="onnxruntime", tile=0, threads=THREADS)
     eng.setup(StreamSpec(shape=SHAPE))
     res: dict[str, list[float]] = {"score": [], "base": [], "tta": [], "features": []}
     stats_f = eng._loaded.model.metadata["training_features"]
@@ -192,7 +229,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--null", type=int, default=2000, help="in-distribution frames per check (half derive, half test)")
     ap.add_argument("--artefacts", type=int, default=100, help="frames per artefact kind")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: its own choice)")
     args = ap.parse_args(argv)
+    global THREADS
+    THREADS = args.threads
     if args.quick:
         args.null, args.artefacts = 200, 20
     if not DATA.exists():
@@ -216,26 +256,29 @@ def main(argv: list[str] | None = None) -> None:
                     real.append((np.ascontiguousarray(o[:, ::-1] if k >= 4 else o), m))
     if args.quick:
         real = real[::8]
-    null = [(camera(w2s.crop(rng), rng), CAMERA) for _ in range(max(args.null - len(real), args.null // 2))]
-    migration = []
-    import tifffile
-
-    mig = tifffile.imread(DATA / "cancer_cell_migration_crop.tif")
-    mm = calibrate_stack(mig)
-    migration = [(mig[t, :128, :128], mm) for t in range(mig.shape[0])]
+    # held-out sim microscope frames: the kind of structure and camera the model was trained on
+    sim_null = sim_frames(args.null // 4, seed=100)
+    null = [(camera(w2s.crop(rng), rng), CAMERA)
+            for _ in range(max(args.null - len(real) - len(sim_null), args.null // 4))]
     na = args.artefacts
     off = [(camera(w2s.crop(rng), rng, OFFSET + rng.choice([-1, 1]) * rng.uniform(10, 40)), CAMERA) for _ in range(na)]
     artefacts = {
-        "nuclei (sim)": sim_frames(na, seed=100),
-        "nuclei (real time-lapse)": migration,
         "filaments": [(camera(filaments(rng), rng), CAMERA) for _ in range(na)],
-        "test pattern": [(camera(test_pattern(rng), rng), CAMERA) for _ in range(na)],
-        "wrong offset": off,
+        "test pattern (blur 1.2 px)": [(camera(test_pattern(rng), rng), CAMERA) for _ in range(na)],
+        # pixel-sharp edges: the training's frames were all blurred by 0.8-2.4 px
+        "sharp test pattern (blur 0.3 px)": [(camera(test_pattern(rng, blur=0.3), rng), CAMERA) for _ in range(na)],
+        "wrong offset (10-40 ADU)": off,
+        "saturated (5-20 % clipped)": [(saturated(w2s.crop(rng), rng), CAMERA) for _ in range(na)],
+        "bright (20-60x W2S photons)": [(camera(w2s.crop(rng) * rng.uniform(20, 60), rng), CAMERA)
+                                        for _ in range(na)],
+        "correlated noise (0.8 px)": [(correlated_noise(w2s.crop(rng), rng), CAMERA) for _ in range(na)],
+        "EMCCD, undeclared (F^2 = 2)": [(emccd(w2s.crop(rng), rng), CAMERA) for _ in range(na)],
     }
     r_sim = run_denoise(null, True, timings)
     r_real = run_denoise(real, True, timings)
-    r_null = {k: np.concatenate([r_sim[k], r_real[k]]) for k in r_sim}
-    source = np.array(["w2s-resim"] * len(null) + ["w2s-real"] * len(real))
+    r_simn = run_denoise(sim_null, True, timings)
+    r_null = {k: np.concatenate([r_sim[k], r_real[k], r_simn[k]]) for k in r_sim}
+    source = np.array(["w2s-resim"] * len(null) + ["w2s-real"] * len(real) + ["sim"] * len(sim_null))
     r_art = {k: run_denoise(v, True, timings) for k, v in artefacts.items()}
 
     # ---------------- deconvolution (WB, 2 iterations) ----------------

@@ -83,9 +83,21 @@ def estimate_noise(frame: np.ndarray, nbins: int = 16) -> tuple[float, float]:
 def _gat_inverse(d: np.ndarray) -> np.ndarray:
     """Closed-form approximation of the exact unbiased inverse of the Anscombe transform
     (Makitalo and Foi 2011, without the -sigma^2 term, which :class:`Normalisation` applies)."""
-    d = np.maximum(d, 0.8)
+    d = np.maximum(d, d.dtype.type(0.8) if isinstance(d, np.ndarray) else 0.8)
     s = math.sqrt(1.5)
-    return 0.25 * d**2 + 0.25 * s / d - 1.375 / d**2 + 0.625 * s / d**3 - 0.125
+    t = d.dtype.type if isinstance(d, np.ndarray) else float
+    inv = 1.0 / d
+    # 0.25 d^2 + 0.25 s/d - 1.375/d^2 + 0.625 s/d^3 - 0.125, Horner in 1/d (keeps d's dtype)
+    out = inv * t(0.625 * s)
+    out += t(-1.375)
+    out *= inv
+    out += t(0.25 * s)
+    out *= inv
+    d *= d
+    d *= t(0.25)
+    out += d
+    out -= t(0.125)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,24 +145,34 @@ class Normalisation:
         return dataclasses.replace(norm, low=float(lo), high=float(hi))
 
     def _stabilise(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32) - np.float32(self.offset)
+        # float32 throughout and in place: one new array per call (this runs on every frame)
+        y = np.subtract(np.asarray(x), np.float32(self.offset), dtype=np.float32)
         if self.gain > 0:
             a = np.float32(self.gain)
             # 2/a * sqrt(a x + 3/8 a^2 + var0): unit-variance noise whatever the brightness
-            return (2.0 / a) * np.sqrt(np.maximum(a * x + 0.375 * a * a + np.float32(self.read_var), 0.0))
-        return x
+            y *= a
+            y += np.float32(0.375 * self.gain * self.gain + self.read_var)
+            np.maximum(y, 0.0, out=y)
+            np.sqrt(y, out=y)
+            y *= np.float32(2.0 / a)
+        return y
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         y = self._stabilise(x)
-        return ((y - np.float32(self.low)) / np.float32(self.high - self.low)).astype(np.float32)
+        y -= np.float32(self.low)
+        y /= np.float32(self.high - self.low)
+        return y
 
     def inverse(self, n: np.ndarray) -> np.ndarray:
-        y = np.asarray(n, dtype=np.float32) * np.float32(self.high - self.low) + np.float32(self.low)
+        y = np.multiply(np.asarray(n), np.float32(self.high - self.low), dtype=np.float32)
+        y += np.float32(self.low)
         if self.gain > 0:
             a = self.gain
-            photons = _gat_inverse(y.astype(np.float64)) - self.read_var / a**2
-            y = (a * photons).astype(np.float32)
-        return (y + np.float32(self.offset)).astype(np.float32)
+            y = _gat_inverse(y)  # float32 in, float32 out: ample for camera values
+            y -= np.float32(self.read_var / a**2)
+            y *= np.float32(a)
+        y += np.float32(self.offset)
+        return y
 
     def as_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
@@ -237,6 +259,10 @@ class OnnxRuntimeBackend:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
+        # all graph optimisations (conv + activation fusion, layout transforms), one operator
+        # at a time (the graph is a chain: parallelism is inside each convolution)
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         if threads:
             opts.intra_op_num_threads = int(threads)
         available = ort.get_available_providers()

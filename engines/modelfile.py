@@ -97,6 +97,8 @@ class ModelFile:
 
         arch = {"name": "unet2d", "in_channels": net.in_channels, "depth": net.depth,
                 "base": net.base, "max_channels": net.max_channels}
+        if getattr(net, "unshuffle", 1) > 1:  # depth then counts the unshuffle too (size multiple)
+            arch["unshuffle"] = int(net.unshuffle)
         weights = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in net.state_dict().items()}
         meta = dict(metadata)
         meta.update(

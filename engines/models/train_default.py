@@ -1,13 +1,16 @@
 """Train livescope's shipped default denoising model, and evaluate it honestly on real data.
 
-    python engines/models/train_default.py                 # recipe n2v: the shipped denoise_default.lsm
-    python engines/models/train_default.py --recipe supervised --out /tmp/sup.lsm  # measured, not shipped
+The shipped ``denoise_default.lsm`` (recipe ``supervised``, pixel-unshuffled U-Net), in two
+learning-rate cycles on one torch thread (the second continues from the first on fresh crops)::
 
-Recipe ``n2v`` (the shipped model): Noise2Void on ONE W2S noisy input (``--w2s-train``),
-evaluated on the other pair.
+    python engines/models/train_default.py --recipe supervised --base 32 --unshuffle 2 --minutes 16 --out /tmp/a.lsm
+    python engines/models/train_default.py --recipe supervised --base 32 --unshuffle 2 --init /tmp/a.lsm \
+        --lr 1e-3 --seed 1 --minutes 18 --out engines/models/denoise_default.lsm
 
-Recipe ``supervised`` (better on both W2S pairs, not shipped yet: the trust engine's thresholds
-and its out-of-distribution tests were measured with the n2v model; see docs/denoising.md): clean images that are neither W2S image, made noisy
+    python engines/models/train_default.py --out /tmp/n2v.lsm   # recipe n2v: the earlier default
+
+Recipe ``supervised`` (the shipped model; better than the best-sigma Gaussian on both W2S pairs,
+trained on neither; see docs/denoising.md): clean images that are neither W2S image, made noisy
 on the fly and learnt back (supervised "crappify", as ``fit(clean=...)`` but through the
 engine's own normalisation):
 
@@ -25,8 +28,9 @@ the noise model is then FITTED from that frame and the frame normalised exactly 
 does at inference (generalised Anscombe, percentiles), so the network sees unit-variance noise;
 the target is the value the engine's unbiased inverse maps to the clean frame.
 
-Recipe ``n2v`` (the earlier shipped model): Noise2Void on ONE noisy W2S frame (``--w2s-train``),
-optionally with the cell time-lapse (``--with-cells``, Noise2Void plus temporal pairs).
+Recipe ``n2v`` (the earlier shipped model, until the supervised one replaced it): Noise2Void on
+ONE noisy W2S frame (``--w2s-train``), evaluated on the other pair, optionally with the cell
+time-lapse (``--with-cells``, Noise2Void plus temporal pairs).
 
 Evaluation: the W2S pairs the model never saw (noisy input vs its 400-frame average, PSNR and
 SSIM after an affine fit to the target), against the best-sigma Gaussian filter: both pairs for
@@ -210,8 +214,12 @@ def feature_frames(pool: list[np.ndarray], *, frames: int = 24, size: int = 128,
 
 
 def fit_supervised(pool: list[np.ndarray], *, base: int, depth: int, steps: int, batch: int, patch: int,
-                   lr: float, time_budget_s: float, seed: int, description: str):
-    """Supervised fit on crappified clean images; returns (ModelFile, losses, seconds)."""
+                   lr: float, time_budget_s: float, seed: int, description: str, unshuffle: int = 1,
+                   init: object = None):
+    """Supervised fit on crappified clean images; returns (ModelFile, losses, seconds).
+
+    ``init``: a ModelFile of the same architecture to continue from (a second learning-rate
+    cycle on fresh crops); its training record is kept under ``continued_from``."""
     import torch
     from tqdm.auto import tqdm
 
@@ -221,7 +229,9 @@ def fit_supervised(pool: list[np.ndarray], *, base: int, depth: int, steps: int,
 
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    net = UNet(1, base, depth, 64)
+    net = UNet(1, base, depth, 64, unshuffle=unshuffle)
+    if init is not None:
+        net.load_state_dict(init.build_torch().state_dict())
     size = min(128, *(min(p.shape) for p in pool))  # the frame the noise model is fitted on
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     losses: list[float] = []
@@ -271,6 +281,10 @@ def fit_supervised(pool: list[np.ndarray], *, base: int, depth: int, steps: int,
         "normalisation": {"vst": True, "percentiles": [1.0, 99.8],
                           "rule": "offset, generalised Anscombe with fitted or given gain, percentiles"},
     }
+    if init is not None:
+        before = dict(init.metadata.get("training", {}))
+        meta["training"]["continued_from"] = before
+        meta["training"]["steps_total"] = len(losses) + int(before.get("steps_total", before.get("steps", 0)))
     feats = [normalised_features(f, n, shifts=True) for f, n in feature_frames(pool, seed=seed + 1)]
     meta["training_features"] = feature_statistics(feats, description="crappified training frames")
     return ModelFile.from_net(net, meta), losses, seconds
@@ -279,16 +293,23 @@ def fit_supervised(pool: list[np.ndarray], *, base: int, depth: int, steps: int,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="n2v", choices=("n2v", "supervised"),
-                   help="n2v: the shipped model (Noise2Void on one W2S input); supervised: crappified sim + "
-                        "cell frames, measured better on both W2S pairs but not shipped yet (docs/denoising.md)")
+                   help="supervised: the shipped model (crappified sim + cell frames; the commands are in the "
+                        "docstring); n2v: the earlier default (Noise2Void on one W2S input)")
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     p.add_argument("--w2s-train", default="035_1", choices=W2S, help="n2v: the W2S noisy input to fit on")
-    p.add_argument("--out", type=Path, default=HERE / "denoise_default.lsm")
+    p.add_argument("--out", type=Path, required=True,
+                   help="where to write the model (engines/models/denoise_default.lsm is the shipped one)")
     p.add_argument("--steps", type=int, default=None, help="default: 4000 (n2v), 20000 (supervised)")
     p.add_argument("--minutes", type=float, default=None,
                    help="stop early after this long; default: 6 (n2v), 16 (supervised)")
     p.add_argument("--base", type=int, default=16)
     p.add_argument("--depth", type=int, default=3)
+    p.add_argument("--unshuffle", type=int, default=1,
+                   help="supervised: pixel-unshuffle factor at the input (2: the levels run at half resolution on "
+                        "4x the channels, no full-resolution layer; the shipped model)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="supervised: continue from this model file (same architecture), a second cycle")
+    p.add_argument("--lr", type=float, default=2e-3, help="supervised: peak learning rate")
     p.add_argument("--batch", type=int, default=8, help="supervised: crops per step")
     p.add_argument("--patch", type=int, default=96, help="supervised: crop size the loss sees")
     p.add_argument("--sim-images", type=int, default=48, help="supervised: noise-free sim frames")
@@ -301,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     import tifffile
     import torch
 
+    from livescope.engines import modelfile
     from livescope.engines.fit import fit
     from livescope.engines.unet import flops_and_traffic
 
@@ -316,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         held_out = list(W2S)
         pool, described = clean_pool(args.data, sim_images=args.sim_images, seed=args.seed)
         model, losses, _ = fit_supervised(pool, base=args.base, depth=args.depth, steps=steps, batch=args.batch,
-                                          patch=args.patch, lr=2e-3, time_budget_s=60 * minutes, seed=args.seed,
+                                          patch=args.patch, lr=args.lr, time_budget_s=60 * minutes, seed=args.seed,
+                                          unshuffle=args.unshuffle,
+                                          init=modelfile.load(args.init) if args.init else None,
                                           description="supervised on crappified clean images: " + "; ".join(described))
     else:
         held_out = [k for k in W2S if k != args.w2s_train]

@@ -171,6 +171,24 @@ def test_onnx_matches_torch():
     np.testing.assert_allclose(y_onnx, y_torch, atol=1e-4, rtol=0)
 
 
+def test_unshuffled_unet_roundtrips_and_matches_torch(tmp_path):
+    """The shipped architecture: pixel unshuffle at the input (the levels at half resolution on
+    4x the channels), shuffled back at the head. Size multiple counts the unshuffle."""
+    torch.manual_seed(1)
+    net = UNet(1, base=8, depth=2, unshuffle=2)
+    assert net.depth == 3 and net.levels == 2
+    m = ModelFile.from_net(net, {"training": {"data": "random weights (test)"}})
+    assert m.arch["unshuffle"] == 2 and m.multiple == 8
+    back = modelfile.load(m.save(tmp_path / "u2.lsm"))
+    x = np.random.default_rng(0).random((1, 1, 48, 72), dtype=np.float32)
+    y_torch = TorchBackend(back).run(x)  # rebuilt from the file's architecture and weights
+    with torch.no_grad():
+        y_net = net.eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(y_torch, y_net, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(OnnxRuntimeBackend(back).run(x), y_torch, atol=1e-4, rtol=0)
+    assert y_torch.shape == (1, 1, 48, 72)
+
+
 def test_tiles_stitch_without_seams():
     m = _model(depth=2, base=8)
     backend = OnnxRuntimeBackend(m)
@@ -413,7 +431,8 @@ def _held_out_w2s():
         pytest.skip(f"real W2S pairs not found at {pairs}")
     meta = modelfile.load(None).metadata["training"]
     held_out = [k for k in ("035_1", "085_1") if k not in meta["data"]]
-    assert held_out, "the shipped model must leave a W2S pair out for evaluation"
+    # the shipped (supervised) model was trained on neither W2S image: both pairs are held out
+    assert held_out == ["035_1", "085_1"], f"the shipped model must leave both W2S pairs out ({meta['data']})"
     scores = {}
     for key in held_out:
         noisy = tifffile.imread(pairs / f"input_avg1_{key}.tif")
@@ -433,9 +452,12 @@ def test_shipped_model_denoises_held_out_w2s():
         assert ours > gauss - 1.0, (key, ours, gauss)
 
 
-def test_shipped_model_beats_best_gaussian_on_held_out_w2s():
-    # measured: 29.73 dB against the best Gaussian's 29.64 on 085_1 (docs/denoising.md)
-    for key, (ours, gauss, _) in _held_out_w2s().items():
+def test_shipped_model_beats_best_gaussian_on_both_w2s_pairs():
+    # PSNR after an affine fit to the 400-frame average, against the Gaussian whose sigma was
+    # chosen on that target; measured in docs/denoising.md (The shipped default model)
+    scores = _held_out_w2s()
+    assert set(scores) == {"035_1", "085_1"}
+    for key, (ours, gauss, _) in scores.items():
         assert ours > gauss, (key, ours, gauss)
 
 
