@@ -39,6 +39,8 @@ def sigma_map(shape):
 
 
 def field_blur(obj):
+    if S1 == S0:  # --fixed: one blur everywhere
+        return ndimage.gaussian_filter(obj, S0, mode="reflect")
     sig = sigma_map(obj.shape)
     levels = np.linspace(S0, S1, 5)
     copies = np.stack([ndimage.gaussian_filter(obj, s, mode="reflect") for s in levels])
@@ -50,6 +52,8 @@ def field_blur(obj):
 
 
 def psf_grid(shape, n=3):
+    if S1 == S0:  # --fixed: the one PSF (the "per-region" rows are then single-PSF)
+        return gaussian_psf(S0)
     sig = sigma_map(shape)
     cy = ((np.arange(n) + 0.5) * shape[0] / n - 0.5).round().astype(int)
     cx = ((np.arange(n) + 0.5) * shape[1] / n - 0.5).round().astype(int)
@@ -103,7 +107,12 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--teacher", default="rl3", help="wbN or rlN: the per-region teacher and its iterations")
     ap.add_argument("--quality-only", action="store_true", help="skip the speed and FLOP tables")
+    ap.add_argument("--fixed", type=float, default=None, metavar="SIGMA",
+                    help="one blur of SIGMA px everywhere instead of 1 -> 3 px (the fixed-blur half)")
     args = ap.parse_args(argv)
+    global S0, S1
+    if args.fixed is not None:
+        S0 = S1 = float(args.fixed)
     if not DATA.is_dir():
         sys.exit(f"{DATA} missing: the shared real data set is needed")
     rng = np.random.default_rng(0)
@@ -158,7 +167,8 @@ def main(argv=None):
         "net, task restore (onnxruntime)": lambda d: nets["restore"].restore(d, check=False)[0],
     }
     frames = [(np.maximum(f - OFFSET, 0), o) for s, o in zip(test, test_obj) for f in s]
-    print(f"\n### Quality: field-varying blur (sigma {S0} -> {S1} px), {F}x{F}, peak {args.peak:g} photons, "
+    blur_name = f"fixed blur (sigma {S0} px)" if S0 == S1 else f"field-varying blur (sigma {S0} -> {S1} px)"
+    print(f"\n### Quality: {blur_name}, {F}x{F}, peak {args.peak:g} photons, "
           f"{len(frames)} held-back frames of 085_1\n")
     print("| method | PSNR vs object (dB) | PSNR vs teacher (dB) | s/frame |")
     print("|---|---|---|---|")

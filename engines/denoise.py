@@ -251,6 +251,11 @@ class Denoise:
 
     def _open(self, path: str | None) -> _Loaded:
         model = modelfile.load(path)
+        if model.task != "denoise":
+            # a deconvolution model normalises differently and predicts a correction: refuse it
+            raise EngineError(f"{path} is a {model.task!r} model, not a denoiser: run it with the "
+                              "restore engine or deconvolve method=net, or give denoise a model fitted "
+                              "with `livescope fit` (task denoise)")
         options: dict[str, Any] = {"shape": self._input_shape(model), "threads": self.threads}
         if self.backend in ("auto", "tensorrt") and _tensorrt_installed():
             # a TensorRT build takes seconds to minutes: serve with the next backend meanwhile

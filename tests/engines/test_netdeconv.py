@@ -302,6 +302,11 @@ def test_deconvolve_engine_method_net_and_model_file(trained) -> None:
     assert loaded.task == "deconvolve" and loaded.k == 0 and loaded.metadata["inputs"]["coordinates"] == 2
     with pytest.raises(Exception, match="model=PATH"):
         create_engine("deconvolve", method="net")
+    # and the denoiser refuses a deconvolution model (its normalisation and output differ)
+    den = create_engine("denoise", model=str(trained["path"]), backend="onnxruntime")
+    with pytest.raises(Exception, match="not a denoiser"):
+        den.setup(StreamSpec(shape=(FIELD, FIELD), camera_offset=OFFSET))
+        den.process(raw.astype(np.uint16), FrameInfo(seq=0))
 
 
 def test_old_model_files_still_load_as_denoisers() -> None:
