@@ -645,6 +645,8 @@ class Restore:
         result: dict[str, Any] = {self._output: outs[0] if data.ndim == 2 else np.stack(outs)}
         if self._output == "restored":  # a stack scores as its worst plane
             result["consistency"] = float("nan") if scores[0] is None else float(max(scores))  # type: ignore[type-var]
+            if thr is not None:  # the viewer's badge compares the score with it
+                result["consistency_threshold"] = float(thr)
         if events:
             result["events"] = events
         return result

@@ -225,6 +225,24 @@ def show_trust(frame_widget: Any, score: float | None, ok: float | None,
     label.setVisible(True)
 
 
+def show_consistency(frame_widget: Any, score: float | None, threshold: float | None) -> None:
+    """The learned restoration's consistency badge (docs/learned_deconvolution.md): the output
+    re-blurred with the PSF against the raw frame; green while the score stays under the
+    model's threshold, red above it (an event was raised too). Shares the trust badge's place:
+    a panel scored by a ``trust`` engine keeps that badge."""
+    label = frame_widget.trust
+    if score is None or not math.isfinite(score):
+        return
+    good = threshold is None or score <= threshold
+    limit = "" if threshold is None else f" / {threshold:.2f}"
+    label.setText(("consistent " if good else "inconsistent ") + f"{score:.2f}{limit}")
+    label.setStyleSheet(f"color:{COLORS['ok'] if good else COLORS['bad']}; font-weight:bold;")
+    label.setToolTip("consistency of the network's output with this raw frame (re-blurred with the "
+                     "PSF, standardised residual; ~1 or below for frames like the training ones); "
+                     + ("below" if good else "above") + " the model's threshold")
+    label.setVisible(True)
+
+
 class ImagePanel:
     """One product: newest frame, levels (auto or set by hand on the histogram), colour map."""
 

@@ -547,6 +547,11 @@ class LiveViewer:
                     if scalars.get(f"trust_{product}_{check}") is not None:
                         sampled[check] = float(scalars[f"trust_{product}_{check}"])
                 show_trust(panel.widget, float(score), scalars.get(f"trust_{product}_ok"), sampled)
+            elif product == "restored" and panel is not None and scalars.get("consistency") is not None:
+                from .panels import show_consistency
+
+                thr = scalars.get("consistency_threshold")
+                show_consistency(panel.widget, float(scalars["consistency"]), None if thr is None else float(thr))
             # one product's frames only: the products' previews leave at slightly different times
             novelty_from = next((d for d in DECOMPOSITION if any(k[0] == d for k in self.latest)), None)
             if "novelty" in scalars and product == novelty_from:

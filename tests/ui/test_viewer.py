@@ -488,6 +488,24 @@ def test_trust_badge_follows_the_trust_engines_scores(qtbot, viewer_factory, fre
         pub.close()
 
 
+def test_consistency_badge_follows_the_restore_engines_score(qtbot, viewer_factory, free_address):
+    addr, pub = _publisher(free_address)
+    v = viewer_factory(addr)
+    try:
+        arr = np.full((24, 24), 7.0, np.float32)
+
+        def frames(score):
+            return lambda seq: [("restored", arr, {"scalars": {"consistency": score, "consistency_threshold": 0.44}})]
+
+        badge = lambda: v.panels["restored"].widget.trust if "restored" in v.panels else None  # noqa: E731
+        start = _feed_until(qtbot, pub, frames(0.21),
+                            lambda: badge() is not None and badge().isVisible()
+                            and "consistent 0.21 / 0.44" in badge().text())
+        _feed_until(qtbot, pub, frames(5.5), lambda: "inconsistent 5.50 / 0.44" in badge().text(), start=start)
+    finally:
+        pub.close()
+
+
 def _grab_pixels(widget):
     q = widget.grab().toImage().convertToFormat(widget.grab().toImage().Format.Format_RGB888)
     h, w = q.height(), q.width()
