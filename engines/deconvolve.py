@@ -285,7 +285,7 @@ def _otf_dct(psf: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     centre = [n // 2 for n in psf.shape]
     quadrant = psf[tuple(slice(c, None) for c in centre)]
     if any(q >= n for q, n in zip(quadrant.shape, shape, strict=True)):
-        raise EngineError(f"PSF {psf.shape} reaches past the frame {shape}: use boundary='reflect'")
+        raise EngineError(_dct_refused(f"the PSF {tuple(psf.shape)} reaches past the frame {tuple(shape)}"))
     grid = np.zeros([n + 1 for n in shape], dtype=np.float64)
     grid[tuple(slice(0, q) for q in quadrant.shape)] = quadrant
     lam = scipy.fft.dctn(grid, type=1)
@@ -333,8 +333,7 @@ class DCTPlan:
 
     def __init__(self, psf: np.ndarray, shape: tuple[int, ...], method: str, wb: dict[str, Any], xp: Any) -> None:
         if not is_mirror_symmetric(psf):
-            raise EngineError("boundary='dct' needs a mirror-symmetric PSF (a Gaussian or the widefield "
-                              "model); this one is not: use boundary='reflect' (or 'auto')")
+            raise EngineError(_dct_refused(_NOT_SYMMETRIC))
         otf = _otf_dct(psf, shape)
         bp = _back_projector_dct(otf, shape, method, wb)
         self.shape = shape
@@ -503,8 +502,7 @@ def deconvolve_array(
         pad = pd if pad is None else pad
     shape = tuple(int(n) for n in data.shape)
     pad = tuple(int(r) for r in pad)
-    if not (boundary == "dct" and ("dct", dct_shape(shape, pad)) in plans):  # a cached plan was checked
-        boundary = choose_boundary(psf, shape, fft, boundary)
+    boundary = choose_boundary(psf, shape, fft, boundary)
     if boundary == "dct":
         # the DCT itself continues the frame by reflection: no border, tiles start at the frame
         domain, pad = dct_shape(shape, pad), (0,) * len(shape)
@@ -550,26 +548,30 @@ def deconvolve_array(
     return out
 
 
+_NOT_SYMMETRIC = "the PSF is not mirror-symmetric (a measured PSF rarely is)"
+
+
+def _dct_refused(why: str) -> str:
+    return f"boundary='dct' cannot run here: {why}; use boundary='reflect' (or 'auto')"
+
+
 def choose_boundary(psf: np.ndarray, shape: Sequence[int], fft: Any, boundary: str = "auto") -> str:
     """``dct`` where it is exact and available (a mirror-symmetric PSF that fits in the frame,
-    an FFT module with a DCT), else ``reflect``; an explicit ``dct`` that cannot run is refused
-    with the reason."""
+    an FFT module with a DCT), else ``reflect``. An explicit ``dct`` is only checked for the DCT
+    here (cheap, every call): its PSF is checked once, when its :class:`DCTPlan` is built, and
+    refused there with the reason."""
     if boundary not in BOUNDARIES:
         raise EngineError(f"boundary must be one of {', '.join(BOUNDARIES)}; got {boundary!r}")
     if boundary == "reflect":
         return boundary
-    why = None
     if not has_dct(fft):
-        why = f"{getattr(fft, '__name__', fft)!s} has no DCT"
-    elif not is_mirror_symmetric(psf):
-        why = "the PSF is not mirror-symmetric (a measured PSF rarely is)"
-    elif any(n // 2 >= int(s) for n, s in zip(psf.shape, shape, strict=True)):
-        why = f"the PSF {tuple(psf.shape)} reaches past the frame {tuple(shape)}"
-    if why is None:
-        return "dct"
+        if boundary == "dct":
+            raise EngineError(_dct_refused(f"{getattr(fft, '__name__', fft)!s} has no DCT"))
+        return "reflect"
     if boundary == "dct":
-        raise EngineError(f"boundary='dct' cannot run here: {why}; use boundary='reflect' (or 'auto')")
-    return "reflect"
+        return boundary
+    fits = all(n // 2 < int(s) for n, s in zip(psf.shape, shape, strict=True))
+    return "dct" if fits and is_mirror_symmetric(psf) else "reflect"
 
 
 def _tiled(run: Any, shape: tuple[int, ...], domain: tuple[int, ...], pad: tuple[int, ...],
@@ -761,6 +763,7 @@ class Deconvolve:
         self._plans: dict[tuple[int, ...], DeconvolutionPlan] = {}
         self._offset_used: float | None = None
         self._boundary_used: str | None = None
+        self._boundaries: dict[tuple[int, ...], str] = {}  # frame shape -> boundary (auto resolved)
         self._net: Any = None  # method="net": netdeconv.NetDeconvolve, built in setup
 
     # ---- protocol
@@ -798,7 +801,11 @@ class Deconvolve:
         offset = self._camera_offset(data)
         data = np.maximum(data - np.float32(offset), np.float32(0.0))
         xp_data = self._to_device(data)
-        self._boundary_used = choose_boundary(self._kernel, data.shape, _array.fft_module(xp_data), self.boundary)
+        used = self._boundaries.get(data.shape)  # the PSF's symmetry is checked once per shape, not per frame
+        if used is None:
+            used = self._boundaries[data.shape] = choose_boundary(
+                self._kernel, data.shape, _array.fft_module(xp_data), self.boundary)
+        self._boundary_used = used
         out = deconvolve_array(
             xp_data,
             self._kernel,
@@ -836,8 +843,8 @@ class Deconvolve:
                     self._prepare()
             if name == "offset":
                 self._offset_used = None
-            if name == "boundary":
-                self._plans = {}
+            if name in ("boundary", "device"):
+                self._plans, self._boundaries = {}, {}
             if name in ("model", "method", "offset"):
                 self._net = None  # reopened on the next frame
         except Exception:
@@ -971,7 +978,7 @@ class Deconvolve:
         self._wb = wb_parameters(kernel, self.alpha, self.beta, self.order, self.cutoff)
         self._footprint, self._pad = _reaches(kernel, self.method, self._wb, (1e-3, PAD_MASS))
         self._kernel = kernel
-        self._plans = {}
+        self._plans, self._boundaries = {}, {}
         log.info("deconvolve: %s; PSF %s, FWHM %s px", self._psf_source, kernel.shape,
                  tuple(round(f, 2) for f in self._wb["fwhm_px"]))  # fmt: skip
 
