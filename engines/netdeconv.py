@@ -342,7 +342,7 @@ def fit_deconvolution(
     model: modelfile.ModelFile | None = None, base: int = 16, depth: int = 3, max_channels: int = 64,
     batch: int = 8, patch: int = 64, lr: float = 2e-3, holdout: float = 0.2, seed: int = 0,
     progress: bool = False, callback: Callable[[int, float], None] | None = None,
-    threads: int | None = None, description: str = "", loss: str = "l1",
+    threads: int | None = None, description: str = "",
 ) -> FitResult:
     """Fit a network to the classical engine's results on ``frames`` (t, y, x) raw camera values
     (or a list of (y, x) frames, or a list of (t, y, x) time-lapses of several fields of view;
@@ -420,7 +420,7 @@ def fit_deconvolution(
             out[i, -1] = goals[t][win]
         return _augment(out, rng) if do_augment else out
 
-    if model is not None:  # a fitted model has the gain folded in: back to training units
+    if model is not None:  # into training units: net * RESIDUAL_GAIN gives the model's own output
         _scale_head(net, 1.0 / RESIDUAL_GAIN)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     losses: list[float] = []
@@ -438,12 +438,11 @@ def fit_deconvolution(
         # reaches in far fewer steps than the whole image; inference adds the input back
         pred = net(data_b[:, :-1]) * RESIDUAL_GAIN + data_b[:, :1]
         # L1: the teacher's output has heavy-tailed noise; the median is a steadier target
-        err = pred[:, 0] - data_b[:, -1]
-        value = err.abs().mean() if loss == "l1" else (err * err).mean()
+        loss = (pred[:, 0] - data_b[:, -1]).abs().mean()
         opt.zero_grad()
-        value.backward()
+        loss.backward()
         opt.step()
-        losses.append(float(value.detach()))
+        losses.append(float(loss.detach()))
         if callback is not None:
             callback(step, losses[-1])
         if progress and step % 50 == 0:
