@@ -99,6 +99,8 @@ class ModelFile:
                 "base": net.base, "max_channels": net.max_channels}
         if getattr(net, "unshuffle", 1) > 1:  # depth then counts the unshuffle too (size multiple)
             arch["unshuffle"] = int(net.unshuffle)
+        if getattr(net, "skip", "cat") != "cat":  # older readers know only concatenated skips
+            arch["skip"] = str(net.skip)
         weights = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in net.state_dict().items()}
         meta = dict(metadata)
         meta.update(

@@ -35,9 +35,15 @@ class UNet(nn.Module):
     """
 
     def __init__(self, in_channels: int = 1, base: int = 16, depth: int = 2, max_channels: int = 64,
-                 out_channels: int = 1, unshuffle: int = 1):
+                 out_channels: int = 1, unshuffle: int = 1, skip: str = "cat"):
         super().__init__()
+        if skip not in ("cat", "add"):
+            raise ValueError(f"skip must be 'cat' or 'add', not {skip!r}")
         self.in_channels = in_channels
+        # skip "cat": the decoder block sees [upsampled, skip] (2w channels); "add": their sum
+        # (w channels), which halves the FLOPs of each decoder block's first convolution, the
+        # largest layers of the network (19 % of the shipped denoiser's FLOPs).
+        self.skip = skip
         self.base = base
         self.max_channels = max_channels
         # unshuffle > 1: the levels run at 1/unshuffle of the resolution on unshuffle**2 times
@@ -64,7 +70,7 @@ class UNet(nn.Module):
         self.merge = nn.ModuleList()
         for i in reversed(range(depth)):
             self.up.append(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2))
-            self.merge.append(_block(2 * widths[i], widths[i]))
+            self.merge.append(_block(widths[i] * (2 if skip == "cat" else 1), widths[i]))
         self.head = nn.Conv2d(widths[0], out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +82,7 @@ class UNet(nn.Module):
             x = self.pool(x)
         x = self.bottom(x)
         for up, merge, skip in zip(self.up, self.merge, reversed(skips)):
-            x = merge(torch.cat([up(x), skip], dim=1))
+            x = merge(torch.cat([up(x), skip], dim=1) if self.skip == "cat" else up(x) + skip)
         return self.shuffle_out(self.head(x))
 
 
@@ -153,6 +159,7 @@ def build(arch: dict[str, Any]) -> nn.Module:
         depth=int(arch["depth"]) - (unshuffle.bit_length() - 1),
         max_channels=int(arch.get("max_channels", 64)),
         unshuffle=unshuffle,
+        skip=str(arch.get("skip", "cat")),
     )
 
 

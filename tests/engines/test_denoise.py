@@ -189,6 +189,28 @@ def test_unshuffled_unet_roundtrips_and_matches_torch(tmp_path):
     assert y_torch.shape == (1, 1, 48, 72)
 
 
+def test_added_skips_roundtrip_and_cost_less(tmp_path):
+    """skip="add": the decoder blocks see upsampled + skip (w channels, not 2w). The file
+    records it, every backend rebuilds it, and it has fewer FLOPs than concatenated skips."""
+    from livescope.engines.unet import build, flops_and_traffic
+
+    torch.manual_seed(2)
+    net = UNet(1, base=8, depth=2, unshuffle=2, skip="add")
+    m = ModelFile.from_net(net, {"training": {"data": "random weights (test)"}})
+    assert m.arch["skip"] == "add"
+    assert "skip" not in ModelFile.from_net(UNet(1, base=8, depth=2), {}).arch  # old readers
+    back = modelfile.load(m.save(tmp_path / "add.lsm"))
+    x = np.random.default_rng(3).random((1, 1, 40, 56), dtype=np.float32)
+    with torch.no_grad():
+        y_net = net.eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(TorchBackend(back).run(x), y_net, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(OnnxRuntimeBackend(back).run(x), y_net, atol=1e-4, rtol=0)
+    cat = flops_and_traffic(build({**m.arch, "skip": "cat"}), 64, 64)["flops"]
+    assert flops_and_traffic(net, 64, 64)["flops"] < 0.9 * cat
+    with pytest.raises(ValueError, match="'cat' or 'add'"):
+        UNet(1, skip="sum")
+
+
 def test_tiles_stitch_without_seams():
     m = _model(depth=2, base=8)
     backend = OnnxRuntimeBackend(m)
