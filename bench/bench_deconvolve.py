@@ -17,6 +17,11 @@ Prints markdown tables (copied into docs/deconvolution.md). Data: ../shared/data
 
 scikit-image's RL needs its input normalised to [0, 1] and ``clip=False`` (its default clip=True
 clips the estimate to [-1, 1] each iteration, which breaks RL on unnormalised data).
+
+RedLionfish (parts 1-3) runs in a venv of its own through bench/redlionfish_worker.py
+(``--redlionfish-python``, default /tmp/rlf-venv/bin/python; left out with a message where that
+is missing): its OpenCL RL, which on a machine without a GPU runs on pocl's CPU driver, and its
+scipy RL, both classic RL with periodic boundaries; each call timed inside its worker.
 """
 
 from __future__ import annotations
@@ -48,6 +53,73 @@ def timed(fn, repeat: int = 3, warm: bool = True):
     return out, best
 
 
+class RedLionfish:
+    """RedLionfish (Rosalind Franklin Institute) in its own venv, through bench/redlionfish_worker.py:
+    its OpenCL RL (on pocl's CPU driver where no GPU is present) and its scipy RL. Inputs go over
+    as .npy files once per ``load``; each call is timed inside the worker."""
+
+    def __init__(self, python: str) -> None:
+        import json
+        import subprocess
+        import tempfile
+
+        self._json = json
+        self.dir = Path(tempfile.mkdtemp(prefix="rlf-"))
+        worker = Path(__file__).with_name("redlionfish_worker.py")
+        self.proc = subprocess.Popen(
+            [python, str(worker), str(self.dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self.device = self._reply()["opencl_device"]
+
+    def _reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the RedLionfish worker died (see its traceback above)")
+        return self._json.loads(line)
+
+    def _ask(self, **req) -> dict:
+        self.proc.stdin.write(self._json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def load(self, data: np.ndarray, psf: np.ndarray) -> None:
+        """RedLionfish takes 3-D arrays only, and along an axis of size 1 it leaves the PSF
+        uncirculated (``circulify3D`` skips the whole array), which shifts every convolution by
+        half the frame: a 2-D frame goes over as two identical planes (a z-period of 2, which
+        the 1-plane PSF's convolution leaves unchanged), and plane 0 comes back."""
+        data = np.asarray(data, np.float32)
+        self.planar = data.ndim == 2
+        if self.planar:
+            data = np.stack([data, data])
+        np.save(self.dir / "data.npy", data)
+        np.save(self.dir / "psf.npy", np.asarray(psf, np.float32).reshape((-1, *psf.shape[-2:])))
+        self._ask(load=True)
+
+    def seconds(self, path: str, niter: int) -> float:
+        return float(self._ask(path=path, niter=niter)["seconds"])
+
+    def result(self, path: str, niter: int) -> np.ndarray:
+        self._ask(path=path, niter=niter, save=True)
+        out = np.load(self.dir / "out.npy")
+        return out[0] if self.planar else out
+
+    def close(self) -> None:
+        import shutil
+
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def start_redlionfish(python: str | None) -> RedLionfish | None:
+    if not python:
+        return None
+    if not Path(python).exists():
+        print(f"\n(RedLionfish not run: no interpreter at {python}; see bench/redlionfish_worker.py)\n")
+        return None
+    return RedLionfish(python)
+
+
 def blur(obj: np.ndarray, psf: np.ndarray) -> np.ndarray:
     p = max(psf.shape)
     out = scipy.signal.fftconvolve(np.pad(obj, p, mode="symmetric"), psf, mode="same")
@@ -65,7 +137,7 @@ def quality(est: np.ndarray, obj: np.ndarray) -> tuple[float, float]:
     )
 
 
-def part1(quick: bool) -> None:
+def part1(quick: bool, rlf: RedLionfish | None = None) -> None:
     from skimage.restoration import richardson_lucy
 
     obj = tifffile.imread(DATA / "w2s_pairs" / "target_avg400_085_1.tif").astype(np.float64)
@@ -107,12 +179,20 @@ def part1(quick: bool) -> None:
             lambda: richardson_lucy(data / scale, psf32, num_iter=it, clip=False), repeat=1 if it > 10 else 5
         )
         rows.append(("skimage RL", it, t, *quality(out * scale, obj)))
+    rlf_paths = {"opencl-warm": "RedLionfish RL, OpenCL (plan kept)", "scipy": "RedLionfish RL, scipy"}
+    if rlf is not None:
+        rlf.load(data, psf32)
+        for path, name in rlf_paths.items():
+            for it in [1, 2, 3, 5, 10, 20] if quick else [1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 40]:
+                out = rlf.result(path, it)
+                t = min(rlf.seconds(path, it) for _ in range(1 if it > 10 else 5))
+                rows.append((name, it, t, *quality(out, obj)))
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]:.4f} | {r[3]:.2f} | {r[4]:.4f} |")
     sk = [r for r in rows if r[0] == "skimage RL"]
     sk_best = max(sk, key=lambda r: r[3])
     print(f"\nBest skimage PSNR {sk_best[3]:.2f} dB at {sk_best[1]} iterations, {sk_best[2]:.4f} s.")
-    for name in ("livescope WB", "livescope RL"):
+    for name in ("livescope WB", "livescope RL", *(rlf_paths.values() if rlf else ())):
         reach = [r for r in rows if r[0] == name and r[3] >= sk_best[3] - 0.01]
         if reach:
             r = min(reach, key=lambda r: r[2])
@@ -134,12 +214,19 @@ def part1(quick: bool) -> None:
             contenders[f"livescope WB {it} it, {boundary} boundary"] = lambda it=it, b=boundary: D.deconvolve_array(
                 data, psf, iterations=it, wb=wb, plans=plans_wb, footprint=fp, pad=pad, boundary=b
             )
+    remote = {}  # contenders timed inside the RedLionfish worker: name -> (path, iterations)
+    if rlf is not None:
+        for path, name in (("opencl-warm", rlf_paths["opencl-warm"]), ("opencl", "RedLionfish RL, OpenCL, its API call")):
+            sweep = [r for r in rows if r[0] == rlf_paths["opencl-warm"]]
+            it = max(sweep, key=lambda r: r[3])[1]
+            remote[f"{name} {it} it (its best)"] = (path, it)
     contenders[f"floor of WB 1 it, dct: dctn + idctn {data.shape[0]}x{data.shape[1]}"] = dct_pair(data.shape)
     contenders[f"floor of WB 1 it, reflect: rfft + irfft {domain[0]}x{domain[1]}"] = fft_pair(domain)
     contenders[f"FFT pair on the bare {data.shape[0]}x{data.shape[1]} frame"] = fft_pair(data.shape)
     q = {k: quality(np.asarray(fn(), float) * (scale if k.startswith("skimage") else 1.0), obj)[0]
          for k, fn in contenders.items() if "floor" not in k and "pair" not in k}  # fmt: skip
-    times: dict[str, list[float]] = {k: [] for k in contenders}
+    q.update({k: quality(rlf.result(*pi), obj)[0] for k, pi in remote.items()})
+    times: dict[str, list[float]] = {k: [] for k in (*contenders, *remote)}
     for fn in contenders.values():
         fn()
     for _ in range(10 if quick else 30):
@@ -147,6 +234,8 @@ def part1(quick: bool) -> None:
             t = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t)
+        for k, pi in remote.items():
+            times[k].append(rlf.seconds(*pi))
     sk_key = next(iter(contenders))
     sk_min, sk_med = min(times[sk_key]), float(np.median(times[sk_key]))
     print(f"\nHead to head, interleaved, {len(times[sk_key])} rounds:\n")
@@ -192,14 +281,22 @@ def fft_pair(shape: tuple[int, ...]):
     return pair
 
 
-def part2(quick: bool) -> None:
+def part2(quick: bool, rlf: RedLionfish | None = None) -> None:
     print("\n### 2. Time with the engine's defaults (WB, 2 iterations, Gaussian PSF sigma 1.5 px)\n")
-    print("| data | livescope WB (s) | skimage RL, 10 iterations (s) |")
-    print("|---|---|---|")
+    cols = " RedLionfish RL, OpenCL (plan kept), 10 iterations (s) |" if rlf else ""
+    print(f"| data | livescope WB (s) | skimage RL, 10 iterations (s) |{cols}")
+    print("|---|---|---|" + ("---|" if rlf else ""))
     from skimage.restoration import richardson_lucy
 
     rng = np.random.default_rng(1)
     psf = P.gaussian_psf(1.5)
+
+    def rlf_cell(data: np.ndarray, psf: np.ndarray) -> str:
+        if rlf is None:
+            return ""
+        rlf.load(data, psf)
+        return f" {min(rlf.seconds('opencl-warm', 10) for _ in range(2)):.3f} |"  # load() warmed it
+
     for shape in [(512, 512), (2048, 2048)]:
         frame = rng.poisson(200, shape).astype(np.uint16)
         eng = create_engine("deconvolve", offset=0)
@@ -208,19 +305,21 @@ def part2(quick: bool) -> None:
         _, t = timed(lambda: eng.process(frame, FrameInfo(seq=1)), repeat=5)
         f = frame.astype(np.float32) / frame.max()
         _, tsk = timed(lambda: richardson_lucy(f, psf, num_iter=10, clip=False), repeat=1, warm=False)
-        print(f"| frame {shape[0]}x{shape[1]} | {t:.4f} | {tsk:.3f} |")
+        print(f"| frame {shape[0]}x{shape[1]} | {t:.4f} | {tsk:.3f} |{rlf_cell(frame, P.crop_psf(psf))}")
     nz = 16 if quick else 64
     stack = rng.poisson(200, (nz, 512, 512)).astype(np.uint16)
     eng = create_engine("deconvolve", offset=0)
     eng.setup(StreamSpec(shape=(512, 512)))
     eng.process(stack[0], FrameInfo(seq=0))
     _, t = timed(lambda: [eng.process(p, FrameInfo(seq=1)) for p in stack], repeat=1, warm=False)
-    print(f"| stack {nz}x512x512, plane by plane | {t:.2f} | |")
+    print(f"| stack {nz}x512x512, plane by plane | {t:.2f} | |" + (" |" if rlf else ""))
     vol = create_engine("deconvolve", offset=0, volume=True)
     vol.setup(StreamSpec(shape=stack.shape))
     _, t_first = timed(lambda: vol.process(stack, FrameInfo(seq=0)), repeat=1, warm=False)
     _, t = timed(lambda: vol.process(stack, FrameInfo(seq=1)), repeat=1, warm=False)
-    print(f"| stack {nz}x512x512 as one 3-D volume (sigma_z 2 planes) | {t:.2f} (first, with OTF: {t_first:.2f}) | |")
+    # the same 3-D Gaussian the engine's volume default builds (sigma 1.5 px laterally, 2 planes in z)
+    cell = rlf_cell(stack, P.crop_psf(P.gaussian_psf((2.0, 1.5, 1.5), ndim=3)))
+    print(f"| stack {nz}x512x512 as one 3-D volume (sigma_z 2 planes) | {t:.2f} (first, with OTF: {t_first:.2f}) | |{cell}")
 
 
 def fwhm_of_brightest(vol: np.ndarray) -> tuple[float, float]:
@@ -234,7 +333,7 @@ def fwhm_of_brightest(vol: np.ndarray) -> tuple[float, float]:
     return fy * 0.022, fz * 0.125
 
 
-def part3(quick: bool) -> None:
+def part3(quick: bool, rlf: RedLionfish | None = None) -> None:
     from skimage.restoration import richardson_lucy
 
     print("\n### 3. Real 3-D data, PSF measured from the same beads (voxel 0.022 x 0.022 x 0.125 um)\n")
@@ -257,6 +356,13 @@ def part3(quick: bool) -> None:
     out, t = timed(lambda: richardson_lucy(b / sc, psf, num_iter=20, clip=False), repeat=1, warm=False)
     fy, fz = fwhm_of_brightest(out * sc)
     print(f"| beads | skimage RL 20 it | {t:.2f} | FWHM {fy:.3f} um lateral, {fz:.3f} um axial |")
+    if rlf is not None:  # its own API call, as a user runs it on a stack (context, plan and all)
+        rlf.load(b, psf)
+        for path in ("opencl", "scipy"):
+            out = rlf.result(path, 20)
+            fy, fz = fwhm_of_brightest(out)
+            t = rlf.seconds(path, 20)
+            print(f"| beads | RedLionfish RL 20 it, {path} | {t:.2f} | FWHM {fy:.3f} um lateral, {fz:.3f} um axial |")
 
     def contrast(v: np.ndarray) -> float:
         # vertical lines: the profile along x of the brightest plane, averaged over y
@@ -274,6 +380,12 @@ def part3(quick: bool) -> None:
     g = np.clip(grid - g_off, 0, None)
     out, t = timed(lambda: richardson_lucy(g / g.max(), psf, num_iter=20, clip=False), repeat=1, warm=False)
     print(f"| line grid | skimage RL 20 it | {t:.2f} | line contrast {contrast(out):.3f} |")
+    if rlf is not None:
+        rlf.load(g, psf)
+        for path in ("opencl", "scipy"):
+            out = rlf.result(path, 20)
+            t = rlf.seconds(path, 20)
+            print(f"| line grid | RedLionfish RL 20 it, {path} | {t:.2f} | line contrast {contrast(out):.3f} |")
 
 
 def part4(quick: bool) -> None:
@@ -341,15 +453,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer iterations, a 16-plane stack")
     ap.add_argument("--part", type=int, choices=(1, 2, 3, 4), action="append", help="run only these parts")
+    ap.add_argument(
+        "--redlionfish-python",
+        default="/tmp/rlf-venv/bin/python",
+        help="interpreter of a venv with RedLionfish (see bench/redlionfish_worker.py); '' to leave it out",
+    )
     args = ap.parse_args()
     parts = set(args.part or (1, 2, 3, 4))
+    rlf = start_redlionfish(args.redlionfish_python) if parts & {1, 2, 3} else None
     import os
     import platform
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; numpy {np.__version__}")
+    if rlf is not None:
+        print(f"RedLionfish's OpenCL device: {rlf.device}")
     for n, part in ((1, part1), (2, part2), (3, part3), (4, part4)):
         if n in parts:
-            part(args.quick)
+            part(args.quick, rlf) if n in (1, 2, 3) else part(args.quick)
+    if rlf is not None:
+        rlf.close()
 
 
 if __name__ == "__main__":
