@@ -28,6 +28,11 @@ transforms, not 4). Edges, two ways (``boundary``):
 - ``reflect`` (any PSF): the frame is padded by reflection by the reach of one RL step (99 % of
   its light, :func:`edge_pad`) and rounded up to a 5-smooth FFT length, so the periodic FFT does
   not wrap one edge's light onto the other (OTFs in the real-FFT half spectrum).
+- ``periodic`` (any PSF; only when asked for): the bare frame or stack, no padding: each edge
+  sees the opposite one. Right where the borders are empty (beads, sparse cells on a dark
+  background: a measured bead PSF's padding made 41x150x150 into 120x300x270 voxels, 10x the
+  work); wrong where structure touches an edge (a full-field frame lost 3-6 dB that way,
+  docs/deconvolution.md). Never chosen by ``auto``.
 
 Frames larger than the memory budget are split into overlapping tiles cut from the same
 extended domain and stitched by cropping; the overlap grows with the iterations, because each RL
@@ -82,7 +87,7 @@ DEFAULT_ALPHA = 1e-2  # Wiener constant; chosen on simulations (docs/deconvoluti
 DEFAULT_ORDER = 10  # Butterworth order n in (k/kc)^(2n); Guo et al.'s code default
 BYTES_PER_VOXEL = 40  # float32 estimate, data, blurred, ratio + two complex64 half spectra + FFT scratch
 TINY = 1e-6  # below this the blurred estimate is taken as zero (data are photon-like counts)
-BOUNDARIES = ("auto", "dct", "reflect")
+BOUNDARIES = ("auto", "dct", "reflect", "periodic")
 SYMMETRY_TOL = 1e-6  # a PSF is mirror-symmetric when flipping any axis moves it by less (of its peak)
 
 
@@ -487,8 +492,8 @@ def deconvolve_array(
     per-axis reach of one RL step (PSF plus back projector, 99.9 % of its light: the tiles'
     overlap) and ``pad`` the reflected border of the ``reflect`` boundary (99 % of it,
     :func:`edge_pad`); all are derived here when not given. ``boundary``: ``dct`` (exact mirror
-    extension, no padding; mirror-symmetric PSFs), ``reflect`` (padding; any PSF) or ``auto``
-    (:func:`choose_boundary`).
+    extension, no padding; mirror-symmetric PSFs), ``reflect`` (padding; any PSF), ``periodic``
+    (no padding, edges wrap: data with empty borders) or ``auto`` (:func:`choose_boundary`).
     """
     xp = _array.namespace(data)
     fft = _array.fft_module(data)
@@ -507,6 +512,12 @@ def deconvolve_array(
         # the DCT itself continues the frame by reflection: no border, tiles start at the frame
         domain, pad = dct_shape(shape, pad), (0,) * len(shape)
         plan_cls: type[DeconvolutionPlan] | type[DCTPlan] = DCTPlan
+    elif boundary == "periodic":
+        # the bare frame is the period: tiles wrap around it, no border to crop
+        if any(p > n for p, n in zip(psf.shape, shape, strict=True)):
+            raise EngineError(f"boundary='periodic' needs the PSF {tuple(psf.shape)} to fit in the frame "
+                              f"{shape}; use boundary='reflect' (or 'auto')")  # fmt: skip
+        domain, pad, plan_cls = shape, (0,) * len(shape), DeconvolutionPlan
     else:
         # the padded, periodic domain every tile is cut from: reflection beyond the edges
         domain, plan_cls = padded_shape(shape, pad), DeconvolutionPlan
@@ -562,7 +573,7 @@ def choose_boundary(psf: np.ndarray, shape: Sequence[int], fft: Any, boundary: s
     refused there with the reason."""
     if boundary not in BOUNDARIES:
         raise EngineError(f"boundary must be one of {', '.join(BOUNDARIES)}; got {boundary!r}")
-    if boundary == "reflect":
+    if boundary in ("reflect", "periodic"):
         return boundary
     if not has_dct(fft):
         if boundary == "dct":
