@@ -1,10 +1,13 @@
 """Train livescope's shipped default denoising model, and evaluate it honestly on real data.
 
 The shipped ``denoise_default.lsm`` (recipe ``supervised``, pixel-unshuffled U-Net with added,
-not concatenated, skips), in one learning-rate cycle of 50 minutes on one torch thread::
+not concatenated, skips), in two learning-rate cycles (50 + 22 minutes) on one torch thread, the
+second continuing from the first on fresh crops::
 
     python engines/models/train_default.py --recipe supervised --base 32 --unshuffle 2 --skip add \
-        --minutes 50 --seed 3 --out engines/models/denoise_default.lsm
+        --minutes 50 --seed 3 --out /tmp/b.lsm
+    python engines/models/train_default.py --recipe supervised --base 32 --unshuffle 2 --skip add \
+        --init /tmp/b.lsm --lr 1e-3 --seed 5 --minutes 22 --out engines/models/denoise_default.lsm
 
 The model shipped before it (concatenated skips, 12.55 GFLOP per 512x512 frame), in two cycles::
 

@@ -63,7 +63,9 @@ def test_events_switch_a_running_mda_to_fast_and_back(free_address):
     times = np.array([acquired[t][0] for t in range(20)])
     gaps = np.diff(times)
     assert np.all(gaps[first_fast: first_fast + 5] < 0.2)
-    assert np.all(gaps[:4] > 0.45)
+    # slow frames are scheduled from the MDA's start, so a late first frame (cold start, a busy
+    # machine: seen 0.17 s) shortens only the first gap; the ones after it show the slow interval
+    assert np.all(gaps[1:5] > 0.45), gaps[:5]
     # the trigger is recorded with the event's seq, and the switch did not wait out the slow interval
     trigger = policy.switches[0][2]
     assert trigger["seq"] == 5 and trigger["event_id"] == 1
