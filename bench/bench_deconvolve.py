@@ -404,7 +404,7 @@ def part3(quick: bool, rlf: RedLionfish | None = None) -> None:
             print(f"| line grid | RedLionfish RL 20 it, {path} | {t:.2f} | line contrast {contrast(out):.3f} |")
 
 
-def part4(quick: bool) -> None:
+def part4(quick: bool, rlf: RedLionfish | None = None) -> None:  # noqa: ARG001  RedLionfish has no WB
     """Issue #4 goal (b): WB 2 iterations against matched RL at its best on the synthetic scene of
     tests/engines/test_deconvolve.py, over the back projector's parameters."""
     import itertools
@@ -485,7 +485,7 @@ def main() -> None:
         print(f"RedLionfish's OpenCL device: {rlf.device}")
     for n, part in ((1, part1), (2, part2), (3, part3), (4, part4)):
         if n in parts:
-            part(args.quick, rlf) if n in (1, 2, 3) else part(args.quick)
+            part(args.quick, rlf)
     if rlf is not None:
         rlf.close()
 

@@ -1,15 +1,15 @@
 """Denoising speed, head to head: denoising models and BM3D, round after round, in one run.
 
     python bench/bench_denoise_speed.py                                 # shipped model vs BM3D
-    python bench/bench_denoise_speed.py --model old.lsm --rounds 12     # and another model file
-    git show HEAD~1:engines/models/denoise_default.lsm > /tmp/old.lsm   # e.g. the previous default
+    python bench/bench_denoise_speed.py --model /tmp/old.lsm --rounds 8 # and another model file
+    git show d71f73d:engines/models/denoise_default.lsm > /tmp/old.lsm  # the concatenated-skip model
 
 A machine's speed drifts within minutes (other jobs, clocks), so a model timed now and BM3D timed
 a minute later give a ratio that drifts too. Here every contender lives in its own process (two
 ONNX Runtime sessions in one process disturb each other's thread pools) and they take turns:
 each round, each contender denoises ``--frames`` 512x512 frames (BM3D: one, the W2S 085_1 noisy
-input at its tuned sigma, 1.5 x ``estimate_sigma``, as bench/bench_denoise.py runs it), and reports its own per-frame times. The
-table gives each one's median and best frame, and the median over rounds of BM3D's time over
+input at its tuned sigma, 1.5 x ``estimate_sigma``, as bench/bench_denoise.py runs it), and
+reports its own per-frame times. The table gives each one's median and best frame, and the median over rounds of BM3D's time over
 each model's time in the same round. Needs ``pip install -e ".[bench]"`` (bm3d, PyWavelets).
 """
 

@@ -152,19 +152,25 @@ def test_tiled_equals_untiled(boundary: str) -> None:
         assert diff < 1e-5, (method, diff)  # measured 6e-7 (reflect), 9e-7 (dct): float32 rounding
 
 
-def periodic_rl(data: np.ndarray, psf: np.ndarray, iterations: int) -> np.ndarray:
-    """Textbook RL with circular convolutions (numpy.fft, float64), written independently of the
-    engine: matched back projector (the PSF's adjoint), flat start, the PSF's centre at the origin."""
-    grid = np.zeros(data.shape)
+def circular_otf(psf: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Full-spectrum OTF of a normalised PSF on ``shape``, its centre pixel at the origin
+    (numpy.fft, float64; written independently of the engine)."""
+    grid = np.zeros(shape)
     grid[tuple(slice(0, n) for n in psf.shape)] = psf / psf.sum()
-    otf = np.fft.fftn(np.roll(grid, [-(n // 2) for n in psf.shape], axis=tuple(range(psf.ndim))))
+    return np.fft.fftn(np.roll(grid, [-(n // 2) for n in psf.shape], axis=tuple(range(psf.ndim))))
 
-    def conv(a: np.ndarray, h: np.ndarray) -> np.ndarray:
-        return np.real(np.fft.ifftn(np.fft.fftn(a) * h))
 
+def circular_conv(a: np.ndarray, otf: np.ndarray) -> np.ndarray:
+    return np.real(np.fft.ifftn(np.fft.fftn(a) * otf))
+
+
+def periodic_rl(data: np.ndarray, psf: np.ndarray, iterations: int) -> np.ndarray:
+    """Textbook RL with circular convolutions: matched back projector (the PSF's adjoint), flat
+    start."""
+    otf = circular_otf(psf, data.shape)
     est = np.full(data.shape, data.mean())
     for _ in range(iterations):
-        est = est * conv(data / np.maximum(conv(est, otf), 1e-12), np.conj(otf))
+        est = est * circular_conv(data / np.maximum(circular_conv(est, otf), 1e-12), np.conj(otf))
     return est
 
 
@@ -173,10 +179,7 @@ def test_periodic_boundary_is_textbook_circular_rl_and_right_for_periodic_data()
     psf = P.gaussian_psf(1.5)
     lopsided = np.roll(psf, 1, axis=1) * 0.3 + psf * 0.7  # a measured-looking, asymmetric PSF
     lopsided /= lopsided.sum()
-    blurred = np.real(  # the periodic image formation model
-        np.fft.ifftn(np.fft.fftn(obj) * np.fft.fftn(np.roll(
-            np.pad(lopsided, [(0, 96 - n) for n in lopsided.shape]),
-            [-(n // 2) for n in lopsided.shape], axis=(0, 1)))))  # fmt: skip
+    blurred = circular_conv(obj, circular_otf(lopsided, obj.shape))  # the periodic image model
     for its in (1, 3, 10):
         ours = run(blurred, lopsided, its, "rl", boundary="periodic", conserve_flux=False)
         ref = periodic_rl(blurred, lopsided, its)
