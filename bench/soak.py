@@ -56,6 +56,24 @@ def slope_mb_per_min(samples: list[tuple[float, float]], warmup_s: float) -> flo
     return float(np.polyfit(pts[:, 0], pts[:, 1], 1)[0] * 60)
 
 
+def robust_slope_mb_per_min(samples: list[tuple[float, float]], warmup_s: float) -> float:
+    """Theil-Sen slope (median of pairwise slopes) after warm-up, in MB/min.
+
+    RSS after warm-up is a flat floor with short spikes of tens of MB (shard buffers being encoded
+    and written); one spike near the end of a short run tilts a least-squares fit by more than a
+    real leak would, the median of pairwise slopes ignores it.
+    """
+    import numpy as np
+
+    pts = np.array([s for s in samples if s[0] >= warmup_s])
+    if len(pts) < 4:
+        raise ValueError("too few samples after warm-up")
+    i, j = np.triu_indices(len(pts), k=1)
+    dt = pts[j, 0] - pts[i, 0]
+    keep = dt > 1.0
+    return float(np.median((pts[j, 1] - pts[i, 1])[keep] / dt[keep]) * 60)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=120)
@@ -67,7 +85,8 @@ def main() -> None:
     warm = min(20.0, args.seconds / 4)
     print(f"RSS: start {samples[0][1]:.0f} MB, after warm-up {samples[int(len(samples) / 4)][1]:.0f} MB, "
           f"end {samples[-1][1]:.0f} MB, max {max(s[1] for s in samples):.0f} MB; slope after {warm:.0f} s: "
-          f"{slope_mb_per_min(samples, warm):+.2f} MB/min")
+          f"{slope_mb_per_min(samples, warm):+.2f} MB/min least squares, "
+          f"{robust_slope_mb_per_min(samples, warm):+.2f} MB/min Theil-Sen")
     if args.csv:
         Path(args.csv).write_text("seconds,rss_mb\n" + "".join(f"{t:.1f},{r:.1f}\n" for t, r in samples))
 
