@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--memory-limit", default=None, help="per local worker, e.g. 4GB")
     g.add_argument("--resume", action="store_true", help="finish an interrupted run: complete chunks are skipped")
     g.add_argument("--threads", action="store_true", help="local workers as threads, not processes")
+    g = p.add_argument_group("sampling (default: what the movie's metadata says; these override it)")
+    g.add_argument("--pixel-size", type=float, default=None, help="pixel size in um, after binning")
+    g.add_argument("--z-step", type=float, default=None, help="z step in um")
+    g.add_argument("--interval", type=float, default=None, help="seconds between time points")
     _add_engine_options(p)
 
     p = sub.add_parser("fit", help="fit a model on your own data (self-supervised): denoising (default), the "
@@ -426,7 +430,9 @@ def cmd_process(args: argparse.Namespace) -> int:
     result = process_file(args.input, args.out, engines, _engine_params(args), overwrite=args.overwrite,
                           save_raw=not args.no_raw, frames=args.frames, workers=args.workers,
                           scheduler=args.scheduler, chunk_t=args.chunk_t, tile=args.tile, resume=args.resume,
-                          memory_limit=args.memory_limit, processes=not args.threads)
+                          memory_limit=args.memory_limit, processes=not args.threads,
+                          sampling={"pixel_size_um": args.pixel_size, "z_step_um": args.z_step,
+                                    "interval_s": args.interval})
     print(json.dumps(result, indent=1))
     return 0
 

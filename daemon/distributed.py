@@ -226,9 +226,26 @@ def _read_tiff_pages(src: Source, tif: Any, idx: list[Any], series: int = 0) -> 
     return block.reshape(*kept, *block.shape[-2:])
 
 
-def open_source(path: str | os.PathLike) -> Source:
+def open_source(path: str | os.PathLike, sampling: dict[str, float | None] | None = None) -> Source:
     """OME-Zarr (livescope's own output or any NGFF image, Zarr v2 or v3), OME-TIFF / TIFF, or an
-    NDTiff dataset (Pycro-Manager, read with ``ndstorage``)."""
+    NDTiff dataset (Pycro-Manager, read with ``ndstorage``). ``sampling`` (``pixel_size_um``,
+    ``z_step_um``, ``interval_s``) replaces what the file says where a value is given."""
+    src = _open_source(path)
+    given = {k: float(v) for k, v in (sampling or {}).items() if v is not None}
+    bad = [k for k in given if k not in ("pixel_size_um", "z_step_um", "interval_s")]
+    if bad:
+        raise ValueError(f"unknown sampling keys {bad}: pixel_size_um, z_step_um, interval_s")
+    for k, v in given.items():
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{k} must be a positive number, got {v}")
+        if src.info.get(k) not in (None, v):
+            log.info("%s: %s %s from the command line replaces the file's %s", path, k, v, src.info[k])
+    if given:
+        src = dataclasses.replace(src, info={**src.info, **given})
+    return src
+
+
+def _open_source(path: str | os.PathLike) -> Source:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist")
@@ -309,18 +326,15 @@ def _open_zarr(p: Path) -> Source:
 def _open_tiff(p: Path) -> Source:
     import tifffile
 
+    from ..bridges.files import tiff_info
+
     info: dict[str, Any] = {}
     with tifffile.TiffFile(p) as tif:
         series = tif.series[0]
         axes = [a.lower() for a in series.axes.replace("I", "T").replace("Q", "T")]
         if "s" in axes:
             raise ValueError(f"{p}: RGB samples are not microscope frames; split the channels first")
-        if tif.is_imagej and tif.imagej_metadata:
-            ij = tif.imagej_metadata
-            if ij.get("spacing"):
-                info["z_step_um"] = float(ij["spacing"])
-            if ij.get("finterval"):
-                info["interval_s"] = float(ij["finterval"])
+        info.update(tiff_info(tif))
         shape, dtype = tuple(series.shape), str(series.dtype)
         several: list[int] = []
         if tif.is_ome and len(tif.series) > 1:  # OME-TIFF keeps each stage position as a series
@@ -877,10 +891,10 @@ def _auto_chunk_t(plane_bytes: int, n_t: int, warmup: int, target_mb: float = 64
 def plan_job(input_path: str | os.PathLike, out: str | os.PathLike, engines: list[str],
              engine_params: dict[str, dict[str, Any]] | None = None, *, frames: int | None = None,
              chunk_t: int | None = None, tile: int | None = None, save_raw: bool = True,
-             chunk_mb: float = 64.0) -> Job:
+             chunk_mb: float = 64.0, sampling: dict[str, float | None] | None = None) -> Job:
     """Open the input, run each unit's first frame through the chain (what it fixes there, and
-    which products it makes) and derive the chunking."""
-    src = open_source(input_path)
+    which products it makes) and derive the chunking. ``sampling``: see :func:`open_source`."""
+    src = open_source(input_path, sampling)
     params = {k: dict(v) for k, v in (engine_params or {}).items()}
     n_t = src.sizes["t"] if frames is None else min(int(frames), src.sizes["t"])
     if n_t < 1:

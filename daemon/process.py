@@ -42,6 +42,7 @@ def process_file(
     resume: bool = False,
     processes: bool = True,
     memory_limit: str | None = None,
+    sampling: dict[str, float | None] | None = None,
 ) -> dict[str, Any]:
     """Run ``engines`` over the movie at ``input_path`` into the OME-Zarr folder ``out``.
 
@@ -51,12 +52,15 @@ def process_file(
     tile: spatial tile size in pixels for chains that allow it (default: whole frames).
     resume: finish an interrupted run in ``out`` (complete chunks are kept).
     processes / memory_limit: the LocalCluster's worker kind and per-worker memory limit.
+    sampling: ``pixel_size_um``, ``z_step_um``, ``interval_s`` that replace what the movie's
+    metadata says (None values keep it); the engines (PSF models and resampling) and the output's
+    OME-Zarr scale use them.
     """
     if workers == 0 and not scheduler:
         if resume or chunk_t or tile:
             raise ValueError("resume, chunk_t and tile need Dask: give workers >= 1 or a scheduler")
         return _process_serial(input_path, out, engines, engine_params, overwrite=overwrite,
-                               save_raw=save_raw, frames=frames, progress=progress)
+                               save_raw=save_raw, frames=frames, progress=progress, sampling=sampling)
     from .distributed import plan_job, run_job
 
     chunk_mb = 64.0
@@ -67,7 +71,7 @@ def process_file(
         # scratch: measured up to ~10x the input, on top of ~100 MB of libraries per worker
         chunk_mb = min(chunk_mb, parse_bytes(memory_limit) / 2**20 / 32)
     job = plan_job(input_path, out, engines, engine_params, frames=frames, chunk_t=chunk_t, tile=tile,
-                   save_raw=save_raw, chunk_mb=chunk_mb)
+                   save_raw=save_raw, chunk_mb=chunk_mb, sampling=sampling)
     return run_job(job, scheduler=scheduler, workers=workers, resume=resume, overwrite=overwrite,
                    progress=progress, processes=processes, memory_limit=memory_limit)
 
@@ -82,12 +86,13 @@ def _process_serial(
     save_raw: bool = True,
     frames: int | None = None,
     progress: bool = True,
+    sampling: dict[str, float | None] | None = None,
 ) -> dict[str, Any]:
     from tqdm import tqdm
 
     from .distributed import chain_wants_stacks, event_record, number_events, open_source, plan_units
 
-    src = open_source(input_path)
+    src = open_source(input_path, sampling)
     engine_params = engine_params or {}
     info = src.info
     n_t = src.sizes["t"] if frames is None else min(frames, src.sizes["t"])

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..bridges.files import tiff_info
 from ..bridges.mmcore import attach
 from ..bridges.sim import SimConfig, SimMicroscope
 from ..bridges.transport import FramePublisher
@@ -128,12 +129,7 @@ def read_movie(path: str | Path) -> tuple[Any, list[str], dict[str, Any]]:
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
         axes = [a.lower() for a in series.axes.replace("I", "T").replace("Q", "T").replace("S", "C")]
-        if tif.is_imagej and tif.imagej_metadata:
-            ij = tif.imagej_metadata
-            if ij.get("spacing"):
-                info["z_step_um"] = float(ij["spacing"])
-            if ij.get("finterval"):
-                info["interval_s"] = float(ij["finterval"])
+        info.update(tiff_info(tif))
         try:
             data = tif.asarray(out="memmap")
         except ValueError:

@@ -965,10 +965,12 @@ class Deconvolve:
             if pixel is None:
                 raise EngineError(
                     "the widefield PSF model (na=...) needs the pixel size: the stream does not say "
-                    "it; set pixel_size_um in the acquisition metadata, or use psf_sigma"
+                    "it; set pixel_size_um in the acquisition metadata (for a saved movie: `livescope "
+                    "process --pixel-size UM`), or use psf_sigma"
                 )
             if ndim == 3 and z_step is None:
-                raise EngineError("volume deconvolution with the widefield model needs the stream's z_step_um")
+                raise EngineError("volume deconvolution with the widefield model needs the stream's z_step_um "
+                                  "(for a saved movie: `livescope process --z-step UM`)")
             kernel = widefield_psf(
                 self.na, self.wavelength_nm, self.refractive_index, pixel,
                 z_step_um=z_step if ndim == 3 else None,
