@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "for capture-time hooks such as livescope.bridges.pycromanager.restore")
     p.add_argument("--frames", type=int, default=None, help="stop after N time points (sim, file) or frames (zmq)")
     p.add_argument("--rate", type=float, default=None, dest="rate_fps", help="file replay rate in frames/s")
+    p.add_argument("--pixel-size", type=float, default=None, dest="pixel_size_um",
+                   help="pixel size in um for streams whose frames do not say it (after binning)")
+    p.add_argument("--z-step", type=float, default=None, dest="z_step_um",
+                   help="z step in um for streams whose frames do not say it")
     p.add_argument("--compress", action="store_true", default=None, dest="compress_raw",
                    help="blosc zstd + bitshuffle on raw (lossless)")
     p.add_argument("--float16", action="store_true", default=None, help="save products as float16")
@@ -390,7 +394,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         source=source, engines=_engines(args.engines), engine_params=_engine_params(args), out=args.out,
         overwrite=args.overwrite, resume=args.resume, ingest=ingest, publish=args.publish, control=args.control, frames=args.frames,
         restore=args.restore,
-        rate_fps=args.rate_fps, compress_raw=args.compress_raw, float16=args.float16, fsync=args.fsync,
+        rate_fps=args.rate_fps, pixel_size_um=args.pixel_size_um, z_step_um=args.z_step_um, compress_raw=args.compress_raw, float16=args.float16, fsync=args.fsync,
         memory_budget_mb=args.memory_budget_mb, calibration=args.calibration, sim_z=args.sim_z, sim_interval_s=args.sim_interval_s,
         sim_drift=tuple(args.sim_drift) if args.sim_drift else None, curve=args.curve, curve_dir=args.curve_dir,
     )

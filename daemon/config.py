@@ -40,6 +40,11 @@ class DaemonConfig:
     sim_seed: int = 0
     # file replay
     rate_fps: float | None = None
+    # sampling for streams whose frames do not say it (a plain TIFF replayed, a bare publisher):
+    # the widefield PSF model and measured-PSF resampling need the pixel size (and z step)
+    pixel_size_um: float | None = None
+    z_step_um: float | None = None
+    interval_s: float | None = None
     # saving
     save_products: bool | list[str] = True
     float16: bool = False

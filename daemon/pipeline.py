@@ -553,6 +553,9 @@ class Pipeline:
             log.warning("position %d: new segment %d (%s)", p, number, why)
         sizes = h.get("sizes") or {}
         index = h.get("index") or {}
+        # the stream's sampling, else the daemon's fallback for streams that do not say it
+        sampling = {k: h.get(k) if h.get(k) is not None else getattr(self.cfg, k)
+                    for k in ("pixel_size_um", "z_step_um", "interval_s")}
         known = bool(sizes)  # an MDA from a generator, or a plain publisher: sizes unknown
         has_c = int(sizes.get("c") or 1) > 1 or ("c" in index and not known)
         has_z = int(sizes.get("z") or 1) > 1 or ("z" in index and not known)
@@ -565,18 +568,16 @@ class Pipeline:
             n_c=int(sizes.get("c") or 1),
             n_z=int(sizes.get("z") or (shape[0] if len(shape) == 3 else 1)),
             bits=bits,
-            pixel_size_um=h.get("pixel_size_um"),
-            z_step_um=h.get("z_step_um"),
-            interval_s=h.get("interval_s"),
+            pixel_size_um=sampling["pixel_size_um"],
+            z_step_um=sampling["z_step_um"],
+            interval_s=sampling["interval_s"],
             channel_names=channel_names,
         )
         cam = h.get("camera") or {}
         spec_base = {
             "dtype": dtype,
             "bits": bits,
-            "pixel_size_um": h.get("pixel_size_um"),
-            "z_step_um": h.get("z_step_um"),
-            "interval_s": h.get("interval_s"),
+            **sampling,
             "position": p,
             "camera_offset": cam.get("offset"),
             "camera_gain": cam.get("gain"),

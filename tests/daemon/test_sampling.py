@@ -81,3 +81,24 @@ def test_sampling_override_reaches_the_engines_and_the_output(tmp_path, capsys) 
         process_file(ij, tmp_path / "c.zarr", ["passthrough"], workers=0, progress=False,
                      sampling={"pixel_size_um": -1})
     assert not (tmp_path / "c.zarr").exists()
+
+
+def test_daemon_fills_in_the_pixel_size_a_replayed_plain_tiff_lacks(tmp_path, free_address) -> None:
+    from livescope.daemon.cli import run_daemon
+    from livescope.daemon.config import DaemonConfig
+
+    path = tmp_path / "plain.tif"
+    tifffile.imwrite(path, _movie((3, 48, 48)), photometric="minisblack")
+
+    def cfg(**kw):
+        return DaemonConfig(source=f"file:{path}", out=tmp_path / f"{len(kw)}.zarr", ingest=free_address(),
+                            publish=None, control=None, engines=["deconvolve"],
+                            engine_params={"deconvolve": {"na": 0.8}}, **kw)
+
+    # without it the widefield model cannot be built: the engine is reported off, frames still saved
+    summary = run_daemon(cfg())
+    assert summary["frames"]["saved"] == 3
+    assert "pixel size" in summary["engines"]["deconvolve"]["reason"]
+    summary = run_daemon(cfg(pixel_size_um=0.1))
+    assert summary["frames"]["saved"] == 3 and summary["engines"]["deconvolve"]["enabled"]
+    assert _scale(tmp_path / "1.zarr", "deconvolved")["x"] == pytest.approx(0.1)
