@@ -461,7 +461,7 @@ class LiveViewer:
             group = channels.get(product, {})
             if len(group) > 1 and product not in self.hidden:
                 # overlaid: redraw when any channel has a new frame
-                key = (sel[0], sel[2], *sorted((k, f.seq, id(f.header)) for k, f in group.items()))
+                key = (*sel, *sorted((k, f.seq, id(f.header)) for k, f in group.items()))
                 if panel.overlaid and panel.overlay_key == key:
                     continue
                 if panel.show_overlay({k: (f.array, f.header) for k, f in group.items()}, sel[1], self.seen["c"]):
@@ -612,6 +612,7 @@ class LiveViewer:
         combo.setCurrentIndex(max(0, combo.findData(value)))
         for panel in self.panels.values():
             panel.seq = -1  # redraw from what the new selection holds
+            panel.overlay_key = None  # an overlay too: its readout follows the selected channel
         self.novelty.clear()
         self.roi_trace.reset()
         self.buffer.clear()
