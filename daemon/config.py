@@ -126,6 +126,10 @@ def load_config(path: str | Path | None, **overrides: Any) -> DaemonConfig:
                 cfg.engine_params.setdefault(engine, {}).update(p)
         else:
             setattr(cfg, key, value)
+    for key in ("pixel_size_um", "z_step_um", "interval_s"):
+        value = getattr(cfg, key)
+        if value is not None and not (isinstance(value, (int, float)) and 0 < float(value) < float("inf")):
+            raise ValueError(f"{key} must be a positive number, got {value!r}")
     if cfg.out is not None:
         cfg.out = Path(cfg.out)
     cfg.sim_shape = tuple(cfg.sim_shape)  # type: ignore[assignment]

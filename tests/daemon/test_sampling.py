@@ -102,3 +102,11 @@ def test_daemon_fills_in_the_pixel_size_a_replayed_plain_tiff_lacks(tmp_path, fr
     summary = run_daemon(cfg(pixel_size_um=0.1))
     assert summary["frames"]["saved"] == 3 and summary["engines"]["deconvolve"]["enabled"]
     assert _scale(tmp_path / "1.zarr", "deconvolved")["x"] == pytest.approx(0.1)
+
+
+def test_daemon_refuses_a_nonsense_pixel_size() -> None:
+    from livescope.daemon.config import load_config
+
+    with pytest.raises(ValueError, match="pixel_size_um must be a positive number"):
+        load_config(None, pixel_size_um=-0.1)
+    assert load_config(None, z_step_um=0.3).z_step_um == 0.3
