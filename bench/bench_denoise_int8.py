@@ -46,13 +46,18 @@ def calibration_inputs(frames: int = 8) -> list[np.ndarray]:
     return seen
 
 
-def quantize(onnx_bytes: bytes, inputs: list[np.ndarray], keep_float: bool, tmp: Path) -> bytes:
-    import onnx
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+def prepare(onnx_bytes: bytes, tmp: Path) -> Path:
+    """The graph with shapes inferred and folded, as quantize_static wants it (once per run)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     (tmp / "fp32.onnx").write_bytes(onnx_bytes)
     quant_pre_process(str(tmp / "fp32.onnx"), str(tmp / "pre.onnx"), skip_symbolic_shape=True)
+    return tmp / "pre.onnx"
+
+
+def quantize(pre: Path, inputs: list[np.ndarray], keep_float: bool) -> bytes:
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -64,12 +69,13 @@ def quantize(onnx_bytes: bytes, inputs: list[np.ndarray], keep_float: bool, tmp:
 
     kw: dict = {}
     if keep_float:
-        convs = [n.name for n in onnx.load(str(tmp / "pre.onnx")).graph.node if n.op_type in ("Conv", "ConvTranspose")]
+        convs = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type in ("Conv", "ConvTranspose")]
         kw = {"nodes_to_exclude": convs[:1] + convs[-2:], "calibrate_method": CalibrationMethod.Percentile,
               "extra_options": {"CalibPercentile": 99.999}}
-    quantize_static(str(tmp / "pre.onnx"), str(tmp / "int8.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+    out = pre.with_name(f"int8_{int(keep_float)}.onnx")
+    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True, **kw)
-    return (tmp / "int8.onnx").read_bytes()
+    return out.read_bytes()
 
 
 def measure(graph: bytes | None, repeats: int) -> list[tuple[str, float, float]]:
@@ -116,9 +122,10 @@ def main() -> None:
     model = modelfile.load(None)
     inputs = calibration_inputs()
     with tempfile.TemporaryDirectory() as d:
+        pre = prepare(model.onnx, Path(d))
         variants = {"fp32 (shipped)": None,
-                    "int8, every conv": quantize(model.onnx, inputs, False, Path(d)),
-                    "int8, first + last two convs float, percentile": quantize(model.onnx, inputs, True, Path(d))}
+                    "int8, every conv": quantize(pre, inputs, False),
+                    "int8, first + last two convs float, percentile": quantize(pre, inputs, True)}
     print(f"model {model.hash}, 512x512 frames through the whole engine, onnxruntime CPU")
     print("| variant | " + " | ".join(f"{k} PSNR dB | {k} ms" for k in KEYS) + " |")
     for name, graph in variants.items():

@@ -12,13 +12,29 @@ import logging
 import math
 from typing import Any
 
-__all__ = ["tiff_info", "to_um"]
+__all__ = ["SAMPLING_KEYS", "check_sampling", "tiff_info", "to_um"]
 
 log = logging.getLogger(__name__)
 
 _UM_PER = {"um": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0, "micrometre": 1.0,
            "nm": 1e-3, "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3, "cm": 1e4, "m": 1e6, "pm": 1e-6}
 _S_PER = {"s": 1.0, "sec": 1.0, "second": 1.0, "ms": 1e-3, "us": 1e-6, "min": 60.0, "h": 3600.0}
+SAMPLING_KEYS = ("pixel_size_um", "z_step_um", "interval_s")
+
+
+def check_sampling(values: dict[str, Any]) -> dict[str, float]:
+    """The given (not None) sampling values as floats; unknown keys and values that are not
+    positive finite numbers are refused, naming the key."""
+    out: dict[str, float] = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        if key not in SAMPLING_KEYS:
+            raise ValueError(f"unknown sampling key {key!r}: {', '.join(SAMPLING_KEYS)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or _positive(float(value)) is None:
+            raise ValueError(f"{key} must be a positive number, got {value!r}")
+        out[key] = float(value)
+    return out
 
 
 def _unit_key(unit: str) -> str:
@@ -44,6 +60,10 @@ def _positive(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) and x > 0 else None
 
 
+def _seconds(value: str | float, unit: str | None) -> float | None:
+    return _positive(float(value) * _S_PER.get(str(unit or "s").strip().lower(), 1.0))
+
+
 def _imagej(tif: Any) -> dict[str, float]:
     ij = tif.imagej_metadata or {}
     info: dict[str, float] = {}
@@ -56,12 +76,11 @@ def _imagej(tif: Any) -> dict[str, float]:
             if px is not None:
                 info["pixel_size_um"] = px
     if ij.get("spacing"):
-        dz = _positive(to_um(float(ij["spacing"]), unit)) if unit is not None else _positive(float(ij["spacing"]))
+        dz = _positive(to_um(float(ij["spacing"]), unit))
         if dz is not None:
             info["z_step_um"] = dz
     if ij.get("finterval"):
-        scale = _S_PER.get(str(ij.get("tunit", "s")).strip().lower(), 1.0)
-        dt = _positive(float(ij["finterval"]) * scale)
+        dt = _seconds(ij["finterval"], ij.get("tunit"))
         if dt is not None:
             info["interval_s"] = dt
     return info
@@ -85,8 +104,7 @@ def _ome(tif: Any) -> dict[str, float]:
             if v is not None:
                 info[key] = v
     if pixels.get("TimeIncrement"):
-        scale = _S_PER.get(str(pixels.get("TimeIncrementUnit", "s")).strip().lower(), 1.0)
-        dt = _positive(float(pixels.get("TimeIncrement")) * scale)
+        dt = _seconds(pixels.get("TimeIncrement"), pixels.get("TimeIncrementUnit"))
         if dt is not None:
             info["interval_s"] = dt
     return info

@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from ..bridges.files import SAMPLING_KEYS, check_sampling
 from ..bridges.transport import DEFAULT_CONTROL, DEFAULT_INGEST, DEFAULT_PUBLISH
 
 __all__ = ["DaemonConfig", "client_curve", "load_config", "parse_params"]
@@ -126,10 +127,7 @@ def load_config(path: str | Path | None, **overrides: Any) -> DaemonConfig:
                 cfg.engine_params.setdefault(engine, {}).update(p)
         else:
             setattr(cfg, key, value)
-    for key in ("pixel_size_um", "z_step_um", "interval_s"):
-        value = getattr(cfg, key)
-        if value is not None and not (isinstance(value, (int, float)) and 0 < float(value) < float("inf")):
-            raise ValueError(f"{key} must be a positive number, got {value!r}")
+    check_sampling({k: getattr(cfg, k) for k in SAMPLING_KEYS})
     if cfg.out is not None:
         cfg.out = Path(cfg.out)
     cfg.sim_shape = tuple(cfg.sim_shape)  # type: ignore[assignment]

@@ -230,14 +230,11 @@ def open_source(path: str | os.PathLike, sampling: dict[str, float | None] | Non
     """OME-Zarr (livescope's own output or any NGFF image, Zarr v2 or v3), OME-TIFF / TIFF, or an
     NDTiff dataset (Pycro-Manager, read with ``ndstorage``). ``sampling`` (``pixel_size_um``,
     ``z_step_um``, ``interval_s``) replaces what the file says where a value is given."""
+    from ..bridges.files import check_sampling
+
+    given = check_sampling(sampling or {})
     src = _open_source(path)
-    given = {k: float(v) for k, v in (sampling or {}).items() if v is not None}
-    bad = [k for k in given if k not in ("pixel_size_um", "z_step_um", "interval_s")]
-    if bad:
-        raise ValueError(f"unknown sampling keys {bad}: pixel_size_um, z_step_um, interval_s")
     for k, v in given.items():
-        if not (math.isfinite(v) and v > 0):
-            raise ValueError(f"{k} must be a positive number, got {v}")
         if src.info.get(k) not in (None, v):
             log.info("%s: %s %s from the command line replaces the file's %s", path, k, v, src.info[k])
     if given:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
+from ..bridges.files import SAMPLING_KEYS
 from ..bridges.protocol import Frame
 from ..bridges.store import ImageLayout, OmeZarrStore, StoreError, image_name
 from ..bridges.transport import FrameReceiver, PreviewPublisher
@@ -555,7 +556,7 @@ class Pipeline:
         index = h.get("index") or {}
         # the stream's sampling, else the daemon's fallback for streams that do not say it
         sampling = {k: h.get(k) if h.get(k) is not None else getattr(self.cfg, k)
-                    for k in ("pixel_size_um", "z_step_um", "interval_s")}
+                    for k in SAMPLING_KEYS}
         known = bool(sizes)  # an MDA from a generator, or a plain publisher: sizes unknown
         has_c = int(sizes.get("c") or 1) > 1 or ("c" in index and not known)
         has_z = int(sizes.get("z") or 1) > 1 or ("z" in index and not known)
