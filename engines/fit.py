@@ -109,7 +109,7 @@ def _augment(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def fit(sources: np.ndarray | Sequence[np.ndarray], *, model: ModelFile | None = None,
         past_frames: int = 0, base: int = 16, depth: int = 3, max_channels: int = 64,
-        steps: int = 400, batch: int = 16, patch: int = 64, lr: float = 2e-3,
+        steps: int = 400, batch: int = 16, patch: int = 64, lr: float | None = None,
         mask_fraction: float = 0.03, temporal: bool | None = None, clean: Sequence[np.ndarray] | None = None,
         offset: float | None = None, gain: float | None = None, vst: bool = True,
         time_budget_s: float | None = None, seed: int = 0, progress: bool = True,
@@ -120,7 +120,9 @@ def fit(sources: np.ndarray | Sequence[np.ndarray], *, model: ModelFile | None =
     ``model`` continues from an existing model (its architecture wins over base/depth);
     ``temporal`` None uses neighbouring frames as targets whenever a source has more than one
     frame; ``clean`` switches to supervised training on crappified copies of those images.
-    Stops after ``steps`` or ``time_budget_s``, whichever comes first.
+    Stops after ``steps`` or ``time_budget_s``, whichever comes first. ``lr`` (the peak learning
+    rate) defaults to 2e-3 from scratch and 5e-4 when continuing from ``model``: fine-tuning the
+    shipped model on a held-out stream at 2e-3 ended 0.13 dB lower after 30 s (docs/denoising.md).
     """
     import torch
 
@@ -130,6 +132,8 @@ def fit(sources: np.ndarray | Sequence[np.ndarray], *, model: ModelFile | None =
         torch.set_num_threads(int(threads))
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
+    if lr is None:
+        lr = 2e-3 if model is None else 5e-4
     if model is not None:
         net = model.build_torch().train()
         past_frames = model.k
