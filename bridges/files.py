@@ -12,7 +12,7 @@ import logging
 import math
 from typing import Any
 
-__all__ = ["SAMPLING_KEYS", "check_sampling", "tiff_info", "to_um"]
+__all__ = ["SAMPLING_KEYS", "check_sampling", "ome_zarr_image", "tiff_info", "to_um", "zarr_attrs"]
 
 log = logging.getLogger(__name__)
 
@@ -119,3 +119,42 @@ def tiff_info(tif: Any) -> dict[str, float]:
     if tif.is_ome and tif.ome_metadata:
         info.update(_ome(tif))
     return info
+
+
+def zarr_attrs(folder: Any) -> dict[str, Any]:
+    """The attributes of a zarr group or array folder: v3 ``zarr.json`` or v2 ``.zattrs``."""
+    import json
+    from pathlib import Path
+
+    d = Path(folder)
+    if (d / "zarr.json").exists():
+        return json.loads((d / "zarr.json").read_text()).get("attributes", {})
+    if (d / ".zattrs").exists():
+        return json.loads((d / ".zattrs").read_text())
+    return {}
+
+
+def ome_zarr_image(folder: Any) -> tuple[Any, list[str], str, dict[str, float | None]]:
+    """An OME-Zarr image's full-resolution array (opened lazily, read-only), its axes as t, c, z,
+    y, x (and p), the array's path inside the image, and its sampling from the first dataset's
+    scale: ``pixel_size_um``, ``z_step_um``, ``interval_s`` (None where the axis is absent)."""
+    from pathlib import Path
+
+    import zarr
+
+    d = Path(folder)
+    attrs = zarr_attrs(d)
+    ome = attrs.get("ome", attrs)
+    if "multiscales" not in ome:
+        raise ValueError(f"{d} is not an OME-Zarr image (no multiscales metadata); give the image's folder")
+    ms = ome["multiscales"][0]
+    axes = [(a["name"] if isinstance(a, dict) else a).lower() for a in ms["axes"]]
+    axes = [{"time": "t", "channel": "c", "position": "p"}.get(a, a) for a in axes]
+    ds = ms["datasets"][0]
+    arr = zarr.open_array(str(d / ds["path"]), mode="r")
+    info: dict[str, float | None] = {}
+    for tr in ds.get("coordinateTransformations", []):
+        if tr.get("type") == "scale":
+            sc = dict(zip(axes, tr["scale"]))
+            info = {"pixel_size_um": sc.get("x"), "z_step_um": sc.get("z"), "interval_s": sc.get("t")}
+    return arr, axes, str(ds["path"]), info

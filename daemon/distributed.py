@@ -272,14 +272,9 @@ def _finish(path: str, kind: str, axes: list[str], shape: tuple[int, ...], dtype
 def _open_zarr(p: Path) -> Source:
     import zarr
 
-    def attrs_of(d: Path) -> dict:
-        if (d / "zarr.json").exists():
-            return json.loads((d / "zarr.json").read_text()).get("attributes", {})
-        if (d / ".zattrs").exists():
-            return json.loads((d / ".zattrs").read_text())
-        return {}
+    from ..bridges.files import ome_zarr_image, zarr_attrs
 
-    attrs = attrs_of(p)
+    attrs = zarr_attrs(p)
     images = attrs.get("livescope", {}).get("images")
     positions: list[Path] = []
     if images and "multiscales" not in attrs.get("ome", attrs):  # livescope's own root: its raw images
@@ -290,20 +285,7 @@ def _open_zarr(p: Path) -> Source:
         root = p
         positions = [root / i["path"] for i in raws] or [root / images[0]["path"]]
         p = positions[0]
-        attrs = attrs_of(p)
-    ome = attrs.get("ome", attrs)
-    if "multiscales" not in ome:
-        raise ValueError(f"{p} is not an OME-Zarr image (no multiscales metadata); give the image's folder")
-    ms = ome["multiscales"][0]
-    axes = [(a["name"] if isinstance(a, dict) else a).lower() for a in ms["axes"]]
-    axes = [{"time": "t", "channel": "c", "position": "p"}.get(a, a) for a in axes]
-    ds = ms["datasets"][0]
-    arr = zarr.open_array(str(p / ds["path"]), mode="r")
-    info: dict[str, Any] = {}
-    for tr in ds.get("coordinateTransformations", []):
-        if tr.get("type") == "scale":
-            sc = dict(zip(axes, tr["scale"]))
-            info = {"pixel_size_um": sc.get("x"), "z_step_um": sc.get("z"), "interval_s": sc.get("t")}
+    arr, axes, array_path, info = ome_zarr_image(p)
     if "t" not in axes:
         raise ValueError(f"{p}: no time axis in {axes}; livescope process runs over time")
     paths: list[str] = []
@@ -311,12 +293,12 @@ def _open_zarr(p: Path) -> Source:
         if "p" in axes:
             raise ValueError(f"{p}: a position axis inside images that are positions themselves")
         for q in positions:
-            other = zarr.open_array(str(q / ds["path"]), mode="r")
+            other = zarr.open_array(str(q / array_path), mode="r")
             if other.shape != arr.shape or other.dtype != arr.dtype:
                 raise ValueError(f"{q}: shape {other.shape} {other.dtype} differs from position 0 "
                                  f"({arr.shape} {arr.dtype}); process the positions one by one")
-            paths.append(str(q / ds["path"]))
-    return _finish(str(p), "zarr", axes, arr.shape, str(arr.dtype), info, array_path=str(p / ds["path"]),
+            paths.append(str(q / array_path))
+    return _finish(str(p), "zarr", axes, arr.shape, str(arr.dtype), info, array_path=str(p / array_path),
                    position_paths=paths)
 
 

@@ -110,19 +110,9 @@ def read_movie(path: str | Path) -> tuple[Any, list[str], dict[str, Any]]:
         raise FileNotFoundError(f"{path} does not exist")
     info: dict[str, Any] = {}
     if path.is_dir() or path.suffix == ".zarr":
-        import json
+        from ..bridges.files import ome_zarr_image
 
-        import zarr
-
-        meta = json.loads((path / "zarr.json").read_text())
-        ome = meta.get("attributes", {}).get("ome") or meta.get("attributes", {})
-        ms = ome["multiscales"][0]
-        axes = [a["name"] for a in ms["axes"]]
-        arr = zarr.open_array(str(path / ms["datasets"][0]["path"]), mode="r")
-        for tr in ms["datasets"][0].get("coordinateTransformations", []):
-            if tr.get("type") == "scale":
-                sc = dict(zip(axes, tr["scale"]))
-                info = {"pixel_size_um": sc.get("x"), "z_step_um": sc.get("z"), "interval_s": sc.get("t")}
+        arr, axes, _, info = ome_zarr_image(path)
         return arr, axes, info
     import tifffile
 
