@@ -282,17 +282,18 @@ def main(argv: list[str] | None = None) -> int:
         model = modelfile.load(None)
         ls_train = model.metadata["training"]
 
+        norm65 = Normalisation.estimate(stream[64])
+        x65 = norm65.forward(stream[64])[None]
+
         def on_frame_65(m):
-            norm = Normalisation.estimate(stream[64])
-            return stream_psnr(norm.inverse(run_tiled(OnnxRuntimeBackend(m).run, norm.forward(stream[64])[None],
-                                                      multiple=m.multiple)))
+            return stream_psnr(norm65.inverse(run_tiled(OnnxRuntimeBackend(m).run, x65, multiple=m.multiple)))
 
         shipped_stream_psnr = on_frame_65(model)  # no fitting: the shipped model was never shown 085_1
         # from scratch, as CAREamics; then continued from the shipped model, which is what
         # `livescope fit` and the daemon's live fit do by default
         res = fit(stream[:64], steps=10**9, time_budget_s=args.stream_seconds, progress=False, seed=args.seed)
         ls_stream_psnr = on_frame_65(res.model)
-        warm = fit(stream[:64], model=modelfile.load(None), steps=10**9, time_budget_s=args.stream_seconds,
+        warm = fit(stream[:64], model=model, steps=10**9, time_budget_s=args.stream_seconds,
                    progress=False, seed=args.seed)
         warm_stream_psnr = on_frame_65(warm.model)
 
