@@ -8,7 +8,39 @@ import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# Real test data kept in the repository (CC BY 4.0, see tests/data/real/SOURCES.md): every test
+# that needs real data reads it from here, so a fresh clone runs every test.
+REAL_DATA = Path(__file__).resolve().parent / "data" / "real"
+# The optional shared folder (../shared/data beside the repository, or LIVESCOPE_SHARED_DATA):
+# it holds data that may not be redistributed with the project (the W2S pairs, research use).
+SHARED_DATA = Path(
+    os.environ.get("LIVESCOPE_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data"
+)
+W2S_PAIRS = SHARED_DATA / "w2s_pairs"
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "w2s: an optional extra on the W2S pairs (shared data, research use); deselected without them"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``w2s`` repeat a check already made on the in-repo data with the W2S pairs;
+    without the pairs they are deselected (reported in the summary and header), not skipped."""
+    if W2S_PAIRS.is_dir():
+        return
+    dropped = [item for item in items if item.get_closest_marker("w2s")]
+    if dropped:
+        items[:] = [item for item in items if not item.get_closest_marker("w2s")]
+        config.hook.pytest_deselected(items=dropped)
+
+
+def pytest_report_header(config):
+    if not W2S_PAIRS.is_dir():
+        return (f"W2S pairs not found at {W2S_PAIRS}: tests marked w2s (optional extras) are deselected; "
+                "set LIVESCOPE_SHARED_DATA to the folder that holds w2s_pairs/ to run them")
+    return f"W2S pairs: {W2S_PAIRS}"
 
 
 @pytest.fixture
@@ -19,10 +51,11 @@ def free_address():
 
 
 @pytest.fixture
-def shared_data() -> Path:
-    if not SHARED_DATA.exists():
-        pytest.skip(f"real data not found at {SHARED_DATA} (the ../shared/data folder beside the repo)")
-    return SHARED_DATA
+def real_data() -> Path:
+    """The in-repo real data folder (tests/data/real); a missing file is a failure, not a skip."""
+    if not REAL_DATA.is_dir():
+        raise FileNotFoundError(f"{REAL_DATA} is missing: it is part of the repository (git checkout tests/data)")
+    return REAL_DATA
 
 
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.02, message: str = "condition"):

@@ -81,13 +81,13 @@ def test_chunked_equals_one_single_process_run(tmp_path, client, engines, params
     assert set(root["provenance"]["engine_describe"]) == set(engines)
 
 
-def test_denoise_tiles_with_a_receptive_field_halo_are_bit_exact(tmp_path, client, shared_data):
+def test_denoise_tiles_with_a_receptive_field_halo_are_bit_exact(tmp_path, client, real_data):
     """Tiles of 32 px on a real movie, the U-Net's receptive field as halo, its normalisation fixed
     on frame 0 and handed to every chunk: equal to the whole-frame single-process run."""
     import tifffile
 
     path = tmp_path / "cells.tif"
-    tifffile.imwrite(path, tifffile.imread(shared_data / "cancer_cell_migration_crop.tif")[:8])
+    tifffile.imwrite(path, tifffile.imread(real_data / "cancer_cell_migration_crop.tif")[:8])
     ref = process_file(path, tmp_path / "ref.zarr", ["denoise"], workers=0, progress=False)
     job = plan_job(path, tmp_path / "d.zarr", ["denoise"], chunk_t=4, tile=32)
     assert job.halo >= 51 and job.grid == (5, 5)  # 130 px frames in 32 px tiles

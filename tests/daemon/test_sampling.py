@@ -36,12 +36,12 @@ def test_units() -> None:
     assert to_um(1.0, "pixel") is None and to_um(1.0, "inch") is None
 
 
-def test_the_real_bead_stack_says_its_voxel_size(shared_data) -> None:
+def test_the_real_bead_stack_says_its_voxel_size(real_data) -> None:
     """Bead_Image1_crop.tif (ImageJ): XResolution 44.46 px per um, spacing 0.125 um."""
-    src = open_source(shared_data / "Bead_Image1_crop.tif")
+    src = open_source(real_data / "Bead_Image1_crop.tif")
     assert src.info["pixel_size_um"] == pytest.approx(0.02249, abs=1e-5)
     assert src.info["z_step_um"] == pytest.approx(0.125)
-    _, _, info = read_movie(shared_data / "Bead_Image1_crop.tif")  # the daemon's file source
+    _, _, info = read_movie(real_data / "Bead_Image1_crop.tif")  # the daemon's file source
     assert info == src.info
 
 

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from livescope.engines.base import EngineError, FrameInfo, StreamSpec, create_engine
+from tests.conftest import REAL_DATA
 
 from .movies import COMPONENTS, corr, spots
-
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def synthetic_movie(
@@ -228,12 +225,9 @@ def test_parameters_describe_and_errors():
 
 
 def test_real_time_lapse_runs_with_few_false_alarms():
-    path = DATA / "cancer_cell_migration_crop.tif"
-    if not path.exists():
-        pytest.skip(f"real data not found at {path}")
     import tifffile
 
-    movie = tifffile.imread(path)
+    movie = tifffile.imread(REAL_DATA / "cancer_cell_migration_crop.tif")
     out, events, _ = run_engine(movie)
     total = out["background"] + out["slow"] + out["fast"] + out["residual"]
     np.testing.assert_allclose(total, movie.astype(np.float32), rtol=1e-5, atol=0.1)

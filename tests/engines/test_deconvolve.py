@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import scipy.signal
@@ -12,10 +10,11 @@ from scipy import ndimage
 from livescope.engines import FrameInfo, StreamSpec, create_engine
 from livescope.engines import deconvolve as D
 from livescope.engines import psf as P
+from livescope.engines import rl as R
 from livescope.engines.base import EngineError
+from tests.conftest import REAL_DATA
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-BEADS_PSF = DATA / "psf_from_beads.tif"
+BEADS_PSF = REAL_DATA / "psf_from_beads.tif"
 INFO = FrameInfo(seq=0)
 
 
@@ -131,7 +130,7 @@ def test_tiled_equals_untiled(boundary: str) -> None:
         data = np.concatenate([data, data[::-1][:240]], axis=0)
     for method, its in (("wb", 2), ("rl", 4)):
         wb = D.wb_parameters(AIRY)
-        fp = D._footprint(AIRY, method, wb)
+        fp = R.step_footprint(AIRY, method, wb)
         full_plans: dict = {}
         full = run(data, AIRY, its, method, wb=wb, footprint=fp, plans=full_plans, boundary=boundary)
         if boundary == "dct":
@@ -245,7 +244,7 @@ def test_auto_boundary_takes_dct_only_where_it_is_exact(known) -> None:
     plans: dict = {}
     out = run(odd, AIRY, 2, plans=plans)
     ((kind, window),) = plans
-    assert kind == "dct" and window[1] > 187 and D._fast_len(window[1]) == window[1]
+    assert kind == "dct" and window[1] > 187 and R.fast_len(window[1]) == window[1]
     ref = run(odd, AIRY, 2, boundary="reflect")
     assert out.shape == odd.shape and np.abs(out - ref).max() < 0.01 * ref.max()
 
@@ -294,7 +293,7 @@ def test_narrow_edge_pad_changes_little_against_the_full_footprint(known) -> Non
     data = noisy(blurred)
     for method, its in (("wb", 2), ("rl", 20)):
         wb = D.wb_parameters(AIRY)
-        fp = D._footprint(AIRY, method, wb)
+        fp = R.step_footprint(AIRY, method, wb)
         pad = D.edge_pad(AIRY, method, wb)
         assert all(p < f for p, f in zip(pad, fp))
         narrow = run(data, AIRY, its, method, wb=wb, footprint=fp, pad=pad)
@@ -339,8 +338,8 @@ def test_offset_is_estimated_when_unknown() -> None:
 def test_otf_is_computed_once_per_shape(monkeypatch: pytest.MonkeyPatch, boundary: str) -> None:
     calls = []
     for name in ("_otf", "_otf_dct"):
-        real = getattr(D, name)
-        monkeypatch.setattr(D, name, lambda psf, shape, real=real, name=name: calls.append((name, shape))
+        real = getattr(R, name)
+        monkeypatch.setattr(R, name, lambda psf, shape, real=real, name=name: calls.append((name, shape))
                             or real(psf, shape))  # fmt: skip
     eng = create_engine("deconvolve", boundary=boundary)
     eng.setup(StreamSpec(shape=(64, 80)))
@@ -360,7 +359,7 @@ def test_default_engine_needs_no_arguments_and_describes_itself() -> None:
     out = eng.process(frame, INFO)["deconvolved"]  # set up lazily from the frame
     assert out.shape == (50, 60) and np.isfinite(out).all()
     d = eng.describe()
-    assert d["method"] == "wb" and d["iterations_used"] == 2 and d["psf_sigma"] == 1.5
+    assert d["parameters"]["method"] == "wb" and d["iterations_used"] == 2 and d["parameters"]["psf_sigma"] == 1.5
     assert "gaussian sigma 1.5" in d["psf_source"] and len(d["psf_sha1"]) == 40
     sha = d["psf_sha1"]
     eng.set_param("psf_sigma", 2.5)
@@ -369,7 +368,7 @@ def test_default_engine_needs_no_arguments_and_describes_itself() -> None:
         eng.set_param("sharpness", 1)
     with pytest.raises(EngineError, match="method"):
         eng.set_param("method", "magic")
-    assert eng.describe()["method"] == "wb"  # a refused value leaves the engine as it was
+    assert eng.describe()["parameters"]["method"] == "wb"  # a refused value leaves the engine as it was
 
 
 def test_widefield_model_needs_the_pixel_size() -> None:
@@ -390,8 +389,6 @@ def test_binning_rescales_the_psf() -> None:
 
 
 def test_real_bead_psf_file_resampled_to_the_stream() -> None:
-    if not BEADS_PSF.exists():
-        pytest.skip(f"real PSF not found at {BEADS_PSF}")
     eng = create_engine(
         "deconvolve", psf=str(BEADS_PSF), psf_pixel_size_um=0.022, psf_z_step_um=0.125, offset=0
     )

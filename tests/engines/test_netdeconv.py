@@ -1,14 +1,15 @@
 """Learned deconvolution: a tiny network taught by per-region WB-RL on a field-varying blur.
 
-Known objects are real images (W2S 400-frame averages); the blur is a Gaussian whose sigma grows
-from 1 px at the field centre to 3 px in the corners, applied by blending blurred copies. The
-network is fitted once per module on crops of one image and judged on crops of the other.
+Known objects are real images: nuclei frames of the CC BY migration movie (in the repository) and,
+where the shared data is, the W2S 400-frame averages (tests marked w2s); the blur is a Gaussian
+whose sigma grows from 1 px at the field centre to 3 px in the corners, applied by blending
+blurred copies. The network is fitted once per source on crops of some images and judged on
+crops of others (the movie: its middle against both ends, after the cells have moved on).
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,12 +19,11 @@ from livescope.engines import FrameInfo, StreamSpec, create_engine
 from livescope.engines import modelfile
 from livescope.engines import netdeconv as N
 from livescope.engines.psf import gaussian_psf
+from tests.conftest import REAL_DATA, W2S_PAIRS
 
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-W2S = DATA / "w2s_pairs"
 FIELD = 96  # px, square field of view
 S0, S1 = 1.0, 3.0  # blur sigma at the centre and in the corners (px)
 OFFSET = 100.0
@@ -66,20 +66,61 @@ def psf_grid(shape: tuple[int, int], n: int = 3) -> np.ndarray:
 
 
 def load_object(name: str) -> np.ndarray:
+    """A known object in photons (2 to ~PEAK): a W2S 400-frame average (``035_1``, ``085_1``), or
+    frames of the nuclei movie, (t, y, x): ``cells_train`` (frames 0-13, 34-47) or ``cells_held``
+    (frames 18-29)."""
     import tifffile
 
-    path = W2S / f"target_avg400_{name}.tif"
-    if not path.is_file():
-        pytest.skip(f"{path} missing: the shared real data set (../shared/data) is not here")
-    return tifffile.imread(path).astype(np.float64) / 255 * PEAK + 2
+    if name.startswith("cells"):
+        movie = tifffile.imread(REAL_DATA / "cancer_cell_migration_crop.tif").astype(np.float64)
+        # near noise-free, as the W2S averages are: 3-frame means, smoothed by 0.7 px
+        movie = ndimage.gaussian_filter((movie[:-2] + movie[1:-1] + movie[2:]) / 3, (0, 0.7, 0.7))
+        low, high = np.percentile(movie, [1.0, 99.9])
+        movie = np.clip((movie - low) / (high - low), 0, 1) * PEAK + 2
+        # the cells multiply (mean brightness 31 -> 56): fit on both ends, judge on the middle,
+        # at least 5 frames from any fitted one (frames 5 apart correlate at 0.5 on average)
+        return np.concatenate([movie[:12], movie[34:]]) if name == "cells_train" else movie[18:28]
+    return tifffile.imread(W2S_PAIRS / f"target_avg400_{name}.tif").astype(np.float64) / 255 * PEAK + 2
+
+
+# per source: the fitted and the held-back objects, the fit's steps (`trained`, `restore_fit`),
+# the margin (dB) by which the net must beat single-PSF WB-RL at its best iteration count, and
+# those of the restore network over the raw frame and over the chain `denoise,deconvolve`.
+# The nuclei, smooth blobs, gain less from a field-varying PSF than the W2S fields: there the
+# per-region teacher itself is only 1.3 dB above the best single PSF (32.07 vs 30.74 dB), and the
+# net needs 600 steps to come near it (31.58). The shipped denoiser was trained on this very movie
+# (3-frame means), so on the nuclei the chain is not held out and wins (see the restore test)
+SOURCES = {
+    "cells": {"objects": ("cells_train", "cells_held"), "steps": (600, 600), "margin_db": 0.5,
+              "restore_over_raw_db": 3.0, "restore_over_chain_db": -1.0},
+    "w2s": {"objects": ("035_1", "085_1"), "steps": (300, 600), "margin_db": 1.0,
+            "restore_over_raw_db": 5.0, "restore_over_chain_db": 0.5},
+}
+
+
+@pytest.fixture(scope="module", params=["cells", pytest.param("w2s", marks=pytest.mark.w2s)])
+def source(request) -> dict:
+    return {"name": request.param, **SOURCES[request.param]}
+
+
+@pytest.fixture(scope="module")
+def objects(source) -> tuple[np.ndarray, np.ndarray]:
+    return tuple(load_object(name) for name in source["objects"])
+
+
+def _field_of_view(obj: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random FIELD x FIELD crop (of a random frame, when ``obj`` is a movie)."""
+    if obj.ndim == 3:
+        obj = obj[rng.integers(0, obj.shape[0])]
+    y0, x0 = rng.integers(0, obj.shape[0] - FIELD + 1, 2)
+    return obj[y0:y0 + FIELD, x0:x0 + FIELD]
 
 
 def acquire(obj: np.ndarray, rng: np.random.Generator, n: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """n raw frames (offset, Poisson, read noise 2 ADU) of random fields of view, and the objects."""
     raws, objs = [], []
     for _ in range(n):
-        y0, x0 = rng.integers(0, obj.shape[0] - FIELD + 1, 2)
-        o = obj[y0:y0 + FIELD, x0:x0 + FIELD]
+        o = _field_of_view(obj, rng)
         b = field_blur(o)
         raws.append(rng.poisson(np.maximum(b, 0)) + rng.normal(0, 2.0, b.shape) + OFFSET)
         objs.append(o)
@@ -91,14 +132,14 @@ def psnr(est: np.ndarray, ref: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(source, objects, tmp_path_factory):
     rng = np.random.default_rng(0)
-    train, _ = acquire(load_object("035_1"), rng, 20)
-    held, held_obj = acquire(load_object("085_1"), rng, 6)
+    train, _ = acquire(objects[0], rng, 20)
+    held, held_obj = acquire(objects[1], rng, 6)
     grid = psf_grid((FIELD, FIELD))
     t0 = time.perf_counter()
-    res = N.fit_deconvolution(train, psf=grid, teacher_params=TEACHER, steps=300, offset=OFFSET, base=8, depth=2,
-                              patch=32, batch=8, lr=3e-3, threads=2)
+    res = N.fit_deconvolution(train, psf=grid, teacher_params=TEACHER, steps=source["steps"][0], offset=OFFSET,
+                              base=8, depth=2, patch=32, batch=8, lr=3e-3, threads=2)
     fit_s = time.perf_counter() - t0
     path = res.model.save(tmp_path_factory.mktemp("netdeconv") / "deconv.lsm")
     return {"model": res.model, "path": path, "grid": grid, "held": held, "held_obj": held_obj,
@@ -171,8 +212,8 @@ def _quality(trained) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def quality(trained) -> dict[str, float]:
-    return _quality(trained)
+def quality(source, trained) -> dict[str, float]:
+    return {**_quality(trained), "margin_db": source["margin_db"]}
 
 
 def test_net_beats_centre_psf_wb_on_field_varying_blur(quality) -> None:
@@ -187,10 +228,12 @@ def test_net_beats_best_single_psf_wb_by_1db(quality) -> None:
     assert quality["net"] >= quality["best_single_wb2"] + 1.0, quality
 
 
-def test_net_beats_single_psf_wb_at_its_best_iteration_count_by_1db(quality) -> None:
+def test_net_beats_single_psf_wb_at_its_best_iteration_count(quality) -> None:
     """WB-RL with one PSF at 1 iteration does better than at 2 on these noisy frames; the net
-    beats that too. Measured: net 29.96, best single-PSF WB 1 it. 28.40 (+1.56 dB)."""
-    assert quality["net"] >= max(quality["best_single_wb1"], quality["best_single_wb2"]) + 1.0, quality
+    beats that too, by 1 dB on W2S (measured: net 29.96, best single-PSF WB 1 it. 28.40, +1.56
+    dB), by 0.5 dB on the nuclei (measured: 31.58 vs 30.74, +0.84; the teacher 32.07)."""
+    best = max(quality["best_single_wb1"], quality["best_single_wb2"])
+    assert quality["net"] >= best + quality["margin_db"], quality
     assert quality["net"] >= quality["teacher"] - 1.0, quality  # measured 0.46 dB below it
 
 
@@ -206,8 +249,7 @@ def still_fields(obj: np.ndarray, rng: np.random.Generator, n_fields: int, n_fra
     """Time-lapses of still fields of view: the same blurred object, fresh noise every frame."""
     movies, objs = [], []
     for _ in range(n_fields):
-        y0, x0 = rng.integers(0, obj.shape[0] - FIELD + 1, 2)
-        o = obj[y0:y0 + FIELD, x0:x0 + FIELD]
+        o = _field_of_view(obj, rng)
         b = np.maximum(field_blur(o), 0)
         movies.append(np.stack([rng.poisson(b) + rng.normal(0, 2.0, b.shape) + OFFSET
                                 for _ in range(n_frames)]).astype(np.float32))
@@ -216,15 +258,15 @@ def still_fields(obj: np.ndarray, rng: np.random.Generator, n_fields: int, n_fra
 
 
 @pytest.fixture(scope="module")
-def restore_fit():
-    """task='restore' fitted on 10 still fields x 4 frames of 035_1 (the teacher deconvolves the
-    4-frame mean), judged on single frames of 085_1 fields."""
-    train, _ = still_fields(load_object("035_1"), np.random.default_rng(10), 10, 4)
-    held, held_obj = still_fields(load_object("085_1"), np.random.default_rng(11), 6, 1)
+def restore_fit(source, objects):
+    """task='restore' fitted on 10 still fields x 4 frames of the fitted objects (the teacher
+    deconvolves the 4-frame mean), judged on single frames of fields of the held-back ones."""
+    train, _ = still_fields(objects[0], np.random.default_rng(10), 10, 4)
+    held, held_obj = still_fields(objects[1], np.random.default_rng(11), 6, 1)
     res = N.fit_deconvolution(train, psf=psf_grid((FIELD, FIELD)), teacher_params=TEACHER, task="restore",
-                              restore_window=4, steps=600, offset=OFFSET, base=8, depth=2, patch=32, batch=8,
+                              restore_window=4, steps=source["steps"][1], offset=OFFSET, base=8, depth=2, patch=32, batch=8,
                               lr=3e-3, threads=2)
-    return {"model": res.model, "held": [m[0] for m in held], "held_obj": held_obj}
+    return {"model": res.model, "held": [m[0] for m in held], "held_obj": held_obj, "source": source}
 
 
 def test_restore_beats_denoise_then_deconvolve_at_lower_cost(restore_fit) -> None:
@@ -232,7 +274,9 @@ def test_restore_beats_denoise_then_deconvolve_at_lower_cost(restore_fit) -> Non
     denoiser, then WB-RL with the single PSF and iteration count that do best against the
     known object, which a user cannot choose), on held-back frames of another image; cost in
     FLOPs per 512x512 frame (deterministic: speed itself is measured in bench/). Measured with
-    the shipped supervised denoiser: +0.95 dB."""
+    the shipped supervised denoiser: +0.95 dB on W2S, held out from it. The nuclei are not (the
+    denoiser was trained on this movie): there the chain wins, and the net must come within 1 dB
+    of it at a fifth of its cost."""
     from livescope.engines import unet
 
     if not modelfile.default_model_path().is_file():
@@ -253,10 +297,13 @@ def test_restore_beats_denoise_then_deconvolve_at_lower_cost(restore_fit) -> Non
     best_chain = max(float(np.mean(v)) for v in chain.values())
     ours = float(np.mean(restored))
     raw_psnr = float(np.mean([psnr(offset_free(r), o) for r, o in zip(restore_fit["held"], restore_fit["held_obj"])]))
-    assert ours >= raw_psnr + 5.0, (ours, raw_psnr)  # it learned (the fit that sat at identity did not)
-    # measured: 31.53 vs 30.58 dB with the shipped supervised denoiser (+0.95; +3.3 against the
-    # earlier Noise2Void model), raw 23.54; cost 3.3 vs 17.1 GFLOP for the denoiser alone
-    assert ours >= best_chain + 0.5, (ours, best_chain, raw_psnr)
+    source = restore_fit["source"]
+    # it learned (the fit that sat at identity did not)
+    assert ours >= raw_psnr + source["restore_over_raw_db"], (ours, raw_psnr)
+    # measured on W2S: 31.53 vs 30.58 dB with the shipped supervised denoiser (+0.95; +3.3 against
+    # the earlier Noise2Void model), raw 23.54; cost 3.3 vs 17.1 GFLOP for the denoiser alone.
+    # On the nuclei, which the shipped denoiser was trained on: 31.07 vs 31.62 (-0.55), raw 26.73
+    assert ours >= best_chain + source["restore_over_chain_db"], (ours, best_chain, raw_psnr)
     cost = unet.flops_and_traffic(restore_fit["model"].build_torch())["flops"]
     denoiser = unet.flops_and_traffic(modelfile.load(modelfile.default_model_path()).build_torch())["flops"]
     assert cost < denoiser, (cost, denoiser)  # and the chain runs a deconvolution on top

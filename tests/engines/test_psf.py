@@ -9,9 +9,9 @@ import pytest
 
 from livescope.engines import psf as P
 from livescope.engines.base import EngineError
+from tests.conftest import REAL_DATA
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-BEADS_PSF = DATA / "psf_from_beads.tif"
+BEADS_PSF = REAL_DATA / "psf_from_beads.tif"
 
 
 def centroid(a: np.ndarray) -> np.ndarray:
@@ -49,8 +49,6 @@ def test_widefield_model_matches_the_airy_width_and_is_sampled_by_binning() -> N
 
 
 def test_real_bead_psf_is_recentred_on_its_centroid() -> None:
-    if not BEADS_PSF.exists():
-        pytest.skip(f"real PSF not found at {BEADS_PSF}")
     raw = P.load_psf(BEADS_PSF)
     peak = np.unravel_index(int(np.argmax(raw)), raw.shape)
     assert peak != tuple(n // 2 for n in raw.shape)  # the file's peak is off-centre

@@ -16,16 +16,16 @@ from livescope.engines.register import (
     drift_to_stage_um,
     estimate_shift,
 )
+from tests.conftest import REAL_DATA, W2S_PAIRS
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-W2S = DATA / "w2s_pairs" / "target_avg400_035_1.tif"
-BEADS = DATA / "Bead_Image1_crop.tif"
+CELLS = REAL_DATA / "cancer_cell_migration_crop.tif"
+BEADS = REAL_DATA / "Bead_Image1_crop.tif"
+W2S = W2S_PAIRS / "target_avg400_035_1.tif"  # optional (shared data): tests marked w2s
 
 
 def _read(path: Path) -> np.ndarray:
-    if not path.exists():
-        pytest.skip(f"real test data missing: {path} (see shared/data/SOURCES.md)")
-    tifffile = pytest.importorskip("tifffile")
+    import tifffile
+
     return tifffile.imread(path).astype(np.float64)
 
 
@@ -39,6 +39,7 @@ class Scene:
 
     def __init__(self, image: np.ndarray, size: int | tuple[int, ...], pad: int = 32) -> None:
         size = (size,) * image.ndim if isinstance(size, int) else tuple(size)
+        self.size = size
         pads = [min(pad, n // 2) for n in image.shape]
         big = np.pad(image, [(p, p) for p in pads], mode="reflect")
         self.spectrum = sfft.fftn(big)
@@ -56,14 +57,31 @@ class Scene:
         return np.clip(sfft.ifftn(f).real[self.crop], 0.0, None)
 
 
-@pytest.fixture(scope="module")
-def w2s() -> np.ndarray:
-    return _read(W2S)
+@pytest.fixture(scope="module", params=["cells", pytest.param("w2s", marks=pytest.mark.w2s)])
+def images(request) -> tuple[np.ndarray, np.ndarray]:
+    """The real image the sample drifts under, and an unrelated one (a moving cell's texture).
+
+    cells (in the repository): nuclei frames of the CC BY migration movie, t = 0 and t = 24
+    (correlation 0.1: the cells have moved), scaled to the W2S field's range. w2s (optional shared
+    data): a denser 320 px widefield field, seen through a 256 px window.
+    """
+    if request.param == "w2s":
+        w2s = _read(W2S)
+        return w2s[128:448, 128:448], w2s[::-1, ::-1][:320, :320]
+    movie = _read(CELLS)
+    low, high = np.percentile(movie, [0.0, 99.9])
+    scaled = np.clip((movie - low) / (high - low), 0, None) * 213.0  # the W2S field's 99th percentile
+    return scaled[0], scaled[24][::-1, ::-1]
 
 
 @pytest.fixture(scope="module")
-def scene(w2s) -> Scene:
-    return Scene(w2s[128:448, 128:448], 256)
+def scene(images) -> Scene:
+    image = images[0]
+    return Scene(image, 256 if min(image.shape) >= 320 else 128)
+
+
+def _n_particles(size: int) -> int:
+    return max(3, round(12 * (size / 256) ** 2))  # 12 in a 256 px window, at the same density elsewhere
 
 
 def _particles(rng, n: int, size: int, amplitude: float) -> np.ndarray:
@@ -87,10 +105,10 @@ def _photons(rng, img: np.ndarray, scale: float) -> np.ndarray:
 )
 def test_estimate_shift_known_shifts_with_noise_and_moving_particles(scene, shift):
     rng = np.random.default_rng(abs(hash(shift)) % 2**32)
-    size = 256
+    size = scene.size[0]
     # Particles at unrelated places in the two frames: they move, the sample only drifts.
-    ref = _photons(rng, scene.view((0, 0)) + _particles(rng, 12, size, 300.0), 5.0)
-    frame = _photons(rng, scene.view(shift) + _particles(rng, 12, size, 300.0), 5.0)
+    ref = _photons(rng, scene.view((0, 0)) + _particles(rng, _n_particles(size), size, 300.0), 5.0)
+    frame = _photons(rng, scene.view(shift) + _particles(rng, _n_particles(size), size, 300.0), 5.0)
     got = estimate_shift(ref, frame)
     assert np.abs(np.array(got) - shift).max() < 0.1, (got, shift)
 
@@ -208,7 +226,7 @@ def test_engine_stabilises_a_drifting_stream(scene, reference):
     drift -= drift[0]
     frames = [_photons(rng, scene.view(d), 5.0) for d in drift]
     eng = create_engine("register", reference=reference)
-    eng.setup(StreamSpec(shape=(256, 256)))
+    eng.setup(StreamSpec(shape=scene.size))
     outs = _run(eng, frames)
     measured = np.array([[o["shift_y"], o["shift_x"]] for o in outs])
     assert np.abs(measured - drift).max() < 0.1
@@ -222,18 +240,19 @@ def test_engine_stabilises_a_drifting_stream(scene, reference):
     assert not any(o["events"] for o in outs)  # feedback is off by default
 
 
-def test_bright_moving_cell_does_not_drag_the_estimate(scene, w2s):
+def test_bright_moving_cell_does_not_drag_the_estimate(scene, images):
     rng = np.random.default_rng(3)
-    size = 256
+    size = scene.size[0]
     yy, xx = np.mgrid[:size, :size]
-    texture = Scene(w2s[::-1, ::-1][:320, :320], size).view((0, 0))
+    texture = Scene(images[1], size).view((0, 0))
     n = 14
     drift = np.stack([0.1 * np.arange(n), -0.07 * np.arange(n)], axis=1)
     frames = []
     for t in range(n):
-        cy, cx = 80 + 3 * t, 90 + 2 * t  # a cell 30 times brighter, moving 3.6 px per frame
+        # a cell 30 times brighter, moving 3.6 px per frame (from (80, 90) in a 256 px window)
+        cy, cx = round(80 * size / 256) + 3 * t, round(90 * size / 256) + 2 * t
         cell = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 10.0**2))
-        cell = 30 * cell * np.roll(texture, (cy - 128, cx - 128), axis=(0, 1))
+        cell = 30 * cell * np.roll(texture, (cy - size // 2, cx - size // 2), axis=(0, 1))
         frames.append(_photons(rng, 0.5 * scene.view(drift[t]) + cell, 5.0))
     # Plain phase correlation of the raw frames follows the cell: the case is a hard one.
     naive = estimate_shift(frames[0], frames[-1], log_offset=None)
@@ -247,7 +266,7 @@ def test_bright_moving_cell_does_not_drag_the_estimate(scene, w2s):
 def test_glitch_frame_is_rejected_and_a_real_jump_is_followed(scene):
     rng = np.random.default_rng(11)
     eng = Register(relock_frames=4)
-    eng.setup(StreamSpec(shape=(256, 256)))
+    eng.setup(StreamSpec(shape=scene.size))
     drift = [(0.1 * t, 0.05 * t) for t in range(8)]
     frames = [_photons(rng, scene.view(d), 5.0) for d in drift]
     frames[5] = _photons(rng, scene.view((31.0, -24.0)), 5.0)  # one frame from elsewhere
@@ -331,7 +350,7 @@ def _closed_loop(scene, affine, sign: float, n: int = 30) -> np.ndarray:
     velocity = np.array([0.09, -0.05])  # um per frame, in stage (x, y)
     stage = np.zeros(2)
     eng = Register(feedback=True, feedback_threshold_px=1.0, stage_affine=affine)
-    eng.setup(StreamSpec(shape=(256, 256), pixel_size_um=0.2))
+    eng.setup(StreamSpec(shape=scene.size, pixel_size_um=0.2))
     residual = []
     for t in range(n):
         w = velocity * t

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -11,8 +9,8 @@ from scipy import ndimage
 from livescope.engines import FrameInfo, StreamSpec, create_engine
 from livescope.engines import trust as T  # registers "trust"
 from livescope.engines.calibrate import NoiseModel
+from tests.conftest import REAL_DATA, W2S_PAIRS
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 GAIN, OFFSET, READ = 2.0, 100.0, 2.0  # ADU/e-, ADU, ADU rms
 CAMERA = NoiseModel.from_camera(GAIN, OFFSET, READ)
 CAM = {"gain": GAIN, "offset": OFFSET, "read_noise": READ}
@@ -23,20 +21,41 @@ def _camera(photons, rng, offset=OFFSET):
     return np.clip(np.rint(GAIN * e + offset), 0, 65535).astype(np.uint16)
 
 
-@pytest.fixture(scope="module")
-def w2s_scene():
-    """A clean W2S field (the shipped denoiser's kind of data) in photons at its input's level."""
-    if not (DATA / "w2s_pairs").exists():
-        pytest.skip(f"real data not found at {DATA} (the ../shared/data folder beside the repo)")
+def _w2s_scene() -> np.ndarray:
+    """A clean W2S field (512 px) in photons at its input's level (0.5-10 photons)."""
     import tifffile
 
     from livescope.engines.calibrate import calibrate_stack
 
-    noisy = tifffile.imread(DATA / "w2s_pairs" / "input_avg1_085_1.tif").astype(np.float64)
-    clean = tifffile.imread(DATA / "w2s_pairs" / "target_avg400_085_1.tif").astype(np.float64)
+    noisy = tifffile.imread(W2S_PAIRS / "input_avg1_085_1.tif").astype(np.float64)
+    clean = tifffile.imread(W2S_PAIRS / "target_avg400_085_1.tif").astype(np.float64)
     a, b = np.polyfit(clean.ravel(), noisy.ravel(), 1)
     m = calibrate_stack(noisy)
     return (np.maximum(a * clean + b + m.intercept / m.slope, 0) / m.slope).astype(np.float32)
+
+
+def _cells_scene() -> np.ndarray:
+    """The CC BY nuclei movie (in the repository) as clean scenes in photons at the W2S input's
+    level: 3-frame means (as the shipped denoiser saw them in training) scaled to 0.5-10 photons."""
+    import tifffile
+
+    movie = tifffile.imread(REAL_DATA / "cancer_cell_migration_crop.tif").astype(np.float64)
+    mean3 = (movie[:-2] + movie[1:-1] + movie[2:]) / 3
+    low, high = np.percentile(mean3, [1.0, 99.9])
+    return (0.5 + 9.5 * np.clip((mean3 - low) / (high - low), 0, 1)).astype(np.float32)
+
+
+@pytest.fixture(scope="module", params=["cells", pytest.param("w2s", marks=pytest.mark.w2s)])
+def real_scene(request) -> dict[str, object]:
+    """Clean real scenes in photons (the shipped denoiser's kind of data), 128 x 128: four
+    in-distribution ``crops`` from different places or times, and a ``base`` crop for the faults."""
+    if request.param == "w2s":
+        scene = _w2s_scene()
+        crops = [scene[y:y + 128, x:x + 128] for y, x in [(0, 0), (200, 300), (384, 100), (100, 384)]]
+        return {"name": "w2s", "crops": crops, "base": scene[128:256, 128:256]}
+    movie = _cells_scene()  # (46, 130, 130)
+    crops = [movie[t, 1:129, 1:129] for t in (0, 15, 30, 45)]
+    return {"name": "cells", "crops": crops, "base": movie[22, 1:129, 1:129]}
 
 
 def _filaments(rng, shape=(128, 128), peak=15.0):
@@ -132,12 +151,12 @@ def test_tta_transforms_map_back_exactly():
 # --------------------------------------------------------------------------- the engine, denoising
 
 
-def test_denoise_trust_in_distribution_stays_above_threshold(w2s_scene):
+def test_denoise_trust_in_distribution_stays_above_threshold(real_scene):
     eng = _denoise_trust(tta_every=2, feature_every=1, **CAM)
     rng = np.random.default_rng(0)
     scores = []
-    for seq, (y, x) in enumerate([(0, 0), (200, 300), (384, 100), (100, 384)]):
-        raw = _camera(w2s_scene[y:y + 128, x:x + 128], rng)
+    for seq, crop in enumerate(real_scene["crops"]):
+        raw = _camera(crop, rng)
         eng._reset_model()
         eng.inner._norm = None  # each crop as a new stream
         out = eng.process(raw, FrameInfo(seq=seq))
@@ -178,8 +197,7 @@ def _sharp_pattern(shape=(128, 128), peak=15.0):
     return ndimage.gaussian_filter(peak * star * checker, 0.3) + 1.0
 
 
-def _ood_frame(kind, rng, scene):
-    crop = scene[128:256, 128:256]
+def _ood_frame(kind, rng, crop):
     if kind == "sharp test pattern":  # a structure class absent from training
         return _camera(_sharp_pattern(), rng)
     if kind == "saturated":  # 5x brighter, clipped at a ceiling on 10 % of the pixels
@@ -210,28 +228,37 @@ _OOD_CHECKS = {
 
 
 @pytest.mark.parametrize("kind", list(_OOD_CHECKS))
-def test_denoise_trust_falls_out_of_distribution_and_fires_the_event(kind, w2s_scene):
+def test_denoise_trust_falls_out_of_distribution_and_fires_the_event(kind, real_scene):
     rng = np.random.default_rng(5)
     eng = _denoise_trust(tta_every=1, **CAM)
-    raw = _ood_frame(kind, rng, w2s_scene)
+    raw = _ood_frame(kind, rng, real_scene["base"])
     out = eng.process(raw, FrameInfo(seq=0, index={"p": 0, "c": 0, "z": 0, "t": 7}))
     assert out["trust_denoised_ok"] == 0.0
     ev = out["events"]
     assert ev and all(e["kind"] == "trust" and e["product"] == "denoised" for e in ev)
     assert all(e["score"] < e["threshold"] and e["t"] == 7 for e in ev)
     fired = {e["check"] for e in ev}
-    assert _OOD_CHECKS[kind] <= fired, (kind, fired, out["trust_denoised_score"], out["trust_denoised_features"])
+    must = _OOD_CHECKS[kind]
+    if kind == "saturated" and real_scene["name"] == "cells":
+        # the feature check catches saturation on 71 % of W2S frames (docs/trust.md), not on
+        # this nuclei frame (measured: features 0.97); the residual check catches it on both
+        must = {"residual"}
+    assert must <= fired, (kind, fired, out["trust_denoised_score"], out["trust_denoised_features"])
     assert out["trust_denoised_score"] < T.THRESHOLDS["denoise"]
     if kind != "saturated":  # a fault over the whole frame; saturation is local (10 % of it)
         assert out["trust_denoised"].mean() < 0.7
-    else:
-        assert (out["trust_denoised"] < 0.3).mean() > 0.02
-    if "features" in _OOD_CHECKS[kind]:  # seq 0: feature_every 5 samples it
+    else:  # the map marks the clipped pixels and only their surroundings (the check's 8 px window)
+        clipped = raw == raw.max()
+        near = ndimage.binary_dilation(clipped, iterations=8)
+        low = out["trust_denoised"] < 0.3  # measured: 1.9 % of the pixels (cells), 3.7 % (W2S)
+        assert low.mean() > 0.01 and not (low & ~near).any()
+        assert out["trust_denoised"][clipped].mean() < 0.7 * out["trust_denoised"][~near].mean()
+    if "features" in must:  # seq 0: feature_every 5 samples it
         assert out["trust_denoised_features"] < T.THRESHOLDS["features"]
         assert any(e["check"] == "features" and e["feature_z_max"] > 2 for e in ev)
     # the same camera and scene without the fault passes (so the fault is what fires)
     eng.inner._norm = None
-    good = eng.process(_camera(w2s_scene[128:256, 128:256], rng), FrameInfo(seq=0))
+    good = eng.process(_camera(real_scene["base"], rng), FrameInfo(seq=0))
     assert good["trust_denoised_ok"] == 1.0, (good["trust_denoised_score"], good.get("trust_denoised_features"))
 
 
@@ -287,7 +314,8 @@ def test_parameters_go_to_the_right_engine():
     eng.set_param("threshold", "0.4")
     assert eng.threshold == 0.4
     d = eng.describe()
-    assert d["restore"] == "deconvolve" and d["inner"]["psf_sigma"] == 2.0 and d["threshold"] == 0.4
+    assert (d["parameters"]["restore"] == "deconvolve" and d["inner"]["parameters"]["psf_sigma"] == 2.0
+            and d["parameters"]["threshold"] == 0.4)
     with pytest.raises(Exception, match="neither trust nor deconvolve"):
         create_engine("trust", restore="deconvolve", tile=0)
     with pytest.raises(Exception, match="cannot wrap itself"):
