@@ -51,7 +51,17 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ._array import namespace, to_numpy
-from .base import EngineError, FrameInfo, StreamSpec, register_engine
+from .base import (
+    Applies,
+    EngineBase,
+    EngineError,
+    FrameInfo,
+    Param,
+    StreamSpec,
+    as_bool,
+    optional,
+    register_engine,
+)
 
 __all__ = ["Decompose", "order_statistic"]
 
@@ -63,8 +73,6 @@ _NOVELTY_Z0 = 3.0
 # Scores needed before the robust statistics of the past are trusted enough to raise events.
 _NOVELTY_MIN_HISTORY = 8
 
-_REBUILD = ("lags", "background_window", "background_samples", "method", "event_block",
-            "fit_frames")
 # Online fitting trains on a central crop of at most this size: bounded memory at any camera size.
 _FIT_CROP = 256
 
@@ -110,8 +118,31 @@ def _host(a: Any) -> Any:
         return np.from_dlpack(a)
 
 
+def _lags(value: Any) -> tuple[int, ...]:
+    if isinstance(value, str):  # --param decompose.lags=1,2,4,8
+        value = [int(v) for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+    lags = tuple(sorted({int(v) for v in value}))
+    if not lags or lags[0] < 1:
+        raise EngineError(f"decompose: lags must be positive frame counts, got {value!r}")
+    return lags
+
+
+def _check_method(method: str) -> str | None:
+    if method in ("rolling", "learned"):
+        return None
+    return (f"decompose: unknown method {method!r}; use method='rolling' (the default) or "
+            "method='learned' (learned multi-lag predictors, see docs/decomposition.md)")
+
+
+def _check_slow_rank(rank: float) -> str | None:
+    return None if 0.0 <= rank <= 1.0 else f"decompose: slow_rank is a fraction in [0, 1], got {rank}"
+
+
+_RESET = Applies.RESET  # the rolling state (ring, history, background, scores) starts over
+
+
 @register_engine("decompose")
-class Decompose:
+class Decompose(EngineBase):
     """One instance per (position, channel): all state lives in the instance."""
 
     name: ClassVar[str] = "decompose"
@@ -124,7 +155,31 @@ class Decompose:
         "bleach",
     )
     scalar_outputs: ClassVar[tuple[str, ...]] = ("novelty", "bleach")
-    passes: ClassVar[str | None] = None  # it splits, it does not restore
+    passes: ClassVar[str | None] = None  # type: ignore[assignment]  # it splits, it does not restore
+
+    parameters: ClassVar[dict[str, Param]] = {
+        "lags": Param((1, 2, 4, 8), _lags, applies=Applies.REBUILD, show=list, doc="frame intervals compared"),
+        "method": Param("rolling", str, check=_check_method, applies=Applies.REBUILD, doc="rolling or learned"),
+        "background_window": Param(128, int, applies=_RESET, doc="frames the background spans"),
+        "background_samples": Param(16, int, applies=_RESET, doc="decimated frames it keeps"),
+        "background_percentile": Param(10.0, float),
+        "slow_rank": Param(0.0, float, check=_check_slow_rank),
+        "shrink_slow": Param(3.0, float),
+        "shrink_fast": Param(2.0, float),
+        "bleach_correction": Param(True, as_bool),
+        "bleach_window": Param(256, int),
+        "event_threshold": Param(8.0, float, doc="robust z-score of a frame's novelty that raises an event"),
+        "event_min_novelty": Param(0.5, float),
+        "event_block": Param(16, int, applies=_RESET),
+        "novelty_window": Param(64, int),
+        "model": Param(None, optional(str), setter="swap_model", doc="a fitted cascade (method learned)"),
+        "backend": Param("auto", str),
+        "fast_lag": Param(1.0, float),
+        "fit_frames": Param(256, int, applies=_RESET, doc="frames collected for an online fit"),
+        "fit_steps": Param(1500, int),
+        "fit_seconds": Param(120.0, float),
+        "fit_out": Param(None, optional(str)),
+    }
 
     def __init__(
         self,
@@ -150,27 +205,7 @@ class Decompose:
         fit_seconds: float = 120.0,
         fit_out: str | None = None,
     ) -> None:
-        if isinstance(lags, str):  # --param decompose.lags=1,2,4,8
-            lags = [int(v) for v in lags.replace("(", "").replace(")", "").split(",") if v.strip()]
-        self.lags = tuple(sorted({int(v) for v in lags}))
-        if not self.lags or self.lags[0] < 1:
-            raise EngineError(f"decompose: lags must be positive frame counts, got {lags!r}")
-        if method not in ("rolling", "learned"):
-            raise EngineError(
-                f"decompose: unknown method {method!r}; use method='rolling' (the default) or "
-                "method='learned' (learned multi-lag predictors, see docs/decomposition.md)"
-            )
-        self.method = method
-        self.model = None if model in (None, "", "none", "None") else str(model)
-        self.backend = str(backend)
-        self.fast_lag = float(fast_lag)
-        self.fit_frames = int(fit_frames)
-        self.fit_steps = int(fit_steps)
-        self.fit_seconds = float(fit_seconds)
-        self.fit_out = None if fit_out in (None, "", "none", "None") else str(fit_out)
-        if self.fit_frames < 2 * self.lags[-1] + 15:
-            raise EngineError(f"decompose: fit_frames must be at least twice the longest lag + "
-                              f"15 ({2 * self.lags[-1] + 15}), got {fit_frames}")
+        self._init_params(locals())
         self._predictor: Any = None
         self._fit_state = "off"
         self._fit_lock = threading.Lock()
@@ -178,27 +213,18 @@ class Decompose:
         self._generation = 0
         if self.method == "learned" and self.model is not None:
             self._predictor = self._open_model(self.model)
-        self.background_window = int(background_window)
-        self.background_samples = int(background_samples)
+        self.spec: StreamSpec | None = None
+        self._reset()
+
+    def _validate(self) -> None:
+        if self.fit_frames < 2 * self.lags[-1] + 15:
+            raise EngineError(f"decompose: fit_frames must be at least twice the longest lag + "
+                              f"15 ({2 * self.lags[-1] + 15}), got {self.fit_frames}")
         if self.background_samples < 1 or self.background_window < self.background_samples:
             raise EngineError(
                 "decompose: need 1 <= background_samples <= background_window, got "
-                f"{background_samples} and {background_window}"
+                f"{self.background_samples} and {self.background_window}"
             )
-        self.background_percentile = float(background_percentile)
-        self.slow_rank = float(slow_rank)
-        if not 0.0 <= self.slow_rank <= 1.0:
-            raise EngineError(f"decompose: slow_rank is a fraction in [0, 1], got {slow_rank}")
-        self.shrink_slow = float(shrink_slow)
-        self.shrink_fast = float(shrink_fast)
-        self.bleach_correction = _as_bool(bleach_correction)
-        self.bleach_window = int(bleach_window)
-        self.event_threshold = float(event_threshold)
-        self.event_min_novelty = float(event_min_novelty)
-        self.event_block = int(event_block)
-        self.novelty_window = int(novelty_window)
-        self.spec: StreamSpec | None = None
-        self._reset()
 
     # -- engine protocol -------------------------------------------------------------------
 
@@ -211,52 +237,17 @@ class Decompose:
         self.spec = spec
         self._reset()
 
-    def set_param(self, name: str, value: Any) -> None:
-        params = self.describe()["parameters"]
-        if name not in params:
-            raise KeyError(f"decompose has no parameter {name!r}; it has: {', '.join(params)}")
-        if name == "model":
-            self.swap_model(value)
-            return
-        kwargs = dict(params)
-        kwargs[name] = value
-        kwargs["model"] = None  # the loaded model stays; only "model" swaps it
-        fresh = Decompose(**kwargs)  # validates the value the same way the constructor does
-        for key in params:
-            if key != "model":
-                setattr(self, key, getattr(fresh, key))
-        if name in ("method", "lags") and self.method == "learned" and self.model is not None:
+    def _rebuild(self, name: str) -> None:  # lags, method: the cascade follows them
+        if self.method == "learned" and self.model is not None:
             self._predictor = self._open_model(self.model)
-        if name in _REBUILD:
-            log.info("decompose: %s changed, restarting the rolling state", name)
-            self._reset()
+        self._reset_state(name)
 
-    def describe(self) -> dict[str, Any]:
+    def _reset_state(self, name: str) -> None:
+        log.info("decompose: %s changed, restarting the rolling state", name)
+        self._reset()
+
+    def _details(self) -> dict[str, Any]:
         return {
-            "engine": self.name,
-            "parameters": {
-                "lags": list(self.lags),
-                "method": self.method,
-                "background_window": self.background_window,
-                "background_samples": self.background_samples,
-                "background_percentile": self.background_percentile,
-                "slow_rank": self.slow_rank,
-                "shrink_slow": self.shrink_slow,
-                "shrink_fast": self.shrink_fast,
-                "bleach_correction": self.bleach_correction,
-                "bleach_window": self.bleach_window,
-                "event_threshold": self.event_threshold,
-                "event_min_novelty": self.event_min_novelty,
-                "event_block": self.event_block,
-                "novelty_window": self.novelty_window,
-                "model": self.model,
-                "backend": self.backend,
-                "fast_lag": self.fast_lag,
-                "fit_frames": self.fit_frames,
-                "fit_steps": self.fit_steps,
-                "fit_seconds": self.fit_seconds,
-                "fit_out": self.fit_out,
-            },
             "time_base": "seconds" if self._use_time else "frames",
             "interval": self._interval,
             "model_hash": self._predictor.model.hash if self._predictor is not None else None,
@@ -768,9 +759,3 @@ class Decompose:
             "bbox": [int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1],
             "centroid": [float((ys * wts).sum() / wts.sum()), float((xs * wts).sum() / wts.sum())],
         }
-
-
-def _as_bool(v: Any) -> bool:
-    if isinstance(v, str):
-        return v.strip().lower() in ("1", "true", "yes", "on")
-    return bool(v)

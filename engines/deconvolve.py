@@ -1,55 +1,15 @@
-"""Deconvolution: Richardson-Lucy with a matched or a Wiener-Butterworth back projector.
+"""The ``deconvolve`` engine: Richardson-Lucy deconvolution of every frame (or z-stack) as it arrives.
 
-RL refines an estimate ``f`` of the object from the data ``g`` blurred by the PSF ``h``::
-
-    f <- f * B(g / H(f))
-
-where ``H`` convolves with the PSF (the forward projector) and ``B`` with the back projector.
-Classic RL uses the matched back projector (the flipped PSF, OTF* in Fourier space) and needs
-tens of iterations. Guo et al. (Nat. Biotechnol. 38, 1337-1346, 2020) replace it with an
-unmatched one, a Wiener filter rolled off by a Butterworth low-pass at the resolution limit::
-
-    W(k) = OTF*(k) / (|OTF(k)|^2 + alpha)          (OTF normalised to 1 at k = 0)
-    BW(k) = 1 / sqrt(1 + eps^2 * (|k| / kc)^(2 n))   (per-axis kc, the PSF's resolution)
-    B(k) = W(k) * BW(k) * (1 + alpha)                (gain 1 at k = 0 keeps flux)
-
-which reaches in 1-2 iterations what matched RL reaches after tens. ``eps`` is chosen so that
-the back projector's gain at the cutoff is ``beta`` (default: the OTF's own gain there).
-
-Everything per PSF is computed once per transform shape and cached (OTF and back projector).
-From the flat start the first iteration is a single back projection of the data (2
-transforms, not 4). Edges, three ways (``boundary``):
-
-- ``dct`` (the default for mirror-symmetric PSFs: Gaussians, the widefield model): the frame
-  continues by reflection to infinity, exactly, with no padding at all. A convolution with an
-  even kernel under symmetric extension is diagonal in the DCT-II basis (Martucci's symmetric
-  convolution), so each projection is one ``dctn`` and one ``idctn`` of the bare frame, with the
-  OTF sampled at k / 2N (:class:`DCTPlan`).
-- ``reflect`` (any PSF): the frame is padded by reflection by the reach of one RL step (99 % of
-  its light, :func:`edge_pad`) and rounded up to a 5-smooth FFT length, so the periodic FFT does
-  not wrap one edge's light onto the other (OTFs in the real-FFT half spectrum).
-- ``periodic`` (any PSF; only when asked for): the bare frame or stack, no padding: each edge
-  sees the opposite one. Right where the borders are empty (beads, sparse cells on a dark
-  background: a measured bead PSF's padding made 41x150x150 into 120x300x270 voxels, 10x the
-  work); wrong where structure touches an edge (the full-field W2S frame of the benchmark: WB 1
-  iteration 33.69 dB periodic vs 36.14 dct/reflect, RL 5 iterations 34.17 vs 36.78). Never
-  chosen by ``auto``.
-
-Frames larger than the memory budget are split into overlapping tiles cut from the same
-extended domain and stitched by cropping; the overlap grows with the iterations, because each RL
-step carries light one PSF plus one back-projector footprint further.
-
-The core (:func:`richardson_lucy`, :func:`deconvolve_array`) is written against the array API
-and runs on numpy (scipy.fft with worker threads), cupy (cupyx.scipy.fft) or array_api_strict
-(whose ``fft`` extension has no DCT: there ``boundary="auto"`` means ``reflect``).
+The numerical core (Wiener-Butterworth and classic RL, the ``dct`` / ``reflect`` / ``periodic``
+boundaries, tiling under a memory budget) is :mod:`.rl`; its names are re-exported here for
+scripts that import them from this module. ``method="net"`` runs a fitted network instead
+(:mod:`.netdeconv`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -57,645 +17,139 @@ from typing import Any, ClassVar
 import numpy as np
 
 from . import _array
-from .base import EngineError, FrameInfo, StreamSpec, register_engine
+from .base import (
+    Applies,
+    EngineBase,
+    EngineError,
+    FrameInfo,
+    Param,
+    StreamSpec,
+    as_bool,
+    is_none,
+    optional,
+    register_engine,
+)
+from .calibrate import CameraOffset, estimate_offset
+from .netdeconv import NetDeconvolve
 from .psf import (
     PSFError,
     clean_psf,
     crop_psf,
-    footprint_radius,
-    fwhm_px,
     gaussian_psf,
     load_psf,
     psf_to_2d,
     resample_psf,
     widefield_psf,
 )
+from .rl import (
+    BOUNDARIES,
+    BYTES_PER_VOXEL,
+    PAD_MASS,
+    TINY,
+    DCTPlan,
+    DeconvolutionPlan,
+    choose_boundary,
+    dct_shape,
+    deconvolve_array,
+    edge_pad,
+    is_mirror_symmetric,
+    make_plan,
+    padded_shape,
+    reaches,
+    richardson_lucy,
+    wb_parameters,
+)
 
 __all__ = [
+    "BOUNDARIES",
+    "BYTES_PER_VOXEL",
     "DCTPlan",
+    "DEFAULT_ITERATIONS",
     "Deconvolve",
     "DeconvolutionPlan",
-    "make_plan",
-    "richardson_lucy",
+    "PAD_MASS",
+    "TINY",
+    "choose_boundary",
+    "dct_shape",
     "deconvolve_array",
+    "edge_pad",
+    "estimate_offset",
+    "is_mirror_symmetric",
+    "make_plan",
+    "padded_shape",
+    "richardson_lucy",
     "wb_parameters",
 ]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ITERATIONS = {"wb": 2, "rl": 20}
-DEFAULT_ALPHA = 1e-2  # Wiener constant; chosen on simulations (docs/deconvolution.md)
-DEFAULT_ORDER = 10  # Butterworth order n in (k/kc)^(2n); Guo et al.'s code default
-BYTES_PER_VOXEL = 40  # float32 estimate, data, blurred, ratio + two complex64 half spectra + FFT scratch
-TINY = 1e-6  # below this the blurred estimate is taken as zero (data are photon-like counts)
-BOUNDARIES = ("auto", "dct", "reflect", "periodic")
-SYMMETRY_TOL = 1e-6  # a PSF is mirror-symmetric when flipping any axis moves it by less (of its peak)
-
-
-# --------------------------------------------------------------------------- FFT helpers
-
-
-def _is_scipy(fft: Any) -> bool:
-    return getattr(fft, "__name__", "") == "scipy.fft"
-
-
-THREADED_FFT_SIZE = 2**20  # voxels; smaller FFTs run on one thread (fft_workers)
-
-
-def fft_workers(shape: Sequence[int]) -> int:
-    """Threads for scipy's FFTs of this shape: one below ~1024x1024 voxels.
-
-    Measured on the 2-core VM for a 600x600 rfft + irfft pair: 2 threads gain ~5 % when the
-    machine is idle (1.68 vs 1.77 ms) but lose ~1.6x in the median when another process holds
-    one core (4.1 vs 2.6 ms: the transform waits for its slower thread), as in a daemon that
-    runs several engines; large transforms gain from threads (docs/deconvolution.md)."""
-    return 1 if math.prod(shape) < THREADED_FFT_SIZE else _array.fft_workers()
-
-
-def _rfftn(fft: Any, a: Any, axes: tuple[int, ...]) -> Any:
-    if _is_scipy(fft):
-        return fft.rfftn(a, axes=axes, workers=fft_workers(a.shape), overwrite_x=False)
-    return fft.rfftn(a, axes=axes)
-
-
-def _irfftn(fft: Any, a: Any, shape: tuple[int, ...], axes: tuple[int, ...]) -> Any:
-    if _is_scipy(fft):
-        return fft.irfftn(a, s=shape, axes=axes, workers=fft_workers(shape), overwrite_x=True)
-    return fft.irfftn(a, s=shape, axes=axes)
-
-
-def _dctn(fft: Any, a: Any, axes: tuple[int, ...]) -> Any:
-    if _is_scipy(fft):
-        return fft.dctn(a, type=2, axes=axes, workers=fft_workers(a.shape), overwrite_x=False)
-    return fft.dctn(a, type=2, axes=axes)
-
-
-def _idctn(fft: Any, a: Any, axes: tuple[int, ...]) -> Any:
-    if _is_scipy(fft):
-        return fft.idctn(a, type=2, axes=axes, workers=fft_workers(a.shape), overwrite_x=True)
-    return fft.idctn(a, type=2, axes=axes)
-
-
-def has_dct(fft: Any) -> bool:
-    """Whether this FFT module has the DCT the ``dct`` boundary needs (scipy.fft, cupyx.scipy.fft;
-    not the array API's ``fft`` extension)."""
-    return hasattr(fft, "dctn") and hasattr(fft, "idctn")
-
-
-def _fast_len(n: int) -> int:
-    """The next product of 2, 3 and 5 (``real=True``), on every axis: the lengths with factors 7
-    or 11 that ``next_fast_len`` allows for complex axes were slower here (a 539x539 rfft +
-    irfft pair took 1.95 ms, 540x540 1.42 ms)."""
-    import scipy.fft
-
-    return int(scipy.fft.next_fast_len(int(n), real=True))
-
-
-def fast_shape(shape: Sequence[int]) -> tuple[int, ...]:
-    """Each axis rounded up to a length the FFTs transform fast (a product of 2, 3 and 5)."""
-    return tuple(_fast_len(n) for n in shape)
-
-
-def padded_shape(shape: Sequence[int], pad: Sequence[int]) -> tuple[int, ...]:
-    """The FFT shape of a frame padded by ``pad`` on each side: the periodic domain it runs in."""
-    return fast_shape([int(n) + 2 * int(p) for n, p in zip(shape, pad, strict=True)])
-
-
-def dct_shape(shape: Sequence[int], pad: Sequence[int]) -> tuple[int, ...]:
-    """The DCT shape of a frame under the ``dct`` boundary: each axis as it is when its length is
-    5-smooth (exact symmetric extension, no padding; 512, 1024, 2048, 2304, 1200 ...), else
-    extended by reflection at its far end by at least ``pad`` to a 5-smooth length (a DCT of 539
-    took 1.5x as long as one of 540): there the extension is exact for ``pad`` pixels past the
-    edge, as in ``reflect``."""
-    out = []
-    for n, p in zip(shape, pad, strict=True):
-        n = int(n)
-        out.append(n if _fast_len(n) == n else _fast_len(n + int(p)))
-    return tuple(out)
-
-
-def is_mirror_symmetric(psf: np.ndarray, tol: float = SYMMETRY_TOL) -> bool:
-    """True when the PSF has odd length on every axis and is its own mirror image along each
-    (the Gaussians and the widefield model are; a measured bead PSF almost never is)."""
-    a = np.asarray(psf, dtype=np.float64)
-    if any(n % 2 == 0 for n in a.shape):
-        return False
-    peak = float(np.abs(a).max()) or 1.0
-    return all(float(np.abs(a - np.flip(a, axis=ax)).max()) <= tol * peak for ax in range(a.ndim))
-
-
-# --------------------------------------------------------------------------- OTFs
-
-
-def _otf(psf: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Half-spectrum OTF of a centred PSF on an FFT grid of ``shape`` (host, complex128)."""
-    import scipy.fft
-
-    if any(p > s for p, s in zip(psf.shape, shape, strict=True)):
-        raise EngineError(f"PSF {psf.shape} is larger than the FFT grid {shape}")
-    grid = np.zeros(shape, dtype=np.float64)
-    grid[tuple(slice(0, n) for n in psf.shape)] = psf
-    # move the PSF's central pixel to the origin, so deconvolution does not shift the image
-    grid = np.roll(grid, [-(n // 2) for n in psf.shape], axis=tuple(range(psf.ndim)))
-    return scipy.fft.rfftn(grid)
-
-
-def _freq_grid(shape: tuple[int, ...], cutoff: Sequence[float]) -> np.ndarray:
-    """(|k| / kc)^2 summed over axes on the half-spectrum grid (k in cycles per pixel)."""
-    w = np.zeros(shape[:-1] + (shape[-1] // 2 + 1,))
-    for ax, n in enumerate(shape):
-        k = np.fft.rfftfreq(n) if ax == len(shape) - 1 else np.fft.fftfreq(n)
-        sh = [1] * len(shape)
-        sh[ax] = k.size
-        w = w + (k.reshape(sh) / cutoff[ax]) ** 2
-    return w
-
-
-def _gain_at(psf: np.ndarray, ax: int, k: float) -> float:
-    """|OTF| at frequency k (cycles/pixel) along one axis, exactly (1-D DTFT of the marginal)."""
-    prof = psf.sum(axis=tuple(i for i in range(psf.ndim) if i != ax))
-    x = np.arange(prof.size) - prof.size // 2
-    return float(abs(np.sum(prof * np.exp(-2j * math.pi * min(k, 0.5) * x))) / prof.sum())
-
-
-def wb_parameters(
-    psf: np.ndarray,
-    alpha: float | None = None,
-    beta: float | None = None,
-    order: int | None = None,
-    cutoff: float | Sequence[float] | None = None,
-) -> dict[str, Any]:
-    """Wiener-Butterworth parameters with defaults derived from the PSF (Guo et al. 2020).
-
-    cutoff: per axis, 1 / FWHM of the PSF in cycles per pixel (the resolution limit);
-    beta: the back projector's gain at the cutoff; default the OTF's gain there (Guo's choice);
-    alpha: the Wiener constant; order: the Butterworth order.
-    """
-    fwhm = fwhm_px(psf)
-    if cutoff is None:
-        kc = tuple(1.0 / f for f in fwhm)
-    else:
-        kc = tuple(float(c) for c in np.broadcast_to(np.asarray(cutoff, float), (psf.ndim,)))
-    if any(not (c > 0) for c in kc):
-        raise EngineError(f"cutoff must be positive (cycles per pixel), got {cutoff!r}")
-    gains = [_gain_at(psf, ax, kc[ax]) for ax in range(psf.ndim)]
-    beta_fp = float(np.mean(gains))
-    a = DEFAULT_ALPHA if alpha is None else float(alpha)
-    b = beta_fp if beta is None else float(beta)
-    n = DEFAULT_ORDER if order is None else int(order)
-    if a <= 0 or not (0 < b < 1) or n < 1:
-        raise EngineError(f"need alpha > 0, 0 < beta < 1, order >= 1; got {a}, {b}, {n}")
-    # Wiener gain at the cutoff, relative to its own gain at k = 0 (1 / (1 + alpha))
-    wiener_kc = float(np.mean([g / (g * g + a) for g in gains])) * (1.0 + a)
-    # choose eps so that the WB gain at the cutoff is beta: wiener_kc / sqrt(1 + eps^2) = beta
-    eps2 = max(0.0, (wiener_kc / b) ** 2 - 1.0)
-    return {
-        "alpha": a,
-        "beta": b,
-        "order": n,
-        "cutoff": kc,
-        "eps2": eps2,
-        "fwhm_px": tuple(float(f) for f in fwhm),
-        "otf_gain_at_cutoff": beta_fp,
-    }
-
-
-def _back_projector_otf(otf: np.ndarray, shape: tuple[int, ...], method: str, wb: dict[str, Any]) -> np.ndarray:
-    if method == "rl":
-        return np.conj(otf)
-    a = wb["alpha"]
-    wiener = np.conj(otf) / (np.abs(otf) ** 2 + a)
-    butterworth = 1.0 / np.sqrt(1.0 + wb["eps2"] * _freq_grid(shape, wb["cutoff"]) ** wb["order"])
-    return wiener * butterworth * (1.0 + a)
-
-
-def back_projector_kernel(psf: np.ndarray, method: str, wb: dict[str, Any]) -> np.ndarray:
-    """The back projector in real space, centred, on a grid 8x the PSF (for its footprint)."""
-    import scipy.fft
-
-    shape = tuple(max(64, 8 * n) | 1 for n in psf.shape)
-    bp = _back_projector_otf(_otf(psf, shape), shape, method, wb)
-    kernel = scipy.fft.irfftn(bp, s=shape)
-    return np.roll(kernel, [n // 2 for n in shape], axis=tuple(range(len(shape))))
-
-
-def _otf_dct(psf: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """The OTF of a mirror-symmetric PSF at the DCT-II frequencies k / 2N of ``shape`` (real).
-
-    For an even kernel the symmetric extension of period 2N turns convolution into a product in
-    the DCT-II basis, with the kernel's DFT on the 2N grid at bins 0..N-1 as multipliers. That
-    DFT of an even kernel is a DCT-I of its one-sided quadrant: ``x_0 + 2 sum_n x_n cos(pi k n /
-    N)`` per axis, computed here once on the (N + 1)-long grid (host, float64)."""
-    import scipy.fft
-
-    centre = [n // 2 for n in psf.shape]
-    quadrant = psf[tuple(slice(c, None) for c in centre)]
-    if any(q >= n for q, n in zip(quadrant.shape, shape, strict=True)):
-        raise EngineError(_dct_refused(f"the PSF {tuple(psf.shape)} reaches past the frame {tuple(shape)}"))
-    grid = np.zeros([n + 1 for n in shape], dtype=np.float64)
-    grid[tuple(slice(0, q) for q in quadrant.shape)] = quadrant
-    lam = scipy.fft.dctn(grid, type=1)
-    return lam[tuple(slice(0, n) for n in shape)]
-
-
-def _dct_freq_grid(shape: tuple[int, ...], cutoff: Sequence[float]) -> np.ndarray:
-    """(|k| / kc)^2 at the DCT-II frequencies k / 2N cycles per pixel."""
-    w = np.zeros(shape)
-    for ax, n in enumerate(shape):
-        sh = [1] * len(shape)
-        sh[ax] = n
-        w = w + ((np.arange(n) / (2.0 * n)).reshape(sh) / cutoff[ax]) ** 2
-    return w
-
-
-def _back_projector_dct(otf: np.ndarray, shape: tuple[int, ...], method: str, wb: dict[str, Any]) -> np.ndarray:
-    """:func:`_back_projector_otf` for a real (even) OTF at the DCT frequencies."""
-    if method == "rl":
-        return otf
-    a = wb["alpha"]
-    butterworth = 1.0 / np.sqrt(1.0 + wb["eps2"] * _dct_freq_grid(shape, wb["cutoff"]) ** wb["order"])
-    return otf / (otf * otf + a) * butterworth * (1.0 + a)
-
-
-class DeconvolutionPlan:
-    """OTF and back projector of one PSF on one FFT shape, on the frames' array backend
-    (``reflect`` boundary: real-FFT half spectra, complex)."""
-
-    boundary = "reflect"
-
-    def __init__(self, psf: np.ndarray, shape: tuple[int, ...], method: str, wb: dict[str, Any], xp: Any) -> None:
-        otf = _otf(psf, shape)
-        bp = _back_projector_otf(otf, shape, method, wb)
-        self.shape = shape
-        self.otf = xp.asarray(otf.astype(np.complex64))
-        self.otf_bp = xp.asarray(bp.astype(np.complex64))
-
-
-class DCTPlan:
-    """OTF and back projector of one mirror-symmetric PSF at the DCT-II frequencies of one shape
-    (``dct`` boundary: real multipliers, float32), on the frames' array backend."""
-
-    boundary = "dct"
-
-    def __init__(self, psf: np.ndarray, shape: tuple[int, ...], method: str, wb: dict[str, Any], xp: Any) -> None:
-        if not is_mirror_symmetric(psf):
-            raise EngineError(_dct_refused(_NOT_SYMMETRIC))
-        otf = _otf_dct(psf, shape)
-        bp = _back_projector_dct(otf, shape, method, wb)
-        self.shape = shape
-        self.otf = xp.asarray(otf.astype(np.float32))
-        self.otf_bp = xp.asarray(bp.astype(np.float32))
-
-
-def make_plan(psf: np.ndarray, shape: tuple[int, ...], method: str = "wb", xp: Any = np,
-              boundary: str = "reflect", **wb: Any) -> DeconvolutionPlan | DCTPlan:  # fmt: skip
-    """Convenience for scripts and tests: WB parameters derived from the PSF unless given."""
-    cls = DCTPlan if boundary == "dct" else DeconvolutionPlan
-    return cls(psf, tuple(shape), method, wb_parameters(psf, **wb), xp)
-
-
-# --------------------------------------------------------------------------- core
-
-
-def richardson_lucy(data: Any, plan: DeconvolutionPlan | DCTPlan, iterations: int, *, fft: Any = None) -> Any:
-    """RL iterations on an array already of the plan's shape: periodic boundaries for a
-    :class:`DeconvolutionPlan`, symmetric (mirror) ones for a :class:`DCTPlan`.
-
-    Starts from a flat estimate, as scikit-image does: starting from the data itself carries
-    its noise into every iterate, and measured on a real image that cost 2-3 dB PSNR
-    (docs/deconvolution.md). From a flat start ``c`` the first iteration needs no forward
-    projection and forgets ``c``: the PSF sums to 1, so ``H c = c`` and
-    ``c * B(g / c) = B(g)``; the first iteration is one back projection of the data, two FFTs
-    instead of four. The estimate is kept non-negative: the WB back projector has negative
-    lobes.
-    """
-    xp = _array.namespace(data)
-    fft = fft if fft is not None else _array.fft_module(data)
-    axes = tuple(range(data.ndim))
-    shape = tuple(data.shape)
-    if shape != plan.shape:
-        raise ValueError(f"data shape {shape} does not match the plan's FFT shape {plan.shape}")
-    if iterations == 0:
-        return data
-    project = _project_dct if plan.boundary == "dct" else _project
-    est = _maximum(xp, project(fft, data, plan.otf_bp, shape, axes), 0.0)
-    for _ in range(iterations - 1):
-        blurred = _maximum(xp, project(fft, est, plan.otf, shape, axes), TINY)
-        correction = project(fft, _divide_into(xp, data, blurred), plan.otf_bp, shape, axes)
-        est = _maximum(xp, _multiply_into(xp, est, correction), 0.0)
-    return est
-
-
-def _project(fft: Any, a: Any, transfer: Any, shape: tuple[int, ...], axes: tuple[int, ...]) -> Any:
-    """Periodic convolution: irfft(rfft(a) * transfer), the spectrum multiplied in place."""
-    spectrum = _rfftn(fft, a, axes)
-    spectrum *= transfer
-    return _irfftn(fft, spectrum, shape, axes)
-
-
-def _project_dct(fft: Any, a: Any, transfer: Any, shape: tuple[int, ...], axes: tuple[int, ...]) -> Any:
-    """Convolution with an even kernel under symmetric extension: idct(dct(a) * transfer)."""
-    coeffs = _dctn(fft, a, axes)
-    coeffs *= transfer
-    return _idctn(fft, coeffs, axes)
-
-
-# Elementwise steps write into a frame-sized buffer the iteration already owns, on numpy and
-# cupy (``out=``), instead of allocating a new one per step (the array API has no ``out=``;
-# other backends, array_api_strict in the tests, get new arrays).
-
-
-def _in_place(a: Any) -> Any:
-    """The module whose ufuncs take ``out=`` for this array (numpy or cupy), else None."""
-    if isinstance(a, np.ndarray):
-        return np
-    if _array.is_cupy(a):
-        import cupy
-
-        return cupy
-    return None
-
-
-def _maximum(xp: Any, a: Any, floor: float) -> Any:
-    m = _in_place(a)
-    if m is None:
-        return xp.maximum(a, floor)
-    return m.maximum(a, a.dtype.type(floor), out=a)
-
-
-def _divide_into(xp: Any, num: Any, den: Any) -> Any:
-    """num / den, written into den."""
-    m = _in_place(den)
-    return num / den if m is None else m.divide(num, den, out=den)
-
-
-def _multiply_into(xp: Any, a: Any, b: Any) -> Any:
-    """a * b, written into a."""
-    m = _in_place(a)
-    return a * b if m is None else m.multiply(a, b, out=a)
-
-
-def _symmetric(idx: np.ndarray, n: int) -> np.ndarray:
-    """Indices reflected into [0, n) with edge pixels repeated (d c b a | a b c d | d c ...)."""
-    m = np.mod(idx, 2 * n)
-    return np.where(m >= n, 2 * n - 1 - m, m)
-
-
-def _gather(xp: Any, a: Any, index: Sequence[np.ndarray], pad: Sequence[int]) -> Any:
-    """a[ix0][:, ix1]... with per-axis integer index arrays (array-API ``take``).
-
-    An axis indexed as the whole frame with one reflection on each side (the untiled case) is
-    assembled from flipped slices instead (``concat``): 0.08 vs 0.21 ms at 512 -> 600 px."""
-    out = a
-    for ax, idx in enumerate(index):
-        n = a.shape[ax]
-        if idx.size == n and np.array_equal(idx, np.arange(n)):
-            continue
-        before, after = pad[ax], idx.size - n - pad[ax]
-        if 0 <= before <= n and 0 <= after <= n and np.array_equal(idx, _reflect_index(n, before, after)):
-            out = _reflect_pad(xp, out, ax, before, after)
-        else:
-            out = xp.take(out, xp.asarray(idx.astype(np.int64)), axis=ax)
-    return out
-
-
-def _reflect_index(n: int, before: int, after: int) -> np.ndarray:
-    return np.concatenate([np.arange(before)[::-1], np.arange(n), np.arange(n - after, n)[::-1]])
-
-
-def _reflect_pad(xp: Any, a: Any, ax: int, before: int, after: int) -> Any:
-    """``a`` with ``before`` / ``after`` pixels mirrored on each side of one axis (edge repeated)."""
-    n = a.shape[ax]
-
-    def part(start: int, stop: int) -> Any:
-        return a[tuple(slice(start, stop) if i == ax else slice(None) for i in range(a.ndim))]
-
-    return xp.concat([xp.flip(part(0, before), axis=ax), a, xp.flip(part(n - after, n), axis=ax)], axis=ax)
-
-
-def deconvolve_array(
-    data: Any,
-    psf: np.ndarray,
-    *,
-    iterations: int,
-    method: str = "wb",
-    wb: dict[str, Any] | None = None,
-    plans: dict[tuple[int, ...], DeconvolutionPlan] | None = None,
-    footprint: Sequence[int] | None = None,
-    pad: Sequence[int] | None = None,
-    memory_budget_mb: float | None = None,
-    conserve_flux: bool = True,
-    boundary: str = "auto",
-) -> Any:
-    """Deconvolve one offset-free, non-negative frame or stack (any array-API backend).
-
-    ``plans`` caches OTFs per (boundary, transform shape) across calls; ``footprint`` is the
-    per-axis reach of one RL step (PSF plus back projector, 99.9 % of its light: the tiles'
-    overlap) and ``pad`` the reflected border of the ``reflect`` boundary (99 % of it,
-    :func:`edge_pad`); all are derived here when not given. ``boundary``: ``dct`` (exact mirror
-    extension, no padding; mirror-symmetric PSFs), ``reflect`` (padding; any PSF), ``periodic``
-    (no padding, edges wrap: data with empty borders) or ``auto`` (:func:`choose_boundary`).
-    """
-    xp = _array.namespace(data)
-    fft = _array.fft_module(data)
-    if data.ndim != psf.ndim:
-        raise EngineError(f"a {psf.ndim}-D PSF cannot deconvolve {data.ndim}-D data of shape {tuple(data.shape)}")
-    wb = wb if wb is not None else wb_parameters(psf)
-    plans = plans if plans is not None else {}
-    if footprint is None or pad is None:
-        fp, pd = _reaches(psf, method, wb, (1e-3, PAD_MASS))
-        footprint = fp if footprint is None else footprint
-        pad = pd if pad is None else pad
-    shape = tuple(int(n) for n in data.shape)
-    pad = tuple(int(r) for r in pad)
-    boundary = choose_boundary(psf, shape, fft, boundary)
-    if boundary == "dct":
-        # the DCT itself continues the frame by reflection: no border, tiles start at the frame
-        domain, pad = dct_shape(shape, pad), (0,) * len(shape)
-        plan_cls: type[DeconvolutionPlan] | type[DCTPlan] = DCTPlan
-    elif boundary == "periodic":
-        # the bare frame is the period: tiles wrap around it, no border to crop
-        if any(p > n for p, n in zip(psf.shape, shape, strict=True)):
-            raise EngineError(f"boundary='periodic' needs the PSF {tuple(psf.shape)} to fit in the frame "
-                              f"{shape}; use boundary='reflect' (or 'auto')")  # fmt: skip
-        domain, pad, plan_cls = shape, (0,) * len(shape), DeconvolutionPlan
-    else:
-        # the padded, periodic domain every tile is cut from: reflection beyond the edges
-        domain, plan_cls = padded_shape(shape, pad), DeconvolutionPlan
-    budget = math.inf if memory_budget_mb is None else memory_budget_mb * 2**20 / BYTES_PER_VOXEL
-
-    def run(window_start: Sequence[int], window: tuple[int, ...]) -> Any:
-        if boundary == "dct":
-            index = [_symmetric(s + np.arange(w), n) for s, w, n in zip(window_start, window, shape, strict=True)]
-        else:
-            index = [
-                _symmetric(np.mod(s + np.arange(w), big) - p, n)
-                for s, w, big, p, n in zip(window_start, window, domain, pad, shape, strict=True)
-            ]
-        block = _gather(xp, data, index, pad)
-        key = (boundary, window)
-        plan = plans.get(key)
-        if plan is None:
-            log.debug("computing OTF and back projector for %s shape %s", boundary, window)
-            plan = plans[key] = plan_cls(psf, window, method, wb, xp)
-        return richardson_lucy(block, plan, iterations, fft=fft)
-
-    if math.prod(domain) <= budget:
-        out = run([0] * len(shape), domain)
-        out = out[tuple(slice(p, p + n) for p, n in zip(pad, shape, strict=True))]
-    else:
-        out = _tiled(run, shape, domain, pad, footprint, iterations, budget, memory_budget_mb, xp)
-    if conserve_flux:
-        # RL conserves flux only with the matched back projector; the WB one (and clipping its
-        # negative lobes) does not. One factor per frame restores it, tiled or not alike. The
-        # multiplication also makes the cropped view a compact array (0.1 ms at 512x512).
-        total = float(xp.sum(out))
-        if total > 0:
-            factor = float(xp.sum(data)) / total
-            m = _in_place(out)
-            if m is not None and out.flags["C_CONTIGUOUS"] and out.flags["OWNDATA"]:
-                m.multiply(out, out.dtype.type(factor), out=out)  # the dct boundary's own buffer
-            else:
-                out = out * factor
-    return out
-
-
-_NOT_SYMMETRIC = "the PSF is not mirror-symmetric (a measured PSF rarely is)"
-
-
-def _dct_refused(why: str) -> str:
-    return f"boundary='dct' cannot run here: {why}; use boundary='reflect' (or 'auto')"
-
-
-def choose_boundary(psf: np.ndarray, shape: Sequence[int], fft: Any, boundary: str = "auto") -> str:
-    """``dct`` where it is exact and available (a mirror-symmetric PSF that fits in the frame,
-    an FFT module with a DCT), else ``reflect``. An explicit ``dct`` is only checked for the DCT
-    here (cheap, every call): its PSF is checked once, when its :class:`DCTPlan` is built, and
-    refused there with the reason."""
-    if boundary not in BOUNDARIES:
-        raise EngineError(f"boundary must be one of {', '.join(BOUNDARIES)}; got {boundary!r}")
-    if boundary in ("reflect", "periodic"):
-        return boundary
-    if not has_dct(fft):
-        if boundary == "dct":
-            raise EngineError(_dct_refused(f"{getattr(fft, '__name__', fft)!s} has no DCT"))
-        return "reflect"
-    if boundary == "dct":
-        return boundary
-    fits = all(n // 2 < int(s) for n, s in zip(psf.shape, shape, strict=True))
-    return "dct" if fits and is_mirror_symmetric(psf) else "reflect"
-
-
-def _tiled(run: Any, shape: tuple[int, ...], domain: tuple[int, ...], pad: tuple[int, ...],
-           footprint: Sequence[int], iterations: int, budget: float,
-           memory_budget_mb: float | None, xp: Any) -> Any:  # fmt: skip
-    """Deconvolve in overlapping windows of the padded domain and keep each window's core.
-
-    Each RL step carries light up to one footprint further, so the margin grows with the
-    iterations (:func:`tile_margin`); Guo et al.'s chunk-and-stitch.
-    """
-    margin = tile_margin(footprint, iterations)
-    core, window = _tiling(shape, domain, margin, budget)
-    if core is None:
-        raise EngineError(
-            f"deconvolving {shape} with {iterations} iterations needs tiles with {margin} px of "
-            f"overlap that do not fit in memory_budget_mb={memory_budget_mb}; raise "
-            "memory_budget_mb or lower iterations"
-        )
-    window_t = tuple(window)
-    out = xp.zeros(shape, dtype=xp.float32)
-    starts = [list(range(0, n, c)) for n, c in zip(shape, core, strict=True)]
-    log.debug("tiling %s into cores %s, windows %s", shape, core, window_t)
-    for corner in itertools.product(*starts):
-        wstart = []
-        crop = []
-        dest = []
-        for ax, c0 in enumerate(corner):
-            c1 = min(c0 + core[ax], shape[ax])
-            if window_t[ax] >= domain[ax]:  # axis not split: the whole periodic domain
-                wstart.append(0)
-                crop.append(slice(pad[ax] + c0, pad[ax] + c1))
-            else:
-                wstart.append(pad[ax] + c0 - margin[ax])
-                crop.append(slice(margin[ax], margin[ax] + c1 - c0))
-            dest.append(slice(c0, c1))
-        res = run(wstart, window_t)
-        out[tuple(dest)] = res[tuple(crop)]
-    return out
-
-
-def tile_margin(footprint: Sequence[int], iterations: int) -> tuple[int, ...]:
-    """Overlap each tile needs per side: ``footprint * ceil(sqrt(iterations))``.
-
-    The worst case is one footprint per iteration, but the disturbance RL spreads from a cut
-    decays much faster than that bound: measured on a real 512x512 image, one footprint of
-    margin already kept tiled and untiled within 5e-5 of the mean for 50 RL iterations
-    (docs/deconvolution.md). The square root keeps a safety factor that still grows with the
-    iterations, without tiles of mostly margin."""
-    k = max(1, math.ceil(math.sqrt(max(1, iterations))))
-    return tuple(k * int(r) for r in footprint)
-
-
-def _tiling(
-    shape: tuple[int, ...], domain: tuple[int, ...], margin: tuple[int, ...], budget: float
-) -> tuple[list[int], list[int]] | tuple[None, None]:
-    """Core and window (FFT) sizes per axis so one window fits the budget: halve the cores along
-    the axis with the largest window until it fits; an axis whose window stops shrinking (the
-    margins dominate) is left whole."""
-    nd = len(shape)
-    core, window = list(shape), list(domain)
-    whole: set[int] = set()
-    while math.prod(window) > budget:
-        candidates = [ax for ax in range(nd) if ax not in whole and core[ax] > 8]
-        if not candidates:
-            return None, None
-        ax = max(candidates, key=lambda i: window[i])
-        new_core = math.ceil(core[ax] / 2)
-        new_window = _fast_len(new_core + 2 * margin[ax])
-        if new_window >= window[ax]:
-            whole.add(ax)
-            continue
-        core[ax], window[ax] = new_core, new_window
-    return core, window
-
-
-PAD_MASS = 1e-2  # light of one RL step allowed past the reflected border (edge_pad)
-
-
-def edge_pad(psf: np.ndarray, method: str, wb: dict[str, Any]) -> tuple[int, ...]:
-    """Reflected border per side: the reach of one RL step holding 99 % of its light.
-
-    The frame continues by reflection, which the FFT's periodic domain turns into a seam one
-    pad beyond each edge; only light crossing the seam is wrong. Measured on the real 512x512
-    benchmark image (Airy NA 0.8 and NA 1.4, Gaussian sigma 1.5 and 3 px; WB 1-5 and RL 20
-    iterations) this pad changes the result by at most 0.4 % of its maximum and the PSNR by
-    under 0.005 dB (edge band included) against the 99.9 % footprint, while the FFT domain of a
-    512x512 frame with the NA 0.8 PSF shrinks from 625x625 to 600x600 (docs/deconvolution.md)."""
-    return _reaches(psf, method, wb, (PAD_MASS,))[0]
-
-
-def _footprint(psf: np.ndarray, method: str, wb: dict[str, Any], mass: float = 1e-3) -> tuple[int, ...]:
-    """How far one RL step carries light, per axis: PSF reach plus back-projector reach."""
-    return _reaches(psf, method, wb, (mass,))[0]
-
-
-def _reaches(psf: np.ndarray, method: str, wb: dict[str, Any], masses: Sequence[float]) -> list[tuple[int, ...]]:
-    """:func:`_footprint` for several masses from one back-projector kernel (for a 3-D PSF that
-    kernel is an FFT of ~360^3 voxels: computed once)."""
-    bp = back_projector_kernel(psf, method, wb)
-    out = []
-    for mass in masses:
-        r_psf = footprint_radius(psf, mass)
-        r_bp = footprint_radius(bp, mass)
-        out.append(tuple(max(1, a + b) for a, b in zip(r_psf, r_bp, strict=True)))
-    return out
+_reaches = reaches  # the name bench/bench_deconvolve.py uses; rl.reaches is the one to use
 
 
 # --------------------------------------------------------------------------- engine
 
 
+_R = Applies.REBUILD  # the PSF, or what derives from it (plans, the network), is made again
+
+
+def _psf_value(value: Any) -> Any:
+    return None if is_none(value) else value
+
+
+def _show_psf(psf: Any) -> str | None:
+    if psf is None:
+        return None
+    if isinstance(psf, (str, Path)):
+        return str(psf)
+    return f"array{tuple(np.shape(psf))}"
+
+
+def _lower(value: Any) -> str:
+    return str(value).lower()
+
+
+def _cutoff(value: Any) -> float | tuple[float, ...]:
+    """One cutoff for every axis, or one per axis ("0.2,0.3" on a command line)."""
+    if isinstance(value, str):
+        value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        return float(value[0]) if len(value) == 1 else tuple(float(v) for v in value)
+    if np.ndim(value) == 0:
+        return float(value)
+    return tuple(float(v) for v in value)
+
+
+def _one_of(name: str, choices: tuple[str, ...]) -> Any:
+    def check(value: str) -> str | None:
+        if value in choices:
+            return None
+        return f"{name} must be " + " or ".join(repr(c) for c in choices) + f", got {value!r}"
+
+    return check
+
+
+def _check_method(method: str) -> str | None:
+    if method == "net" or method in DEFAULT_ITERATIONS:
+        return None
+    return f"method must be 'wb' (Wiener-Butterworth) or 'rl' (classic), got {method!r}"
+
+
+def _check_iterations(n: int | None) -> str | None:
+    return None if n is None or n >= 0 else f"iterations must be >= 0, got {n}"
+
+
+def _check_boundary(boundary: str) -> str | None:
+    if boundary in BOUNDARIES:
+        return None
+    return f"boundary must be one of {', '.join(BOUNDARIES)}, got {boundary!r}"
+
+
+def _check_budget(mb: float | None) -> str | None:
+    return None if mb is None or mb > 0 else "memory_budget_mb must be positive (or None for no tiling)"
+
+
 @register_engine("deconvolve")
-class Deconvolve:
+class Deconvolve(EngineBase):
     """Deblur each frame (or z-stack with ``volume=True``) as it arrives.
 
     PSF, in order of precedence: ``psf`` (a TIFF path or an array; a measured bead image is
@@ -713,12 +167,36 @@ class Deconvolve:
     name: ClassVar[str] = "deconvolve"
     outputs: ClassVar[tuple[str, ...]] = ("deconvolved",)
 
-    _PSF_PARAMS = (
-        "psf", "psf_sigma", "psf_sigma_z", "na", "wavelength_nm", "refractive_index",
-        "psf_pixel_size_um", "psf_z_step_um", "psf_2d", "method", "alpha", "beta", "order",
-        "cutoff", "volume",
-    )  # fmt: skip
-    _PARAMS = _PSF_PARAMS + ("iterations", "offset", "memory_budget_mb", "device", "model", "boundary")
+    parameters: ClassVar[dict[str, Param]] = {
+        "psf": Param(None, _psf_value, applies=_R, show=_show_psf,
+                     doc="a measured PSF: TIFF path or array (z, y, x) / (y, x)"),
+        "psf_sigma": Param(1.5, float, applies=_R, doc="Gaussian PSF sigma, pixels at binning 1"),
+        "psf_sigma_z": Param(None, optional(float), applies=_R, doc="Gaussian PSF sigma along z, planes (2)"),
+        "na": Param(None, optional(float), applies=_R, doc="numerical aperture: the widefield PSF model"),
+        "wavelength_nm": Param(520.0, float, applies=_R),
+        "refractive_index": Param(1.515, float, applies=_R),
+        "psf_pixel_size_um": Param(None, optional(float), applies=_R, doc="the measured PSF's pixel size"),
+        "psf_z_step_um": Param(None, optional(float), applies=_R, doc="the measured PSF's z step"),
+        "psf_2d": Param("plane", str, applies=_R, check=_one_of("psf_2d", ("plane", "projection")),
+                        doc="a 3-D PSF on planes: its in-focus plane or its projection"),
+        "method": Param("wb", _lower, applies=_R, check=_check_method,
+                        doc="wb (Wiener-Butterworth), rl (classic) or net (a fitted model)"),
+        "iterations": Param(None, optional(int), check=_check_iterations,
+                            doc="RL iterations (wb 2, rl 20)"),
+        "alpha": Param(None, optional(float), applies=_R, doc="Wiener constant (1e-2)"),
+        "beta": Param(None, optional(float), applies=_R, doc="back projector's gain at the cutoff"),
+        "order": Param(None, optional(int), applies=_R, doc="Butterworth order (10)"),
+        "cutoff": Param(None, optional(_cutoff), applies=_R, doc="cycles per pixel, per axis (1 / FWHM)"),
+        "offset": Param(None, optional(float), applies=Applies.RESET, doc="camera offset, ADU"),
+        "memory_budget_mb": Param(1024.0, optional(float), check=_check_budget,
+                                  doc="tile frames larger than this; None: never"),
+        "volume": Param(False, as_bool, applies=_R, doc="deconvolve (z, y, x) stacks"),
+        "device": Param("cpu", _lower, applies=_R, check=_one_of("device", ("cpu", "gpu"))),
+        "model": Param(None, optional(str), applies=_R, doc='method="net": a fitted model file'),
+        "boundary": Param("auto", _lower, applies=_R, check=_check_boundary),
+    }
+    # the parameters whose change leaves the PSF as it is
+    _KEEP_PSF = ("iterations", "offset", "memory_budget_mb", "device", "model", "boundary")
 
     def __init__(
         self,
@@ -744,28 +222,7 @@ class Deconvolve:
         model: str | Path | None = None,
         boundary: str = "auto",
     ) -> None:
-        self.psf = psf
-        self.psf_sigma = float(psf_sigma)
-        self.psf_sigma_z = None if psf_sigma_z is None else float(psf_sigma_z)
-        self.na = None if na is None else float(na)
-        self.wavelength_nm = float(wavelength_nm)
-        self.refractive_index = float(refractive_index)
-        self.psf_pixel_size_um = None if psf_pixel_size_um is None else float(psf_pixel_size_um)
-        self.psf_z_step_um = None if psf_z_step_um is None else float(psf_z_step_um)
-        self.psf_2d = str(psf_2d)
-        self.method = str(method).lower()
-        self.iterations = None if iterations is None else int(iterations)
-        self.alpha = alpha
-        self.beta = beta
-        self.order = order
-        self.cutoff = cutoff
-        self.offset = None if offset is None else float(offset)
-        self.memory_budget_mb = None if memory_budget_mb is None else float(memory_budget_mb)
-        self.volume = _as_bool(volume)
-        self.device = str(device).lower()
-        self.model = None if model in (None, "") else str(model)  # method="net": a fitted model file
-        self.boundary = str(boundary).lower()
-        self._validate()
+        self._init_params(locals())
         self.spec: StreamSpec | None = None
         self._kernel: np.ndarray | None = None  # the PSF as used, at the frames' sampling
         self._psf_source = ""
@@ -773,10 +230,10 @@ class Deconvolve:
         self._footprint: tuple[int, ...] = ()  # tiles' overlap per iteration (99.9 % reach)
         self._pad: tuple[int, ...] = ()  # reflected border (99 % reach)
         self._plans: dict[tuple[int, ...], DeconvolutionPlan] = {}
-        self._offset_used: float | None = None
+        self._offset = CameraOffset()
         self._boundary_used: str | None = None
         self._boundaries: dict[tuple[int, ...], str] = {}  # frame shape -> boundary (auto resolved)
-        self._net: Any = None  # method="net": netdeconv.NetDeconvolve, built in setup
+        self._net: NetDeconvolve | None = None  # method="net", built in setup
 
     # ---- protocol
 
@@ -790,7 +247,7 @@ class Deconvolve:
             self._net = self._open_net()
             self._net.setup(spec)
             return
-        self._offset_used = None
+        self._offset.reset()
         self._prepare()
 
     def process(self, frame: Any, info: FrameInfo) -> dict[str, Any]:
@@ -810,7 +267,7 @@ class Deconvolve:
                 f"deconvolve got a frame of shape {data.shape} but its PSF is {self._kernel.ndim}-D; "
                 + ("set volume=False for single planes" if self.volume else "set volume=True for z-stacks")
             )
-        offset = self._camera_offset(data)
+        offset = self.camera_offset(data)
         data = np.maximum(data - np.float32(offset), np.float32(0.0))
         xp_data = self._to_device(data)
         used = self._boundaries.get(data.shape)  # the PSF's symmetry is checked once per shape, not per frame
@@ -832,56 +289,46 @@ class Deconvolve:
         )
         return {"deconvolved": np.asarray(_array.to_numpy(out), dtype=np.float32)}
 
-    def set_param(self, name: str, value: Any) -> None:
-        if name not in self._PARAMS:
-            raise KeyError(f"deconvolve has no parameter {name!r}; it has: {', '.join(self._PARAMS)}")
-        old = getattr(self, name)
-        if name in ("psf_sigma", "psf_sigma_z", "na", "wavelength_nm", "refractive_index",
-                    "psf_pixel_size_um", "psf_z_step_um", "offset", "memory_budget_mb"):  # fmt: skip
-            value = None if value is None else float(value)
-        elif name == "iterations":
-            value = None if value is None else int(value)
-        elif name == "volume":
-            value = _as_bool(value)
-        elif name in ("method", "psf_2d", "device", "boundary"):
-            value = str(value).lower() if name != "psf_2d" else str(value)
-        setattr(self, name, value)
-        try:
-            self._validate()
-            if name in self._PSF_PARAMS:
-                self._kernel = None
-                self._plans = {}
-                if self.spec is not None:
-                    self._prepare()
-            if name == "offset":
-                self._offset_used = None
-            if name in ("boundary", "device"):
-                self._plans, self._boundaries = {}, {}
-            if name in ("model", "method", "offset"):
-                self._net = None  # reopened on the next frame
-        except Exception:
-            setattr(self, name, old)  # keep the engine usable with its previous setting
-            raise
+    def _rebuild(self, name: str) -> None:
+        if name in ("model", "method"):
+            self._net = None  # reopened on the next frame
+        if name in ("boundary", "device"):
+            self._plans, self._boundaries = {}, {}
+        elif name not in self._KEEP_PSF:  # the PSF follows this parameter
+            self._kernel = None
+            self._plans = {}
+            if self.spec is not None:
+                self._prepare()
 
-    def describe(self) -> dict[str, Any]:
-        d: dict[str, Any] = {p: getattr(self, p) for p in self._PARAMS if p != "psf"}
-        if isinstance(self.psf, (str, Path)):
-            d["psf"] = str(self.psf)
-        elif self.psf is not None:
-            d["psf"] = f"array{tuple(np.shape(self.psf))}"
-        else:
-            d["psf"] = None
-        d["iterations_used"] = self.n_iterations
-        d["psf_source"] = self._psf_source
+    def _reset_state(self, name: str) -> None:  # offset
+        self._offset.reset()
+        self._net = None  # it subtracts the offset too: reopened on the next frame
+
+    def _details(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"iterations_used": self.n_iterations, "psf_source": self._psf_source}
         if self._kernel is not None:
             d["psf_shape"] = tuple(self._kernel.shape)
             d["psf_sha1"] = hashlib.sha1(np.ascontiguousarray(self._kernel).tobytes()).hexdigest()
             d["wb"] = {k: v for k, v in self._wb.items()}
             d["footprint_px"] = self._footprint
             d["pad_px"] = self._pad
-        d["offset_used"] = self._offset_used
+        d["offset_used"] = self._offset.estimated
         d["boundary_used"] = self._boundary_used
         return d
+
+    # ---- state handed to chunks that start later in the stream (CarriesState)
+
+    def export_state(self) -> dict[str, Any]:
+        """The camera offset estimated on the stream's first frame, when neither the ``offset``
+        parameter nor the stream gave one ({} otherwise)."""
+        if self.offset is None and self._offset.estimated is not None:
+            return {"offset_used": float(self._offset.estimated)}
+        return {}
+
+    def import_state(self, state: Any) -> None:
+        """Use the offset another instance estimated (after ``setup``, which forgets it)."""
+        if state.get("offset_used") is not None:
+            self._offset.estimated = float(state["offset_used"])
 
     def close(self) -> None:
         self._plans = {}
@@ -893,22 +340,9 @@ class Deconvolve:
         return DEFAULT_ITERATIONS.get(self.method, 0) if self.iterations is None else self.iterations
 
     def _validate(self) -> None:
-        if self.method == "net":
-            if self.model is None:
-                raise EngineError("method='net' needs model=PATH of a model fitted with "
-                                  "livescope.engines.netdeconv.fit_deconvolution")
-        elif self.method not in DEFAULT_ITERATIONS:
-            raise EngineError(f"method must be 'wb' (Wiener-Butterworth) or 'rl' (classic), got {self.method!r}")
-        if self.iterations is not None and self.iterations < 0:
-            raise EngineError(f"iterations must be >= 0, got {self.iterations}")
-        if self.boundary not in BOUNDARIES:
-            raise EngineError(f"boundary must be one of {', '.join(BOUNDARIES)}, got {self.boundary!r}")
-        if self.device not in ("cpu", "gpu"):
-            raise EngineError(f"device must be 'cpu' or 'gpu', got {self.device!r}")
-        if self.psf_2d not in ("plane", "projection"):
-            raise EngineError(f"psf_2d must be 'plane' or 'projection', got {self.psf_2d!r}")
-        if self.memory_budget_mb is not None and self.memory_budget_mb <= 0:
-            raise EngineError("memory_budget_mb must be positive (or None for no tiling)")
+        if self.method == "net" and self.model is None:
+            raise EngineError("method='net' needs model=PATH of a model fitted with "
+                              "livescope.engines.netdeconv.fit_deconvolution")
 
     @property
     def kernel(self) -> np.ndarray | None:
@@ -918,17 +352,13 @@ class Deconvolve:
     def swap_model(self, path: str | Path) -> None:
         """Open a fitted deconvolution model now and run it from the next frame on (a classical
         run switches to method="net"). A bad file raises here and the running method stays."""
-        from .netdeconv import NetDeconvolve
-
         net = NetDeconvolve(model=str(path), offset=self.offset)
         if self.spec is not None:
             net.setup(self.spec)
         self.model, self.method, self._net = str(path), "net", net
         log.info("deconvolve: model %s in use", path)
 
-    def _open_net(self) -> Any:
-        from .netdeconv import NetDeconvolve
-
+    def _open_net(self) -> NetDeconvolve:
         return NetDeconvolve(model=self.model, offset=self.offset)
 
     def _to_device(self, data: np.ndarray) -> Any:
@@ -942,15 +372,10 @@ class Deconvolve:
             ) from exc
         return cupy.asarray(data)
 
-    def _camera_offset(self, data: np.ndarray) -> float:
-        if self.offset is not None:
-            return self.offset
-        if self.spec is not None and self.spec.camera_offset is not None:
-            return float(self.spec.camera_offset)
-        if self._offset_used is None:
-            self._offset_used = estimate_offset(data)
-            log.info("camera offset not given; estimated %.1f from the first frame", self._offset_used)
-        return self._offset_used
+    def camera_offset(self, frame: Any) -> float:
+        """The camera offset subtracted from ``frame``: the ``offset`` parameter, else the stream's,
+        else estimated from the stream's first frame and kept (HasKernel)."""
+        return self._offset(frame, self.offset, self.spec.camera_offset if self.spec is not None else None)
 
     def _prepare(self) -> None:
         spec = self.spec
@@ -990,7 +415,7 @@ class Deconvolve:
                 self._psf_source = f"gaussian sigma {sig} px"
         kernel = crop_psf(kernel)
         self._wb = wb_parameters(kernel, self.alpha, self.beta, self.order, self.cutoff)
-        self._footprint, self._pad = _reaches(kernel, self.method, self._wb, (1e-3, PAD_MASS))
+        self._footprint, self._pad = reaches(kernel, self.method, self._wb, (1e-3, PAD_MASS))
         self._kernel = kernel
         self._plans, self._boundaries = {}, {}
         log.info("deconvolve: %s; PSF %s, FWHM %s px", self._psf_source, kernel.shape,
@@ -1028,22 +453,3 @@ class Deconvolve:
             psf = psf_to_2d(psf, self.psf_2d)
         self._psf_source = f"{where}, {self.psf_2d if ndim == 2 and raw.ndim == 3 else 'as is'}"
         return psf
-
-
-def estimate_offset(frame: np.ndarray) -> float:
-    """Camera offset estimated as the 0.1th percentile of 4x4-binned means: the darkest regions,
-    with shot and read noise averaged down so a single dark pixel does not set it."""
-    a = np.asarray(frame, dtype=np.float32)
-    if a.ndim == 3:
-        a = a.reshape(-1, a.shape[-1])
-    ny, nx = (a.shape[0] // 4) * 4, (a.shape[1] // 4) * 4
-    if ny == 0 or nx == 0:
-        return float(a.min())
-    binned = a[:ny, :nx].reshape(ny // 4, 4, nx // 4, 4).mean(axis=(1, 3))
-    return float(np.percentile(binned, 0.1))
-
-
-def _as_bool(v: Any) -> bool:
-    if isinstance(v, str):
-        return v.strip().lower() in ("1", "true", "yes", "on")
-    return bool(v)

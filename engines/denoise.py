@@ -43,17 +43,24 @@ import numpy as np
 
 from . import modelfile
 from ._array import to_numpy
+from .base import (
+    Applies,
+    EngineBase,
+    EngineError,
+    FrameInfo,
+    Param,
+    Reach,
+    StreamSpec,
+    is_none,
+    optional,
+    register_engine,
+)
 from .calibrate import NoiseModel
-from .base import EngineError, FrameInfo, StreamSpec, register_engine
-from .inference import ORDER, Normalisation, Runner, run_tiled
+from .inference import ORDER, Normalisation, Runner, receptive_radius, run_tiled
 
 __all__ = ["Denoise"]
 
 log = logging.getLogger(__name__)
-
-_PARAMS = ("model", "backend", "tile", "overlap", "offset", "gain", "read_noise", "excess_noise", "calibration",
-           "threads")
-_CAMERA = ("offset", "gain", "read_noise", "excess_noise", "calibration")
 
 
 def _tensorrt_installed() -> bool:
@@ -69,30 +76,61 @@ class _Loaded:
         self.path = path
 
 
+def _model_path(value: Any) -> str | None:
+    return None if is_none(value) or value == "default" else str(value)
+
+
+def _check_backend(backend: str) -> str | None:
+    if backend == "auto" or backend in ORDER:
+        return None
+    return f"unknown backend {backend!r}; choose auto, {', '.join(ORDER)}"
+
+
+def _excess_noise(value: Any) -> float:
+    return 1.0 if is_none(value) else float(value)
+
+
+def _calibration(value: Any) -> Any:
+    value = None if is_none(value) else value
+    _noise_model(value)  # a bad file fails here, not on the first frame
+    return value
+
+
+def _show_calibration(value: Any) -> Any:
+    if isinstance(value, NoiseModel):
+        return value.as_dict()
+    return str(value) if isinstance(value, Path) else value
+
+
 @register_engine("denoise")
-class Denoise:
+class Denoise(EngineBase):
     name: ClassVar[str] = "denoise"
     outputs: ClassVar[tuple[str, ...]] = ("denoised",)
+    # a camera parameter changes the normalisation, which the next frame sets again
+    parameters: ClassVar[dict[str, Param]] = {
+        "model": Param(None, _model_path, setter="swap_model", attr="model_path",
+                       show=lambda path: path or "default", doc="a model file; None: the shipped default"),
+        "backend": Param("auto", str, check=_check_backend, applies=Applies.REBUILD,
+                         doc="auto (tensorrt > onnxruntime > torch) or one of them"),
+        "tile": Param(512, int, doc="frames larger than this run in overlapping tiles; 0: whole frames"),
+        "overlap": Param(104, int),
+        "offset": Param(None, optional(float), applies=Applies.RESET, doc="camera offset, ADU"),
+        "gain": Param(None, optional(float), applies=Applies.RESET, doc="ADU per photoelectron"),
+        "read_noise": Param(None, optional(float), applies=Applies.RESET, doc="ADU rms"),
+        "excess_noise": Param(1.0, _excess_noise, applies=Applies.RESET, doc="EMCCD excess-noise factor F"),
+        "calibration": Param(None, _calibration, applies=Applies.RESET, show=_show_calibration,
+                             doc="a camera calibration: livescope calibrate's dict or JSON file"),
+        "threads": Param(None, optional(int)),
+    }
 
     def __init__(self, model: str | Path | None = None, backend: str = "auto", tile: int = 512,
                  overlap: int = 104, offset: float | None = None, gain: float | None = None,
                  read_noise: float | None = None, excess_noise: float = 1.0,
                  calibration: str | Path | dict[str, Any] | NoiseModel | None = None,
                  threads: int | None = None) -> None:
-        if backend != "auto" and backend not in ORDER:
-            raise EngineError(f"unknown backend {backend!r}; choose auto, {', '.join(ORDER)}")
-        self.model_path = None if model in (None, "", "default") else str(model)
-        self.backend = backend
-        self.tile = int(tile)
-        self.overlap = int(overlap)
-        self.offset = None if offset is None else float(offset)
-        self.gain = None if gain is None else float(gain)
-        self.read_noise = None if read_noise is None else float(read_noise)
-        self.excess_noise = float(excess_noise)
-        self.calibration = calibration
-        self._calibrated = _noise_model(calibration)  # a bad file fails here, not on the first frame
+        self._init_params(locals())
+        self._calibrated = _noise_model(self.calibration)
         self._noise_source = ""
-        self.threads = None if threads is None else int(threads)
         self.spec: StreamSpec | None = None
         self._norm: Normalisation | None = None
         self._past: collections.deque[np.ndarray] = collections.deque(maxlen=8)
@@ -103,8 +141,20 @@ class Denoise:
     # ------------------------------------------------------------------ protocol
 
     @property
-    def window(self) -> int:
-        return self._loaded.model.k if self._loaded else modelfile.load(self.model_path).k
+    def window(self) -> int:  # type: ignore[override]
+        return self._model().k
+
+    def reach(self) -> Reach:
+        """Tiles need the U-Net's receptive field (or half the engine's own tile overlap, the
+        larger) on each side, on the network's size multiple; the model's past frames as warm-up.
+        The normalisation is fixed on the first frame and handed over (``export_state``)."""
+        model = self._model()
+        m = int(model.multiple)
+        halo = max(int(self.overlap) // 2, receptive_radius(model.metadata.get("architecture", {})))
+        return Reach(-(-halo // m) * m, int(model.k), m)
+
+    def _model(self) -> modelfile.ModelFile:
+        return self._loaded.model if self._loaded else modelfile.load(self.model_path)
 
     def setup(self, spec: StreamSpec) -> None:
         self.spec = spec
@@ -131,50 +181,61 @@ class Denoise:
         self._past.append(current)
         return {"denoised": norm.inverse(y)}
 
-    def set_param(self, name: str, value: Any) -> None:
-        if name not in _PARAMS:
-            raise KeyError(f"denoise has no parameter {name!r}; it has: {', '.join(_PARAMS)}")
-        if name == "model":
-            self.swap_model(value)
-        elif name == "backend":
-            self.backend = str(value)
-            if self.spec is not None:
-                self._swap(self._open(self.model_path))
-        elif name in _CAMERA:
-            if name == "calibration":
-                value = None if value in ("", "none", "None") else value
-                self._calibrated = _noise_model(value)
-            elif name == "excess_noise":
-                value = 1.0 if value in (None, "", "none", "None") else float(value)
-            else:
-                value = None if value in (None, "", "none", "None") else float(value)
-            setattr(self, name, value)
-            self._norm = None  # the next frame sets the normalisation again
-        elif name == "threads":
-            self.threads = int(value)
-        else:
-            setattr(self, name, int(value))
+    def _rebuild(self, name: str) -> None:  # backend
+        if self.spec is not None:
+            self._swap(self._open(self.model_path))
 
-    def describe(self) -> dict[str, Any]:
+    def _reset_state(self, name: str) -> None:  # the camera: the next frame sets the normalisation again
+        if name == "calibration":
+            self._calibrated = _noise_model(self.calibration)
+        self._norm = None
+
+    def _details(self) -> dict[str, Any]:
         loaded = self._loaded
         model = loaded.model if loaded else None
         return {
-            "model": self.model_path or "default",
             "model_hash": model.hash if model else None,
             "model_training": model.metadata.get("training") if model else None,
             "past_frames": model.k if model else None,
-            "backend": self.backend,
             "backend_running": loaded.runner.name if loaded else None,
-            "tile": self.tile,
-            "overlap": self.overlap,
-            "offset": self.offset,
-            "gain": self.gain,
-            "read_noise": self.read_noise,
-            "excess_noise": self.excess_noise,
-            "calibration": self._calibrated.as_dict() if self._calibrated is not None else None,
+            "noise_model": self._calibrated.as_dict() if self._calibrated is not None else None,
             "noise_source": self._noise_source or None,
             "normalisation": self._norm.as_dict() if self._norm else None,
         }
+
+    # ------------------------------------------------------------------ for checks and chunks
+
+    @property
+    def model_file(self) -> modelfile.ModelFile | None:
+        """The model in use (None before setup)."""
+        return self._loaded.model if self._loaded else None
+
+    @property
+    def normalisation(self) -> Normalisation | None:
+        """The stream's input normalisation, fixed on its first frame (None before it)."""
+        return self._norm
+
+    def predict(self, frame: Any) -> np.ndarray:
+        """The network's output for any frame under the stream's normalisation, without past
+        frames and without touching the engine's state (trust's test-time augmentation)."""
+        loaded, norm = self._loaded, self._norm
+        if loaded is None or norm is None:
+            raise EngineError("denoise.predict needs the stream's first frame processed (it fixes the normalisation)")
+        if loaded.model.k:
+            raise EngineError(f"denoise.predict: the model takes {loaded.model.k} past frame(s); "
+                              "predict runs models that take none")
+        x = norm.forward(np.ascontiguousarray(to_numpy(frame)))[None]
+        y = run_tiled(loaded.runner.run, x, multiple=loaded.model.multiple, tile=self.tile, overlap=self.overlap)
+        return norm.inverse(y)
+
+    def export_state(self) -> dict[str, Any]:
+        """The normalisation fixed on the stream's first frame ({} before it)."""
+        return {"normalisation": self._norm.as_dict()} if self._norm is not None else {}
+
+    def import_state(self, state: Any) -> None:
+        """Use the normalisation another instance fixed (after ``setup``, which forgets it)."""
+        if state.get("normalisation"):
+            self._norm = Normalisation(**state["normalisation"])
 
     def close(self) -> None:
         self._loaded = None

@@ -29,7 +29,7 @@ import numpy as np
 from .inference import Normalisation
 from .modelfile import ModelFile
 
-__all__ = ["FitResult", "crappify", "fit", "n2v_mask"]
+__all__ = ["FitResult", "augment", "crappify", "fit", "n2v_mask"]
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,9 @@ def _as_stack(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def _augment(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    # the same flip / rotation for every channel of a sample: keeps input and target aligned
+def augment(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random quarter turn and mirror of the last two axes, the same for every channel of a
+    sample (input and target stay aligned)."""
     k = int(rng.integers(4))
     batch = np.rot90(batch, k, axes=(-2, -1))
     if rng.random() < 0.5:
@@ -199,7 +200,7 @@ def fit(sources: np.ndarray | Sequence[np.ndarray], *, model: ModelFile | None =
                 if nxt is not None:
                     out[i, -1] = view[nxt]
                     has_next[i] = True
-        return _augment(out, rng), has_next
+        return augment(out, rng), has_next
 
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     # a step count alone: one-cycle over the steps; with a time budget the schedule follows

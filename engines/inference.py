@@ -38,6 +38,7 @@ __all__ = [
     "estimate_noise",
     "open_backend",
     "pad_multiple",
+    "receptive_radius",
     "run_tiled",
     "trt_cache_key",
 ]
@@ -179,6 +180,17 @@ class Normalisation:
 
 
 # --------------------------------------------------------------------------- tiling
+
+
+def receptive_radius(arch: dict[str, Any]) -> int:
+    """Pixels on each side that reach one output pixel of livescope's U-Net (engines/unet.py): two
+    3x3 convolutions per block at each level 2**l going down and again coming up, the 2x2
+    pooling and up-sampling between levels, two more convolutions at the bottom. 0 when the
+    architecture is not known (the engine's own overlap then rules)."""
+    if arch.get("name") != "unet2d":
+        return 0
+    d = int(arch.get("depth", 0))
+    return sum(5 * 2**level for level in range(d)) + 2 * 2**d
 
 
 def pad_multiple(x: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:

@@ -1,7 +1,7 @@
 """Learned deconvolution: a U-Net taught by the classical Wiener-Butterworth RL on your own frames.
 
 The network (``unet.UNet``, the denoiser's architecture and model file) maps a raw frame to what
-the classical engine (``deconvolve.deconvolve_array``, WB-RL) makes of it, in one pass:
+the classical engine (``rl.deconvolve_array``, WB-RL) makes of it, in one pass:
 
 - ``task="deconvolve"``: the target of frame t is WB-RL of frame t itself. Trained over many
   noisy frames, the network regresses to the average teacher output for a given input, which
@@ -43,10 +43,22 @@ import numpy as np
 
 from . import modelfile
 from ._array import to_numpy
-from .base import EngineError, FrameInfo, StreamSpec, register_engine
-from .deconvolve import deconvolve_array, estimate_offset, wb_parameters
-from .fit import FitResult, _augment
+from .base import (
+    Applies,
+    EngineBase,
+    EngineError,
+    FrameInfo,
+    Param,
+    StreamSpec,
+    as_bool,
+    optional,
+    register_engine,
+)
+from .calibrate import CameraOffset, estimate_offset
+from .fit import FitResult
+from .fit import augment as augment_batch  # fit_deconvolution has an `augment` keyword
 from .inference import ORDER, Runner, estimate_noise, run_tiled
+from .rl import deconvolve_array, wb_parameters
 
 __all__ = [
     "NetDeconvolver",
@@ -418,7 +430,7 @@ def fit_deconvolution(
             out[i, 0] = inputs[t][win]
             out[i, 1:-1] = coord[(slice(None), *win)]
             out[i, -1] = goals[t][win]
-        return _augment(out, rng) if do_augment else out
+        return augment_batch(out, rng) if do_augment else out
 
     if model is not None:  # into training units: net * RESIDUAL_GAIN gives the model's own output
         _scale_head(net, 1.0 / RESIDUAL_GAIN)
@@ -566,11 +578,14 @@ class NetDeconvolver:
         return float(c["threshold"]) if c else None
 
 
-_PARAMS = ("model", "backend", "tile", "overlap", "offset", "gain", "threads", "check", "threshold", "volume")
+def _check_backend(backend: str) -> str | None:
+    if backend == "auto" or backend in ORDER:
+        return None
+    return f"unknown backend {backend!r}; choose auto, {', '.join(ORDER)}"
 
 
 @register_engine("restore")
-class Restore:
+class Restore(EngineBase):
     """Denoise and deconvolve in one network pass (a model fitted with ``task='restore'``;
     a ``deconvolve`` model runs too). With ``volume=True`` it takes z-stacks and restores them
     plane by plane (the network is 2-D).
@@ -585,36 +600,41 @@ class Restore:
     scalar_outputs: ClassVar[tuple[str, ...]] = ("consistency",)
     _output = "restored"
 
+    parameters: ClassVar[dict[str, Param]] = {
+        "model": Param(None, optional(str), setter="swap_model", doc="a model file fitted with fit_deconvolution"),
+        "backend": Param("auto", str, check=_check_backend, applies=Applies.REBUILD),
+        "tile": Param(512, int, applies=Applies.REBUILD, doc="frames larger than this run in tiles; 0: whole"),
+        "overlap": Param(48, int, applies=Applies.REBUILD),
+        "offset": Param(None, optional(float), applies=Applies.RESET, doc="camera offset, ADU"),
+        "gain": Param(None, optional(float), applies=Applies.REBUILD, doc="ADU per photoelectron (the check's noise)"),
+        "threads": Param(None, optional(int), applies=Applies.REBUILD),
+        "check": Param(True, as_bool, doc="score each frame's consistency with the data"),
+        "threshold": Param(None, optional(float), doc="consistency score that raises an event (fit time's)"),
+        "volume": Param(False, as_bool, doc="take z-stacks, restored plane by plane"),
+    }
+
     def __init__(self, model: str | Path | None = None, backend: str = "auto", tile: int = 512,
                  overlap: int = 48, offset: float | None = None, gain: float | None = None,
                  threads: int | None = None, check: bool = True, threshold: float | None = None,
                  volume: bool = False) -> None:
-        if model in (None, "", "default"):
-            raise EngineError(f"{self.name} needs model=PATH of a model fitted with "
-                              "livescope.engines.netdeconv.fit_deconvolution (no default model is shipped)")
-        if backend != "auto" and backend not in ORDER:
-            raise EngineError(f"unknown backend {backend!r}; choose auto, {', '.join(ORDER)}")
-        self.model = str(model)
-        self.backend = backend
-        self.tile, self.overlap = int(tile), int(overlap)
-        self.offset = None if offset is None else float(offset)
-        self.gain = None if gain is None else float(gain)
-        self.threads = None if threads is None else int(threads)
-        self.check = _as_bool(check)
-        self.threshold = None if threshold is None else float(threshold)
-        self.volume = _as_bool(volume)
+        self._init_params(locals())
         self.spec: StreamSpec | None = None
         self._net: NetDeconvolver | None = None
-        self._offset_used: float | None = None
+        self._offset = CameraOffset()
         self._lock = threading.Lock()
+
+    def _validate(self) -> None:
+        if self.model in (None, "default"):
+            raise EngineError(f"{self.name} needs model=PATH of a model fitted with "
+                              "livescope.engines.netdeconv.fit_deconvolution (no default model is shipped)")
 
     def setup(self, spec: StreamSpec) -> None:
         self.spec = spec
-        self._offset_used = None
+        self._offset.reset()
         self._net = self._open(self.model)
 
     @property
-    def needs_volume(self) -> bool:
+    def needs_volume(self) -> bool:  # type: ignore[override]
         return self.volume
 
     def process(self, frame: Any, info: FrameInfo) -> dict[str, Any]:
@@ -650,23 +670,12 @@ class Restore:
             result["events"] = events
         return result
 
-    def set_param(self, name: str, value: Any) -> None:
-        if name not in _PARAMS:
-            raise KeyError(f"{self.name} has no parameter {name!r}; it has: {', '.join(_PARAMS)}")
-        if name == "model":
-            self.swap_model(value)
-            return
-        if name in ("check", "volume"):
-            setattr(self, name, _as_bool(value))
-        elif name in ("offset", "gain", "threshold"):
-            setattr(self, name, None if value in (None, "", "none", "None") else float(value))
-            self._offset_used = None
-        elif name == "backend":
-            self.backend = str(value)
-        else:
-            setattr(self, name, None if value is None else int(value))
-        if name in ("backend", "tile", "overlap", "threads", "gain") and self.spec is not None:
+    def _rebuild(self, name: str) -> None:  # backend, tile, overlap, threads, gain: a new runner
+        if self.spec is not None:
             self._net = self._open(self.model)
+
+    def _reset_state(self, name: str) -> None:  # offset
+        self._offset.reset()
 
     def swap_model(self, path: str | Path) -> None:
         """Open the new model first (a bad file raises and the running one stays), then switch."""
@@ -674,18 +683,17 @@ class Restore:
         with self._lock:
             self._net, self.model = net, str(path)
 
-    def describe(self) -> dict[str, Any]:
+    def _details(self) -> dict[str, Any]:
         net = self._net
         return {
-            "model": self.model, "model_hash": net.model.hash if net else None,
+            "model_hash": net.model.hash if net else None,
             "task": net.task if net else None,
             "model_training": net.model.metadata.get("training") if net else None,
             "teacher": net.model.metadata.get("teacher") if net else None,
             "psf_grid": list(net.field.grid) if net else None,
-            "backend": self.backend, "backend_running": net.runner.name if net else None,
-            "tile": self.tile, "overlap": self.overlap, "offset": self.offset, "offset_used": self._offset_used,
-            "gain": self.gain, "check": self.check, "volume": self.volume,
-            "threshold": self.threshold if self.threshold is not None else (net.threshold if net else None),
+            "backend_running": net.runner.name if net else None,
+            "offset_used": self._offset.estimated,
+            "threshold_used": self.threshold if self.threshold is not None else (net.threshold if net else None),
         }
 
     def close(self) -> None:
@@ -697,13 +705,7 @@ class Restore:
                               threads=self.threads, shape=shape)  # type: ignore[arg-type]
 
     def _camera_offset(self, raw: np.ndarray) -> float:
-        if self.offset is not None:
-            return self.offset
-        if self.spec is not None and self.spec.camera_offset is not None:
-            return float(self.spec.camera_offset)
-        if self._offset_used is None:
-            self._offset_used = estimate_offset(raw)
-        return self._offset_used
+        return self._offset(raw, self.offset, self.spec.camera_offset if self.spec is not None else None)
 
 
 class NetDeconvolve(Restore):
@@ -714,9 +716,3 @@ class NetDeconvolve(Restore):
     outputs: ClassVar[tuple[str, ...]] = ("deconvolved",)
     scalar_outputs: ClassVar[tuple[str, ...]] = ()
     _output = "deconvolved"
-
-
-def _as_bool(v: Any) -> bool:
-    if isinstance(v, str):
-        return v.strip().lower() in ("1", "true", "yes", "on")
-    return bool(v)

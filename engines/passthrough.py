@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from .base import FrameInfo, StreamSpec, register_engine
+from .base import EngineBase, FrameInfo, Param, Reach, StreamSpec, register_engine
 
 
 @register_engine("passthrough")
-class Passthrough:
+class Passthrough(EngineBase):
     name: ClassVar[str] = "passthrough"
     outputs: ClassVar[tuple[str, ...]] = ("passthrough",)
+    parameters: ClassVar[dict[str, Param]] = {
+        "delay_s": Param(0.0, float, doc="seconds of sleep per frame: a slow engine, for tests of frame skipping"),
+    }
 
     def __init__(self, delay_s: float = 0.0) -> None:
-        # delay_s simulates a slow engine (tests of frame skipping under load).
-        self.delay_s = float(delay_s)
+        self._init_params(locals())
         self.spec: StreamSpec | None = None
 
     def setup(self, spec: StreamSpec) -> None:
@@ -27,10 +29,5 @@ class Passthrough:
             time.sleep(self.delay_s)
         return {"passthrough": frame}
 
-    def set_param(self, name: str, value: Any) -> None:
-        if name != "delay_s":
-            raise KeyError(f"passthrough has no parameter {name!r}; it has: delay_s")
-        self.delay_s = float(value)
-
-    def describe(self) -> dict[str, Any]:
-        return {"delay_s": self.delay_s}
+    def reach(self) -> Reach:
+        return Reach(0, 0)  # each pixel of each frame on its own

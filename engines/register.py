@@ -26,7 +26,18 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from ._array import fft_module, fft_workers, namespace
-from .base import EngineError, FrameInfo, StreamSpec, register_engine
+from .base import (
+    Applies,
+    EngineBase,
+    EngineError,
+    FrameInfo,
+    Param,
+    Reach,
+    StreamSpec,
+    as_bool,
+    optional,
+    register_engine,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +45,8 @@ __all__ = ["Register", "apply_shift", "drift_to_stage_um", "estimate_shift"]
 
 _FILLS = ("nearest", "zero", "wrap")
 _REFERENCES = ("first", "rolling")
-# Parameters whose change invalidates the reference spectrum (it is stored tapered).
-_RESET = {"reference", "reference_frames", "taper", "log_offset"}
-# Parameters that only change the precomputed band-pass / taper.
-_REBUILD = {"noise_sigma_px", "background_sigma_px", "whiten", "taper", "log_offset"}
+# Filter parameters whose change also invalidates the reference spectrum (it is stored tapered).
+_TAPERED = ("taper", "log_offset")
 
 
 # -- the portable core ---------------------------------------------------------------------------
@@ -566,13 +575,76 @@ def _stage_matrix(pixel_size_um: float | None, affine: Sequence[float] | None) -
 # -- the engine ----------------------------------------------------------------------------------
 
 
+def _log_offset(value: Any) -> float | str | None:
+    """"default" (the plane or stack default), a number (< 0: none), or none."""
+    if isinstance(value, str):  # --param register.log_offset=none
+        text = value.strip().lower()
+        if text == "default":
+            return "default"
+        value = None if text in ("", "none", "off") else float(text)
+    return None if value is None or value < 0 else float(value)
+
+
+def _stage_affine(value: Any) -> tuple[float, ...] | None:
+    if isinstance(value, str):
+        value = value.strip() or None
+    if value is None:
+        return None
+    _stage_matrix(None, value)  # validates
+    if isinstance(value, str):
+        value = [float(v) for v in value.strip("()[]").split(",")]
+    return tuple(float(v) for v in value)
+
+
+def _check(ok: Any, message: str) -> Any:
+    """A parameter check: None when the value (or None) is fine, else ``message`` ({v!r}: the value)."""
+    return lambda v: None if v is None or ok(v) else message.format(v=v)
+
+
+_REBUILD = Applies.REBUILD  # the band-pass and taper are computed again (and the reference, for the taper)
+_RESET = Applies.RESET  # a new reference
+
+
 @register_engine("register")
-class Register:
+class Register(EngineBase):
     """Drift correction against a reference; one instance per (position, channel[, plane])."""
 
     name: ClassVar[str] = "register"
     outputs: ClassVar[tuple[str, ...]] = ("registered", "shift_y", "shift_x")
     scalar_outputs: ClassVar[tuple[str, ...]] = ("shift_y", "shift_x")
+
+    # None (and log_offset "default") take the plane or stack default (_PLANE_DEFAULTS, _STACK_DEFAULTS)
+    parameters: ClassVar[dict[str, Param]] = {
+        "reference": Param("first", str, applies=_RESET,
+                           check=_check(lambda v: v in _REFERENCES,
+                                        f"register: reference must be one of {_REFERENCES}, got {{v!r}}")),
+        "reference_frames": Param(5, int, applies=_RESET,
+                                  check=_check(lambda v: v >= 1, "register: reference_frames must be at least 1")),
+        "rolling_weight": Param(0.05, float, check=_check(lambda v: 0.0 < v <= 1.0,
+                                                          "register: rolling_weight must be in (0, 1]")),
+        "upsample": Param(10, int, doc="sub-pixel precision: 1 / upsample px"),
+        "noise_sigma_px": Param(None, optional(float), applies=_REBUILD),
+        "background_sigma_px": Param(20.0, float, applies=_REBUILD),
+        "whiten": Param(None, optional(float), applies=_REBUILD,
+                        check=_check(lambda v: 0.0 <= v <= 1.0, "register: whiten must be in [0, 1] (1 = phase correlation)")),
+        "taper": Param(0.25, float, applies=_REBUILD,
+                       check=_check(lambda v: 0.0 <= v <= 1.0, "register: taper must be in [0, 1] (fraction of each axis)")),
+        "log_offset": Param("default", _log_offset, applies=_REBUILD),
+        "refine_passes": Param(None, optional(int),
+                               check=_check(lambda v: v >= 0, "register: refine_passes must be 0 or more")),
+        "max_step_px": Param(1.0, float),
+        "min_significance": Param(8.0, float),
+        "relock_frames": Param(5, int),
+        "fill": Param("nearest", str, check=_check(lambda v: v in _FILLS, f"register: fill must be one of {_FILLS}, got {{v!r}}")),
+        "volume": Param(False, as_bool, applies=Applies.FIXED,
+                        fixed="register: volume is fixed per instance (it changes what the daemon sends); "
+                              "restart the engine with --param register.volume=..."),
+        "feedback": Param(False, as_bool, doc="send drift events to move the stage"),
+        "feedback_threshold_px": Param(2.0, float),
+        "feedback_holdoff_frames": Param(3, int),
+        "stage_affine": Param(None, _stage_affine, show=lambda a: list(a) if a else None,
+                              doc="Micro-Manager's pixel-size affine a,b,tx,c,d,ty"),
+    }
 
     def __init__(
         self,
@@ -596,72 +668,32 @@ class Register:
         feedback_holdoff_frames: int = 3,
         stage_affine: Sequence[float] | str | None = None,
     ) -> None:
-        if reference not in _REFERENCES:
-            raise EngineError(
-                f"register: reference must be one of {_REFERENCES}, got {reference!r}"
-            )
-        if fill not in _FILLS:
-            raise EngineError(f"register: fill must be one of {_FILLS}, got {fill!r}")
-        self.reference = reference
-        self.reference_frames = int(reference_frames)
-        self.rolling_weight = float(rolling_weight)
-        self.upsample = int(upsample)
-        volume = _as_bool(volume)
-        # Defaults differ by dimension (planes or stacks): see _PLANE_DEFAULTS, _STACK_DEFAULTS.
-        d = _defaults(3 if volume else 2)
-        if noise_sigma_px is None:
-            noise_sigma_px = d["noise_sigma_px"]
-        if whiten is None:
-            whiten = d["whiten"]
-        if refine_passes is None:
-            refine_passes = d["refine_passes"]
-        if isinstance(log_offset, str) and log_offset == "default":
-            log_offset = d["log_offset"]
-        self.noise_sigma_px = float(noise_sigma_px)
-        self.background_sigma_px = float(background_sigma_px)
-        self.whiten = float(whiten)
-        self.taper = float(taper)
-        self.refine_passes = int(refine_passes)
-        if isinstance(log_offset, str):  # --param register.log_offset=none
-            text = log_offset.strip().lower()
-            log_offset = None if text in ("", "none", "off") else float(text)
-        self.log_offset = None if log_offset is None or log_offset < 0 else float(log_offset)
-        self.max_step_px = float(max_step_px)
-        self.min_significance = float(min_significance)
-        self.relock_frames = int(relock_frames)
-        self.fill = fill
-        self.volume = _as_bool(volume)
-        self.feedback = _as_bool(feedback)
-        self.feedback_threshold_px = float(feedback_threshold_px)
-        self.feedback_holdoff_frames = int(feedback_holdoff_frames)
-        if isinstance(stage_affine, str):
-            stage_affine = stage_affine.strip() or None
-        if stage_affine is not None:
-            _stage_matrix(None, stage_affine)  # validates
-            if isinstance(stage_affine, str):
-                stage_affine = [float(v) for v in stage_affine.strip("()[]").split(",")]
-            stage_affine = tuple(float(v) for v in stage_affine)
-        self.stage_affine = stage_affine
-        if self.reference_frames < 1:
-            raise EngineError("register: reference_frames must be at least 1")
-        if not 0.0 < self.rolling_weight <= 1.0:
-            raise EngineError("register: rolling_weight must be in (0, 1]")
-        if not 0.0 <= self.whiten <= 1.0:
-            raise EngineError("register: whiten must be in [0, 1] (1 = phase correlation)")
-        if self.refine_passes < 0:
-            raise EngineError("register: refine_passes must be 0 or more")
-        if not 0.0 <= self.taper <= 1.0:
-            raise EngineError("register: taper must be in [0, 1] (fraction of each axis)")
+        self._init_params(locals())
         # The shape of the data and the outputs follow ``volume`` (fixed per instance).
-        self.needs_volume = self.volume
         axes = ("z", "y", "x") if self.volume else ("y", "x")
-        self.scalar_outputs = tuple(f"shift_{a}" for a in axes)
-        self.outputs = ("registered", *self.scalar_outputs)
+        self.scalar_outputs = tuple(f"shift_{a}" for a in axes)  # type: ignore[misc]
+        self.outputs = ("registered", *self.scalar_outputs)  # type: ignore[misc]
         self.spec: StreamSpec | None = None
         self._corr: _Correlator | None = None
         self._reset()
 
+    def _validate(self) -> None:
+        # Defaults differ by dimension (planes or stacks): see _PLANE_DEFAULTS, _STACK_DEFAULTS.
+        d = _defaults(3 if self.volume else 2)
+        if self.noise_sigma_px is None:
+            self.noise_sigma_px = float(d["noise_sigma_px"])
+        if self.whiten is None:
+            self.whiten = float(d["whiten"])
+        if self.refine_passes is None:
+            self.refine_passes = int(d["refine_passes"])
+        if self.log_offset == "default":
+            self.log_offset = _log_offset(d["log_offset"])
+
     # -- engine protocol -----------------------------------------------------------------------
+
+    @property
+    def needs_volume(self) -> bool:  # type: ignore[override]
+        return self.volume
 
     def setup(self, spec: StreamSpec) -> None:
         self.spec = spec
@@ -670,52 +702,22 @@ class Register:
         if self.feedback:
             self._stage_scale()  # fail now, not at the first drift, when units are unknown
 
-    def set_param(self, name: str, value: Any) -> None:
-        params = self.describe()["parameters"]
-        if name not in params:
-            raise KeyError(f"register has no parameter {name!r}; it has: {', '.join(params)}")
-        if name == "volume" and _as_bool(value) != self.volume:
-            raise EngineError(
-                "register: volume is fixed per instance (it changes what the daemon sends); "
-                "restart the engine with --param register.volume=..."
-            )
-        kwargs = dict(params)
-        kwargs[name] = value
-        fresh = Register(**kwargs)  # validates the value the same way the constructor does
-        for key in params:
-            setattr(self, key, getattr(fresh, key))
-        if name in _REBUILD:
-            self._corr = None
-        if name in _RESET:
-            log.info("register: %s changed, starting a new reference", name)
-            self._reset()
+    def _rebuild(self, name: str) -> None:
+        self._corr = None
+        if name in _TAPERED:
+            self._reset_state(name)
 
-    def describe(self) -> dict[str, Any]:
+    def _reset_state(self, name: str) -> None:
+        log.info("register: %s changed, starting a new reference", name)
+        self._reset()
+
+    def reach(self) -> Reach:
+        return Reach(None, None)  # the reference comes from the stream's first frames
+
+    def _details(self) -> dict[str, Any]:
         return {
-            "engine": self.name,
             "method": "phase correlation, DoG band-pass, Tukey taper, upsampled-DFT sub-pixel "
             "peak (re-measured on the registered frame refine_passes times), Fourier shift",
-            "parameters": {
-                "reference": self.reference,
-                "reference_frames": self.reference_frames,
-                "rolling_weight": self.rolling_weight,
-                "upsample": self.upsample,
-                "noise_sigma_px": self.noise_sigma_px,
-                "background_sigma_px": self.background_sigma_px,
-                "whiten": self.whiten,
-                "taper": self.taper,
-                "log_offset": self.log_offset,
-                "refine_passes": self.refine_passes,
-                "max_step_px": self.max_step_px,
-                "min_significance": self.min_significance,
-                "relock_frames": self.relock_frames,
-                "fill": self.fill,
-                "volume": self.volume,
-                "feedback": self.feedback,
-                "feedback_threshold_px": self.feedback_threshold_px,
-                "feedback_holdoff_frames": self.feedback_holdoff_frames,
-                "stage_affine": list(self.stage_affine) if self.stage_affine else None,
-            },
             "frames": self._n,
             "held_frames": self._held_total,
         }
@@ -902,9 +904,3 @@ class Register:
                 "stage_axes": axes,
             }
         ]
-
-
-def _as_bool(v: Any) -> bool:
-    if isinstance(v, str):
-        return v.strip().lower() in ("1", "true", "yes", "on")
-    return bool(v)

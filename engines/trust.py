@@ -45,7 +45,22 @@ from typing import Any, ClassVar
 import numpy as np
 
 from . import _array
-from .base import EngineError, FrameInfo, StreamSpec, create_engine, engine_factory, register_engine
+from .base import (
+    Applies,
+    Configurable,
+    EngineBase,
+    EngineError,
+    FrameInfo,
+    HasKernel,
+    Param,
+    RunsNetwork,
+    StreamSpec,
+    create_engine,
+    engine_factory,
+    is_none,
+    optional,
+    register_engine,
+)
 from .calibrate import Calibrator, NoiseModel
 
 __all__ = [
@@ -402,10 +417,42 @@ def feature_trust(stabilised: Any, stats: dict[str, Any], *, low: float = 0.0, n
 
 # --------------------------------------------------------------------------- engine
 
-_OWN = ("restore", "gain", "offset", "read_noise", "excess_noise", "calibration", "calibrate_frames",
-        "radius", "area", "threshold", "tta_threshold", "tta_every", "tta_transforms", "feature_every",
-        "feature_threshold")
 _CAMERA = ("gain", "offset", "read_noise", "excess_noise", "calibration")  # also the inner engine's, if it takes them
+
+
+def _check_restore(restore: str) -> str | None:
+    if restore == "trust":
+        return "trust cannot wrap itself; restore= names a restoration engine (denoise, deconvolve)"
+    return None
+
+
+def _transforms(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [t.strip() for t in value.split(",") if t.strip()]
+    transforms = tuple(str(t) for t in value)
+    for t in transforms:
+        _apply(t, np.zeros((2, 2)))  # unknown names fail here, not mid-stream
+    return transforms
+
+
+def _excess_noise(value: Any) -> float:
+    return 1.0 if is_none(value) else float(value)
+
+
+def _calibration(value: Any) -> Any:
+    return None if is_none(value) else value
+
+
+def _show_calibration(value: Any) -> Any:
+    if isinstance(value, NoiseModel):
+        return value.as_dict()
+    return str(value) if isinstance(value, Path) else value
+
+
+def _inner_parameters(engine: Any) -> set[str]:
+    if isinstance(engine, Configurable):
+        return set(engine.parameters)
+    return set(inspect.signature(type(engine)).parameters)
 
 
 def _product(restore: str) -> str:
@@ -414,7 +461,7 @@ def _product(restore: str) -> str:
 
 
 @register_engine("trust")
-class Trust:
+class Trust(EngineBase):
     """Run a restoration engine and say how far to believe each of its frames.
 
     ``create_engine("trust", restore="denoise", backend="onnxruntime", tile=0)``: keywords that
@@ -433,6 +480,28 @@ class Trust:
     scalar_outputs: ClassVar[tuple[str, ...]] = ("trust_denoised_score", "trust_denoised_tta",
                                                  "trust_denoised_features", "trust_denoised_ok")
 
+    # the camera's parameters start the noise model over (and go to the inner engine too when it
+    # takes them); None thresholds take the measured defaults (THRESHOLDS)
+    parameters: ClassVar[dict[str, Param]] = {
+        "restore": Param("denoise", str, check=_check_restore, applies=Applies.FIXED,
+                         fixed="trust: restore cannot change live; start the stream with the other engine"),
+        "gain": Param(None, optional(float), applies=Applies.RESET, doc="ADU per photoelectron"),
+        "offset": Param(None, optional(float), applies=Applies.RESET, doc="camera offset, ADU"),
+        "read_noise": Param(None, optional(float), applies=Applies.RESET, doc="ADU rms"),
+        "excess_noise": Param(1.0, _excess_noise, applies=Applies.RESET, doc="EMCCD excess-noise factor F"),
+        "calibration": Param(None, _calibration, applies=Applies.RESET, show=_show_calibration,
+                             doc="livescope calibrate's dict or JSON file"),
+        "calibrate_frames": Param(16, int, applies=Applies.RESET, doc="frames the noise model is fitted on"),
+        "radius": Param(8, int, doc="trust windows of (2 radius + 1)^2 px"),
+        "area": Param(0.01, float, doc="the frame score: the map's area quantile"),
+        "threshold": Param(None, optional(float), doc="residual / re-blur score under which an event fires"),
+        "tta_threshold": Param(None, optional(float)),
+        "tta_every": Param(10, int, doc="test-time augmentation on every n-th frame; 0: never"),
+        "tta_transforms": Param(TRANSFORMS, _transforms, show=list),
+        "feature_every": Param(5, int, doc="feature distance on every n-th frame; 0: never"),
+        "feature_threshold": Param(None, optional(float)),
+    }
+
     def __init__(self, restore: str = "denoise", gain: float | None = None, offset: float | None = None,
                  read_noise: float | None = None, excess_noise: float = 1.0,
                  calibration: str | Path | dict[str, Any] | None = None, calibrate_frames: int = 16,
@@ -440,27 +509,7 @@ class Trust:
                  tta_threshold: float | None = None, tta_every: int = 10,
                  tta_transforms: Sequence[str] | str = TRANSFORMS, feature_every: int = 5,
                  feature_threshold: float | None = None, **inner_params: Any) -> None:
-        if restore == "trust":
-            raise EngineError("trust cannot wrap itself; restore= names a restoration engine (denoise, deconvolve)")
-        self.restore = str(restore)
-        self.gain = None if gain is None else float(gain)
-        self.offset = None if offset is None else float(offset)
-        self.read_noise = None if read_noise is None else float(read_noise)
-        self.excess_noise = float(excess_noise)
-        self.calibration = calibration
-        self.calibrate_frames = int(calibrate_frames)
-        self.radius = int(radius)
-        self.area = float(area)
-        self.threshold = float(THRESHOLDS.get(self.restore, THRESHOLDS["denoise"]) if threshold is None else threshold)
-        self.tta_threshold = float(THRESHOLDS["tta"] if tta_threshold is None else tta_threshold)
-        self.tta_every = int(tta_every)
-        if isinstance(tta_transforms, str):
-            tta_transforms = tuple(t.strip() for t in tta_transforms.split(",") if t.strip())
-        self.tta_transforms = tuple(tta_transforms)
-        self.feature_every = int(feature_every)
-        self.feature_threshold = float(THRESHOLDS["features"] if feature_threshold is None else feature_threshold)
-        for t in self.tta_transforms:
-            _apply(t, np.zeros((2, 2)))  # unknown names fail here, not mid-stream
+        self._init_params(locals())  # trust's own; inner_params go to the inner engine
         factory = engine_factory(self.restore)
         accepted = set(inspect.signature(factory).parameters)
         self.inner_params = dict(inner_params)
@@ -470,7 +519,7 @@ class Trust:
         unknown = set(self.inner_params) - accepted
         if unknown and not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values()):
             raise EngineError(f"trust: neither trust nor {self.restore} has parameter(s) {', '.join(sorted(unknown))}; "
-                              f"trust has: {', '.join(_OWN)}")
+                              f"trust has: {', '.join(self.parameters)}")
         self.inner = create_engine(self.restore, **self.inner_params)
         self.product = _product(self.restore)
         p = self.product
@@ -478,7 +527,6 @@ class Trust:
                                                     f"trust_{p}_features", f"trust_{p}_ok")  # type: ignore[misc]
         self.scalar_outputs = tuple(getattr(self.inner, "scalar_outputs", ())) + (
             f"trust_{p}_score", f"trust_{p}_tta", f"trust_{p}_features", f"trust_{p}_ok")  # type: ignore[misc]
-        self.passes = p
         self.spec: StreamSpec | None = None
         self._model: NoiseModel | None = None
         self._calibrator: Calibrator | None = None
@@ -486,14 +534,26 @@ class Trust:
         self._warned_tta = False
         self._warned_features = False
 
+    def _validate(self) -> None:
+        if self.threshold is None:
+            self.threshold = float(THRESHOLDS.get(self.restore, THRESHOLDS["denoise"]))
+        if self.tta_threshold is None:
+            self.tta_threshold = float(THRESHOLDS["tta"])
+        if self.feature_threshold is None:
+            self.feature_threshold = float(THRESHOLDS["features"])
+
     # ------------------------------------------------------------------ protocol
 
     @property
-    def needs_volume(self) -> bool:
+    def passes(self) -> str:  # the chain continues with the inner engine's product
+        return self.product
+
+    @property
+    def needs_volume(self) -> bool:  # type: ignore[override]
         return bool(getattr(self.inner, "needs_volume", False))
 
     @property
-    def window(self) -> int:
+    def window(self) -> int:  # type: ignore[override]
         return int(getattr(self.inner, "window", 0))
 
     def setup(self, spec: StreamSpec) -> None:
@@ -551,42 +611,28 @@ class Trust:
         return out
 
     def set_param(self, name: str, value: Any) -> None:
-        if name not in _OWN:
-            self.inner.set_param(name, value)  # type: ignore[attr-defined]
+        """Trust's own parameters here, the camera's to the inner engine too (when it takes them),
+        the rest to the inner engine."""
+        if name not in self.parameters:
+            try:
+                self.inner.set_param(name, value)  # type: ignore[attr-defined]
+            except KeyError as exc:
+                raise KeyError(f"neither trust nor {self.restore} has parameter {name!r}; trust has: "
+                               f"{', '.join(self.parameters)} ({exc.args[0] if exc.args else ''})") from None
             return
-        if name in _CAMERA and name in _accepted(self.inner):
+        if name in _CAMERA and name in _inner_parameters(self.inner):
             self.inner.set_param(name, value)  # type: ignore[attr-defined]
-        if name == "restore":
-            raise KeyError("trust: restore cannot change live; start the stream with the other engine")
-        if name in ("gain", "offset", "read_noise", "excess_noise", "threshold", "tta_threshold", "area",
-                    "feature_threshold"):
-            value = None if value in (None, "", "None", "none") else float(value)
-        elif name in ("calibrate_frames", "radius", "tta_every", "feature_every"):
-            value = int(value)
-        elif name == "tta_transforms" and isinstance(value, str):
-            value = tuple(t.strip() for t in value.split(",") if t.strip())
-        setattr(self, name, value)
-        if name in ("gain", "offset", "read_noise", "excess_noise", "calibration", "calibrate_frames"):
-            if name == "excess_noise" and value is None:
-                self.excess_noise = 1.0
-            self._reset_model()
+        super().set_param(name, value)
 
-    def describe(self) -> dict[str, Any]:
+    def _reset_state(self, name: str) -> None:  # the camera: the noise model starts over
+        self._reset_model()
+
+    def _details(self) -> dict[str, Any]:
         model = self._model
         return {
-            "restore": self.restore,
             "inner": self.inner.describe() if hasattr(self.inner, "describe") else {},
             "noise_model": model.as_dict() if model is not None else None,
             "noise_model_fixed": self._fixed,
-            "calibrate_frames": self.calibrate_frames,
-            "radius": self.radius,
-            "area": self.area,
-            "threshold": self.threshold,
-            "tta_threshold": self.tta_threshold,
-            "tta_every": self.tta_every,
-            "tta_transforms": list(self.tta_transforms),
-            "feature_every": self.feature_every,
-            "feature_threshold": self.feature_threshold,
             "feature_check": self._feature_status(),
             "thresholds_source": "bench/bench_trust.py (docs/trust.md)",
         }
@@ -640,52 +686,40 @@ class Trust:
 
     def _inner_psf(self, raw: np.ndarray) -> tuple[np.ndarray, float]:
         inner = self.inner
-        psf = getattr(inner, "kernel", None)
+        psf = inner.kernel if isinstance(inner, HasKernel) else None
         if psf is None:
             raise EngineError("trust: the deconvolve engine exposes no PSF (its kernel: method='net' has none); cannot re-blur")
-        offset_fn = getattr(inner, "_camera_offset", None)
-        offset = float(offset_fn(raw)) if offset_fn is not None else 0.0
-        return np.asarray(psf), offset
+        return np.asarray(psf), float(inner.camera_offset(raw))  # type: ignore[union-attr]
+
+    def _network(self) -> RunsNetwork | None:
+        return self.inner if isinstance(self.inner, RunsNetwork) else None
 
     def _predictor(self) -> Callable[[np.ndarray], np.ndarray] | None:
-        """A stateless prediction of the inner network on any frame; None for classical engines.
-
-        Uses the inner engine's ``predict(frame)`` when it has one; for ``denoise`` (which has
-        none yet) its model, runner and the stream's fixed normalisation.
-        """
-        inner = self.inner
-        if callable(getattr(inner, "predict", None)):
-            return inner.predict  # type: ignore[no-any-return]
-        loaded, norm = getattr(inner, "_loaded", None), getattr(inner, "_norm", None)
-        if loaded is None or norm is None:
+        """A stateless prediction of the inner network on any frame (its ``predict``, under the
+        stream's fixed normalisation); None for classical engines, before the stream's first
+        frame, and for models that take past frames."""
+        net = self._network()
+        if net is None or net.model_file is None or net.normalisation is None:
             return None
-        if loaded.model.k:
+        if net.model_file.k:
             if not self._warned_tta:
                 log.warning("trust: test-time augmentation skipped: the model takes past frames")
                 self._warned_tta = True
             return None
-        from .inference import run_tiled
-
-        tile, overlap = int(getattr(inner, "tile", 0)), int(getattr(inner, "overlap", 0))
-
-        def predict(raw: np.ndarray) -> np.ndarray:
-            x = norm.forward(np.ascontiguousarray(raw))[None]
-            y = run_tiled(loaded.runner.run, x, multiple=loaded.model.multiple, tile=tile, overlap=overlap)
-            return norm.inverse(y)
-
-        return predict
+        return net.predict
 
     def _training_features(self) -> dict[str, Any] | None:
-        loaded = getattr(self.inner, "_loaded", None)
-        if loaded is None:
+        net = self._network()
+        if net is None or net.model_file is None:
             return None
-        return loaded.model.metadata.get("training_features")  # type: ignore[no-any-return]
+        return net.model_file.metadata.get("training_features")  # type: ignore[no-any-return]
 
     def _feature_status(self) -> str:
-        if getattr(self.inner, "_loaded", None) is None and self.restore == "denoise":
-            return "not yet known (before setup)"
-        if getattr(self.inner, "_loaded", None) is None:
+        net = self._network()
+        if net is None:
             return f"unavailable: {self.restore} is not a network"
+        if net.model_file is None:
+            return "not yet known (before setup)"
         stats = self._training_features()
         if stats is None:
             return ("unavailable: the model file has no training feature statistics (fitted before "
@@ -699,9 +733,10 @@ class Trust:
         """The frame in the model's variance-stabilised units, the training statistics, and the
         normalisation's low level and noise; None when the check cannot run (said once)."""
         stats = self._training_features()
-        norm = getattr(self.inner, "_norm", None)
+        net = self._network()
+        norm = net.normalisation if net is not None else None
         if stats is None or norm is None or min(raw.shape) < int(stats.get("tile", FEATURE_TILE)):
-            if not self._warned_features and getattr(self.inner, "_loaded", None) is not None:
+            if not self._warned_features and net is not None and net.model_file is not None:
                 log.warning("trust: feature check skipped: %s", self._feature_status() if stats is None
                             else "the frame is smaller than one feature tile")
                 self._warned_features = True
@@ -717,7 +752,3 @@ class Trust:
         ev.update({k: float(v) for k, v in stats.items()})
         ev.update({k: int(v) for k, v in info.index.items()})
         return ev
-
-
-def _accepted(engine: Any) -> set[str]:
-    return set(inspect.signature(type(engine)).parameters)
