@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import math
@@ -48,6 +47,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..bridges.movies import Movie, open_movie
+from ..engines import CarriesState, Chunkable, Reach
 
 __all__ = [
     "Job",
@@ -70,170 +72,22 @@ LEAD = ("t", "c", "z")
 # ============================================================================ sources
 
 
-@dataclasses.dataclass
-class Source:
-    """A movie on disk, opened lazily and once per process: picklable (only paths and facts).
-
-    ``sizes`` holds t, p (stage positions), c, z (1 when absent) and y, x; ``read`` returns
-    (t, [z,] y, x) blocks of one position in livescope's axis order whatever the file's own order is.
-    """
-
-    path: str
-    kind: str  # "zarr", "tiff", "ndtiff"
-    axes: list[str]  # the file's own axes (livescope names), for zarr/tiff
-    shape: tuple[int, ...]
-    dtype: str
-    sizes: dict[str, int]
-    has_c: bool
-    has_z: bool
-    info: dict[str, Any]
-    array_path: str = ""  # zarr: the full-resolution array; ndtiff: the dataset folder
-    keys: dict[str, list[Any]] = dataclasses.field(default_factory=dict)  # ndtiff axis values
-    # zarr: one array per position (livescope's own output keeps position p in ``raw_p<p>``)
-    position_paths: list[str] = dataclasses.field(default_factory=list)
-    # tiff: one OME series per stage position (the OME-TIFF way of storing positions)
-    tiff_series: list[int] = dataclasses.field(default_factory=list)
-
-    def series(self, p: int = 0) -> int:
-        return self.tiff_series[p] if self.tiff_series else 0
-
-    def read(self, t0: int, t1: int, c: int, z: int | None, ys: tuple[int, int], xs: tuple[int, int],
-             p: int = 0) -> np.ndarray:
-        """Frames t0..t1-1 of position p, channel c, plane z (None: all planes), cropped to ys, xs."""
-        if self.kind == "ndtiff":
-            return self._read_ndtiff(t0, t1, c, z, ys, xs, p)
-        opened = _opened(self, p)
-        idx: list[Any] = []
-        keep: list[str] = []
-        for a in self.axes:
-            if a == "t":
-                idx.append(slice(t0, t1))
-                keep.append("t")
-            elif a == "c":
-                idx.append(c)
-            elif a == "z":
-                if z is None:
-                    idx.append(slice(None))
-                    keep.append("z")
-                else:
-                    idx.append(z)
-            elif a == "y":
-                idx.append(slice(*ys))
-                keep.append("y")
-            elif a == "x":
-                idx.append(slice(*xs))
-                keep.append("x")
-            else:  # "p": a position axis inside the array
-                idx.append(p)
-        if self.kind == "tiff" and not isinstance(opened, _ContiguousTiff):
-            block = _read_tiff_pages(self, opened, idx, self.series(p))
-        else:
-            block = np.asarray(opened[tuple(idx)])
-        want = [a for a in ("t", "z", "y", "x") if a in keep]
-        return np.ascontiguousarray(np.transpose(block, [keep.index(a) for a in want]))
-
-    def _read_ndtiff(self, t0, t1, c, z, ys, xs, p) -> np.ndarray:
-        ds = _opened(self)
-        zs = range(self.sizes["z"]) if z is None else [z]
-        out = np.empty((t1 - t0, len(zs), ys[1] - ys[0], xs[1] - xs[0]), dtype=self.dtype)
-        for i, t in enumerate(range(t0, t1)):
-            for j, zz in enumerate(zs):
-                coords = {}
-                for name, lead in (("time", "t"), ("channel", "c"), ("z", "z")):
-                    if name in self.keys:
-                        coords[name] = self.keys[name][{"t": t, "c": c, "z": zz}[lead]]
-                if "position" in self.keys:
-                    coords["position"] = self.keys["position"][p]
-                img = np.asarray(ds.read_image(**coords))
-                out[i, j] = img[ys[0]:ys[1], xs[0]:xs[1]]
-        return out if z is None else out[:, 0]
+# A movie on disk, read through the one reader the daemon's file source also uses
+# (:mod:`livescope.bridges.movies`): picklable, opened lazily once per worker process.
+Source = Movie
 
 
-_OPENED: dict[tuple[str, str], Any] = {}
-
-
-def _opened(src: Source, p: int = 0) -> Any:
-    array_path = src.position_paths[p] if src.position_paths else src.array_path
-    key = (src.kind, array_path if src.kind == "zarr" else f"{src.path}#{src.series(p)}")
-    obj = _OPENED.get(key)
-    if obj is None:
-        if src.kind == "zarr":
-            import zarr
-
-            obj = zarr.open_array(array_path, mode="r")
-        elif src.kind == "tiff":
-            import tifffile
-
-            tif = tifffile.TiffFile(src.path)
-            series = tif.series[src.series(p)]
-            if series.dataoffset is not None and tuple(series.shape) == tuple(src.shape):
-                # uncompressed and contiguous: plain reads at known offsets. Not a memory map: the
-                # pages a map touches count as the worker's memory, and Dask would restart it.
-                obj = _ContiguousTiff(src.path, int(series.dataoffset), tuple(series.shape),
-                                      np.dtype(series.dtype).newbyteorder(tif.byteorder))
-                tif.close()
-            else:
-                obj = tif  # page by page
-        else:
-            from ndstorage import Dataset
-
-            with contextlib.redirect_stdout(io.StringIO()):  # ndstorage prints its index progress
-                obj = Dataset(src.array_path)
-        _OPENED[key] = obj
-    return obj
-
-
-class _ContiguousTiff:
-    """``a[index]`` on an uncompressed, contiguous TIFF series by reading rows from the file."""
-
-    def __init__(self, path: str, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
-        self.path, self.offset, self.shape, self.dtype = path, offset, shape, dtype
-
-    def __getitem__(self, idx: tuple[Any, ...]) -> np.ndarray:
-        lead = self.shape[:-2]
-        Y, X = self.shape[-2:]
-        ys = range(Y)[idx[-2]]
-        xs = idx[-1]
-        ranges = [range(n)[i] if isinstance(i, slice) else [i] for i, n in zip(idx[:-2], lead)]
-        out = np.empty([len(r) for r in ranges] + [len(ys), X], dtype=self.dtype.newbyteorder("="))
-        row = X * self.dtype.itemsize
-        with open(self.path, "rb") as f:
-            for pos in np.ndindex(*out.shape[:-2]):
-                plane = int(np.ravel_multi_index(tuple(r[i] for r, i in zip(ranges, pos)), lead)) if lead else 0
-                f.seek(self.offset + (plane * Y + ys.start) * row)
-                buf = np.frombuffer(f.read(len(ys) * row), dtype=self.dtype).reshape(len(ys), X)
-                out[pos] = buf
-        out = out[..., xs]
-        squeeze = tuple(ax for ax, i in enumerate(idx[:-2]) if not isinstance(i, slice))
-        return out.reshape([n for ax, n in enumerate(out.shape) if ax not in squeeze])
-
-
-def _read_tiff_pages(src: Source, tif: Any, idx: list[Any], series: int = 0) -> np.ndarray:
-    """A block of a TIFF that cannot be memory-mapped: read only the pages it covers."""
-    lead_axes = [a for a in src.axes if a not in ("y", "x")]
-    lead_shape = [src.shape[src.axes.index(a)] for a in lead_axes]
-    ranges = []
-    for a in lead_axes:
-        sel = idx[src.axes.index(a)]
-        n = src.shape[src.axes.index(a)]
-        ranges.append(range(n)[sel] if isinstance(sel, slice) else [sel])
-    pages = [int(np.ravel_multi_index(p, lead_shape)) for p in np.ndindex(*[len(r) for r in ranges])
-             for p in [tuple(r[i] for r, i in zip(ranges, p))]]
-    block = tif.asarray(key=pages, series=series).reshape(len(pages), *src.shape[-2:])
-    ys, xs = idx[src.axes.index("y")], idx[src.axes.index("x")]
-    block = block[:, ys, xs]
-    kept = [len(r) for r, a in zip(ranges, lead_axes) if isinstance(idx[src.axes.index(a)], slice)]
-    return block.reshape(*kept, *block.shape[-2:])
-
-
-def open_source(path: str | os.PathLike, sampling: dict[str, float | None] | None = None) -> Source:
-    """OME-Zarr (livescope's own output or any NGFF image, Zarr v2 or v3), OME-TIFF / TIFF, or an
-    NDTiff dataset (Pycro-Manager, read with ``ndstorage``). ``sampling`` (``pixel_size_um``,
-    ``z_step_um``, ``interval_s``) replaces what the file says where a value is given."""
+def open_source(path: str | os.PathLike, sampling: dict[str, float | None] | None = None,
+                axes: str | None = None) -> Source:
+    """OME-Zarr (livescope's own output or any NGFF image, Zarr v2 or v3), OME-TIFF / ImageJ /
+    plain TIFF, or an NDTiff dataset (Pycro-Manager, read with ``ndstorage``), as
+    :func:`livescope.bridges.movies.open_movie` reads them (``axes``: ``--axes``). ``sampling``
+    (``pixel_size_um``, ``z_step_um``, ``interval_s``) replaces what the file says where a value is
+    given."""
     from ..bridges.files import check_sampling
 
     given = check_sampling(sampling or {})
-    src = _open_source(path)
+    src = open_movie(path, axes)
     for k, v in given.items():
         if src.info.get(k) not in (None, v):
             log.info("%s: %s %s from the command line replaces the file's %s", path, k, v, src.info[k])
@@ -242,179 +96,21 @@ def open_source(path: str | os.PathLike, sampling: dict[str, float | None] | Non
     return src
 
 
-def _open_source(path: str | os.PathLike) -> Source:
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p} does not exist")
-    if p.is_dir():
-        found = [q.parent for q in p.glob("*NDTiff.index")] or [q.parent for q in p.glob("*/NDTiff.index")]
-        if len(found) == 1:  # the dataset folder, or the folder Pycro-Manager made it in
-            return _open_ndtiff(found[0])
-    if p.is_dir() or p.suffix == ".zarr":
-        return _open_zarr(p)
-    return _open_tiff(p)
-
-
-def _finish(path: str, kind: str, axes: list[str], shape: tuple[int, ...], dtype: str, info: dict,
-            **kw: Any) -> Source:
-    unknown = [a for a in axes if a not in ("t", "c", "z", "y", "x", "p")]
-    if unknown or axes[-2:] != ["y", "x"]:
-        raise ValueError(f"{path}: axes {axes} are not t, c, z, y, x (with y, x last); convert it first")
-    sizes = {a: int(shape[axes.index(a)]) if a in axes else 1 for a in ("t", "p", "c", "z", "y", "x")}
-    if kw.get("position_paths"):
-        sizes["p"] = len(kw["position_paths"])
-    if kw.get("tiff_series"):
-        sizes["p"] = len(kw["tiff_series"])
-    return Source(path=path, kind=kind, axes=axes, shape=tuple(int(s) for s in shape), dtype=str(np.dtype(dtype)),
-                  sizes=sizes, has_c="c" in axes, has_z="z" in axes, info=info, **kw)
-
-
-def _open_zarr(p: Path) -> Source:
-    import zarr
-
-    from ..bridges.files import ome_zarr_image, zarr_attrs
-
-    attrs = zarr_attrs(p)
-    images = attrs.get("livescope", {}).get("images")
-    positions: list[Path] = []
-    if images and "multiscales" not in attrs.get("ome", attrs):  # livescope's own root: its raw images
-        raws = sorted((i for i in images if i.get("product") == "raw" and not i.get("segment")),
-                      key=lambda i: int(i.get("position") or 0))
-        if [int(i.get("position") or 0) for i in raws] != list(range(len(raws))):
-            raws = raws[:1]  # positions with gaps: not a set to map one to one
-        root = p
-        positions = [root / i["path"] for i in raws] or [root / images[0]["path"]]
-        p = positions[0]
-    arr, axes, array_path, info = ome_zarr_image(p)
-    if "t" not in axes:
-        raise ValueError(f"{p}: no time axis in {axes}; livescope process runs over time")
-    paths: list[str] = []
-    if len(positions) > 1:
-        if "p" in axes:
-            raise ValueError(f"{p}: a position axis inside images that are positions themselves")
-        for q in positions:
-            other = zarr.open_array(str(q / array_path), mode="r")
-            if other.shape != arr.shape or other.dtype != arr.dtype:
-                raise ValueError(f"{q}: shape {other.shape} {other.dtype} differs from position 0 "
-                                 f"({arr.shape} {arr.dtype}); process the positions one by one")
-            paths.append(str(q / array_path))
-    return _finish(str(p), "zarr", axes, arr.shape, str(arr.dtype), info, array_path=str(p / array_path),
-                   position_paths=paths)
-
-
-def _open_tiff(p: Path) -> Source:
-    import tifffile
-
-    from ..bridges.files import tiff_info
-
-    info: dict[str, Any] = {}
-    with tifffile.TiffFile(p) as tif:
-        series = tif.series[0]
-        axes = [a.lower() for a in series.axes.replace("I", "T").replace("Q", "T")]
-        if "s" in axes:
-            raise ValueError(f"{p}: RGB samples are not microscope frames; split the channels first")
-        info.update(tiff_info(tif))
-        shape, dtype = tuple(series.shape), str(series.dtype)
-        several: list[int] = []
-        if tif.is_ome and len(tif.series) > 1:  # OME-TIFF keeps each stage position as a series
-            for i, other in enumerate(tif.series):
-                if tuple(other.shape) != shape or str(other.dtype) != dtype or other.axes != series.axes:
-                    raise ValueError(f"{p}: OME series {i} ({other.axes} {other.shape} {other.dtype}) differs "
-                                     f"from series 0 ({series.axes} {shape} {dtype}); livescope reads the "
-                                     "series as stage positions of one experiment: split the file first")
-            several = list(range(len(tif.series)))
-    if len(axes) == 2:
-        raise ValueError(f"{p} holds a single frame; livescope process needs a movie")
-    if "t" not in axes:  # a stack with no time axis: each plane is a time point (as read_movie does)
-        axes = ["t"] + axes[1:]
-    return _finish(str(p), "tiff", axes, shape, dtype, info, tiff_series=several)
-
-
-def _open_ndtiff(p: Path) -> Source:
-    from ndstorage import Dataset
-
-    with contextlib.redirect_stdout(io.StringIO()):  # ndstorage prints its index progress
-        ds = Dataset(str(p))
-    keys: dict[str, list[Any]] = {}
-    for name, values in ds.axes.items():
-        names = list(ds.get_channel_names() or []) if name == "channel" else []
-        # acquisition order for named channels, numeric order for the rest
-        keys[name] = names if len(names) == len(values) else sorted(values)
-    unknown = set(keys) - {"time", "channel", "z", "position"}
-    if unknown:
-        raise ValueError(f"{p}: NDTiff axes {sorted(unknown)} are not supported (time, channel, z, position)")
-    first = {k: v[0] for k, v in keys.items()}
-    img = np.asarray(ds.read_image(**first))
-    # the axes as livescope names them; NDTiff has no array order (images are looked up by their
-    # coordinates), so this order only names the sizes
-    named = [("time", "t"), ("position", "p"), ("channel", "c"), ("z", "z")]
-    axes = ["t"] + [short for name, short in named[1:] if name in keys] + ["y", "x"]
-    shape = tuple([len(keys.get("time", [0]))] + [len(keys[name]) for name, _ in named[1:] if name in keys]
-                  + list(img.shape))
-    src = _finish(str(p), "ndtiff", axes, shape, str(img.dtype), {}, array_path=str(p), keys=keys)
-    with contextlib.suppress(Exception):
-        ds.close()
-    return src
-
-
 # ============================================================================ engines
 
 
-@dataclasses.dataclass(frozen=True)
-class Reach:
-    """The context a chunk needs for one engine: ``halo`` pixels per side (None: the whole frame)
-    and ``warmup`` past frames (None: the whole past, so time runs in order)."""
-
-    halo: int | None
-    warmup: int | None
-    multiple: int = 1  # tile origins and sizes on multiples of this (a network's pooling grid)
-
-
 def engine_reach(name: str, eng: Any) -> Reach:
-    """The chunking rule of one engine, from its parameters (after ``setup``)."""
-    if name == "passthrough":
-        return Reach(0, 0)
-    if name == "deconvolve":
-        # Each RL step carries light one footprint further, but the engine also rescales every frame
-        # to conserve its total flux: one factor per frame, which a tile cannot know. So the frame
-        # stays whole (the engine tiles it inside the task under its memory budget, as live).
-        return Reach(None, 0)
-    if name == "denoise":
-        model = eng._loaded.model  # set by setup
-        m = int(model.multiple)
-        reach = max(int(eng.overlap) // 2, receptive_radius(model.metadata.get("architecture", {})))
-        # its normalisation is fixed on the first frame (handed over), so tiles are local
-        return Reach(-(-reach // m) * m, int(model.k), m)
-    if name in ("decompose", "register"):
-        return Reach(None, None)  # running averages, a reference from the first frames
-    # an engine this table does not know: whole frames (it may normalise over them, and a
-    # per-frame number in ``scalars`` is about the whole frame); in order if it keeps a past
-    window = getattr(eng, "window", 0)
-    return Reach(None, 0 if not window else None)
-
-
-def receptive_radius(arch: dict[str, Any]) -> int:
-    """Pixels on each side that reach one output pixel of livescope's U-Net (engines/unet.py): two
-    3x3 convolutions per block at each level 2**l going down and again coming up, the 2x2
-    pooling and up-sampling between levels, two more convolutions at the bottom. 0 when the
-    architecture is not known (the engine's own overlap then rules)."""
-    if arch.get("name") != "unet2d":
-        return 0
-    d = int(arch.get("depth", 0))
-    return sum(5 * 2**level for level in range(d)) + 2 * 2**d
+    """The chunking rule of one engine (after ``setup``): its own ``reach()``; whole frames, in
+    time order when it keeps a past, for an engine that does not say."""
+    if isinstance(eng, Chunkable):
+        return eng.reach()
+    return Reach(None, 0 if not getattr(eng, "window", 0) else None)
 
 
 def _first_frame_state(name: str, eng: Any) -> dict[str, Any]:
-    """What an engine fixed on its first frame, to hand to chunks that start later."""
-    if name == "deconvolve" and getattr(eng, "offset", None) is None:
-        used = eng.describe().get("offset_used")
-        if used is not None:
-            return {"params": {"offset": float(used)}}
-    if name == "denoise":
-        norm = eng.describe().get("normalisation")
-        if norm:
-            return {"normalisation": dict(norm)}
-    return {}
+    """What an engine fixed on its first frame (camera offset, normalisation), to hand to chunks
+    that start later."""
+    return dict(eng.export_state()) if isinstance(eng, CarriesState) else {}
 
 
 def _describe(eng: Any) -> Any:
@@ -425,11 +121,10 @@ def _describe(eng: Any) -> Any:
 
 
 def _apply_first_frame_state(eng: Any, state: dict[str, Any]) -> None:
-    if "normalisation" in state:
-        from ..engines.inference import Normalisation
-
-        # denoise fixes its normalisation on a stream's first frame; there is no public setter yet
-        eng._norm = Normalisation(**state["normalisation"])
+    if "params" in state and "offset" in state["params"]:  # job files written before export_state
+        state = {**{k: v for k, v in state.items() if k != "params"}, "offset_used": state["params"]["offset"]}
+    if state and isinstance(eng, CarriesState):
+        eng.import_state(state)
 
 
 def build_chain(engines: list[str], params: dict[str, dict[str, Any]], spec: Any,
@@ -439,7 +134,7 @@ def build_chain(engines: list[str], params: dict[str, dict[str, Any]], spec: Any
     chain = []
     for i, name in enumerate(engines):
         st = (state or [{}] * len(engines))[i]
-        eng = create_engine(name, **{**params.get(name, {}), **st.get("params", {})})
+        eng = create_engine(name, **params.get(name, {}))
         eng.setup(spec)
         _apply_first_frame_state(eng, st)
         chain.append(eng)
@@ -870,10 +565,12 @@ def _auto_chunk_t(plane_bytes: int, n_t: int, warmup: int, target_mb: float = 64
 def plan_job(input_path: str | os.PathLike, out: str | os.PathLike, engines: list[str],
              engine_params: dict[str, dict[str, Any]] | None = None, *, frames: int | None = None,
              chunk_t: int | None = None, tile: int | None = None, save_raw: bool = True,
-             chunk_mb: float = 64.0, sampling: dict[str, float | None] | None = None) -> Job:
+             chunk_mb: float = 64.0, sampling: dict[str, float | None] | None = None,
+             axes: str | None = None) -> Job:
     """Open the input, run each unit's first frame through the chain (what it fixes there, and
-    which products it makes) and derive the chunking. ``sampling``: see :func:`open_source`."""
-    src = open_source(input_path, sampling)
+    which products it makes) and derive the chunking. ``sampling``, ``axes``: see
+    :func:`open_source`."""
+    src = open_source(input_path, sampling, axes)
     params = {k: dict(v) for k, v in (engine_params or {}).items()}
     n_t = src.sizes["t"] if frames is None else min(int(frames), src.sizes["t"])
     if n_t < 1:
@@ -1063,6 +760,9 @@ def _finalize(job: Job, summary: dict[str, Any]) -> dict[str, int]:
     prov["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     prov["chunks_done"] = done_chunks
     _atomic_write(root, json.dumps(meta, indent=1, default=str).encode())
+    from ..bridges.store import refresh_root
+
+    refresh_root(job.out)  # the root's collection follows the images' sizes and windows written above
     return saved
 
 

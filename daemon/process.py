@@ -43,8 +43,12 @@ def process_file(
     processes: bool = True,
     memory_limit: str | None = None,
     sampling: dict[str, float | None] | None = None,
+    axes: str | None = None,
 ) -> dict[str, Any]:
     """Run ``engines`` over the movie at ``input_path`` into the OME-Zarr folder ``out``.
+
+    The movie is read as its writer wrote it (:mod:`livescope.bridges.movies`: every position,
+    channel and plane); ``axes`` gives the file's axes where it does not say them (``"TZCYX"``).
 
     scheduler: address of a running Dask scheduler (``tcp://host:8786``); else a LocalCluster of
     ``workers`` processes (default: up to 4, one per core) is started; ``workers=0``: no Dask, one
@@ -60,7 +64,8 @@ def process_file(
         if resume or chunk_t or tile:
             raise ValueError("resume, chunk_t and tile need Dask: give workers >= 1 or a scheduler")
         return _process_serial(input_path, out, engines, engine_params, overwrite=overwrite,
-                               save_raw=save_raw, frames=frames, progress=progress, sampling=sampling)
+                               save_raw=save_raw, frames=frames, progress=progress, sampling=sampling,
+                               axes=axes)
     from .distributed import plan_job, run_job
 
     chunk_mb = 64.0
@@ -71,7 +76,7 @@ def process_file(
         # scratch: measured up to ~10x the input, on top of ~100 MB of libraries per worker
         chunk_mb = min(chunk_mb, parse_bytes(memory_limit) / 2**20 / 32)
     job = plan_job(input_path, out, engines, engine_params, frames=frames, chunk_t=chunk_t, tile=tile,
-                   save_raw=save_raw, chunk_mb=chunk_mb, sampling=sampling)
+                   save_raw=save_raw, chunk_mb=chunk_mb, sampling=sampling, axes=axes)
     return run_job(job, scheduler=scheduler, workers=workers, resume=resume, overwrite=overwrite,
                    progress=progress, processes=processes, memory_limit=memory_limit)
 
@@ -87,12 +92,13 @@ def _process_serial(
     frames: int | None = None,
     progress: bool = True,
     sampling: dict[str, float | None] | None = None,
+    axes: str | None = None,
 ) -> dict[str, Any]:
     from tqdm import tqdm
 
     from .distributed import chain_wants_stacks, event_record, number_events, open_source, plan_units
 
-    src = open_source(input_path, sampling)
+    src = open_source(input_path, sampling, axes)
     engine_params = engine_params or {}
     info = src.info
     n_t = src.sizes["t"] if frames is None else min(frames, src.sizes["t"])
@@ -102,7 +108,7 @@ def _process_serial(
     layout = ImageLayout(plane_shape=(Y, X), dtype=dtype.name if dtype.kind != "f" else "float32",
                          has_c=src.has_c, has_z=src.has_z, n_c=src.sizes["c"], n_z=src.sizes["z"],
                          bits=bits, pixel_size_um=info.get("pixel_size_um"), z_step_um=info.get("z_step_um"),
-                         interval_s=info.get("interval_s"))
+                         interval_s=info.get("interval_s"), channel_names=_channel_names(src.channels))
     product_layout = dataclasses.replace(layout, dtype="float32")  # once, not per frame
     stacks = chain_wants_stacks(engines, engine_params, src)
     units = plan_units(src, stacks)  # (position, channel, plane or None for the whole stack)
@@ -167,6 +173,7 @@ def _process_serial(
                 for w in store.images.values():
                     w.poll()
         # where the live daemon keeps them (``provenance.events``); all of them, offline
+        store.flush()  # every write and record on disk before the provenance says what was done
         store.update_provenance(events=number_events(events))
     finally:
         store.close()
@@ -174,3 +181,8 @@ def _process_serial(
     return {"frames": seq, "seconds": round(elapsed, 3), "fps": round(seq / elapsed, 2) if elapsed else None,
             "engine_seconds": {k: round(v, 3) for k, v in timings.items()}, "out": str(out),
             "images": sorted(store.images), "events": len(events)}
+
+
+def _channel_names(names: list[str | None]) -> list[str]:
+    """The movie's channel names for the store's omero labels (none when the file names none)."""
+    return [n or f"channel {i}" for i, n in enumerate(names)] if any(names) else []

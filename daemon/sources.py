@@ -1,4 +1,5 @@
-"""Frame sources the daemon can start itself: the ``sim`` microscope and ``file:PATH`` replay.
+"""Frame sources the daemon can start itself: the ``sim`` microscope and ``file:PATH`` replay
+(read by :mod:`livescope.bridges.movies`, the reader ``livescope process`` uses too).
 
 Both stream into the daemon's own ingest socket over the wire protocol, exactly as an external
 publisher (``--source zmq``) would, so the demo exercises the real path.
@@ -14,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from ..bridges.files import tiff_info
 from ..bridges.mmcore import attach
+from ..bridges.movies import open_movie
 from ..bridges.sim import SimConfig, SimMicroscope
 from ..bridges.transport import FramePublisher
 from .config import DaemonConfig
@@ -102,42 +103,32 @@ def _load_mm_config(path: str | Path) -> Any:
     return core
 
 
-def read_movie(path: str | Path) -> tuple[Any, list[str], dict[str, Any]]:
-    """A lazily readable (t, [c,] [z,] y, x) movie from TIFF / OME-TIFF or OME-Zarr, its axes and
-    what is known of its physical sizes."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    info: dict[str, Any] = {}
-    if path.is_dir() or path.suffix == ".zarr":
-        from ..bridges.files import ome_zarr_image
+def read_movie(path: str | Path, axes: str | None = None) -> tuple[Any, list[str], dict[str, Any]]:
+    """The first position of a saved movie (TIFF / OME-TIFF / ImageJ, OME-Zarr, NDTiff) as a lazily
+    readable (t, [c,] [z,] y, x) array, those axes, and the sampling the file states. Read as its
+    writer wrote it (:mod:`livescope.bridges.movies`); ``axes``: the file's axes where it does not
+    say them."""
+    movie = open_movie(path, axes)
+    return movie.array(0), movie.array_axes, dict(movie.info)
 
-        arr, axes, _, info = ome_zarr_image(path)
-        return arr, axes, info
-    import tifffile
 
-    with tifffile.TiffFile(path) as tif:
-        series = tif.series[0]
-        axes = [a.lower() for a in series.axes.replace("I", "T").replace("Q", "T").replace("S", "C")]
-        info.update(tiff_info(tif))
-        try:
-            data = tif.asarray(out="memmap")
-        except ValueError:
-            data = tif.asarray()
-    if data.ndim == 2:
-        data, axes = data[None], ["t", "y", "x"]
-    if axes[0] != "t":  # a single stack with no time axis: each plane becomes a time point
-        axes = ["t"] + axes[1:]
-    return data, axes, info
+# what the wire protocol carries (bridges.protocol.DTYPES): other integer and float types widened
+_WIRE_DTYPE = {"int8": "int16", "int64": "int32", "uint64": "uint32", "bool": "uint8", "float64": "float32"}
 
 
 class FileSource:
-    """Replay a saved movie into the daemon at ``rate_fps`` (as fast as possible if None)."""
+    """Replay a saved movie into the daemon at ``rate_fps`` time points per second (as fast as
+    possible if None): every position, channel and plane, each sent with its index {p, c, z, t},
+    the sizes, its channel's name and the file's sampling, as a live acquisition would."""
 
-    def __init__(self, cfg: DaemonConfig, path: str | Path) -> None:
+    def __init__(self, cfg: DaemonConfig, path: str | Path, axes: str | None = None) -> None:
         self.cfg = cfg
         self.path = Path(path)
-        self.data, self.axes, self.info = read_movie(self.path)
+        self.movie = open_movie(self.path, axes)
+        m = self.movie
+        log.info("replaying %s: %s, %d time points x %d positions x %d channels x %d planes of %dx%d %s",
+                 self.path, m.file_axes, m.sizes["t"], m.sizes["p"], m.sizes["c"], m.sizes["z"], m.sizes["y"],
+                 m.sizes["x"], m.dtype)
         self.publisher = FramePublisher(cfg.ingest, stream=f"file:{self.path.name}", block=True, hwm=16)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -147,32 +138,31 @@ class FileSource:
         self._thread.start()
 
     def _run(self) -> None:
-        axes, data = self.axes, self.data
-        n_t = data.shape[0] if self.cfg.frames is None else min(self.cfg.frames, data.shape[0])
-        lead = [a for a in axes if a not in ("y", "x")]
-        sizes = {a: int(s) for a, s in zip(axes, data.shape) if a in ("t", "c", "z")}
+        movie = self.movie
         period = 1.0 / self.cfg.rate_fps if self.cfg.rate_fps else 0.0
-        interval = self.info.get("interval_s") or (period or None)
+        interval = movie.info.get("interval_s")
+        step = interval or period  # the time stamps: the file's interval, else the replay's
+        names = [n or f"channel {i}" for i, n in enumerate(movie.channels)]
+        meta = {"channels": names} if any(movie.channels) else None
         t0 = time.monotonic()
+        last_t = -1
         try:
-            for t in range(n_t):
+            for frame in movie.frames(self.cfg.frames):
                 if self._stop.is_set():
                     break
-                block = np.asarray(data[t])
-                for rest in np.ndindex(*block.shape[:-2]):
-                    index = {"t": t, **{a: int(i) for a, i in zip(lead[1:], rest)}}
-                    plane = np.ascontiguousarray(block[rest])
-                    if plane.dtype.kind == "f" and plane.dtype != np.float32:
-                        plane = plane.astype(np.float32)
-                    elif plane.dtype == np.int64 or plane.dtype == np.uint64:
-                        plane = plane.astype(np.uint32)
-                    self.publisher.send(plane, index=index, sizes=sizes, time=t * (interval or 0.0),
-                                        pixel_size_um=self.info.get("pixel_size_um"),
-                                        z_step_um=self.info.get("z_step_um"), interval_s=interval)
-                if period:
-                    delay = t0 + (t + 1) * period - time.monotonic()
-                    if delay > 0:
-                        self._stop.wait(delay)
+                t = frame.index["t"]
+                if t != last_t and period and t > 0:  # pace whole time points
+                    delay = t0 + t * period - time.monotonic()
+                    if delay > 0 and self._stop.wait(delay):
+                        break
+                last_t = t
+                plane = frame.plane
+                wire = _WIRE_DTYPE.get(plane.dtype.name)
+                if wire:
+                    plane = plane.astype(wire)
+                self.publisher.send(np.ascontiguousarray(plane), index=frame.index, sizes=frame.sizes,
+                                    channel=names[frame.index["c"]] if meta else None, time=t * step,
+                                    meta=meta, **frame.sampling)
             self.publisher.end()
         except Exception:
             log.exception("replay of %s failed", self.path)
@@ -193,7 +183,8 @@ def make_source(cfg: DaemonConfig) -> Any | None:
     if src in ("sim", "mmcore"):
         return SimSource(cfg)
     if src.startswith("file:"):
-        return FileSource(cfg, src[5:])
+        # --axes: the file's axes where it does not say them (DaemonConfig.axes where it has one)
+        return FileSource(cfg, src[5:], getattr(cfg, "axes", None))
     if src == "zmq" or src.startswith("zmq:"):
         return None
     raise ValueError(f"unknown source {src!r}: use sim, file:PATH or zmq")
