@@ -2,7 +2,11 @@
 
 Layout under the output folder (documented in docs/store.md)::
 
-    OUT/zarr.json                 root group: livescope provenance + the list of images
+    OUT/zarr.json                 root group: NGFF ``bioformats2raw.layout`` collection of every
+                                  image, the first raw image's multiscales (``raw/0``) for readers
+                                  that open one image, livescope provenance + the list of images
+    OUT/OME/zarr.json             ``series``: the path of every image, in the order of
+    OUT/OME/METADATA.ome.xml      the OME-XML's Image elements (MetadataOnly)
     OUT/raw/                      one NGFF image per (product, position, segment)
     OUT/raw/0                     full-resolution array, axes t[,c][,z],y,x (absent axes left out)
     OUT/raw/livescope/seq         per-frame records: 1-D along t (then c, z), chunked along t
@@ -17,7 +21,8 @@ Arrays are written with tensorstore: chunks of one plane grouped into shards of 
 points (not one file per frame), the time axis grown in blocks and trimmed on close. A frame
 counts as *saved* when its shard write completed (the bytes are in the operating system) and its
 record says so: after ``kill -9`` the store opens and every frame whose record is ``saved`` is
-intact, even where the array's shape ran ahead of the data. ``fsync=True`` adds power-loss
+intact, even where the array's shape ran ahead of the data. A record write that fails (a full or
+read-only disk) is kept and retried on later polls and at close. ``fsync=True`` adds power-loss
 safety at a cost (docs/store.md).
 """
 
@@ -46,6 +51,7 @@ __all__ = [
     "image_name",
     "read_records",
     "recover",
+    "refresh_root",
 ]
 
 log = logging.getLogger(__name__)
@@ -54,6 +60,12 @@ STATUS = {"missing": 0, "saved": 1, "skipped": 2, "lost": 3, "failed": 4}
 RECORD_FIELDS = {"seq": "int64", "time": "float64", "status": "uint8", "saturated": "int32"}
 _RECORD_FILL = {"seq": -1, "time": float("nan"), "status": 0, "saturated": -1}
 NGFF_VERSION = "0.5"
+BF2RAW_LAYOUT = 3  # NGFF's "bioformats2raw.layout": a collection of images, listed in OME/
+OME_XML_NS = "http://www.openmicroscopy.org/Schemas/OME/2016-06"
+# OME-XML pixel types; OME has no half float: float16 products are listed as "float" (readers
+# that go by the array's own data type, napari and ome-zarr-py, read them right)
+_OME_TYPES = {"uint8": "uint8", "uint16": "uint16", "uint32": "uint32", "int8": "int8", "int16": "int16",
+              "int32": "int32", "float16": "float", "float32": "float", "float64": "double", "bool": "bit"}
 COLORS = ["00FF00", "FF00FF", "00FFFF", "FFFF00", "FF0000", "0000FF", "FFFFFF"]
 
 
@@ -61,9 +73,12 @@ class StoreError(RuntimeError):
     pass
 
 
-def image_name(product: str, position: int = 0, segment: int = 0) -> str:
-    """``raw``, ``raw_p1`` (position 1), ``raw_seg2`` (segment 2), ``denoised_p1_seg2``."""
+def image_name(product: str, position: int = 0, segment: int = 0, stream: str = "") -> str:
+    """``raw``, ``raw_p1`` (position 1), ``raw_seg2`` (segment 2), ``denoised_p1_seg2``; a second
+    camera's stream adds its name: ``raw_camB``, ``denoised_camB_p1``."""
     name = product
+    if stream:
+        name += f"_{stream}"
     if position:
         name += f"_p{position}"
     if segment:
@@ -99,10 +114,14 @@ class ImageLayout:
         return (t,) + ((c,) if self.has_c else ()) + ((z,) if self.has_z else ())
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}.{threading.get_ident()}")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)  # atomic on POSIX and Windows
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    _atomic_write_text(path, json.dumps(obj, indent=1, default=str))
 
 
 def _ts():
@@ -243,56 +262,68 @@ class ImageWriter:
         self._rec = {k: np.full(lead, _RECORD_FILL[k], dtype=dt) for k, dt in RECORD_FIELDS.items()}
         self._buffers: dict[tuple[int, int, int], _ShardBuffer] = {}
         self._inflight: list[tuple[Any, list[tuple[int, ...]]]] = []
-        self._dirty: list[tuple[int, ...]] = []  # records changed without a data write (marks, scalars)
-        self._dirty_scalars: set[str] = set()
+        self._dirty_scalars: set[str] = set()  # engine scalars changed since their last write
         self._meta_file: Any = None
         self.inflight_bytes = 0
         self.max_inflight_bytes = 64 * 2**20  # a cap on pixels held by writes in flight, per image
         self.n_t = 0
-        self.saved = 0
+        self.saved = 0  # frames whose pixels and record are both written
         self.skipped = 0
         self.lost = 0
+        self.refused = 0  # frames write() refused (the caller counts them lost); recorded lost
         self.bytes_written = 0
         self.write_errors = 0
         self.last_error = ""
-        self.window = [math.inf, -math.inf]  # display range seen, for the omero block
+        self.retry_after_s = 0.5  # while record writes fail, polls retry them this often
+        self.meta_every_s = 5.0  # while the display window changes, polls rewrite the metadata this often
+        self._windows: dict[int, list[float]] = {}  # per channel: the range of the values written
+        self._rec_span: list[int] | None = None  # [lo, hi) along t: records not yet on disk
+        self._unrecorded_saved = 0  # frames written whose records are not yet on disk
+        self._deferred: list[tuple[int, int, int, str, int, float]] = []  # records waiting for room
+        self._applying = False
+        self._records_failing = False
+        self._next_retry = 0.0
+        self._meta_changed = False
+        self._meta_written = time.monotonic()
         self._write_group_metadata()
 
     # -- metadata ---------------------------------------------------------------------------
-    def _write_group_metadata(self) -> None:
+    def _ome(self) -> dict[str, Any]:
+        """The image's NGFF block. An axis whose sampling the stream did not give has scale 1 and
+        no unit (NGFF needs a scale, never a made-up unit); each channel's display window is the
+        range of the values written so far."""
         lay = self.layout
-        axes: list[dict[str, str]] = [{"name": "t", "type": "time", "unit": "second"}]
-        scale = [float(lay.interval_s or 1.0)]
+        axes: list[dict[str, str]] = []
+        scale: list[float] = []
+
+        def axis(name: str, kind: str, value: float | None, unit: str) -> None:
+            entry = {"name": name, "type": kind}
+            if value:
+                entry["unit"] = unit
+            axes.append(entry)
+            scale.append(float(value) if value else 1.0)
+
+        axis("t", "time", lay.interval_s, "second")
         if lay.has_c:
             axes.append({"name": "c", "type": "channel"})
             scale.append(1.0)
         if lay.has_z:
-            axes.append({"name": "z", "type": "space", "unit": "micrometer"})
-            scale.append(float(lay.z_step_um or 1.0))
-        px = float(lay.pixel_size_um or 1.0)
-        axes += [{"name": "y", "type": "space", "unit": "micrometer"}, {"name": "x", "type": "space", "unit": "micrometer"}]
-        scale += [px, px]
-        if self.dtype.kind == "f":
-            lo, hi = (self.window if math.isfinite(self.window[0]) else [0.0, 1.0])
-            dmin, dmax = float(lo), float(hi)
-        else:
-            lo = 0
-            hi = 2 ** (lay.bits or self.dtype.itemsize * 8) - 1
-            dmin, dmax = 0, int(np.iinfo(self.dtype).max)
-            if math.isfinite(self.window[0]):
-                lo, hi = self.window
+            axis("z", "space", lay.z_step_um, "micrometer")
+        axis("y", "space", lay.pixel_size_um, "micrometer")
+        axis("x", "space", lay.pixel_size_um, "micrometer")
         n_c = lay.n_c if lay.has_c else 1
         names = lay.channel_names or []
+        windows = dict(self._windows)  # a copy: update_provenance may describe from another thread
         channels = [
             {
-                "label": names[i] if i < len(names) else f"channel {i}",
+                "label": names[i] if i < len(names) and names[i] else f"channel {i}",
                 "color": COLORS[i % len(COLORS)] if n_c > 1 else "FFFFFF",
-                "window": {"start": float(lo), "end": float(hi), "min": float(dmin), "max": float(dmax)},
+                "window": self._window(windows.get(i)),
                 "active": True,
             }
             for i in range(n_c)
         ]
-        ome = {
+        return {
             "version": NGFF_VERSION,
             "multiscales": [
                 {
@@ -303,13 +334,34 @@ class ImageWriter:
             ],
             "omero": {"channels": channels, "rdefs": {"model": "color" if n_c > 1 else "greyscale"}},
         }
+
+    def _window(self, seen: list[float] | None) -> dict[str, float]:
+        """``start``/``end``: the range of the values written (what napari takes as contrast limits);
+        ``min``/``max``: the range they can take, 0 .. 2^bits - 1 for a camera's integers and the
+        values' own range for floats."""
+        if self.dtype.kind in "ui":
+            info = np.iinfo(self.dtype)
+            dmin = float(info.min)
+            bits = self.layout.bits
+            dmax = float(2**bits - 1) if bits and self.dtype.kind == "u" else float(info.max)
+            lo, hi = seen if seen else (dmin, dmax)
+            dmin, dmax = min(dmin, lo), max(dmax, hi)
+        else:
+            lo, hi = seen if seen else (0.0, 1.0)  # nothing written yet: the array is all NaN
+            dmin, dmax = lo, hi
+        if hi <= lo:  # a constant image: viewers want start < end
+            hi = lo + 1.0
+            dmax = max(dmax, hi)
+        return {"start": float(lo), "end": float(hi), "min": float(dmin), "max": float(dmax)}
+
+    def _write_group_metadata(self) -> None:
         attrs = {
-            "ome": ome,
+            "ome": self._ome(),
             "livescope": {
                 "product": self.product,
                 "position": self.position,
                 "segment": self.segment,
-                "bits": lay.bits,
+                "bits": self.layout.bits,
                 "frames": self.n_t,
                 "saved": self.saved,
                 "skipped": self.skipped,
@@ -317,6 +369,52 @@ class ImageWriter:
             },
         }
         _atomic_write_json(self.path / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": attrs})
+        self._meta_changed = False
+        self._meta_written = time.monotonic()
+
+    def describe(self) -> dict[str, Any]:
+        """What the root's collection says of this image: sizes as written so far, its NGFF block."""
+        y, x = self.layout.plane_shape
+        return {
+            "path": self.name,
+            "product": self.product,
+            "position": self.position,
+            "segment": self.segment,
+            "dtype": self.dtype.name,
+            "bits": self.layout.bits,
+            "shape": self.layout.lead_shape(max(self.n_t, 1)) + [y, x],
+            "ome": self._ome(),
+        }
+
+    def observe_window(self, lo: float, hi: float, c: int | None = None) -> None:
+        """Widen channel ``c``'s display window (every channel's when None) to take in lo..hi.
+        ``write`` calls it with each plane's range; the metadata is rewritten on a later poll
+        (every ``meta_every_s`` at most) and at ``flush``/``close``."""
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            return
+        n_c = self.layout.n_c if self.layout.has_c else 1
+        for ch in [c if self.layout.has_c else 0] if c is not None else range(n_c):
+            w = self._windows.get(ch)
+            if w is not None and w[0] <= lo and hi <= w[1]:
+                continue
+            # a new list, never changed in place: a reader on another thread sees a whole one
+            self._windows[ch] = [lo, hi] if w is None else [min(w[0], lo), max(w[1], hi)]
+            self._meta_changed = True
+
+    @property
+    def window(self) -> list[float]:
+        """The range of the values written, over every channel ([inf, -inf] before the first)."""
+        ws = list(self._windows.values())
+        return [min(w[0] for w in ws), max(w[1] for w in ws)] if ws else [math.inf, -math.inf]
+
+    def _observe(self, c: int, plane: np.ndarray) -> None:
+        lo, hi = float(plane.min()), float(plane.max())  # 0.3 ms for 2048x2048 uint16: every plane
+        if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN or inf in a product: finite values only
+            finite = plane[np.isfinite(plane)]
+            if not finite.size:
+                return
+            lo, hi = float(finite.min()), float(finite.max())
+        self.observe_window(lo, hi, c)
 
     # -- writing ----------------------------------------------------------------------------
     def _ensure(self, t: int, c: int, z: int) -> None:
@@ -338,9 +436,10 @@ class ImageWriter:
         # the array first: if that fails (a full disk) nothing here has changed and the caller
         # counts the frame as lost
         self.array = self.array.resize(exclusive_max=lead + [y, x], resize_metadata_only=True).result()
-        self.capacity_t, lay.n_c, lay.n_z = capacity, n_c, n_z
         for k in list(self.records):
             self.records[k] = self.records[k].resize(exclusive_max=lead, resize_metadata_only=True).result()
+        self.capacity_t, lay.n_c, lay.n_z = capacity, n_c, n_z
+        for k in list(self._rec):
             old = self._rec[k]
             new = np.full(lead, _RECORD_FILL.get(k, np.nan), dtype=old.dtype)
             new[tuple(slice(0, s) for s in old.shape)] = old
@@ -349,10 +448,17 @@ class ImageWriter:
             self._write_group_metadata()
 
     def write(self, t: int, c: int, z: int, plane: np.ndarray, *, seq: int, time_s: float, saturated: int = -1) -> None:
-        """Buffer one plane; it is saved once ``poll`` reports its shard written."""
-        if plane.shape != tuple(self.layout.plane_shape):
-            raise StoreError(f"{self.name}: plane shape {plane.shape} != {tuple(self.layout.plane_shape)}")
-        self._ensure(t, c, z)
+        """Buffer one plane; it is saved once ``poll`` reports its shard and record written. A plane
+        it cannot take (a full or read-only disk that cannot grow the array) raises: the caller
+        counts it lost, and its record says ``lost`` once there is room for it."""
+        try:
+            if plane.shape != tuple(self.layout.plane_shape):
+                raise StoreError(f"{self.name}: plane shape {plane.shape} != {tuple(self.layout.plane_shape)}")
+            self._ensure(t, c, z)
+        except Exception:
+            self.refused += 1
+            self._defer(t, c, z, "lost", seq, time_s)
+            raise
         lead = self.layout.lead_index(t, c, z)
         if self._rec["status"][lead] == STATUS["saved"]:
             log.warning("%s: t=%d c=%d z=%d written twice; keeping the first", self.name, t, c, z)
@@ -361,6 +467,7 @@ class ImageWriter:
         self._rec["seq"][lead] = seq
         self._rec["time"][lead] = time_s
         self._rec["saturated"][lead] = saturated
+        self._observe(c, plane)
         key = (t // self.shard_t, c, z)
         buf = self._buffers.get(key)
         if buf is None:
@@ -370,20 +477,71 @@ class ImageWriter:
             self._submit(key)
 
     def mark(self, t: int, c: int, z: int, status: str, *, seq: int, time_s: float) -> None:
-        """Record a frame that will not be written (skipped by the engine, lost, failed)."""
-        self._ensure(t, c, z)
+        """Record a frame that will not be written (skipped by the engine, lost, failed). Counted
+        now; where the arrays cannot grow for it yet (a full disk) the record waits and is written
+        on a later poll."""
+        try:
+            self._ensure(t, c, z)
+        except Exception as exc:
+            self.write_errors += 1
+            self.last_error = f"records: {type(exc).__name__}: {exc}"
+            self._count(status)
+            self._defer(t, c, z, status, seq, time_s)
+            return
         lead = self.layout.lead_index(t, c, z)
         if self._rec["status"][lead] == STATUS["saved"]:
             return
-        self.n_t = max(self.n_t, t + 1)
-        self._rec["status"][lead] = STATUS[status]
-        self._rec["seq"][lead] = seq
-        self._rec["time"][lead] = time_s
+        self._count(status)
+        self._set_record(lead, t, status, seq, time_s)
+
+    def _count(self, status: str) -> None:
         if status == "skipped":
             self.skipped += 1
         elif status == "lost":
             self.lost += 1
-        self._dirty.append(lead)  # written with the next poll: one batched write, not four per frame
+
+    def _set_record(self, lead: tuple[int, ...], t: int, status: str, seq: int, time_s: float) -> None:
+        self.n_t = max(self.n_t, t + 1)
+        self._rec["status"][lead] = STATUS[status]
+        self._rec["seq"][lead] = seq
+        self._rec["time"][lead] = time_s
+        self._pending(lead)  # written with the next poll: one batched write, not four per frame
+
+    _MAX_DEFERRED = 100_000
+
+    def _defer(self, t: int, c: int, z: int, status: str, seq: int, time_s: float) -> None:
+        if len(self._deferred) >= self._MAX_DEFERRED:  # the disk stays full: keep the newest
+            if len(self._deferred) == self._MAX_DEFERRED:
+                log.error("%s: over %d frame records wait for room; older ones are dropped", self.name,
+                          self._MAX_DEFERRED)
+            self._deferred.pop(0)
+        self._deferred.append((t, c, z, status, seq, time_s))
+
+    def _apply_deferred(self) -> bool:
+        """Place the records that waited for the arrays to grow; False while they still cannot."""
+        if self._applying:  # _ensure may drain, and a drain comes back here
+            return True
+        self._applying = True
+        try:
+            while self._deferred:
+                t, c, z, status, seq, time_s = self._deferred[0]
+                try:
+                    self._ensure(t, c, z)
+                except Exception as exc:
+                    self.last_error = f"records: {type(exc).__name__}: {exc}"
+                    return False
+                self._deferred.pop(0)
+                lead = self.layout.lead_index(t, c, z)
+                if self._rec["status"][lead] != STATUS["saved"]:
+                    self._set_record(lead, t, status, seq, time_s)
+            return True
+        finally:
+            self._applying = False
+
+    def _pending(self, lead: tuple[int, ...]) -> None:
+        t = lead[0]
+        span = self._rec_span
+        self._rec_span = [t, t + 1] if span is None else [min(span[0], t), max(span[1], t + 1)]
 
     def write_meta(self, t: int, c: int, z: int, seq: int, meta: Mapping[str, Any]) -> None:
         """The acquisition's own per-frame metadata (pymmcore-plus, Pycro-Manager), one JSON line
@@ -405,7 +563,7 @@ class ImageWriter:
         lead = self.layout.lead_index(t, c, z)
         self._rec[name][lead] = value
         self._dirty_scalars.add(name)
-        self._dirty.append(lead)
+        self._pending(lead)
 
     def _submit(self, key: tuple[int, int, int]) -> None:
         buf = self._buffers.pop(key)
@@ -431,16 +589,23 @@ class ImageWriter:
         """Submit partial shards whose oldest plane waited longer than ``flush_after_s``."""
         now = time.monotonic() if now is None else now
         for key in [k for k, b in self._buffers.items() if now - b.created > self.flush_after_s]:
-            buf = self._buffers[key]
-            self._submit(key)
             # the rest of this shard's planes, if any arrive, start a fresh buffer at the next t
-            _ = buf
+            self._submit(key)
 
     def poll(self) -> int:
-        """Turn completed writes (in order) into saved records; returns frames newly saved."""
-        return self._drain(wait=False)
+        """Turn completed writes (in order) into saved records, retry record writes that failed,
+        and now and then rewrite the metadata while the display window changes; returns frames
+        newly saved (pixels and record on disk)."""
+        n = self._drain(wait=False)
+        if self._meta_changed and time.monotonic() - self._meta_written > self.meta_every_s:
+            try:
+                self._write_group_metadata()
+            except OSError as exc:  # tried again after meta_every_s, and at flush/close
+                self._meta_written = time.monotonic()
+                log.warning("%s: could not update the image metadata: %s", self.name, exc)
+        return n
 
-    def _drain(self, wait: bool, one: bool = False) -> int:
+    def _drain(self, wait: bool, one: bool = False, force_records: bool = False) -> int:
         done_leads: list[tuple[int, ...]] = []
         failed_leads: list[tuple[int, ...]] = []
         while self._inflight:
@@ -451,58 +616,99 @@ class ImageWriter:
                 break
             self._inflight.pop(0)
             self.inflight_bytes -= buf.data.nbytes
-            try:
-                fut.result()
-                done_leads.extend(leads)
-            except Exception as exc:  # disk full, permissions, a vanished folder: count, never stall
-                failed_leads.extend(leads)
+            # a partial shard is one write per plane: each plane saved or lost on its own
+            errors = fut.errors() if isinstance(fut, _AllOf) else [_error_of(fut)] * len(leads)
+            for lead, exc in zip(leads, errors):
+                (done_leads if exc is None else failed_leads).append(lead)
+            exc = next((e for e in errors if e is not None), None)
+            if exc is not None:  # disk full, permissions, a vanished folder: count, never stall
                 self.write_errors += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                log.error("%s: writing %d frame(s) failed: %s", self.name, len(leads), self.last_error)
+                log.error("%s: writing %d frame(s) failed: %s", self.name, sum(e is not None for e in errors),
+                          self.last_error)
         for lead in failed_leads:
             self._rec["status"][lead] = STATUS["lost"]
+            self._pending(lead)
         self.lost += len(failed_leads)
-        if done_leads:
-            for lead in done_leads:
-                self._rec["status"][lead] = STATUS["saved"]
-            self.saved += len(done_leads)
+        for lead in done_leads:
+            self._rec["status"][lead] = STATUS["saved"]
+            self._pending(lead)
+        self._unrecorded_saved += len(done_leads)
         if self._meta_file is not None:
             self._meta_file.flush()  # handed to the OS with the frames it describes
-        dirty, self._dirty = self._dirty, []
-        if done_leads or failed_leads or dirty:
-            try:
-                self._write_records(done_leads + failed_leads + dirty)
-            except Exception as exc:
-                # the frames are on disk but their records are not: they will not count as saved
-                # after a crash (recovery trusts the records); report it
-                self.write_errors += 1
-                self.last_error = f"records: {type(exc).__name__}: {exc}"
-                log.error("%s: writing records failed: %s", self.name, exc)
-        return len(done_leads)
+        return self._write_records(force_records)
 
-    def _write_records(self, leads: list[tuple[int, ...]]) -> None:
-        lo = min(l[0] for l in leads)
-        hi = max(l[0] for l in leads) + 1
-        names = list(RECORD_FIELDS) + sorted(self._dirty_scalars)
-        self._dirty_scalars.clear()
-        futs = [self.records[k][lo:hi].write(self._rec[k][lo:hi]) for k in names]
-        for f in futs:
-            f.result()
+    def _write_records(self, force: bool) -> int:
+        """Write the records not yet on disk; a failed write keeps them for the next try (polls
+        retry every ``retry_after_s`` while it fails, ``flush``/``close`` always). Returns the
+        frames that became saved."""
+        if self._records_failing and not force and time.monotonic() < self._next_retry:
+            return 0
+        ok = self._apply_deferred()
+        span = self._rec_span
+        if span is not None:
+            lo, hi = span
+            names = list(RECORD_FIELDS) + sorted(self._dirty_scalars)
+            try:
+                futs = [self.records[k][lo:hi].write(self._rec[k][lo:hi]) for k in names]
+                for f in futs:
+                    f.result()
+            except Exception as exc:
+                ok = False
+                self.last_error = f"records: {type(exc).__name__}: {exc}"
+            else:
+                if self._rec_span == span:
+                    self._rec_span = None
+                self._dirty_scalars.clear()
+        if not ok:
+            if not self._records_failing:
+                # the frames are on disk but their records are not: until a retry succeeds they
+                # would not count as saved after a crash (recovery trusts the records)
+                self.write_errors += 1
+                log.error("%s: writing records failed, kept and retried: %s", self.name, self.last_error)
+            self._records_failing = True
+            self._next_retry = time.monotonic() + self.retry_after_s
+            return 0
+        if self._records_failing:
+            log.warning("%s: records written again after a failure", self.name)
+            self._records_failing = False
+        n, self._unrecorded_saved = self._unrecorded_saved, 0
+        self.saved += n
+        return n
 
     @property
     def pending(self) -> int:
         return sum(len(b.filled) for b in self._buffers.values()) + sum(len(l) for _, l, _ in self._inflight)
 
-    def observe_window(self, lo: float, hi: float) -> None:
-        self.window = [min(self.window[0], lo), max(self.window[1], hi)]
+    @property
+    def unrecorded(self) -> int:
+        """Frames whose record is not on disk yet (0 when every record is written)."""
+        n = len(self._deferred)
+        if self._rec_span is not None:
+            lo, hi = self._rec_span
+            n += int(np.count_nonzero(self._rec["status"][lo:hi]))
+        return n
+
+    def flush(self) -> int:
+        """Write every buffered plane, wait for every write in flight, write the records (retrying
+        those that failed) and the metadata (display window, sizes). Returns ``unrecorded``: 0 when
+        everything is on disk. Call it from the thread that writes, or after it stopped."""
+        for key in list(self._buffers):
+            self._submit(key)
+        self._drain(wait=True, force_records=True)
+        self._write_group_metadata()
+        return self.unrecorded
 
     def close(self) -> None:
         for key in list(self._buffers):
             self._submit(key)
-        self._drain(wait=True)
+        self._drain(wait=True, force_records=True)
         if self._meta_file is not None:
             self._meta_file.close()
             self._meta_file = None
+        if self.unrecorded:
+            log.error("%s: the records of %d frame(s) could not be written (%s); they read as missing",
+                      self.name, self.unrecorded, self.last_error)
         y, x = self.layout.plane_shape
         n_t = max(self.n_t, 1)
         lead = self.layout.lead_shape(n_t)
@@ -512,6 +718,14 @@ class ImageWriter:
         self._write_group_metadata()
 
 
+def _error_of(fut: Any) -> Exception | None:
+    try:
+        fut.result()
+    except Exception as exc:
+        return exc
+    return None
+
+
 class _AllOf:
     def __init__(self, futs: list[Any]) -> None:
         self.futs = futs
@@ -519,9 +733,10 @@ class _AllOf:
     def done(self) -> bool:
         return all(f.done() for f in self.futs)
 
-    def result(self) -> None:
-        for f in self.futs:
-            f.result()
+    def errors(self) -> list[Exception | None]:
+        """Each write's outcome, after waiting for every one (a failed plane must not leave the
+        others unaccounted for: they may still land)."""
+        return [_error_of(f) for f in self.futs]
 
 
 class _ShardBuffer:
@@ -585,6 +800,8 @@ class OmeZarrStore:
                 shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         self._previous_images = previous
+        self._previous_described = [d for d in (_image_from_disk(self.path, e) for e in previous) if d]
+        self._root_lock = threading.Lock()
         self._runs = runs
         self.compress_raw = compress_raw
         self.float16 = float16
@@ -608,18 +825,42 @@ class OmeZarrStore:
         return shutil.disk_usage(self.path).free
 
     def _write_root(self) -> None:
-        images = list(self._previous_images) + [
-            {"path": w.name, "product": w.product, "position": w.position, "segment": w.segment}
-            for w in self.images.values()
-        ]
-        attrs = {"livescope": {"version": 1, "layout": "one NGFF image per product/position/segment",
-                               "images": images, "provenance": self.provenance}}
-        if self._runs:
-            attrs["livescope"]["runs"] = self._runs
-        _atomic_write_json(self.path / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": attrs})
+        with self._root_lock:  # the store thread (new images) and the control thread (provenance)
+            writers = list(self.images.values())
+            images = list(self._previous_images) + [
+                {"path": w.name, "product": w.product, "position": w.position, "segment": w.segment}
+                for w in writers
+            ]
+            attrs = {"ome": _write_collection(self.path, self._previous_described + [w.describe() for w in writers]),
+                     "livescope": {"version": 1, "layout": "one NGFF image per product/position/segment",
+                                   "images": images, "provenance": self.provenance}}
+            if self._runs:
+                attrs["livescope"]["runs"] = self._runs
+            _atomic_write_json(self.path / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": attrs})
 
-    def image(self, product: str, position: int, segment: int, layout: ImageLayout) -> ImageWriter:
-        name = image_name(product, position, segment)
+    def flush(self) -> int:
+        """Write every buffered plane, wait for every write in flight, write every record (retrying
+        those that failed) and the metadata (display windows, sizes, the root's collection).
+        Returns the frames whose records are still not on disk: 0 when everything is.
+
+        The writers' counts (``saved``, ``lost``) are final after it, so a run's summary is
+        computed after ``flush()``: ``flush(); update_provenance(summary=...); close()``. Call it
+        from the thread that writes, or after that thread stopped."""
+        left = 0
+        for w in list(self.images.values()):
+            try:
+                left += w.flush()
+            except Exception as exc:  # one broken image must not stop the others
+                log.error("flushing image %s failed: %s", w.name, exc)
+                left += w.unrecorded
+        try:
+            self._write_root()
+        except OSError as exc:
+            log.error("could not update %s/zarr.json: %s", self.path, exc)
+        return left
+
+    def image(self, product: str, position: int, segment: int, layout: ImageLayout, stream: str = "") -> ImageWriter:
+        name = image_name(product, position, segment, stream)
         with self._lock:
             w = self.images.get(name)
             if w is None:
@@ -662,6 +903,115 @@ class OmeZarrStore:
             log.error("could not update %s/zarr.json on close: %s", self.path, exc)
 
 
+# -- the root's collection ------------------------------------------------------------------
+# The root is an NGFF "bioformats2raw.layout" collection: OME/zarr.json lists every image's path
+# ("series") in the order of the Image elements of OME/METADATA.ome.xml. napari-ome-zarr opens
+# every image from the root this way. ome-zarr-py's Reader follows no collection (only labels,
+# plates and wells), so the root also carries the first raw image's multiscales, its dataset path
+# pointing into that image ("raw/0"): Reader(parse_url(OUT)) opens raw, OUT/<image> opens each.
+_OME_UNITS = {"micrometer": "µm", "nanometer": "nm", "millimeter": "mm", "second": "s", "millisecond": "ms",
+              "microsecond": "µs", "minute": "min", "hour": "h"}
+
+
+def _image_from_disk(root: Path, entry: Mapping[str, Any]) -> dict[str, Any] | None:
+    """An image as ``ImageWriter.describe`` gives it, read back from its metadata on disk (a
+    previous run's image, or after a crash); None where it cannot be read."""
+    ipath = Path(root) / str(entry["path"])
+    try:
+        attrs = json.loads((ipath / "zarr.json").read_text())["attributes"]
+        ome = attrs["ome"]
+        array = json.loads((ipath / ome["multiscales"][0]["datasets"][0]["path"] / "zarr.json").read_text())
+        shape, dtype = list(array["shape"]), str(array["data_type"])
+    except (OSError, KeyError, IndexError, TypeError, ValueError) as exc:
+        log.warning("%s: unreadable image metadata (%s); left out of the root's collection", ipath, exc)
+        return None
+    return {**{k: entry.get(k) for k in ("path", "product", "position", "segment")}, "dtype": dtype,
+            "bits": (attrs.get("livescope") or {}).get("bits"), "shape": shape, "ome": ome}
+
+
+def _ome_xml(images: list[dict[str, Any]]) -> str:
+    """The collection's OME-XML: one MetadataOnly Image per image, its ID naming its path."""
+    import xml.etree.ElementTree as ET
+
+    ome = ET.Element("OME", {
+        "xmlns": OME_XML_NS,
+        "xmlns:xsi": "http://www.w3.org/2001/XMLSchema-instance",
+        "xsi:schemaLocation": f"{OME_XML_NS} {OME_XML_NS}/ome.xsd",
+        "Creator": "livescope",
+    })
+    for im in images:
+        name = str(im["path"])
+        ms = im["ome"]["multiscales"][0]
+        axes = [a["name"] if isinstance(a, dict) else str(a) for a in ms["axes"]]
+        units = {a["name"]: a.get("unit") for a in ms["axes"] if isinstance(a, dict)}
+        transforms = ms["datasets"][0].get("coordinateTransformations", [])
+        scales = [t["scale"] for t in transforms if t.get("type") == "scale"]
+        scale = dict(zip(axes, scales[0] if scales else [1.0] * len(axes)))
+        size = dict(zip(axes, im["shape"]))
+        dtype = str(im["dtype"])
+        pixels = {
+            "ID": f"Pixels:{name}",
+            "DimensionOrder": "XYZCT",
+            "Type": _OME_TYPES.get(dtype, "double"),
+            "SizeX": str(size.get("x", 1)),
+            "SizeY": str(size.get("y", 1)),
+            "SizeZ": str(size.get("z", 1)),
+            "SizeC": str(size.get("c", 1)),
+            "SizeT": str(max(int(size.get("t", 1)), 1)),
+            "BigEndian": "false",
+        }
+        if im.get("bits") and dtype.startswith(("uint", "int")):
+            pixels["SignificantBits"] = str(int(im["bits"]))
+        for ax, key in (("x", "PhysicalSizeX"), ("y", "PhysicalSizeY"), ("z", "PhysicalSizeZ"), ("t", "TimeIncrement")):
+            unit = _OME_UNITS.get(str(units.get(ax)))
+            if unit and ax in scale:  # only what the stream gave: an axis without a unit stays unknown
+                pixels[key] = repr(float(scale[ax]))
+                pixels[key + "Unit"] = unit
+        image = ET.SubElement(ome, "Image", {"ID": f"Image:{name}", "Name": name})
+        pix = ET.SubElement(image, "Pixels", pixels)
+        for i, ch in enumerate((im["ome"].get("omero") or {}).get("channels", [])[: int(size.get("c", 1))]):
+            ET.SubElement(pix, "Channel", {"ID": f"Channel:{name}:{i}", "Name": str(ch.get("label", f"channel {i}")),
+                                           "SamplesPerPixel": "1"})
+        ET.SubElement(pix, "MetadataOnly")
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(ome, encoding="unicode") + "\n"
+
+
+def _write_collection(root: Path, images: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write OME/ (series + OME-XML) for these images; returns the root's ``ome`` attributes."""
+    ome: dict[str, Any] = {"version": NGFF_VERSION}
+    if not images:  # the layout promises images: none yet, no collection
+        return ome
+    (root / "OME").mkdir(exist_ok=True)
+    # OME/ first: a reader that sees the root's marker finds the series it points to
+    _atomic_write_text(root / "OME" / "METADATA.ome.xml", _ome_xml(images))
+    _atomic_write_json(root / "OME" / "zarr.json", {
+        "zarr_format": 3, "node_type": "group",
+        "attributes": {"ome": {"version": NGFF_VERSION, "series": [str(im["path"]) for im in images]}}})
+    ome["bioformats2raw.layout"] = BF2RAW_LAYOUT
+    raws = [im for im in images if im.get("product") == "raw"]
+    if raws:
+        first = min(raws, key=lambda im: (int(im.get("position") or 0), int(im.get("segment") or 0)))
+        ms = json.loads(json.dumps(first["ome"]["multiscales"][0]))  # a copy
+        for ds in ms["datasets"]:
+            ds["path"] = f"{first['path']}/{ds['path']}"
+        ome["multiscales"] = [ms]
+        if first["ome"].get("omero"):
+            ome["omero"] = json.loads(json.dumps(first["ome"]["omero"]))
+    return ome
+
+
+def refresh_root(path: str | os.PathLike) -> None:
+    """Rewrite the root's collection (OME/ and the raw image's multiscales) from the images' own
+    metadata on disk: ``recover`` calls it; so should a writer that changed images behind the
+    store's back (sizes, display windows)."""
+    root = Path(path)
+    meta = json.loads((root / "zarr.json").read_text())
+    attrs = meta.setdefault("attributes", {})
+    entries = (attrs.get("livescope") or {}).get("images", [])
+    attrs["ome"] = _write_collection(root, [d for d in (_image_from_disk(root, e) for e in entries) if d])
+    _atomic_write_json(root / "zarr.json", meta)
+
+
 # -- reading --------------------------------------------------------------------------------
 def _record_names(image_path: Path) -> list[str]:
     d = Path(image_path) / "livescope"
@@ -700,6 +1050,7 @@ def recover(path: str | os.PathLike) -> dict[str, int]:
         out[entry["path"]] = int((status == STATUS["saved"]).sum())
     meta["attributes"]["livescope"]["recovered"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     _atomic_write_json(root / "zarr.json", meta)
+    refresh_root(root)  # the collection's sizes as trimmed
     return out
 
 

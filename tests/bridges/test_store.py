@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -125,3 +126,104 @@ def test_recover_trims_to_saved_frames(tmp_path):
     assert recover(tmp_path / "out") == {"raw": 5}
     arr = zarr.open_array(str(tmp_path / "out" / "raw" / "0"), mode="r")
     assert arr.shape[0] == 5 and int(arr[4, 0, 0]) == 4
+
+
+def _break(path):
+    """A real fault that root (these tests run as root) cannot write through, unlike chmod: a
+    file where tensorstore expects a folder (or a folder where it expects a file)."""
+    away = path.with_name(path.name + ".away")
+    path.rename(away)
+    if away.is_dir():
+        path.write_text("not a folder")
+    else:
+        (path / "blocked").mkdir(parents=True)
+    return away
+
+
+def _heal(path, away):
+    if path.is_dir():
+        (path / "blocked").rmdir()
+        path.rmdir()
+    else:
+        path.unlink()
+    away.rename(path)
+
+
+def _status_on_disk(image):
+    return read_records(image)["status"]
+
+
+def test_failed_record_writes_are_retried_and_lost_frames_are_recorded_lost(tmp_path):
+    store = OmeZarrStore(tmp_path / "out")
+    w = store.image("raw", 0, 0, _layout())
+    w.retry_after_s = 0.05
+    image = tmp_path / "out" / "raw"
+
+    def write(ts):
+        for t in ts:
+            w.write(t, 0, 0, np.full((32, 48), t + 1, np.uint16), seq=t, time_s=t)
+        w.flush_due(now=float("inf"))
+        w._drain(wait=True)
+
+    write(range(5))
+    assert w.saved == 5
+    records = _break(image / "livescope" / "status")  # records cannot be written; pixels can
+    write(range(5, 10))
+    assert w.saved == 5 and w.unrecorded == 5  # pixels on disk, not counted saved without a record
+    pixels = _break(image / "0" / "c")  # now the pixels cannot be written either: frames lost
+    write(range(10, 15))
+    assert w.lost == 5
+    _heal(image / "0" / "c", pixels)
+    _heal(image / "livescope" / "status", records)
+    assert (_status_on_disk(image)[5:15] == STATUS["missing"]).all()  # nothing retried yet
+    deadline = time.monotonic() + 5
+    while w.unrecorded and time.monotonic() < deadline:  # later polls retry
+        w.poll()
+        time.sleep(0.02)
+    assert w.unrecorded == 0 and w.saved == 10
+    status = _status_on_disk(image)
+    assert (status[:10] == STATUS["saved"]).all() and (status[10:15] == STATUS["lost"]).all()
+    write(range(15, 20))
+    store.close()
+    status = _status_on_disk(image)
+    assert list(status) == [STATUS["lost"] if 10 <= t < 15 else STATUS["saved"] for t in range(20)]
+    arr = zarr.open_array(str(image / "0"), mode="r")[...]
+    # saved frames intact, lost ones absent (each plane of a partial shard is waited for and
+    # recorded on its own: none left in flight to land later under a "lost" record)
+    assert [int(a[0, 0]) for a in arr] == [0 if 10 <= t < 15 else t + 1 for t in range(20)]
+
+
+def test_frames_the_store_refuses_are_recorded_lost_once_it_can(tmp_path):
+    store = OmeZarrStore(tmp_path / "out")
+    w = store.image("raw", 0, 0, _layout())
+    image = tmp_path / "out" / "raw"
+    for t in range(w.capacity_t):
+        w.write(t, 0, 0, np.full((32, 48), 7, np.uint16), seq=t, time_s=t)
+    meta = _break(image / "0" / "zarr.json")  # the array cannot grow for the next frame
+    with pytest.raises(Exception):
+        w.write(w.capacity_t, 0, 0, np.full((32, 48), 7, np.uint16), seq=64, time_s=64.0)
+    assert w.refused == 1  # the caller counts it lost (the pipeline's store_lost)
+    _heal(image / "0" / "zarr.json", meta)
+    assert store.flush() == 0  # flush retries at once
+    rec = read_records(image)
+    assert rec["status"][64] == STATUS["lost"] and rec["seq"][64] == 64
+    assert (rec["status"][:64] == STATUS["saved"]).all()
+    store.close()
+
+
+def test_flush_puts_every_frame_record_and_window_on_disk_before_close(tmp_path):
+    store = OmeZarrStore(tmp_path / "out")
+    raw = store.image("raw", 0, 0, _layout())
+    den = store.image("denoised", 0, 0, _layout(dtype="float32"))
+    for t in range(40):  # partial shards still buffered: a summary now would say 0 saved
+        raw.write(t, 0, 0, np.full((32, 48), 100 + t, np.uint16), seq=t, time_s=t)
+        den.write(t, 0, 0, np.full((32, 48), 150.5 + t, np.float32), seq=t, time_s=t)
+    assert raw.saved == 0
+    assert store.flush() == 0
+    assert raw.saved == den.saved == 40  # final counts before close: the summary can follow
+    assert (read_records(tmp_path / "out" / "raw")["status"][:40] == STATUS["saved"]).all()
+    ome = json.loads((tmp_path / "out" / "denoised" / "zarr.json").read_text())["attributes"]["ome"]
+    assert ome["omero"]["channels"][0]["window"] == {"start": 150.5, "end": 189.5, "min": 150.5, "max": 189.5}
+    xml = (tmp_path / "out" / "OME" / "METADATA.ome.xml").read_text()
+    assert xml.count('SizeT="40"') == 2
+    store.close()
