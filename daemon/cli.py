@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "for capture-time hooks such as livescope.bridges.pycromanager.restore")
     p.add_argument("--frames", type=int, default=None, help="stop after N time points (sim, file) or frames (zmq)")
     p.add_argument("--rate", type=float, default=None, dest="rate_fps", help="file replay rate in frames/s")
+    p.add_argument("--axes", default=None, help="file:PATH's axes, one letter per axis in the file's order (T, P "
+                   "position, C, Z, Y, X), where it does not say them or says them wrong, e.g. TZCYX")
     p.add_argument("--pixel-size", type=float, default=None, dest="pixel_size_um",
                    help="pixel size in um for streams whose frames do not say it (after binning)")
     p.add_argument("--z-step", type=float, default=None, dest="z_step_um",
@@ -158,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--frames", type=int, default=None)
     p.add_argument("--no-raw", action="store_true", help="do not copy the raw frames into the output")
+    p.add_argument("--axes", default=None, help="the input's axes, one letter per axis in the file's order (T, "
+                   "P position, C, Z, Y, X), where it does not say them or says them wrong, e.g. TZCYX")
     g = p.add_argument_group("scale (dask.distributed; see docs/process.md)")
     g.add_argument("--workers", type=int, default=None,
                    help="local Dask workers (default: one per core, up to 4; 0 = no Dask, one process)")
@@ -340,7 +344,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..bridges.transport import free_tcp_address
     from ..engines import available_engines
-    from .config import DaemonConfig
+    from .config import DaemonConfig, validate_config
 
     headless = args.headless or not _has_display()
     if args.engines is not None:
@@ -355,6 +359,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         sim_shape=(args.size, args.size), sim_channels=("GFP", "mCherry")[: args.channels], sim_z=args.z,
         sim_interval_s=0.05, sim_drift=(0.02, -0.015),
     )
+    cfg = validate_config(cfg, {"engines": "--engines", "frames": "--frames", "sim_shape": "--size",
+                                "sim_z": "--z", "out": "--out"})
     print(f"livescope demo: simulated microscope, {frames} time points of {args.size}x{args.size}, "
           f"engines: {', '.join(engines) or 'none'}; saving to {cfg.out}")
     viewer = None
@@ -383,6 +389,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if summary["frames"]["saved"] > 0 else 1
 
 
+# the `livescope daemon` option of each setting whose option is not --SETTING-NAME (for errors)
+DAEMON_FLAGS = {"mm_config": "--config", "engine_params": "--param", "rate_fps": "--rate",
+                "pixel_size_um": "--pixel-size", "z_step_um": "--z-step", "compress_raw": "--compress",
+                "memory_budget_mb": "--memory-budget", "sim_interval_s": "--sim-interval",
+                "sim_shape": "--sim-size", "save_products": "--no-products", "source": "--source"}
+
+
 def cmd_daemon(args: argparse.Namespace) -> int:
     from .config import load_config
 
@@ -398,6 +411,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         memory_budget_mb=args.memory_budget_mb, calibration=args.calibration, sim_z=args.sim_z, sim_interval_s=args.sim_interval_s,
         sim_drift=tuple(args.sim_drift) if args.sim_drift else None, curve=args.curve, curve_dir=args.curve_dir,
     )
+    if args.axes:  # file replay only; DaemonConfig.axes
+        overrides["axes"] = args.axes
     if args.sim_channels:
         overrides["sim_channels"] = ("GFP", "mCherry")[: args.sim_channels]
     if args.sim_size:
@@ -408,7 +423,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     if args.config and Path(args.config).suffix.lower() == ".cfg":
         overrides["mm_config"], toml_config = args.config, None
     overrides["sequence"] = args.sequence
-    cfg = load_config(toml_config, **overrides)
+    cfg = load_config(toml_config, flags=DAEMON_FLAGS, **overrides)
     if cfg.source == "zmq":
         cfg.exit_on_end = False
     log.info("daemon: source %s, engines %s, ingest %s, previews %s, control %s", cfg.source, cfg.engines,
@@ -436,7 +451,7 @@ def cmd_process(args: argparse.Namespace) -> int:
                           scheduler=args.scheduler, chunk_t=args.chunk_t, tile=args.tile, resume=args.resume,
                           memory_limit=args.memory_limit, processes=not args.threads,
                           sampling={"pixel_size_um": args.pixel_size, "z_step_um": args.z_step,
-                                    "interval_s": args.interval})
+                                    "interval_s": args.interval}, axes=args.axes)
     print(json.dumps(result, indent=1))
     return 0
 

@@ -3,7 +3,9 @@
 Commands: ``{"cmd": "status"}``, ``{"cmd": "stop"}``,
 ``{"cmd": "set", "engine": E, "param": P, "value": V}``, ``{"cmd": "enable"|"disable", "engine": E}``,
 ``{"cmd": "swap_model", "engine": E, "path": MODEL}``. Replies are JSON objects with ``ok``.
-A malformed request gets ``{"ok": false, "error": ...}``; the server keeps running.
+A malformed request gets ``{"ok": false, "error": ...}``; the server keeps running. A message part
+over 64 kB never reaches the daemon: libzmq drops it, and disconnects its sender, before taking
+memory for it (``ZMQ_MAXMSGSIZE``).
 
 Who may send commands: on a plain (loopback) socket, whoever holds the daemon's token (only its
 user can read it). With CURVE (``curve=``), only clients whose key is in the allow-list connect at
@@ -32,6 +34,7 @@ __all__ = ["ControlClient", "ControlServer", "ControlTimeout"]
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 1 << 16
+MAX_REQUEST_PARTS = 4  # identity, delimiter, body (a REQ client); anything longer is not a request
 
 
 class ControlTimeout(TimeoutError):
@@ -50,6 +53,9 @@ class ControlServer:
         self._ctx = curve.acquire() if curve is not None else context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        # libzmq drops a larger message part, and disconnects its sender, before allocating it: no
+        # request is held in memory before it is checked (the slack covers CURVE's envelope)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES + 1024)
         if curve is not None:
             curve.secure(self._sock)
         try:
@@ -74,8 +80,8 @@ class ControlServer:
         while not self._stop.is_set():
             if not poller.poll(100):
                 continue
-            parts = self._sock.recv_multipart(copy=False)
-            if len(parts) < 3:
+            parts = self._recv_parts()
+            if not 3 <= len(parts) <= MAX_REQUEST_PARTS:
                 self.bad_requests += 1
                 continue
             ident, body = parts[0].bytes, parts[-1]
@@ -87,6 +93,18 @@ class ControlServer:
         self._sock.close(linger=0)
         if self._curve is not None:
             self._curve.release()
+
+    def _recv_parts(self) -> list[zmq.Frame]:
+        """One message's parts, keeping at most one more than a request has (the rest are read
+        and let go, so a message of many parts is not held twice)."""
+        parts = [self._sock.recv(copy=False)]
+        while parts[-1].more:
+            part = self._sock.recv(copy=False)
+            if len(parts) <= MAX_REQUEST_PARTS:
+                parts.append(part)
+            else:
+                parts[-1] = part  # keep the last one: its ``more`` flag ends the loop
+        return parts
 
     def _curve_user(self, frame: zmq.Frame) -> str | None:
         """The client key ZAP verified for this message (CURVE only), else None."""
