@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from ._sender import QueuedSender
+from .protocol import MAX_HEADER_BYTES, MAX_NAME
 from .feedback import AdaptiveTimelapse, EventFollower
 from .transport import FramePublisher, RestoreClient
 
@@ -68,10 +69,41 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _STANDARD_AXES = ("time", "channel", "z")
+MAX_BINNING = 64  # what the wire protocol accepts (bridges/protocol.py)
+META_BYTES = MAX_HEADER_BYTES // 2  # Pycro-Manager's metadata in a header: at most half of one
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):  # numpy scalars stay numbers (np.int64 is no JSON int)
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+def _json_text(obj: Any) -> str:
+    """``obj`` as JSON text: numpy scalars and arrays as numbers and lists, anything else JSON has
+    no type for as its ``str``. Raises (TypeError, ValueError, RecursionError) for what JSON
+    cannot hold at all: a dict with tuple keys, a self-referencing dict."""
+    return json.dumps(obj, default=_json_default)
+
+
+def _from_json_text(text: str) -> Any:
+    return json.loads(text, parse_constant=lambda _: None)  # NaN and infinities: null, as JSON has neither
 
 
 def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
+    """``obj`` as plain JSON values (see :func:`_json_text`)."""
+    return _from_json_text(_json_text(obj))
+
+
+def _hashable(value: Any) -> Hashable:
+    """An axis value as a table key: lists and dicts (a user's own axis) by their JSON text."""
+    try:
+        hash(value)
+    except TypeError:
+        return json.dumps(value, sort_keys=True, default=_json_default)
+    return value
 
 
 def _number(value: Any) -> float | None:
@@ -108,17 +140,27 @@ class MetadataMapper:
     next free integer the first time it is seen, and keeps it for the whole acquisition. Axes
     other than time, channel and z (``position``, ``row``, ``column``, ``view``, ``camera``, ...)
     together name the position ``p``: every tile or view gets its own position in the store.
+
+    The z step is in no single frame's metadata: it is ``ZPosition_um_Intended`` of two planes of
+    one position over their z distance, known from the second plane on (``z_step_um``).
+    What the wire protocol would refuse is left out of the header and listed in ``problems`` as
+    (cause, detail): metadata JSON cannot hold or larger than half a header (``meta``), a binning
+    above 64, a channel name longer than 200 characters. The frame goes without it.
     """
 
     def __init__(self, channels: Sequence[str] | None = None) -> None:
         self._tables: dict[str, dict[Hashable, int]] = {"p": {}, "c": {}, "z": {}}
         self._taken: dict[str, set[int]] = {"p": set(), "c": set(), "z": set()}
         self.channel_names: list[str] = []
+        self.z_step_um: float | None = None
+        self._z_seen: dict[Hashable, tuple[int, float]] = {}  # position -> (z axis value, z um)
+        self.problems: list[tuple[str, str]] = []  # what the last header() left out: (cause, detail)
         for name in channels or ():
             self._index("c", str(name))
             self.channel_names.append(str(name))
 
-    def _index(self, key: str, value: Hashable) -> int:
+    def _index(self, key: str, value: Any) -> int:
+        value = _hashable(value)
         table = self._tables[key]
         # 1 and True, 0 and "0" must not share an entry: key the table by (type, value)
         slot = (type(value).__name__, value)
@@ -138,10 +180,23 @@ class MetadataMapper:
         """Which axis value went to which index (recorded in every frame's ``meta``)."""
         return {k: {str(v[1]): i for v, i in t.items()} for k, t in self._tables.items() if t}
 
+    def _learn_z_step(self, position: Hashable, z: Any, z_um: Any) -> None:
+        """The first two planes of one position with different z give the step (rounded to the
+        picometre: ``np.arange`` leaves 0.30000000000000004 where the user asked for 0.3)."""
+        z_um = _number(z_um)
+        if self.z_step_um is not None or z_um is None or isinstance(z, bool) or not isinstance(z, (int, np.integer)):
+            return
+        seen = self._z_seen.setdefault(position, (int(z), z_um))
+        if seen[0] != z:
+            step = round(abs((z_um - seen[1]) / (int(z) - seen[0])), 6)
+            if step > 0:
+                self.z_step_um = step
+
     def header(self, metadata: Mapping[str, Any], dtype: np.dtype | None = None,
                axes: Mapping[str, Any] | None = None) -> dict[str, Any]:
         md = metadata or {}
         axes = dict(axes if axes is not None else (md.get("Axes") or {}))
+        self.problems = []
         index: dict[str, int] = {}
         header: dict[str, Any] = {}
         t = axes.get("time")
@@ -150,18 +205,26 @@ class MetadataMapper:
         channel = axes.get("channel")
         if channel is not None:
             index["c"] = self._index("c", channel)
-            if isinstance(channel, str):
+            if isinstance(channel, str) and len(channel) > MAX_NAME:
+                self.problems.append(("bad_field:channel", f"a channel name of {len(channel)} characters "
+                                      f"(at most {MAX_NAME}): frames keep their channel index, not the name"))
+            elif isinstance(channel, str):
                 header["channel"] = channel
                 if channel not in self.channel_names:
                     self.channel_names.append(channel)
         elif isinstance(md.get("Channel"), str) and md["Channel"]:
             header["channel"] = md["Channel"]
+        others = sorted(((str(k), _hashable(v)) for k, v in axes.items() if k not in _STANDARD_AXES and v is not None),
+                        key=lambda kv: (kv[0], str(kv[1])))
+        position: Hashable = None
+        if others:
+            position = others[0][1] if len(others) == 1 and others[0][0] == "position" else tuple(others)
+            index["p"] = self._index("p", position)
         if axes.get("z") is not None:
             index["z"] = self._index("z", axes["z"])
-        others = sorted((k, v) for k, v in axes.items() if k not in _STANDARD_AXES and v is not None)
-        if others:
-            value: Hashable = others[0][1] if len(others) == 1 and others[0][0] == "position" else tuple(others)
-            index["p"] = self._index("p", value)
+            self._learn_z_step(position, axes["z"], md.get("ZPosition_um_Intended"))
+            if self.z_step_um is not None:
+                header["z_step_um"] = self.z_step_um
         header["index"] = index
         px = _number(md.get("PixelSize_um"))  # AcqEngJ/AcqEngPy spelling
         if not px or px <= 0:
@@ -177,15 +240,28 @@ class MetadataMapper:
         binning = _leading_int(md.get("Binning"))
         if binning is None and md.get("Camera"):
             binning = _leading_int(md.get(f"{md['Camera']}-Binning"))
-        if binning and binning > 0:
+        if binning and 0 < binning <= MAX_BINNING:
             header["binning"] = binning
+        elif binning:
+            self.problems.append(("bad_field:binning", f"binning {binning} (1 to {MAX_BINNING})"))
         affine = md.get("PixelSizeAffine")
         if isinstance(affine, str):
             numbers = [_number(x) for x in affine.split(";")]
             if len(numbers) == 6 and all(n is not None for n in numbers) and any(numbers):
                 header["pixel_size_affine"] = numbers
-        meta: dict[str, Any] = {"pycromanager": _jsonable(dict(md)), "axes": _jsonable(axes),
-                                "axes_to_index": self.mapping()}
+        meta: dict[str, Any] = {}
+        for key, value in (("pycromanager", md), ("axes", axes)):
+            try:
+                text = _json_text(dict(value))
+            except (TypeError, ValueError, RecursionError) as exc:  # the frame goes without it
+                self.problems.append((f"unencodable:meta.{key}", f"{type(exc).__name__}: {exc}"[:200]))
+                continue
+            if len(text) > META_BYTES:
+                self.problems.append((f"header_too_large:meta.{key}", f"{len(text)} bytes of metadata (at most "
+                                      f"{META_BYTES} travel with a frame)"))
+                continue
+            meta[key] = _from_json_text(text)
+        meta["axes_to_index"] = self.mapping()
         if self.channel_names:
             meta["channels"] = list(self.channel_names)
         header["meta"] = meta
@@ -218,8 +294,10 @@ class Tap(QueuedSender):
         # curve: a livescope.bridges.auth.CurveClient, for a daemon that runs CURVE
         publisher = FramePublisher(address, stream=stream, block=True, send_timeout_ms=2000, hwm=16,
                                    curve=curve)
+        # validate: a header field the daemon would refuse (or that cannot be encoded) is dropped
+        # from that frame, counted per cause and warned about once; the frame itself is sent
         super().__init__(publisher, buffer_frames=buffer_frames, end_on_close=send_end,
-                         name="livescope-pycromanager-sender")
+                         name="livescope-pycromanager-sender", validate=True)
 
     # -- acquisition thread: a queue entry, never a wait ----------------------------------
     def __call__(self, image: np.ndarray, metadata: dict[str, Any]) -> Any:
@@ -246,6 +324,8 @@ class Tap(QueuedSender):
     def _header(self, image: np.ndarray, metadata: Mapping[str, Any], axes: Mapping[str, Any] | None = None
                 ) -> dict[str, Any]:
         header = self.mapper.header(metadata, image.dtype, **({"axes": axes} if axes is not None else {}))
+        for cause, detail in self.mapper.problems:
+            self.drop_meta(cause, detail)
         if self.camera:
             header["camera"] = self.camera
         if self.bits:
@@ -346,7 +426,7 @@ class AdaptiveTimelapseEvents(AdaptiveTimelapse):
         self.modes[int(t)] = {"mode": mode or self.mode, **({"trigger": trigger} if trigger else {})}
         out = []
         for template in self.per_time_point:
-            ev = json.loads(json.dumps(template))
+            ev = _jsonable(template)  # a copy; multi_d_acquisition_events' x, y are numpy scalars
             ev.setdefault("axes", {})["time"] = int(t)
             out.append(ev)
         if t == 0:
@@ -443,6 +523,7 @@ class RestoreHook:
         self.served = 0
         self.missed = 0
         self.missed_by_reason: collections.Counter[str] = collections.Counter()
+        self.meta_dropped_by_cause: collections.Counter[str] = collections.Counter()
         self.clipped_pixels = 0
         self.product: str | None = None
         self._misses_in_row = 0
@@ -466,6 +547,7 @@ class RestoreHook:
                              f"{self._paused_until - now:.1f} s")
         image = np.asarray(image)
         fields = self.mapper.header(metadata, image.dtype)
+        self._note_problems(self.mapper.problems)
         if self.camera:
             fields["camera"] = self.camera
         t0 = time.perf_counter()
@@ -491,6 +573,16 @@ class RestoreHook:
                            "scale_source": self.scale_source, "seq": info.get("seq"),
                            "latency_ms": round(1000 * latency, 3)}
         return converted, md
+
+    def _note_problems(self, problems: list[tuple[str, str]]) -> None:
+        """Metadata left out of a frame's header: counted per cause, warned about once per cause."""
+        for cause, detail in problems:
+            with self._lock:
+                first = cause not in self.meta_dropped_by_cause
+                self.meta_dropped_by_cause[cause] += 1
+            if first:
+                log.warning("livescope restore: %s (%s); the frame is sent without it (logged once; counted in "
+                            "stats()['meta_dropped_by_cause'])", cause, detail)
 
     def _choose_scale(self, restored: np.ndarray, dtype: np.dtype) -> float:
         """A power of two, so values keep their units up to an exact factor: the largest that maps
@@ -551,6 +643,7 @@ class RestoreHook:
                 "product": self.product,
                 "scale": self.scale,
                 "clipped_pixels": self.clipped_pixels,
+                "meta_dropped_by_cause": dict(self.meta_dropped_by_cause),
             }
 
     def close(self) -> None:
