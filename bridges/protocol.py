@@ -66,6 +66,11 @@ DTYPES = ("uint8", "uint16", "uint32", "int16", "int32", "float16", "float32", "
 MAX_FRAME_BYTES = 2**31  # 2 GiB: anything larger is a corrupt header, not a camera frame
 MAX_HEADER_BYTES = 1 << 20
 INDEX_KEYS = ("p", "c", "z", "t")
+# bounds on what one header may ask for: the store lays out (and keeps records for) every index up
+# to the largest seen, so an absurd index on a 2-byte frame must not allocate gigabytes
+MAX_INDEX = {"p": 9_999, "c": 255, "z": 9_999, "t": 2**31 - 1}
+MAX_SIZES = {"p": 10_000, "c": 256, "z": 10_000, "t": 2**31}
+MAX_NAME = 200  # stream and channel names
 
 
 class ProtocolError(ValueError):
@@ -109,6 +114,7 @@ class Frame:
         return float(t) if t is not None else time.time()
 
     received_at: float = field(default_factory=time.perf_counter, compare=False)
+    header_nbytes: int = field(default=0, compare=False)  # what the header cost on the wire (budgets)
 
 
 def make_header(
@@ -215,11 +221,78 @@ def _check_header(header: Any) -> dict[str, Any]:
             isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
         ):
             raise ProtocolError("bad_field", f"{key}={value!r}")
-    for key in ("meta", "camera", "sizes"):
+    for key in ("meta", "camera", "sizes", "sender"):
         value = header.get(key)
         if value is not None and not isinstance(value, dict):
             raise ProtocolError("bad_field", f"{key} is not an object")
+    _check_optional(header)
     return header
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_optional(header: dict[str, Any]) -> None:
+    """The optional fields the daemon reads to lay out and route a frame: each is checked here,
+    before any state is touched, so one odd header is refused and counted, never fatal."""
+    stream = header["stream"]
+    if not 1 <= len(stream) <= MAX_NAME or any(ord(ch) < 32 for ch in stream):
+        raise ProtocolError("bad_field", f"stream={stream[:40]!r} (1-{MAX_NAME} printable characters)")
+    sizes = header.get("sizes")
+    if sizes is not None:
+        for k, v in sizes.items():
+            if k not in INDEX_KEYS:
+                raise ProtocolError("bad_sizes", f"sizes key {k!r} (keys p, c, z, t)")
+            if v is None and k == "t":
+                continue
+            if not _is_int(v) or not 1 <= v <= MAX_SIZES[k]:
+                raise ProtocolError("bad_sizes", f"sizes.{k}={v!r} (an integer from 1 to {MAX_SIZES[k]})")
+    index = header.get("index") or {}
+    for k, v in index.items():  # c, z, p lay out the image; t may run past an estimate (it grows)
+        if v > MAX_INDEX[k]:
+            raise ProtocolError("index_out_of_range", f"index.{k}={v} (at most {MAX_INDEX[k]})")
+        if sizes and k != "t" and v >= (sizes.get(k) or 1):
+            raise ProtocolError("index_outside_sizes",
+                                f"index.{k}={v} but sizes.{k}={sizes.get(k)!r}: send sizes.{k} covering every "
+                                f"{k} index (or no sizes at all)")
+    binning = header.get("binning")
+    if binning is not None and (not _is_int(binning) or not 1 <= binning <= 64):
+        raise ProtocolError("bad_field", f"binning={binning!r} (an integer from 1 to 64)")
+    channel = header.get("channel")
+    if channel is not None and (not isinstance(channel, str) or len(channel) > MAX_NAME):
+        raise ProtocolError("bad_field", f"channel={str(channel)[:40]!r} (a name of at most {MAX_NAME} characters)")
+    for key in ("acquisition",):
+        value = header.get(key)
+        if value is not None and (not _is_int(value) or not 0 <= value < 2**53):
+            raise ProtocolError("bad_field", f"{key}={value!r} (a non-negative integer)")
+    source = header.get("source")
+    if source is not None and (not isinstance(source, str) or not 1 <= len(source) <= 64):
+        raise ProtocolError("bad_field", "source must be a short string (the publisher's id)")
+    camera = header.get("camera")
+    if camera is not None:
+        for key in ("offset", "gain", "read_noise"):
+            value = camera.get(key)
+            if value is not None and not _is_number(value):
+                raise ProtocolError("bad_field", f"camera.{key}={value!r} (a finite number)")
+        if camera.get("gain") is not None and camera["gain"] <= 0:
+            raise ProtocolError("bad_field", f"camera.gain={camera['gain']!r} (positive, ADU per photoelectron)")
+    affine = header.get("pixel_size_affine")
+    if affine is not None and (not isinstance(affine, list) or len(affine) != 6
+                               or not all(_is_number(a) for a in affine)):
+        raise ProtocolError("bad_field", "pixel_size_affine must be 6 finite numbers (a, b, tx, c, d, ty)")
+    for key in ("pixel_size_um", "z_step_um", "interval_s"):
+        value = header.get(key)
+        if value is not None and value < 0:
+            raise ProtocolError("bad_field", f"{key}={value!r} (not negative; 0 or absent when unknown)")
+    sender = header.get("sender")
+    if sender is not None and (len(sender) > 16 or not all(
+            isinstance(k, str) and _is_int(v) and 0 <= v < 2**63 for k, v in sender.items())):
+        raise ProtocolError("bad_field", "sender must map at most 16 names to non-negative integer counts")
 
 
 def decode(parts: Sequence[Any]) -> Frame:
@@ -237,13 +310,13 @@ def decode(parts: Sequence[Any]) -> Frame:
         raise ProtocolError("bad_json", "nested too deeply") from None
     header = _check_header(header)
     if header.get("kind", "frame") == "end":
-        return Frame(header, None)
+        return Frame(header, None, header_nbytes=len(head))
     if "shm" in header and len(parts) == 1:
         # same-host fast path: the pixels are in a shared-memory slot (bridges/shm.py); the
         # receiver resolves them, after checking the slot's size against shape x dtype
         if not isinstance(header["shm"], dict):
             raise ProtocolError("bad_field", "shm is not an object")
-        return Frame(header, None)
+        return Frame(header, None, header_nbytes=len(head))
     if len(parts) != 2:
         raise ProtocolError("bad_parts", f"{len(parts)} parts, expected header + buffer")
     buf = _buffer(parts[1])
@@ -254,4 +327,4 @@ def decode(parts: Sequence[Any]) -> Frame:
             "size_mismatch", f"buffer has {buf.nbytes} bytes, shape {header['shape']} {dtype} needs {expected}"
         )
     array = np.frombuffer(buf, dtype=dtype).reshape(header["shape"])
-    return Frame(header, array)
+    return Frame(header, array, header_nbytes=len(head))

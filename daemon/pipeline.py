@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import queue
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -41,10 +42,16 @@ __all__ = ["Pipeline"]
 
 log = logging.getLogger(__name__)
 
+MAX_SEGMENTS = 64  # images one stream and position may open in a run (shape changes, restarts)
+MAX_RECORD_CELLS = 2**23  # planes one image may lay out (records: 21 bytes each, 176 MB at most)
+MAX_T_JUMP = 100_000  # time points a frame may skip ahead of the segment's latest
+
 
 @dataclasses.dataclass
 class _Segment:
-    """What a position's stream looks like now; a change of shape, dtype or bits starts a new one."""
+    """One image in the store: a stream's position with one frame shape, dtype and bit depth. A
+    restart of the publisher, a new acquisition or an end marker starts a new one; a shape seen
+    before in the same acquisition goes back to its segment (two ROIs alternating stay two images)."""
 
     number: int
     shape: tuple[int, ...]
@@ -53,7 +60,54 @@ class _Segment:
     layout: ImageLayout
     spec_base: dict[str, Any]
     t_start: int = 0
-    last_seq: dict[str, int] = dataclasses.field(default_factory=dict)
+    last_seq: dict[str, int] = dataclasses.field(default_factory=dict)  # per publisher (source id)
+    stream: str = ""
+    tag: str = ""  # the stream's part of the store's image names ("" for the first stream)
+    acquisition: int | None = None
+    fresh: str = ""  # why this segment opens, until its first frame is accepted
+    seen: _Seen = dataclasses.field(default_factory=lambda: _Seen())
+    channel_names: dict[int, str] = dataclasses.field(default_factory=dict)
+    product_layouts: list[ImageLayout] = dataclasses.field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.stream, self.spec_base["position"], self.number)
+
+
+class _Seen:
+    """Which (t, c, z) of a segment arrived: one growable bitmap over t per (c, z) (an 8-hour
+    100 fps stream costs 360 kB per plane): a second frame for the same index is refused, never
+    written over the first."""
+
+    def __init__(self) -> None:
+        self.by_plane: dict[tuple[int, int], bytearray] = {}
+        self.t_max = -1
+        self.c_max = 0
+        self.z_max = 0
+
+    def cells(self, t: int, c: int, z: int) -> int:
+        """The records the store will hold for this image once (t, c, z) is in: a bound on memory."""
+        return (max(self.t_max, t) + 1024) * (max(self.c_max, c) + 1) * (max(self.z_max, z) + 1)
+
+    def add(self, t: int, c: int, z: int) -> bool:
+        """Mark (t, c, z); False if it was there already."""
+        bits = self.by_plane.setdefault((c, z), bytearray())
+        byte, bit = divmod(t, 8)
+        if byte >= len(bits):
+            bits.extend(bytes(max(byte + 1 - len(bits), len(bits))))
+        if bits[byte] >> bit & 1:
+            return False
+        bits[byte] |= 1 << bit
+        self.t_max, self.c_max, self.z_max = max(self.t_max, t), max(self.c_max, c), max(self.z_max, z)
+        return True
+
+
+class _Rejected(Exception):
+    """A frame the daemon refuses before it touches any state: counted under ``reason``."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
 
 
 @dataclasses.dataclass
@@ -65,6 +119,7 @@ class _Item:
     t: int
     segment: _Segment
     received: float
+    cost: int = 0  # bytes counted against the memory budget while queued (pixels and header)
 
     @property
     def array(self) -> np.ndarray:
@@ -410,8 +465,18 @@ class Pipeline:
         self._slot_cond = threading.Condition()
         self._chains: dict[tuple, _Chain] = {}
         self._chain_lock = threading.Lock()  # held while a frame runs: control commands wait for it
-        self._segments: dict[int, _Segment] = {}
+        # routing: the segment in use per (stream, position), those of the current acquisition
+        # (a shape seen again goes back to its image), and the streams whose end marker came
+        self._segments: dict[tuple[str, int], _Segment] = {}
+        self._open_segments: dict[tuple[str, int], list[_Segment]] = {}
+        self._segments_made: dict[tuple[str, int], int] = {}
+        self._ended_keys: set[tuple[str, int]] = set()
+        self._stream_tags: dict[str, str] = {}
         self._t_counter: dict[tuple, int] = {}
+        self.rejected: dict[str, int] = {}  # frames the daemon refused after decoding, by reason
+        self.sender_stats: dict[str, dict[str, int]] = {}  # what each stream's sender says it dropped
+        self._counter_lock = threading.Lock()
+        self._logged: set[str] = set()
         # with an engine that needs volumes, the whole chain runs on (z, y, x) stacks assembled here
         self._volume_mode = any(s.needs_volume and s.enabled for s in self.engine_states.values())
         self._partial_volumes: dict[tuple, dict[int, _Item]] = {}
@@ -525,6 +590,12 @@ class Pipeline:
         for chain in self._chains.values():
             chain.close()
         if self.store is not None:
+            flush = getattr(self.store, "flush", None)
+            if flush is not None:  # every write and record on disk first: the summary counts them
+                try:
+                    flush()
+                except Exception as exc:
+                    log.error("store: the final flush failed: %s", exc)
             self.store.update_provenance(events=self.events[-1000:], summary=self.status()["frames"],
                                          engine_state=described)
             self.store.close()
@@ -538,36 +609,58 @@ class Pipeline:
 
     # -- ingest ----------------------------------------------------------------------------
     def _segment_for(self, frame: Frame, p: int) -> _Segment:
+        """The segment this frame belongs to, opening a new one where the stream restarted, began
+        a new acquisition, ended, or changed shape, dtype or bit depth. Refuses (``_Rejected``)
+        before changing anything when the frame would open more segments or records than allowed."""
         h = frame.header
         arr = frame.array
         assert arr is not None
-        seg = self._segments.get(p)
+        stream, source, acquisition = frame.stream, str(h.get("source", "")), h.get("acquisition")
         shape, dtype, bits = tuple(arr.shape), arr.dtype.name, frame.bits
-        restarted = seg is not None and frame.seq < seg.last_seq.get(frame.stream, -1)
-        if seg is not None and seg.shape == shape and seg.dtype == dtype and seg.bits == bits and not restarted:
-            seg.last_seq[frame.stream] = frame.seq
-            return seg
-        base = self.store.segment_base if self.store is not None else 0
-        number = base if seg is None else seg.number + 1
-        if seg is not None:
-            why = "the publisher restarted" if restarted else f"{seg.shape} {seg.dtype} {seg.bits}-bit -> {shape} {dtype} {bits}-bit"
-            log.warning("position %d: new segment %d (%s)", p, number, why)
+        skey = (stream, p)
+        current = self._segments.get(skey)
+        why = ""
+        if current is not None:
+            if frame.seq < current.last_seq.get(source, -1):
+                why = "the publisher restarted"
+            elif acquisition != current.acquisition:
+                why = "a new acquisition"
+            elif skey in self._ended_keys:
+                why = "the previous acquisition ended"
+        if not why:
+            for seg in self._open_segments.get(skey, ()):
+                if seg.shape == shape and seg.dtype == dtype and seg.bits == bits:
+                    return seg
+        made = self._segments_made.get(skey, 0)
+        if made >= MAX_SEGMENTS:
+            raise _Rejected("too_many_segments",
+                            f"stream {stream!r} position {p} opened {made} images in this run (each shape, "
+                            "dtype or restart opens one); keep the frame shape fixed, or restart the daemon")
         sizes = h.get("sizes") or {}
         index = h.get("index") or {}
+        known = bool(sizes)  # an MDA from a generator, or a plain publisher: sizes unknown
+        n_c = int(sizes.get("c") or 1)
+        n_z = int(sizes.get("z") or (shape[0] if len(shape) == 3 else 1))
+        if 1024 * n_c * n_z > MAX_RECORD_CELLS:
+            raise _Rejected("index_out_of_range", f"sizes c={n_c} z={n_z} would lay out more than "
+                                                  f"{MAX_RECORD_CELLS} planes per 1024 time points")
+        base = self.store.segment_base if self.store is not None else 0
+        number = base + made
         # the stream's sampling, else the daemon's fallback for streams that do not say it
         sampling = {k: h.get(k) if h.get(k) is not None else getattr(self.cfg, k)
                     for k in SAMPLING_KEYS}
-        known = bool(sizes)  # an MDA from a generator, or a plain publisher: sizes unknown
-        has_c = int(sizes.get("c") or 1) > 1 or ("c" in index and not known)
-        has_z = int(sizes.get("z") or 1) > 1 or ("z" in index and not known)
-        channel_names = list((h.get("meta") or {}).get("channels", [])) or ([h["channel"]] if "channel" in h else [])
+        has_c = n_c > 1 or ("c" in index and not known)
+        has_z = n_z > 1 or ("z" in index and not known)
+        listed = (h.get("meta") or {}).get("channels")
+        channel_names = ([str(x) for x in listed[:n_c]] if isinstance(listed, list)
+                         and all(isinstance(x, str) for x in listed) else [])
         layout = ImageLayout(
             plane_shape=shape[-2:],  # type: ignore[arg-type]
             dtype=dtype,
             has_c=has_c,
             has_z=has_z or len(shape) == 3,
-            n_c=int(sizes.get("c") or 1),
-            n_z=int(sizes.get("z") or (shape[0] if len(shape) == 3 else 1)),
+            n_c=n_c,
+            n_z=n_z,
             bits=bits,
             pixel_size_um=sampling["pixel_size_um"],
             z_step_um=sampling["z_step_um"],
@@ -587,51 +680,161 @@ class Pipeline:
                       "camera_read_noise": cam.get("read_noise"),  # ADU rms
                       **({"calibration": self._calibration} if self._calibration else {})},
         }
-        t_start = int(index.get("t", 0)) if (seg is not None or base > 0) else 0
-        seg = _Segment(number, shape, dtype, bits, layout, spec_base, t_start=t_start)
-        seg.last_seq[frame.stream] = frame.seq
-        self._segments[p] = seg
+        t_start = int(index.get("t", 0)) if (made > 0 or base > 0) else 0
+        seg = _Segment(number, shape, dtype, bits, layout, spec_base, t_start=t_start, stream=stream,
+                       acquisition=acquisition, fresh=why or "new")
         return seg
 
+    def _use_segment(self, seg: _Segment, frame: Frame) -> None:
+        """The frame was accepted: make its segment the stream's current one (registering a new
+        segment now, not before, so a refused frame leaves no trace)."""
+        skey = (seg.stream, seg.spec_base["position"])
+        if seg.fresh:
+            current = self._segments.get(skey)
+            if current is not None:
+                log.warning("stream %r position %d: new segment %d (%s)", seg.stream, skey[1], seg.number,
+                            seg.fresh if seg.fresh != "new" else
+                            f"{current.shape} {current.dtype} {current.bits}-bit -> {seg.shape} {seg.dtype} "
+                            f"{seg.bits}-bit")
+            if seg.fresh != "new" or current is None:
+                self._open_segments[skey] = []
+                self._ended_keys.discard(skey)
+            self._open_segments[skey].append(seg)
+            self._segments_made[skey] = self._segments_made.get(skey, 0) + 1
+            seg.tag = self._stream_tag(seg.stream)
+            seg.fresh = ""
+        seg.last_seq[str(frame.header.get("source", ""))] = frame.seq
+        self._segments[skey] = seg
+
+    def _stream_tag(self, stream: str) -> str:
+        """The stream's part of the store's image names: none for the first stream the daemon
+        sees (``raw``, ``denoised``), the stream's name for every other (``raw_camB``)."""
+        tag = self._stream_tags.get(stream)
+        if tag is None:
+            if not self._stream_tags:
+                tag = ""
+            else:
+                tag = re.sub(r"[^A-Za-z0-9.-]+", "-", stream).strip("-.")[:64] or "stream"
+                taken = set(self._stream_tags.values())
+                base, n = tag, 2
+                while tag in taken:
+                    tag, n = f"{base}-{n}", n + 1
+            self._stream_tags[stream] = tag
+        return tag
+
     def _ingest_loop(self) -> None:
-        try:
-            while not self._stop.is_set():
+        while not self._stop.is_set():
+            try:
                 frame = self.receiver.recv(timeout_ms=50)
-                if frame is None:
-                    continue
-                if frame.is_end:
-                    log.info("stream %r ended", frame.stream)
-                    self._ended.set()
-                    if self.cfg.exit_on_end:
-                        break
-                    continue
-                self._route(frame)
-        except Exception:
-            log.exception("ingest failed")
-        finally:
-            self._ingest_done.set()
+            except Exception as exc:  # the socket itself failed: say so once per cause, keep going
+                self._log_once(f"recv:{type(exc).__name__}", "receiving failed: %r", exc)
+                time.sleep(0.05)
+                continue
+            if frame is None:
+                continue
+            if self._ingest_one(frame) == "exit":
+                break
+        drain = getattr(self.receiver, "drain", None)
+        if drain is not None:  # what was handed over before stop: received, not dropped uncounted
+            try:
+                for frame in drain(timeout_s=self.cfg.drain_s if hasattr(self.cfg, "drain_s") else 2.0):
+                    self._ingest_one(frame)
+            except Exception as exc:
+                self._log_once("drain", "draining the ingest socket at stop failed: %r", exc)
+        self._ingest_done.set()
+
+    def _ingest_one(self, frame: Frame) -> str:
+        """Route one received frame; no exception in one frame can stop ingest: a frame the daemon
+        cannot take is refused and counted under a reason."""
+        try:
+            if frame.is_end:
+                log.info("stream %r ended", frame.stream)
+                with self._route_lock:
+                    self._ended_keys.update(k for k in self._segments if k[0] == frame.stream)
+                self._ended.set()
+                return "exit" if self.cfg.exit_on_end else "end"
+            self._route(frame)
+            return "ok"
+        except _Rejected as exc:
+            self._reject(exc.reason, str(exc))
+        except Exception as exc:
+            self._reject("internal_error", f"{type(exc).__name__}: {exc}")
+            self._log_once(f"internal:{type(exc).__name__}", "a frame could not be routed (%r); it is counted "
+                           "under rejected.internal_error and ingest goes on", exc, exc_info=True)
+        return "rejected"
+
+    def _reject(self, reason: str, detail: str) -> None:
+        with self._counter_lock:
+            self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        self._log_once(f"reject:{reason}", "frame refused (%s); further refusals for this reason are only "
+                       "counted (livescope status: frames.rejected_by_reason)", detail)
+
+    def _log_once(self, cause: str, msg: str, *args: Any, exc_info: bool = False) -> None:
+        if cause in self._logged:
+            return
+        if len(self._logged) < 1000:
+            self._logged.add(cause)
+        log.warning(msg, *args, exc_info=exc_info)
 
     def _route(self, frame: Frame, to_engines: bool = True) -> tuple[tuple, _Item] | None:
         with self._route_lock:  # the ingest and restore threads both route frames
             return self._route_locked(frame, to_engines)
 
     def _route_locked(self, frame: Frame, to_engines: bool) -> tuple[tuple, _Item] | None:
+        if frame.array is None:
+            raise _Rejected("bad_parts", "a frame without pixels")
         idx = frame.header.get("index") or {}
         p, c, z = int(idx.get("p", 0)), int(idx.get("c", 0)), int(idx.get("z", 0))
         seg = self._segment_for(frame, p)
+        lay = seg.layout
+        if c and not lay.has_c:
+            raise _Rejected("index_outside_layout", f"index.c={c}, but stream {frame.stream!r} opened this image "
+                            "without a channel axis: send index.c from the first frame, or sizes.c")
+        if z and not lay.has_z:
+            raise _Rejected("index_outside_layout", f"index.z={z}, but stream {frame.stream!r} opened this image "
+                            "without a z axis: send index.z from the first frame, or sizes.z")
+        count_key = (seg.stream, p, c, z, seg.number)
         if "t" in idx:
             t = int(idx["t"]) - seg.t_start
+            if t < 0:
+                raise _Rejected("index_out_of_range", f"index.t={idx['t']} is before this segment's first "
+                                f"time point {seg.t_start}")
         else:
-            key = (p, c, z, seg.number)
-            t = self._t_counter.get(key, 0)
-            self._t_counter[key] = t + 1
-        item = _Item(frame, p, c, z, t, seg, frame.received_at)
+            t = self._t_counter.get(count_key, 0)
+        z_hi = frame.array.shape[0] - 1 if frame.array.ndim == 3 else z
+        if t > seg.seen.t_max + MAX_T_JUMP or seg.seen.cells(t, c, z_hi) > MAX_RECORD_CELLS:
+            raise _Rejected("index_out_of_range", f"t={t} c={c} z={z_hi}: a jump of more than {MAX_T_JUMP} "
+                            f"time points, or more than {MAX_RECORD_CELLS} planes in one image")
+        if not seg.seen.add(t, c, z_hi if frame.array.ndim == 3 else z):
+            raise _Rejected("duplicate_index", f"stream {frame.stream!r} sent t={t} c={c} z={z} twice in one "
+                            "segment; the first is kept")
+        self._use_segment(seg, frame)
+        if "t" not in idx:
+            self._t_counter[count_key] = t + 1
+        name = frame.header.get("channel")
+        if isinstance(name, str) and seg.channel_names.get(c) != name:
+            seg.channel_names[c] = name
+            names = lay.channel_names  # shared with the products' layouts: one list per segment
+            while len(names) <= c:
+                names.append(f"channel {len(names)}")
+            names[c] = name
+        for key in SAMPLING_KEYS:  # a sampling the first frame did not say (a z step known from plane 2)
+            value = frame.header.get(key)
+            if value and getattr(lay, key) is None:
+                for layout in (lay, *seg.product_layouts):
+                    setattr(layout, key, float(value))
+                seg.spec_base[key] = float(value)
+        sender = frame.header.get("sender")
+        if sender:
+            self.sender_stats[frame.stream] = dict(sender)
+        item = _Item(frame, p, c, z, t, seg, frame.received_at,
+                     cost=frame.array.nbytes + frame.header_nbytes)
         job = self._fit_job
         if job is not None and job.collecting:
             job.offer(item)
         self.received += 1
         self.fps_in.tick()
-        nbytes = frame.array.nbytes  # type: ignore[union-attr]
+        nbytes = item.cost  # pixels and header (a sender's metadata counts against the budget too)
         with self._bytes_lock:
             fits = self._queued_bytes + nbytes <= self._budget
             if fits:
@@ -644,14 +847,14 @@ class Pipeline:
             if self.dropped == 1 or self.dropped % 100 == 0:
                 log.error("store falls behind: %d frame(s) lost over the %.0f MB memory budget",
                           self.dropped, self.cfg.memory_budget_mb)
-        self._preview_latest[("raw", p, c, z)] = (frame.array, self._preview_header(item, "raw"))
+        self._preview_latest[("raw", seg.tag, p, c, z)] = (frame.array, self._preview_header(item, "raw"))
         if self.engine_states:
-            key = (p, c, z, seg.number)
-            if self._volume_mode and frame.array.ndim == 2:  # type: ignore[union-attr]
+            key = (seg.stream, p, c, z, seg.number)
+            if self._volume_mode and frame.array.ndim == 2:
                 vol = self._assemble(item)
                 if vol is None:
                     return None
-                item, key = vol, (p, c, -1, seg.number)
+                item, key = vol, (seg.stream, p, c, -1, seg.number)
             if not to_engines:
                 return key, item
             with self._slot_cond:
@@ -666,10 +869,10 @@ class Pipeline:
         """Collect the z planes of one time point; a complete stack becomes one item (z = 0)."""
         lay = item.segment.layout
         n_z = lay.n_z if lay.has_z else 1
-        key = (item.p, item.c, item.segment.number, item.t)
+        key = (*item.segment.key, item.c, item.t)
         planes = self._partial_volumes.setdefault(key, {})
         planes[item.z] = item
-        for old in [k for k in self._partial_volumes if k[:3] == key[:3] and k[3] < item.t - 1]:
+        for old in [k for k in self._partial_volumes if k[:4] == key[:4] and k[4] < item.t - 1]:
             stale = self._partial_volumes.pop(old)  # planes of a stack that never completed
             for it in stale.values():
                 self._skip(it)
@@ -679,7 +882,7 @@ class Pipeline:
         stack = np.stack([planes[z].array for z in sorted(planes)])
         first = planes[min(planes)]
         header = dict(first.frame.header, shape=list(stack.shape))
-        return _Item(Frame(header, stack), item.p, item.c, 0, item.t, item.segment, first.received)
+        return _Item(Frame(header, stack), item.p, item.c, 0, item.t, item.segment, first.received, cost=0)
 
     def _products(self) -> tuple[str, ...]:
         out: list[str] = []
@@ -704,11 +907,14 @@ class Pipeline:
         through the chain at once (never skipped), and the requested product is sent back."""
         import zmq
 
-        from ..bridges.protocol import ProtocolError, decode, encode
+        from ..bridges.protocol import MAX_FRAME_BYTES, ProtocolError, decode, encode
 
         curve = self.curve
         sock = (curve.acquire() if curve is not None else zmq.Context.instance()).socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
+        # a message part larger than a frame can be (the protocol's limit) is dropped by libzmq, its
+        # sender disconnected, before any memory is taken for it
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         if curve is not None:
             curve.secure(sock)
         try:
@@ -747,9 +953,11 @@ class Pipeline:
                               "product": want, "shape": list(out.shape), "dtype": "float32"}
                     sock.send_multipart(envelope + encode(header, out), copy=False)
                     self.restored += 1
-                except (ProtocolError, ValueError, KeyError, RuntimeError) as exc:
+                except Exception as exc:  # answered, counted; the loop serves the next frame
                     self.restore_errors += 1
-                    err = {"v": 1, "stream": "error", "seq": 0, "kind": "end", "error": str(exc)}
+                    if not isinstance(exc, (ProtocolError, ValueError, KeyError, RuntimeError)):
+                        log.exception("restore failed on a frame")
+                    err = {"v": 1, "stream": "error", "seq": 0, "kind": "end", "error": str(exc)[:1000]}
                     sock.send_multipart(envelope + encode(err, None))
         finally:
             sock.close(linger=0)
@@ -797,7 +1005,8 @@ class Pipeline:
                     self._store_q.put(_Product(name, arr, item))
                 else:
                     dropped_products.append(name)
-            self._preview_latest[(name, item.p, item.c, item.z)] = (arr, self._preview_header(item, name))
+            self._preview_latest[(name, item.segment.tag, item.p, item.c, item.z)] = (
+                arr, self._preview_header(item, name))
         if dropped_products:
             self.products_dropped += len(dropped_products)
             self._store_q.put(_Mark.of("skipped", tuple(dropped_products), item))
@@ -818,6 +1027,10 @@ class Pipeline:
         """Number an event and keep it for the feedback channel (``events`` on the control socket):
         clients ask for events after the last id they handled, so none is lost or reordered while
         the client keeps within the retention (10,000 events)."""
+        event = dict(event)
+        for key in ("id", "emitted"):  # the daemon numbers and times events; a producer's own are kept aside
+            if key in event:
+                event[f"source_{key}"] = event.pop(key)
         with self._events_lock:
             self._event_id += 1
             event = {"id": self._event_id, "emitted": time.time(), **event}
@@ -832,20 +1045,33 @@ class Pipeline:
             return [e for e in self.events if e["id"] > after][:limit]
 
     def _confined(self, path: Any) -> str | None:
-        """Paths from the control socket must lie inside the output folder (or name the default)."""
-        if path in (None, "", "default"):
+        """Every path a control command takes (``swap_model``, a file parameter of ``set``) must lie
+        inside the output folder, or name the default (None). A refused path is refused before
+        anything outside is looked at, so the reply says nothing about files there."""
+        if path is None or path in ("", "default", "none", "None"):
             return None
-        if not isinstance(path, str):
-            raise ValueError("path must be a string")
+        if not isinstance(path, str) or "\0" in path:
+            raise PermissionError("a path from the control socket must be a string naming a file in the output folder")
         if self.cfg.out is None:
             raise PermissionError("this daemon has no --out folder: paths from the control socket are refused")
+        import os
         from pathlib import Path
 
-        root = Path(self.cfg.out).resolve()
-        target = (root / path).resolve()
-        if target != root and root not in target.parents:
-            raise PermissionError(f"{path} is outside the output folder {root}; copy the model there first")
-        return str(target)
+        def inside(root: str, target: str) -> bool:
+            try:
+                return os.path.commonpath([root, target]) == root
+            except ValueError:  # another drive (Windows)
+                return False
+
+        root = os.path.abspath(self.cfg.out)
+        # first by name alone: an outside path (e.g. a network share) is never touched
+        if not inside(root, os.path.normpath(os.path.join(root, path))):
+            raise PermissionError(f"{path!r} is outside the output folder {root}; copy the file there first")
+        real_root = str(Path(root).resolve())
+        target = str((Path(real_root) / path).resolve())
+        if not inside(real_root, target):  # a link inside that leads outside
+            raise PermissionError(f"{path!r} is outside the output folder {root}; copy the file there first")
+        return target
 
     def _start_fit(self, request: dict[str, Any]) -> dict[str, Any]:
         name = request.get("engine", "denoise")
@@ -866,11 +1092,15 @@ class Pipeline:
                                           f"it takes: {', '.join(tasks[name])}"}
         if name == "deconvolve" and state.params.get("method", "wb") not in ("wb", "rl", "net"):
             return {"ok": False, "error": "deconvolve runs an unknown method"}
-        frames = int(request.get("frames", 32))
-        steps = int(request.get("steps", 200))
-        seconds = float(request.get("seconds", 120.0))
-        if not (2 <= frames <= 1000 and 1 <= steps <= 100000 and 0 < seconds <= 36000):
-            return {"ok": False, "error": "fit needs 2 <= frames <= 1000, 1 <= steps <= 100000, 0 < seconds <= 36000"}
+        frames, steps, seconds = request.get("frames", 32), request.get("steps", 200), request.get("seconds", 120.0)
+
+        def number(v: Any, kind: tuple[type, ...]) -> bool:
+            return isinstance(v, kind) and not isinstance(v, bool)
+
+        if not (number(frames, (int,)) and number(steps, (int,)) and number(seconds, (int, float))
+                and 2 <= frames <= 1000 and 1 <= steps <= 100000 and 0 < seconds <= 36000):
+            return {"ok": False, "error": "fit needs integers 2 <= frames <= 1000, 1 <= steps <= 100000 and a "
+                                          "number 0 < seconds <= 36000"}
         self._fit_job = _FitJob(self, name, frames, steps, seconds, task=str(task))
         return {"ok": True, "fit": self._fit_job.status()}
 
@@ -899,12 +1129,15 @@ class Pipeline:
 
     def _writer_for(self, product: str, position: int, seg: _Segment):
         assert self.store is not None
-        name = image_name(product, position, seg.number)
+        tagged = {"stream": seg.tag} if seg.tag else {}  # a second camera's images: raw_camB, ...
+        name = image_name(product, position, seg.number, **tagged)
         writer = self.store.images.get(name)  # the common case, per frame: no new layout
         if writer is not None:
             return writer
         layout = seg.layout if product == "raw" else dataclasses.replace(seg.layout, dtype="float32")
-        return self.store.image(product, position, seg.number, layout)
+        if layout is not seg.layout:
+            seg.product_layouts.append(layout)
+        return self.store.image(product, position, seg.number, layout, **tagged)
 
     def _store_loop(self) -> None:
         last_poll = 0.0
@@ -962,7 +1195,7 @@ class Pipeline:
                     self.lat_store.add(time.perf_counter() - entry.received)  # received -> buffered
             finally:
                 with self._bytes_lock:
-                    self._queued_bytes -= arr.nbytes
+                    self._queued_bytes -= entry.cost
         elif self.store is None:
             return
         elif isinstance(entry, _Product):
@@ -1058,7 +1291,7 @@ class Pipeline:
             return {"ok": True}
         if cmd == "events":
             after = request.get("after", 0)
-            if not isinstance(after, int):
+            if not isinstance(after, int) or isinstance(after, bool):
                 return {"ok": False, "error": "events needs an integer 'after' (the last id handled)"}
             limit = request.get("limit", 500)
             if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10000:
@@ -1069,8 +1302,10 @@ class Pipeline:
             return self._start_fit(request)
         if cmd == "emit":  # an external producer of events (a trust check, a user click in the viewer)
             ev = request.get("event")
-            if not isinstance(ev, dict):
-                return {"ok": False, "error": "emit needs an 'event' object"}
+            if not isinstance(ev, dict) or not all(isinstance(k, str) for k in ev):
+                return {"ok": False, "error": "emit needs an 'event' object (string keys)"}
+            if len(json.dumps(ev, default=str)) > 4096:  # the daemon keeps 10,000 events: each stays small
+                return {"ok": False, "error": "emit: the event is over 4 kB as JSON; send a smaller one"}
             return {"ok": True, "event": self.add_event(ev)}
         if cmd in ("enable", "disable", "set", "swap_model"):
             name = request.get("engine")
@@ -1088,6 +1323,20 @@ class Pipeline:
                     param, value = request.get("param"), request.get("value")
                     if not isinstance(param, str):
                         return {"ok": False, "error": "set needs a string 'param'"}
+                    from ..engines import engine_parameters
+                    from .config import PATH_PARAMS
+
+                    try:
+                        accepted = engine_parameters(name)
+                    except EngineError:  # an engine that did not load: nothing to set
+                        return {"ok": False, "error": f"engine {name} is not available: {state.reason}"}
+                    if accepted is not None and param not in accepted:
+                        return {"ok": False, "error": f"engine {name} has no parameter {param!r}; "
+                                                      f"it takes: {', '.join(accepted)}"}
+                    # a file parameter takes a path in the output folder; inline data (a PSF array, a
+                    # calibration object) names no file
+                    if param in PATH_PARAMS and (param, type(value)) not in (("psf", list), ("calibration", dict)):
+                        value = self._confined(value)
                     for chain in self._chains.values():
                         eng = chain.engines.get(name)
                         if eng is not None:
@@ -1128,6 +1377,8 @@ class Pipeline:
                 "last_error": next((w.last_error for w in self.store.images.values() if w.last_error), ""),
             }
         rx = self.receiver.stats()
+        with self._counter_lock:
+            rejected = dict(self.rejected)
         with self._bytes_lock:
             queued = self._queued_bytes
         return {
@@ -1140,8 +1391,8 @@ class Pipeline:
                 "lost": rx["lost"] + lost_rec + self.store_lost,
                 "lost_in_transport": rx["lost"],
                 "dropped_over_budget": self.dropped,
-                "rejected": rx["rejected"],
-                "rejected_by_reason": rx["rejected_by_reason"],
+                "rejected": rx["rejected"] + sum(rejected.values()),
+                "rejected_by_reason": _merge_counts(rx["rejected_by_reason"], rejected),
                 "restarts": rx["restarts"],
                 "skipped": dict(self.skipped),
                 "skipped_frames": self.skipped_frames,
@@ -1160,7 +1411,9 @@ class Pipeline:
                     "latency": s.latency.summary(), "outputs": list(s.outputs), "params": s.params}
                 for n, s in self.engine_states.items()
             },
-            "segments": {str(p): s.number for p, s in self._segments.items()},
+            "segments": {(f"{k[0]}/p{k[1]}" if s.tag else str(k[1])): s.number for k, s in self._segments.items()},
+            "streams": {stream: {"images": tag or "(plain names)", "sender": self.sender_stats.get(stream, {})}
+                        for stream, tag in self._stream_tags.items()},
             "events": len(self.events),
             "restore": {"served": self.restored, "errors": self.restore_errors} if self.cfg.restore else None,
             "curve": {"keys": str(self.curve.folder), "refused_clients": self.curve.refused} if self.curve else None,
@@ -1168,6 +1421,13 @@ class Pipeline:
             "scalars": dict(self.scalars_last),
             "store": store_info,
         }
+
+
+def _merge_counts(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = out.get(k, 0) + v
+    return out
 
 
 def _read_calibration(path: str | None) -> dict[str, Any] | None:

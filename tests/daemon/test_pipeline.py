@@ -201,10 +201,10 @@ def test_control_socket_status_set_enable_disable_and_bad_requests(tmp_path, fre
         pipeline.close()
 
 
-def test_file_source_replays_a_tiff(tmp_path, free_address, shared_data):
+def test_file_source_replays_a_tiff(tmp_path, free_address, real_data):
     import tifffile
 
-    movie = tifffile.imread(shared_data / "cancer_cell_migration_crop.tif")[:10]
+    movie = tifffile.imread(real_data / "cancer_cell_migration_crop.tif")[:10]
     path = tmp_path / "movie.tif"
     tifffile.imwrite(path, movie)
     cfg = _cfg(tmp_path, free_address, source=f"file:{path}")
