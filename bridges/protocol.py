@@ -29,6 +29,10 @@ field              required  meaning
 ``camera``         no        {offset (ADU), gain (ADU per photoelectron), read_noise (ADU), ...}
 ``product``        no        on preview sockets: which product this is (``raw``, ``denoised``, ...)
 ``meta``           no        the acquisition's own metadata (JSON object), passed on untouched
+``live``           no        a live-mode or snap frame (not saved unless the daemon runs --save-live)
+``acquisition``    no        the publisher's acquisition counter: a change starts a new image
+``source``         no        the publisher's own id (several publishers on one stream name)
+``sender``         no        the publisher's own counts {dropped, meta_dropped}
 ``shm``            no        same-host fast path: {name, slot, ...} of a shared-memory slot holding
                              the pixels; then the message has no buffer part (bridges/shm.py)
 =================  ========  =====================================================================
@@ -115,6 +119,7 @@ class Frame:
 
     received_at: float = field(default_factory=time.perf_counter, compare=False)
     header_nbytes: int = field(default=0, compare=False)  # what the header cost on the wire (budgets)
+    restarted: bool = field(default=False, compare=False)  # the receiver saw its publisher's seq go back
 
 
 def make_header(
@@ -270,6 +275,9 @@ def _check_optional(header: dict[str, Any]) -> None:
         value = header.get(key)
         if value is not None and (not _is_int(value) or not 0 <= value < 2**53):
             raise ProtocolError("bad_field", f"{key}={value!r} (a non-negative integer)")
+    live = header.get("live")
+    if live is not None and not isinstance(live, bool):
+        raise ProtocolError("bad_field", f"live={live!r} (true or false)")
     source = header.get("source")
     if source is not None and (not isinstance(source, str) or not 1 <= len(source) <= 64):
         raise ProtocolError("bad_field", "source must be a short string (the publisher's id)")

@@ -237,16 +237,17 @@ class ShmFramePublisher(FramePublisher):
     """``FramePublisher`` whose pixels travel through a shared-memory ring (same host only).
 
     ``send`` copies the frame into a free slot (so the caller may reuse its buffer at once;
-    ``copy`` is accepted for API compatibility and has no effect) and sends only the header.
-    With no free slot: ``block=False`` drops the frame (counted in ``dropped``; ``seq`` still
-    advances, so the receiver counts it lost); ``block=True`` waits for the reader, at most
-    ``send_timeout_ms`` when that is >= 0.
+    ``copy`` matters only for frames sent inline, as in ``FramePublisher``) and sends only the
+    header. With no free slot: ``block=False`` drops the frame (counted in ``dropped``; ``seq``
+    still advances, so the receiver counts it lost); ``block=True`` waits for the reader, at most
+    ``send_timeout_ms`` when that is >= 0. As with ``FramePublisher``, a header is queued only
+    to a connected receiver: with none, the frame is dropped and counted and its slot stays free.
 
     A slot the reader never releases (its header was lost when a daemon died or restarted) is
     reclaimed once it is ``reclaim_s`` seconds old *and* a receiver has been connected for
     ``reclaim_s`` seconds (``None``: never reclaim); a late header for it is then rejected as
-    ``shm_stale`` by the reader, never read torn. While no receiver is connected (a daemon still
-    starting) nothing is reclaimed: the ring simply stays full. If a receiver has been connected
+    ``shm_stale`` by the reader, never read torn. While no receiver is connected (a daemon
+    restarting) nothing is reclaimed. If a receiver has been connected
     for ``reclaim_s`` without releasing a single slot, it cannot see this host's shared memory
     (a container without the host's /dev/shm, say): the publisher logs it and sends the pixels
     inline over ZeroMQ from then on (``mode`` becomes ``"zmq"``). Addresses on another host (see
@@ -268,6 +269,7 @@ class ShmFramePublisher(FramePublisher):
         shm: bool | None = None,
         prefix: str = DEFAULT_PREFIX,
         send_timeout_ms: int = -1,
+        connect_timeout_ms: int = 1000,
         context: zmq.Context | None = None,
         **defaults: Any,
     ) -> None:
@@ -277,7 +279,7 @@ class ShmFramePublisher(FramePublisher):
             # the pid follows the prefix; macOS caps shared-memory names at 31 characters
             raise ValueError(f"prefix={prefix!r}: 1-12 characters, no '_' or '/'")
         super().__init__(address, stream, hwm=hwm, block=block, send_timeout_ms=send_timeout_ms,
-                         context=context, **defaults)
+                         connect_timeout_ms=connect_timeout_ms, context=context, **defaults)
         self.address = address
         self.slots = slots
         self.reclaim_s = reclaim_s
@@ -312,10 +314,9 @@ class ShmFramePublisher(FramePublisher):
             return
         assert self._sock is not None
         try:
+            # a connection that came up before the monitor was there is seen in _connected_for
+            # (reconnecting instead would race: with ZMQ_IMMEDIATE a frame could go down the old pipe)
             self._monitor = self._sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-            # the connection may have come up before the monitor was there: make it again
-            self._sock.disconnect(address)
-            self._sock.connect(address)
         except zmq.ZMQError as exc:
             log.debug("no socket monitor (%s): counting the receiver as connected from now", exc)
             self._close_monitor()
@@ -335,6 +336,8 @@ class ShmFramePublisher(FramePublisher):
                 elif event == zmq.EVENT_DISCONNECTED:
                     self._connected_at = None
                     self._released = False  # a new receiver must show it can see the ring
+            if self._connected_at is None and self._sock is not None and self._sock.poll(0, zmq.POLLOUT):
+                self._connected_at = now  # writable with ZMQ_IMMEDIATE: a receiver is connected
             self._next_look = now + 0.25
         return 0.0 if self._connected_at is None else now - self._connected_at
 
@@ -350,7 +353,7 @@ class ShmFramePublisher(FramePublisher):
 
     # -- sending -----------------------------------------------------------------------------------
 
-    def send(self, array: np.ndarray, *, copy: bool = False, seq: int | None = None, **fields: Any) -> bool:
+    def send(self, array: np.ndarray, *, copy: bool | None = None, seq: int | None = None, **fields: Any) -> bool:
         if self._sock is None:
             raise RuntimeError("ShmFramePublisher is closed; create a new one")
         array = np.asarray(array)
@@ -389,9 +392,8 @@ class ShmFramePublisher(FramePublisher):
             self._connected_for()  # keep connect times current (a few microseconds, 4 times a second)
         shm = {"name": ring.name, "slot": slot, "nbytes": int(array.nbytes), "gen": gen}
         header = make_header(array, stream=self.stream, seq=seq_now, shm=shm, **merged)
-        try:
-            self._sock.send(encode(header, None)[0], copy=True, flags=0 if self.block else zmq.NOBLOCK)
-        except zmq.Again:
+        # like an inline frame: queued only to a connected receiver, else dropped and counted
+        if not self._hand_over(encode(header, None), copy=True):
             record[_STATE] = FREE  # never announced: the slot is ours again
             self.dropped += 1
             return False

@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="blosc zstd + bitshuffle on raw (lossless)")
     p.add_argument("--float16", action="store_true", default=None, help="save products as float16")
     p.add_argument("--no-products", action="store_true", help="save raw only")
+    p.add_argument("--save-live", action="store_true", default=None,
+                   help="also save Micro-Manager live-mode and snap streams (by default they are restored and "
+                        "previewed, not saved)")
     p.add_argument("--fsync", action="store_true", default=None, help="fsync every shard (power-loss safety, slower)")
     p.add_argument("--calibration", default=None, metavar="CAL.json",
                    help="camera noise calibration from `livescope calibrate --out` (gain, offset, read "
@@ -407,7 +410,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         source=source, engines=_engines(args.engines), engine_params=_engine_params(args), out=args.out,
         overwrite=args.overwrite, resume=args.resume, ingest=ingest, publish=args.publish, control=args.control, frames=args.frames,
         restore=args.restore,
-        rate_fps=args.rate_fps, pixel_size_um=args.pixel_size_um, z_step_um=args.z_step_um, compress_raw=args.compress_raw, float16=args.float16, fsync=args.fsync,
+        rate_fps=args.rate_fps, pixel_size_um=args.pixel_size_um, z_step_um=args.z_step_um, compress_raw=args.compress_raw, float16=args.float16, save_live=args.save_live, fsync=args.fsync,
         memory_budget_mb=args.memory_budget_mb, calibration=args.calibration, sim_z=args.sim_z, sim_interval_s=args.sim_interval_s,
         sim_drift=tuple(args.sim_drift) if args.sim_drift else None, curve=args.curve, curve_dir=args.curve_dir,
     )

@@ -76,6 +76,7 @@ class DaemonConfig:
     interval_s: _Number | None = None
     # saving
     save_products: _Flag | list[_Text] = True
+    save_live: _Flag = False  # save Micro-Manager live-mode and snap streams too (frames with live: true)
     float16: _Flag = False
     compress_raw: _Flag = False
     fsync: _Flag = False

@@ -65,6 +65,7 @@ class _Segment:
     tag: str = ""  # the stream's part of the store's image names ("" for the first stream)
     acquisition: int | None = None
     fresh: str = ""  # why this segment opens, until its first frame is accepted
+    saved: bool = True  # False for live-mode streams unless --save-live: engines and previews only
     seen: _Seen = dataclasses.field(default_factory=lambda: _Seen())
     channel_names: dict[int, str] = dataclasses.field(default_factory=dict)
     product_layouts: list[ImageLayout] = dataclasses.field(default_factory=list)
@@ -470,7 +471,10 @@ class Pipeline:
         self._segments: dict[tuple[str, int], _Segment] = {}
         self._open_segments: dict[tuple[str, int], list[_Segment]] = {}
         self._segments_made: dict[tuple[str, int], int] = {}
-        self._ended_keys: set[tuple[str, int]] = set()
+        # (stream, position) -> why its next frame opens a new image (an end marker, a restart)
+        self._ended_keys: dict[tuple[str, int], str] = {}
+        # the last seq each publisher (stream, source id) sent, of every frame that reached routing
+        self._last_seq: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._stream_tags: dict[str, str] = {}
         self._t_counter: dict[tuple, int] = {}
         self.rejected: dict[str, int] = {}  # frames the daemon refused after decoding, by reason
@@ -507,6 +511,9 @@ class Pipeline:
         self.fps_saved = Rate()
         self.lat_store = Latency()
         self.lat_chain = Latency()
+        self.lat_preview = Latency()  # frame received -> restored product's preview sent
+        self.lat_preview_raw = Latency()
+        self.live_not_saved = 0  # frames of live-mode streams (not saved unless --save-live)
         self._threads: list[threading.Thread] = []
         self._disk_warned = 0.0
 
@@ -621,12 +628,12 @@ class Pipeline:
         current = self._segments.get(skey)
         why = ""
         if current is not None:
-            if frame.seq < current.last_seq.get(source, -1):
+            if frame.restarted or frame.seq < self._last_seq.get((stream, source), -1):
                 why = "the publisher restarted"
             elif acquisition != current.acquisition:
                 why = "a new acquisition"
             elif skey in self._ended_keys:
-                why = "the previous acquisition ended"
+                why = self._ended_keys[skey]
         if not why:
             for seg in self._open_segments.get(skey, ()):
                 if seg.shape == shape and seg.dtype == dtype and seg.bits == bits:
@@ -682,7 +689,8 @@ class Pipeline:
         }
         t_start = int(index.get("t", 0)) if (made > 0 or base > 0) else 0
         seg = _Segment(number, shape, dtype, bits, layout, spec_base, t_start=t_start, stream=stream,
-                       acquisition=acquisition, fresh=why or "new")
+                       acquisition=acquisition, fresh=why or "new",
+                       saved=not (h.get("live") is True and not self.cfg.save_live))
         return seg
 
     def _use_segment(self, seg: _Segment, frame: Frame) -> None:
@@ -698,13 +706,25 @@ class Pipeline:
                             f"{seg.bits}-bit")
             if seg.fresh != "new" or current is None:
                 self._open_segments[skey] = []
-                self._ended_keys.discard(skey)
+                self._ended_keys.pop(skey, None)
             self._open_segments[skey].append(seg)
             self._segments_made[skey] = self._segments_made.get(skey, 0) + 1
             seg.tag = self._stream_tag(seg.stream)
             seg.fresh = ""
         seg.last_seq[str(frame.header.get("source", ""))] = frame.seq
         self._segments[skey] = seg
+
+    def _note_seq(self, frame: Frame, seg: _Segment) -> None:
+        """Remember how far each publisher got, whether or not this frame is accepted: a restart
+        seen now (seq went back) opens new images for every position of the stream, even when
+        this first frame of the new run is refused."""
+        key = (frame.stream, str(frame.header.get("source", "")))
+        self._last_seq[key] = frame.seq
+        self._last_seq.move_to_end(key)
+        if len(self._last_seq) > 4096:  # publishers tracked at once (a source id per frame costs nothing)
+            self._last_seq.popitem(last=False)
+        if seg.fresh == "the publisher restarted":
+            self._ended_keys.update({k: "the publisher restarted" for k in self._segments if k[0] == frame.stream})
 
     def _stream_tag(self, stream: str) -> str:
         """The stream's part of the store's image names: none for the first stream the daemon
@@ -737,7 +757,7 @@ class Pipeline:
         drain = getattr(self.receiver, "drain", None)
         if drain is not None:  # what was handed over before stop: received, not dropped uncounted
             try:
-                for frame in drain(timeout_s=self.cfg.drain_s if hasattr(self.cfg, "drain_s") else 2.0):
+                for frame in drain(timeout_s=2.0):
                     self._ingest_one(frame)
             except Exception as exc:
                 self._log_once("drain", "draining the ingest socket at stop failed: %r", exc)
@@ -750,7 +770,8 @@ class Pipeline:
             if frame.is_end:
                 log.info("stream %r ended", frame.stream)
                 with self._route_lock:
-                    self._ended_keys.update(k for k in self._segments if k[0] == frame.stream)
+                    self._ended_keys.update({k: "the previous acquisition ended"
+                                             for k in self._segments if k[0] == frame.stream})
                 self._ended.set()
                 return "exit" if self.cfg.exit_on_end else "end"
             self._route(frame)
@@ -786,6 +807,7 @@ class Pipeline:
         idx = frame.header.get("index") or {}
         p, c, z = int(idx.get("p", 0)), int(idx.get("c", 0)), int(idx.get("z", 0))
         seg = self._segment_for(frame, p)
+        self._note_seq(frame, seg)
         lay = seg.layout
         if c and not lay.has_c:
             raise _Rejected("index_outside_layout", f"index.c={c}, but stream {frame.stream!r} opened this image "
@@ -836,10 +858,12 @@ class Pipeline:
         self.fps_in.tick()
         nbytes = item.cost  # pixels and header (a sender's metadata counts against the budget too)
         with self._bytes_lock:
-            fits = self._queued_bytes + nbytes <= self._budget
+            fits = seg.saved and self._queued_bytes + nbytes <= self._budget
             if fits:
                 self._queued_bytes += nbytes
-        if fits:
+        if not seg.saved:
+            self.live_not_saved += 1
+        elif fits:
             self._store_q.put(item)
         else:
             self.dropped += 1
@@ -897,7 +921,7 @@ class Pipeline:
             if s.enabled:
                 self.skipped[s.name] = self.skipped.get(s.name, 0) + 1
         products = tuple(p for p in self._products() if self.cfg.saves(p))
-        if products and self.store is not None:
+        if products and self.store is not None and item.segment.saved:
             self._store_q.put(_Mark.of("skipped", products, item))
 
     # -- restore at capture time -----------------------------------------------------------
@@ -994,7 +1018,7 @@ class Pipeline:
         dropped_products: list[str] = []
         for name, arr in images.items():
             arr = np.asarray(arr)
-            if self.store is not None and self.cfg.saves(name):
+            if self.store is not None and item.segment.saved and self.cfg.saves(name):
                 # products get at most half the memory budget, so raw always has room; a product
                 # that does not fit is recorded as skipped for that frame
                 with self._bytes_lock:
@@ -1011,11 +1035,12 @@ class Pipeline:
             self.products_dropped += len(dropped_products)
             self._store_q.put(_Mark.of("skipped", tuple(dropped_products), item))
         failed = [f for f in failed if self.cfg.saves(f)]
-        if failed and self.store is not None:
+        if failed and self.store is not None and item.segment.saved:
             self._store_q.put(_Mark.of("failed", tuple(failed), item))
         if scalars:
             self.scalars_last.update(scalars)
-            self._store_q.put(("scalars", scalars, item))
+            if item.segment.saved:
+                self._store_q.put(("scalars", scalars, item))
         for ev in events:
             self.add_event({"seq": item.frame.seq, "p": item.p, "c": item.c, "z": item.z, "t": item.t,
                             "time": item.frame.timestamp, "frame_shape": list(item.array.shape[-2:]),
@@ -1237,7 +1262,8 @@ class Pipeline:
     def _preview_header(self, item: _Item, product: str) -> dict[str, Any]:
         h = item.frame.header
         return {
-            "v": 1, "stream": h["stream"], "seq": item.frame.seq, "product": product,
+            "v": 1, "stream": h["stream"], "seq": item.frame.seq, "product": product, "_received": item.received,
+            "live": bool(h.get("live")),
             "index": {"p": item.p, "c": item.c, "z": item.z, "t": item.t},
             "time": item.frame.timestamp, "bits": item.segment.bits,
             "channel": h.get("channel"), "pixel_size_um": h.get("pixel_size_um"),
@@ -1267,6 +1293,11 @@ class Pipeline:
                         hdr["pixel_size_um"] = header["pixel_size_um"] * arr.shape[-1] / small.shape[-1]
                     if self.scalars_last:
                         hdr["scalars"] = dict(self.scalars_last)
+                    received = hdr.pop("_received", None)
+                    if received is not None:  # frame received -> its preview (this product) on the wire
+                        latency = time.perf_counter() - received
+                        hdr["latency_ms"] = round(latency * 1000, 2)
+                        (self.lat_preview_raw if header.get("product") == "raw" else self.lat_preview).add(latency)
                     self.preview.send(hdr, small)
                 except Exception:
                     log.exception("preview failed")
@@ -1391,9 +1422,11 @@ class Pipeline:
                 "lost": rx["lost"] + lost_rec + self.store_lost,
                 "lost_in_transport": rx["lost"],
                 "dropped_over_budget": self.dropped,
+                "live_not_saved": self.live_not_saved,
                 "rejected": rx["rejected"] + sum(rejected.values()),
                 "rejected_by_reason": _merge_counts(rx["rejected_by_reason"], rejected),
                 "restarts": rx["restarts"],
+                "dropped_at_close": rx.get("dropped_at_close", 0),  # handed over, still queued at stop
                 "skipped": dict(self.skipped),
                 "skipped_frames": self.skipped_frames,
                 "saturated_last": self.saturated_last,
@@ -1401,7 +1434,8 @@ class Pipeline:
             },
             "fps": {"in": self.fps_in.per_second(), "saved": self.fps_saved.per_second(),
                     "processed": self.fps_out.per_second()},
-            "latency": {"store": self.lat_store.summary(), "chain": self.lat_chain.summary()},
+            "latency": {"store": self.lat_store.summary(), "chain": self.lat_chain.summary(),
+                        "preview": self.lat_preview.summary(), "preview_raw": self.lat_preview_raw.summary()},
             "queues": {"store_items": self._store_q.qsize(), "store_mb": round(queued / 2**20, 2),
                        "products_mb": round(self._queued_product_bytes / 2**20, 2),
                        "products_dropped": self.products_dropped,

@@ -289,3 +289,51 @@ def test_sender_counts_reach_the_status(tmp_path, free_address):
 
     summary = _run(cfg, publish)
     assert summary["streams"]["scope"]["sender"] == {"dropped": 3, "meta_dropped": 1}
+
+
+@pytest.mark.parametrize("save_live", [False, True])
+def test_live_mode_frames_are_previewed_not_saved_unless_asked(tmp_path, free_address, save_live):
+    from livescope.bridges.transport import PreviewSubscriber
+    from tests.conftest import wait_for
+
+    cfg = _cfg(tmp_path, free_address, publish=free_address(), save_live=save_live, engines=["passthrough"],
+               preview_hz=50.0)
+    seen: dict = {}
+
+    def publish(_):
+        sub = PreviewSubscriber(cfg.publish)
+        live = BareClient(cfg.ingest, stream="mmcore-live")
+        mda = BareClient(cfg.ingest, stream="mmcore")
+        mda.send(np.full((8, 8), 1, np.uint16), index={"t": 0})
+
+        def previews():
+            for key, frame in sub.latest().items():
+                seen[key] = frame.header
+            return any(h.get("live") and h.get("product") == "passthrough" for h in seen.values())
+
+        for t in range(200):  # until a restored live preview came back (bounded)
+            live.send(np.full((8, 8), 10 + t % 50, np.uint16), live=True, index={"t": t})
+            try:
+                wait_for(previews, timeout=0.05)
+                break
+            except AssertionError:
+                continue
+        live.end()
+        mda.end()
+        for c in (live, mda):
+            c.close()
+        sub.close()
+
+    summary = _run(cfg, publish)
+    f = summary["frames"]
+    live_frames = f["received"] - 1
+    assert any(h.get("live") and h.get("product") == "passthrough" for h in seen.values()), seen
+    preview = next(h for h in seen.values() if h.get("live") and h.get("product") == "passthrough")
+    assert preview["latency_ms"] > 0 and summary["latency"]["preview"]["count"] > 0
+    if save_live:
+        assert f["saved"] == f["received"] and f["live_not_saved"] == 0
+        assert "raw_mmcore-live" in summary["store"]["images"]
+    else:
+        assert f["saved"] == 1 and f["live_not_saved"] == live_frames
+        assert "raw" in summary["store"]["images"]
+        assert not any("live" in name for name in summary["store"]["images"])

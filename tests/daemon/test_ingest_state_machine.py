@@ -65,6 +65,7 @@ class DaemonIngest(RuleBasedStateMachine):
         self.uid = 0
         self.sent = 0
         self.refused = 0
+        self.unattributable = 0
         for s in STREAMS:
             self._connect(s)
 
@@ -85,7 +86,8 @@ class DaemonIngest(RuleBasedStateMachine):
         self.socks[stream].send_multipart([head] + ([payload] if payload is not None else []))
         if routed:
             self.routed_seq[stream] = self.seq[stream]
-        self.seq[stream] += 1
+        if not isinstance(header, bytes):  # garbage carries no seq, so it takes none
+            self.seq[stream] += 1
         self.sent += 1
 
     def _header(self, stream: str, shape, **fields) -> dict:
@@ -124,8 +126,9 @@ class DaemonIngest(RuleBasedStateMachine):
         payload = np.zeros(shape, np.uint16).tobytes()
         key = (stream, self.epoch[stream], shape)
         t = self.next_t.get(key, 0)
-        if kind == "bad_json":
+        if kind == "bad_json":  # names no stream: the receiver may also see a gap in that stream's seq
             self._send(stream, b"{not json", payload)
+            self.unattributable += 1
         elif kind == "size_mismatch":
             self._send(stream, self._header(stream, shape, index={"t": t}), payload[:-2])
         elif kind == "binning":
@@ -154,12 +157,12 @@ class DaemonIngest(RuleBasedStateMachine):
                    routed=True)
         self.refused += 1
 
-    @precondition(lambda self: any(v >= 1 for v in self.routed_seq.values()))
+    @precondition(lambda self: any(v >= 1 for v in self.seq.values()))
     @rule(data=st.data())
     def publisher_restarts(self, data) -> None:
         # seq from 0 again: a new segment for every shape of this stream (a restart is seen as seq
-        # going back below the last frame the daemon routed)
-        stream = data.draw(st.sampled_from(sorted(s for s, v in self.routed_seq.items() if v >= 1)))
+        # going back, on any message that names its stream and seq, refused or not)
+        stream = data.draw(st.sampled_from(sorted(s for s, v in self.seq.items() if v >= 1)))
         self._connect(stream)  # seq from 0 again: a new segment for every shape of this stream
 
     @rule()
@@ -180,9 +183,11 @@ class DaemonIngest(RuleBasedStateMachine):
         while self._counted() < self.sent and time.monotonic() < deadline:
             time.sleep(0.005)
         f = self.pipeline.status()["frames"]
-        assert f["received"] == len(self.accepted), f
+        assert f["received"] == len(self.accepted), json.dumps(f["rejected_by_reason"])
         assert f["rejected"] == self.refused, f
-        assert f["lost"] == 0, f
+        # a refused message that still names its stream and seq is not also a lost frame; one that
+        # is not even JSON cannot be told apart from a lost frame of the stream it interrupted
+        assert f["lost"] <= self.unattributable, f
         alive = {t.name for t in self.pipeline._threads if t.is_alive()}
         assert "livescope-ingest" in alive and "livescope-store" in alive
         q = self.pipeline.status()["queues"]
