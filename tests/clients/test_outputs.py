@@ -152,3 +152,59 @@ def test_napari_opens_every_image_from_the_root(store):
         assert list(layer.scale) == [0.5, 0.5, 0.2, 0.2]
         assert [str(u) for u in layer.units] == ["second", "micrometer", "micrometer", "micrometer"]
         assert tuple(layer.axis_labels) == ("t", "z", "y", "x")
+
+
+def test_a_two_camera_multi_position_daemon_store_validates_and_opens(tmp_path, free_address):
+    """A store the daemon itself wrote (two cameras, two positions, a product) passes the
+    ome-zarr-models validator at the root (bioformats2raw layout) and at every image, and napari
+    opens every image from the root."""
+    import threading
+
+    import zarr
+    from ome_zarr_models import open_ome_zarr
+
+    from livescope.bridges.transport import FramePublisher
+    from livescope.daemon.cli import run_daemon
+    from livescope.daemon.config import DaemonConfig
+
+    cfg = DaemonConfig(source="zmq", out=tmp_path / "two.zarr", ingest=free_address(), publish=None, control=None,
+                       exit_on_end=False, frames=12, engines=["passthrough"], pixel_size_um=0.1)
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 4000, (3, 2, 16, 20), dtype=np.uint16)  # t, p
+    b = rng.integers(0, 4000, (3, 2, 12, 24), dtype=np.uint16)
+
+    def publish(_):
+        cams = {"camA": FramePublisher(cfg.ingest, stream="camA", block=True),
+                "camB": FramePublisher(cfg.ingest, stream="camB", block=True)}
+        for t in range(3):
+            for p in range(2):
+                cams["camA"].send(a[t, p], index={"t": t, "p": p}, sizes={"p": 2}, interval_s=1.0)
+                cams["camB"].send(b[t, p], index={"t": t, "p": p}, sizes={"p": 2}, interval_s=1.0)
+        for pub in cams.values():
+            pub.close()
+
+    summary = run_daemon(cfg, on_started=lambda p: threading.Thread(target=publish, args=(p,), daemon=True).start())
+    assert summary["frames"]["saved"] == 12
+    images = summary["store"]["images"]
+    assert {"raw", "raw_p1", "raw_camB", "raw_camB_p1"} <= set(images)
+    root = zarr.open_group(str(cfg.out), mode="r")
+    from ome_zarr_models.v05 import BioFormats2Raw, Image
+
+    # the root is both: the raw image (for readers that follow no collection) and the collection
+    Image.from_zarr(root)  # each from_zarr raises on anything the NGFF models refuse
+    collection = BioFormats2Raw.from_zarr(root)
+    assert collection.ome_attributes.bioformats2raw_layout == 3
+    for name in images:
+        assert isinstance(open_ome_zarr(zarr.open_group(str(cfg.out / name), mode="r")), Image), name
+    np.testing.assert_array_equal(zarr.open_array(str(cfg.out / "raw_camB_p1" / "0"), mode="r")[...], b[:, 1])
+
+    napari = pytest.importorskip("napari", reason="napari is in the test extra; install livescope[test]")
+    import npe2
+
+    npe2.PluginManager.instance().discover()
+    viewer = napari.components.ViewerModel()
+    layers = viewer.open(str(cfg.out), plugin="napari-ome-zarr")
+    shapes = sorted(tuple(layer.data[0].shape if isinstance(layer.data, list) else layer.data.shape)
+                    for layer in layers)
+    assert len(layers) == len(images)
+    assert (3, 12, 24) in shapes and (3, 16, 20) in shapes
