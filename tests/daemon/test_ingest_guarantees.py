@@ -337,3 +337,24 @@ def test_live_mode_frames_are_previewed_not_saved_unless_asked(tmp_path, free_ad
         assert f["saved"] == 1 and f["live_not_saved"] == live_frames
         assert "raw" in summary["store"]["images"]
         assert not any("live" in name for name in summary["store"]["images"])
+
+
+def test_stop_keeps_what_was_handed_over(tmp_path, free_address):
+    # frames send() reported handed over, still queued in the socket when stop comes: received
+    # and saved (or counted), never dropped uncounted
+    from livescope.daemon.pipeline import Pipeline
+
+    cfg = _cfg(tmp_path, free_address, exit_on_end=False)
+    pipeline = Pipeline(cfg)
+    pipeline.start()
+    frames = np.random.default_rng(9).integers(0, 4000, (300, 32, 32), dtype=np.uint16)
+    pub = FramePublisher(cfg.ingest, stream="cam", block=True, hwm=1000)
+    sent = sum(bool(pub.send(f, index={"t": t})) for t, f in enumerate(frames))
+    pipeline.request_stop()  # at once: most frames are still on their way
+    summary = pipeline.close()
+    pub.close()
+    f = summary["frames"]
+    assert sent == 300
+    assert f["saved"] + f["dropped_at_close"] + f["lost"] == 300, f
+    assert f["saved"] == 300, f
+    np.testing.assert_array_equal(_raw(cfg)[...], frames)
