@@ -27,7 +27,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zmq
 
-from .protocol import MAX_FRAME_BYTES, MAX_HEADER_BYTES, Frame, ProtocolError, decode, encode, make_header
+from .protocol import (
+    MAX_FRAME_BYTES,
+    MAX_HEADER_BYTES,
+    Frame,
+    ProtocolError,
+    decode,
+    encode,
+    make_header,
+)
+from .shm_ring import ShmReader
 
 if TYPE_CHECKING:
     from .auth import CurveClient, CurveServer
@@ -369,8 +378,6 @@ class FrameReceiver:
 
     def _from_shm(self, frame: Frame) -> Frame:
         if self._shm is None:
-            from .shm import ShmReader
-
             self._shm = ShmReader()
         array = self._shm.read(frame.header)  # a copy: the slot is released at once
         shape, dtype = frame.header["shape"], np.dtype(frame.header["dtype"])

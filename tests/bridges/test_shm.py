@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import zmq
 
-from livescope.bridges import shm as shm_mod
+from livescope.bridges import shm_ring as shm_mod
 from livescope.bridges.protocol import encode, make_header
 from livescope.bridges.shm import ShmFramePublisher, ShmReader, cleanup_stale, make_publisher, same_host
 from livescope.bridges.transport import FramePublisher, FrameReceiver, free_tcp_address
