@@ -86,10 +86,9 @@ def _careamics_fit(train: np.ndarray, axes: str, evaluate: np.ndarray, *, steps:
     """Fit CAREamics N2V on ``train``; every ``eval_every`` s store the network's output on
     ``evaluate``. Returns the CAREamist, the curve and the training time (evaluations excluded)."""
     import torch
-    from lightning.pytorch import Callback
-
     from careamics import CAREamist
     from careamics.config import create_advanced_n2v_config
+    from lightning.pytorch import Callback
 
     mean, std = float(train.mean()), float(train.std())
     config = create_advanced_n2v_config(
@@ -210,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--careamics-python", default="/tmp/careamics-venv/bin/python")
     p.add_argument("--steps", type=int, default=SHIPPED_STEPS, help="CAREamics N2V steps on the W2S frame")
-    p.add_argument("--minutes", type=float, default=13.0, help="wall-clock cap of that fit (the shipped model's budget)")
+    p.add_argument("--minutes", type=float, default=13.0,
+                   help="wall-clock cap of that fit (the shipped model's budget)")
     p.add_argument("--eval-every", type=float, default=60.0, help="seconds between curve points (W2S)")
     p.add_argument("--stream-seconds", type=float, default=90.0, help="fit budget on the stream, each side")
     p.add_argument("--stream-eval-every", type=float, default=10.0)

@@ -36,7 +36,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -173,7 +172,8 @@ def main() -> None:
     print("| path | frames/s end to end | MB/s | us/frame | overhead vs transport, us/frame | sender fps "
           "| received | saved | processed / skipped | lost | CPU cores | chain p50 ms | store p50 ms |")
     print("|" + "---|" * 13)
-    print(f"| raw pyzmq PUSH/PULL | {ref['raw']:,.0f} | {ref['raw'] * mb:,.0f} | {1e6 / ref['raw']:.0f} | | | | | | | | | |")
+    print(f"| raw pyzmq PUSH/PULL | {ref['raw']:,.0f} | {ref['raw'] * mb:,.0f} | {1e6 / ref['raw']:.0f} "
+          "| | | | | | | | | |")
     print(f"| livescope transport (FramePublisher -> FrameReceiver) | {ref['livescope']:,.0f} | "
           f"{ref['livescope'] * mb:,.0f} | {us_ls:.0f} | 0 | | | | | | | | |")
     for label, res in rows.items():

@@ -144,7 +144,7 @@ def pcp(m, lam=None, tol=1e-6, max_iter=300):
     mu_bar = mu * 1e7
     sparse = np.zeros_like(m)
     low = np.zeros_like(m)
-    for it in range(max_iter):
+    for it in range(max_iter):  # noqa: B007 (the count is returned after the loop)
         u, s, vt = np.linalg.svd(m - sparse + y / mu, full_matrices=False)
         s = np.maximum(s - 1.0 / mu, 0)
         r = int((s > 0).sum())
@@ -228,8 +228,9 @@ def real_movie(figures):
         probe = movie.astype(np.float32)
         probe[30:] += amp * spot
         _, probe_novelty, probe_events, _, _ = run_decompose(probe)
+        spots = [(e["seq"], [round(v) for v in e["centroid"]]) for e in probe_events]
         print(f"- spot (peak {amp:.0f}, sigma 10 px) appearing at frame 30 at (40, 90): novelty "
-              f"{probe_novelty[30]:.1f}, events {[(e['seq'], [round(v) for v in e['centroid']]) for e in probe_events]}")
+              f"{probe_novelty[30]:.1f}, events {spots}")
     if figures is None:
         return
     import matplotlib

@@ -160,13 +160,13 @@ def part1(quick: bool, rlf: RedLionfish | None = None) -> None:
     # every method in float32 and warm (timed() runs once first); fast runs best of 15, slow of 3
     for it in [1, 2, 3, 5]:
         out, t = timed(
-            lambda: D.deconvolve_array(data, psf, iterations=it, wb=wb, plans=plans_wb, footprint=fp, pad=pad),
+            lambda it=it: D.deconvolve_array(data, psf, iterations=it, wb=wb, plans=plans_wb, footprint=fp, pad=pad),
             repeat=15,
         )
         rows.append(("livescope WB", it, t, *quality(out, obj)))
     for it in [3, 5, 10, 20, 40] if quick else [3, 4, 5, 6, 8, 10, 15, 20, 30, 40, 60]:
         out, t = timed(
-            lambda: D.deconvolve_array(
+            lambda it=it: D.deconvolve_array(
                 data, psf, iterations=it, method="rl", wb=wb, plans=plans_rl, footprint=fp_rl, pad=pad_rl
             ),
             repeat=1 if it > 20 else 5,
@@ -177,7 +177,7 @@ def part1(quick: bool, rlf: RedLionfish | None = None) -> None:
     # skimage's best iteration count is chosen by PSNR, so the sweep starts at 1 iteration
     for it in [1, 2, 3, 5, 10, 20] if quick else [1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 40, 60]:
         out, t = timed(
-            lambda: richardson_lucy(data / scale, psf32, num_iter=it, clip=False), repeat=1 if it > 10 else 5
+            lambda it=it: richardson_lucy(data / scale, psf32, num_iter=it, clip=False), repeat=1 if it > 10 else 5
         )
         rows.append(("skimage RL", it, t, *quality(out * scale, obj)))
     rlf_paths = {"opencl-warm": "RedLionfish RL, OpenCL (plan kept)", "scipy": "RedLionfish RL, scipy"}
@@ -308,9 +308,9 @@ def part2(quick: bool, rlf: RedLionfish | None = None) -> None:
         eng = create_engine("deconvolve", offset=0)
         eng.setup(StreamSpec(shape=shape))
         eng.process(frame, FrameInfo(seq=0))  # OTF computed here, once
-        _, t = timed(lambda: eng.process(frame, FrameInfo(seq=1)), repeat=5)
+        _, t = timed(lambda eng=eng, frame=frame: eng.process(frame, FrameInfo(seq=1)), repeat=5)
         f = frame.astype(np.float32) / frame.max()
-        _, tsk = timed(lambda: richardson_lucy(f, psf, num_iter=10, clip=False), repeat=1, warm=False)
+        _, tsk = timed(lambda f=f: richardson_lucy(f, psf, num_iter=10, clip=False), repeat=1, warm=False)
         print(f"| frame {shape[0]}x{shape[1]} | {t:.4f} | {tsk:.3f} |{rlf_cell(frame, P.crop_psf(psf))}")
     nz = 16 if quick else 64
     stack = rng.poisson(200, (nz, 512, 512)).astype(np.uint16)
@@ -325,7 +325,8 @@ def part2(quick: bool, rlf: RedLionfish | None = None) -> None:
     _, t = timed(lambda: vol.process(stack, FrameInfo(seq=1)), repeat=1, warm=False)
     # the same 3-D Gaussian the engine's volume default builds (sigma 1.5 px laterally, 2 planes in z)
     cell = rlf_cell(stack, P.crop_psf(P.gaussian_psf((2.0, 1.5, 1.5), ndim=3)))
-    print(f"| stack {nz}x512x512 as one 3-D volume (sigma_z 2 planes) | {t:.2f} (first, with OTF: {t_first:.2f}) | |{cell}")
+    print(f"| stack {nz}x512x512 as one 3-D volume (sigma_z 2 planes) | {t:.2f} (first, with OTF: {t_first:.2f}) "
+          f"| |{cell}")
 
 
 def fwhm_of_brightest(vol: np.ndarray) -> tuple[float, float]:
@@ -357,8 +358,8 @@ def part3(quick: bool, rlf: RedLionfish | None = None) -> None:
             "deconvolve", psf=psf, volume=True, method=method, iterations=its, offset=offset, boundary=boundary
         )
         eng.setup(StreamSpec(shape=beads.shape))
-        out, t = timed(lambda: eng.process(beads, FrameInfo(seq=0))["deconvolved"], repeat=1, warm=False)
-        _, tw = timed(lambda: eng.process(beads, FrameInfo(seq=1)), repeat=1, warm=False)
+        out, t = timed(lambda eng=eng: eng.process(beads, FrameInfo(seq=0))["deconvolved"], repeat=1, warm=False)
+        _, tw = timed(lambda eng=eng: eng.process(beads, FrameInfo(seq=1)), repeat=1, warm=False)
         fy, fz = fwhm_of_brightest(out)
         print(
             f"| beads | livescope {method.upper()} {its} it, {eng.describe()['boundary_used']} | {t:.2f} "
@@ -388,8 +389,8 @@ def part3(quick: bool, rlf: RedLionfish | None = None) -> None:
     for method, its in (("wb", 2), ("rl", 20)):
         eng = create_engine("deconvolve", psf=psf, volume=True, method=method, iterations=its, offset=g_off)
         eng.setup(StreamSpec(shape=grid.shape))
-        out, t = timed(lambda: eng.process(grid, FrameInfo(seq=0))["deconvolved"], repeat=1, warm=False)
-        _, tw = timed(lambda: eng.process(grid, FrameInfo(seq=1)), repeat=1, warm=False)
+        out, t = timed(lambda eng=eng: eng.process(grid, FrameInfo(seq=0))["deconvolved"], repeat=1, warm=False)
+        _, tw = timed(lambda eng=eng: eng.process(grid, FrameInfo(seq=1)), repeat=1, warm=False)
         print(
             f"| line grid | livescope {method.upper()} {its} it | {t:.2f} (next stack {tw:.2f}) "
             f"| line contrast {contrast(out):.3f} |"

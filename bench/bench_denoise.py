@@ -76,7 +76,7 @@ def quality(args) -> list[tuple]:
         target = tifffile.imread(DATA / "w2s_pairs" / f"target_avg400_{key}.tif")
         x = noisy.astype(np.float32)
 
-        def add(method, out, seconds, note=""):
+        def add(method, out, seconds, note="", *, key=key, target=target):  # this pair's key and target, bound
             rows.append((key, method, psnr_affine(out, target), ssim_affine(out, target), seconds, note))
 
         add("raw", x, 0.0)

@@ -57,7 +57,13 @@ def prepare(onnx_bytes: bytes, tmp: Path) -> Path:
 
 def quantize(pre: Path, inputs: list[np.ndarray], keep_float: bool) -> bytes:
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:

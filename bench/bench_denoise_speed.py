@@ -9,8 +9,8 @@ a minute later give a ratio that drifts too. Here every contender lives in its o
 ONNX Runtime sessions in one process disturb each other's thread pools) and they take turns:
 each round, each contender denoises ``--frames`` 512x512 frames (BM3D: one, the W2S 085_1 noisy
 input at its tuned sigma, 1.5 x ``estimate_sigma``, as bench/bench_denoise.py runs it), and
-reports its own per-frame times. The table gives each one's median and best frame, and the median over rounds of BM3D's time over
-each model's time in the same round. Needs ``pip install -e ".[bench]"`` (bm3d, PyWavelets).
+reports its own per-frame times. The table gives each one's median and best frame, and the median over
+rounds of BM3D's time over each model's time in the same round. Needs ``pip install -e ".[bench]"`` (bm3d, PyWavelets).
 """
 
 from __future__ import annotations

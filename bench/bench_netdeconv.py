@@ -124,8 +124,8 @@ def main(argv=None):
     wb = N._teacher_params(None)
     teacher = N._teacher_params({"method": args.teacher[:2], "iterations": int(args.teacher[2:])})
     teacher_name = f"{args.teacher[:2].upper()} {teacher['iterations']} it."
-    kw = dict(psf=grid, teacher_params=teacher, offset=OFFSET, base=args.base, depth=args.depth, patch=32, batch=8, lr=3e-3,
-              steps=100000, time_budget_s=args.fit_seconds, threads=args.threads)
+    kw = dict(psf=grid, teacher_params=teacher, offset=OFFSET, base=args.base, depth=args.depth, patch=32, batch=8,
+              lr=3e-3, steps=100000, time_budget_s=args.fit_seconds, threads=args.threads)
     fits = {}
     for task in ("deconvolve", "restore"):
         t = time.perf_counter()
@@ -148,25 +148,27 @@ def main(argv=None):
     methods = {
         "raw (offset removed)": lambda d: d,
         "WB 2 it., centre PSF (sigma 1)": lambda d: N.teacher_deconvolve(d, single[1.0], wb),
-        **{f"WB 2 it., single PSF sigma {s}": (lambda f: lambda d: N.teacher_deconvolve(d, f, wb))(f)
+        **{f"WB 2 it., single PSF sigma {s}": lambda d, f=f: N.teacher_deconvolve(d, f, wb)
            for s, f in single.items() if s != 1.0},
-        **{f"WB 1 it., single PSF sigma {s}": (lambda f: lambda d: N.teacher_deconvolve(d, f, _p({"iterations": 1})))(f)
+        **{f"WB 1 it., single PSF sigma {s}": lambda d, f=f: N.teacher_deconvolve(d, f, _p({"iterations": 1}))
            for s, f in single.items() if s >= 2.0},
-        **{f"RL 3 it., single PSF sigma {s}": (lambda f: lambda d: N.teacher_deconvolve(d, f, _p({"method": "rl", "iterations": 3})))(f)
+        **{f"RL 3 it., single PSF sigma {s}":
+           lambda d, f=f: N.teacher_deconvolve(d, f, _p({"method": "rl", "iterations": 3}))
            for s, f in single.items() if s >= 2.0},
         "RL 10 it., single PSF sigma 2.0": lambda d: N.teacher_deconvolve(d, single[2.0], _p(rl)),
         "WB 2 it., per-region 3x3": lambda d: N.teacher_deconvolve(d, field, wb),
         "RL 10 it., per-region 3x3": lambda d: N.teacher_deconvolve(d, field, _p(rl)),
         f"{teacher_name}, per-region 3x3 (the teacher)": lambda d: N.teacher_deconvolve(d, field, teacher),
-        "Gaussian sigma 1 then per-region WB 2 it.": lambda d: N.teacher_deconvolve(ndimage.gaussian_filter(d, 1.0), field, wb),
+        "Gaussian sigma 1 then per-region WB 2 it.":
+            lambda d: N.teacher_deconvolve(ndimage.gaussian_filter(d, 1.0), field, wb),
         **{f"denoise engine (shipped model), then WB {it} it. single PSF sigma {s}":
-           (lambda f, it: lambda d: N.teacher_deconvolve(denoise(d), f, _p({"iterations": it})))(single[s], it)
+           lambda d, f=single[s], it=it: N.teacher_deconvolve(denoise(d), f, _p({"iterations": it}))
            for s in (2.0, 2.5) for it in (1, 2)},
         "denoise engine (shipped model) alone": lambda d: denoise(d),
         "net, task deconvolve (onnxruntime)": lambda d: nets["deconvolve"].restore(d, check=False)[0],
         "net, task restore (onnxruntime)": lambda d: nets["restore"].restore(d, check=False)[0],
     }
-    frames = [(np.maximum(f - OFFSET, 0), o) for s, o in zip(test, test_obj) for f in s]
+    frames = [(np.maximum(f - OFFSET, 0), o) for s, o in zip(test, test_obj, strict=True) for f in s]
     blur_name = f"fixed blur (sigma {S0} px)" if S0 == S1 else f"field-varying blur (sigma {S0} -> {S1} px)"
     print(f"\n### Quality: {blur_name}, {F}x{F}, peak {args.peak:g} photons, "
           f"{len(frames)} held-back frames of 085_1\n")
@@ -178,7 +180,7 @@ def main(argv=None):
             est = fn(d)
             p_obj.append(psnr(est, o))
             p_teach.append(psnr(est, N.teacher_deconvolve(d, field, teacher)))
-        sec = timed(lambda: fn(frames[0][0]), args.repeats)
+        sec = timed(lambda fn=fn: fn(frames[0][0]), args.repeats)
         print(f"| {name} | {np.mean(p_obj):.2f} | {np.mean(p_teach):.2f} | {sec:.4f} |", flush=True)
 
     # consistency: false alarms on held-back frames of the same kind, alarms on beads
@@ -211,8 +213,10 @@ def main(argv=None):
     print("|---|---|---|")
     rows = {}
     for it in (1, 2):
-        rows[f"WB {it} it., one PSF (OTF cached)"] = lambda it=it: deconvolve_array(frame, psf_c, iterations=it, wb=wbp, plans=plans)
-    rows["RL 20 it., one PSF (OTF cached)"] = lambda: deconvolve_array(frame, psf_c, iterations=20, method="rl", wb=wbp, plans=plans)
+        rows[f"WB {it} it., one PSF (OTF cached)"] = (
+            lambda it=it: deconvolve_array(frame, psf_c, iterations=it, wb=wbp, plans=plans))
+    rows["RL 20 it., one PSF (OTF cached)"] = (
+        lambda: deconvolve_array(frame, psf_c, iterations=20, method="rl", wb=wbp, plans=plans))
     grid512 = N.PSFField.of(psf_grid((512, 512)))
     rows["WB 2 it., per-region 3x3"] = lambda: N.teacher_deconvolve(frame, grid512, wb)
     nets512 = {f"net base {args.base} depth {args.depth} (the fitted one), onnxruntime":

@@ -41,7 +41,8 @@ def main(argv=None):
         y0, x0 = rng.integers(0, obj.shape[0] - F + 1, 2)
         o = obj[y0:y0 + F, x0:x0 + F]
         b = np.maximum(field_blur(o), 0)
-        fr = np.maximum(np.stack([rng.poisson(b) + rng.normal(0, 2.0, b.shape) for _ in range(9)]), 0).astype(np.float32)
+        fr = np.stack([rng.poisson(b) + rng.normal(0, 2.0, b.shape) for _ in range(9)])
+        fr = np.maximum(fr, 0).astype(np.float32)
 
         def add(name, est, o=o):
             res.setdefault(name, []).append(psnr(est, o))
@@ -55,7 +56,8 @@ def main(argv=None):
         add("per-region, one frame: Gaussian sigma 1 then WB 2 it.",
             N.teacher_deconvolve(ndimage.gaussian_filter(fr[0], 1.0), grid, P(None)))
         for w in (3, 5, 9):
-            add(f"per-region, mean of {w} frames (restore): WB 2 it.", N.teacher_deconvolve(fr[:w].mean(0), grid, P(None)))
+            add(f"per-region, mean of {w} frames (restore): WB 2 it.",
+                N.teacher_deconvolve(fr[:w].mean(0), grid, P(None)))
             add(f"per-region, mean of {w} frames (restore): RL 10 it.",
                 N.teacher_deconvolve(fr[:w].mean(0), grid, P({"method": "rl", "iterations": 10})))
     print(f"\n{args.fovs} fields of view {F}x{F} of 085_1, peak {args.peak:g} photons; the best single PSF is "

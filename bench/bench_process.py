@@ -87,8 +87,8 @@ def main() -> None:
             for workers in (0, 1, 2):
                 out = base / f"out_{chain[0]}_{workers}.zarr"
                 t = time.perf_counter()
-                res = process_file(movie, out, chain, {}, save_raw=False, frames=frames, workers=workers,
-                                   memory_limit=args.memory_limit if workers else None, progress=False)
+                process_file(movie, out, chain, {}, save_raw=False, frames=frames, workers=workers,
+                             memory_limit=args.memory_limit if workers else None, progress=False)
                 wall = time.perf_counter() - t  # including the cluster's start and the planning
                 fps = frames / wall
                 base_fps[workers] = fps

@@ -47,11 +47,11 @@ class Scene:
         big = np.pad(image.astype(np.float64), [(p, p) for p in pads], mode="reflect")
         self.spectrum = sfft.fftn(big, workers=2)
         self.freqs = [sfft.fftfreq(n) for n in big.shape]
-        self.crop = tuple(slice((n - s) // 2, (n - s) // 2 + s) for n, s in zip(big.shape, size))
+        self.crop = tuple(slice((n - s) // 2, (n - s) // 2 + s) for n, s in zip(big.shape, size, strict=True))
 
     def view(self, shift) -> np.ndarray:
         f = self.spectrum
-        for axis, (k, s) in enumerate(zip(self.freqs, shift)):
+        for axis, (k, s) in enumerate(zip(self.freqs, shift, strict=True)):
             shape = [1] * f.ndim
             shape[axis] = k.size
             f = f * np.exp(-2j * np.pi * k * s).reshape(shape)
@@ -165,9 +165,9 @@ def main() -> None:
         frames, drift = stream(scene, ndim, n + 1, photons, step, gen)
         truth = drift[1:]
         for name, fn in [
-            ("skimage pcc(upsample 100) + ndimage.shift", lambda: run_skimage(frames)),
-            ("livescope estimate_shift + apply_shift", lambda: run_functions(frames, sizes)),
-            ("livescope `register` engine", lambda: run_engine(frames, sizes)),
+            ("skimage pcc(upsample 100) + ndimage.shift", lambda frames=frames: run_skimage(frames)),
+            ("livescope estimate_shift + apply_shift", lambda frames=frames, sizes=sizes: run_functions(frames, sizes)),
+            ("livescope `register` engine", lambda frames=frames, sizes=sizes: run_engine(frames, sizes)),
         ]:
             got, times = fn()
             err = np.abs(got - truth)

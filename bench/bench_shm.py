@@ -85,7 +85,8 @@ def _sender(conn) -> None:
     ctx.term()
 
 
-def _trial(path: str, address: str, shape: tuple[int, int], conn, n: int, ctx: zmq.Context) -> tuple[float, float, float]:
+def _trial(path: str, address: str, shape: tuple[int, int], conn, n: int,
+           ctx: zmq.Context) -> tuple[float, float, float]:
     """(frames/s, receiver CPU s, sender CPU s)."""
     raw = path == "raw pyzmq ipc"
     if raw:
@@ -185,11 +186,12 @@ def main() -> None:
         for path, runs in res.items():
             fps = statistics.median(r[0] for r in runs)
             best = max(r[0] for r in runs)
-            cpu = [statistics.median(x) for x in zip(*[((r[2] + r[1]) / gb, r[2] / gb, r[1] / gb) for r in runs])]
+            per_run = [((r[2] + r[1]) / gb, r[2] / gb, r[1] / gb) for r in runs]
+            cpu = [statistics.median(x) for x in zip(*per_run, strict=True)]
             ratios = []
             for ref in ("livescope ipc", "raw pyzmq ipc"):
                 # per-trial ratios: the paths of one round ran seconds apart, under similar load
-                ratios.append(f"{statistics.median(a[0] / b[0] for a, b in zip(runs, res[ref])):.2f}x"
+                ratios.append(f"{statistics.median(a[0] / b[0] for a, b in zip(runs, res[ref], strict=True)):.2f}x"
                               if ref in res else "")
             print(f"| {shape[0]}x{shape[1]} | {path} | {fps * mb:,.0f} | {fps:,.0f} | {ratios[0]} | {ratios[1]} | "
                   f"{best * mb:,.0f} | {cpu[0]:.2f} ({cpu[1]:.2f} + {cpu[2]:.2f}) |")

@@ -485,14 +485,14 @@ def _throughput(quick: bool, tmp: Path) -> None:
           f"ome-writers {md.version('ome-writers')}; {platform.machine()}, {os.cpu_count()} cores", flush=True)
     dd = dd_ceiling(tmp, 1024 if quick else 2048)
     print(f"dd oflag=direct ceiling: {dd:,.0f} MB/s" if dd else "dd: not measured", flush=True)
-    for key, cls in WRITERS.items():
+    for cls in WRITERS.values():
         r = run_stream(cls, out, frames, seconds=fast_s, fps=None, max_frames=fast_n)
         rows.append(_row(f"{cls.name}: raw, as fast as it goes", r, note_of(r)))
         print(rows[-1], flush=True)
     r = run_stream(LivescopeWriter, out, frames, seconds=paced_s, fps=100.0, max_frames=10**9)
     rows.append(_row("livescope: raw, offered at 100 fps", r, note_of(r)))
     print(rows[-1], flush=True)
-    for key, cls in WRITERS.items():
+    for cls in WRITERS.values():
         r = run_stream(cls, out, frames, seconds=fast_s * 0.75, fps=None, max_frames=fast_n, compress=True)
         rows.append(_row(f"{cls.name}: blosc zstd, as fast as it goes", r, note_of(r)))
         print(rows[-1], flush=True)

@@ -196,7 +196,8 @@ def main() -> None:
         mb = shape[0] * shape[1] * 2 / 1e6
         raw = statistics.median(res["raw"])
         ls = statistics.median(res["livescope"])
-        print(f"| {shape[0]}x{shape[1]} | {kind} | {raw * mb:,.0f} | {raw:,.0f} | {ls * mb:,.0f} | {ls:,.0f} | {ls / raw:.2f} |")
+        print(f"| {shape[0]}x{shape[1]} | {kind} | {raw * mb:,.0f} | {raw:,.0f} | {ls * mb:,.0f} | {ls:,.0f} "
+              f"| {ls / raw:.2f} |")
     for shape, fps in memcpy.items():
         mb = shape[0] * shape[1] * 2 / 1e6
         print(f"| {shape[0]}x{shape[1]} | memcpy (np.copyto) | {fps * mb:,.0f} | {fps:,.0f} | | | |")

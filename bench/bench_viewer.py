@@ -106,7 +106,7 @@ def bench_redraws(n: int) -> list[tuple[str, float, float]]:
     app.processEvents()
 
     def draw_imageview(i: int) -> None:
-        for iv, arr in zip(views, sets[i % len(sets)].values()):
+        for iv, arr in zip(views, sets[i % len(sets)].values(), strict=True):
             iv.setImage(arr, autoRange=False)  # autoLevels and the histogram on every frame
         for iv in views:
             iv.ui.graphicsView.viewport().repaint()
@@ -144,7 +144,8 @@ def bench_redraws(n: int) -> list[tuple[str, float, float]]:
     rate = (viewer.redraws - r0) / (time.perf_counter() - t0)
     stop.set()
     th.join()
-    rows.append(("livescope end to end: 60 Hz previews over ZeroMQ, frame sets drawn by the 30 Hz timer", rate, 1000 / rate if rate else float("nan")))
+    rows.append(("livescope end to end: 60 Hz previews over ZeroMQ, frame sets drawn by the 30 Hz timer", rate,
+                 1000 / rate if rate else float("nan")))
     viewer.close()
     pub.close()
     return rows

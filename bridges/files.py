@@ -211,7 +211,10 @@ def ome_zarr_image(folder: Any) -> tuple[Any, list[str], str, dict[str, float]]:
     for tr in [*ms.get("coordinateTransformations", []), *ds.get("coordinateTransformations", [])]:
         if tr.get("type") != "scale" or "scale" not in tr:
             continue
-        sc = dict(zip(axes, tr["scale"]))  # a multiscale-wide scale multiplies the dataset's
+        if len(tr["scale"]) != len(axes):
+            raise ValueError(f"{d}: a scale transformation has {len(tr['scale'])} values for {len(axes)} axes "
+                             f"({', '.join(axes)}); give one value per axis in its multiscales metadata")
+        sc = dict(zip(axes, tr["scale"], strict=True))  # a multiscale-wide scale multiplies the dataset's
         for key, ax, convert in (("pixel_size_um", "x", to_um), ("z_step_um", "z", to_um),
                                  ("interval_s", "t", _seconds)):
             if ax in sc and units.get(ax):

@@ -554,12 +554,13 @@ class _ContiguousTiff:
         Y, X = self.shape[-2:]
         ys = range(Y)[idx[-2]]
         xs = idx[-1]
-        ranges = [range(n)[i] if isinstance(i, slice) else [i] for i, n in zip(idx[:-2], lead)]
+        ranges = [range(n)[i] if isinstance(i, slice) else [i] for i, n in zip(idx[:-2], lead, strict=True)]
         out = np.empty([len(r) for r in ranges] + [len(ys), X], dtype=self.dtype.newbyteorder("="))
         row = X * self.dtype.itemsize
         with open(self.path, "rb") as f:
             for pos in np.ndindex(*out.shape[:-2]):
-                plane = int(np.ravel_multi_index(tuple(r[i] for r, i in zip(ranges, pos)), lead)) if lead else 0
+                at = tuple(r[i] for r, i in zip(ranges, pos, strict=True))
+                plane = int(np.ravel_multi_index(at, lead)) if lead else 0
                 f.seek(self.offset + (plane * Y + ys.start) * row)
                 buf = np.frombuffer(f.read(len(ys) * row), dtype=self.dtype).reshape(len(ys), X)
                 out[pos] = buf
@@ -583,10 +584,10 @@ class _TiffPages:
             sel = idx[src.axes.index(a)]
             n = src.shape[src.axes.index(a)]
             ranges.append(range(n)[sel] if isinstance(sel, slice) else [sel])
-        pages = [int(np.ravel_multi_index(pos, lead_shape)) if lead_shape else 0
-                 for pos in (tuple(r[i] for r, i in zip(ranges, q)) for q in np.ndindex(*[len(r) for r in ranges]))]
+        at = (tuple(r[i] for r, i in zip(ranges, q, strict=True)) for q in np.ndindex(*[len(r) for r in ranges]))
+        pages = [int(np.ravel_multi_index(pos, lead_shape)) if lead_shape else 0 for pos in at]
         block = self.tif.asarray(key=pages, series=self.series).reshape(len(pages), *src.shape[-2:])
         ys, xs = idx[src.axes.index("y")], idx[src.axes.index("x")]
         block = block[:, ys, xs]
-        kept = [len(r) for r, a in zip(ranges, lead_axes) if isinstance(idx[src.axes.index(a)], slice)]
+        kept = [len(r) for r, a in zip(ranges, lead_axes, strict=True) if isinstance(idx[src.axes.index(a)], slice)]
         return block.reshape(*kept, *block.shape[-2:])

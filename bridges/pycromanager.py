@@ -49,8 +49,8 @@ from typing import Any
 import numpy as np
 
 from ._sender import QueuedSender
-from .protocol import MAX_HEADER_BYTES, MAX_NAME
 from .feedback import AdaptiveTimelapse, EventFollower
+from .protocol import MAX_HEADER_BYTES, MAX_NAME
 from .transport import FramePublisher, RestoreClient
 
 __all__ = [

@@ -12,10 +12,11 @@ The scene (in photons per pixel before blur):
 
 The optical image is the scene blurred by a Gaussian PSF (wider out of focus for z planes; with
 ``psf_sigma_corner`` the in-focus sigma also grows with the squared distance from the field
-centre, as field curvature and off-axis aberrations make it), then Poisson shot noise, Gaussian read noise, gain and offset, clipped to ``bits``. Frames are
-reproducible: the noise of frame (t, c, z) depends only on the seed and those indices, so tests
-regenerate any frame independently. ``truth(t, c, z)`` returns the components; ``test_psf_sigma``
-gives a deliberately mismatched PSF for engines' tests (no inverse crime).
+centre, as field curvature and off-axis aberrations make it), then Poisson shot noise, Gaussian
+read noise, gain and offset, clipped to ``bits``. Frames are reproducible: the noise of frame
+(t, c, z) depends only on the seed and those indices, so tests regenerate any frame independently.
+``truth(t, c, z)`` returns the components; ``test_psf_sigma`` gives a deliberately mismatched PSF
+for engines' tests (no inverse crime).
 """
 
 from __future__ import annotations
@@ -285,7 +286,8 @@ class SimMicroscope:
     def camera_metadata(self) -> dict[str, Any]:
         """As the wire protocol has it: offset and read noise in ADU, gain in ADU per
         photoelectron (the sim's ``gain`` is electrons per ADU, as camera sheets quote it)."""
-        return {"offset": self.cfg.offset, "gain": 1.0 / self.cfg.gain, "read_noise": self.cfg.read_noise / self.cfg.gain}
+        return {"offset": self.cfg.offset, "gain": 1.0 / self.cfg.gain,
+                "read_noise": self.cfg.read_noise / self.cfg.gain}
 
 
 def _unload(core: Any) -> None:

@@ -471,7 +471,8 @@ class ImageWriter:
         key = (t // self.shard_t, c, z)
         buf = self._buffers.get(key)
         if buf is None:
-            buf = self._buffers[key] = _ShardBuffer(key[0] * self.shard_t, self.shard_t, self.layout.plane_shape, self.dtype)
+            buf = self._buffers[key] = _ShardBuffer(key[0] * self.shard_t, self.shard_t, self.layout.plane_shape,
+                                                    self.dtype)
         buf.put(t, plane)
         if buf.full:
             self._submit(key)
@@ -618,7 +619,7 @@ class ImageWriter:
             self.inflight_bytes -= buf.data.nbytes
             # a partial shard is one write per plane: each plane saved or lost on its own
             errors = fut.errors() if isinstance(fut, _AllOf) else [_error_of(fut)] * len(leads)
-            for lead, exc in zip(leads, errors):
+            for lead, exc in zip(leads, errors, strict=True):
                 (done_leads if exc is None else failed_leads).append(lead)
             exc = next((e for e in errors if e is not None), None)
             if exc is not None:  # disk full, permissions, a vanished folder: count, never stall
@@ -678,7 +679,7 @@ class ImageWriter:
 
     @property
     def pending(self) -> int:
-        return sum(len(b.filled) for b in self._buffers.values()) + sum(len(l) for _, l, _ in self._inflight)
+        return sum(len(b.filled) for b in self._buffers.values()) + sum(len(leads) for _, leads, _ in self._inflight)
 
     @property
     def unrecorded(self) -> int:
@@ -946,8 +947,8 @@ def _ome_xml(images: list[dict[str, Any]]) -> str:
         units = {a["name"]: a.get("unit") for a in ms["axes"] if isinstance(a, dict)}
         transforms = ms["datasets"][0].get("coordinateTransformations", [])
         scales = [t["scale"] for t in transforms if t.get("type") == "scale"]
-        scale = dict(zip(axes, scales[0] if scales else [1.0] * len(axes)))
-        size = dict(zip(axes, im["shape"]))
+        scale = dict(zip(axes, scales[0] if scales else [1.0] * len(axes), strict=True))
+        size = dict(zip(axes, im["shape"], strict=True))
         dtype = str(im["dtype"])
         pixels = {
             "ID": f"Pixels:{name}",
@@ -1061,5 +1062,5 @@ def list_images(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def iter_saved(image_path: str | os.PathLike) -> Iterable[tuple[tuple[int, ...], int]]:
     rec = read_records(image_path)
-    for lead in zip(*np.nonzero(rec["status"] == STATUS["saved"])):
+    for lead in zip(*np.nonzero(rec["status"] == STATUS["saved"]), strict=True):
         yield tuple(int(i) for i in lead), int(rec["seq"][lead])

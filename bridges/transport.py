@@ -382,7 +382,8 @@ class FrameReceiver:
         array = self._shm.read(frame.header)  # a copy: the slot is released at once
         shape, dtype = frame.header["shape"], np.dtype(frame.header["dtype"])
         if array.dtype != dtype or list(array.shape) != list(shape):
-            raise ProtocolError("size_mismatch", f"shm slot holds {array.shape} {array.dtype}, header says {shape} {dtype}")
+            raise ProtocolError("size_mismatch",
+                                f"shm slot holds {array.shape} {array.dtype}, header says {shape} {dtype}")
         return dataclasses.replace(frame, array=array)  # keeps when it arrived and what its header cost
 
     def _track_seq(self, frame: Frame, leftover: bool = False) -> bool:
@@ -501,7 +502,11 @@ class PreviewPublisher:
 
 class PreviewSubscriber:
     """SUB side for viewers: ``latest()`` drains the socket and keeps only the newest frame per
-    (product, position, channel, z)."""
+    (stream, product, position, channel, z).
+
+    The stream is part of the key: one daemon previews every stream it ingests (two cameras,
+    a Multi Camera's ``mmcore/Camera-1``, Micro-Manager's ``mmcore-live``), and their planes
+    share product names and indices."""
 
     def __init__(self, address: str, *, context: zmq.Context | None = None, curve: CurveClient | None = None) -> None:
         self.address = address
@@ -521,8 +526,10 @@ class PreviewSubscriber:
             self._curve.secure(self._sock)
         self._sock.connect(self.address)
 
-    def latest(self, max_messages: int = 256) -> dict[tuple, Frame]:
-        out: dict[tuple, Frame] = {}
+    def latest(self, max_messages: int = 256) -> dict[tuple[str, str, int, int, int], Frame]:
+        """The newest preview per (stream, product, p, c, z) among the messages waiting (at most
+        ``max_messages``); empty when none came. Malformed messages are counted in ``rejected``."""
+        out: dict[tuple[str, str, int, int, int], Frame] = {}
         assert self._sock is not None
         for _ in range(max_messages):
             try:
@@ -537,7 +544,7 @@ class PreviewSubscriber:
             self.received += 1
             h = frame.header
             idx = h.get("index") or {}
-            key = (h.get("product", "raw"), idx.get("p", 0), idx.get("c", 0), idx.get("z", 0))
+            key = (frame.stream, h.get("product", "raw"), idx.get("p", 0), idx.get("c", 0), idx.get("z", 0))
             out[key] = frame
         return out
 

@@ -96,10 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the simulated microscope through the daemon, all engines, a live window")
     p.add_argument("--headless", action="store_true", help="no window: a progress bar, a summary and a PNG")
-    p.add_argument("--frames", type=int, default=None, help="time points to acquire (default 200 headless, 1000 with a window)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="time points to acquire (default 200 headless, 1000 with a window)")
     p.add_argument("--out", default="livescope-demo.zarr", help="OME-Zarr output (replaced on each demo run)")
     p.add_argument("--png", default=None, help="summary picture (default OUT.png)")
-    p.add_argument("--engines", default=None, help=f"engine chain (default: those available of {','.join(DEMO_ENGINES)})")
+    p.add_argument("--engines", default=None,
+                   help=f"engine chain (default: those available of {','.join(DEMO_ENGINES)})")
     p.add_argument("--channels", type=int, default=1, choices=[1, 2], help="simulated channels")
     p.add_argument("--z", type=int, default=1, help="simulated z planes")
     p.add_argument("--size", type=int, default=256, help="simulated frame size (pixels)")
@@ -144,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sim-channels", type=int, default=None, choices=[1, 2])
     p.add_argument("--sim-z", type=int, default=None)
     p.add_argument("--sim-size", type=int, default=None)
-    p.add_argument("--sim-interval", type=float, default=None, dest="sim_interval_s", help="seconds between time points")
+    p.add_argument("--sim-interval", type=float, default=None, dest="sim_interval_s",
+                   help="seconds between time points")
     p.add_argument("--sim-drift", type=float, nargs=2, default=None, metavar=("DY", "DX"), help="sample drift px/frame")
     p.add_argument("--progress", action="store_true", help="a progress bar (with --frames)")
     _add_curve_options(p, daemon=True)
@@ -408,10 +411,11 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         ingest, source = source[4:], "zmq"
     overrides: dict[str, Any] = dict(
         source=source, engines=_engines(args.engines), engine_params=_engine_params(args), out=args.out,
-        overwrite=args.overwrite, resume=args.resume, ingest=ingest, publish=args.publish, control=args.control, frames=args.frames,
-        restore=args.restore,
-        rate_fps=args.rate_fps, pixel_size_um=args.pixel_size_um, z_step_um=args.z_step_um, compress_raw=args.compress_raw, float16=args.float16, save_live=args.save_live, fsync=args.fsync,
-        memory_budget_mb=args.memory_budget_mb, calibration=args.calibration, sim_z=args.sim_z, sim_interval_s=args.sim_interval_s,
+        overwrite=args.overwrite, resume=args.resume, ingest=ingest, publish=args.publish, control=args.control,
+        frames=args.frames, restore=args.restore, rate_fps=args.rate_fps, pixel_size_um=args.pixel_size_um,
+        z_step_um=args.z_step_um, compress_raw=args.compress_raw, float16=args.float16, save_live=args.save_live,
+        fsync=args.fsync, memory_budget_mb=args.memory_budget_mb, calibration=args.calibration, sim_z=args.sim_z,
+        sim_interval_s=args.sim_interval_s,
         sim_drift=tuple(args.sim_drift) if args.sim_drift else None, curve=args.curve, curve_dir=args.curve_dir,
     )
     if args.axes:  # file replay only; DaemonConfig.axes

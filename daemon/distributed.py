@@ -147,7 +147,7 @@ def run_frame(engines: list[str], chain: list[Any], frame: np.ndarray, finfo: An
     events (``out["events"]``) are appended to ``events`` when given."""
     x: Any = frame
     out: dict[str, Any] = {}
-    for name, eng in zip(engines, chain):
+    for _name, eng in zip(engines, chain, strict=True):  # the chain is built from ``engines``, in order
         res = eng.process(x, finfo)
         scalars = set(getattr(eng, "scalar_outputs", ()))
         for pname, value in res.items():
@@ -353,7 +353,7 @@ def _run_frames(job: Job, chain: list[Any], ui: int, t_first: int, data: np.ndar
     """Frames t_first.. of ``data`` through the chain; outputs and events kept from time
     ``keep_from`` on (those of warm-up frames belong to the chunk before)."""
     n_keep = t_first + data.shape[0] - keep_from
-    core = tuple(data.shape[1:-2]) + tuple(len(range(n)[c]) for c, n in zip(crop, data.shape[-2:]))
+    core = tuple(data.shape[1:-2]) + tuple(len(range(n)[c]) for c, n in zip(crop, data.shape[-2:], strict=True))
     # one block per product, filled in place: a chunk's outputs are held once, not twice
     images = {p: np.empty((n_keep, *core), np.float32) for p in job.images if p != "raw"}
     scalars: dict[str, list[float]] = {s: [] for s in job.scalars}
@@ -592,10 +592,10 @@ def plan_job(input_path: str | os.PathLike, out: str | os.PathLike, engines: lis
         first = src.read(0, 1, c, z, (0, Y), (0, X), p)[0]
         chain = build_chain(engines, params, job.spec(tuple(first.shape), (p, c, z)))
         out_ = run_frame(engines, chain, first, job.frame_info(0, ui))
-        job.unit_state.append([_first_frame_state(n, e) for n, e in zip(engines, chain)])
+        job.unit_state.append([_first_frame_state(n, e) for n, e in zip(engines, chain, strict=True)])
         if ui == 0:
-            reach = [engine_reach(n, e) for n, e in zip(engines, chain)]
-            job.describe = {n: _describe(e) for n, e in zip(engines, chain)}
+            reach = [engine_reach(n, e) for n, e in zip(engines, chain, strict=True)]
+            job.describe = {n: _describe(e) for n, e in zip(engines, chain, strict=True)}
             for k, v in out_.items():
                 if isinstance(v, float):
                     scalars.append(k)
@@ -632,7 +632,8 @@ def _create_output(job: Job, overwrite: bool, provenance: dict[str, Any]) -> Non
     from ..bridges.store import RECORD_FIELDS, ImageLayout, OmeZarrStore
 
     src = job.source
-    lay = ImageLayout(plane_shape=(src.sizes["y"], src.sizes["x"]), dtype=job.images.get("raw", job.spec_extra["dtype"]),
+    lay = ImageLayout(plane_shape=(src.sizes["y"], src.sizes["x"]),
+                      dtype=job.images.get("raw", job.spec_extra["dtype"]),
                       has_c=src.has_c, has_z=src.has_z, n_c=src.sizes["c"], n_z=src.sizes["z"],
                       bits=job.spec_extra["bits"], pixel_size_um=src.info.get("pixel_size_um"),
                       z_step_um=src.info.get("z_step_um"), interval_s=src.info.get("interval_s"))

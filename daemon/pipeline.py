@@ -32,7 +32,7 @@ import numpy as np
 from .. import __version__
 from ..bridges.files import SAMPLING_KEYS
 from ..bridges.protocol import Frame
-from ..bridges.store import ImageLayout, OmeZarrStore, StoreError, image_name
+from ..bridges.store import ImageLayout, OmeZarrStore, image_name
 from ..bridges.transport import FrameReceiver, PreviewPublisher
 from ..engines import EngineError, FrameInfo, StreamSpec, create_engine, engine_factory, engine_outputs
 from .config import DaemonConfig
@@ -66,6 +66,7 @@ class _Segment:
     acquisition: int | None = None
     fresh: str = ""  # why this segment opens, until its first frame is accepted
     saved: bool = True  # False for live-mode streams unless --save-live: engines and previews only
+    live: bool = False  # a live-mode stream (focusing, snaps): never takes the plain image names
     seen: _Seen = dataclasses.field(default_factory=lambda: _Seen())
     channel_names: dict[int, str] = dataclasses.field(default_factory=dict)
     product_layouts: list[ImageLayout] = dataclasses.field(default_factory=list)
@@ -519,7 +520,6 @@ class Pipeline:
 
     def _provenance(self, extra: dict[str, Any] | None) -> dict[str, Any]:
         import platform
-
         from importlib import metadata
 
         versions = {"livescope": __version__, "python": platform.python_version()}
@@ -690,7 +690,7 @@ class Pipeline:
         t_start = int(index.get("t", 0)) if (made > 0 or base > 0) else 0
         seg = _Segment(number, shape, dtype, bits, layout, spec_base, t_start=t_start, stream=stream,
                        acquisition=acquisition, fresh=why or "new",
-                       saved=not (h.get("live") is True and not self.cfg.save_live))
+                       saved=not (h.get("live") is True and not self.cfg.save_live), live=h.get("live") is True)
         return seg
 
     def _use_segment(self, seg: _Segment, frame: Frame) -> None:
@@ -709,7 +709,7 @@ class Pipeline:
                 self._ended_keys.pop(skey, None)
             self._open_segments[skey].append(seg)
             self._segments_made[skey] = self._segments_made.get(skey, 0) + 1
-            seg.tag = self._stream_tag(seg.stream)
+            seg.tag = self._stream_tag(seg.stream, live=seg.live)
             seg.fresh = ""
         seg.last_seq[str(frame.header.get("source", ""))] = frame.seq
         self._segments[skey] = seg
@@ -726,12 +726,13 @@ class Pipeline:
         if seg.fresh == "the publisher restarted":
             self._ended_keys.update({k: "the publisher restarted" for k in self._segments if k[0] == frame.stream})
 
-    def _stream_tag(self, stream: str) -> str:
-        """The stream's part of the store's image names: none for the first stream the daemon
-        sees (``raw``, ``denoised``), the stream's name for every other (``raw_camB``)."""
+    def _stream_tag(self, stream: str, live: bool = False) -> str:
+        """The stream's part of the store's image names: none for the first acquisition stream
+        the daemon sees (``raw``, ``denoised``), the stream's name for every other (``raw_camB``)
+        and for every live-mode stream (``raw_mmcore-live``), whichever comes first."""
         tag = self._stream_tags.get(stream)
         if tag is None:
-            if not self._stream_tags:
+            if not live and "" not in self._stream_tags.values():
                 tag = ""
             else:
                 tag = re.sub(r"[^A-Za-z0-9.-]+", "-", stream).strip("-.")[:64] or "stream"
@@ -1389,7 +1390,8 @@ class Pipeline:
             if self.store is not None:
                 self.store.update_provenance(engines={n: dict(s.params) for n, s in self.engine_states.items()})
             return {"ok": True, "engine": name, "enabled": state.enabled}
-        return {"ok": False, "error": f"unknown command {cmd!r}; try status, stop, set, enable, disable, swap_model, events, emit"}
+        return {"ok": False,
+                "error": f"unknown command {cmd!r}; try status, stop, set, enable, disable, swap_model, events, emit"}
 
     def status(self) -> dict[str, Any]:
         saved = lost_rec = 0

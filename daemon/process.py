@@ -10,6 +10,7 @@ run is tested against.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from pathlib import Path
@@ -119,6 +120,13 @@ def _process_serial(
     events: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     seq = 0
+
+    def write_planes(image: Any, value: np.ndarray, *, planes: list[int], t: int, c: int, seq: int,
+                     time_s: float) -> None:
+        value = value.reshape(len(planes), Y, X)
+        for j, zz in enumerate(planes):
+            image.write(t, c, zz, value[j], seq=seq, time_s=time_s)
+
     try:
         for t in tqdm(range(n_t), desc="process", unit="frame", disable=not progress):
             for p, c, z in units:
@@ -139,16 +147,12 @@ def _process_serial(
                 ts = t * float(info.get("interval_s") or 1.0)
                 index = {"t": t, "p": p, "c": c} if z is None else {"t": t, "p": p, "c": c, "z": z}
                 finfo = FrameInfo(seq=seq, timestamp=ts, index=index)
-
-                def write(image: Any, value: np.ndarray) -> None:
-                    value = value.reshape(len(planes), Y, X)
-                    for j, zz in enumerate(planes):
-                        image.write(t, c, zz, value[j], seq=seq, time_s=ts)
+                write = functools.partial(write_planes, planes=planes, t=t, c=c, seq=seq, time_s=ts)
 
                 if save_raw:
                     write(store.image("raw", p, 0, layout), block.astype(layout.dtype, copy=False))
                 k = 0
-                for name, eng in zip(engines, chains[key]):
+                for name, eng in zip(engines, chains[key], strict=True):
                     t0 = time.perf_counter()
                     out_ = eng.process(x, finfo)
                     timings[name] += time.perf_counter() - t0

@@ -270,7 +270,8 @@ def fit(sources: np.ndarray | Sequence[np.ndarray], *, model: ModelFile | None =
         "training": {
             "data": description or src_desc,
             "method": "supervised-crappify" if supervised else (
-                "noise2void" + ("+temporal-pairs" if any(s.shape[0] > 1 for s in stacks) and temporal is not False else "")),
+                "noise2void"
+                + ("+temporal-pairs" if any(s.shape[0] > 1 for s in stacks) and temporal is not False else "")),
             "steps": len(losses), "batch": batch, "patch": patch, "lr": lr,
             "mask_fraction": mask_fraction, "seconds": round(seconds, 1),
             "final_loss": float(np.mean(losses[-20:])) if losses else None,

@@ -64,7 +64,7 @@ def estimate_noise(frame: np.ndarray, nbins: int = 16) -> tuple[float, float]:
     local = ndimage.uniform_filter(x, 5)[1:-1, 1:-1]
     edges = np.quantile(local, np.linspace(0.0, 1.0, nbins + 1))
     means, varis, counts = [], [], []
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         sel = (local >= lo) & (local <= hi)
         if sel.sum() < 64:
             continue
@@ -393,6 +393,7 @@ BACKENDS: dict[str, Callable[..., Any]] = {
     "torch": TorchBackend,
 }
 ORDER = ("tensorrt", "onnxruntime", "torch")  # fastest first
+_SAID: set[tuple[str, str]] = set()  # backends passed over, logged once per process
 
 
 def open_backend(model: ModelFile, backend: str = "auto", **options: Any) -> Any:
@@ -407,7 +408,13 @@ def open_backend(model: ModelFile, backend: str = "auto", **options: Any) -> Any
             opened = BACKENDS[name](model, **options)
         except Exception as exc:  # any failure: fall through to the next backend
             reasons.append(f"{name}: {exc}")
-            log.warning("denoise backend %s unavailable (%s); trying the next", name, exc)
+            # a warning only for the backend the user asked for; the automatic chain passing over
+            # a backend this machine lacks (TensorRT without a GPU) is said once per process
+            if name == backend:
+                log.warning("denoise backend %s unavailable (%s); trying the next", name, exc)
+            elif (name, str(exc)) not in _SAID:
+                _SAID.add((name, str(exc)))
+                log.info("denoise backend %s unavailable (%s); trying the next", name, exc)
             continue
         log.info("denoise backend: %s (asked for %s)", name, backend)
         return opened

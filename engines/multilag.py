@@ -133,7 +133,7 @@ def _samples(frames: np.ndarray, lags: Sequence[int], crop: int, batch: int,
     xs = rng.integers(0, w - crop + 1, batch)
     x = np.empty((batch, len(lags), crop, crop), np.float32)
     y = np.empty((batch, 1, crop, crop), np.float32)
-    for i, (t, y0, x0) in enumerate(zip(ts, ys, xs)):
+    for i, (t, y0, x0) in enumerate(zip(ts, ys, xs, strict=True)):
         lo, scale = scales[t - min(lags)]  # the most recent lagged frame sets the scale
         region = (slice(y0, y0 + crop), slice(x0, x0 + crop))
         for j, inp in enumerate(octave_inputs(frames, t, lags, region)):
@@ -190,7 +190,6 @@ def fit_multilag(
     torch.manual_seed(seed)
     scales = np.array([reference_scale(f) for f in frames], dtype=np.float64)
     net = MultiLag(lags=len(lags_desc), base=base)
-    stages = len(lags_desc)
     # One intra-op thread: the batches are small, so more threads win little when the cores are
     # free and lose 5-15x when other processes load them (measured: 27 vs 205-490 ms per step).
     threads = torch.get_num_threads()

@@ -227,7 +227,8 @@ def psf_from_options(shape: Sequence[int], *, psf: str | Path | None = None, psf
     sigma = 1.5 if psf_sigma is None else float(psf_sigma)
     if psf_sigma_corner is not None:
         grid = radial_psf_grid(shape, sigma, float(psf_sigma_corner), int(regions))
-        return grid, f"gaussian sigma {sigma} px (centre) to {psf_sigma_corner} px (corners), {regions}x{regions} regions"
+        return grid, (f"gaussian sigma {sigma} px (centre) to {psf_sigma_corner} px (corners), "
+                      f"{regions}x{regions} regions")
     return gaussian_psf(sigma), f"gaussian sigma {sigma} px"
 
 
@@ -397,7 +398,7 @@ def fit_deconvolution(
     else:
         bounds = np.cumsum([0] + [len(s) for s in stacks])
         targets = np.concatenate([teacher_targets(data[a:b], field, teacher, task=task, window=restore_window)
-                                  for a, b in zip(bounds[:-1], bounds[1:])])
+                                  for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
     teacher_s = time.perf_counter() - t_start
     use_coords = field.varying if coords is None else bool(coords)
     do_augment = field.symmetric() if augment is None else bool(augment)

@@ -189,7 +189,7 @@ class _Correlator:
     # peaks -----------------------------------------------------------------------------------
 
     def wrap(self, idx: Sequence[int]) -> list[int]:
-        return [int(i) - n if int(i) > n // 2 else int(i) for i, n in zip(idx, self.shape)]
+        return [int(i) - n if int(i) > n // 2 else int(i) for i, n in zip(idx, self.shape, strict=True)]
 
     def argmax(self, c: Any) -> tuple[list[int], float]:
         xp = self.xp
@@ -212,7 +212,7 @@ class _Correlator:
         xp = self.xp
         sub = c
         starts = []
-        for axis, (m, n) in enumerate(zip(centre, self.shape)):
+        for axis, (m, n) in enumerate(zip(centre, self.shape, strict=True)):
             r = min(radius + 1, (n - 1) // 2)
             start = int(round(m)) - r
             idx = xp.asarray([(start + j) % n for j in range(2 * r + 1)])
@@ -229,7 +229,7 @@ class _Correlator:
             return None
         masked = xp.where(is_peak, core, -xp.inf)
         rel, value = _Correlator.argmax_plain(xp, masked)
-        return self.wrap([(s + 1 + j) % n for s, j, n in zip(starts, rel, self.shape)]), value
+        return self.wrap([(s + 1 + j) % n for s, j, n in zip(starts, rel, self.shape, strict=True)]), value
 
     @staticmethod
     def argmax_plain(xp: Any, a: Any) -> tuple[list[int], float]:
@@ -306,7 +306,7 @@ class _Correlator:
         """Per-axis phase factors whose product moves content by ``shift``."""
         xp = self.xp
         factors = []
-        for axis, (s, n) in enumerate(zip(shift, self.shape)):
+        for axis, (s, n) in enumerate(zip(shift, self.shape, strict=True)):
             k = self.k[axis]
             phase = (-2.0 * math.pi * float(s) / n) * k
             re = xp.cos(phase)
@@ -419,7 +419,7 @@ def _refine_on_registered(
         f_tap = corr.tapered_spectrum(registered)
         x = corr.cross_power(f_tap, f_ref)
         residual = corr.refine(x, [0] * corr.ndim, upsample)
-        shift = [s + r for s, r in zip(shift, residual)]
+        shift = [s + r for s, r in zip(shift, residual, strict=True)]
     if f_tap is not None:
         f_tap = corr.shifted(f_tap, corr.ramp_factors([-r for r in residual]))
     return shift, f_tap
@@ -626,16 +626,19 @@ class Register(EngineBase):
         "noise_sigma_px": Param(None, optional(float), applies=_REBUILD),
         "background_sigma_px": Param(20.0, float, applies=_REBUILD),
         "whiten": Param(None, optional(float), applies=_REBUILD,
-                        check=_check(lambda v: 0.0 <= v <= 1.0, "register: whiten must be in [0, 1] (1 = phase correlation)")),
+                        check=_check(lambda v: 0.0 <= v <= 1.0,
+                                     "register: whiten must be in [0, 1] (1 = phase correlation)")),
         "taper": Param(0.25, float, applies=_REBUILD,
-                       check=_check(lambda v: 0.0 <= v <= 1.0, "register: taper must be in [0, 1] (fraction of each axis)")),
+                       check=_check(lambda v: 0.0 <= v <= 1.0,
+                                    "register: taper must be in [0, 1] (fraction of each axis)")),
         "log_offset": Param("default", _log_offset, applies=_REBUILD),
         "refine_passes": Param(None, optional(int),
                                check=_check(lambda v: v >= 0, "register: refine_passes must be 0 or more")),
         "max_step_px": Param(1.0, float),
         "min_significance": Param(8.0, float),
         "relock_frames": Param(5, int),
-        "fill": Param("nearest", str, check=_check(lambda v: v in _FILLS, f"register: fill must be one of {_FILLS}, got {{v!r}}")),
+        "fill": Param("nearest", str,
+                      check=_check(lambda v: v in _FILLS, f"register: fill must be one of {_FILLS}, got {{v!r}}")),
         "volume": Param(False, as_bool, applies=Applies.FIXED,
                         fixed="register: volume is fixed per instance (it changes what the daemon sends); "
                               "restart the engine with --param register.volume=..."),
@@ -811,7 +814,7 @@ class Register(EngineBase):
         self._n += 1
 
         out: dict[str, Any] = {"registered": registered}
-        for name, s in zip(self.scalar_outputs, shift):
+        for name, s in zip(self.scalar_outputs, shift, strict=True):
             out[name] = float(s)
         out["events"] = self._events(shift, info)
         return out
@@ -836,7 +839,7 @@ class Register(EngineBase):
         # a real jump of the stage. Follow the strongest peak only once it has stayed put for
         # relock_frames frames; hold the last drift until then.
         peak, value = corr.argmax(c)
-        if self._jumps and max(abs(p - q) for p, q in zip(peak, self._jumps[-1])) > 1:
+        if self._jumps and max(abs(p - q) for p, q in zip(peak, self._jumps[-1], strict=True)) > 1:
             self._jumps.clear()
         self._jumps.append(peak)
         if len(self._jumps) >= self.relock_frames:

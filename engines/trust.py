@@ -688,7 +688,8 @@ class Trust(EngineBase):
         inner = self.inner
         psf = inner.kernel if isinstance(inner, HasKernel) else None
         if psf is None:
-            raise EngineError("trust: the deconvolve engine exposes no PSF (its kernel: method='net' has none); cannot re-blur")
+            raise EngineError("trust: the deconvolve engine exposes no PSF (its kernel: method='net' has none); "
+                              "cannot re-blur")
         return np.asarray(psf), float(inner.camera_offset(raw))  # type: ignore[union-attr]
 
     def _network(self) -> RunsNetwork | None:

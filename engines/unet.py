@@ -81,7 +81,7 @@ class UNet(nn.Module):
             skips.append(x)
             x = self.pool(x)
         x = self.bottom(x)
-        for up, merge, skip in zip(self.up, self.merge, reversed(skips)):
+        for up, merge, skip in zip(self.up, self.merge, reversed(skips), strict=True):
             x = merge(torch.cat([up(x), skip], dim=1) if self.skip == "cat" else up(x) + skip)
         return self.shuffle_out(self.head(x))
 

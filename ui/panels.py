@@ -21,9 +21,10 @@ from ..bridges.store import COLORS as STORE_CHANNEL_COLORS
 from .style import COLORMAPS, COLORS, DEFAULT_CMAP, lut
 
 __all__ = ["ImagePanel", "CompositePanel", "ScaleBar", "percentile_levels", "apply_levels", "channel_color",
-           "overlay_rgb", "trust_tint", "TRUST_TINT_RANGE"]
+           "overlay_rgb", "trust_tint", "show_latency", "TRUST_TINT_RANGE"]
 
 PERCENTILES = (0.5, 99.8)
+LATENCY_WARN_MS = 250.0  # a preview this late (frame received -> preview sent) is written in amber
 # trust map values tinted: none at or above the upper value, full tint at or below the lower.
 # The engines' frame thresholds lie near 0.5-0.6 (docs/trust.md), and good frames' maps sit at
 # 0.65-1 away from their edges, so a tint starts where a region is less trusted than those.
@@ -184,9 +185,15 @@ class _PanelFrame(QtWidgets.QFrame):
         self.trust = QtWidgets.QLabel("")
         self.trust.setObjectName("panelInfo")
         self.trust.setVisible(False)
+        # how late this preview is: the daemon's latency_ms, frame received -> this preview sent
+        self.latency = QtWidgets.QLabel("")
+        self.latency.setObjectName("panelInfo")
+        self.latency.setToolTip("preview latency: from the daemon receiving the frame to sending this "
+                                "product's preview (its status gives p50/p99 in the telemetry dock)")
         row.addWidget(self.title)
         row.addWidget(self.trust)
         row.addWidget(self.info, 1)
+        row.addWidget(self.latency)
         row.addWidget(self.value)
         self.cmap = None
         if with_cmap:
@@ -223,6 +230,19 @@ def show_trust(frame_widget: Any, score: float | None, ok: float | None,
                      + (", and the newest of the sampled checks (" + ", ".join(sampled) + ")" if sampled else "")
                      + "; " + ("all above" if good else "one below") + " its threshold")
     label.setVisible(True)
+
+
+def show_latency(frame_widget: Any, header: dict[str, Any]) -> float | None:
+    """The preview's latency in the panel's title bar ("12 ms"; amber from LATENCY_WARN_MS);
+    empty when the header has none (an older daemon). Returns the value shown."""
+    label = frame_widget.latency
+    ms = header.get("latency_ms")
+    if not isinstance(ms, (int, float)) or isinstance(ms, bool) or not math.isfinite(ms):
+        label.setText("")
+        return None
+    label.setText(f"{ms:.0f} ms" if ms >= 1 else f"{ms:.1f} ms")
+    label.setStyleSheet(f"color:{COLORS['warn']};" if ms >= LATENCY_WARN_MS else "")
+    return float(ms)
 
 
 def show_consistency(frame_widget: Any, score: float | None, threshold: float | None) -> None:
@@ -397,6 +417,7 @@ class ImagePanel:
             if levels is not None:
                 self.set_levels(levels)
         self.image.setImage(arr, autoLevels=False, levels=self.levels)
+        show_latency(self.widget, header)
         self._update_saturation(arr, header)
         self.scale_bar.set_pixel_size(header.get("pixel_size_um"))
         if first or changed:
@@ -449,6 +470,7 @@ class ImagePanel:
             self.image.setLookupTable(None)
             self.overlaid = True
         self.image.setImage(self.overlay, autoLevels=False, levels=(0, 255))
+        show_latency(self.widget, header)
         self._update_saturation(arr, header)
         self.scale_bar.set_pixel_size(header.get("pixel_size_um"))
         if first or changed:
@@ -548,8 +570,7 @@ class ImagePanel:
             parts.append(f"{_fmt(lv[0])}–{_fmt(lv[1])}" + ("" if self.auto else " (fixed)"))
         if self.overlaid and self.overlay_channels:
             names = self._names
-            parts.append(" ".join("<span style='color:#%02x%02x%02x'>%s</span>"
-                                  % (*channel_color(c), html.escape(str(names.get(c, c))))
+            parts.append(" ".join(_swatch(channel_color(c), html.escape(str(names.get(c, c))))
                                   for c in sorted(self.overlay_channels)))
             self.widget.info.setTextFormat(QtCore.Qt.TextFormat.RichText)
         else:
@@ -588,8 +609,8 @@ class CompositePanel(ImagePanel):
     def __init__(self) -> None:
         super().__init__("composite", show_histogram=False)
         self.widget.cmap.setVisible(False)
-        legend = (f"<span style='color:#bbbbbb'>background</span> · <span style='color:#5fe35f'>slow</span>"
-                  f" · <span style='color:#ff5cff'>fast</span>")
+        legend = ("<span style='color:#bbbbbb'>background</span> · <span style='color:#5fe35f'>slow</span>"
+                  " · <span style='color:#ff5cff'>fast</span>")
         self.widget.info.setTextFormat(QtCore.Qt.TextFormat.RichText)
         self.legend = legend
         self.widget.info.setText(legend)
@@ -653,3 +674,8 @@ def _fmt(v: float) -> str:
     if abs(v) >= 10:
         return f"{v:.1f}"
     return f"{v:.3g}"
+
+
+def _swatch(rgb: tuple[int, ...], text: str) -> str:
+    r, g, b = rgb[:3]
+    return f"<span style='color:#{r:02x}{g:02x}{b:02x}'>{text}</span>"

@@ -43,7 +43,7 @@ def last_frames(store: str | Path) -> list[tuple[str, np.ndarray, int]]:
         sel: list = [t]
         lead_rest = arr.ndim - 3
         axes = [a for a in (arr.metadata.dimension_names or [])][1:-2]
-        for a, n in zip(axes, arr.shape[1 : 1 + lead_rest]):
+        for a, n in zip(axes, arr.shape[1 : 1 + lead_rest], strict=False):
             sel.append(n // 2 if a == "z" else 0)
         out.append((entry["path"], np.asarray(arr[tuple(sel)]), t))
     out = [o for o in out if o[0].split("_")[0] not in SKIP]

@@ -3,7 +3,7 @@ colour maps microscopists use. Nothing here touches a socket or a frame."""
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -35,7 +35,7 @@ DEFAULT_CMAP = {"raw": "Grays", "registered": "Grays", "denoised": "Grays", "dec
 COLORMAPS = ("Grays", "Fire", "HiLo", "Green", "Magenta", "Cyan", "Red", "Yellow", "Inferno", "Viridis")
 
 
-@lru_cache(maxsize=None)
+@cache
 def lut(name: str, n: int = 256) -> np.ndarray:
     """An (n, 3) uint8 look-up table for a colour map by its Fiji/napari name."""
     ramp = np.linspace(0.0, 1.0, n)

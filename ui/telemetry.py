@@ -2,7 +2,9 @@
 
 Rates (input, processed, saved, display) and per-stage latency p50/p99 are plotted over the last
 few minutes; counters that mean data is missing (lost) are red when non-zero, skipped frames
-(engines slower than the camera, by design) amber.
+(engines slower than the camera, by design) amber. The live preview latency (frame received ->
+its preview sent, ``status()["latency"]["preview"]`` for restored products, ``preview_raw`` for
+raw) is written as p50 / p99 in the panel and the status line.
 """
 
 from __future__ import annotations
@@ -17,13 +19,23 @@ from pyqtgraph.Qt import QtCore, QtWidgets
 
 from .style import COLORS
 
-__all__ = ["TelemetryPanel", "status_line"]
+__all__ = ["TelemetryPanel", "status_line", "preview_latency"]
 
 LINE_COLORS = ["#5fa8e8", "#e8a23c", "#6cc070", "#c77dde", "#e8e05f", "#ff7b72", "#7fd6d6", "#b0b0b0"]
 
 
 def _span(text: str, colour: str | None) -> str:
     return f"<span style='color:{colour}'>{text}</span>" if colour else text
+
+
+def preview_latency(st: dict[str, Any], which: str = "preview") -> str | None:
+    """"p50 / p99 ms" of the daemon's preview latency (``which``: "preview" for restored
+    products, "preview_raw" for raw), or None before the daemon measured any."""
+    summary = (st.get("latency") or {}).get(which) or {}
+    p50, p99 = summary.get("p50_ms"), summary.get("p99_ms")
+    if not isinstance(p50, (int, float)) or not isinstance(p99, (int, float)):
+        return None
+    return f"{p50:.0f} / {p99:.0f} ms"
 
 
 def status_line(st: dict[str, Any], display_fps: float) -> str:
@@ -44,6 +56,9 @@ def status_line(st: dict[str, Any], display_fps: float) -> str:
         _span(f"rejected {rejected}", COLORS["bad"] if rejected else None),
         f"display {display_fps:.0f} fps",
     ]
+    preview = preview_latency(st) or preview_latency(st, "preview_raw")
+    if preview:
+        parts.append(f"preview p50/p99 {preview}")
     if store:
         free = float(store.get("free_gb", 0))
         parts.append(_span(f"{free:.0f} GB free", COLORS["bad"] if free < 5 else None))
@@ -70,7 +85,8 @@ class TelemetryPanel(QtWidgets.QWidget):
         self.metrics: dict[str, QtWidgets.QLabel] = {}
         names = [("received", "received"), ("saved", "saved"), ("lost", "lost"), ("skipped", "skipped"),
                  ("rejected", "rejected"), ("queue", "store queue"), ("slots", "engine slots"),
-                 ("store", "written"), ("free", "free disk")]
+                 ("store", "written"), ("free", "free disk"), ("preview", "preview p50 / p99"),
+                 ("preview_raw", "raw preview p50 / p99")]
         for i, (key, label) in enumerate(names):
             name = QtWidgets.QLabel(label)
             name.setStyleSheet(f"color:{COLORS['dim']}; font-size:9pt;")
@@ -110,8 +126,8 @@ class TelemetryPanel(QtWidgets.QWidget):
             pi.getAxis(axis).setTextPen(COLORS["dim"])
             pi.getAxis(axis).setPen(COLORS["border"])
         pi.getAxis("left").setWidth(40)
-        pi.addLegend(offset=(4, 2), labelTextColor=COLORS["dim"], labelTextSize="8pt", brush=pg.mkBrush(23, 24, 28, 190),
-                     colCount=2)
+        pi.addLegend(offset=(4, 2), labelTextColor=COLORS["dim"], labelTextSize="8pt",
+                     brush=pg.mkBrush(23, 24, 28, 190), colCount=2)
         w.setMinimumHeight(140)
         return w
 
@@ -122,7 +138,8 @@ class TelemetryPanel(QtWidgets.QWidget):
         s = self.series.get(key)
         if s is None:
             s = self.series[key] = _Series(self.history)
-            pen = pg.mkPen(colour, width=1.3, style=QtCore.Qt.PenStyle.DashLine if dashed else QtCore.Qt.PenStyle.SolidLine)
+            style = QtCore.Qt.PenStyle.DashLine if dashed else QtCore.Qt.PenStyle.SolidLine
+            pen = pg.mkPen(colour, width=1.3, style=style)
             self.curves[key] = plot.plot(pen=pen, name=key.split(":", 1)[1] if legend else None)
         s.t.append(t)
         s.v.append(float(value))
@@ -155,6 +172,9 @@ class TelemetryPanel(QtWidgets.QWidget):
         self._metric("rejected", f"{rejected}", COLORS["bad"] if rejected else None)
         self._metric("queue", f"{q.get('store_items', 0)} · {q.get('store_mb', 0):.0f} MB")
         self._metric("slots", f"{q.get('engine_slots', 0)}")
+        # frame received -> preview sent, restored products and raw apart (docs/viewer.md)
+        self._metric("preview", preview_latency(st) or "–")
+        self._metric("preview_raw", preview_latency(st, "preview_raw") or "–")
         if store:
             free = float(store.get("free_gb", 0))
             self._metric("store", f"{store.get('bytes_written', 0) / 2**20:,.0f} MB")
@@ -167,8 +187,8 @@ class TelemetryPanel(QtWidgets.QWidget):
         rows = []
         for name, e in (st.get("engines") or {}).items():
             state = _span("on", COLORS["ok"]) if e.get("enabled") else _span("off", COLORS["warn"])
-            l = e.get("latency") or {}
-            rows.append(f"{name:<11} {state}  {l.get('p50_ms', 0):6.1f} / {l.get('p99_ms', 0):6.1f} ms"
+            lat = e.get("latency") or {}
+            rows.append(f"{name:<11} {state}  {lat.get('p50_ms', 0):6.1f} / {lat.get('p99_ms', 0):6.1f} ms"
                         f"  processed {e.get('processed', 0)}")
         self.engines_label.setText("<pre style='margin:0'>" + "\n".join(rows) + "</pre>")
 

@@ -172,7 +172,8 @@ class NoveltyStrip(QtCore.QObject):
     @staticmethod
     def _tip(x: float, y: float, data: Any) -> str:
         ev = data or {}
-        return f"event {ev.get('id', '?')} ({ev.get('kind', ev.get('type', 'novelty'))}): t {x:g}, score {y:.2f}, seq {ev.get('seq')}"
+        kind = ev.get("kind", ev.get("type", "novelty"))
+        return f"event {ev.get('id', '?')} ({kind}): t {x:g}, score {y:.2f}, seq {ev.get('seq')}"
 
     def _clicked(self, _item: Any, points: Any, *_: Any) -> None:
         if len(points):

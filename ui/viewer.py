@@ -5,6 +5,10 @@ a small high-water mark; a QTimer at screen rate drains the socket and draws onl
 frame of each product; levels and histograms are recomputed about once a second. The control
 socket is served by a thread (:mod:`.link`), so a daemon that is away never freezes the window.
 
+One daemon previews every stream it ingests (cameras, Micro-Manager's live mode and snaps); the
+viewer shows one stream at a time, picked in the *Stream* selector or followed by itself
+(:mod:`.streams`: the first stream, and a live-mode stream once the shown one has gone quiet).
+
     livescope view --connect tcp://127.0.0.1:5571 --control tcp://127.0.0.1:5572
 
 Shortcuts are listed in ``SHORTCUTS`` (F1 in the window).
@@ -24,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..bridges.transport import DEFAULT_CONTROL, DEFAULT_PUBLISH, PreviewSubscriber
+from .streams import StreamChooser
 
 __all__ = ["LiveViewer", "run_viewer", "main", "SHORTCUTS"]
 
@@ -106,7 +111,12 @@ class LiveViewer:
                                 | QtWidgets.QMainWindow.DockOption.AllowTabbedDocks)
 
         # state
-        self.latest: dict[tuple, Any] = {}  # (product, p, c, z) -> newest Frame
+        self.latest: dict[tuple, Any] = {}  # (stream, product, p, c, z) -> newest Frame
+        # which stream is shown, each stream's own p/c/z, following live mode (ui/streams.py)
+        self.streams = StreamChooser()
+        self._products: set[str] = set()  # the products the shown stream has previewed
+        self._stream_labels: list[tuple[str, str]] = []  # what the stream selector lists
+        self._relayout_after_draw = False
         self.panels: dict[str, Any] = {}
         self.hidden: set[str] = set(read_json(self.settings, "panels/hidden", sorted(HIDDEN_BY_DEFAULT)))
         self.cmaps: dict[str, str] = read_json(self.settings, "panels/cmaps", {})
@@ -116,6 +126,7 @@ class LiveViewer:
         self._trust_sampled: dict[str, dict[str, float]] = {}  # product -> newest sampled trust scores
         self._event_mark_until = 0.0
         self._shown_event: dict[str, Any] | None = None
+        # the shown stream's selection and values seen (the same dicts as its StreamInfo's)
         self.selection = {"p": 0, "c": 0, "z": 0}
         self.seen: dict[str, dict[int, str]] = {"p": {}, "c": {}, "z": {}}
         self.paused = False
@@ -174,7 +185,8 @@ class LiveViewer:
         self.novelty = NoveltyStrip()
         self.novelty.sigEventClicked.connect(self.show_event)
         self.roi_trace = RoiTrace()
-        self.dock_controls = self._dock("Engines", "engines", self.controls, QtCore.Qt.DockWidgetArea.RightDockWidgetArea)
+        right = QtCore.Qt.DockWidgetArea.RightDockWidgetArea
+        self.dock_controls = self._dock("Engines", "engines", self.controls, right)
         self.dock_telemetry = self._dock("Telemetry", "telemetry", self.telemetry,
                                          QtCore.Qt.DockWidgetArea.RightDockWidgetArea)
         self.dock_time = self._dock("Time", "time", strip_container(self.novelty.widget, self.roi_trace.widget),
@@ -230,6 +242,24 @@ class LiveViewer:
         self.panels_button.setPopupMode(QtWidgets.QToolButton.ToolButtonPopupMode.InstantPopup)
         tb.addWidget(self.panels_button)
         tb.addSeparator()
+        # the stream: shown only once a second stream was seen
+        self.stream_combo = QtWidgets.QComboBox()
+        self.stream_combo.setMinimumWidth(150)
+        self.stream_combo.setFocusPolicy(QtCore.Qt.FocusPolicy.NoFocus)
+        self.stream_combo.setToolTip("the stream shown: each camera, live mode, snaps (picking one stops "
+                                     "following live mode)")
+        self.stream_combo.activated.connect(lambda i: self.choose_stream(self.stream_combo.itemData(i)))
+        self.follow_box = QtWidgets.QCheckBox("Follow live")
+        self.follow_box.setFocusPolicy(QtCore.Qt.FocusPolicy.NoFocus)
+        self.follow_box.setToolTip(f"show a live-mode stream when it sends and the shown stream has been quiet "
+                                   f"for {self.streams.quiet_s:g} s, and the acquisition again when live mode "
+                                   "stops; off once you pick a stream")
+        self.follow_box.setChecked(self.streams.follow)
+        self.follow_box.toggled.connect(self.set_follow)
+        self._stream_actions = [tb.addWidget(QtWidgets.QLabel("Stream")), tb.addWidget(self.stream_combo),
+                                tb.addWidget(self.follow_box), tb.addSeparator()]
+        for act in self._stream_actions:
+            act.setVisible(False)
         self.selectors: dict[str, Any] = {}
         for axis, label in (("p", "Position"), ("c", "Channel"), ("z", "Z")):
             tb.addWidget(QtWidgets.QLabel(label))
@@ -256,7 +286,8 @@ class LiveViewer:
         tb.addSeparator()
         self.act_auto = self._action(tb, "Auto levels", "continuous percentile auto-levels (L)", checkable=True,
                                      checked=self.auto_levels, slot=self.set_auto_levels)
-        self._action(tb, "Auto-contrast", "set every panel's levels from its current frame (A)", slot=self.auto_contrast)
+        self._action(tb, "Auto-contrast", "set every panel's levels from its current frame (A)",
+                     slot=self.auto_contrast)
         self._action(tb, "Fit", "fit the image to the panels (F)", slot=self.fit)
         tb.addSeparator()
         self.act_roi = self._action(tb, "ROI", "mean intensity in a rectangle over time (R)", checkable=True,
@@ -384,7 +415,14 @@ class LiveViewer:
             self.set_panel_visible(name, name in self.hidden)
 
     def visible_panels(self) -> list[str]:
-        return [n for n in sorted(self.panels, key=_order) if n not in self.hidden]
+        """The panels shown: not hidden, and of a product the shown stream has (another
+        stream's products keep their panels, out of sight, until it is shown again)."""
+        return [n for n in sorted(self.panels, key=_order) if n not in self.hidden and self._has_product(n)]
+
+    def _has_product(self, name: str) -> bool:
+        if name == "composite":
+            return any(d in self._products for d in DECOMPOSITION)
+        return name in self._products
 
     def relayout(self) -> None:
         """Place the visible panels in the grid whose cells are largest for the frames' aspect."""
@@ -434,28 +472,33 @@ class LiveViewer:
 
     # -- frames ----------------------------------------------------------------------------------
     def update(self) -> int:
-        """Draw the newest preview of each product at the selected position, channel and z.
-        Returns the number of panels drawn."""
+        """Draw the newest preview of each product of the shown stream at the selected position,
+        channel and z. Returns the number of panels drawn."""
         now = time.monotonic()
         new = self.sub.latest()
         if new:
             self._last_frame_at = now
             self.latest.update(new)
+            self._note_streams(new, now)
+        if not self.paused:  # a frozen display keeps its stream
+            self._follow_streams(now)
+        if new:
             self._note_frames(new)
         self._check_idle(now)
         if self.paused:
             return 0
+        stream = self.streams.selected
         sel = (self.selection["p"], self.selection["c"], self.selection["z"])
         drawn = 0
         decomposition_changed = False
         # the newest frame of each channel of the selected position and z, per product
         channels: dict[str, dict[int, Any]] = {}
         if self.overlay:
-            for (product, p, c, z), frame in self.latest.items():
-                if (p, z) == (sel[0], sel[2]) and frame.array is not None:
+            for (s, product, p, c, z), frame in self.latest.items():
+                if s == stream and (p, z) == (sel[0], sel[2]) and frame.array is not None:
                     channels.setdefault(product, {})[c] = frame
-        for (product, p, c, z), frame in sorted(self.latest.items(), key=lambda kv: _order(kv[0][0])):
-            if (p, c, z) != sel or frame.array is None or product.startswith(TRUST_PREFIX):
+        for (s, product, p, c, z), frame in sorted(self.latest.items(), key=lambda kv: _order(kv[0][1])):
+            if s != stream or (p, c, z) != sel or frame.array is None or product.startswith(TRUST_PREFIX):
                 continue
             panel = self._panel(product)
             group = channels.get(product, {})
@@ -479,6 +522,10 @@ class LiveViewer:
             if product in DECOMPOSITION:
                 decomposition_changed = True
             self._sample_roi(product, frame)
+        if self._relayout_after_draw and drawn:  # another stream shown: its frames' aspect decides the grid
+            self._relayout_after_draw = False
+            self._grid_order = []
+            self.relayout()
         self._draw_trust(sel)
         if decomposition_changed and any(k in self.panels for k in DECOMPOSITION):
             composite = self._panel("composite")
@@ -510,23 +557,39 @@ class LiveViewer:
         for name, panel in self.panels.items():
             if panel.composite:
                 continue
-            frame = self.latest.get((TRUST_PREFIX + name, *sel)) if self.trust_overlay else None
+            key = (self.streams.selected, TRUST_PREFIX + name, *sel)
+            frame = self.latest.get(key) if self.trust_overlay else None
             if frame is None or frame.array is None or panel.array is None or np.ndim(frame.array) != 2:
                 if panel.trust_item.isVisible():
                     panel.show_trust_map(None)
                 continue
             panel.show_trust_map(frame.array, key=(frame.seq, id(frame.header), id(panel.array)))
 
-    def _note_frames(self, new: dict[tuple, Any]) -> None:
-        """Selectors, the recent-frame buffer, the novelty strip, stream restarts."""
-        sel = (self.selection["p"], self.selection["c"], self.selection["z"])
-        for (product, p, c, z), frame in new.items():
+    def _note_streams(self, new: dict[tuple, Any], now: float) -> None:
+        """Streams (when each sent, which are live mode) and the values each has on each axis."""
+        shown = self.streams.selected
+        # streams first seen in the same drain are listed by name: the order a viewer started
+        # beside running cameras shows them in does not depend on which message came first
+        for (stream, product, p, c, z), frame in sorted(new.items(), key=lambda kv: kv[0][0]):
+            info = self.streams.note(stream, now, live=frame.header.get("live") is True)
             for axis, value in (("p", p), ("c", c), ("z", z)):
-                if value not in self.seen[axis]:
-                    name = str(frame.header.get("channel") or value) if axis == "c" else str(value)
-                    self.seen[axis][value] = name
-                    self._refresh_selector(axis)
-            if (p, c, z) != sel or frame.array is None:
+                if value not in info.seen[axis]:
+                    info.seen[axis][value] = str(frame.header.get("channel") or value) if axis == "c" else str(value)
+                    if stream == shown:
+                        self._refresh_selector(axis)
+            if stream == shown:
+                self._products.add(product)
+        labels = [(name, self.streams.label(name)) for name in self.streams.names()]
+        if labels != self._stream_labels:
+            self._stream_labels = labels
+            self._refresh_stream_selector()
+
+    def _note_frames(self, new: dict[tuple, Any]) -> None:
+        """The shown stream's frames: the recent-frame buffer, the novelty strip, restarts."""
+        stream = self.streams.selected
+        sel = (self.selection["p"], self.selection["c"], self.selection["z"])
+        for (s, product, p, c, z), frame in new.items():
+            if s != stream or (p, c, z) != sel or frame.array is None:
                 continue
             last = self._last_seq.get(product)
             if last is not None and frame.seq < last - 1:
@@ -553,7 +616,7 @@ class LiveViewer:
                 thr = scalars.get("consistency_threshold")
                 show_consistency(panel.widget, float(scalars["consistency"]), None if thr is None else float(thr))
             # one product's frames only: the products' previews leave at slightly different times
-            novelty_from = next((d for d in DECOMPOSITION if any(k[0] == d for k in self.latest)), None)
+            novelty_from = next((d for d in DECOMPOSITION if d in self._products), None)
             if "novelty" in scalars and product == novelty_from:
                 t = (frame.header.get("index") or {}).get("t", frame.seq)
                 self.novelty.add(float(t), float(scalars["novelty"]))
@@ -593,6 +656,19 @@ class LiveViewer:
             self.say("idle", f"No new frames for {idle:.0f} s: the acquisition is paused or has ended.", "info")
         elif idle <= IDLE_AFTER_S and "idle" in self._messages:
             self.unsay("idle")
+        self._check_quiet_stream(now, idle)
+
+    def _check_quiet_stream(self, now: float, idle: float) -> None:
+        """The shown stream is quiet while another sends (Follow live off, or two ordinary
+        streams): say so, so a still image is not taken for a live one."""
+        info = self.streams.info()
+        quiet_for = now - info.last_seen if info is not None else 0.0
+        if idle <= IDLE_AFTER_S and quiet_for > self.streams.quiet_s and not self.paused:
+            if "quiet" not in self._messages:
+                self.say("quiet", f"{self.streams.label(info.name)} sent nothing for {quiet_for:.0f} s while other "
+                         "streams send: pick one in Stream to see it.", "info")
+        elif "quiet" in self._messages:
+            self.unsay("quiet")
 
     # -- selectors -------------------------------------------------------------------------------
     def _refresh_selector(self, axis: str) -> None:
@@ -624,6 +700,82 @@ class LiveViewer:
             i = values.index(self.selection[axis]) if self.selection[axis] in values else 0
             self.select(axis, values[max(0, min(len(values) - 1, i + delta))])
 
+    # -- streams ---------------------------------------------------------------------------------
+    def _refresh_stream_selector(self) -> None:
+        """The streams in first-seen order, live mode marked; shown only with more than one."""
+        combo = self.stream_combo
+        blocker = self.QtCore.QSignalBlocker(combo)
+        combo.clear()
+        for name, label in self._stream_labels:
+            combo.addItem(label, name)
+        combo.setCurrentIndex(max(0, combo.findData(self.streams.selected)))
+        del blocker
+        for act in self._stream_actions:
+            act.setVisible(self.streams.several)
+
+    def choose_stream(self, name: str | None) -> None:
+        """The user picked a stream: show it, and stop following live mode (sticky)."""
+        if name is not None:
+            self.set_stream(name, by_user=True)
+
+    def set_follow(self, on: bool) -> None:
+        """Follow live mode by itself (see ui/streams.py), or stay on the stream shown."""
+        self.streams.follow = bool(on)
+        if self.follow_box.isChecked() != self.streams.follow:
+            self.follow_box.setChecked(self.streams.follow)
+        if not on:
+            self.unsay("follow")
+
+    def _follow_streams(self, now: float) -> None:
+        pick = self.streams.auto_pick(now)
+        if pick is None:
+            return
+        before = self.streams.selected
+        self.set_stream(pick)
+        if before is not None:
+            self.say("follow", f"Now showing {self.streams.label(pick)}: {self.streams.label(before)} sent nothing "
+                     f"for {self.streams.quiet_s:g} s (Follow live). Pick a stream to stay on one.", "info", 8)
+
+    def set_stream(self, name: str, *, by_user: bool = False) -> None:
+        """Show ``stream``: its own position, channel and z (as last picked there), its products'
+        panels; the history of the stream shown before (novelty, ROI trace, buffer) starts over."""
+        before = self.streams.selected
+        selection = self.streams.select(name, by_user=by_user)
+        if by_user:
+            self.set_follow(False)
+            self.unsay("follow")
+        if before is None:  # the first stream shown keeps the selection the viewer started with
+            self.streams.adopt_selection(name, self.selection)
+            selection = self.selection
+        info = self.streams.info(name)
+        assert info is not None
+        self.selection, self.seen = selection, info.seen
+        for axis in self.selectors:
+            self._refresh_selector(axis)
+        self.stream_combo.setCurrentIndex(max(0, self.stream_combo.findData(name)))
+        if name == before:
+            return
+        self._products = {k[1] for k in self.latest if k[0] == name}
+        for panel in self.panels.values():
+            panel.seq = -1
+            panel.overlay_key = None
+            panel.shape = None  # another camera's frames: fit them, no "the stream changed shape"
+            if panel.auto:
+                panel.levels = None  # levels from the new stream's first frame
+            panel.show_trust_map(None)
+            panel.show_event_box(None)
+            panel.show_event_mark(None)
+            panel.widget.trust.setVisible(False)
+            panel.widget.latency.setText("")
+        self._trust_sampled.clear()
+        self.novelty.clear()
+        self.roi_trace.reset()
+        self.buffer.clear()
+        self._last_seq.clear()
+        self._grid_order = []
+        self._relayout_after_draw = True
+        self.relayout()
+
     # -- levels, view, modes ---------------------------------------------------------------------
     def set_overlay(self, on: bool) -> None:
         """Overlay every channel of the selected position and z in its colour, or (off) show the
@@ -644,7 +796,7 @@ class LiveViewer:
         self.trust_overlay = bool(on)
         if self.trust_box.isChecked() != self.trust_overlay:
             self.trust_box.setChecked(self.trust_overlay)
-        has_maps = any(k[0].startswith(TRUST_PREFIX) for k in self.latest)
+        has_maps = any(k[1].startswith(TRUST_PREFIX) for k in self.latest if k[0] == self.streams.selected)
         if self.trust_overlay and not has_maps:
             self.say("trust", "Trust map: no trust map received yet; run the daemon with --engines trust "
                      "(docs/trust.md).", "info", 6)
@@ -746,6 +898,8 @@ class LiveViewer:
         newest = next((e for e in reversed(events) if e.get("centroid") is not None), None)
         if raw is None or raw.array is None or newest is None:
             return
+        if newest.get("stream", self.streams.selected) != self.streams.selected:
+            return
         if (newest.get("p", self.selection["p"]), newest.get("z", self.selection["z"])) != (
                 self.selection["p"], self.selection["z"]):
             return
@@ -776,7 +930,8 @@ class LiveViewer:
             self.cursor_label.setText("")
             return
         px = f"x {int(x)}  y {int(y)} px"
-        ref = next((p for p in self.panels.values() if p.header.get("pixel_size_um")), None)
+        ref = next((self.panels[n] for n in self.visible_panels() if self.panels[n].header.get("pixel_size_um")),
+                   None)  # a panel of the shown stream: another camera's pixels may be another size
         if ref is not None:
             size = float(ref.header["pixel_size_um"]) * (ref.array.shape[1] / shape[1] if ref.array is not None else 1)
             px += f"   ({(int(x) + 0.5) * size:.2f}, {(int(y) + 0.5) * size:.2f} µm)"
@@ -900,7 +1055,8 @@ class LiveViewer:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.win.grab().save(str(folder / "window.png"))
-        state: dict[str, Any] = {"panels": {}, "window": [self.win.width(), self.win.height()]}
+        state: dict[str, Any] = {"panels": {}, "window": [self.win.width(), self.win.height()],
+                                 "stream": self.streams.selected, "streams": self.streams.names()}
         for name in self.visible_panels():
             panel = self.panels[name]
             if panel.array is None:
@@ -920,6 +1076,7 @@ class LiveViewer:
                 "image_rect": [tl.x(), tl.y(), br.x(), br.y()], "view_rect": [vtl.x(), vtl.y(), vbr.x(), vbr.y()],
                 "composite": panel.composite, "saturated_overlay": bool(panel.saturation.isVisible()),
                 "trust_overlay": bool(panel.trust_item.isVisible()),
+                "latency_ms": panel.header.get("latency_ms"), "stream": panel.header.get("stream"),
             }
         (folder / "state.json").write_text(json.dumps(state, indent=1))
         return state
@@ -984,12 +1141,12 @@ def run_viewer(connect: str = DEFAULT_PUBLISH, control: str | None = DEFAULT_CON
     viewer = LiveViewer(connect, control, settings_path=settings_path, curve=curve)
     viewer.win.show()
     if seconds is not None:
-        def _finish() -> None:
-            viewer.update()
+        def _finish(shown: LiveViewer = viewer) -> None:  # bound now: `viewer` is deleted below
+            shown.update()
             if screenshot:
-                viewer.win.grab().save(screenshot)
+                shown.win.grab().save(screenshot)
             if dump:
-                viewer.dump(dump)
+                shown.dump(dump)
             app.quit()
 
         QtCore.QTimer.singleShot(int(seconds * 1000), _finish)

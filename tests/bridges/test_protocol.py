@@ -101,7 +101,8 @@ def test_fuzzed_bytes_never_crash_the_decoder(head, body):
 
 @settings(max_examples=200, deadline=None)
 @given(header=st.dictionaries(st.sampled_from(["v", "stream", "seq", "shape", "dtype", "bits", "index", "kind"]),
-                              st.one_of(st.integers(-5, 5), st.text(max_size=5), st.lists(st.integers(-1, 8), max_size=4),
+                              st.one_of(st.integers(-5, 5), st.text(max_size=5),
+                                        st.lists(st.integers(-1, 8), max_size=4),
                                         st.none(), st.booleans(), st.sampled_from(list(DTYPES)))))
 def test_fuzzed_headers_never_crash_the_decoder(header):
     try:

@@ -236,7 +236,7 @@ def test_restore_returns_input_dtype_with_one_fixed_scale(daemon):
     peak = float(frames[0].max())
     expected_scale = 2.0 ** np.floor(np.log2(65535 / (4 * peak)))
     assert hook.scale == expected_scale and expected_scale >= 4  # 12-bit data in uint16: room to spare
-    for f, (out, md) in zip(frames, outs):
+    for f, (out, md) in zip(frames, outs, strict=True):
         assert md["livescope"]["scale"] == expected_scale
         np.testing.assert_array_equal(out, np.clip(np.rint(f.astype(np.float32) * expected_scale), 0, 65535))
     st = hook.stats()

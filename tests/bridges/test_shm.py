@@ -71,7 +71,8 @@ def test_round_trip_is_bit_exact_through_frame_receiver(link, shape, dtype):
     rng = np.random.default_rng(1)
     info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else None
     frames = [
-        (rng.integers(info.min, info.max, size=shape, endpoint=True) if info else rng.standard_normal(shape)).astype(dtype)
+        (rng.integers(info.min, info.max, size=shape, endpoint=True) if info else rng.standard_normal(shape))
+        .astype(dtype)
         for _ in range(6)  # more frames than slots: slots are reused after the reader released them
     ]
     for i, f in enumerate(frames):
@@ -237,7 +238,7 @@ def test_falls_back_to_inline_when_the_receiver_never_releases(link):
     assert pub.mode == "zmq"
     got = [_recv(rx) for _ in range(3)]
     assert ["shm" in g.header for g in got] == [True, True, False]
-    for g, f in zip(got, frames):
+    for g, f in zip(got, frames, strict=True):
         np.testing.assert_array_equal(g.array, f)
 
 
@@ -260,7 +261,7 @@ def test_receiver_not_up_yet_counts_frames_as_dropped_and_keeps_the_ring():
             wait_for(lambda: pub.send(frames[1]), 10, message="a send once the receiver is connected")
             assert pub.send(frames[2])
             got = [_recv(rx) for _ in range(2)]
-            for g, f in zip(got, frames[1:]):
+            for g, f in zip(got, frames[1:], strict=True):
                 assert "shm" in g.header
                 np.testing.assert_array_equal(g.array, f)
             assert rx.stats()["rejected"] == 0 and rx.stats()["lost"] == 0
@@ -358,7 +359,8 @@ def test_publisher_exiting_without_close_unlinks_its_segment():
     assert "leaked shared_memory" not in err, err
 
 
-@pytest.mark.skipif(not LINUX, reason="segments are files in /dev/shm only on Linux; elsewhere cleanup_stale is a no-op")
+@pytest.mark.skipif(not LINUX,
+                    reason="segments are files in /dev/shm only on Linux; elsewhere cleanup_stale is a no-op")
 def test_sigkilled_publisher_leaves_a_segment_that_cleanup_stale_removes():
     child = _python(f"""
         import sys

@@ -200,7 +200,7 @@ def test_frames_the_store_refuses_are_recorded_lost_once_it_can(tmp_path):
     for t in range(w.capacity_t):
         w.write(t, 0, 0, np.full((32, 48), 7, np.uint16), seq=t, time_s=t)
     meta = _break(image / "0" / "zarr.json")  # the array cannot grow for the next frame
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="zarr.json"):  # tensorstore's error, naming the file it could not write
         w.write(w.capacity_t, 0, 0, np.full((32, 48), 7, np.uint16), seq=64, time_s=64.0)
     assert w.refused == 1  # the caller counts it lost (the pipeline's store_lost)
     _heal(image / "0" / "zarr.json", meta)

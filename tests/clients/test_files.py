@@ -208,6 +208,22 @@ def test_ome_zarr_with_units_names_and_no_pyramid(tmp_path, zarr_format):
     _assert_frames(m, data[:, :, None])
 
 
+def test_ome_zarr_scale_with_a_value_missing_names_the_fix(tmp_path):
+    """A scale with fewer values than axes is refused, not read shifted onto the wrong axes."""
+    writer = pytest.importorskip("ome_zarr.writer")
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    writer.write_image(_movie((2, Y, X), 3), root, axes="tyx", scale_factors=[], scale={"t": 2.0, "y": 0.3, "x": 0.3},
+                       axes_units={"t": "second", "y": "micrometer", "x": "micrometer"})
+    meta_path = tmp_path / "s.zarr" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    scale = meta["attributes"]["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]
+    assert scale["type"] == "scale" and len(scale["scale"]) == 3
+    scale["scale"] = scale["scale"][1:]  # y and x only: read plainly, y's 0.3 would become t's
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"2 values for 3 axes \(t, y, x\); give one value per axis"):
+        open_movie(tmp_path / "s.zarr")
+
+
 # ---------------------------------------------------------------------------------- NDTiff
 
 

@@ -257,7 +257,7 @@ def _check_frames(got: list[Any], emitted: list[tuple[np.ndarray, Any, dict]], *
     """Every emitted frame arrived once, in order, bit-exact, with its index, sizes, channel and
     acquisition; ``position(index)`` gives the expected ``index.p`` (default: useq's ``p``)."""
     assert len(got) == len(emitted), f"{len(got)} frames received, {len(emitted)} acquired"
-    for frame, (img, event, _) in zip(got, emitted):
+    for frame, (img, event, _) in zip(got, emitted, strict=True):
         np.testing.assert_array_equal(frame.array, img)
         index = _plain(event.index)
         want = {k: index[k] for k in ("t", "c", "z") if k in index}
@@ -402,7 +402,7 @@ def test_two_runs_through_one_attach_are_told_apart(core, received, runner, capl
                 core.run_mda(seq).join(10)
             else:
                 core.mda.run(seq)
-            wait_for(lambda: received.ends["mmcore"] == n + 1, timeout=10, message=f"end marker {n}")
+            wait_for(lambda n=n: received.ends["mmcore"] == n + 1, timeout=10, message=f"end marker {n}")
     finally:
         bridge.close()
     got = received.frames["mmcore"]
@@ -441,7 +441,7 @@ def test_a_multi_camera_sends_each_camera(received, mode):
     else:
         got = received.frames["mmcore"]
         assert len(got) == len(emitted)
-        for frame, (img, event, _) in zip(got, emitted):
+        for frame, (img, event, _) in zip(got, emitted, strict=True):
             i = _plain(event.index)
             np.testing.assert_array_equal(frame.array, img)
             assert frame.header["index"] == {"t": i["t"], "c": i["c"] * 2 + i["cam"]}
@@ -481,7 +481,7 @@ def test_live_mode_streams_without_taking_images_from_the_buffer(received):
     numbers = [int(f.header["meta"]["frame"]["ImageNumber"]) for f in first]
     assert numbers == sorted(set(numbers))  # never the same image twice
     assert len(first) < produced  # the newest image at each poll, not every image
-    for f, n in zip(first, numbers):
+    for f, n in zip(first, numbers, strict=True):
         assert f.header["live"] is True and f.header["channel"] == "DAPI"
         np.testing.assert_array_equal(f.array, buffer[n])
     assert [f.header["index"]["t"] for f in first] == list(range(len(first)))
@@ -505,7 +505,7 @@ def test_snaps_go_to_their_own_stream_and_mda_snaps_do_not(core, received):
         bridge.close()
     snaps = received.frames["mmcore-snap"]
     assert [f.header["index"] for f in snaps] == [{"t": 0}, {"t": 1}, {"t": 2}]
-    for f, img in zip(snaps, snapped):
+    for f, img in zip(snaps, snapped, strict=True):
         np.testing.assert_array_equal(f.array, img)
         assert f.header["live"] is True and f.header["channel"] == "DAPI"
     _check_frames(received.frames["mmcore"], emitted, sizes={"t": 3})
@@ -530,7 +530,7 @@ def test_metadata_json_cannot_hold_is_dropped_and_counted_not_the_frame(core, re
         bridge.close()
     got = received.frames["mmcore"]
     assert len(got) == 4
-    for n, (frame, (img, event, _)) in enumerate(zip(got, emitted)):
+    for n, (frame, (img, _event, _)) in enumerate(zip(got, emitted, strict=True)):
         np.testing.assert_array_equal(frame.array, img)
         assert frame.header["index"] == {"t": n}
         assert "camera" not in frame.header  # refused field left out, the frame kept
@@ -577,17 +577,17 @@ def _saved_planes(out) -> list[tuple[str, np.ndarray]]:
             continue
         arr = zarr.open_array(str(out / entry["path"] / "0"), mode="r")
         rec = read_records(out / entry["path"])
-        for lead in zip(*np.nonzero(rec["status"] == STATUS["saved"])):
+        for lead in zip(*np.nonzero(rec["status"] == STATUS["saved"]), strict=True):
             planes.append((entry["path"], np.asarray(arr[lead])))
     return planes
 
 
-def _run_daemon_with(tmp_path, n_frames: int, acquire) -> tuple[dict, list]:
+def _run_daemon_with(tmp_path, n_frames: int, acquire, **options) -> tuple[dict, list]:
     from livescope.daemon.cli import run_daemon
     from livescope.daemon.config import DaemonConfig
 
     cfg = DaemonConfig(out=tmp_path / "out.zarr", ingest=free_tcp_address(), publish=free_tcp_address(),
-                       control=free_tcp_address(), source="zmq", frames=n_frames, exit_on_end=False)
+                       control=free_tcp_address(), source="zmq", frames=n_frames, exit_on_end=False, **options)
     errors: list[BaseException] = []
     done = threading.Event()
 
@@ -683,6 +683,6 @@ def test_snaps_e2e_store_holds_every_snap(core, tmp_path):
         finally:
             bridge.close()
 
-    summary, planes = _run_daemon_with(tmp_path, 3, acquire)
+    summary, planes = _run_daemon_with(tmp_path, 3, acquire, save_live=True)  # snaps are previews unless asked
     assert summary["frames"]["saved"] == 3
     _same_frames(planes, snapped)

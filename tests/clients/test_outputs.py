@@ -5,6 +5,7 @@ units, scale and a display window that fits the values."""
 from __future__ import annotations
 
 import json
+import time
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -173,12 +174,14 @@ def test_a_two_camera_multi_position_daemon_store_validates_and_opens(tmp_path, 
     a = rng.integers(0, 4000, (3, 2, 16, 20), dtype=np.uint16)  # t, p
     b = rng.integers(0, 4000, (3, 2, 12, 24), dtype=np.uint16)
 
-    def publish(_):
+    def publish(pipeline):
         cams = {"camA": FramePublisher(cfg.ingest, stream="camA", block=True),
                 "camB": FramePublisher(cfg.ingest, stream="camB", block=True)}
         for t in range(3):
             for p in range(2):
                 cams["camA"].send(a[t, p], index={"t": t, "p": p}, sizes={"p": 2}, interval_s=1.0)
+                while t == p == 0 and pipeline.received < 1:  # the first stream seen keeps the plain names
+                    time.sleep(0.005)
                 cams["camB"].send(b[t, p], index={"t": t, "p": p}, sizes={"p": 2}, interval_s=1.0)
         for pub in cams.values():
             pub.close()

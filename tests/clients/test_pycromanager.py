@@ -207,7 +207,7 @@ def _image(out: Path, p: int):
     attrs = json.loads((path / "zarr.json").read_text())["attributes"]
     ms = attrs["ome"]["multiscales"][0]
     names = [a["name"] for a in ms["axes"]]
-    scale = dict(zip(names, ms["datasets"][0]["coordinateTransformations"][0]["scale"]))
+    scale = dict(zip(names, ms["datasets"][0]["coordinateTransformations"][0]["scale"], strict=True))
     units = {a["name"]: a.get("unit") for a in ms["axes"]}
     labels = [c["label"] for c in attrs["ome"]["omero"]["channels"]]
     return zarr.open_array(str(path / "0"), mode="r")[...], names, scale, units, labels, read_records(path)

@@ -55,7 +55,7 @@ def test_status_without_a_daemon_says_how_to_fix(free_address, capsys):
 
 
 def test_param_parsing_and_bad_param():
-    from livescope.daemon.config import load_config, parse_params
+    from livescope.daemon.config import parse_params
 
     assert parse_params(["deconvolve.iterations=3", "denoise.model=/a/b.lsm", "x.flag=true"]) == {
         "deconvolve": {"iterations": 3}, "denoise": {"model": "/a/b.lsm"}, "x": {"flag": True}}

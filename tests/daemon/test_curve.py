@@ -18,7 +18,6 @@ from livescope.daemon.cli import main, run_daemon
 from livescope.daemon.config import DaemonConfig
 from livescope.daemon.control import ControlClient, ControlServer, ControlTimeout
 from livescope.daemon.pipeline import Pipeline
-
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="this libzmq was built without CURVE")

@@ -25,7 +25,8 @@ def test_fit_a_file_writes_a_model_and_loss_curve(tmp_path, capsys):
     sample = SimSample(SimConfig(shape=(64, 64), seed=2))
     tifffile.imwrite(tmp_path / "movie.tif", np.stack([sample.render(t) for t in range(6)]))
     out = tmp_path / "mine.lsm"
-    assert main(["fit", str(tmp_path / "movie.tif"), "--out", str(out), "--steps", "3", "--frames", "6", "--seconds", "60"]) == 0
+    assert main(["fit", str(tmp_path / "movie.tif"), "--out", str(out), "--steps", "3", "--frames", "6",
+                 "--seconds", "60"]) == 0
     model = modelfile.load(out)
     assert model.hash and "movie.tif" in model.metadata["training"]["data"]
     curve = (tmp_path / "mine.lsm.loss.csv").read_text().splitlines()

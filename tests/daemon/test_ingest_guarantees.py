@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -30,6 +31,13 @@ def _cfg(tmp_path, free_address, **kw):
 
 def _run(cfg, publish):
     return run_daemon(cfg, on_started=lambda p: threading.Thread(target=publish, args=(p,), daemon=True).start())
+
+
+def _wait_received(pipeline, n, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while pipeline.received < n and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert pipeline.received >= n
 
 
 def _raw(cfg, name="raw"):
@@ -189,11 +197,13 @@ def test_two_cameras_on_two_streams_get_their_own_images(tmp_path, free_address)
     a = rng.integers(0, 4000, (10, 16, 20), dtype=np.uint16)
     b = rng.integers(0, 4000, (10, 24, 12), dtype=np.uint16)
 
-    def publish(_):
+    def publish(pipeline):
         cam_a = FramePublisher(cfg.ingest, stream="camA", block=True)
         cam_b = FramePublisher(cfg.ingest, stream="camB", block=True)
         for t in range(10):
             cam_a.send(a[t], index={"t": t}, channel="GFP")
+            if t == 0:  # the stream the daemon sees first keeps the plain names (documented rule)
+                _wait_received(pipeline, 1)
             cam_b.send(b[t], index={"t": t}, channel="mCherry")
         cam_a.close()
         cam_b.close()

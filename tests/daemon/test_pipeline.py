@@ -50,7 +50,7 @@ def test_sim_two_channels_z_stack_every_raw_frame_saved_bit_exact(tmp_path, free
     # the passthrough product kept the same index as raw for every frame it processed
     prod = zarr.open_array(str(cfg.out / "passthrough" / "0"), mode="r")
     prec = read_records(cfg.out / "passthrough")
-    for idx in zip(*np.nonzero(prec["status"] == STATUS["saved"])):
+    for idx in zip(*np.nonzero(prec["status"] == STATUS["saved"]), strict=True):
         np.testing.assert_array_equal(prod[idx], raw[idx].astype(np.float32))
 
 
@@ -152,7 +152,7 @@ def test_engine_failures_pass_frames_through_and_disable_the_engine(tmp_path, fr
         for t in range(12):
             pub.send(np.full((16, 16), t, np.uint16), index={"t": t})
             # one frame at a time, so none is skipped: every frame meets the failing engine
-            wait_for(lambda: pipeline.received >= t + 1 and not pipeline._slots, message=f"frame {t} taken")
+            wait_for(lambda t=t: pipeline.received >= t + 1 and not pipeline._slots, message=f"frame {t} taken")
         pub.close()
 
     summary = run_daemon(cfg, on_started=lambda p: threading.Thread(target=publish, args=(p,), daemon=True).start())

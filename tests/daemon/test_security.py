@@ -12,7 +12,6 @@ from livescope.bridges.auth import is_loopback, read_token, token_file
 from livescope.daemon.config import DaemonConfig
 from livescope.daemon.control import ControlClient, ControlServer
 from livescope.daemon.pipeline import Pipeline
-
 from tests.conftest import wait_for
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import scipy.signal
@@ -57,7 +59,7 @@ def test_noise_free_error_falls_with_iterations(known, method: str, its: list[in
     obj, blurred = known
     raw = rel_error(blurred, obj)
     errors = [rel_error(run(blurred, AIRY, i, method), obj) for i in its]
-    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+    assert all(b < a for a, b in itertools.pairwise(errors)), errors
     assert errors[-1] < 0.6 * raw, (raw, errors)
 
 
@@ -295,7 +297,7 @@ def test_narrow_edge_pad_changes_little_against_the_full_footprint(known) -> Non
         wb = D.wb_parameters(AIRY)
         fp = R.step_footprint(AIRY, method, wb)
         pad = D.edge_pad(AIRY, method, wb)
-        assert all(p < f for p, f in zip(pad, fp))
+        assert all(p < f for p, f in zip(pad, fp, strict=True))
         narrow = run(data, AIRY, its, method, wb=wb, footprint=fp, pad=pad)
         wide = run(data, AIRY, its, method, wb=wb, footprint=fp, pad=fp)
         assert np.abs(narrow - wide).max() < 0.01 * wide.max(), method

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from livescope.engines import FrameInfo, StreamSpec, create_engine
-from livescope.engines import modelfile
+from livescope.engines import FrameInfo, StreamSpec, create_engine, modelfile
 from livescope.engines import netdeconv as N
 from livescope.engines.psf import gaussian_psf
 from tests.conftest import REAL_DATA, W2S_PAIRS
@@ -197,7 +196,7 @@ def _quality(trained) -> dict[str, float]:
     classical = {"wb2": {"iterations": 2}, "wb1": {"iterations": 1}, "rl3": {"method": "rl", "iterations": 3}}
     res: dict[str, list[float]] = {"net": [], "teacher": [], "regional_wb2": []}
     per: dict[tuple[str, float], list[float]] = {(c, s): [] for c in classical for s in singles}
-    for raw, obj in zip(trained["held"], trained["held_obj"]):
+    for raw, obj in zip(trained["held"], trained["held_obj"], strict=True):
         d = offset_free(raw)
         res["net"].append(psnr(net.restore(d, check=False)[0], obj))
         res["teacher"].append(psnr(N.teacher_deconvolve(d, field, N._teacher_params(TEACHER)), obj))
@@ -264,8 +263,8 @@ def restore_fit(source, objects):
     train, _ = still_fields(objects[0], np.random.default_rng(10), 10, 4)
     held, held_obj = still_fields(objects[1], np.random.default_rng(11), 6, 1)
     res = N.fit_deconvolution(train, psf=psf_grid((FIELD, FIELD)), teacher_params=TEACHER, task="restore",
-                              restore_window=4, steps=source["steps"][1], offset=OFFSET, base=8, depth=2, patch=32, batch=8,
-                              lr=3e-3, threads=2)
+                              restore_window=4, steps=source["steps"][1], offset=OFFSET, base=8, depth=2, patch=32,
+                              batch=8, lr=3e-3, threads=2)
     return {"model": res.model, "held": [m[0] for m in held], "held_obj": held_obj, "source": source}
 
 
@@ -285,7 +284,7 @@ def test_restore_beats_denoise_then_deconvolve_at_lower_cost(restore_fit) -> Non
     den = create_engine("denoise", backend="onnxruntime")
     den.setup(StreamSpec(shape=(FIELD, FIELD), camera_offset=OFFSET))
     restored, chain = [], {}
-    for i, (raw, obj) in enumerate(zip(restore_fit["held"], restore_fit["held_obj"])):
+    for i, (raw, obj) in enumerate(zip(restore_fit["held"], restore_fit["held_obj"], strict=True)):
         restored.append(psnr(net.restore(offset_free(raw), check=False)[0], obj))
         denoised = den.process(raw.astype(np.uint16), FrameInfo(seq=i))["denoised"]  # camera units
         for sigma in (1.0, 1.5, 2.0, 2.5, 3.0):
@@ -296,7 +295,8 @@ def test_restore_beats_denoise_then_deconvolve_at_lower_cost(restore_fit) -> Non
                 chain.setdefault((sigma, its), []).append(psnr(out, obj))
     best_chain = max(float(np.mean(v)) for v in chain.values())
     ours = float(np.mean(restored))
-    raw_psnr = float(np.mean([psnr(offset_free(r), o) for r, o in zip(restore_fit["held"], restore_fit["held_obj"])]))
+    pairs = zip(restore_fit["held"], restore_fit["held_obj"], strict=True)
+    raw_psnr = float(np.mean([psnr(offset_free(r), o) for r, o in pairs]))
     source = restore_fit["source"]
     # it learned (the fit that sat at identity did not)
     assert ours >= raw_psnr + source["restore_over_raw_db"], (ours, raw_psnr)
@@ -342,7 +342,8 @@ def test_deconvolve_engine_method_net_and_model_file(trained) -> None:
     eng.setup(StreamSpec(shape=(FIELD, FIELD), camera_offset=OFFSET))
     raw = trained["held"][1]
     out = eng.process(raw.astype(np.uint16), FrameInfo(seq=0))
-    direct = N.NetDeconvolver(trained["path"], backend="auto", tile=0).restore(offset_free(raw.astype(np.uint16).astype(np.float32)), check=False)[0]
+    net = N.NetDeconvolver(trained["path"], backend="auto", tile=0)
+    direct = net.restore(offset_free(raw.astype(np.uint16).astype(np.float32)), check=False)[0]
     np.testing.assert_allclose(out["deconvolved"], direct, rtol=1e-4, atol=1e-3)
     assert set(out) <= {"deconvolved", "events"}
     loaded = modelfile.load(trained["path"])
@@ -382,11 +383,12 @@ def test_z_stacks_are_restored_plane_by_plane(trained) -> None:
     net = N.NetDeconvolver(trained["path"], backend="onnxruntime", tile=0)
     planes = [net.restore(offset_free(p.astype(np.float32))) for p in stack]
     assert out["restored"].shape == (3, FIELD, FIELD)
-    for z, (img, score) in enumerate(planes):
+    for z, (img, _score) in enumerate(planes):
         np.testing.assert_allclose(out["restored"][z], img, rtol=1e-4, atol=1e-3)
     assert out["consistency"] == pytest.approx(max(s for _, s in planes))
     assert [e["z"] for e in out["events"]] == [2]
     dec = create_engine("deconvolve", method="net", model=str(trained["path"]), volume=True)
     assert dec.needs_volume
     dec.setup(StreamSpec(shape=(3, FIELD, FIELD), camera_offset=OFFSET))
-    np.testing.assert_allclose(dec.process(stack, FrameInfo(seq=8))["deconvolved"], out["restored"], rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(dec.process(stack, FrameInfo(seq=8))["deconvolved"], out["restored"],
+                               rtol=1e-4, atol=1e-3)

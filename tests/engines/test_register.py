@@ -45,12 +45,12 @@ class Scene:
         self.spectrum = sfft.fftn(big)
         self.freqs = [sfft.fftfreq(n) for n in big.shape]
         self.crop = tuple(
-            slice((n - s) // 2, (n - s) // 2 + s) for n, s in zip(big.shape, size)
+            slice((n - s) // 2, (n - s) // 2 + s) for n, s in zip(big.shape, size, strict=True)
         )
 
     def view(self, shift) -> np.ndarray:
         f = self.spectrum
-        for axis, (k, s) in enumerate(zip(self.freqs, shift)):
+        for axis, (k, s) in enumerate(zip(self.freqs, shift, strict=True)):
             shape = [1] * f.ndim
             shape[axis] = k.size
             f = f * np.exp(-2j * np.pi * k * s).reshape(shape)

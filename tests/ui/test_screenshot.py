@@ -77,7 +77,7 @@ def test_each_panel_shows_the_frame_the_daemon_published(xvfb, tmp_path, free_ad
             env={**env, "DISPLAY": xvfb}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         # record every preview the daemon publishes while the viewer runs
         while viewer.poll() is None:
-            for (product, p, c, z), frame in sub.latest().items():
+            for (_stream, product, p, c, z), frame in sub.latest().items():  # the sim source: one stream
                 if frame.array is not None and (p, c, z) == (0, 0, 0):
                     published[(product, frame.seq)] = np.array(frame.array)
             time.sleep(0.005)

@@ -133,7 +133,8 @@ def test_channel_selector_and_panel_visibility(qtbot, viewer_factory, free_addre
     a = np.full((16, 16), 100, np.uint16)
     b = np.full((16, 16), 900, np.uint16)
     try:
-        _feed_until(qtbot, pub, lambda s: [("raw", a, {"c": 0, "channel": "GFP"}), ("raw", b, {"c": 1, "channel": "mCherry"}),
+        _feed_until(qtbot, pub, lambda s: [("raw", a, {"c": 0, "channel": "GFP"}),
+                                           ("raw", b, {"c": 1, "channel": "mCherry"}),
                                            ("deconvolved", a.astype(np.float32), {"c": 0})],
                     lambda: 1 in v.seen["c"] and "deconvolved" in v.panels and v.panels["raw"].array is not None)
         assert v.panels["raw"].array[0, 0] == 100
@@ -477,7 +478,8 @@ def test_trust_badge_follows_the_trust_engines_scores(qtbot, viewer_factory, fre
 
         def frames(score, ok):
             return lambda seq: [("raw", raw, {}),
-                                ("denoised", arr, {"scalars": {"trust_denoised_score": score, "trust_denoised_ok": ok}})]
+                                ("denoised", arr,
+                                 {"scalars": {"trust_denoised_score": score, "trust_denoised_ok": ok}})]
 
         badge = lambda: v.panels["denoised"].widget.trust if "denoised" in v.panels else None  # noqa: E731
         start = _feed_until(qtbot, pub, frames(0.31, 0.0),
@@ -525,7 +527,7 @@ def test_trust_map_tints_low_trust_regions_and_toggles(qtbot, viewer_factory, fr
                                                                        "trust_denoised_ok": 0.0}}),
                         ("trust_denoised", tmap, {})]
     try:
-        last = _feed_until(qtbot, pub, frames, lambda: ("trust_denoised", 0, 0, 0) in v.latest
+        last = _feed_until(qtbot, pub, frames, lambda: ("s", "trust_denoised", 0, 0, 0) in v.latest
                            and "denoised" in v.panels and v.panels["denoised"].array is not None)
         assert "trust_denoised" not in v.panels  # a map to tint with, not a panel of its own
         panel = v.panels["denoised"]
@@ -569,5 +571,120 @@ def test_trust_map_tints_low_trust_regions_and_toggles(qtbot, viewer_factory, fr
         assert not panel.trust_item.isVisible()
         back = _grab_pixels(v.win)[int(y0 + 0.5 * (y1 - y0)), int(x0 + 0.1 * (x1 - x0))].astype(int)
         assert abs(back[0] - back[2]) <= 2  # grey again
+    finally:
+        pub.close()
+
+
+# -- several streams in one daemon: the stream selector, following live mode, preview latency -----
+
+def _raw_is(v, value, shape):
+    raw = v.panels.get("raw")
+    return raw is not None and raw.array is not None and raw.array.shape == shape and raw.array[0, 0] == value
+
+
+def _pick_stream(v, name):
+    """What a user's pick in the Stream selector does."""
+    i = v.stream_combo.findData(name)
+    assert i >= 0, [v.stream_combo.itemData(k) for k in range(v.stream_combo.count())]
+    v.stream_combo.setCurrentIndex(i)
+    v.stream_combo.activated.emit(i)
+
+
+def test_two_cameras_each_in_the_stream_selector_neither_overwrites_the_other(qtbot, viewer_factory, free_address):
+    import re
+
+    pipeline, server, (ingest, publish, control) = _daemon(free_address, engines=("passthrough",))
+    v = viewer_factory(publish, control)
+    cam_a, cam_b = FramePublisher(ingest, stream="camA"), FramePublisher(ingest, stream="camB")
+    a0, a1 = np.full((24, 32), 111, np.uint16), np.full((24, 32), 155, np.uint16)  # camA: two channels
+    b = np.full((40, 20), 222, np.uint16)  # camB: another shape, one channel
+    t = {"a": 0, "b": 0}
+
+    def send(a=True, b_too=False):
+        if a:
+            cam_a.send(a0, index={"t": t["a"], "c": 0})
+            cam_a.send(a1, index={"t": t["a"], "c": 1})
+            t["a"] += 1
+        if b_too:
+            cam_b.send(b, index={"t": t["b"]})
+            t["b"] += 1
+        return True
+
+    try:
+        # one stream: no stream selector
+        qtbot.waitUntil(lambda: send() and _raw_is(v, 111, (24, 32)), timeout=15000)
+        assert v.streams.names() == ["camA"] and not v.stream_combo.isVisible() and not v.follow_box.isVisible()
+        v.select("c", 1)  # camA's channel 1
+        qtbot.waitUntil(lambda: send() and _raw_is(v, 155, (24, 32)), timeout=5000)
+        # a second camera: the selector appears, listing both; camA stays shown
+        qtbot.waitUntil(lambda: send(b_too=True) and v.stream_combo.isVisible(), timeout=10000)
+        combo = v.stream_combo
+        assert [combo.itemText(i) for i in range(combo.count())] == ["camA", "camB"]
+        assert combo.currentText() == "camA" and v.follow_box.isVisible()
+        qtbot.waitUntil(lambda: send(b_too=True) and ("camB", "passthrough", 0, 0, 0) in v.latest, timeout=5000)
+        assert _raw_is(v, 155, (24, 32)) and v.panels["passthrough"].array.shape == (24, 32)
+        # pick camB: its own frames and shape, at its own channel (it has c 0 only)
+        _pick_stream(v, "camB")
+        assert not v.streams.follow and not v.follow_box.isChecked()  # a pick by hand sticks
+        assert v.selection == {"p": 0, "c": 0, "z": 0}
+        qtbot.waitUntil(lambda: send(b_too=True) and _raw_is(v, 222, (40, 20))
+                        and v.panels["passthrough"].array is not None
+                        and v.panels["passthrough"].array.shape == (40, 20), timeout=5000)
+        assert "shape" not in v._messages  # another camera, not "the stream changed shape"
+        # each panel says how late its preview is, from the daemon's header
+        raw = v.panels["raw"]
+        assert re.fullmatch(r"\d+(\.\d)? ms", raw.widget.latency.text()), raw.widget.latency.text()
+        assert float(raw.widget.latency.text().split()[0]) == pytest.approx(raw.header["latency_ms"], abs=0.5)
+        assert raw.header["stream"] == "camB"
+        # back to camA: channel 1 as it was picked there, camA's frames untouched by camB's
+        _pick_stream(v, "camA")
+        assert v.selection["c"] == 1 and v.selectors["c"].currentText() == "1"
+        qtbot.waitUntil(lambda: send(b_too=True) and _raw_is(v, 155, (24, 32)), timeout=5000)
+        # the daemon's preview latency p50 / p99, from its status, in the telemetry and status bar
+        qtbot.waitUntil(lambda: re.fullmatch(r"\d+ / \d+ ms", v.telemetry.metrics["preview"].text()) is not None
+                        and "preview p50/p99" in v.status_label.text(), timeout=5000)
+        st = pipeline.status()["latency"]["preview"]
+        assert st["count"] > 0 and st["p99_ms"] >= st["p50_ms"] > 0
+    finally:
+        cam_a.close()
+        cam_b.close()
+        _stop(pipeline, server)
+
+
+def test_follows_live_mode_once_the_shown_stream_is_quiet_and_a_pick_sticks(qtbot, viewer_factory, free_address):
+    import time
+
+    addr, pub = _publisher(free_address)
+    v = viewer_factory(addr)
+    v.streams.quiet_s = 0.3  # 2 s in use: shorter here to keep the test fast
+    mda, live = np.full((16, 16), 100, np.uint16), np.full((16, 16), 700, np.uint16)
+    both = lambda s: [("raw", mda, {"stream": "mmcore"}), ("raw", live, {"stream": "mmcore-live", "live": True})]  # noqa: E731
+    live_only = lambda s: [("raw", live, {"stream": "mmcore-live", "live": True, "latency_ms": 12.4})]  # noqa: E731
+    try:
+        last = _feed_until(qtbot, pub, both, lambda: len(v.streams.names()) == 2 and _raw_is(v, 100, (16, 16)))
+        combo = v.stream_combo
+        assert [combo.itemText(i) for i in range(combo.count())] == ["mmcore", "mmcore-live (live)"]
+        # both send for longer than quiet_s: the first stream stays shown
+        t_end = time.monotonic() + 0.6
+        last = _feed_until(qtbot, pub, both, lambda: time.monotonic() > t_end, start=last)
+        assert v.streams.selected == "mmcore"
+        # the acquisition stops, live mode goes on: after quiet_s, live is shown, and the banner says why
+        mda_stopped = time.monotonic()
+        last = _feed_until(qtbot, pub, live_only, lambda: v.streams.selected == "mmcore-live", start=last)
+        assert time.monotonic() - mda_stopped >= 0.3
+        assert combo.currentText() == "mmcore-live (live)"
+        assert "Now showing mmcore-live (live): mmcore sent nothing" in v.banner.text()
+        last = _feed_until(qtbot, pub, live_only, lambda: _raw_is(v, 700, (16, 16)), start=last)
+        assert v.panels["raw"].widget.latency.text() == "12 ms"
+        # the user picks the acquisition: it stays, though it is quiet and live mode sends
+        _pick_stream(v, "mmcore")
+        t_end = time.monotonic() + 0.6
+        last = _feed_until(qtbot, pub, live_only, lambda: time.monotonic() > t_end, start=last)
+        assert v.streams.selected == "mmcore" and _raw_is(v, 100, (16, 16)) and not v.follow_box.isChecked()
+        assert "mmcore sent nothing for" in v.banner.text() and "pick one in Stream" in v.banner.text()
+        # following on again: live is shown, and no longer said to be quiet
+        v.follow_box.setChecked(True)
+        _feed_until(qtbot, pub, live_only, lambda: _raw_is(v, 700, (16, 16)), start=last)
+        assert "quiet" not in v._messages
     finally:
         pub.close()
