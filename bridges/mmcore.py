@@ -93,9 +93,9 @@ def json_safe(obj: Any, drops: list[tuple[str, str]], path: str = "meta", depth:
         value = int(obj)
         return value if -(2**63) <= value < 2**64 else str(value)
     if isinstance(obj, (float, np.floating)):
-        value = float(obj)
-        if math.isfinite(value):
-            return value
+        number = float(obj)
+        if math.isfinite(number):
+            return number
         drops.append(("non_finite_number", path))
         return _DROP
     if isinstance(obj, str):
@@ -388,7 +388,8 @@ class MMCoreBridge:
     def _camera_geometry(self) -> dict[str, Any]:
         """Pixel-size affine (camera pixels -> stage um), binning and bit depth, read once per
         acquisition."""
-        core, out = self.core, {}
+        core = self.core
+        out: dict[str, Any] = {}
         try:
             affine = [float(v) for v in core.getPixelSizeAffine()]
             if affine[0] * affine[4] - affine[1] * affine[3] != 0:  # all zeros: no pixel size configured
@@ -658,7 +659,8 @@ class MMCoreBridge:
     def stats(self) -> dict[str, Any]:
         """Counts over every stream, and per stream: frames queued, sent, dropped (never reached
         the daemon), meta_dropped (sent with some metadata left out), and why (``causes``)."""
-        streams, causes = {}, Counter()
+        streams: dict[str, dict[str, Any]] = {}
+        causes: Counter[str] = Counter()
         for name, lane in list(self._lanes.items()):
             sent, dropped, meta_dropped, lane_causes = lane.counts()
             streams[name] = {**lane.stats(), "meta_dropped": meta_dropped, "causes": dict(lane_causes)}

@@ -359,7 +359,7 @@ def _tiff_axes(series: Any, tif: Any, path: Path,
         if rgb and n <= len(_RGB):
             names = list(_RGB[:n])
         notes.append(f"{n} {'RGB ' if rgb else ''}samples per pixel ({file_axes}) read as {n} channels"
-                     + (f" ({', '.join(names)})" if names else "") + f"; give --axes {instead(samples_at)}")
+                     + (f" ({', '.join(_RGB[:n])})" if names else "") + f"; give --axes {instead(samples_at)}")
     return out, names, notes
 
 

@@ -44,7 +44,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -149,7 +149,7 @@ class MetadataMapper:
     """
 
     def __init__(self, channels: Sequence[str] | None = None) -> None:
-        self._tables: dict[str, dict[Hashable, int]] = {"p": {}, "c": {}, "z": {}}
+        self._tables: dict[str, dict[tuple[str, Hashable], int]] = {"p": {}, "c": {}, "z": {}}  # (type, value)
         self._taken: dict[str, set[int]] = {"p": set(), "c": set(), "z": set()}
         self.channel_names: list[str] = []
         self.z_step_um: float | None = None
@@ -695,7 +695,7 @@ class SavedTap(Tap):
         # long buffer costs no memory
         self.enqueue(dataset, dict(axes))
 
-    def _frame(self, dataset: Any, axes: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:  # type: ignore[override]
+    def _frame(self, dataset: Any, axes: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
         image, metadata = self._reader.read(dataset, axes)
         return image, self._header(image, metadata, axes)
 
@@ -705,13 +705,15 @@ class _SavedFrameReader:
 
     ndstorage's own readers (0.1.18) keep a buffered file object: a read near the end of a file
     that is still being written buffers bytes of the next image half-written, and a later read
-    of that image returns them (measured: ~half the reads failed while another thread wrote).
+    of that image returns them (measured while another thread wrote: docs/bridge_pycromanager.md,
+    section "Under load and on errors").
     The NDTiff index entry says where pixels and metadata are; reading those bytes directly
     after the image-saved notification is safe. Datasets that are not NDTiff on disk (the RAM
     dataset, other storage) are read through their own ``read_image``/``read_metadata``.
     """
 
-    _PIXEL_BYTES = {0: 1, 1: 2, 3: 2, 4: 2, 5: 2, 6: 2}  # NDTiff pixel types; 2 (RGB) is left to ndstorage
+    # NDTiff pixel types; 2 (RGB) is left to ndstorage. Looked up with whatever an index entry holds.
+    _PIXEL_BYTES: ClassVar[dict[Any, int]] = {0: 1, 1: 2, 3: 2, 4: 2, 5: 2, 6: 2}
 
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
@@ -722,7 +724,7 @@ class _SavedFrameReader:
         if isinstance(index, dict) and isinstance(root, str):
             entry = index.get(frozenset((k, v) for k, v in axes.items() if v is not None))
         nbytes = self._PIXEL_BYTES.get(getattr(entry, "pixel_type", None)) if entry is not None else None
-        if entry is None or nbytes is None:
+        if entry is None or nbytes is None or not isinstance(root, str):  # (an entry comes with a root)
             return np.asarray(dataset.read_image(**axes)), dict(dataset.read_metadata(**axes) or {})
         path = os.path.join(root, entry.filename)
         h, w = int(entry.image_height), int(entry.image_width)

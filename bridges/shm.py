@@ -128,7 +128,7 @@ def same_host(address: str) -> bool:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except OSError:
         return False
-    return any(_is_local_ip(info[4][0]) for info in infos)
+    return any(_is_local_ip(str(info[4][0])) for info in infos)  # TCP: (host, port, ...) addresses
 
 
 def make_publisher(address: str, stream: str = "camera", *, shm: bool | None = None, **kw: Any) -> FramePublisher:
@@ -175,6 +175,7 @@ class _Ring:
                 continue
         self.name = name
         buf = self.shm.buf
+        assert buf is not None  # a segment just created (None only once closed)
         # fields first, magic last: a reader never sees a valid magic on a half-written block
         control = np.ndarray((_CONTROL_BYTES // 8,), dtype=np.uint64, buffer=buf)
         control[:] = 0
@@ -425,6 +426,7 @@ class ShmFramePublisher(FramePublisher):
         if self.block and self.send_timeout_ms >= 0:
             deadline = time.monotonic() + self.send_timeout_ms / 1000
         pause = 0.0
+        slot: int | None
         while True:
             states = ring.records[:, _STATE]
             free = np.flatnonzero(states == FREE)

@@ -70,12 +70,17 @@ class _Attached:
         self.name = name
         self._shm: shared_memory.SharedMemory | None = None
         self._mmap: Any = None
+        # the mapping and the views on it: None once closed (views first, so the mapping can go)
+        self.buf: memoryview | None
+        self.control: np.ndarray | None = None
+        self.records: np.ndarray | None = None
+        buf: memoryview | None
         if sys.version_info >= (3, 13):
             self._shm = shared_memory.SharedMemory(name=name, track=False)  # type: ignore[call-arg]
-            self.buf = self._shm.buf
+            buf = self._shm.buf
         elif os.name == "nt":
             self._shm = shared_memory.SharedMemory(name=name)  # no resource tracker on Windows
-            self.buf = self._shm.buf
+            buf = self._shm.buf
         else:
             self._mmap = _posix_attach(name)
             if self._mmap is None:  # no _posixshmem: attach, then take the registration back
@@ -83,13 +88,15 @@ class _Attached:
 
                 self._shm = shared_memory.SharedMemory(name=name)
                 resource_tracker.unregister(self._shm._name, "shared_memory")  # type: ignore[attr-defined]
-                self.buf = self._shm.buf
+                buf = self._shm.buf
             else:
-                self.buf = memoryview(self._mmap)
-        if len(self.buf) < _CONTROL_BYTES:
+                buf = memoryview(self._mmap)
+        self.buf = buf
+        assert buf is not None  # an open segment's buffer (None only after its close)
+        if len(buf) < _CONTROL_BYTES:
             self.close()
-            raise ProtocolError("shm_bad", f"segment {name} is {len(self.buf)} bytes, not a livescope ring")
-        control = np.ndarray((_CONTROL_BYTES // 8,), dtype=np.uint64, buffer=self.buf)
+            raise ProtocolError("shm_bad", f"segment {name} is {len(buf)} bytes, not a livescope ring")
+        control = np.ndarray((_CONTROL_BYTES // 8,), dtype=np.uint64, buffer=buf)
         if int(control[_MAGIC]) != MAGIC or int(control[_VERSION]) != LAYOUT_VERSION:
             del control
             self.close()
@@ -99,17 +106,18 @@ class _Attached:
         self.slot_nbytes = int(control[_SLOT_NBYTES])
         self.data_offset = int(control[_DATA_OFFSET])
         _, stride, size = _layout(self.nslots, self.slot_nbytes)
-        if self.data_offset != _layout(self.nslots, self.slot_nbytes)[0] or len(self.buf) < size:
+        if self.data_offset != _layout(self.nslots, self.slot_nbytes)[0] or len(buf) < size:
             del control
             self.control = None
             self.close()
-            raise ProtocolError("shm_bad", f"segment {name}: layout does not fit its {len(self.buf)} bytes")
+            raise ProtocolError("shm_bad", f"segment {name}: layout does not fit its {len(buf)} bytes")
         self.stride = stride
-        self.records = np.ndarray((self.nslots, _RECORD_WORDS), dtype=np.uint64, buffer=self.buf,
+        self.records = np.ndarray((self.nslots, _RECORD_WORDS), dtype=np.uint64, buffer=buf,
                                   offset=_CONTROL_BYTES)
 
     @property
     def retired(self) -> bool:
+        assert self.control is not None, "closed segment"
         return bool(self.control[_RETIRED])
 
     def close(self) -> None:
@@ -141,6 +149,14 @@ def _posix_attach(name: str) -> Any:
         os.close(fd)
 
 
+def _count(shm: dict[str, Any], key: str) -> int:
+    """A non-negative integer field of an ``shm`` header (not a bool)."""
+    value = shm.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ProtocolError("shm_bad", f"{key}={value!r}")
+    return value
+
+
 class ShmReader:
     """Reads frames out of publishers' rings; used by ``FrameReceiver`` for ``shm`` headers.
 
@@ -158,12 +174,10 @@ class ShmReader:
         shm = header.get("shm")
         if not isinstance(shm, dict):
             raise ProtocolError("shm_bad", "shm is not an object")
-        name, slot, nbytes, gen = (shm.get(k) for k in ("name", "slot", "nbytes", "gen"))
+        name = shm.get("name")
         if not isinstance(name, str) or not name or "/" in name or len(name) > 200:
             raise ProtocolError("shm_bad", f"name={name!r}")
-        for key, value in (("slot", slot), ("nbytes", nbytes), ("gen", gen)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ProtocolError("shm_bad", f"{key}={value!r}")
+        slot, nbytes, gen = (_count(shm, key) for key in ("slot", "nbytes", "gen"))
         try:
             dtype = np.dtype(header["dtype"])
             shape = tuple(int(s) for s in header["shape"])
@@ -175,6 +189,7 @@ class ShmReader:
         seg = self._segment(name)
         if slot >= seg.nslots or nbytes > seg.slot_nbytes:
             raise ProtocolError("shm_bad", f"slot {slot} of {seg.nslots}, {nbytes} bytes in slots of {seg.slot_nbytes}")
+        assert seg.records is not None, "closed segment"  # closed ones leave the cache
         record = seg.records[slot]
         if int(record[_STATE]) != FULL or int(record[_GEN]) != gen or int(record[_NBYTES]) != nbytes:
             raise ProtocolError("shm_stale", f"{name} slot {slot}: generation {int(record[_GEN])}, header has {gen}"

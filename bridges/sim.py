@@ -221,6 +221,14 @@ class SimMicroscope:
     >>> scope.core.mda.run(seq)
     """
 
+    # set by _build_core: the Python devices, and the event the MDA runner is on (the camera
+    # renders the frame of that t and z)
+    camera: Any
+    xy_stage: Any
+    focus: Any
+    _current_t: int
+    _current_z: int
+
     def __init__(self, config: SimConfig | None = None) -> None:
         self.sample = SimSample(config)
         self.cfg = self.sample.cfg
@@ -280,7 +288,8 @@ class SimMicroscope:
                 for z in range(z_planes):
                     index = {"t": t} | ({"c": c} if len(channels) > 1 else {}) | ({"z": z} if z_planes > 1 else {})
                     z_pos = (z - (z_planes - 1) / 2) * self.cfg.z_step_um if z_planes > 1 else None
-                    yield MDAEvent(index=index, channel={"config": name, "group": "Channel"}, z_pos=z_pos)
+                    yield MDAEvent.model_validate({"index": index, "channel": {"config": name, "group": "Channel"},
+                                                   "z_pos": z_pos})
             t += 1
 
     def camera_metadata(self) -> dict[str, Any]:
@@ -365,7 +374,7 @@ def _build_core(scope: SimMicroscope) -> Any:
         def sim_channel(self) -> str:
             return self._channel
 
-        @sim_channel.setter
+        @sim_channel.setter  # type: ignore[no-redef]  # pymm_property's setter: mypy allows the pattern for @property only
         def sim_channel(self, value: str) -> None:
             self._channel = value
 
@@ -376,7 +385,8 @@ def _build_core(scope: SimMicroscope) -> Any:
             self._exposure = float(exposure)
 
         def sensor_shape(self) -> tuple[int, int]:
-            return tuple(scope.cfg.shape)  # type: ignore[return-value]
+            h, w = scope.cfg.shape
+            return (h, w)
 
         def dtype(self) -> Any:
             return np.uint16
@@ -438,5 +448,7 @@ def _build_core(scope: SimMicroscope) -> Any:
     scope._n_z = 1
     # the camera learns t and z from each event; a hardware-sequenced burst would start only one
     # event for many frames, so every frame is its own event here
-    core.mda.engine.use_hardware_sequencing = False
+    engine = core.mda.engine
+    assert engine is not None  # the runner comes with UniMMCore's engine
+    engine.use_hardware_sequencing = False
     return core

@@ -261,7 +261,7 @@ class ImageWriter:
         # in-memory copy of the records (small: a few numbers per plane)
         self._rec = {k: np.full(lead, _RECORD_FILL[k], dtype=dt) for k, dt in RECORD_FIELDS.items()}
         self._buffers: dict[tuple[int, int, int], _ShardBuffer] = {}
-        self._inflight: list[tuple[Any, list[tuple[int, ...]]]] = []
+        self._inflight: list[tuple[Any, list[tuple[int, ...]], _ShardBuffer]] = []  # (write future, leads, shard)
         self._dirty_scalars: set[str] = set()  # engine scalars changed since their last write
         self._meta_file: Any = None
         self.inflight_bytes = 0

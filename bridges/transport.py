@@ -22,7 +22,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import zmq
@@ -101,12 +101,13 @@ class FramePublisher:
     a daemon whose connection is up (``ZMQ_IMMEDIATE``), so a frame sent while nobody listens (a
     daemon not started yet, a wrong port) is counted, never reported sent and then lost. Only in
     the first ``connect_timeout_ms`` after construction does a send wait for the connection to
-    come up (a daemon that is there answers in about a millisecond).
+    come up (a daemon that is there answers at once).
 
-    ``send`` copies the frame (about 1 ms for 2048x2048 uint16), so a camera loop may refill
-    its buffer as soon as ``send`` returned: ZeroMQ transmits later, from its own thread. Pass
-    ``copy=False`` (to ``send``, or here for every frame) only when you hand the array over for
-    good, a fresh array per frame that you never write again.
+    ``send`` copies the frame, so a camera loop may refill its buffer as soon as ``send``
+    returned: ZeroMQ transmits later, from its own thread. Pass ``copy=False`` (to ``send``, or
+    here for every frame) only when you hand the array over for good, a fresh array per frame
+    that you never write again. Measured (the copy, the connection): docs/protocol.md, section
+    "Publishing from your code".
 
     Every header carries ``source``, 8 hex characters drawn per publisher, so that the daemon
     keeps one ``seq`` count per publisher even when several share a stream name.
@@ -259,7 +260,8 @@ class FrameReceiver:
                  max_message_bytes: int = MAX_MESSAGE_PART_BYTES):
         self.address = address
         self._private = private if bind else None
-        self._curve = curve if bind else None
+        # a socket that binds takes the server's keys (module doc); a connecting one only secures itself
+        self._curve = cast("CurveServer | None", curve) if bind else None
         self._ctx = self._curve.acquire() if self._curve is not None else context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.PULL)
         self._sock.setsockopt(zmq.RCVHWM, hwm)

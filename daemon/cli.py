@@ -374,8 +374,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     def _start_viewer(pipeline: Any) -> None:
         nonlocal viewer
         if not headless:
-            viewer = subprocess.Popen([sys.executable, "-m", "livescope.ui.viewer", "--connect", cfg.publish,
-                                       "--control", cfg.control])
+            viewer = subprocess.Popen([sys.executable, "-m", "livescope.ui.viewer", "--connect", str(cfg.publish),
+                                       "--control", str(cfg.control)])
 
     t0 = time.perf_counter()
     summary = run_daemon(cfg, progress=headless, on_started=_start_viewer)

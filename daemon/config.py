@@ -299,15 +299,15 @@ def _check_engines(cfg: DaemonConfig, where: Any, param_origin: Mapping[tuple[st
             continue
         params = cfg.engine_params.get(name, {})
         try:  # the daemon creates the engine per stream: a bad value fails here, not on the first frame
-            engine = create_engine(name, **params)
+            made = create_engine(name, **params)
         except Exception as exc:
             origin = sorted({param_origin.get((name, p), "configuration") for p in params}) or [where("engines")]
             problems.append(f"{', '.join(origin)}: engine {name} cannot start with parameters {_toml(params)}: "
                             f"{type(exc).__name__}: {exc}")
             continue
-        scalars = set(getattr(engine, "scalar_outputs", ()))
-        products.update(o for o in getattr(engine, "outputs", ()) if o not in scalars)
-        close = getattr(engine, "close", None)
+        scalars = set(getattr(made, "scalar_outputs", ()))
+        products.update(o for o in getattr(made, "outputs", ()) if o not in scalars)
+        close = getattr(made, "close", None)
         if close is not None:
             close()
     if isinstance(cfg.save_products, list) and not problems:

@@ -111,7 +111,8 @@ class ControlServer:
         if self._curve is None:
             return None
         try:
-            return frame.get("User-Id") or None
+            user = frame.get("User-Id")
+            return str(user) if user else None
         except zmq.ZMQError:
             return None
 
@@ -178,7 +179,11 @@ class ControlClient:
         token = self.token or read_token(self.address)
         try:
             sock.send_json({"cmd": cmd, **kwargs, **({"token": token} if token else {})})
-            return sock.recv_json()
+            reply = sock.recv_json()
+            if not isinstance(reply, dict):
+                raise RuntimeError(f"the daemon at {self.address} answered {reply!r}, not a reply object: "
+                                   "is another program listening on that control address?")
+            return reply
         except zmq.Again:
             sock.close(linger=0)
             self._sock = None

@@ -49,7 +49,8 @@ from typing import Any
 import numpy as np
 
 from ..bridges.movies import Movie, open_movie
-from ..engines import CarriesState, Chunkable, Reach
+from ..engines import Chunkable, Reach
+from .chain import Chain, event_record, number_events
 
 __all__ = [
     "Job",
@@ -107,89 +108,11 @@ def engine_reach(name: str, eng: Any) -> Reach:
     return Reach(None, 0 if not getattr(eng, "window", 0) else None)
 
 
-def _first_frame_state(name: str, eng: Any) -> dict[str, Any]:
-    """What an engine fixed on its first frame (camera offset, normalisation), to hand to chunks
-    that start later."""
-    return dict(eng.export_state()) if isinstance(eng, CarriesState) else {}
-
-
 def _describe(eng: Any) -> Any:
     try:
         return json.loads(json.dumps(eng.describe(), default=str))
     except Exception as exc:  # provenance must not stop the run
         return f"describe() failed: {exc}"
-
-
-def _apply_first_frame_state(eng: Any, state: dict[str, Any]) -> None:
-    if "params" in state and "offset" in state["params"]:  # job files written before export_state
-        state = {**{k: v for k, v in state.items() if k != "params"}, "offset_used": state["params"]["offset"]}
-    if state and isinstance(eng, CarriesState):
-        eng.import_state(state)
-
-
-def build_chain(engines: list[str], params: dict[str, dict[str, Any]], spec: Any,
-                state: list[dict[str, Any]] | None = None) -> list[Any]:
-    from ..engines import create_engine
-
-    chain = []
-    for i, name in enumerate(engines):
-        st = (state or [{}] * len(engines))[i]
-        eng = create_engine(name, **params.get(name, {}))
-        eng.setup(spec)
-        _apply_first_frame_state(eng, st)
-        chain.append(eng)
-    return chain
-
-
-def run_frame(engines: list[str], chain: list[Any], frame: np.ndarray, finfo: Any,
-              events: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """One frame through the chain; outputs by product name (scalars as floats). The engines'
-    events (``out["events"]``) are appended to ``events`` when given."""
-    x: Any = frame
-    out: dict[str, Any] = {}
-    for _name, eng in zip(engines, chain, strict=True):  # the chain is built from ``engines``, in order
-        res = eng.process(x, finfo)
-        scalars = set(getattr(eng, "scalar_outputs", ()))
-        for pname, value in res.items():
-            if pname == "events":
-                if events is not None and value:
-                    events.extend(value)
-                continue
-            out[pname] = float(value) if (pname in scalars or np.ndim(value) == 0) else value
-        passes = getattr(eng, "passes", eng.outputs[0])
-        if passes is not None and passes in res:
-            x = res[passes]
-    return out
-
-
-def _plain(v: Any) -> Any:
-    """JSON's types for what engines put in events (numpy scalars and arrays included)."""
-    if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return _plain(v.tolist())
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    return str(v)
-
-
-def event_record(ev: dict[str, Any], *, seq: int, p: int, c: int, z: int | None, t: int, time_s: float,
-                 frame_shape: list[int], pixel_size_um: float | None) -> dict[str, Any]:
-    """An engine's event with the fields the live daemon adds (daemon/pipeline.py ``_process``):
-    which frame, where, when. ``id`` is given when the run's events are put together, in frame
-    order; ``emitted`` is when it was computed, as live."""
-    return _plain({"emitted": time.time(), "seq": seq, "p": p, "c": c, "z": z, "t": t, "time": time_s,
-                   "frame_shape": frame_shape, "pixel_size_um": pixel_size_um, **ev})
-
-
-def number_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Events in frame order (stable within a frame), numbered from 1 like the live feedback channel."""
-    ordered = sorted(events, key=lambda e: e["_order"])
-    return [{"id": i + 1, **{k: v for k, v in e.items() if k != "_order"}} for i, e in enumerate(ordered)]
 
 
 # ============================================================================ the job
@@ -347,7 +270,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 # ============================================================================ tasks
 
 
-def _run_frames(job: Job, chain: list[Any], ui: int, t_first: int, data: np.ndarray, keep_from: int,
+def _run_frames(job: Job, chain: Chain, ui: int, t_first: int, data: np.ndarray, keep_from: int,
                 crop: tuple[slice, slice], tile: int = 0,
                 ) -> tuple[dict[str, np.ndarray], dict[str, list[float]], list[dict[str, Any]]]:
     """Frames t_first.. of ``data`` through the chain; outputs and events kept from time
@@ -362,8 +285,8 @@ def _run_frames(job: Job, chain: list[Any], ui: int, t_first: int, data: np.ndar
     for i in range(data.shape[0]):
         t = t_first + i
         finfo = job.frame_info(t, ui)
-        raised: list[dict[str, Any]] = []
-        out = run_frame(job.engines, chain, data[i], finfo, raised)
+        made = chain.run(data[i], finfo)
+        out, raised = made.outputs(), made.events
         if t < keep_from:
             continue  # warm-up
         for pname, block in images.items():
@@ -423,7 +346,7 @@ def _read_region(job: Job, ui: int, t0: int, t1: int, yi: int, xi: int) -> tuple
     return data, (slice(y0 - ya, y1 - ya), slice(x0 - xa, x1 - xa))
 
 
-_CHAINS: dict[tuple, list[Any]] = {}
+_CHAINS: dict[tuple, Chain] = {}
 _MALLOC_TUNED = False
 
 
@@ -472,8 +395,8 @@ def run_chunk(job: Job, ui: int, ti: int, yi: int, xi: int) -> dict[str, Any]:
     key = (job.fingerprint(), ui, tuple(data.shape[1:]))
     chain = _CHAINS.pop(key, None) if job.warmup == 0 else None
     if chain is None:
-        chain = build_chain(job.engines, job.params, job.spec(tuple(data.shape[1:]), job.units[ui]),
-                            job.unit_state[ui])
+        chain = Chain.of(job.engines, job.params, job.spec(tuple(data.shape[1:]), job.units[ui]),
+                         job.unit_state[ui])
     images, scalars, events = _run_frames(job, chain, ui, w0, data, t0, crop, yi * job.grid[1] + xi)
     if job.warmup == 0:
         _CHAINS.clear()  # one chain kept per worker: bounded memory
@@ -502,7 +425,7 @@ def run_chain(job: Job, ui: int, yi: int, xi: int) -> dict[str, Any]:
         except Exception as exc:  # a checkpoint from another version: start over, exactly
             log.warning("ignoring checkpoint %s (%s); starting the chain from its first frame", ck, exc)
             chain, start = None, 0
-    frames = 0
+    frames = 0.0
     nbytes = 0
     checkpoint = job.checkpoint
     for ti in range(start, job.n_tchunks):
@@ -511,7 +434,7 @@ def run_chain(job: Job, ui: int, yi: int, xi: int) -> dict[str, Any]:
         data, crop = _read_region(job, ui, t0, t1, yi, xi)
         t_read = time.perf_counter()
         if chain is None:
-            chain = build_chain(job.engines, job.params, job.spec(tuple(data.shape[1:]), job.units[ui]))
+            chain = Chain.of(job.engines, job.params, job.spec(tuple(data.shape[1:]), job.units[ui]))
         images, scalars, events = _run_frames(job, chain, ui, t0, data, t0, crop, yi * job.grid[1] + xi)
         if not job.marker(ui, ti, yi, xi).exists():
             raw = data[(..., *crop)] if job.save_raw else None
@@ -590,20 +513,15 @@ def plan_job(input_path: str | os.PathLike, out: str | os.PathLike, engines: lis
     Y, X = src.sizes["y"], src.sizes["x"]
     for ui, (p, c, z) in enumerate(units):
         first = src.read(0, 1, c, z, (0, Y), (0, X), p)[0]
-        chain = build_chain(engines, params, job.spec(tuple(first.shape), (p, c, z)))
-        out_ = run_frame(engines, chain, first, job.frame_info(0, ui))
-        job.unit_state.append([_first_frame_state(n, e) for n, e in zip(engines, chain, strict=True)])
+        chain = Chain.of(engines, params, job.spec(tuple(first.shape), (p, c, z)))
+        made = chain.run(first, job.frame_info(0, ui))
+        job.unit_state.append(chain.first_frame_state())
         if ui == 0:
-            reach = [engine_reach(n, e) for n, e in zip(engines, chain, strict=True)]
-            job.describe = {n: _describe(e) for n, e in zip(engines, chain, strict=True)}
-            for k, v in out_.items():
-                if isinstance(v, float):
-                    scalars.append(k)
-                else:
-                    images[k] = "float32"
-        for e in chain:
-            with contextlib.suppress(Exception):
-                getattr(e, "close", lambda: None)()
+            reach = [engine_reach(n, e) for n, e in zip(engines, chain.instances(), strict=True)]
+            job.describe = {n: _describe(e) for n, e in zip(engines, chain.instances(), strict=True)}
+            scalars.extend(made.scalars)
+            images.update({k: "float32" for k in made.images})
+        chain.close()
     halo = None if any(r.halo is None for r in reach) else sum(r.halo for r in reach)  # type: ignore[misc]
     warmup = None if any(r.warmup is None for r in reach) else sum(r.warmup for r in reach)  # type: ignore[misc]
     multiple = math.lcm(*[r.multiple for r in reach]) if reach else 1

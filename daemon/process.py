@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from ..bridges.store import ImageLayout, OmeZarrStore
-from ..engines import FrameInfo, StreamSpec, create_engine
+from ..engines import FrameInfo, StreamSpec
+from .chain import Chain, event_record, number_events
 
 __all__ = ["process_file"]
 
@@ -97,7 +98,7 @@ def _process_serial(
 ) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from .distributed import chain_wants_stacks, event_record, number_events, open_source, plan_units
+    from .distributed import chain_wants_stacks, open_source, plan_units
 
     src = open_source(input_path, sampling, axes)
     engine_params = engine_params or {}
@@ -115,8 +116,7 @@ def _process_serial(
     units = plan_units(src, stacks)  # (position, channel, plane or None for the whole stack)
     store = OmeZarrStore(out, overwrite=overwrite, provenance={
         "source": f"file:{input_path}", "engines": {e: engine_params.get(e, {}) for e in engines}, "mode": "process"})
-    chains: dict[tuple, list[Any]] = {}
-    timings: dict[str, float] = {e: 0.0 for e in engines}
+    chains: dict[tuple, Chain] = {}
     events: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     seq = 0
@@ -137,13 +137,7 @@ def _process_serial(
                     spec = StreamSpec(shape=tuple(block.shape), dtype=layout.dtype, bits=bits,
                                       pixel_size_um=info.get("pixel_size_um"), z_step_um=info.get("z_step_um"),
                                       interval_s=info.get("interval_s"), channel=str(c))
-                    chain = []
-                    for name in engines:
-                        eng = create_engine(name, **engine_params.get(name, {}))
-                        eng.setup(spec)
-                        chain.append(eng)
-                    chains[key] = chain
-                x: Any = block
+                    chains[key] = Chain.of(engines, engine_params, spec)
                 ts = t * float(info.get("interval_s") or 1.0)
                 index = {"t": t, "p": p, "c": c} if z is None else {"t": t, "p": p, "c": c, "z": z}
                 finfo = FrameInfo(seq=seq, timestamp=ts, index=index)
@@ -151,28 +145,16 @@ def _process_serial(
 
                 if save_raw:
                     write(store.image("raw", p, 0, layout), block.astype(layout.dtype, copy=False))
-                k = 0
-                for name, eng in zip(engines, chains[key], strict=True):
-                    t0 = time.perf_counter()
-                    out_ = eng.process(x, finfo)
-                    timings[name] += time.perf_counter() - t0
-                    scalars = set(getattr(eng, "scalar_outputs", ()))
-                    for pname, value in out_.items():
-                        if pname == "events":
-                            for ev in value or ():
-                                rec = event_record(ev, seq=seq, p=p, c=c, z=z, t=t, time_s=ts, frame_shape=[Y, X],
-                                                   pixel_size_um=info.get("pixel_size_um"))
-                                events.append({**rec, "_order": [seq, 0, k]})
-                                k += 1
-                            continue
-                        if pname in scalars or np.ndim(value) == 0:
-                            for zz in planes:  # a stack's number belongs to each of its planes
-                                store.image("raw", p, 0, layout).write_scalar(pname, t, c, zz, float(value))
-                            continue
-                        write(store.image(pname, p, 0, product_layout), np.asarray(value, dtype=np.float32))
-                    passes = getattr(eng, "passes", eng.outputs[0])
-                    if passes is not None and passes in out_:
-                        x = out_[passes]
+                made = chains[key].run(block, finfo)
+                for k, ev in enumerate(made.events):
+                    rec = event_record(ev, seq=seq, p=p, c=c, z=z, t=t, time_s=ts, frame_shape=[Y, X],
+                                       pixel_size_um=info.get("pixel_size_um"))
+                    events.append({**rec, "_order": [seq, 0, k]})
+                for pname, number in made.scalars.items():
+                    for zz in planes:  # a stack's number belongs to each of its planes
+                        store.image("raw", p, 0, layout).write_scalar(pname, t, c, zz, number)
+                for pname, value in made.images.items():
+                    write(store.image(pname, p, 0, product_layout), np.asarray(value, dtype=np.float32))
                 seq += 1
                 for w in store.images.values():
                     w.poll()
@@ -180,7 +162,13 @@ def _process_serial(
         store.flush()  # every write and record on disk before the provenance says what was done
         store.update_provenance(events=number_events(events))
     finally:
+        for chain in chains.values():
+            chain.close()
         store.close()
+    timings = dict.fromkeys(engines, 0.0)
+    for chain in chains.values():
+        for slot in chain.slots:
+            timings[slot.name] += slot.latency.total_s
     elapsed = time.perf_counter() - t_start
     return {"frames": seq, "seconds": round(elapsed, 3), "fps": round(seq / elapsed, 2) if elapsed else None,
             "engine_seconds": {k: round(v, 3) for k, v in timings.items()}, "out": str(out),

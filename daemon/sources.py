@@ -33,7 +33,9 @@ class SimSource:
 
     def __init__(self, cfg: DaemonConfig) -> None:
         self.cfg = cfg
-        self.sim_config = SimConfig(shape=tuple(cfg.sim_shape), drift=tuple(cfg.sim_drift), seed=cfg.sim_seed,
+        h, w = cfg.sim_shape
+        dy, dx = cfg.sim_drift
+        self.sim_config = SimConfig(shape=(int(h), int(w)), drift=(float(dy), float(dx)), seed=cfg.sim_seed,
                                     interval_s=cfg.sim_interval_s)
         camera: dict[str, Any] | None = None
         bits: int | None = None
@@ -56,7 +58,8 @@ class SimSource:
         else:
             from useq import MDASequence
 
-            self.sequence = MDASequence(time_plan={"interval": cfg.sim_interval_s, "loops": cfg.frames or 1_000_000})
+            self.sequence = MDASequence(time_plan={"interval": cfg.sim_interval_s,  # type: ignore[arg-type]
+                                                   "loops": cfg.frames or 1_000_000})
         self.bridge = attach(self.core, cfg.ingest, stream="sim" if self.scope else "mmcore", camera=camera,
                              bits=bits)
         self._thread: threading.Thread | None = None
@@ -160,9 +163,10 @@ class FileSource:
                 wire = _WIRE_DTYPE.get(plane.dtype.name)
                 if wire:
                     plane = plane.astype(wire)
+                fields: dict[str, Any] = dict(frame.sampling)
                 self.publisher.send(np.ascontiguousarray(plane), index=frame.index, sizes=frame.sizes,
                                     channel=names[frame.index["c"]] if meta else None, time=t * step,
-                                    meta=meta, **frame.sampling)
+                                    meta=meta, **fields)
             self.publisher.end()
         except Exception:
             log.exception("replay of %s failed", self.path)

@@ -17,10 +17,12 @@ class Latency:
     def __init__(self, n: int = 512) -> None:
         self._ms: deque[float] = deque(maxlen=n)
         self.count = 0
+        self.total_s = 0.0
 
     def add(self, seconds: float) -> None:
         self._ms.append(seconds * 1000.0)
         self.count += 1
+        self.total_s += seconds
 
     def summary(self) -> dict[str, float | int]:
         if not self._ms:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Protocol, Required, TypedDict, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Required, TypedDict, runtime_checkable
 
 __all__ = [
     "Applies",
@@ -159,8 +159,10 @@ class Engine(Protocol):
 class Routed(Protocol):
     """How the daemon routes frames and outputs (defaults: planes, ``outputs[0]``, no scalars)."""
 
-    needs_volume: bool
     scalar_outputs: tuple[str, ...]
+
+    @property
+    def needs_volume(self) -> bool: ...
 
     @property
     def passes(self) -> str | None: ...
@@ -192,7 +194,8 @@ class Reach:
 class Chunkable(Protocol):
     """What reprocessing in time chunks and tiles needs to stay exact (valid after ``setup``)."""
 
-    window: int
+    @property
+    def window(self) -> int: ...
 
     def reach(self) -> Reach: ...
 
@@ -335,8 +338,17 @@ class EngineBase:
     name: ClassVar[str] = ""
     outputs: ClassVar[tuple[str, ...]] = ()
     scalar_outputs: ClassVar[tuple[str, ...]] = ()
-    needs_volume: ClassVar[bool] = False  # a subclass may make it a property (following ``volume``)
-    window: ClassVar[int] = 0
+    if TYPE_CHECKING:
+        # Read-only to callers: a subclass may make them properties (``needs_volume`` following
+        # ``volume``, ``window`` following its parameters); at run time, class attributes.
+        @property
+        def needs_volume(self) -> bool: ...
+
+        @property
+        def window(self) -> int: ...
+    else:
+        needs_volume = False
+        window = 0
     parameters: ClassVar[Mapping[str, Param]] = {}
 
     @property

@@ -29,8 +29,9 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -137,10 +138,10 @@ class NoiseModel:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> NoiseModel:
+    def from_dict(cls, d: Mapping[str, Any] | str | Path) -> NoiseModel:
         """Inverse of :meth:`as_dict` (maps are not stored there); also reads a JSON file path."""
         if isinstance(d, (str, Path)):
-            d = json.loads(Path(d).read_text())
+            d = cast("dict[str, Any]", json.loads(Path(d).read_text()))
         return cls(gain=float(d["gain_adu_per_e"]), intercept=float(d["intercept_adu2"]),
                    offset=None if d.get("offset_adu") is None else float(d["offset_adu"]),
                    read_var=None if d.get("read_var_adu2") is None else float(d["read_var_adu2"]),

@@ -155,7 +155,7 @@ class Decompose(EngineBase):
         "bleach",
     )
     scalar_outputs: ClassVar[tuple[str, ...]] = ("novelty", "bleach")
-    passes: ClassVar[str | None] = None  # type: ignore[assignment]  # it splits, it does not restore
+    passes: ClassVar[str | None] = None  # it splits, it does not restore
 
     parameters: ClassVar[dict[str, Param]] = {
         "lags": Param((1, 2, 4, 8), _lags, applies=Applies.REBUILD, show=list, doc="frame intervals compared"),
@@ -180,6 +180,29 @@ class Decompose(EngineBase):
         "fit_seconds": Param(120.0, float),
         "fit_out": Param(None, optional(str)),
     }
+
+    # the parameters as ``_init_params`` sets them (converted and checked)
+    lags: tuple[int, ...]
+    method: str
+    background_window: int
+    background_samples: int
+    background_percentile: float
+    slow_rank: float
+    shrink_slow: float
+    shrink_fast: float
+    bleach_correction: bool
+    bleach_window: int
+    event_threshold: float
+    event_min_novelty: float
+    event_block: int
+    novelty_window: int
+    model: str | None
+    backend: str
+    fast_lag: float
+    fit_frames: int
+    fit_steps: int
+    fit_seconds: float
+    fit_out: str | None
 
     def __init__(
         self,

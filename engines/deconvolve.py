@@ -198,6 +198,29 @@ class Deconvolve(EngineBase):
     # the parameters whose change leaves the PSF as it is
     _KEEP_PSF = ("iterations", "offset", "memory_budget_mb", "device", "model", "boundary")
 
+    # the parameters as ``_init_params`` sets them (converted and checked)
+    psf: str | Path | Any | None
+    psf_sigma: float
+    psf_sigma_z: float | None
+    na: float | None
+    wavelength_nm: float
+    refractive_index: float
+    psf_pixel_size_um: float | None
+    psf_z_step_um: float | None
+    psf_2d: str
+    method: str
+    iterations: int | None
+    alpha: float | None
+    beta: float | None
+    order: int | None
+    cutoff: float | tuple[float, ...] | None
+    offset: float | None
+    memory_budget_mb: float | None
+    volume: bool
+    device: str
+    model: str | None
+    boundary: str
+
     def __init__(
         self,
         psf: str | Path | Any | None = None,
@@ -229,7 +252,7 @@ class Deconvolve(EngineBase):
         self._wb: dict[str, Any] = {}
         self._footprint: tuple[int, ...] = ()  # tiles' overlap per iteration (99.9 % reach)
         self._pad: tuple[int, ...] = ()  # reflected border (99 % reach)
-        self._plans: dict[tuple[int, ...], DeconvolutionPlan] = {}
+        self._plans: dict[tuple[str, tuple[int, ...]], DeconvolutionPlan | DCTPlan] = {}  # (boundary, shape)
         self._offset = CameraOffset()
         self._boundary_used: str | None = None
         self._boundaries: dict[tuple[int, ...], str] = {}  # frame shape -> boundary (auto resolved)
@@ -254,6 +277,7 @@ class Deconvolve(EngineBase):
         if self.method == "net":
             if self._net is None:
                 self.setup(self.spec or StreamSpec(shape=tuple(np.shape(frame))))
+            assert self._net is not None  # setup opened it
             return self._net.process(frame, info)
         if self._kernel is None:
             if self.spec is None:

@@ -123,6 +123,18 @@ class Denoise(EngineBase):
         "threads": Param(None, optional(int)),
     }
 
+    # the parameters as ``_init_params`` sets them (converted and checked)
+    model_path: str | None
+    backend: str
+    tile: int
+    overlap: int
+    offset: float | None
+    gain: float | None
+    read_noise: float | None
+    excess_noise: float
+    calibration: str | Path | dict[str, Any] | NoiseModel | None
+    threads: int | None
+
     def __init__(self, model: str | Path | None = None, backend: str = "auto", tile: int = 512,
                  overlap: int = 104, offset: float | None = None, gain: float | None = None,
                  read_noise: float | None = None, excess_noise: float = 1.0,
@@ -141,7 +153,7 @@ class Denoise(EngineBase):
     # ------------------------------------------------------------------ protocol
 
     @property
-    def window(self) -> int:  # type: ignore[override]
+    def window(self) -> int:
         return self._model().k
 
     def reach(self) -> Reach:

@@ -50,8 +50,8 @@ def n2v_mask(patches: np.ndarray, fraction: float, rng: np.random.Generator,
     """
     n, h, w = patches.shape
     step = max(1, int(round(1.0 / np.sqrt(fraction))))
-    gy, gx = np.meshgrid(np.arange(0, h, step), np.arange(0, w, step), indexing="ij")
-    gy, gx = gy.ravel(), gx.ravel()
+    grid_y, grid_x = np.meshgrid(np.arange(0, h, step), np.arange(0, w, step), indexing="ij")
+    gy, gx = grid_y.ravel(), grid_x.ravel()
     m = gy.size
     ys = np.minimum(gy[None] + rng.integers(0, step, (n, m)), h - 1)
     xs = np.minimum(gx[None] + rng.integers(0, step, (n, m)), w - 1)
@@ -147,7 +147,7 @@ def fit(sources: np.ndarray | Sequence[np.ndarray], *, model: ModelFile | None =
     supervised = clean is not None
     stacks: list[np.ndarray] = []
     seen: list[tuple[np.ndarray, Normalisation]] = []  # raw training frames and their normalisation
-    if supervised:
+    if clean is not None:  # supervised
         stacks = [np.asarray(c, dtype=np.float32) for c in clean]
         src_desc = f"supervised on {len(stacks)} clean image(s), crappified"
     else:
@@ -165,7 +165,7 @@ def fit(sources: np.ndarray | Sequence[np.ndarray], *, model: ModelFile | None =
     # every source equally often: a long time-lapse must not drown a single frame
     weights = np.full(len(stacks), 1.0 / len(stacks))
 
-    def sample() -> tuple[np.ndarray, np.ndarray | None]:
+    def sample() -> tuple[np.ndarray, np.ndarray]:
         """(batch, 1 + k [+ 1 target], patch, patch): channels current, past..., [next]."""
         out = np.empty((batch, 2 + k, patch, patch), dtype=np.float32)
         has_next = np.zeros(batch, dtype=bool)
@@ -193,6 +193,7 @@ def fit(sources: np.ndarray | Sequence[np.ndarray], *, model: ModelFile | None =
             use_pairs = temporal if temporal is not None else t_count > 1
             if use_pairs and t_count > 1:
                 # the neighbouring frame; for k > 0 only the next one (t - 1 is an input)
+                nxt: int | None
                 if k == 0 and (t == t_count - 1 or (t > 0 and rng.random() < 0.5)):
                     nxt = t - 1
                 else:

@@ -115,7 +115,8 @@ class ModelFile:
 
     def to_bytes(self) -> bytes:
         npz = io.BytesIO()
-        np.savez(npz, **self.weights)
+        arrays: dict[str, Any] = self.weights  # as keywords: state-dict names, never savez's allow_pickle
+        np.savez(npz, **arrays)
         members = {"model.onnx": self.onnx, "weights.npz": npz.getvalue()}
         meta = dict(self.metadata)
         meta["sha256"] = {name: _sha256(data) for name, data in members.items()}

@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 
@@ -289,7 +289,7 @@ def _scale(data: np.ndarray) -> float:
     return s if s > 0 else float(data.max()) or 1.0
 
 
-def _coordinates(shape: tuple[int, int], field_shape: Sequence[int] | None) -> np.ndarray:
+def _coordinates(shape: Sequence[int], field_shape: Sequence[int] | None) -> np.ndarray:
     """(2, h, w) field coordinates in [-1, 1] (y then x), of the trained field's geometry."""
     fh, fw = field_shape if field_shape else shape
     ys = np.linspace(-1.0, 1.0, int(fh), dtype=np.float32)[: shape[0]]
@@ -509,7 +509,7 @@ def calibrate_consistency(model: modelfile.ModelFile, frames: np.ndarray, *, gai
     ``max(2 x the largest score, median + 10 MAD)`` (a frame must be clearly worse than any seen
     in calibration; the factor 2 guards the few-frame case)."""
     net = NetDeconvolver(model, backend=backend, tile=0)
-    scores = [net.restore(f, gain=gain)[1] for f in frames]
+    scores = [cast(float, net.restore(f, gain=gain)[1]) for f in frames]  # check=True: always a score
     med = float(np.median(scores))
     mad = float(np.median(np.abs(np.asarray(scores) - med))) * 1.4826
     return {"threshold": max(2.0 * max(scores), med + 10.0 * mad), "calibration_scores": scores,
@@ -524,7 +524,7 @@ class NetDeconvolver:
     plus the consistency score. Used by the ``restore`` engine and ``deconvolve --method net``."""
 
     def __init__(self, model: modelfile.ModelFile | str | Path, *, backend: str = "auto", tile: int = 512,
-                 overlap: int = 48, threads: int | None = None, shape: tuple[int, int] | None = None) -> None:
+                 overlap: int = 48, threads: int | None = None, shape: tuple[int, ...] | None = None) -> None:
         self.model = model if isinstance(model, modelfile.ModelFile) else modelfile.load(model)
         task = self.model.task
         if task not in TASKS:
@@ -614,6 +614,19 @@ class Restore(EngineBase):
         "volume": Param(False, as_bool, doc="take z-stacks, restored plane by plane"),
     }
 
+    # the parameters as ``_init_params`` sets them (converted and checked; ``_validate`` refuses
+    # a missing model)
+    model: str
+    backend: str
+    tile: int
+    overlap: int
+    offset: float | None
+    gain: float | None
+    threads: int | None
+    check: bool
+    threshold: float | None
+    volume: bool
+
     def __init__(self, model: str | Path | None = None, backend: str = "auto", tile: int = 512,
                  overlap: int = 48, offset: float | None = None, gain: float | None = None,
                  threads: int | None = None, check: bool = True, threshold: float | None = None,
@@ -635,7 +648,7 @@ class Restore(EngineBase):
         self._net = self._open(self.model)
 
     @property
-    def needs_volume(self) -> bool:  # type: ignore[override]
+    def needs_volume(self) -> bool:
         return self.volume
 
     def process(self, frame: Any, info: FrameInfo) -> dict[str, Any]:
@@ -664,7 +677,8 @@ class Restore(EngineBase):
                                           "frame: it may differ from the frames the model was fitted on"})
         result: dict[str, Any] = {self._output: outs[0] if data.ndim == 2 else np.stack(outs)}
         if self._output == "restored":  # a stack scores as its worst plane
-            result["consistency"] = float("nan") if scores[0] is None else float(max(scores))  # type: ignore[type-var]
+            checked = [s for s in scores if s is not None]  # every plane's score, or none (check=False)
+            result["consistency"] = float(max(checked)) if checked else float("nan")
             if thr is not None:  # the viewer's badge compares the score with it
                 result["consistency_threshold"] = float(thr)
         if events:
@@ -703,7 +717,7 @@ class Restore(EngineBase):
     def _open(self, path: str) -> NetDeconvolver:
         shape = tuple(self.spec.shape[-2:]) if self.spec else None
         return NetDeconvolver(path, backend=self.backend, tile=self.tile, overlap=self.overlap,
-                              threads=self.threads, shape=shape)  # type: ignore[arg-type]
+                              threads=self.threads, shape=shape)
 
     def _camera_offset(self, raw: np.ndarray) -> float:
         return self._offset(raw, self.offset, self.spec.camera_offset if self.spec is not None else None)

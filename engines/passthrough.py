@@ -15,6 +15,8 @@ class Passthrough(EngineBase):
         "delay_s": Param(0.0, float, doc="seconds of sleep per frame: a slow engine, for tests of frame skipping"),
     }
 
+    delay_s: float  # set by ``_init_params``
+
     def __init__(self, delay_s: float = 0.0) -> None:
         self._init_params(locals())
         self.spec: StreamSpec | None = None

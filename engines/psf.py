@@ -143,7 +143,7 @@ def _centre_once(a: np.ndarray) -> np.ndarray:
     from scipy import ndimage
 
     total = a.sum()
-    grids = np.indices(a.shape, sparse=True)
+    grids: tuple[np.ndarray, ...] = np.indices(a.shape, sparse=True)  # one per axis, of any rank
     centroid = np.array([float((g * a).sum() / total) for g in grids])
     nz = np.nonzero(a)
     half = [
@@ -320,7 +320,7 @@ def fwhm_px(psf: np.ndarray) -> tuple[float, ...]:
     peak = np.unravel_index(int(np.argmax(psf)), psf.shape)
     out = []
     for ax in range(psf.ndim):
-        idx = list(peak)
+        idx: list[Any] = list(peak)
         idx[ax] = slice(None)
         line = psf[tuple(idx)] / psf[peak]
         p = peak[ax]

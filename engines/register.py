@@ -23,7 +23,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from ._array import fft_module, fft_workers, namespace
 from .base import (
@@ -131,7 +131,7 @@ class _Correlator:
         # and the reference are filtered. Zero at DC, so the mean and any slowly varying
         # background (uneven illumination, a dimming lamp) drop out of the correlation.
         scale = list(axis_scale) if axis_scale is not None else [1.0] * self.ndim
-        r2 = None
+        r2: Any = None
         for i, n in enumerate(self.shape):
             f = self.k[i] / n * scale[i]
             term = _along(xp, f * f, i, self.ndim)
@@ -481,7 +481,7 @@ def estimate_shift(
         background_sigma_px=background_sigma_px,
         whiten=whiten,
         taper=taper,
-        log_offset=log_offset,
+        log_offset=cast("float | None", log_offset),  # "default" resolved above
         axis_scale=_axis_scale(spacing, frame.ndim),
     )
     f_ref = corr.tapered_spectrum(ref)
@@ -649,6 +649,28 @@ class Register(EngineBase):
                               doc="Micro-Manager's pixel-size affine a,b,tx,c,d,ty"),
     }
 
+    # the parameters as ``_init_params`` sets them (converted and checked; the None and "default"
+    # of noise_sigma_px, whiten, refine_passes and log_offset resolved by ``_validate``)
+    reference: str
+    reference_frames: int
+    rolling_weight: float
+    upsample: int
+    noise_sigma_px: float
+    background_sigma_px: float
+    whiten: float
+    taper: float
+    log_offset: float | None
+    refine_passes: int
+    max_step_px: float
+    min_significance: float
+    relock_frames: int
+    fill: str
+    volume: bool
+    feedback: bool
+    feedback_threshold_px: float
+    feedback_holdoff_frames: int
+    stage_affine: tuple[float, ...] | None
+
     def __init__(
         self,
         reference: str = "first",
@@ -690,12 +712,12 @@ class Register(EngineBase):
         if self.refine_passes is None:
             self.refine_passes = int(d["refine_passes"])
         if self.log_offset == "default":
-            self.log_offset = _log_offset(d["log_offset"])
+            self.log_offset = cast("float | None", _log_offset(d["log_offset"]))  # a number or None, not "default"
 
     # -- engine protocol -----------------------------------------------------------------------
 
     @property
-    def needs_volume(self) -> bool:  # type: ignore[override]
+    def needs_volume(self) -> bool:
         return self.volume
 
     def setup(self, spec: StreamSpec) -> None:

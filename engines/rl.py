@@ -33,10 +33,10 @@ transforms, not 4). Edges, three ways (``boundary``):
   not wrap one edge's light onto the other (OTFs in the real-FFT half spectrum).
 - ``periodic`` (any PSF; only when asked for): the bare frame or stack, no padding: each edge
   sees the opposite one. Right where the borders are empty (beads, sparse cells on a dark
-  background: a measured bead PSF's padding made 41x150x150 into 120x300x270 voxels, 10x the
-  work); wrong where structure touches an edge (the full-field W2S frame of the benchmark: WB 1
-  iteration 33.69 dB periodic vs 36.14 dct/reflect, RL 5 iterations 34.17 vs 36.78). Never
-  chosen by ``auto``.
+  background: the padding a measured bead PSF needs multiplies a small stack's voxels, and the
+  work); wrong where structure touches an edge (the full-field W2S frame of the benchmark loses
+  PSNR against ``dct``/``reflect``, WB and RL alike). Never chosen by ``auto``. Measured:
+  docs/deconvolution.md, section "Algorithm" (Edges, ``periodic`` boundary).
 
 Frames larger than the memory budget are split into overlapping tiles cut from the same
 extended domain and stitched by cropping; the overlap grows with the iterations, because each RL
@@ -485,7 +485,7 @@ def deconvolve_array(
     iterations: int,
     method: str = "wb",
     wb: dict[str, Any] | None = None,
-    plans: dict[tuple[int, ...], DeconvolutionPlan] | None = None,
+    plans: dict[tuple[str, tuple[int, ...]], DeconvolutionPlan | DCTPlan] | None = None,
     footprint: Sequence[int] | None = None,
     pad: Sequence[int] | None = None,
     memory_budget_mb: float | None = None,
@@ -601,7 +601,7 @@ def _tiled(run: Any, shape: tuple[int, ...], domain: tuple[int, ...], pad: tuple
     """
     margin = tile_margin(footprint, iterations)
     core, window = _tiling(shape, domain, margin, budget)
-    if core is None:
+    if core is None or window is None:  # both None, or neither
         raise EngineError(
             f"deconvolving {shape} with {iterations} iterations needs tiles with {margin} px of "
             f"overlap that do not fit in memory_budget_mb={memory_budget_mb}; raise "

@@ -502,6 +502,24 @@ class Trust(EngineBase):
         "feature_threshold": Param(None, optional(float)),
     }
 
+    # the parameters as ``_init_params`` sets them (converted and checked; the None thresholds
+    # resolved by ``_validate``)
+    restore: str
+    gain: float | None
+    offset: float | None
+    read_noise: float | None
+    excess_noise: float
+    calibration: str | Path | dict[str, Any] | None
+    calibrate_frames: int
+    radius: int
+    area: float
+    threshold: float
+    tta_threshold: float
+    tta_every: int
+    tta_transforms: tuple[str, ...]
+    feature_every: int
+    feature_threshold: float
+
     def __init__(self, restore: str = "denoise", gain: float | None = None, offset: float | None = None,
                  read_noise: float | None = None, excess_noise: float = 1.0,
                  calibration: str | Path | dict[str, Any] | None = None, calibrate_frames: int = 16,
@@ -523,10 +541,9 @@ class Trust(EngineBase):
         self.inner = create_engine(self.restore, **self.inner_params)
         self.product = _product(self.restore)
         p = self.product
-        self.outputs = tuple(self.inner.outputs) + (f"trust_{p}", f"trust_{p}_score", f"trust_{p}_tta",
-                                                    f"trust_{p}_features", f"trust_{p}_ok")  # type: ignore[misc]
-        self.scalar_outputs = tuple(getattr(self.inner, "scalar_outputs", ())) + (
-            f"trust_{p}_score", f"trust_{p}_tta", f"trust_{p}_features", f"trust_{p}_ok")  # type: ignore[misc]
+        scalars = (f"trust_{p}_score", f"trust_{p}_tta", f"trust_{p}_features", f"trust_{p}_ok")
+        self.outputs = (*self.inner.outputs, f"trust_{p}", *scalars)  # type: ignore[misc]
+        self.scalar_outputs = (*getattr(self.inner, "scalar_outputs", ()), *scalars)  # type: ignore[misc]
         self.spec: StreamSpec | None = None
         self._model: NoiseModel | None = None
         self._calibrator: Calibrator | None = None
@@ -549,11 +566,11 @@ class Trust(EngineBase):
         return self.product
 
     @property
-    def needs_volume(self) -> bool:  # type: ignore[override]
+    def needs_volume(self) -> bool:
         return bool(getattr(self.inner, "needs_volume", False))
 
     @property
-    def window(self) -> int:  # type: ignore[override]
+    def window(self) -> int:
         return int(getattr(self.inner, "window", 0))
 
     def setup(self, spec: StreamSpec) -> None:
@@ -653,7 +670,7 @@ class Trust(EngineBase):
         if calibration is None and self.spec is not None:  # the daemon's --calibration FILE
             calibration = dict(self.spec.extra or {}).get("calibration")
         if calibration is not None:
-            self._model = NoiseModel.from_dict(calibration)  # type: ignore[arg-type]
+            self._model = NoiseModel.from_dict(calibration)
             self._fixed = True
         elif self.gain is not None and self.offset is not None and self.read_noise is not None:
             self._model = NoiseModel.from_camera(self.gain, self.offset, self.read_noise, self.excess_noise)
@@ -687,10 +704,10 @@ class Trust(EngineBase):
     def _inner_psf(self, raw: np.ndarray) -> tuple[np.ndarray, float]:
         inner = self.inner
         psf = inner.kernel if isinstance(inner, HasKernel) else None
-        if psf is None:
+        if psf is None or not isinstance(inner, HasKernel):
             raise EngineError("trust: the deconvolve engine exposes no PSF (its kernel: method='net' has none); "
                               "cannot re-blur")
-        return np.asarray(psf), float(inner.camera_offset(raw))  # type: ignore[union-attr]
+        return np.asarray(psf), float(inner.camera_offset(raw))
 
     def _network(self) -> RunsNetwork | None:
         return self.inner if isinstance(self.inner, RunsNetwork) else None
@@ -713,7 +730,7 @@ class Trust(EngineBase):
         net = self._network()
         if net is None or net.model_file is None:
             return None
-        return net.model_file.metadata.get("training_features")  # type: ignore[no-any-return]
+        return net.model_file.metadata.get("training_features")
 
     def _feature_status(self) -> str:
         net = self._network()

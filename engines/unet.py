@@ -194,7 +194,7 @@ def flops_and_traffic(net: UNet, height: int = 512, width: int = 512) -> dict[st
     return totals
 
 
-def export_onnx(net: nn.Module, opset: int = 17) -> bytes:
+def export_onnx(net: UNet | MultiLag, opset: int = 17) -> bytes:
     """The ONNX graph with dynamic height and width (and batch), via the TorchScript-based
     exporter (``dynamo=False``): it needs no onnxscript and gives a plain static graph that
     onnxruntime and TensorRT's parser both take."""
@@ -209,7 +209,7 @@ def export_onnx(net: nn.Module, opset: int = 17) -> bytes:
         torch.onnx.export(
             net,
             (dummy,),
-            buf,
+            buf,  # type: ignore[arg-type]  # the TorchScript exporter writes to file objects; torch's hint says paths
             input_names=["frames"],
             output_names=["denoised"],
             dynamic_axes={"frames": {0: "batch", 2: "height", 3: "width"},

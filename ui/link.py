@@ -69,8 +69,11 @@ class DaemonLink:
     def _run(self) -> None:
         import zmq
 
-        ctx = zmq.Context.instance()
+        ctx: zmq.Context[Any] = zmq.Context.instance()
         sock: zmq.Socket | None = None
+        address = self.address
+        if not address:  # the thread is started only with an address
+            return
         next_status = next_events = 0.0
 
         def ask(request: dict[str, Any]) -> dict[str, Any] | None:
@@ -82,8 +85,8 @@ class DaemonLink:
                 sock.setsockopt(zmq.SNDTIMEO, self.timeout_ms)
                 if self.curve is not None:
                     self.curve.secure(sock)
-                sock.connect(self.address)
-            token = read_token(self.address)  # read each time: a restarted daemon has a new one
+                sock.connect(address)
+            token = read_token(address)  # read each time: a restarted daemon has a new one
             try:
                 sock.send(json.dumps({**request, **({"token": token} if token else {})}).encode())
                 answer = json.loads(sock.recv())

@@ -18,6 +18,7 @@ import pyqtgraph as pg
 from pyqtgraph.Qt import QtCore, QtGui, QtWidgets
 
 from ..bridges.store import COLORS as STORE_CHANNEL_COLORS
+from .state import PanelLevels
 from .style import COLORMAPS, COLORS, DEFAULT_CMAP, lut
 
 __all__ = ["ImagePanel", "CompositePanel", "ScaleBar", "percentile_levels", "apply_levels", "channel_color",
@@ -264,12 +265,16 @@ def show_consistency(frame_widget: Any, score: float | None, threshold: float | 
 
 
 class ImagePanel:
-    """One product: newest frame, levels (auto or set by hand on the histogram), colour map."""
+    """One product: newest frame, levels (auto or set by hand on the histogram), colour map.
+
+    The levels live in a :class:`~.state.PanelLevels` (``level_state``), the viewer's
+    ``ViewerState.levels[product]``: the panel draws them, and a drag on its histogram sets them."""
 
     composite = False
 
-    def __init__(self, product: str, *, show_histogram: bool = True) -> None:
+    def __init__(self, product: str, *, show_histogram: bool = True, levels: PanelLevels | None = None) -> None:
         self.product = product
+        self.level_state = levels if levels is not None else PanelLevels()
         self.cmap_name = DEFAULT_CMAP.get(product, "Grays")
         self.widget = _PanelFrame(product, True, self.cmap_name)
         self.view = pg.ViewBox(lockAspect=True, invertY=True, enableMenu=False)
@@ -308,8 +313,6 @@ class ImagePanel:
                 line.setHoverPen(pg.mkPen("#ffffff", width=2))
             self.hist.sigLevelsChanged.connect(self._levels_dragged)
             self.widget.graphics.addItem(self.hist, row=0, col=1)
-        self.levels: tuple[float, float] | None = None
-        self.auto = True  # follows the viewer's percentile auto-levels until the user drags levels
         self.array: np.ndarray | None = None
         self.header: dict[str, Any] = {}
         self.seq = -1
@@ -338,11 +341,30 @@ class ImagePanel:
         self.event_mark.setZValue(31)
         self.event_mark.setVisible(False)
         self.view.addItem(self.event_mark, ignoreBounds=True)
+        self.lut: np.ndarray | None = None  # the colour map's look-up table (None: an RGB image)
         self.set_cmap(self.cmap_name)
         if self.widget.cmap is not None:
             self.widget.cmap.currentTextChanged.connect(self.set_cmap)
 
     # -- appearance ------------------------------------------------------------------------------
+    @property
+    def levels(self) -> tuple[float, float] | None:
+        """The display levels (low, high), None before a frame set them."""
+        return self.level_state.values
+
+    @levels.setter
+    def levels(self, values: tuple[float, float] | None) -> None:
+        self.level_state.values = None if values is None else (float(values[0]), float(values[1]))
+
+    @property
+    def auto(self) -> bool:
+        """Follows the viewer's percentile auto-levels (until the user drags the levels)."""
+        return self.level_state.auto
+
+    @auto.setter
+    def auto(self, on: bool) -> None:
+        self.level_state.auto = bool(on)
+
     def set_cmap(self, name: str) -> None:
         self.cmap_name = name
         self.lut = lut(name)
@@ -352,18 +374,17 @@ class ImagePanel:
             self.widget.cmap.setCurrentText(name)
 
     def set_levels(self, levels: tuple[float, float], *, by_user: bool = False) -> None:
-        self.levels = (float(levels[0]), float(levels[1]))
-        if by_user:
-            self.auto = False
+        self.level_state.set(levels, fixed=by_user)
+        values = (float(levels[0]), float(levels[1]))
         if self.array is not None:
             if self.overlaid:
                 self.overlay_key = None  # an RGB overlay: the viewer composes it again at these levels
             else:
-                self.image.setLevels(self.levels)
+                self.image.setLevels(values)
         if self.hist is not None and not by_user:
             self._setting_levels = True
             try:
-                self.hist.setLevels(*self.levels)
+                self.hist.setLevels(*values)
             finally:
                 self._setting_levels = False
         self._update_info()
@@ -596,7 +617,7 @@ class ImagePanel:
         """The RGB image this panel displays (levels and look-up table applied)."""
         if self.overlaid and self.overlay is not None:
             return self.overlay
-        if self.array is None or self.levels is None:
+        if self.array is None or self.levels is None or self.lut is None:
             return None
         return apply_levels(self.array, self.levels, self.lut)
 
@@ -606,9 +627,10 @@ class CompositePanel(ImagePanel):
 
     composite = True
 
-    def __init__(self) -> None:
-        super().__init__("composite", show_histogram=False)
-        self.widget.cmap.setVisible(False)
+    def __init__(self, levels: PanelLevels | None = None) -> None:
+        super().__init__("composite", show_histogram=False, levels=levels)
+        if self.widget.cmap is not None:
+            self.widget.cmap.setVisible(False)
         legend = ("<span style='color:#bbbbbb'>background</span> · <span style='color:#5fe35f'>slow</span>"
                   " · <span style='color:#ff5cff'>fast</span>")
         self.widget.info.setTextFormat(QtCore.Qt.TextFormat.RichText)
@@ -617,10 +639,10 @@ class CompositePanel(ImagePanel):
 
     def compose(self, parts: dict[str, ImagePanel]) -> np.ndarray | None:
         bg, slow, fast = (parts.get(k) for k in ("background", "slow", "fast"))
-        base = next((p for p in (bg, slow, fast) if p is not None and p.array is not None), None)
+        base = next((p.array for p in (bg, slow, fast) if p is not None and p.array is not None), None)
         if base is None:
             return None
-        shape = base.array.shape
+        shape = base.shape
         rgb = np.zeros(shape + (3,), np.float32)
         for panel, colour, weight in ((bg, (1, 1, 1), 0.55), (slow, (0, 1, 0), 1.0), (fast, (1, 0, 1), 1.0)):
             if panel is None or panel.array is None or panel.array.shape != shape or panel.levels is None:

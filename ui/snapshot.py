@@ -42,7 +42,7 @@ def last_frames(store: str | Path) -> list[tuple[str, np.ndarray, int]]:
         arr = zarr.open_array(str(path / "0"), mode="r")
         sel: list = [t]
         lead_rest = arr.ndim - 3
-        axes = [a for a in (arr.metadata.dimension_names or [])][1:-2]
+        axes = list(getattr(arr.metadata, "dimension_names", None) or [])[1:-2]  # v2: none
         for a, n in zip(axes, arr.shape[1 : 1 + lead_rest], strict=False):
             sel.append(n // 2 if a == "z" else 0)
         out.append((entry["path"], np.asarray(arr[tuple(sel)]), t))

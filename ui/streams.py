@@ -115,4 +115,4 @@ class StreamChooser:
 
     def adopt_selection(self, stream: str, selection: dict[str, Any]) -> None:
         """The first stream shown takes the selection the viewer started with (the same dict)."""
-        self.streams[stream].selection = selection  # type: ignore[assignment]
+        self.streams[stream].selection = selection

@@ -4,12 +4,14 @@ colour maps microscopists use. Nothing here touches a socket or a frame."""
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
 import numpy as np
 
 __all__ = ["COLORS", "COLORMAPS", "DEFAULT_CMAP", "STYLESHEET", "apply_dark_theme", "lut"]
 
-COLORS = {
+COLORS: dict[str, Any] = {  # "#rrggbb" text, or (r, g, b) where an image is tinted
+
     "window": "#17181c",
     "panel": "#0d0e10",
     "bar": "#202228",

@@ -11,14 +11,16 @@ viewer shows one stream at a time, picked in the *Stream* selector or followed b
 
     livescope view --connect tcp://127.0.0.1:5571 --control tcp://127.0.0.1:5572
 
-Shortcuts are listed in ``SHORTCUTS`` (F1 in the window).
+What the viewer shows and decides lives in :class:`.state.ViewerState` (plain Python, no Qt);
+this module draws it and forwards what the user does. Every user action (toolbar entry, key,
+what it calls) is a row of :data:`.actions.ACTIONS`; the keys are listed in ``SHORTCUTS`` (F1 in
+the window).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -28,43 +30,18 @@ from typing import Any
 import numpy as np
 
 from ..bridges.transport import DEFAULT_CONTROL, DEFAULT_PUBLISH, PreviewSubscriber
-from .streams import StreamChooser
+from .actions import ACTIONS, BY_ID, STREAM_ITEMS, TOOLBAR, Action, shortcut_list
+from .state import DECOMPOSITION, SETTINGS_DEFAULTS, ViewerState, best_columns, panel_order
+from .streams import AXES, StreamChooser
 
 __all__ = ["LiveViewer", "run_viewer", "main", "SHORTCUTS"]
 
 log = logging.getLogger(__name__)
 
-ORDER = ["raw", "registered", "denoised", "deconvolved", "background", "slow", "fast", "composite", "residual"]
-DECOMPOSITION = ("background", "slow", "fast")
-RESTORED = ("deconvolved", "denoised", "registered")  # the ROI trace compares raw with the first present
-HIDDEN_BY_DEFAULT = {"residual"}
-TRUST_PREFIX = "trust_"  # trust_<product>: a trust engine's map of <product>, drawn as its tint, not a panel
-LEVELS_EVERY_S = 1.0
-IDLE_AFTER_S = 3.0
-EVENT_MARK_S = 4.0  # how long the newest event's ring stays on the raw panel
-
-SHORTCUTS = [
-    ("Space", "pause / resume the live display"),
-    ("Esc", "back to live (after viewing an event)"),
-    ("A", "auto-contrast every panel now"),
-    ("L", "continuous auto-levels on/off"),
-    ("F", "fit the image to the panels"),
-    ("R", "show / hide the ROI"),
-    ("1 … 9", "show / hide panel 1 … 9"),
-    ("[  ]", "previous / next channel"),
-    ("O", "overlay all channels in their colours on/off"),
-    ("T", "trust map on/off: tint regions the trust engine does not vouch for"),
-    ("PgUp  PgDn", "previous / next z plane"),
-    ("Ctrl+S", "snapshot of the window to PNG"),
-    ("Ctrl+T", "telemetry panel"),
-    ("Ctrl+E", "engine controls"),
-    ("Ctrl+B", "time strips (novelty, ROI)"),
-    ("F1", "this list"),
-    ("Ctrl+Q", "quit"),
-]
+SHORTCUTS = shortcut_list()  # (key, what it does), from ACTIONS
 
 
-def _qt():
+def _qt() -> tuple[Any, Any, Any, Any]:
     try:
         import pyqtgraph as pg
         from pyqtgraph.Qt import QtCore, QtGui, QtWidgets
@@ -73,8 +50,7 @@ def _qt():
     return pg, QtCore, QtGui, QtWidgets
 
 
-def _order(name: str) -> tuple[int, str]:
-    return (ORDER.index(name) if name in ORDER else len(ORDER), name)
+_order = panel_order
 
 
 class LiveViewer:
@@ -110,40 +86,17 @@ class LiveViewer:
         self.win.setDockOptions(QtWidgets.QMainWindow.DockOption.AnimatedDocks
                                 | QtWidgets.QMainWindow.DockOption.AllowTabbedDocks)
 
-        # state
+        # what the viewer shows and decides (ui/state.py); the widgets below draw it
+        self.state = ViewerState.from_settings({key: read_json(self.settings, key, default)
+                                                for key, default in SETTINGS_DEFAULTS.items()}, control=control)
         self.latest: dict[tuple, Any] = {}  # (stream, product, p, c, z) -> newest Frame
-        # which stream is shown, each stream's own p/c/z, following live mode (ui/streams.py)
-        self.streams = StreamChooser()
-        self._products: set[str] = set()  # the products the shown stream has previewed
-        self._stream_labels: list[tuple[str, str]] = []  # what the stream selector lists
         self._relayout_after_draw = False
         self.panels: dict[str, Any] = {}
-        self.hidden: set[str] = set(read_json(self.settings, "panels/hidden", sorted(HIDDEN_BY_DEFAULT)))
-        self.cmaps: dict[str, str] = read_json(self.settings, "panels/cmaps", {})
-        self.auto_levels = bool(read_json(self.settings, "levels/continuous", True))
-        self.overlay = bool(read_json(self.settings, "view/overlay", False))
-        self.trust_overlay = bool(read_json(self.settings, "view/trust", False))
-        self._trust_sampled: dict[str, dict[str, float]] = {}  # product -> newest sampled trust scores
-        self._event_mark_until = 0.0
-        self._shown_event: dict[str, Any] | None = None
-        # the shown stream's selection and values seen (the same dicts as its StreamInfo's)
-        self.selection = {"p": 0, "c": 0, "z": 0}
-        self.seen: dict[str, dict[int, str]] = {"p": {}, "c": {}, "z": {}}
-        self.paused = False
-        self.frames_drawn = 0
-        self.redraws = 0
-        self.status: dict[str, Any] | None = None
-        self.events: list[dict[str, Any]] = []
         self.buffer = FrameBuffer()
-        self._display_times: list[float] = []
-        self._last_levels = 0.0
-        self._last_frame_at: float | None = None
-        self._started = time.monotonic()
-        self._messages: dict[str, tuple[str, str, float | None]] = {}
-        self._last_seq: dict[str, int] = {}
         self._grid_order: list[str] = []
-        self._cursor: tuple[float, float] | None = None
+        self._cursor: tuple[float, float, tuple[int, ...] | None] | None = None
         self._linking = False
+        self._banner_version = -1
 
         # central: banner above the panel grid
         central = QtWidgets.QWidget()
@@ -166,7 +119,9 @@ class LiveViewer:
         vbox.addWidget(self.grid_host, 1)
         viewer = self
 
-        class _Relayout(QtCore.QObject):
+        qobject: Any = QtCore.QObject
+
+        class _Relayout(qobject):
             """The best column count depends on the grid's size: lay out again on resize."""
 
             def eventFilter(self, obj: Any, event: Any) -> bool:
@@ -216,6 +171,79 @@ class LiveViewer:
         self.daemon_timer.timeout.connect(self.poll_daemon)
         self.daemon_timer.start(200)
 
+    # -- the state, under the names the viewer had before ViewerState ----------------------------
+    @property
+    def streams(self) -> StreamChooser:
+        return self.state.streams
+
+    @property
+    def selection(self) -> dict[str, int]:
+        return self.state.selection
+
+    @property
+    def seen(self) -> dict[str, dict[int, str]]:
+        return self.state.seen
+
+    @property
+    def hidden(self) -> set[str]:
+        return self.state.hidden
+
+    @property
+    def cmaps(self) -> dict[str, str]:
+        return self.state.cmaps
+
+    @property
+    def paused(self) -> bool:
+        return self.state.paused
+
+    @property
+    def auto_levels(self) -> bool:
+        return self.state.auto_levels
+
+    @property
+    def overlay(self) -> bool:
+        return self.state.overlay
+
+    @property
+    def trust_overlay(self) -> bool:
+        return self.state.trust_overlay
+
+    @property
+    def status(self) -> dict[str, Any] | None:
+        return self.state.status
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return self.state.events
+
+    @property
+    def frames_drawn(self) -> int:
+        return self.state.frames_drawn
+
+    @property
+    def redraws(self) -> int:
+        return self.state.redraws
+
+    @property
+    def _messages(self) -> dict[str, tuple[str, str, float | None]]:
+        return self.state.messages
+
+    @property
+    def _event_mark_until(self) -> float:
+        return self.state.event_mark_until
+
+    @_event_mark_until.setter
+    def _event_mark_until(self, value: float) -> None:
+        self.state.event_mark_until = value
+
+    @property
+    def _last_levels(self) -> float:
+        return self.state.last_levels
+
+    @_last_levels.setter
+    def _last_levels(self, value: float) -> None:
+        self.state.last_levels = value
+
     # -- building --------------------------------------------------------------------------------
     def _dock(self, title: str, name: str, widget: Any, area: Any) -> Any:
         QtWidgets = self.QtWidgets
@@ -229,125 +257,143 @@ class LiveViewer:
         return dock
 
     def _build_toolbar(self) -> None:
-        QtWidgets, QtCore = self.QtWidgets, self.QtCore
+        """The toolbar, in the order of actions.TOOLBAR: the rows of ACTIONS with a widget, and the
+        viewer's own widgets (Panels menu, stream and p / c / z selectors, the preview address)."""
+        QtWidgets = self.QtWidgets
         tb = QtWidgets.QToolBar("view")
         tb.setObjectName("toolbar")
         tb.setMovable(False)
         self.win.addToolBar(tb)
+        self.actions: dict[str, Any] = {}  # action id -> its QAction or QCheckBox
+        self._stream_actions: list[Any] = []  # shown only once a second stream was seen
+        self.selectors: dict[str, Any] = {}
+        previous = ""
+        for item in TOOLBAR:
+            if item == "|":
+                added = [tb.addSeparator()]
+            elif item.startswith("@"):
+                added = getattr(self, f"_toolbar_{item[1:]}")(tb)
+            else:
+                added = [self._toolbar_action(tb, BY_ID[item])]
+            if item in STREAM_ITEMS or (item == "|" and previous in STREAM_ITEMS):
+                self._stream_actions.extend(added)
+            previous = item
+        for act in self._stream_actions:
+            act.setVisible(False)
+        # the names the viewer's widgets had before the table (tests, docs/img scripts)
+        self.act_auto, self.act_roi, self.act_pause = (self.actions[k] for k in ("auto_levels", "roi", "pause"))
+        self.overlay_box, self.trust_box, self.follow_box = (self.actions[k]
+                                                             for k in ("overlay", "trust_map", "follow_live"))
+
+    def _toolbar_panels(self, tb: Any) -> list[Any]:
+        QtWidgets = self.QtWidgets
         self.panels_menu = QtWidgets.QMenu(self.win)
         self.panels_button = QtWidgets.QToolButton()
         self.panels_button.setText("Panels ▾")
         self.panels_button.setToolTip("which panels show (1 … 9)")
         self.panels_button.setMenu(self.panels_menu)
         self.panels_button.setPopupMode(QtWidgets.QToolButton.ToolButtonPopupMode.InstantPopup)
-        tb.addWidget(self.panels_button)
-        tb.addSeparator()
-        # the stream: shown only once a second stream was seen
+        return [tb.addWidget(self.panels_button)]
+
+    def _toolbar_stream(self, tb: Any) -> list[Any]:
+        """The stream selector: shown only once a second stream was seen."""
+        QtWidgets, QtCore = self.QtWidgets, self.QtCore
         self.stream_combo = QtWidgets.QComboBox()
         self.stream_combo.setMinimumWidth(150)
         self.stream_combo.setFocusPolicy(QtCore.Qt.FocusPolicy.NoFocus)
         self.stream_combo.setToolTip("the stream shown: each camera, live mode, snaps (picking one stops "
                                      "following live mode)")
         self.stream_combo.activated.connect(lambda i: self.choose_stream(self.stream_combo.itemData(i)))
-        self.follow_box = QtWidgets.QCheckBox("Follow live")
-        self.follow_box.setFocusPolicy(QtCore.Qt.FocusPolicy.NoFocus)
-        self.follow_box.setToolTip(f"show a live-mode stream when it sends and the shown stream has been quiet "
-                                   f"for {self.streams.quiet_s:g} s, and the acquisition again when live mode "
-                                   "stops; off once you pick a stream")
-        self.follow_box.setChecked(self.streams.follow)
-        self.follow_box.toggled.connect(self.set_follow)
-        self._stream_actions = [tb.addWidget(QtWidgets.QLabel("Stream")), tb.addWidget(self.stream_combo),
-                                tb.addWidget(self.follow_box), tb.addSeparator()]
-        for act in self._stream_actions:
-            act.setVisible(False)
-        self.selectors: dict[str, Any] = {}
+        return [tb.addWidget(QtWidgets.QLabel("Stream")), tb.addWidget(self.stream_combo)]
+
+    def _toolbar_selectors(self, tb: Any) -> list[Any]:
+        QtWidgets, QtCore = self.QtWidgets, self.QtCore
+        added = []
         for axis, label in (("p", "Position"), ("c", "Channel"), ("z", "Z")):
-            tb.addWidget(QtWidgets.QLabel(label))
+            added.append(tb.addWidget(QtWidgets.QLabel(label)))
             combo = QtWidgets.QComboBox()
             combo.setMinimumWidth(90)
             combo.setFocusPolicy(QtCore.Qt.FocusPolicy.NoFocus)
             combo.addItem("0", 0)
             combo.activated.connect(lambda i, a=axis, cb=combo: self.select(a, cb.itemData(i)))
-            tb.addWidget(combo)
+            added.append(tb.addWidget(combo))
             self.selectors[axis] = combo
-        self.overlay_box = QtWidgets.QCheckBox("Overlay channels")
-        self.overlay_box.setToolTip("every channel of this position and z in its colour, each at its own levels (O)")
-        self.overlay_box.setFocusPolicy(QtCore.Qt.FocusPolicy.NoFocus)
-        self.overlay_box.setChecked(self.overlay)
-        self.overlay_box.toggled.connect(self.set_overlay)
-        tb.addWidget(self.overlay_box)
-        self.trust_box = QtWidgets.QCheckBox("Trust map")
-        self.trust_box.setToolTip("tint in amber the regions a trust engine does not vouch for: the stronger, the "
-                                  "lower their trust (T; docs/trust.md)")
-        self.trust_box.setFocusPolicy(QtCore.Qt.FocusPolicy.NoFocus)
-        self.trust_box.setChecked(self.trust_overlay)
-        self.trust_box.toggled.connect(self.set_trust_overlay)
-        tb.addWidget(self.trust_box)
-        tb.addSeparator()
-        self.act_auto = self._action(tb, "Auto levels", "continuous percentile auto-levels (L)", checkable=True,
-                                     checked=self.auto_levels, slot=self.set_auto_levels)
-        self._action(tb, "Auto-contrast", "set every panel's levels from its current frame (A)",
-                     slot=self.auto_contrast)
-        self._action(tb, "Fit", "fit the image to the panels (F)", slot=self.fit)
-        tb.addSeparator()
-        self.act_roi = self._action(tb, "ROI", "mean intensity in a rectangle over time (R)", checkable=True,
-                                    checked=bool(read_json_default(self.settings, "roi/visible", True)),
-                                    slot=self.set_roi_visible)
-        self.act_pause = self._action(tb, "Pause", "pause / resume the live display (Space)", checkable=True,
-                                      slot=self.set_paused)
-        self._action(tb, "Snapshot", "save the window as PNG (Ctrl+S)", slot=lambda: self.snapshot())
+        return added
+
+    def _toolbar_spacer(self, tb: Any) -> list[Any]:
+        QtWidgets = self.QtWidgets
         spacer = QtWidgets.QWidget()
         spacer.setSizePolicy(QtWidgets.QSizePolicy.Policy.Expanding, QtWidgets.QSizePolicy.Policy.Preferred)
-        tb.addWidget(spacer)
-        self.source_label = QtWidgets.QLabel(self.connect_address)
-        tb.addWidget(self.source_label)
+        return [tb.addWidget(spacer)]
 
-    def _action(self, tb: Any, text: str, tip: str, *, checkable: bool = False, checked: bool = False,
-                slot: Any = None) -> Any:
-        act = self.QtGui.QAction(text, self.win)
+    def _toolbar_source(self, tb: Any) -> list[Any]:
+        self.source_label = self.QtWidgets.QLabel(self.connect_address)
+        return [tb.addWidget(self.source_label)]
+
+    def _toolbar_action(self, tb: Any, action: Action) -> Any:
+        """A row of ACTIONS in the toolbar: a tool button (QAction) or a checkbox. A toggle shows its
+        ViewerState attribute and forwards a change to its method; a button calls its method."""
+        tip = action.tooltip.format(quiet_s=self.state.streams.quiet_s)
+        if action.widget == "checkbox":
+            box = self.QtWidgets.QCheckBox(action.label)
+            box.setToolTip(tip)
+            box.setFocusPolicy(self.QtCore.Qt.FocusPolicy.NoFocus)
+            box.setChecked(bool(getattr(self.state, action.checked)))
+            box.toggled.connect(lambda on, a=action: self._toggled(a, on))
+            self.actions[action.id] = box
+            return tb.addWidget(box)
+        act = self.QtGui.QAction(action.label, self.win)
         act.setToolTip(tip)
-        act.setCheckable(checkable)
-        if checkable:
-            act.setChecked(checked)
-            act.toggled.connect(slot)
+        act.setCheckable(action.toggle)
+        if action.toggle:
+            act.setChecked(bool(getattr(self.state, action.checked)))
+            act.toggled.connect(lambda on, a=action: self._toggled(a, on))
         else:
-            act.triggered.connect(lambda *_: slot())
+            act.triggered.connect(lambda *_, a=action: self.trigger(a.id))
         tb.addAction(act)
+        self.actions[action.id] = act
         return act
 
     def _build_shortcuts(self) -> None:
+        """A window-wide QShortcut for each row of ACTIONS with a key."""
         QtGui, QtCore = self.QtGui, self.QtCore
-        keys = {
-            "Space": lambda: self.act_pause.toggle(),
-            "Esc": self.go_live,
-            "A": self.auto_contrast,
-            "L": lambda: self.act_auto.toggle(),
-            "F": self.fit,
-            "R": lambda: self.act_roi.toggle(),
-            "[": lambda: self.step("c", -1),
-            "]": lambda: self.step("c", +1),
-            "O": lambda: self.overlay_box.toggle(),
-            "T": lambda: self.trust_box.toggle(),
-            "PgUp": lambda: self.step("z", -1),
-            "PgDown": lambda: self.step("z", +1),
-            "Ctrl+S": lambda: self.snapshot(),
-            "Ctrl+T": lambda: self._toggle_dock(self.dock_telemetry),
-            "Ctrl+E": lambda: self._toggle_dock(self.dock_controls),
-            "Ctrl+B": lambda: self._toggle_dock(self.dock_time),
-            "F1": self.show_help,
-            "Ctrl+Q": self.win.close,
-        }
-        for i in range(1, 10):
-            keys[str(i)] = lambda i=i: self.toggle_panel_number(i)
         self.shortcuts = []
-        for key, fn in keys.items():
-            sc = QtGui.QShortcut(QtGui.QKeySequence(key), self.win)
+        for action in ACTIONS:
+            if not action.shortcut:
+                continue
+            sc = QtGui.QShortcut(QtGui.QKeySequence(action.shortcut), self.win)
             sc.setContext(QtCore.Qt.ShortcutContext.WindowShortcut)
-            sc.activated.connect(fn)
+            sc.activated.connect(lambda a=action: self.trigger(a.id))
             self.shortcuts.append(sc)
 
-    def _toggle_dock(self, dock: Any) -> None:
+    def trigger(self, action_id: str) -> None:
+        """Do the action ``action_id`` (a row of ACTIONS), as its key does: a toggle flips its state."""
+        action = BY_ID[action_id]
+        args: tuple[Any, ...] = action.args
+        if action.toggle:
+            args = (*args, not getattr(self.state, action.checked))
+        getattr(self, action.method)(*args)
+
+    def _toggled(self, action: Action, on: bool) -> None:
+        """The user ticked or unticked a toggle's widget: forward it unless the state already says so
+        (the widget was only brought in line with the state)."""
+        if bool(getattr(self.state, action.checked)) != on:
+            getattr(self, action.method)(*action.args, on)
+
+    def _show_toggles(self) -> None:
+        """Every toggle's widget ticked as its ViewerState attribute says."""
+        for action_id, widget in self.actions.items():
+            action = BY_ID[action_id]
+            if action.toggle and widget.isChecked() != bool(getattr(self.state, action.checked)):
+                widget.setChecked(bool(getattr(self.state, action.checked)))
+
+    def toggle_dock(self, name: str) -> None:
+        """Show or hide a dock: "engines", "telemetry" or "time"."""
+        dock = {"engines": self.dock_controls, "telemetry": self.dock_telemetry, "time": self.dock_time}[name]
         dock.setVisible(not dock.isVisible())
+
+    def quit(self) -> None:
+        self.win.close()
 
     # -- panels ----------------------------------------------------------------------------------
     def _panel(self, product: str) -> Any:
@@ -356,11 +402,12 @@ class LiveViewer:
             return panel
         from .panels import CompositePanel, ImagePanel
 
-        panel = CompositePanel() if product == "composite" else ImagePanel(product)
-        if product in self.cmaps and not panel.composite:
-            panel.set_cmap(self.cmaps[product])
+        levels = self.state.panel_levels(product)  # the panel draws the state's levels
+        panel = CompositePanel(levels) if product == "composite" else ImagePanel(product, levels=levels)
+        if product in self.state.cmaps and not panel.composite:
+            panel.set_cmap(self.state.cmaps[product])
         if panel.widget.cmap is not None:
-            panel.widget.cmap.currentTextChanged.connect(lambda name, p=product: self.cmaps.__setitem__(p, name))
+            panel.widget.cmap.currentTextChanged.connect(lambda name, p=product: self.state.set_cmap(p, name))
         # pan and zoom together: by centre and scale, not by range (panels differ in size, and
         # linked ranges under locked aspect ratios grow each other until the image is a dot)
         panel.view.sigRangeChangedManually.connect(lambda *_, p=panel: self._link_from(p))
@@ -398,31 +445,25 @@ class LiveViewer:
         for i, name in enumerate(sorted(self.panels, key=_order)):
             act = self.panels_menu.addAction(f"{i + 1}  {name}" if i < 9 else name)
             act.setCheckable(True)
-            act.setChecked(name not in self.hidden)
+            act.setChecked(name not in self.state.hidden)
             act.toggled.connect(lambda on, n=name: self.set_panel_visible(n, on))
 
     def set_panel_visible(self, name: str, visible: bool) -> None:
-        (self.hidden.discard if visible else self.hidden.add)(name)
+        self.state.set_panel_visible(name, visible)
         for act in self.panels_menu.actions():
             if act.text().split()[-1] == name and act.isChecked() != visible:
                 act.setChecked(visible)
         self.relayout()
 
     def toggle_panel_number(self, number: int) -> None:
-        names = sorted(self.panels, key=_order)
-        if 1 <= number <= len(names):
-            name = names[number - 1]
-            self.set_panel_visible(name, name in self.hidden)
+        toggled = self.state.toggle_panel_number(self.panels, number)
+        if toggled is not None:
+            self.set_panel_visible(*toggled)
 
     def visible_panels(self) -> list[str]:
         """The panels shown: not hidden, and of a product the shown stream has (another
         stream's products keep their panels, out of sight, until it is shown again)."""
-        return [n for n in sorted(self.panels, key=_order) if n not in self.hidden and self._has_product(n)]
-
-    def _has_product(self, name: str) -> bool:
-        if name == "composite":
-            return any(d in self._products for d in DECOMPOSITION)
-        return name in self._products
+        return self.state.visible_panels(self.panels)
 
     def relayout(self) -> None:
         """Place the visible panels in the grid whose cells are largest for the frames' aspect."""
@@ -444,13 +485,7 @@ class LiveViewer:
         shape = next((self.panels[k].shape for k in names if self.panels[k].shape), None)
         if shape:
             aspect = shape[1] / shape[0]
-        best_cols, best = 1, -1.0
-        for cols in range(1, n + 1):
-            rows = math.ceil(n / cols)
-            cw, ch = w / cols - 50, h / rows - 28  # histogram and title bar
-            size = min(cw, ch * aspect)
-            if size > best + 1:
-                best_cols, best = cols, size
+        best_cols = best_columns(n, w, h, aspect)
         for r in range(self.grid.rowCount()):
             self.grid.setRowStretch(r, 0)
         for c in range(self.grid.columnCount()):
@@ -467,53 +502,55 @@ class LiveViewer:
         self._roi_pending = True
 
     def set_roi_visible(self, on: bool) -> None:
+        self.state.set_roi_visible(on)
+        self._show_toggles()
         if self.roi_trace.roi is not None:
-            self.roi_trace.roi.setVisible(on)
+            self.roi_trace.roi.setVisible(self.state.roi_visible)
 
     # -- frames ----------------------------------------------------------------------------------
     def update(self) -> int:
         """Draw the newest preview of each product of the shown stream at the selected position,
         channel and z. Returns the number of panels drawn."""
+        st = self.state
         now = time.monotonic()
         new = self.sub.latest()
         if new:
-            self._last_frame_at = now
             self.latest.update(new)
             self._note_streams(new, now)
-        if not self.paused:  # a frozen display keeps its stream
-            self._follow_streams(now)
+        self._follow_streams(now)  # never while paused: a frozen display keeps its stream
         if new:
             self._note_frames(new)
-        self._check_idle(now)
-        if self.paused:
+        st.check_idle(now, self.link.connected)
+        self._show_messages_if_changed()
+        if st.paused:
             return 0
-        stream = self.streams.selected
-        sel = (self.selection["p"], self.selection["c"], self.selection["z"])
+        sel = st.sel
         drawn = 0
         decomposition_changed = False
         # the newest frame of each channel of the selected position and z, per product
         channels: dict[str, dict[int, Any]] = {}
-        if self.overlay:
-            for (s, product, p, c, z), frame in self.latest.items():
-                if s == stream and (p, z) == (sel[0], sel[2]) and frame.array is not None:
-                    channels.setdefault(product, {})[c] = frame
-        for (s, product, p, c, z), frame in sorted(self.latest.items(), key=lambda kv: _order(kv[0][1])):
-            if s != stream or (p, c, z) != sel or frame.array is None or product.startswith(TRUST_PREFIX):
+        if st.overlay:
+            for key, frame in self.latest.items():
+                if st.in_overlay(key) and frame.array is not None:
+                    channels.setdefault(key[1], {})[key[3]] = frame
+        for key, frame in sorted(self.latest.items(), key=lambda kv: _order(kv[0][1])):
+            if frame.array is None or not st.accept_frame(key):
                 continue
+            product = key[1]
             panel = self._panel(product)
             group = channels.get(product, {})
-            if len(group) > 1 and product not in self.hidden:
+            if len(group) > 1 and product not in st.hidden:
                 # overlaid: redraw when any channel has a new frame
-                key = (*sel, *sorted((k, f.seq, id(f.header)) for k, f in group.items()))
-                if panel.overlaid and panel.overlay_key == key:
+                overlay_key = (*sel, *sorted((k, f.seq, id(f.header)) for k, f in group.items()))
+                if panel.overlaid and panel.overlay_key == overlay_key:
                     continue
-                if panel.show_overlay({k: (f.array, f.header) for k, f in group.items()}, sel[1], self.seen["c"]):
+                if panel.show_overlay({k: (f.array, f.header) for k, f in group.items()}, sel[1], st.seen["c"]):
                     self._shape_changed(product, frame.array.shape)
-                panel.overlay_key = key
+                panel.overlay_key = overlay_key
                 drawn += 1
             elif panel.seq == frame.seq and panel.header is frame.header and not panel.overlaid:
                 continue
-            elif product in self.hidden:
+            elif product in st.hidden:
                 panel.array, panel.header, panel.seq = frame.array, frame.header, frame.seq  # readout and ROI
             else:
                 if panel.show_frame(frame.array, frame.header):
@@ -526,39 +563,35 @@ class LiveViewer:
             self._relayout_after_draw = False
             self._grid_order = []
             self.relayout()
-        self._draw_trust(sel)
+        self._draw_trust()
         if decomposition_changed and any(k in self.panels for k in DECOMPOSITION):
             composite = self._panel("composite")
-            if "composite" not in self.hidden:
+            if "composite" not in st.hidden:
                 composite.show_composite(self.panels)
                 drawn += 1
-        if now - self._last_levels > LEVELS_EVERY_S:
-            self._last_levels = now
+        if st.levels_due(now):
             for name in self.visible_panels():
                 panel = self.panels[name]
-                if self.auto_levels and panel.auto:
+                if st.follows_auto_levels(name):
                     panel.auto_levels()
-                if self.auto_levels and panel.overlaid:
+                if st.auto_levels and panel.overlaid:
                     panel.overlay_auto_levels()
                     panel.overlay_key = None  # draw again at the new levels
                 panel.update_histogram()
             self.novelty.redraw()
             self.roi_trace.redraw()
-        if drawn:
-            self.frames_drawn += drawn
-            self.redraws += 1
-            self._display_times.append(now)
-            if self._cursor is not None:
-                self._readout(*self._cursor)
+        st.note_drawn(drawn, now)
+        if drawn and self._cursor is not None:
+            self._readout(*self._cursor)
         return drawn
 
-    def _draw_trust(self, sel: tuple[int, int, int]) -> None:
+    def _draw_trust(self) -> None:
         """Each panel's trust tint from the newest ``trust_<product>`` map (when the overlay is on)."""
         for name, panel in self.panels.items():
             if panel.composite:
                 continue
-            key = (self.streams.selected, TRUST_PREFIX + name, *sel)
-            frame = self.latest.get(key) if self.trust_overlay else None
+            key = self.state.trust_map_key(name)
+            frame = self.latest.get(key) if self.state.trust_overlay else None
             if frame is None or frame.array is None or panel.array is None or np.ndim(frame.array) != 2:
                 if panel.trust_item.isVisible():
                     panel.show_trust_map(None)
@@ -567,59 +600,39 @@ class LiveViewer:
 
     def _note_streams(self, new: dict[tuple, Any], now: float) -> None:
         """Streams (when each sent, which are live mode) and the values each has on each axis."""
-        shown = self.streams.selected
-        # streams first seen in the same drain are listed by name: the order a viewer started
-        # beside running cameras shows them in does not depend on which message came first
-        for (stream, product, p, c, z), frame in sorted(new.items(), key=lambda kv: kv[0][0]):
-            info = self.streams.note(stream, now, live=frame.header.get("live") is True)
-            for axis, value in (("p", p), ("c", c), ("z", z)):
-                if value not in info.seen[axis]:
-                    info.seen[axis][value] = str(frame.header.get("channel") or value) if axis == "c" else str(value)
-                    if stream == shown:
-                        self._refresh_selector(axis)
-            if stream == shown:
-                self._products.add(product)
-        labels = [(name, self.streams.label(name)) for name in self.streams.names()]
-        if labels != self._stream_labels:
-            self._stream_labels = labels
+        noted = self.state.note_previews(((key, frame.header) for key, frame in new.items()), now)
+        for axis in AXES:
+            if axis in noted.axes:
+                self._refresh_selector(axis)
+        if noted.streams_changed:
             self._refresh_stream_selector()
 
     def _note_frames(self, new: dict[tuple, Any]) -> None:
-        """The shown stream's frames: the recent-frame buffer, the novelty strip, restarts."""
-        stream = self.streams.selected
-        sel = (self.selection["p"], self.selection["c"], self.selection["z"])
-        for (s, product, p, c, z), frame in new.items():
-            if s != stream or (p, c, z) != sel or frame.array is None:
+        """The shown stream's frames: the recent-frame buffer, the novelty strip, restarts, badges."""
+        from .panels import show_consistency, show_trust
+
+        st = self.state
+        for key, frame in new.items():
+            if frame.array is None or not st.in_view(key):
                 continue
-            last = self._last_seq.get(product)
-            if last is not None and frame.seq < last - 1:
-                self.say("stream", f"The stream restarted (seq {last} → {frame.seq}); history cleared.", "info", 6)
+            product = key[1]
+            if st.note_seq(product, frame.seq):  # the stream restarted
+                self._show_messages()
                 self.novelty.clear()
                 self.roi_trace.reset()
                 self.buffer.clear()
-            self._last_seq[product] = frame.seq
             self.buffer.add(product, frame.seq, frame.array, frame.header)
             scalars = frame.header.get("scalars") or {}
-            score = scalars.get(f"trust_{product}_score")
             panel = self.panels.get(product)
-            if score is not None and panel is not None:
-                from .panels import show_trust
-
-                sampled = self._trust_sampled.setdefault(product, {})
-                for check in ("tta", "features"):  # run on some frames only: keep the newest
-                    if scalars.get(f"trust_{product}_{check}") is not None:
-                        sampled[check] = float(scalars[f"trust_{product}_{check}"])
-                show_trust(panel.widget, float(score), scalars.get(f"trust_{product}_ok"), sampled)
-            elif product == "restored" and panel is not None and scalars.get("consistency") is not None:
-                from .panels import show_consistency
-
-                thr = scalars.get("consistency_threshold")
-                show_consistency(panel.widget, float(scalars["consistency"]), None if thr is None else float(thr))
-            # one product's frames only: the products' previews leave at slightly different times
-            novelty_from = next((d for d in DECOMPOSITION if d in self._products), None)
-            if "novelty" in scalars and product == novelty_from:
-                t = (frame.header.get("index") or {}).get("t", frame.seq)
-                self.novelty.add(float(t), float(scalars["novelty"]))
+            trust = st.note_trust(product, scalars) if panel is not None else None
+            consistency = st.consistency(product, scalars)
+            if trust is not None and panel is not None:
+                show_trust(panel.widget, *trust)
+            elif panel is not None and consistency is not None:
+                show_consistency(panel.widget, *consistency)
+            point = st.novelty_point(product, frame.header, frame.seq)
+            if point is not None:
+                self.novelty.add(*point)
 
     def _shape_changed(self, product: str, shape: tuple[int, ...]) -> None:
         self.say("shape", f"The stream changed shape: {product} is now {' × '.join(map(str, shape))}; "
@@ -633,57 +646,33 @@ class LiveViewer:
         if getattr(self, "_roi_pending", False) and self._roi_panel.array is not None:
             self._roi_pending = False
             roi = self.roi_trace.attach(self._roi_panel.view, self._roi_panel.array.shape)
-            roi.setVisible(self.act_roi.isChecked())
-            geo = read_json_default(self.settings, "roi/rect", None)
+            roi.setVisible(self.state.roi_visible)
+            geo = self.state.roi_rect
             if geo:
                 roi.setPos(geo[:2])
                 roi.setSize(geo[2:])
         if self.roi_trace.roi is None:
             return
-        restored = next((r for r in RESTORED if r in self.panels), None)
+        restored = self.state.roi_product(self.panels)
         self.roi_trace.restored_name = restored
         if product in ("raw", restored):
             t = (frame.header.get("index") or {}).get("t", frame.seq)
             self.roi_trace.sample(product, frame.seq, float(t), frame.array)
 
-    def _check_idle(self, now: float) -> None:
-        if self._last_frame_at is None:
-            if now - self._started > IDLE_AFTER_S and self.link.connected:
-                self.say("idle", "The daemon is running but sends no frames yet: is the acquisition started?", "info")
-            return
-        idle = now - self._last_frame_at
-        if idle > IDLE_AFTER_S and "idle" not in self._messages and not self.paused:
-            self.say("idle", f"No new frames for {idle:.0f} s: the acquisition is paused or has ended.", "info")
-        elif idle <= IDLE_AFTER_S and "idle" in self._messages:
-            self.unsay("idle")
-        self._check_quiet_stream(now, idle)
-
-    def _check_quiet_stream(self, now: float, idle: float) -> None:
-        """The shown stream is quiet while another sends (Follow live off, or two ordinary
-        streams): say so, so a still image is not taken for a live one."""
-        info = self.streams.info()
-        quiet_for = now - info.last_seen if info is not None else 0.0
-        if idle <= IDLE_AFTER_S and quiet_for > self.streams.quiet_s and not self.paused:
-            if "quiet" not in self._messages:
-                self.say("quiet", f"{self.streams.label(info.name)} sent nothing for {quiet_for:.0f} s while other "
-                         "streams send: pick one in Stream to see it.", "info")
-        elif "quiet" in self._messages:
-            self.unsay("quiet")
-
     # -- selectors -------------------------------------------------------------------------------
     def _refresh_selector(self, axis: str) -> None:
+        seen, selection = self.state.seen, self.state.selection
         combo = self.selectors[axis]
         blocker = self.QtCore.QSignalBlocker(combo)
         combo.clear()
-        for value in sorted(self.seen[axis]):
-            combo.addItem(self.seen[axis][value] if axis == "c" else str(value), value)
-        combo.setCurrentIndex(max(0, combo.findData(self.selection[axis])))
+        for value in sorted(seen[axis]):
+            combo.addItem(seen[axis][value] if axis == "c" else str(value), value)
+        combo.setCurrentIndex(max(0, combo.findData(selection[axis])))
         del blocker
 
-    def select(self, axis: str, value: int) -> None:
-        if value is None or value == self.selection[axis]:
+    def select(self, axis: str, value: int | None) -> None:
+        if not self.state.select(axis, value):
             return
-        self.selection[axis] = int(value)
         combo = self.selectors[axis]
         combo.setCurrentIndex(max(0, combo.findData(value)))
         for panel in self.panels.values():
@@ -692,13 +681,11 @@ class LiveViewer:
         self.novelty.clear()
         self.roi_trace.reset()
         self.buffer.clear()
-        self._last_seq.clear()
 
     def step(self, axis: str, delta: int) -> None:
-        values = sorted(self.seen[axis])
-        if values:
-            i = values.index(self.selection[axis]) if self.selection[axis] in values else 0
-            self.select(axis, values[max(0, min(len(values) - 1, i + delta))])
+        value = self.state.step_target(axis, delta)
+        if value is not None:
+            self.select(axis, value)
 
     # -- streams ---------------------------------------------------------------------------------
     def _refresh_stream_selector(self) -> None:
@@ -706,12 +693,12 @@ class LiveViewer:
         combo = self.stream_combo
         blocker = self.QtCore.QSignalBlocker(combo)
         combo.clear()
-        for name, label in self._stream_labels:
+        for name, label in self.state.stream_labels:
             combo.addItem(label, name)
-        combo.setCurrentIndex(max(0, combo.findData(self.streams.selected)))
+        combo.setCurrentIndex(max(0, combo.findData(self.state.streams.selected)))
         del blocker
         for act in self._stream_actions:
-            act.setVisible(self.streams.several)
+            act.setVisible(self.state.streams.several)
 
     def choose_stream(self, name: str | None) -> None:
         """The user picked a stream: show it, and stop following live mode (sticky)."""
@@ -720,58 +707,42 @@ class LiveViewer:
 
     def set_follow(self, on: bool) -> None:
         """Follow live mode by itself (see ui/streams.py), or stay on the stream shown."""
-        self.streams.follow = bool(on)
-        if self.follow_box.isChecked() != self.streams.follow:
-            self.follow_box.setChecked(self.streams.follow)
-        if not on:
-            self.unsay("follow")
+        self.state.set_follow(on)
+        self._show_toggles()
+        self._show_messages_if_changed()
 
     def _follow_streams(self, now: float) -> None:
-        pick = self.streams.auto_pick(now)
+        pick = self.state.follow_pick(now)
         if pick is None:
             return
-        before = self.streams.selected
+        before = self.state.streams.selected
         self.set_stream(pick)
-        if before is not None:
-            self.say("follow", f"Now showing {self.streams.label(pick)}: {self.streams.label(before)} sent nothing "
-                     f"for {self.streams.quiet_s:g} s (Follow live). Pick a stream to stay on one.", "info", 8)
+        self.state.say_followed(before, pick)
+        self._show_messages_if_changed()
 
     def set_stream(self, name: str, *, by_user: bool = False) -> None:
         """Show ``stream``: its own position, channel and z (as last picked there), its products'
         panels; the history of the stream shown before (novelty, ROI trace, buffer) starts over."""
-        before = self.streams.selected
-        selection = self.streams.select(name, by_user=by_user)
-        if by_user:
-            self.set_follow(False)
-            self.unsay("follow")
-        if before is None:  # the first stream shown keeps the selection the viewer started with
-            self.streams.adopt_selection(name, self.selection)
-            selection = self.selection
-        info = self.streams.info(name)
-        assert info is not None
-        self.selection, self.seen = selection, info.seen
+        changed = self.state.show_stream(name, by_user=by_user, keys=self.latest)
+        self._show_toggles()  # a pick by hand unticks Follow live
+        self._show_messages_if_changed()
         for axis in self.selectors:
             self._refresh_selector(axis)
         self.stream_combo.setCurrentIndex(max(0, self.stream_combo.findData(name)))
-        if name == before:
+        if not changed:
             return
-        self._products = {k[1] for k in self.latest if k[0] == name}
-        for panel in self.panels.values():
+        for panel in self.panels.values():  # auto levels were forgotten: from the new stream's first frame
             panel.seq = -1
             panel.overlay_key = None
             panel.shape = None  # another camera's frames: fit them, no "the stream changed shape"
-            if panel.auto:
-                panel.levels = None  # levels from the new stream's first frame
             panel.show_trust_map(None)
             panel.show_event_box(None)
             panel.show_event_mark(None)
             panel.widget.trust.setVisible(False)
             panel.widget.latency.setText("")
-        self._trust_sampled.clear()
         self.novelty.clear()
         self.roi_trace.reset()
         self.buffer.clear()
-        self._last_seq.clear()
         self._grid_order = []
         self._relayout_after_draw = True
         self.relayout()
@@ -780,41 +751,29 @@ class LiveViewer:
     def set_overlay(self, on: bool) -> None:
         """Overlay every channel of the selected position and z in its colour, or (off) show the
         channel picked in the selector through each panel's colour map."""
-        self.overlay = bool(on)
-        if self.overlay_box.isChecked() != self.overlay:
-            self.overlay_box.setChecked(self.overlay)
+        self.state.set_overlay(on)
+        self._show_toggles()
         for panel in self.panels.values():
             panel.seq = -1
             panel.overlay_key = None
-        if self.overlay and len(self.seen["c"]) < 2:
-            self.say("overlay", "Overlay channels: the stream has one channel so far.", "info", 4)
-        if not self.paused:
+        self._show_messages_if_changed()
+        if not self.state.paused:
             self.update()
 
     def set_trust_overlay(self, on: bool) -> None:
         """Tint low-trust regions of every product a trust engine scores (T), or hide the tints."""
-        self.trust_overlay = bool(on)
-        if self.trust_box.isChecked() != self.trust_overlay:
-            self.trust_box.setChecked(self.trust_overlay)
-        has_maps = any(k[1].startswith(TRUST_PREFIX) for k in self.latest if k[0] == self.streams.selected)
-        if self.trust_overlay and not has_maps:
-            self.say("trust", "Trust map: no trust map received yet; run the daemon with --engines trust "
-                     "(docs/trust.md).", "info", 6)
-        elif not self.trust_overlay:
-            self.unsay("trust")
-        sel = (self.selection["p"], self.selection["c"], self.selection["z"])
-        self._draw_trust(sel)
+        self.state.set_trust_overlay(on, self.latest)
+        self._show_toggles()
+        self._show_messages_if_changed()
+        self._draw_trust()
 
     def set_auto_levels(self, on: bool) -> None:
-        self.auto_levels = bool(on)
-        if on:
-            for panel in self.panels.values():
-                panel.auto = True
-            self._last_levels = 0.0
+        self.state.set_auto_levels(on)
+        self._show_toggles()
 
     def auto_contrast(self) -> None:
+        self.state.auto_contrast()
         for panel in self.panels.values():
-            panel.auto = True
             panel.auto_levels()
             panel.update_histogram()
         if "composite" in self.panels:
@@ -826,53 +785,42 @@ class LiveViewer:
                 panel.view.autoRange(padding=0)
 
     def set_paused(self, on: bool) -> None:
-        self.paused = bool(on)
-        if on:
-            self.say("paused", "Paused: the display is frozen, the daemon goes on. Space resumes.", "info")
-        else:
-            self.unsay("paused")
-            self.unsay("event")
-            self._shown_event = None
-            for panel in self.panels.values():
-                panel.seq = -1
-                panel.overlay_key = None
-                panel.show_event_box(None)
+        self.state.set_paused(on)
+        self._show_toggles()
+        if not on:
+            self._resumed()
+        self._show_messages_if_changed()
+
+    def _resumed(self) -> None:
+        """Back to live: every panel draws the newest frame again, without an event's box."""
+        for panel in self.panels.values():
+            panel.seq = -1
+            panel.overlay_key = None
+            panel.show_event_box(None)
 
     def go_live(self) -> None:
-        if self.act_pause.isChecked():
-            self.act_pause.setChecked(False)
+        if self.state.paused:
+            self.set_paused(False)
 
     def show_event(self, event: dict[str, Any]) -> None:
         """Pause and show the buffered frames nearest an event's seq."""
-        seq = event.get("seq")
+        seq = self.state.focus_event(event)
         if seq is None:
             return
+        self._show_toggles()  # paused
         shown = []
-        if not self.act_pause.isChecked():
-            self.act_pause.setChecked(True)
         for name, panel in self.panels.items():
             if panel.composite:
                 continue
-            found = self.buffer.nearest(name, int(seq))
+            found = self.buffer.nearest(name, seq)
             if found is not None:
                 panel.show_frame(*found)
                 shown.append(int(found[1].get("seq", -1)))
         if "composite" in self.panels and shown:
             self.panels["composite"].show_composite(self.panels)
-        self._shown_event = event
         rule = self.draw_event_box(event)
-        score = event.get("score")
-        what = f"event {event.get('id', '?')} at t {event.get('t', '?')} (seq {seq}" + (
-            f", score {score:.2f})" if isinstance(score, (int, float)) else ")")
-        if shown:
-            near = min(shown, key=lambda s: abs(s - int(seq)))
-            box = (" Its box is drawn at an assumed scale: the event gives neither its frame's pixel size nor shape."
-                   if rule == "assumed" else "")
-            self.say("event", f"Showing {what} — nearest buffered frame seq {near}.{box} Esc or Space: back to live.",
-                     "info")
-        else:
-            self.say("event", f"{what}: its frame is no longer in the recent-frame buffer "
-                     f"({self.buffer.max_bytes >> 20} MB). Esc: back to live.", "warn")
+        self.state.say_event(event, shown, rule, self.buffer.max_bytes >> 20)
+        self._show_messages_if_changed()
 
     def draw_event_box(self, event: dict[str, Any]) -> str | None:
         """Draw the event's bounding box on every panel, scaled from full-frame pixels to that
@@ -895,19 +843,14 @@ class LiveViewer:
         from .timeline import event_point, event_stride
 
         raw = self.panels.get("raw")
-        newest = next((e for e in reversed(events) if e.get("centroid") is not None), None)
+        newest = self.state.event_to_mark(events)
         if raw is None or raw.array is None or newest is None:
             return
-        if newest.get("stream", self.streams.selected) != self.streams.selected:
-            return
-        if (newest.get("p", self.selection["p"]), newest.get("z", self.selection["z"])) != (
-                self.selection["p"], self.selection["z"]):
-            return
-        stride, _ = event_stride(newest, raw.header, raw.array.shape[:2])
-        point = event_point(newest, stride)
+        stride, _ = event_stride(dict(newest), raw.header, raw.array.shape[:2])
+        point = event_point(dict(newest), stride)
         if point is not None:
             raw.show_event_mark(point)
-            self._event_mark_until = time.monotonic() + EVENT_MARK_S
+            self.state.mark_event(time.monotonic())
 
     # -- cursor readout --------------------------------------------------------------------------
     def _mouse_moved(self, panel: Any, scene_pos: Any) -> None:
@@ -915,7 +858,7 @@ class LiveViewer:
             return
         pt = panel.view.mapSceneToView(scene_pos)
         shape = panel.array.shape[:2] if panel.array is not None else None
-        self._cursor = (pt.x(), pt.y(), shape)  # type: ignore[assignment]
+        self._cursor = (pt.x(), pt.y(), shape)
         self._readout(pt.x(), pt.y(), shape)
 
     def _readout(self, x: float, y: float, shape: tuple[int, ...] | None = None) -> None:
@@ -954,81 +897,65 @@ class LiveViewer:
         self.link.request(cmd, **kwargs)
 
     def poll_daemon(self) -> None:
+        st = self.state
         for kind, payload in self.link.drain():
+            st.note_link(kind, payload)  # the status, events, and what the banner says of them
             if kind == "status":
-                self.status = payload
                 self.controls.follow(payload)
                 self.telemetry.update_status(payload, self.display_fps())
             elif kind == "events":
-                self.events.extend(payload)
-                self.events = self.events[-1000:]
                 self.novelty.add_events(payload)
                 self.mark_newest_event(payload)
             elif kind == "reply":
-                request, reply = payload
-                self.controls.show_reply(request, reply)
-                if not reply.get("ok"):
-                    self.say("reply", f"The daemon refused {request.get('cmd')} {request.get('engine', '')}: "
-                             f"{reply.get('error')}", "warn", 8)
+                self.controls.show_reply(*payload)
             elif kind == "down":
-                self.say("daemon", f"No livescope daemon answers at {payload}: is it running (`livescope daemon`)? "
-                         "Reconnecting by itself…", "error")
                 self.status_label.setText(f"<span style='color:#ff5a52'>●</span> no daemon at {payload}")
-            elif kind == "refused":
-                self.say("daemon", f"The daemon at {self.control_address} refuses this viewer: {payload}", "error")
-            elif kind == "up":
-                if "daemon" in self._messages:
-                    self.say("daemon", "Connected to the daemon again.", "ok", 4)
             elif kind == "restarted":
-                self.say("daemon", "The daemon restarted: counters, events and plots start over.", "info", 8)
                 self.novelty.clear()
                 self.roi_trace.reset()
-                self.events.clear()
-        if self._event_mark_until and time.monotonic() > self._event_mark_until:
-            self._event_mark_until = 0.0
+        if st.event_mark_expired(time.monotonic()):
             raw = self.panels.get("raw")
             if raw is not None:
                 raw.show_event_mark(None)
-        if self.status is not None and self.link.connected:
+        if st.status is not None and self.link.connected:
             from .telemetry import status_line
 
-            self.status_label.setText(status_line(self.status, self.display_fps()))
+            self.status_label.setText(status_line(st.status, self.display_fps()))
         elif not self.control_address:
             self.status_label.setText(f"previews from {self.connect_address} · display {self.display_fps():.0f} fps")
         self._show_messages()
 
     def display_fps(self) -> float:
-        now = time.monotonic()
-        self._display_times = [t for t in self._display_times if now - t < 2.0]
-        return len(self._display_times) / 2.0
+        return self.state.display_fps()
 
     # -- messages ---------------------------------------------------------------------------------
     def say(self, key: str, text: str, level: str = "info", seconds: float | None = None) -> None:
         """A message in the banner above the panels; never a dialog (nothing blocks the display)."""
-        self._messages[key] = (text, level, None if seconds is None else time.monotonic() + seconds)
+        self.state.say(key, text, level, seconds)
         self._show_messages()
 
     def unsay(self, key: str) -> None:
-        if self._messages.pop(key, None) is not None:
+        if self.state.unsay(key):
+            self._show_messages()
+
+    def _show_messages_if_changed(self) -> None:
+        if self.state.messages_version != self._banner_version:
             self._show_messages()
 
     def _show_messages(self) -> None:
+        """The banner: what ViewerState.banner() says (expired messages dropped)."""
         from .style import COLORS
 
-        now = time.monotonic()
-        for key in [k for k, (_, _, until) in self._messages.items() if until is not None and until < now]:
-            del self._messages[key]
-        if not self._messages:
+        shown = self.state.banner()
+        self._banner_version = self.state.messages_version
+        if shown is None:
             self.banner.setVisible(False)
             return
-        rank = {"error": 0, "warn": 1, "info": 2, "ok": 3}
-        items = sorted(self._messages.values(), key=lambda m: rank.get(m[1], 9))
-        level = items[0][1]
+        level, text = shown
         colours = {"error": ("#3a1d1f", COLORS["bad"]), "warn": ("#3a2f1a", COLORS["warn"]),
                    "info": ("#1c2736", "#9cc7f0"), "ok": ("#1c3322", COLORS["ok"])}
         bg, fg = colours.get(level, colours["info"])
         self.banner.setStyleSheet(f"background:{bg}; color:{fg}; border-bottom:1px solid {fg};")
-        text = "   ·   ".join(m[0] for m in items)
         if self.banner.text() != text:
             self.banner.setText(text)
         self.banner.setVisible(True)
@@ -1056,7 +983,7 @@ class LiveViewer:
         folder.mkdir(parents=True, exist_ok=True)
         self.win.grab().save(str(folder / "window.png"))
         state: dict[str, Any] = {"panels": {}, "window": [self.win.width(), self.win.height()],
-                                 "stream": self.streams.selected, "streams": self.streams.names()}
+                                 "stream": self.state.streams.selected, "streams": self.state.streams.names()}
         for name in self.visible_panels():
             panel = self.panels[name]
             if panel.array is None:
@@ -1095,16 +1022,14 @@ class LiveViewer:
         s = self.settings
         s.setValue("window/geometry", self.win.saveGeometry())
         s.setValue("window/state", self.win.saveState())
-        write_json(s, "panels/hidden", sorted(self.hidden))
-        write_json(s, "panels/cmaps", {n: p.cmap_name for n, p in self.panels.items() if not p.composite}
-                   | {k: v for k, v in self.cmaps.items() if k not in self.panels})
-        write_json(s, "levels/continuous", self.auto_levels)
-        write_json(s, "view/overlay", self.overlay)
-        write_json(s, "view/trust", self.trust_overlay)
-        write_json(s, "roi/visible", self.act_roi.isChecked())
+        for name, panel in self.panels.items():
+            if not panel.composite:
+                self.state.set_cmap(name, panel.cmap_name)
         roi = self.roi_trace.roi
         if roi is not None:
-            write_json(s, "roi/rect", [*map(float, roi.pos()), *map(float, roi.size())])
+            self.state.roi_rect = [*map(float, roi.pos()), *map(float, roi.size())]
+        for key, value in self.state.to_settings().items():
+            write_json(s, key, value)
         s.sync()
 
     def close(self) -> None:
@@ -1116,12 +1041,6 @@ class LiveViewer:
             log.exception("could not save the viewer layout")
         self.link.close()
         self.sub.close()
-
-
-def read_json_default(settings: Any, key: str, default: Any) -> Any:
-    from .settings import read_json
-
-    return read_json(settings, key, default)
 
 
 def _fmt_value(v: float) -> str:

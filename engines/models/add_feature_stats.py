@@ -93,6 +93,7 @@ def _supervised(args: argparse.Namespace, model) -> int:
         print(f"training data not found at {args.data}; pass --data", file=sys.stderr)
         return 2
     spec = importlib.util.spec_from_file_location("train_default", HERE / "train_default.py")
+    assert spec is not None and spec.loader is not None  # a .py file: always a spec with a loader
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
     pool, _ = train.clean_pool(args.data, sim_images=args.sim_images, seed=args.seed)

@@ -9,7 +9,8 @@ second continuing from the first on fresh crops::
     python engines/models/train_default.py --recipe supervised --base 32 --unshuffle 2 --skip add \
         --init /tmp/b.lsm --lr 1e-3 --seed 5 --minutes 22 --out engines/models/denoise_default.lsm
 
-The model shipped before it (concatenated skips, 12.55 GFLOP per 512x512 frame), in two cycles::
+The model shipped before it (concatenated skips: more FLOPs per frame, docs/denoising.md, section
+"The shipped default model"), in two cycles::
 
     python engines/models/train_default.py --recipe supervised --base 32 --unshuffle 2 --minutes 16 --out /tmp/a.lsm
     python engines/models/train_default.py --recipe supervised --base 32 --unshuffle 2 --init /tmp/a.lsm \
@@ -27,8 +28,8 @@ engine's own normalisation):
   shipped nuclei image as background;
 - ``cancer_cell_migration_crop.tif`` from ``../shared/data`` next to the repository (or --data):
   a 48-frame time-lapse of migrating nuclei (Tinevez and Jacquemet, zenodo 5206107, CC BY 4.0),
-  3 adjacent frames averaged and lightly smoothed, which leaves about 40x less noise variance
-  than one frame: nearly clean.
+  3 adjacent frames averaged and lightly smoothed, which leaves far less noise variance than one
+  frame (docs/denoising.md, section "The supervised recipe"): nearly clean.
 
 Each 128x128 crop becomes a camera frame at a random peak of 4-400 photons, background, read
 noise, gain and offset (half of them rescaled to 8 bits and clipped, as exported images are);
@@ -53,8 +54,12 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from livescope.engines.modelfile import ModelFile
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -223,7 +228,7 @@ def feature_frames(pool: list[np.ndarray], *, frames: int = 24, size: int = 128,
 
 def fit_supervised(pool: list[np.ndarray], *, base: int, depth: int, steps: int, batch: int, patch: int,
                    lr: float, time_budget_s: float, seed: int, description: str, unshuffle: int = 1,
-                   init: object = None, skip: str = "cat"):
+                   init: ModelFile | None = None, skip: str = "cat"):
     """Supervised fit on crappified clean images; returns (ModelFile, losses, seconds).
 
     ``init``: a ModelFile of the same architecture to continue from (a second learning-rate
@@ -290,7 +295,7 @@ def fit_supervised(pool: list[np.ndarray], *, base: int, depth: int, steps: int,
                           "rule": "offset, generalised Anscombe with fitted or given gain, percentiles"},
     }
     if init is not None:
-        before = dict(init.metadata.get("training", {}))
+        before: dict[str, Any] = dict(init.metadata.get("training", {}))
         meta["training"]["continued_from"] = before
         meta["training"]["steps_total"] = len(losses) + int(before.get("steps_total", before.get("steps", 0)))
     feats = [normalised_features(f, n, shifts=True) for f, n in feature_frames(pool, seed=seed + 1)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -19,10 +20,15 @@ from livescope.daemon.config import DaemonConfig
 from tests.clients.bare import BareClient
 
 
-def _run(tmp_path, free_address, publish, **kw):
+def _run(tmp_path, free_address, publish, with_pipeline=False, **kw):
     cfg = DaemonConfig(**{"out": tmp_path / "out.zarr", "ingest": free_address(), "publish": None, "control": None,
                           "source": "zmq", "exit_on_end": True, **kw})
-    summary = run_daemon(cfg, on_started=lambda p: threading.Thread(target=publish, args=(cfg,), daemon=True).start())
+
+    def started(pipeline):
+        args = (cfg, pipeline) if with_pipeline else (cfg,)
+        threading.Thread(target=publish, args=args, daemon=True).start()
+
+    summary = run_daemon(cfg, on_started=started)
     return cfg, summary
 
 
@@ -95,18 +101,24 @@ def test_a_publisher_restart_continues_as_a_new_image(tmp_path, free_address):
     a = np.random.default_rng(6).integers(0, 4000, (4, 8, 8), dtype=np.uint16)
     b = np.random.default_rng(7).integers(0, 4000, (3, 8, 8), dtype=np.uint16)
 
-    def publish(cfg):
+    def publish(cfg, pipeline):
         cam = BareClient(cfg.ingest)
         for t, f in enumerate(a):
             cam.send(f, index={"t": t})
         cam.close()
+        # A restart takes the camera program seconds; without this wait ZeroMQ may fair-queue the old
+        # connection's last frames with the new one's, and two publishers of one stream interleaved
+        # frame by frame cannot be told apart (docs/protocol.md).
+        deadline = time.monotonic() + 10
+        while pipeline.received < len(a) and time.monotonic() < deadline:
+            time.sleep(0.005)
         cam = BareClient(cfg.ingest)  # the camera program restarted: seq from 0, t from 0
         for t, f in enumerate(b):
             cam.send(f, index={"t": t})
         cam.end()
         cam.close()
 
-    cfg, summary = _run(tmp_path, free_address, publish)
+    cfg, summary = _run(tmp_path, free_address, publish, with_pipeline=True)
     assert summary["frames"]["saved"] == 7 and summary["frames"]["lost"] == 0
     np.testing.assert_array_equal(_image(cfg)[0], a)
     np.testing.assert_array_equal(_image(cfg, "raw_seg1")[0], b)

@@ -14,10 +14,11 @@ def _judge(samples: list[tuple[float, float]]) -> None:
     """The criterion the soak test applies, on (seconds, RSS MB) samples.
 
     The first third is warm-up (imports, FFT plans, the first shards); after it the daemon holds a
-    bounded working set with short spikes while shards are encoded. Judged robustly, so one spike
-    at the end of a short run does not read as a leak: the median of the last third is not above
-    the median of the middle third by more than shard buffers in flight explain, and the Theil-Sen
-    slope over the last two thirds is flat.
+    bounded working set with spikes while shards are encoded (on this machine the samples sit
+    around two levels ~60 MB apart, the floor and the floor plus shards in flight, in changing
+    proportions). Judged on the floor, so spikes do not read as a leak: the lower quartile of the
+    last third is not above that of the middle third by more than 30 MB, and the Theil-Sen slope
+    over the last two thirds is flat. A leak raises the floor.
     """
     from soak import robust_slope_mb_per_min
 
@@ -27,7 +28,8 @@ def _judge(samples: list[tuple[float, float]]) -> None:
     middle = rss[(t >= span / 3) & (t < 2 * span / 3)]
     last = rss[t >= 2 * span / 3]
     assert len(middle) > 10 and len(last) > 10, "too few RSS samples"
-    assert np.median(last) - np.median(middle) < 30, (np.median(middle), np.median(last))
+    floor_middle, floor_last = np.percentile(middle, 25), np.percentile(last, 25)
+    assert floor_last - floor_middle < 30, (floor_middle, floor_last)
     assert robust_slope_mb_per_min(samples, span / 3) < 45
     assert rss.max() < 1024
 

@@ -688,3 +688,44 @@ def test_follows_live_mode_once_the_shown_stream_is_quiet_and_a_pick_sticks(qtbo
         assert "quiet" not in v._messages
     finally:
         pub.close()
+
+
+# -- the table of actions: keys and toolbar widgets drive ViewerState (ui/actions.py, ui/state.py) ---
+
+def test_each_key_and_toolbar_toggle_of_the_actions_table_drives_the_state(qtbot, viewer_factory, free_address):
+    from pyqtgraph.Qt import QtCore, QtGui, QtWidgets
+
+    from livescope.ui.actions import ACTIONS
+
+    v = viewer_factory(free_address())
+    assert {sc.key().toString() for sc in v.shortcuts} == {
+        QtGui.QKeySequence(a.shortcut).toString() for a in ACTIONS if a.shortcut}
+    buttons = [a.text() for a in v.win.findChild(QtWidgets.QToolBar).actions() if a.text()]
+    assert buttons == ["Auto levels", "Auto-contrast", "Fit", "ROI", "Pause", "Snapshot"]
+    v.win.activateWindow()
+    qtbot.waitUntil(lambda: v.win.isActiveWindow(), timeout=3000)
+    st = v.state
+    for key, attr, widget in ((QtCore.Qt.Key.Key_R, "roi_visible", v.act_roi),
+                              (QtCore.Qt.Key.Key_O, "overlay", v.overlay_box),
+                              (QtCore.Qt.Key.Key_T, "trust_overlay", v.trust_box),
+                              (QtCore.Qt.Key.Key_L, "auto_levels", v.act_auto),
+                              (QtCore.Qt.Key.Key_Space, "paused", v.act_pause)):
+        before = getattr(st, attr)
+        qtbot.keyClick(v.win, key)
+        assert getattr(st, attr) is (not before) and widget.isChecked() is (not before), attr
+        qtbot.keyClick(v.win, key)
+        assert getattr(st, attr) is before and widget.isChecked() is before, attr
+    # the widgets forward the user's ticks, and a change made in code ticks them
+    v.act_pause.trigger()
+    assert st.paused and "Paused" in v.banner.text()
+    v.go_live()
+    assert not st.paused and not v.act_pause.isChecked()
+    v.set_overlay(True)
+    assert v.overlay_box.isChecked()
+    v.set_follow(False)
+    assert not v.follow_box.isChecked() and not st.follow
+    qtbot.keyClick(v.win, QtCore.Qt.Key.Key_F1)
+    assert "this list" in v.banner.text() and "<b>PgUp  PgDn</b>" in v.banner.text()
+    telemetry = v.dock_telemetry.isVisible()
+    qtbot.keyClick(v.win, QtCore.Qt.Key.Key_T, QtCore.Qt.KeyboardModifier.ControlModifier)
+    assert v.dock_telemetry.isVisible() is (not telemetry)
