@@ -53,6 +53,7 @@ SHIPPED_STEPS = 3291  # engines/models/denoise_default.lsm metadata["training"][
 # worker: runs in the CAREamics venv, imports nothing of livescope
 # ---------------------------------------------------------------------------------------------
 
+
 def _torchvision_stand_in() -> None:
     """CAREamics imports torchvision only for its LVAE models (``center_crop``) and the BMZ
     export (a version string). The PyPI torchvision 0.28 (the release for torch 2.13) is a CUDA
@@ -62,6 +63,7 @@ def _torchvision_stand_in() -> None:
     so that they keep treating torchvision as absent."""
     try:
         import torchvision  # noqa: F401
+
         return
     except ImportError:
         pass
@@ -77,12 +79,21 @@ def _torchvision_stand_in() -> None:
     fn.center_crop = fn.interpolate = _missing
     tr.functional = fn
     tv.transforms = tr
-    sys.modules.update({"torchvision": tv, "torchvision.transforms": tr,
-                        "torchvision.transforms.functional": fn})
+    sys.modules.update({"torchvision": tv, "torchvision.transforms": tr, "torchvision.transforms.functional": fn})
 
 
-def _careamics_fit(train: np.ndarray, axes: str, evaluate: np.ndarray, *, steps: int, seconds: float,
-                   eval_every: float, work: Path, name: str, seed: int) -> dict:
+def _careamics_fit(
+    train: np.ndarray,
+    axes: str,
+    evaluate: np.ndarray,
+    *,
+    steps: int,
+    seconds: float,
+    eval_every: float,
+    work: Path,
+    name: str,
+    seed: int,
+) -> dict:
     """Fit CAREamics N2V on ``train``; every ``eval_every`` s store the network's output on
     ``evaluate``. Returns the CAREamist, the curve and the training time (evaluations excluded)."""
     import torch
@@ -92,11 +103,22 @@ def _careamics_fit(train: np.ndarray, axes: str, evaluate: np.ndarray, *, steps:
 
     mean, std = float(train.mean()), float(train.std())
     config = create_advanced_n2v_config(
-        experiment_name=name, data_type="array", axes=axes, patch_size=[64, 64], batch_size=16,
-        num_epochs=100000, num_workers=0, seed=seed + 1,  # CAREamics wants a seed > 0
-        normalization="mean_std", normalization_params={"input_means": [mean], "input_stds": [std]},
-        trainer_params={"max_steps": steps, "max_time": {"seconds": seconds},
-                        "enable_model_summary": False, "num_sanity_val_steps": 0},
+        experiment_name=name,
+        data_type="array",
+        axes=axes,
+        patch_size=[64, 64],
+        batch_size=16,
+        num_epochs=100000,
+        num_workers=0,
+        seed=seed + 1,  # CAREamics wants a seed > 0
+        normalization="mean_std",
+        normalization_params={"input_means": [mean], "input_stds": [std]},
+        trainer_params={
+            "max_steps": steps,
+            "max_time": {"seconds": seconds},
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+        },
     )
     x_eval = torch.from_numpy(((evaluate.astype(np.float32) - mean) / std)[None, None])
 
@@ -136,8 +158,14 @@ def _careamics_fit(train: np.ndarray, axes: str, evaluate: np.ndarray, *, steps:
     t = time.perf_counter()
     cam.train(train_data=train)
     total = time.perf_counter() - t
-    return {"careamist": cam, "curve": curve.points, "steps": int(cam.trainer.global_step),
-            "train_s": curve.end - curve.t0 - curve.eval_s, "total_s": total, "eval_s": curve.eval_s}
+    return {
+        "careamist": cam,
+        "curve": curve.points,
+        "steps": int(cam.trainer.global_step),
+        "train_s": curve.end - curve.t0 - curve.eval_s,
+        "total_s": total,
+        "eval_s": curve.eval_s,
+    }
 
 
 def worker(args) -> int:
@@ -151,6 +179,7 @@ def worker(args) -> int:
 
     torch.set_num_threads(2)
     import lightning.pytorch  # noqa: F401  before the stand-in: torchmetrics then sees no torchvision
+
     _torchvision_stand_in()
     import careamics
     import lightning
@@ -158,12 +187,26 @@ def worker(args) -> int:
     work = Path(args.worker)
     w2s_train = np.load(work / "w2s_train.npy")
     w2s_eval = np.load(work / "w2s_eval.npy")
-    res = {"versions": {"careamics": careamics.__version__, "torch": torch.__version__,
-                        "lightning": lightning.__version__, "numpy": np.__version__}}
+    res = {
+        "versions": {
+            "careamics": careamics.__version__,
+            "torch": torch.__version__,
+            "lightning": lightning.__version__,
+            "numpy": np.__version__,
+        }
+    }
 
-    fit = _careamics_fit(w2s_train.astype(np.float32), "YX", w2s_eval, steps=args.steps,
-                         seconds=60 * args.minutes, eval_every=args.eval_every, work=work,
-                         name="w2s", seed=args.seed)
+    fit = _careamics_fit(
+        w2s_train.astype(np.float32),
+        "YX",
+        w2s_eval,
+        steps=args.steps,
+        seconds=60 * args.minutes,
+        eval_every=args.eval_every,
+        work=work,
+        name="w2s",
+        seed=args.seed,
+    )
     cam = fit.pop("careamist")
     res["w2s"] = fit
     net = cam.model.model
@@ -192,9 +235,17 @@ def worker(args) -> int:
     res["forward_s"] = times
 
     stream = np.load(work / "stream.npy")
-    fit = _careamics_fit(stream[:64].astype(np.float32), "SYX", stream[64], steps=10**9,
-                         seconds=args.stream_seconds, eval_every=args.stream_eval_every, work=work,
-                         name="stream", seed=args.seed)
+    fit = _careamics_fit(
+        stream[:64].astype(np.float32),
+        "SYX",
+        stream[64],
+        steps=10**9,
+        seconds=args.stream_seconds,
+        eval_every=args.stream_eval_every,
+        work=work,
+        name="stream",
+        seed=args.seed,
+    )
     fit.pop("careamist")
     res["stream"] = fit
     (work / "careamics.json").write_text(json.dumps(res))
@@ -205,12 +256,14 @@ def worker(args) -> int:
 # main: livescope's venv
 # ---------------------------------------------------------------------------------------------
 
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--careamics-python", default="/tmp/careamics-venv/bin/python")
     p.add_argument("--steps", type=int, default=SHIPPED_STEPS, help="CAREamics N2V steps on the W2S frame")
-    p.add_argument("--minutes", type=float, default=13.0,
-                   help="wall-clock cap of that fit (the shipped model's budget)")
+    p.add_argument(
+        "--minutes", type=float, default=13.0, help="wall-clock cap of that fit (the shipped model's budget)"
+    )
     p.add_argument("--eval-every", type=float, default=60.0, help="seconds between curve points (W2S)")
     p.add_argument("--stream-seconds", type=float, default=90.0, help="fit budget on the stream, each side")
     p.add_argument("--stream-eval-every", type=float, default=10.0)
@@ -254,10 +307,26 @@ def main(argv: list[str] | None = None) -> int:
         np.save(work / "w2s_train.npy", w2s_train)
         np.save(work / "w2s_eval.npy", noisy)
         np.save(work / "stream.npy", stream)
-        cmd = [args.careamics_python, str(Path(__file__).resolve()), "--worker", str(work),
-               "--steps", str(args.steps), "--minutes", str(args.minutes), "--eval-every", str(args.eval_every),
-               "--stream-seconds", str(args.stream_seconds), "--stream-eval-every", str(args.stream_eval_every),
-               "--repeats", str(args.repeats), "--seed", str(args.seed)]
+        cmd = [
+            args.careamics_python,
+            str(Path(__file__).resolve()),
+            "--worker",
+            str(work),
+            "--steps",
+            str(args.steps),
+            "--minutes",
+            str(args.minutes),
+            "--eval-every",
+            str(args.eval_every),
+            "--stream-seconds",
+            str(args.stream_seconds),
+            "--stream-eval-every",
+            str(args.stream_eval_every),
+            "--repeats",
+            str(args.repeats),
+            "--seed",
+            str(args.seed),
+        ]
         t = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         worker_s = time.perf_counter() - t
@@ -293,8 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         # `livescope fit` and the daemon's live fit do by default
         res = fit(stream[:64], steps=10**9, time_budget_s=args.stream_seconds, progress=False, seed=args.seed)
         ls_stream_psnr = on_frame_65(res.model)
-        warm = fit(stream[:64], model=model, steps=10**9, time_budget_s=args.stream_seconds,
-                   progress=False, seed=args.seed)
+        warm = fit(
+            stream[:64], model=model, steps=10**9, time_budget_s=args.stream_seconds, progress=False, seed=args.seed
+        )
         warm_stream_psnr = on_frame_65(warm.model)
 
     from scipy import ndimage
@@ -302,23 +372,35 @@ def main(argv: list[str] | None = None) -> int:
     gauss = {s: ndimage.gaussian_filter(noisy.astype(np.float32), s) for s in (1.5, 2.0, 2.5, 3.0, 3.5, 4.0)}
     best = max(gauss, key=lambda s: psnr_affine(gauss[s], target))
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, load average "
-          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; versions: {cr['versions']}")
-    print(f"CAREamics N2V network: {cr['params']} params, UNet depth {cr['model'].get('depth')}, "
-          f"{cr['model'].get('num_channels_init')} initial channels; livescope model {model.hash}\n")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, load average "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; versions: {cr['versions']}"
+    )
+    print(
+        f"CAREamics N2V network: {cr['params']} params, UNet depth {cr['model'].get('depth')}, "
+        f"{cr['model'].get('num_channels_init')} initial channels; livescope model {model.hash}\n"
+    )
     w = cr["w2s"]
     print("| held-out W2S 085_1 | PSNR (dB) | SSIM | fitted on | fit |\n|---|---|---|---|---|")
     print(f"| raw | {psnr_affine(noisy, target):.2f} | {ssim_affine(noisy, target):.3f} | | |")
-    print(f"| livescope shipped model (onnxruntime) | {psnr_affine(out, target):.2f} | "
-          f"{ssim_affine(out, target):.3f} | input_avg1_035_1 | {ls_train['steps']} steps x 16 patches 64x64, "
-          f"{ls_train['seconds']:.0f} s (shipped; not re-run) |")
-    print(f"| CAREamics N2V (`CAREamist.predict`) | {psnr_affine(cam_out, target):.2f} | "
-          f"{ssim_affine(cam_out, target):.3f} | input_avg1_035_1 | {w['steps']} steps x 16 patches 64x64, "
-          f"{w['train_s']:.0f} s (this run) |")
-    print(f"| Gaussian, best sigma ({best}) | {psnr_affine(gauss[best], target):.2f} | "
-          f"{ssim_affine(gauss[best], target):.3f} | sigma tuned on target | |")
-    print("\nCAREamics N2V on 085_1 while it trains (training seconds, step, PSNR dB): "
-          + ", ".join(f"{s:.0f} s / {st} / {ps:.2f}" for s, st, ps in w2s_curve))
+    print(
+        f"| livescope shipped model (onnxruntime) | {psnr_affine(out, target):.2f} | "
+        f"{ssim_affine(out, target):.3f} | input_avg1_035_1 | {ls_train['steps']} steps x 16 patches 64x64, "
+        f"{ls_train['seconds']:.0f} s (shipped; not re-run) |"
+    )
+    print(
+        f"| CAREamics N2V (`CAREamist.predict`) | {psnr_affine(cam_out, target):.2f} | "
+        f"{ssim_affine(cam_out, target):.3f} | input_avg1_035_1 | {w['steps']} steps x 16 patches 64x64, "
+        f"{w['train_s']:.0f} s (this run) |"
+    )
+    print(
+        f"| Gaussian, best sigma ({best}) | {psnr_affine(gauss[best], target):.2f} | "
+        f"{ssim_affine(gauss[best], target):.3f} | sigma tuned on target | |"
+    )
+    print(
+        "\nCAREamics N2V on 085_1 while it trains (training seconds, step, PSNR dB): "
+        + ", ".join(f"{s:.0f} s / {st} / {ps:.2f}" for s, st, ps in w2s_curve)
+    )
 
     pr, fw = statistics.median(cr["predict_s"]) * 1e3, statistics.median(cr["forward_s"]) * 1e3
     print("\n| 512x512 frame, this CPU | latency (ms, median) | frames/s |\n|---|---|---|")
@@ -328,22 +410,34 @@ def main(argv: list[str] | None = None) -> int:
 
     s = cr["stream"]
     reach = next(((t, st) for t, st, ps in stream_curve if ps >= ls_stream_psnr), None)
-    print(f"\n| fit on the stream (64 frames 256x256), budget {args.stream_seconds:.0f} s each | steps | "
-          f"training s | PSNR of frame 65 (dB) |\n|---|---|---|---|")
+    print(
+        f"\n| fit on the stream (64 frames 256x256), budget {args.stream_seconds:.0f} s each | steps | "
+        f"training s | PSNR of frame 65 (dB) |\n|---|---|---|---|"
+    )
     print(f"| raw frame 65 | | | {stream_psnr(stream[64].astype(np.float32)):.2f} |")
     print(f"| livescope shipped model, no fitting | 0 | 0 | {shipped_stream_psnr:.2f} |")
-    print(f"| livescope `fit` from scratch (Noise2Void + temporal pairs) | {len(res.losses)} | {res.seconds:.1f} | "
-          f"{ls_stream_psnr:.2f} |")
-    print(f"| livescope `fit` continued from the shipped model (its default) | {len(warm.losses)} | "
-          f"{warm.seconds:.1f} | {warm_stream_psnr:.2f} |")
+    print(
+        f"| livescope `fit` from scratch (Noise2Void + temporal pairs) | {len(res.losses)} | {res.seconds:.1f} | "
+        f"{ls_stream_psnr:.2f} |"
+    )
+    print(
+        f"| livescope `fit` continued from the shipped model (its default) | {len(warm.losses)} | "
+        f"{warm.seconds:.1f} | {warm_stream_psnr:.2f} |"
+    )
     print(f"| CAREamics N2V | {s['steps']} | {s['train_s']:.1f} | {stream_curve[-1][2]:.2f} |")
-    print("\nCAREamics on the stream (training seconds, step, PSNR dB): "
-          + ", ".join(f"{t:.0f} s / {st} / {ps:.2f}" for t, st, ps in stream_curve))
-    print("CAREamics reaches livescope's from-scratch stream PSNR: "
-          + (f"after {reach[0]:.0f} s ({reach[1]} steps)" if reach else f"not within {s['train_s']:.0f} s"))
-    print(f"\ncurve check: last curve point {w2s_curve[-1][2]:.2f} dB vs CAREamist.predict "
-          f"{psnr_affine(cam_out, target):.2f} dB; CAREamics worker wall time {worker_s:.0f} s "
-          f"(curve evaluations {w['eval_s'] + s['eval_s']:.0f} s, excluded from training s)")
+    print(
+        "\nCAREamics on the stream (training seconds, step, PSNR dB): "
+        + ", ".join(f"{t:.0f} s / {st} / {ps:.2f}" for t, st, ps in stream_curve)
+    )
+    print(
+        "CAREamics reaches livescope's from-scratch stream PSNR: "
+        + (f"after {reach[0]:.0f} s ({reach[1]} steps)" if reach else f"not within {s['train_s']:.0f} s")
+    )
+    print(
+        f"\ncurve check: last curve point {w2s_curve[-1][2]:.2f} dB vs CAREamist.predict "
+        f"{psnr_affine(cam_out, target):.2f} dB; CAREamics worker wall time {worker_s:.0f} s "
+        f"(curve evaluations {w['eval_s'] + s['eval_s']:.0f} s, excluded from training s)"
+    )
     return 0
 
 

@@ -52,8 +52,7 @@ def _sender(conn, keys: str) -> None:
         frames = _frames(shape)
         conn.send("ready")
         cpu0 = time.process_time()
-        pub = FramePublisher(address, stream="bench", hwm=HWM, block=True,
-                             curve=curve if mode == "curve" else None)
+        pub = FramePublisher(address, stream="bench", hwm=HWM, block=True, curve=curve if mode == "curve" else None)
         for i in range(n):
             pub.send(frames[i % N_BUFFERS])
         pub.close(linger_s=120)  # its own context: returns once every frame was handed over
@@ -118,9 +117,11 @@ def main() -> None:
         shutil.rmtree(keys, ignore_errors=True)
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"\nCURVE cost, tcp://127.0.0.1, uint16 frames, sender in its own process; median of {trials} "
-          f"trial(s); pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}, {platform.machine()}, "
-          f"{os.cpu_count()} cores, load {load:.1f}\n")
+    print(
+        f"\nCURVE cost, tcp://127.0.0.1, uint16 frames, sender in its own process; median of {trials} "
+        f"trial(s); pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}, {platform.machine()}, "
+        f"{os.cpu_count()} cores, load {load:.1f}\n"
+    )
     print("| frame | plain MB/s | plain fps | CURVE MB/s | CURVE fps | CURVE / plain | CPU-s per GB plain / CURVE |")
     print("|---|---|---|---|---|---|---|")
     for shape, res in results.items():
@@ -129,12 +130,16 @@ def main() -> None:
         cur = statistics.median(r[0] for r in res["curve"])
         cpu_p = statistics.median(r[1] for r in res["plain"])
         cpu_c = statistics.median(r[1] for r in res["curve"])
-        print(f"| {shape[0]}x{shape[1]} | {plain * mb:,.0f} | {plain:,.0f} | {cur * mb:,.0f} | {cur:,.1f} | "
-              f"{cur / plain:.2f} | {cpu_p:.2f} / {cpu_c:.2f} |")
+        print(
+            f"| {shape[0]}x{shape[1]} | {plain * mb:,.0f} | {plain:,.0f} | {cur * mb:,.0f} | {cur:,.1f} | "
+            f"{cur / plain:.2f} | {cpu_p:.2f} / {cpu_c:.2f} |"
+        )
     print("\nAll trials (frames/s):")
     for shape, res in results.items():
-        print(f"- {shape[0]}x{shape[1]}: plain {[round(r[0]) for r in res['plain']]}, "
-              f"curve {[round(r[0], 1) for r in res['curve']]}")
+        print(
+            f"- {shape[0]}x{shape[1]}: plain {[round(r[0]) for r in res['plain']]}, "
+            f"curve {[round(r[0], 1) for r in res['curve']]}"
+        )
 
 
 if __name__ == "__main__":

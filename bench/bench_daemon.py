@@ -93,12 +93,22 @@ def run_one(engines: list[str], store: bool, products: bool, n: int, tmp: Path) 
     mp_ctx = mp.get_context("spawn")
     address = free_tcp_address()
     out = tmp / "daemon-out" if store else None
-    cfg = DaemonConfig(source="zmq", engines=list(engines), out=out, overwrite=True, ingest=address, publish=None,
-                       control=None, frames=n, save_products=products)
+    cfg = DaemonConfig(
+        source="zmq",
+        engines=list(engines),
+        out=out,
+        overwrite=True,
+        ingest=address,
+        publish=None,
+        control=None,
+        frames=n,
+        save_products=products,
+    )
     go = mp_ctx.Event()
     results = mp_ctx.Queue()
     proc = mp_ctx.Process(target=_publisher, args=(address, n, go, results), daemon=True)
     proc.start()
+
     def started(pipeline) -> None:
         go.set()
         threading.Thread(target=_watchdog, args=(pipeline,), daemon=True).start()
@@ -117,8 +127,11 @@ def run_one(engines: list[str], store: bool, products: bool, n: int, tmp: Path) 
     return {
         "fps": n / wall,
         "send_fps": n / (pub["t_sent"] - pub["t_start"]),
-        "received": f["received"], "saved": f["saved"], "lost": f["lost"],
-        "processed": eng.get("processed", 0), "skipped": sum(f["skipped"].values()),
+        "received": f["received"],
+        "saved": f["saved"],
+        "lost": f["lost"],
+        "processed": eng.get("processed", 0),
+        "skipped": sum(f["skipped"].values()),
         "cpu": ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / wall,
         "lat_chain": summary["latency"]["chain"].get("p50_ms"),
         "lat_store": summary["latency"]["store"].get("p50_ms"),
@@ -167,22 +180,32 @@ def main() -> None:
 
     mb = SHAPE[0] * SHAPE[1] * 2 / 1e6
     us_ls = 1e6 / ref["livescope"]
-    print(f"\nDaemon, {SHAPE[0]}x{SHAPE[1]} uint16 over tcp, {n} frames, median of {trials} trial(s); "
-          f"{platform.machine()}, {os.cpu_count()} cores\n")
-    print("| path | frames/s end to end | MB/s | us/frame | overhead vs transport, us/frame | sender fps "
-          "| received | saved | processed / skipped | lost | CPU cores | chain p50 ms | store p50 ms |")
+    print(
+        f"\nDaemon, {SHAPE[0]}x{SHAPE[1]} uint16 over tcp, {n} frames, median of {trials} trial(s); "
+        f"{platform.machine()}, {os.cpu_count()} cores\n"
+    )
+    print(
+        "| path | frames/s end to end | MB/s | us/frame | overhead vs transport, us/frame | sender fps "
+        "| received | saved | processed / skipped | lost | CPU cores | chain p50 ms | store p50 ms |"
+    )
     print("|" + "---|" * 13)
-    print(f"| raw pyzmq PUSH/PULL | {ref['raw']:,.0f} | {ref['raw'] * mb:,.0f} | {1e6 / ref['raw']:.0f} "
-          "| | | | | | | | | |")
-    print(f"| livescope transport (FramePublisher -> FrameReceiver) | {ref['livescope']:,.0f} | "
-          f"{ref['livescope'] * mb:,.0f} | {us_ls:.0f} | 0 | | | | | | | | |")
+    print(
+        f"| raw pyzmq PUSH/PULL | {ref['raw']:,.0f} | {ref['raw'] * mb:,.0f} | {1e6 / ref['raw']:.0f} "
+        "| | | | | | | | | |"
+    )
+    print(
+        f"| livescope transport (FramePublisher -> FrameReceiver) | {ref['livescope']:,.0f} | "
+        f"{ref['livescope'] * mb:,.0f} | {us_ls:.0f} | 0 | | | | | | | | |"
+    )
     for label, res in rows.items():
         med = {k: statistics.median([r[k] for r in res if r[k] is not None] or [float("nan")]) for k in res[0]}
         us = 1e6 / med["fps"]
-        print(f"| daemon: {label} | {med['fps']:,.0f} | {med['fps'] * mb:,.0f} | {us:.0f} | {us - us_ls:+.0f} | "
-              f"{med['send_fps']:,.0f} | {med['received']:.0f} | {med['saved']:.0f} | "
-              f"{med['processed']:.0f} / {med['skipped']:.0f} | {med['lost']:.0f} | {med['cpu']:.2f} | "
-              f"{med['lat_chain']} | {med['lat_store']} |")
+        print(
+            f"| daemon: {label} | {med['fps']:,.0f} | {med['fps'] * mb:,.0f} | {us:.0f} | {us - us_ls:+.0f} | "
+            f"{med['send_fps']:,.0f} | {med['received']:.0f} | {med['saved']:.0f} | "
+            f"{med['processed']:.0f} / {med['skipped']:.0f} | {med['lost']:.0f} | {med['cpu']:.2f} | "
+            f"{med['lat_chain']} | {med['lat_store']} |"
+        )
     print("\nAll trials (end-to-end frames/s):")
     for label, res in rows.items():
         print(f"- {label}: {[round(r['fps']) for r in res]}")

@@ -46,8 +46,19 @@ COMPONENTS = ("background", "slow", "fast")
 # -- synthetic movies with known components ------------------------------------------------
 
 
-def synthetic_movie(n_frames, shape, slow_sigma=2.5, fast_sigma=1.3, n_slow=6, n_fast=12,
-                    slow_speed=0.12, fast_step=3.0, amp=60.0, noise=5.0, seed=0):
+def synthetic_movie(
+    n_frames,
+    shape,
+    slow_sigma=2.5,
+    fast_sigma=1.3,
+    n_slow=6,
+    n_fast=12,
+    slow_speed=0.12,
+    fast_step=3.0,
+    amp=60.0,
+    noise=5.0,
+    seed=0,
+):
     rng = np.random.default_rng(seed)
     h, w = shape
     yy, xx = np.mgrid[:h, :w]
@@ -173,10 +184,14 @@ def rpca_subtraction(frames):
 
 
 def synthetic_table(n_frames, shape, quick):
-    print(f"\n### Synthetic movies ({n_frames} frames of {shape[0]}x{shape[1]}, noise sigma 5, "
-          "scored after the engine's 128-frame background window)\n")
-    print("| movie | method | corr background | corr slow | corr fast | NRMSE background | "
-          "NRMSE slow | NRMSE fast | s/frame |")
+    print(
+        f"\n### Synthetic movies ({n_frames} frames of {shape[0]}x{shape[1]}, noise sigma 5, "
+        "scored after the engine's 128-frame background window)\n"
+    )
+    print(
+        "| movie | method | corr background | corr slow | corr fast | NRMSE background | "
+        "NRMSE slow | NRMSE fast | s/frame |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     cases = {
         "typical (blob sigma 2.5, particle sigma 1.3)": {},
@@ -188,8 +203,9 @@ def synthetic_table(n_frames, shape, quick):
         ours, _, _, sec, engine = run_decompose(frames)
         methods = [("decompose (live)", ours, sec)]
         methods.append(("median subtraction (offline)", *median_subtraction(frames)))
-        methods.append(("rolling median, 128 frames (live)",
-                        *rolling_median_subtraction(frames, engine.background_window)))
+        methods.append(
+            ("rolling median, 128 frames (live)", *rolling_median_subtraction(frames, engine.background_window))
+        )
         methods.append(("mean subtraction (offline)", *mean_subtraction(frames)))
         if not quick:
             rp, sec_rp, iters, rank = rpca_subtraction(frames)
@@ -197,8 +213,13 @@ def synthetic_table(n_frames, shape, quick):
         for name, est, sec in methods:
             c = [corr(est[k][later], truth[k][later]) for k in COMPONENTS]
             e = [nrmse(est[k][later], truth[k][later]) for k in COMPONENTS]
-            print(f"| {label} | {name} | " + " | ".join(f"{v:.3f}" for v in c) + " | "
-                  + " | ".join(f"{v:.2f}" for v in e) + f" | {sec:.2g} |")
+            print(
+                f"| {label} | {name} | "
+                + " | ".join(f"{v:.3f}" for v in c)
+                + " | "
+                + " | ".join(f"{v:.2f}" for v in e)
+                + f" | {sec:.2g} |"
+            )
 
 
 def real_movie(figures):
@@ -212,14 +233,20 @@ def real_movie(figures):
     out, novelty, events, sec, _ = run_decompose(movie)
     rate = 100.0 * len(events) / len(movie)
     print(f"\n### Real time-lapse: {path.name} {movie.shape} {movie.dtype}\n")
-    print(f"- events: {len(events)} in {len(movie)} frames = {rate:.1f} per 100 frames "
-          f"(seqs {[e['seq'] for e in events]})")
-    print(f"- novelty: median {np.median(novelty[8:]):.2f}, max {novelty.max():.2f} at frame "
-          f"{int(novelty.argmax())}; {sec * 1e3:.2f} ms/frame at {movie.shape[1]}x{movie.shape[2]}")
+    print(
+        f"- events: {len(events)} in {len(movie)} frames = {rate:.1f} per 100 frames "
+        f"(seqs {[e['seq'] for e in events]})"
+    )
+    print(
+        f"- novelty: median {np.median(novelty[8:]):.2f}, max {novelty.max():.2f} at frame "
+        f"{int(novelty.argmax())}; {sec * 1e3:.2f} ms/frame at {movie.shape[1]}x{movie.shape[2]}"
+    )
     for thr in (4.0, 5.0, 6.0):
         _, _, ev, _, _ = run_decompose(movie, event_threshold=thr)
-        print(f"- with event_threshold={thr:g}: {100.0 * len(ev) / len(movie):.1f} events per 100 "
-              f"frames (seqs {[e['seq'] for e in ev]})")
+        print(
+            f"- with event_threshold={thr:g}: {100.0 * len(ev) / len(movie):.1f} events per 100 "
+            f"frames (seqs {[e['seq'] for e in ev]})"
+        )
     # Sensitivity: the same movie with a bright spot pasted in from frame 30 on (a nucleus-sized
     # object appearing), at a few brightnesses; the nuclei themselves peak near 30000.
     yy, xx = np.mgrid[: movie.shape[1], : movie.shape[2]]
@@ -229,8 +256,10 @@ def real_movie(figures):
         probe[30:] += amp * spot
         _, probe_novelty, probe_events, _, _ = run_decompose(probe)
         spots = [(e["seq"], [round(v) for v in e["centroid"]]) for e in probe_events]
-        print(f"- spot (peak {amp:.0f}, sigma 10 px) appearing at frame 30 at (40, 90): novelty "
-              f"{probe_novelty[30]:.1f}, events {spots}")
+        print(
+            f"- spot (peak {amp:.0f}, sigma 10 px) appearing at frame 30 at (40, 90): novelty "
+            f"{probe_novelty[30]:.1f}, events {spots}"
+        )
     if figures is None:
         return
     import matplotlib
@@ -244,8 +273,7 @@ def real_movie(figures):
     for row, t in enumerate(shown):
         frame = movie[t].astype(np.float32)
         lo, hi = np.percentile(frame, (1, 99.5))
-        panels = [("frame", frame, "gray", (lo, hi)),
-                  ("background", out["background"][t], "gray", (lo, hi))]
+        panels = [("frame", frame, "gray", (lo, hi)), ("background", out["background"][t], "gray", (lo, hi))]
         for k in ("slow", "fast"):
             m = max(np.percentile(np.abs(out[k][t]), 99.5), 1.0)
             panels.append((k, out[k][t], "RdBu_r", (-m, m)))
@@ -257,8 +285,7 @@ def real_movie(figures):
         panels.append(("composite", rgb, None, None))
         for col, (title, img, cmap, lim) in enumerate(panels):
             ax = axes[row, col]
-            ax.imshow(img, cmap=cmap, vmin=None if lim is None else lim[0],
-                      vmax=None if lim is None else lim[1])
+            ax.imshow(img, cmap=cmap, vmin=None if lim is None else lim[0], vmax=None if lim is None else lim[1])
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
@@ -336,7 +363,7 @@ def learned_table(quick, real=True):
     from livescope.engines import modelfile
     from livescope.engines.multilag import MultiLagPredictor, fit_multilag, octave_inputs
 
-    size, n_fit, n_test, steps = ((64, 300, 120, 1000) if quick else (96, 400, 240, 3000))
+    size, n_fit, n_test, steps = (64, 300, 120, 1000) if quick else (96, 400, 240, 3000)
     train, _ = lag_movie(n_fit, shape=(size, size), seed=1)
     frames, truth = lag_movie(n_test, shape=(size, size), seed=2)
     t0 = time.perf_counter()
@@ -347,17 +374,17 @@ def learned_table(quick, real=True):
     predictor = MultiLagPredictor(modelfile.load(path), "onnxruntime")
     lags = [int(v) for v in predictor.lags]
     first = 2 * max(lags) - 1
-    shares = np.stack([predictor.predict(octave_inputs(frames, t, lags))
-                       for t in range(first, n_test)])
-    print(f"\n### Learned multi-lag predictors: the 3x4 matrix\n\nFitted on a {n_fit}-frame "
-          f"{size}x{size} movie ({steps} steps, {fit_s:.0f} s on this CPU), tested on another "
-          f"({n_test} frames, other seed): correlation of each lag's share (columns) with each "
-          "true component (rows). Bold: the best row of each column; the rule (`fast_lag=1`) maps "
-          "lag 8 to background, lags 4 and 2 to slow, lag 1 to fast.\n")
+    shares = np.stack([predictor.predict(octave_inputs(frames, t, lags)) for t in range(first, n_test)])
+    print(
+        f"\n### Learned multi-lag predictors: the 3x4 matrix\n\nFitted on a {n_fit}-frame "
+        f"{size}x{size} movie ({steps} steps, {fit_s:.0f} s on this CPU), tested on another "
+        f"({n_test} frames, other seed): correlation of each lag's share (columns) with each "
+        "true component (rows). Bold: the best row of each column; the rule (`fast_lag=1`) maps "
+        "lag 8 to background, lags 4 and 2 to slow, lag 1 to fast.\n"
+    )
     print("| component | " + " | ".join(f"lag {v} share" for v in lags) + " |")
     print("|---|" + "---|" * len(lags))
-    matrix = np.array([[corr(shares[:, j], truth[k][first:]) for j in range(len(lags))]
-                       for k in COMPONENTS])
+    matrix = np.array([[corr(shares[:, j], truth[k][first:]) for j in range(len(lags))] for k in COMPONENTS])
     best = np.argmax(matrix, axis=0)
     for i, k in enumerate(COMPONENTS):
         cells = [f"**{v:.3f}**" if best[j] == i else f"{v:.3f}" for j, v in enumerate(matrix[i])]
@@ -365,16 +392,17 @@ def learned_table(quick, real=True):
     resid = frames[first:] - shares.sum(axis=1)
     print(f"\nResidual (frame minus all shares) std {resid.std():.2f} (noise sigma 5.0).")
 
-    print("\n| method on the lag-matched movie | corr background | corr slow | corr fast | "
-          "s/frame |")
+    print("\n| method on the lag-matched movie | corr background | corr slow | corr fast | s/frame |")
     print("|---|---|---|---|---|")
     later = slice(128, None) if n_test > 160 else slice(first, None)
     learned, _, _, sec_l, _ = run_decompose(frames, method="learned", model=str(path))
     rolling, _, _, sec_r, engine = run_decompose(frames)
-    methods = [("decompose, learned (live)", learned, sec_l), ("decompose, rolling (live)", rolling, sec_r),
-               ("median subtraction (offline)", *median_subtraction(frames)),
-               ("rolling median, 128 frames (live)",
-                *rolling_median_subtraction(frames, engine.background_window))]
+    methods = [
+        ("decompose, learned (live)", learned, sec_l),
+        ("decompose, rolling (live)", rolling, sec_r),
+        ("median subtraction (offline)", *median_subtraction(frames)),
+        ("rolling median, 128 frames (live)", *rolling_median_subtraction(frames, engine.background_window)),
+    ]
     if not quick:
         rp, sec_rp, iters, rank = rpca_subtraction(frames)
         methods.append((f"robust PCA (offline; {iters} it., rank {rank})", rp, sec_rp))
@@ -431,15 +459,18 @@ def learned_real(steps):
     model.save(mpath)
     first = 15
     rows = []
-    for name, params in (("rolling", {}), ("learned (fitted on this movie)",
-                                           {"method": "learned", "model": str(mpath)})):
+    for name, params in (
+        ("rolling", {}),
+        ("learned (fitted on this movie)", {"method": "learned", "model": str(mpath)}),
+    ):
         _, novelty, events, sec, _ = run_decompose(movie, **params)
         late = [e for e in events if e["seq"] >= first]
-        rows.append((name, len(late), len(late) * 100.0 / (len(movie) - first),
-                     float(np.median(novelty[first:])), sec))
-    print(f"\n### Learned vs rolling on the real migration movie ({len(movie)} frames of "
-          f"{movie.shape[1]}x{movie.shape[2]}; cascade fitted on the movie in {fit_s:.0f} s, "
-          f"{steps} steps; events counted from frame {first})\n")
+        rows.append((name, len(late), len(late) * 100.0 / (len(movie) - first), float(np.median(novelty[first:])), sec))
+    print(
+        f"\n### Learned vs rolling on the real migration movie ({len(movie)} frames of "
+        f"{movie.shape[1]}x{movie.shape[2]}; cascade fitted on the movie in {fit_s:.0f} s, "
+        f"{steps} steps; events counted from frame {first})\n"
+    )
     print("| method | events | events per 100 frames | median novelty | s/frame |")
     print("|---|---|---|---|---|")
     for name, n, rate, med, sec in rows:
@@ -455,8 +486,7 @@ def main() -> None:
     if args.learned_only:
         learned_table(args.quick)
         return
-    print(f"## decompose benchmark ({platform.machine()}, {platform.python_version()}, "
-          f"numpy {np.__version__})")
+    print(f"## decompose benchmark ({platform.machine()}, {platform.python_version()}, numpy {np.__version__})")
     if args.quick:
         synthetic_table(200, (48, 48), quick=True)
     else:

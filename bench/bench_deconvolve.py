@@ -325,8 +325,10 @@ def part2(quick: bool, rlf: RedLionfish | None = None) -> None:
     _, t = timed(lambda: vol.process(stack, FrameInfo(seq=1)), repeat=1, warm=False)
     # the same 3-D Gaussian the engine's volume default builds (sigma 1.5 px laterally, 2 planes in z)
     cell = rlf_cell(stack, P.crop_psf(P.gaussian_psf((2.0, 1.5, 1.5), ndim=3)))
-    print(f"| stack {nz}x512x512 as one 3-D volume (sigma_z 2 planes) | {t:.2f} (first, with OTF: {t_first:.2f}) "
-          f"| |{cell}")
+    print(
+        f"| stack {nz}x512x512 as one 3-D volume (sigma_z 2 planes) | {t:.2f} (first, with OTF: {t_first:.2f}) "
+        f"| |{cell}"
+    )
 
 
 def fwhm_of_brightest(vol: np.ndarray) -> tuple[float, float]:

@@ -83,16 +83,29 @@ def quality(args) -> list[tuple]:
         eng = livescope_engine()
         eng.process(noisy, FrameInfo(seq=0))
         out, s = timed(eng.process, noisy, FrameInfo(seq=1))
-        add("livescope default model", out["denoised"], s,
-            "TRAINED ON THIS INPUT (not held out)" if key in trained_on else "held out")
-        res = fit(noisy, steps=args.fit_steps, time_budget_s=args.fit_seconds, progress=False,
-                  description=f"W2S {key} input (bench)")
+        add(
+            "livescope default model",
+            out["denoised"],
+            s,
+            "TRAINED ON THIS INPUT (not held out)" if key in trained_on else "held out",
+        )
+        res = fit(
+            noisy,
+            steps=args.fit_steps,
+            time_budget_s=args.fit_seconds,
+            progress=False,
+            description=f"W2S {key} input (bench)",
+        )
         path = Path(f"/tmp/livescope_bench_fit_{key}.lsm")
         res.model.save(path)
         eng = livescope_engine(str(path))
         out = eng.process(noisy, FrameInfo(seq=0))["denoised"]
-        add(f"livescope fitted on this input ({len(res.losses)} steps)", out, res.seconds,
-            "fit time; self-supervised, target unseen")
+        add(
+            f"livescope fitted on this input ({len(res.losses)} steps)",
+            out,
+            res.seconds,
+            "fit time; self-supervised, target unseen",
+        )
         gauss = {s: ndimage.gaussian_filter(x, s) for s in (1.5, 2.0, 2.5, 3.0, 3.5, 4.0)}
         best = max(gauss, key=lambda s: psnr_affine(gauss[s], target))
         _, s = timed(ndimage.gaussian_filter, x, best)
@@ -101,8 +114,9 @@ def quality(args) -> list[tuple]:
         sigma = float(estimate_sigma(xn))
         best_nlm = None
         for mult in (0.8, 1.2, 1.6, 2.0):
-            out, s = timed(denoise_nl_means, xn, h=mult * sigma, sigma=sigma, patch_size=5,
-                           patch_distance=6, fast_mode=True)
+            out, s = timed(
+                denoise_nl_means, xn, h=mult * sigma, sigma=sigma, patch_size=5, patch_distance=6, fast_mode=True
+            )
             p = psnr_affine(out, target)
             if best_nlm is None or p > best_nlm[0]:
                 best_nlm = (p, out, s, mult)
@@ -160,8 +174,9 @@ def fitting_time(args) -> tuple:
     stream = np.stack([rng.poisson(photons) for _ in range(65)]).astype(np.uint16) + 100
     res, s = timed(fit, stream[:64], steps=args.fit_steps, time_budget_s=args.fit_seconds, progress=False)
     norm = Normalisation.estimate(stream[64])
-    out = norm.inverse(run_tiled(OnnxRuntimeBackend(res.model).run, norm.forward(stream[64])[None],
-                                 multiple=res.model.multiple))
+    out = norm.inverse(
+        run_tiled(OnnxRuntimeBackend(res.model).run, norm.forward(stream[64])[None], multiple=res.model.multiple)
+    )
     truth = photons + 100
 
     def psnr(a):
@@ -185,9 +200,11 @@ def main() -> None:
 
     model = modelfile.load(None)
     cost = flops_and_traffic(model.build_torch(), 512, 512)
-    print(f"machine: {platform.machine()}, {__import__('os').cpu_count()} cores; model "
-          f"{model.hash}, {cost['params']:.0f} params, {cost['flops'] / 1e9:.2f} GFLOP and >= "
-          f"{cost['bytes'] / 1e6:.0f} MB memory traffic per 512x512 frame\n")
+    print(
+        f"machine: {platform.machine()}, {__import__('os').cpu_count()} cores; model "
+        f"{model.hash}, {cost['params']:.0f} params, {cost['flops'] / 1e9:.2f} GFLOP and >= "
+        f"{cost['bytes'] / 1e6:.0f} MB memory traffic per 512x512 frame\n"
+    )
     print("| pair | method | PSNR (dB) | SSIM | s/frame | note |\n|---|---|---|---|---|---|")
     for key, method, ps, ss, s, note in quality(args):
         print(f"| {key} | {method} | {ps:.2f} | {ss:.3f} | {s:.3f} | {note} |")
@@ -195,8 +212,10 @@ def main() -> None:
     for name, ms, fps in speed(args):
         print(f"| {name} | {ms:.1f} | {fps:.1f} |")
     s, steps, raw, fitted = fitting_time(args)
-    print(f"\nfitting on a 64-frame 256x256 stream: {s:.1f} s for {steps} steps; PSNR on a 65th "
-          f"frame {raw:.2f} dB raw -> {fitted:.2f} dB denoised")
+    print(
+        f"\nfitting on a 64-frame 256x256 stream: {s:.1f} s for {steps} steps; PSNR on a 65th "
+        f"frame {raw:.2f} dB raw -> {fitted:.2f} dB denoised"
+    )
 
 
 if __name__ == "__main__":

@@ -76,11 +76,22 @@ def quantize(pre: Path, inputs: list[np.ndarray], keep_float: bool) -> bytes:
     kw: dict = {}
     if keep_float:
         convs = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type in ("Conv", "ConvTranspose")]
-        kw = {"nodes_to_exclude": convs[:1] + convs[-2:], "calibrate_method": CalibrationMethod.Percentile,
-              "extra_options": {"CalibPercentile": 99.999}}
+        kw = {
+            "nodes_to_exclude": convs[:1] + convs[-2:],
+            "calibrate_method": CalibrationMethod.Percentile,
+            "extra_options": {"CalibPercentile": 99.999},
+        }
     out = pre.with_name(f"int8_{int(keep_float)}.onnx")
-    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True, **kw)
+    quantize_static(
+        str(pre),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        **kw,
+    )
     return out.read_bytes()
 
 
@@ -129,9 +140,11 @@ def main() -> None:
     inputs = calibration_inputs()
     with tempfile.TemporaryDirectory() as d:
         pre = prepare(model.onnx, Path(d))
-        variants = {"fp32 (shipped)": None,
-                    "int8, every conv": quantize(pre, inputs, False),
-                    "int8, first + last two convs float, percentile": quantize(pre, inputs, True)}
+        variants = {
+            "fp32 (shipped)": None,
+            "int8, every conv": quantize(pre, inputs, False),
+            "int8, first + last two convs float, percentile": quantize(pre, inputs, True),
+        }
     print(f"model {model.hash}, 512x512 frames through the whole engine, onnxruntime CPU")
     print("| variant | " + " | ".join(f"{k} PSNR dB | {k} ms" for k in KEYS) + " |")
     for name, graph in variants.items():

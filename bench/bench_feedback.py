@@ -39,8 +39,15 @@ def one_run(slow: float, fast: float, trigger_t: int = 4) -> dict[str, float]:
                 return {"events": [{"kind": "novelty", "score": 9.0}]}
             return {}
 
-    cfg = DaemonConfig(source="zmq", engines=["bench_flag"], out=None, ingest=free_tcp_address(), publish=None,
-                       control=free_tcp_address(), exit_on_end=False)
+    cfg = DaemonConfig(
+        source="zmq",
+        engines=["bench_flag"],
+        out=None,
+        ingest=free_tcp_address(),
+        publish=None,
+        control=free_tcp_address(),
+        exit_on_end=False,
+    )
     pipeline = Pipeline(cfg)
     server = ControlServer(cfg.control, pipeline.handle)
     pipeline.start()
@@ -57,7 +64,8 @@ def one_run(slow: float, fast: float, trigger_t: int = 4) -> dict[str, float]:
     follower = EventFollower(cfg.control, on_event, poll_s=0.005)
     acquired: dict[int, tuple[float, str]] = {}
     scope.core.mda.events.frameReady.connect(
-        lambda img, ev, meta: acquired.__setitem__(ev.index["t"], (time.monotonic(), ev.metadata["livescope_mode"])))
+        lambda img, ev, meta: acquired.__setitem__(ev.index["t"], (time.monotonic(), ev.metadata["livescope_mode"]))
+    )
     try:
         policy.run(scope.core)
     finally:

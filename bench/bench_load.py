@@ -140,8 +140,17 @@ def _device_written(path: str) -> int | None:
         return None
 
 
-def run(size: int, fps: float, seconds: float, engines: list[str], *, tmp: str | None = None,
-        keep_s: float = 45.0, max_store_gb: float = 10.0, min_free_gb: float = 15.0) -> dict:
+def run(
+    size: int,
+    fps: float,
+    seconds: float,
+    engines: list[str],
+    *,
+    tmp: str | None = None,
+    keep_s: float = 45.0,
+    max_store_gb: float = 10.0,
+    min_free_gb: float = 15.0,
+) -> dict:
     from livescope.bridges.transport import free_tcp_address
     from livescope.daemon.cli import run_daemon
     from livescope.daemon.config import DaemonConfig
@@ -149,11 +158,21 @@ def run(size: int, fps: float, seconds: float, engines: list[str], *, tmp: str |
     if tmp:
         Path(tmp).mkdir(parents=True, exist_ok=True)
     if shutil.disk_usage(tmp or tempfile.gettempdir()).free < min_free_gb * 1e9:
-        raise SystemExit(f"less than {min_free_gb} GB free under {tmp or tempfile.gettempdir()}: free space "
-                         "or pick another folder with --tmp (or lower --min-free-gb)")
+        raise SystemExit(
+            f"less than {min_free_gb} GB free under {tmp or tempfile.gettempdir()}: free space "
+            "or pick another folder with --tmp (or lower --min-free-gb)"
+        )
     out = Path(tempfile.mkdtemp(prefix="livescope-load-", dir=tmp)) / "o.zarr"
-    cfg = DaemonConfig(source="zmq", engines=engines, out=out, ingest=free_tcp_address(), publish=None,
-                       control=None, exit_on_end=True, min_free_gb=0.0)
+    cfg = DaemonConfig(
+        source="zmq",
+        engines=engines,
+        out=out,
+        ingest=free_tcp_address(),
+        publish=None,
+        control=None,
+        exit_on_end=True,
+        min_free_gb=0.0,
+    )
     ctx = mp.get_context("spawn")
     result = ctx.Queue()
     proc = ctx.Process(target=_publish, args=(cfg.ingest, size, fps, seconds, result))
@@ -184,37 +203,58 @@ def run(size: int, fps: float, seconds: float, engines: list[str], *, tmp: str |
     f = summary["frames"]
     lost = pub["offered"] - f["saved"]
     written = store_bytes + janitor.deleted_bytes
-    return {"size": size, "fps": fps, "seconds": seconds, "chain": "+".join(engines) or "none",
-            "offered": pub["offered"], "saved": f["saved"], "lost": lost,
-            "dropped_at_publisher": pub["dropped_at_publisher"], "publisher_late_max_s": pub["late_max_s"],
-            "publisher_drops_at_frame_late_s": pub["drops"], "received": f["received"],
-            "lost_in_transport": f["lost_in_transport"], "dropped_over_budget": f["dropped_over_budget"],
-            "lost_in_store": f["lost"] - f["lost_in_transport"], "dropped_at_close": f.get("dropped_at_close", 0),
-            "skipped": f.get("skipped_frames", 0), "skipped_per_engine": f.get("skipped", {}),
-            "processed": max((e["processed"] for e in summary["engines"].values()), default=0),
-            "processed_per_engine": {n: e["processed"] for n, e in summary["engines"].items()},
-            "peak_queue_mb": janitor.peak_queue_mb, "peak_products_mb": janitor.peak_products_mb,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "written_mb": round(written / 1e6, 1), "mb_per_s": round(written / 1e6 / seconds, 1),
-            "device_written_mb": (round((dev_end - dev_start) / 1e6, 1)
-                                  if dev_start is not None and dev_end is not None else None),
-            "store_peak_on_disk_mb": round(janitor.peak_store_bytes / 1e6, 1),
-            "store_at_end_mb": round(store_bytes / 1e6, 1),
-            "deleted_during_run_mb": round(janitor.deleted_bytes / 1e6, 1),
-            "stopped_low_disk": janitor.low_disk, "load_start": [round(x, 2) for x in load_start],
-            "load_end": [round(x, 2) for x in load_end],
-            "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() - wall)),
-            "wall_s": round(wall, 1)}
+    return {
+        "size": size,
+        "fps": fps,
+        "seconds": seconds,
+        "chain": "+".join(engines) or "none",
+        "offered": pub["offered"],
+        "saved": f["saved"],
+        "lost": lost,
+        "dropped_at_publisher": pub["dropped_at_publisher"],
+        "publisher_late_max_s": pub["late_max_s"],
+        "publisher_drops_at_frame_late_s": pub["drops"],
+        "received": f["received"],
+        "lost_in_transport": f["lost_in_transport"],
+        "dropped_over_budget": f["dropped_over_budget"],
+        "lost_in_store": f["lost"] - f["lost_in_transport"],
+        "dropped_at_close": f.get("dropped_at_close", 0),
+        "skipped": f.get("skipped_frames", 0),
+        "skipped_per_engine": f.get("skipped", {}),
+        "processed": max((e["processed"] for e in summary["engines"].values()), default=0),
+        "processed_per_engine": {n: e["processed"] for n, e in summary["engines"].items()},
+        "peak_queue_mb": janitor.peak_queue_mb,
+        "peak_products_mb": janitor.peak_products_mb,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "written_mb": round(written / 1e6, 1),
+        "mb_per_s": round(written / 1e6 / seconds, 1),
+        "device_written_mb": (
+            round((dev_end - dev_start) / 1e6, 1) if dev_start is not None and dev_end is not None else None
+        ),
+        "store_peak_on_disk_mb": round(janitor.peak_store_bytes / 1e6, 1),
+        "store_at_end_mb": round(store_bytes / 1e6, 1),
+        "deleted_during_run_mb": round(janitor.deleted_bytes / 1e6, 1),
+        "stopped_low_disk": janitor.low_disk,
+        "load_start": [round(x, 2) for x in load_start],
+        "load_end": [round(x, 2) for x in load_end],
+        "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() - wall)),
+        "wall_s": round(wall, 1),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 2048])
-    ap.add_argument("--chains", nargs="+", default=["passthrough", "register", "denoise", "deconvolve", "decompose"],
-                    help="engine chains, a+b for several; none: no engines")
-    ap.add_argument("--fps", type=float, nargs="+",
-                    help="run these fixed rates once each (no doubling) and report each run")
+    ap.add_argument(
+        "--chains",
+        nargs="+",
+        default=["passthrough", "register", "denoise", "deconvolve", "decompose"],
+        help="engine chains, a+b for several; none: no engines",
+    )
+    ap.add_argument(
+        "--fps", type=float, nargs="+", help="run these fixed rates once each (no doubling) and report each run"
+    )
     ap.add_argument("--tmp", help="folder for the temporary stores (default: the system temp folder)")
     ap.add_argument("--keep-s", type=float, default=45.0, help="delete store shard files this old during a run")
     ap.add_argument("--max-store-gb", type=float, default=10.0, help="keep a run's store under this size")
@@ -222,22 +262,29 @@ def main() -> None:
     args = ap.parse_args()
     opts = {"tmp": args.tmp, "keep_s": args.keep_s, "max_store_gb": args.max_store_gb, "min_free_gb": args.min_free_gb}
     if args.fps:
-        print("| frames | chain | fps | s | offered | dropped at publisher | received | saved | lost | skipped | "
-              "engine processed | peak queue MB | peak RSS MB | MB/s written | load start -> end |")
+        print(
+            "| frames | chain | fps | s | offered | dropped at publisher | received | saved | lost | skipped | "
+            "engine processed | peak queue MB | peak RSS MB | MB/s written | load start -> end |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for size in args.sizes:
             for chain in args.chains:
                 for fps in args.fps:
                     r = run(size, fps, args.seconds, [] if chain == "none" else chain.split("+"), **opts)
                     print(json.dumps(r), flush=True)
-                    print(f"| {size}x{size} | {r['chain']} | {fps:g} | {args.seconds:g} | {r['offered']} | "
-                          f"{r['dropped_at_publisher']} | {r['received']} | {r['saved']} | {r['lost']} | "
-                          f"{r['skipped']} | {r['processed']} | {r['peak_queue_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
-                          f"{r['mb_per_s']:.0f} | "
-                          f"{r['load_start'][0]:.1f} -> {r['load_end'][0]:.1f} |", flush=True)
+                    print(
+                        f"| {size}x{size} | {r['chain']} | {fps:g} | {args.seconds:g} | {r['offered']} | "
+                        f"{r['dropped_at_publisher']} | {r['received']} | {r['saved']} | {r['lost']} | "
+                        f"{r['skipped']} | {r['processed']} | {r['peak_queue_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
+                        f"{r['mb_per_s']:.0f} | "
+                        f"{r['load_start'][0]:.1f} -> {r['load_end'][0]:.1f} |",
+                        flush=True,
+                    )
         return
-    print("| frames | chain | highest clean rate (fps) | MB/s | engine processed | "
-          "just above: offered -> saved (lost, skipped by engine) |")
+    print(
+        "| frames | chain | highest clean rate (fps) | MB/s | engine processed | "
+        "just above: offered -> saved (lost, skipped by engine) |"
+    )
     print("|---|---|---|---|---|---|")
     for size in args.sizes:
         for chain in args.chains:
@@ -252,8 +299,11 @@ def main() -> None:
             mb = clean["fps"] * size * size * 2 / 1e6 if clean else 0
             c = f"{clean['fps']:.0f}" if clean else "< start"
             proc = f"{clean['processed']}/{clean['offered']}" if clean else "-"
-            ab = (f"{above['offered']} -> {above['saved']} ({above['lost']} lost, {above['skipped']} skipped)"
-                  if above else "not reached")
+            ab = (
+                f"{above['offered']} -> {above['saved']} ({above['lost']} lost, {above['skipped']} skipped)"
+                if above
+                else "not reached"
+            )
             print(f"| {size}x{size} | {chain} | {c} | {mb:.0f} | {proc} | {ab} |", flush=True)
 
 

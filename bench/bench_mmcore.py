@@ -72,10 +72,14 @@ def main() -> None:
     print(f"| MDA of {args.frames} frames {args.size}x{args.size} uint16 | ms/frame | frames/s |")
     print("|---|---|---|")
     print(f"| no bridge | {1000 * base / args.frames:.3f} | {args.frames / base:.0f} |")
-    print(f"| with livescope bridge (daemon in another process) | {1000 * bridged / args.frames:.3f} | "
-          f"{args.frames / bridged:.0f} |")
-    print(f"\nslow-down: {bridged / base:.3f}x; sent {stats.get('sent')}, dropped {stats.get('dropped')}, "
-          f"received by the daemon {received}")
+    print(
+        f"| with livescope bridge (daemon in another process) | {1000 * bridged / args.frames:.3f} | "
+        f"{args.frames / bridged:.0f} |"
+    )
+    print(
+        f"\nslow-down: {bridged / base:.3f}x; sent {stats.get('sent')}, dropped {stats.get('dropped')}, "
+        f"received by the daemon {received}"
+    )
 
 
 if __name__ == "__main__":

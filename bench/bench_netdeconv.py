@@ -73,10 +73,13 @@ def acquire(obj, rng, field, fovs, frames_per_fov):
     stacks, objs = [], []
     for _ in range(fovs):
         y0, x0 = rng.integers(0, obj.shape[0] - field + 1, 2)
-        o = obj[y0:y0 + field, x0:x0 + field]
+        o = obj[y0 : y0 + field, x0 : x0 + field]
         b = np.maximum(field_blur(o), 0)
-        stacks.append(np.stack([rng.poisson(b) + rng.normal(0, 2.0, b.shape) + OFFSET
-                                for _ in range(frames_per_fov)]).astype(np.float32))
+        stacks.append(
+            np.stack([rng.poisson(b) + rng.normal(0, 2.0, b.shape) + OFFSET for _ in range(frames_per_fov)]).astype(
+                np.float32
+            )
+        )
         objs.append(o)
     return stacks, objs
 
@@ -107,8 +110,13 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--teacher", default="rl3", help="wbN or rlN: the per-region teacher and its iterations")
     ap.add_argument("--quality-only", action="store_true", help="skip the speed and FLOP tables")
-    ap.add_argument("--fixed", type=float, default=None, metavar="SIGMA",
-                    help="one blur of SIGMA px everywhere instead of 1 -> 3 px (the fixed-blur half)")
+    ap.add_argument(
+        "--fixed",
+        type=float,
+        default=None,
+        metavar="SIGMA",
+        help="one blur of SIGMA px everywhere instead of 1 -> 3 px (the fixed-blur half)",
+    )
     args = ap.parse_args(argv)
     global S0, S1
     if args.fixed is not None:
@@ -124,8 +132,19 @@ def main(argv=None):
     wb = N._teacher_params(None)
     teacher = N._teacher_params({"method": args.teacher[:2], "iterations": int(args.teacher[2:])})
     teacher_name = f"{args.teacher[:2].upper()} {teacher['iterations']} it."
-    kw = dict(psf=grid, teacher_params=teacher, offset=OFFSET, base=args.base, depth=args.depth, patch=32, batch=8,
-              lr=3e-3, steps=100000, time_budget_s=args.fit_seconds, threads=args.threads)
+    kw = dict(
+        psf=grid,
+        teacher_params=teacher,
+        offset=OFFSET,
+        base=args.base,
+        depth=args.depth,
+        patch=32,
+        batch=8,
+        lr=3e-3,
+        steps=100000,
+        time_budget_s=args.fit_seconds,
+        threads=args.threads,
+    )
     fits = {}
     for task in ("deconvolve", "restore"):
         t = time.perf_counter()
@@ -133,8 +152,9 @@ def main(argv=None):
         fits[task] = (res, time.perf_counter() - t)
         print(f"fitted {task}: {len(res.losses)} steps, {fits[task][1]:.0f} s (teacher included)", flush=True)
 
-    nets = {t: N.NetDeconvolver(r.model, backend="onnxruntime", tile=0, threads=args.threads)
-            for t, (r, _) in fits.items()}
+    nets = {
+        t: N.NetDeconvolver(r.model, backend="onnxruntime", tile=0, threads=args.threads) for t, (r, _) in fits.items()
+    }
     single = {s: N.PSFField.of(gaussian_psf(s)) for s in (1.0, 1.5, 2.0, 2.5, 3.0)}
     den = create_engine("denoise", backend="onnxruntime")
     den.setup(StreamSpec(shape=(F, F), camera_offset=OFFSET))
@@ -148,30 +168,44 @@ def main(argv=None):
     methods = {
         "raw (offset removed)": lambda d: d,
         "WB 2 it., centre PSF (sigma 1)": lambda d: N.teacher_deconvolve(d, single[1.0], wb),
-        **{f"WB 2 it., single PSF sigma {s}": lambda d, f=f: N.teacher_deconvolve(d, f, wb)
-           for s, f in single.items() if s != 1.0},
-        **{f"WB 1 it., single PSF sigma {s}": lambda d, f=f: N.teacher_deconvolve(d, f, _p({"iterations": 1}))
-           for s, f in single.items() if s >= 2.0},
-        **{f"RL 3 it., single PSF sigma {s}":
-           lambda d, f=f: N.teacher_deconvolve(d, f, _p({"method": "rl", "iterations": 3}))
-           for s, f in single.items() if s >= 2.0},
+        **{
+            f"WB 2 it., single PSF sigma {s}": lambda d, f=f: N.teacher_deconvolve(d, f, wb)
+            for s, f in single.items()
+            if s != 1.0
+        },
+        **{
+            f"WB 1 it., single PSF sigma {s}": lambda d, f=f: N.teacher_deconvolve(d, f, _p({"iterations": 1}))
+            for s, f in single.items()
+            if s >= 2.0
+        },
+        **{
+            f"RL 3 it., single PSF sigma {s}": lambda d, f=f: N.teacher_deconvolve(
+                d, f, _p({"method": "rl", "iterations": 3})
+            )
+            for s, f in single.items()
+            if s >= 2.0
+        },
         "RL 10 it., single PSF sigma 2.0": lambda d: N.teacher_deconvolve(d, single[2.0], _p(rl)),
         "WB 2 it., per-region 3x3": lambda d: N.teacher_deconvolve(d, field, wb),
         "RL 10 it., per-region 3x3": lambda d: N.teacher_deconvolve(d, field, _p(rl)),
         f"{teacher_name}, per-region 3x3 (the teacher)": lambda d: N.teacher_deconvolve(d, field, teacher),
-        "Gaussian sigma 1 then per-region WB 2 it.":
-            lambda d: N.teacher_deconvolve(ndimage.gaussian_filter(d, 1.0), field, wb),
-        **{f"denoise engine (shipped model), then WB {it} it. single PSF sigma {s}":
-           lambda d, f=single[s], it=it: N.teacher_deconvolve(denoise(d), f, _p({"iterations": it}))
-           for s in (2.0, 2.5) for it in (1, 2)},
+        "Gaussian sigma 1 then per-region WB 2 it.": lambda d: N.teacher_deconvolve(
+            ndimage.gaussian_filter(d, 1.0), field, wb
+        ),
+        **{
+            f"denoise engine (shipped model), then WB {it} it. single PSF sigma {s}": lambda d, f=single[s], it=it: (
+                N.teacher_deconvolve(denoise(d), f, _p({"iterations": it}))
+            )
+            for s in (2.0, 2.5)
+            for it in (1, 2)
+        },
         "denoise engine (shipped model) alone": lambda d: denoise(d),
         "net, task deconvolve (onnxruntime)": lambda d: nets["deconvolve"].restore(d, check=False)[0],
         "net, task restore (onnxruntime)": lambda d: nets["restore"].restore(d, check=False)[0],
     }
     frames = [(np.maximum(f - OFFSET, 0), o) for s, o in zip(test, test_obj, strict=True) for f in s]
     blur_name = f"fixed blur (sigma {S0} px)" if S0 == S1 else f"field-varying blur (sigma {S0} -> {S1} px)"
-    print(f"\n### Quality: {blur_name}, {F}x{F}, peak {args.peak:g} photons, "
-          f"{len(frames)} held-back frames of 085_1\n")
+    print(f"\n### Quality: {blur_name}, {F}x{F}, peak {args.peak:g} photons, {len(frames)} held-back frames of 085_1\n")
     print("| method | PSNR vs object (dB) | PSNR vs teacher (dB) | s/frame |")
     print("|---|---|---|---|")
     for name, fn in methods.items():
@@ -191,9 +225,11 @@ def main(argv=None):
     beads[pts[:, 0], pts[:, 1]] = 3000.0
     odd = [np.maximum(rng.poisson(field_blur(beads)) + rng.normal(0, 2.0, beads.shape), 0) for _ in range(4)]
     odd_scores = [nets["deconvolve"].restore(d)[1] for d in odd]
-    print(f"\nconsistency threshold {thr:.2f}: held-back cell frames {np.round(scores, 2).tolist()} "
-          f"({sum(s > thr for s in scores)}/{len(scores)} false alarms); bead frames "
-          f"{np.round(odd_scores, 1).tolist()} ({sum(s > thr for s in odd_scores)}/{len(odd)} flagged)")
+    print(
+        f"\nconsistency threshold {thr:.2f}: held-back cell frames {np.round(scores, 2).tolist()} "
+        f"({sum(s > thr for s in scores)}/{len(scores)} false alarms); bead frames "
+        f"{np.round(odd_scores, 1).tolist()} ({sum(s > thr for s in odd_scores)}/{len(odd)} flagged)"
+    )
 
     if args.quality_only:
         return
@@ -213,17 +249,19 @@ def main(argv=None):
     print("|---|---|---|")
     rows = {}
     for it in (1, 2):
-        rows[f"WB {it} it., one PSF (OTF cached)"] = (
-            lambda it=it: deconvolve_array(frame, psf_c, iterations=it, wb=wbp, plans=plans))
-    rows["RL 20 it., one PSF (OTF cached)"] = (
-        lambda: deconvolve_array(frame, psf_c, iterations=20, method="rl", wb=wbp, plans=plans))
+        rows[f"WB {it} it., one PSF (OTF cached)"] = lambda it=it: deconvolve_array(
+            frame, psf_c, iterations=it, wb=wbp, plans=plans
+        )
+    rows["RL 20 it., one PSF (OTF cached)"] = lambda: deconvolve_array(
+        frame, psf_c, iterations=20, method="rl", wb=wbp, plans=plans
+    )
     grid512 = N.PSFField.of(psf_grid((512, 512)))
     rows["WB 2 it., per-region 3x3"] = lambda: N.teacher_deconvolve(frame, grid512, wb)
-    nets512 = {f"net base {args.base} depth {args.depth} (the fitted one), onnxruntime":
-               fits["deconvolve"][0].model}
+    nets512 = {f"net base {args.base} depth {args.depth} (the fitted one), onnxruntime": fits["deconvolve"][0].model}
     big = UNet(3, 16, 3, 64).eval()
     nets512["net base 16 depth 3 (the denoiser's size), onnxruntime"] = modelfile.ModelFile.from_net(
-        big, {"task": "deconvolve", "psf": field.as_metadata(), "field_shape": [512, 512], "residual": True})
+        big, {"task": "deconvolve", "psf": field.as_metadata(), "field_shape": [512, 512], "residual": True}
+    )
     for name, model in nets512.items():
         if "coordinates" not in model.metadata["inputs"]:
             model.metadata["inputs"]["coordinates"] = 2
@@ -236,13 +274,17 @@ def main(argv=None):
         print(f"| {name} | {1000 * sec:.1f} | {1 / sec:.1f} |", flush=True)
 
     print("\n### FLOPs and memory traffic per 512x512 frame (multiply and add counted apart)\n")
-    print("| network | GFLOP | MB moved (fp32, lower bound) | parameters | H100 compute bound (ms, 990 TFLOPS fp16) "
-          "| H100 memory bound (ms, fp16 at 3.35 TB/s) |")
+    print(
+        "| network | GFLOP | MB moved (fp32, lower bound) | parameters | H100 compute bound (ms, 990 TFLOPS fp16) "
+        "| H100 memory bound (ms, fp16 at 3.35 TB/s) |"
+    )
     print("|---|---|---|---|---|---|")
     for name, model in nets512.items():
         ft = flops_and_traffic(model.build_torch(), 512, 512)
-        print(f"| {name.split(',')[0]} | {ft['flops'] / 1e9:.2f} | {ft['bytes'] / 1e6:.0f} | {ft['params']:.0f} | "
-              f"{ft['flops'] / 990e12 * 1e3:.4f} | {ft['bytes'] / 2 / 3.35e12 * 1e3:.3f} |")
+        print(
+            f"| {name.split(',')[0]} | {ft['flops'] / 1e9:.2f} | {ft['bytes'] / 1e6:.0f} | {ft['params']:.0f} | "
+            f"{ft['flops'] / 990e12 * 1e3:.4f} | {ft['bytes'] / 2 / 3.35e12 * 1e3:.3f} |"
+        )
     wb_flops = 2 * 2 * 5 * 600 * 600 * np.log2(600 * 600) / 2  # 2 it. x 2 FFT pairs, rfft ~ half
     print(f"| WB 2 it. (FFTs only, 600x600 padded) | {wb_flops / 1e9:.2f} | | | | |")
 

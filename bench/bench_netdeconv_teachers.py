@@ -39,7 +39,7 @@ def main(argv=None):
     res: dict[str, list[float]] = {}
     for _ in range(args.fovs):
         y0, x0 = rng.integers(0, obj.shape[0] - F + 1, 2)
-        o = obj[y0:y0 + F, x0:x0 + F]
+        o = obj[y0 : y0 + F, x0 : x0 + F]
         b = np.maximum(field_blur(o), 0)
         fr = np.stack([rng.poisson(b) + rng.normal(0, 2.0, b.shape) for _ in range(9)])
         fr = np.maximum(fr, 0).astype(np.float32)
@@ -47,21 +47,35 @@ def main(argv=None):
         def add(name, est, o=o):
             res.setdefault(name, []).append(psnr(est, o))
 
-        for name, tp in (("WB 2 it.", None), ("WB 1 it.", {"iterations": 1}), ("WB 2 it., alpha 0.1", {"alpha": 0.1}),
-                         *((f"RL {i} it.", {"method": "rl", "iterations": i}) for i in (3, 5, 10, 20))):
+        for name, tp in (
+            ("WB 2 it.", None),
+            ("WB 1 it.", {"iterations": 1}),
+            ("WB 2 it., alpha 0.1", {"alpha": 0.1}),
+            *((f"RL {i} it.", {"method": "rl", "iterations": i}) for i in (3, 5, 10, 20)),
+        ):
             add(f"per-region, one frame: {name}", N.teacher_deconvolve(fr[0], grid, P(tp)))
             if name in ("WB 2 it.", "WB 1 it.", "RL 3 it."):
-                add(f"single PSF (best sigma), one frame: {name}",
-                    max((N.teacher_deconvolve(fr[0], f, P(tp)) for f in singles.values()), key=lambda e: psnr(e, o)))
-        add("per-region, one frame: Gaussian sigma 1 then WB 2 it.",
-            N.teacher_deconvolve(ndimage.gaussian_filter(fr[0], 1.0), grid, P(None)))
+                add(
+                    f"single PSF (best sigma), one frame: {name}",
+                    max((N.teacher_deconvolve(fr[0], f, P(tp)) for f in singles.values()), key=lambda e: psnr(e, o)),
+                )
+        add(
+            "per-region, one frame: Gaussian sigma 1 then WB 2 it.",
+            N.teacher_deconvolve(ndimage.gaussian_filter(fr[0], 1.0), grid, P(None)),
+        )
         for w in (3, 5, 9):
-            add(f"per-region, mean of {w} frames (restore): WB 2 it.",
-                N.teacher_deconvolve(fr[:w].mean(0), grid, P(None)))
-            add(f"per-region, mean of {w} frames (restore): RL 10 it.",
-                N.teacher_deconvolve(fr[:w].mean(0), grid, P({"method": "rl", "iterations": 10})))
-    print(f"\n{args.fovs} fields of view {F}x{F} of 085_1, peak {args.peak:g} photons; the best single PSF is "
-          "chosen per frame against the object (a user cannot)\n")
+            add(
+                f"per-region, mean of {w} frames (restore): WB 2 it.",
+                N.teacher_deconvolve(fr[:w].mean(0), grid, P(None)),
+            )
+            add(
+                f"per-region, mean of {w} frames (restore): RL 10 it.",
+                N.teacher_deconvolve(fr[:w].mean(0), grid, P({"method": "rl", "iterations": 10})),
+            )
+    print(
+        f"\n{args.fovs} fields of view {F}x{F} of 085_1, peak {args.peak:g} photons; the best single PSF is "
+        "chosen per frame against the object (a user cannot)\n"
+    )
     print("| teacher | PSNR vs object (dB) |\n|---|---|")
     for name, v in res.items():
         print(f"| {name} | {np.mean(v):.2f} |")

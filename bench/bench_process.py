@@ -34,7 +34,7 @@ def make_movie(path: Path, n_t: int, size: int) -> None:
     mm = tifffile.memmap(path, shape=(n_t, size, size), dtype=np.uint16, photometric="minisblack")
     for t0 in range(0, n_t, 64):
         n = min(64, n_t - t0)
-        mm[t0:t0 + n] = np.roll(block[:n], t0 % size, axis=-1)  # every block a little different
+        mm[t0 : t0 + n] = np.roll(block[:n], t0 % size, axis=-1)  # every block a little different
     mm.flush()
     del mm
 
@@ -50,8 +50,10 @@ def chunk_costs(out: Path) -> dict[str, float]:
             tot[k] += d["timing"].get(k, 0.0)
         frames += d["t"][1] - d["t"][0]
         chunks += 1
-    return {k: 1e3 * v / max(frames, 1) for k, v in tot.items()} | {"chunks": chunks,
-                                                                      "frames_per_chunk": frames / max(chunks, 1)}
+    return {k: 1e3 * v / max(frames, 1) for k, v in tot.items()} | {
+        "chunks": chunks,
+        "frames_per_chunk": frames / max(chunks, 1),
+    }
 
 
 def main() -> None:
@@ -59,8 +61,7 @@ def main() -> None:
     ap.add_argument("--gb", type=float, default=2.0, help="size of the movie (GiB)")
     ap.add_argument("--size", type=int, default=512, help="frame width and height")
     ap.add_argument("--memory-limit", default="512MB", help="per worker")
-    ap.add_argument("--compute-frames", type=int, default=1024,
-                    help="frames for the compute-bound chain (deconvolve)")
+    ap.add_argument("--compute-frames", type=int, default=1024, help="frames for the compute-bound chain (deconvolve)")
     ap.add_argument("--dir", default=None, help="where to put the movie (default: a temporary folder)")
     ap.add_argument("--chains", default="passthrough,deconvolve", help="which chains to run (comma-separated)")
     args = ap.parse_args()
@@ -74,8 +75,10 @@ def main() -> None:
         movie = base / "movie.tif"
         t = time.perf_counter()
         make_movie(movie, n_t, args.size)
-        print(f"movie: {n_t} frames of {args.size}x{args.size} uint16, {movie.stat().st_size / 2**30:.2f} GiB "
-              f"(written in {time.perf_counter() - t:.1f} s); worker memory limit {args.memory_limit}")
+        print(
+            f"movie: {n_t} frames of {args.size}x{args.size} uint16, {movie.stat().st_size / 2**30:.2f} GiB "
+            f"(written in {time.perf_counter() - t:.1f} s); worker memory limit {args.memory_limit}"
+        )
         frame_mb = args.size * args.size * 2 / 2**20
         rows = []
         costs = {}
@@ -87,8 +90,17 @@ def main() -> None:
             for workers in (0, 1, 2):
                 out = base / f"out_{chain[0]}_{workers}.zarr"
                 t = time.perf_counter()
-                process_file(movie, out, chain, {}, save_raw=False, frames=frames, workers=workers,
-                             memory_limit=args.memory_limit if workers else None, progress=False)
+                process_file(
+                    movie,
+                    out,
+                    chain,
+                    {},
+                    save_raw=False,
+                    frames=frames,
+                    workers=workers,
+                    memory_limit=args.memory_limit if workers else None,
+                    progress=False,
+                )
                 wall = time.perf_counter() - t  # including the cluster's start and the planning
                 fps = frames / wall
                 base_fps[workers] = fps
@@ -100,10 +112,12 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
                 print(f"  {chain} workers={workers}: {wall:.1f} s, {fps:.1f} frames/s", flush=True)
         print()
-        print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, "
-              f"load average {os.getloadavg()[0]:.1f}; "
-              f"movie {n_t} x {args.size}x{args.size} uint16 ({n_t * frame_mb / 1024:.2f} GiB), "
-              f"worker memory limit {args.memory_limit}, products float32, raw not copied")
+        print(
+            f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, "
+            f"load average {os.getloadavg()[0]:.1f}; "
+            f"movie {n_t} x {args.size}x{args.size} uint16 ({n_t * frame_mb / 1024:.2f} GiB), "
+            f"worker memory limit {args.memory_limit}, products float32, raw not copied"
+        )
         print()
         print("| chain | run | frames | wall s | frames/s | input MB/s | scaling (2 vs 1 worker) |")
         print("|---|---|---|---|---|---|---|")
@@ -115,8 +129,10 @@ def main() -> None:
         print("| chain | workers | chunks | frames/chunk | read | compute | write |")
         print("|---|---|---|---|---|---|---|")
         for (chain, workers), c in costs.items():
-            print(f"| {chain} | {workers} | {c['chunks']} | {c['frames_per_chunk']:.0f} | {c['read_s']:.2f} | "
-                  f"{c['compute_s']:.2f} | {c['write_s']:.2f} |")
+            print(
+                f"| {chain} | {workers} | {c['chunks']} | {c['frames_per_chunk']:.0f} | {c['read_s']:.2f} | "
+                f"{c['compute_s']:.2f} | {c['write_s']:.2f} |"
+            )
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

@@ -46,8 +46,13 @@ def deconvolve_loop(n: int, size: int, tune: bool = False, fft_workers: int | No
         r1 = resource.getrusage(resource.RUSAGE_SELF)
     finally:
         _array.fft_workers = default_workers
-    return {"wall_ms": 1e3 * wall / n, "cpu_ms": 1e3 * cpu / n, "faults": (r1.ru_minflt - r0.ru_minflt) / n,
-            "malloc_env": os.environ.get("MALLOC_TRIM_THRESHOLD_"), "fft_workers": fft_workers or _array.fft_workers()}
+    return {
+        "wall_ms": 1e3 * wall / n,
+        "cpu_ms": 1e3 * cpu / n,
+        "faults": (r1.ru_minflt - r0.ru_minflt) / n,
+        "malloc_env": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+        "fft_workers": fft_workers or _array.fft_workers(),
+    }
 
 
 def main() -> None:
@@ -66,23 +71,35 @@ def main() -> None:
 
     row("one process", deconvolve_loop(args.frames, args.size))
     for profiler in (True, False):
-        with dask.config.set({"distributed.worker.profile.enabled": profiler}), \
-                LocalCluster(n_workers=1, threads_per_worker=1, processes=True, memory_limit="512MB",
-                             dashboard_address=":0") as cluster, Client(cluster) as client:
+        with (
+            dask.config.set({"distributed.worker.profile.enabled": profiler}),
+            LocalCluster(
+                n_workers=1, threads_per_worker=1, processes=True, memory_limit="512MB", dashboard_address=":0"
+            ) as cluster,
+            Client(cluster) as client,
+        ):
             prof = "profiler on" if profiler else "profiler off"
             if profiler:  # before any tuning: the worker as Dask starts it
-                row(f"Dask worker as started ({prof})",
-                    client.submit(deconvolve_loop, args.frames, args.size, pure=False).result())
-            row(f"Dask worker, tune_worker_malloc ({prof})",
-                client.submit(deconvolve_loop, args.frames, args.size, True, pure=False).result())
+                row(
+                    f"Dask worker as started ({prof})",
+                    client.submit(deconvolve_loop, args.frames, args.size, pure=False).result(),
+                )
+            row(
+                f"Dask worker, tune_worker_malloc ({prof})",
+                client.submit(deconvolve_loop, args.frames, args.size, True, pure=False).result(),
+            )
             if not profiler:
-                row(f"Dask worker, tune_worker_malloc, 1 FFT thread ({prof})",
-                    client.submit(deconvolve_loop, args.frames, args.size, True, 1, pure=False).result())
+                row(
+                    f"Dask worker, tune_worker_malloc, 1 FFT thread ({prof})",
+                    client.submit(deconvolve_loop, args.frames, args.size, True, 1, pure=False).result(),
+                )
     row("one process, again", deconvolve_loop(args.frames, args.size))
     print()
-    print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"load average {os.getloadavg()[0]:.1f}; deconvolve defaults, {args.size}x{args.size}, "
-          f"{args.frames} frames per case")
+    print(
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"load average {os.getloadavg()[0]:.1f}; deconvolve defaults, {args.size}x{args.size}, "
+        f"{args.frames} frames per case"
+    )
     print()
     print("| where | wall ms/frame | CPU ms/frame | minor page faults/frame | FFT threads |")
     print("|---|---|---|---|---|")

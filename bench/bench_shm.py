@@ -85,8 +85,9 @@ def _sender(conn) -> None:
     ctx.term()
 
 
-def _trial(path: str, address: str, shape: tuple[int, int], conn, n: int,
-           ctx: zmq.Context) -> tuple[float, float, float]:
+def _trial(
+    path: str, address: str, shape: tuple[int, int], conn, n: int, ctx: zmq.Context
+) -> tuple[float, float, float]:
     """(frames/s, receiver CPU s, sender CPU s)."""
     raw = path == "raw pyzmq ipc"
     if raw:
@@ -174,11 +175,15 @@ def main() -> None:
             p.unlink()
         os.rmdir(tmp)
 
-    print(f"\nSame-host transport, uint16 frames, sender in its own process; median of {trials} trial(s); "
-          f"Python {sys.version.split()[0]}, pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}, "
-          f"{platform.machine()}, {os.cpu_count()} cores\n")
-    print("| frame | path | MB/s (median) | frames/s (median) | vs livescope ipc | vs raw pyzmq ipc | "
-          "MB/s (best) | CPU-s per GB (send + receive) |")
+    print(
+        f"\nSame-host transport, uint16 frames, sender in its own process; median of {trials} trial(s); "
+        f"Python {sys.version.split()[0]}, pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}, "
+        f"{platform.machine()}, {os.cpu_count()} cores\n"
+    )
+    print(
+        "| frame | path | MB/s (median) | frames/s (median) | vs livescope ipc | vs raw pyzmq ipc | "
+        "MB/s (best) | CPU-s per GB (send + receive) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for shape, res in results.items():
         mb = shape[0] * shape[1] * 2 / 1e6
@@ -191,10 +196,15 @@ def main() -> None:
             ratios = []
             for ref in ("livescope ipc", "raw pyzmq ipc"):
                 # per-trial ratios: the paths of one round ran seconds apart, under similar load
-                ratios.append(f"{statistics.median(a[0] / b[0] for a, b in zip(runs, res[ref], strict=True)):.2f}x"
-                              if ref in res else "")
-            print(f"| {shape[0]}x{shape[1]} | {path} | {fps * mb:,.0f} | {fps:,.0f} | {ratios[0]} | {ratios[1]} | "
-                  f"{best * mb:,.0f} | {cpu[0]:.2f} ({cpu[1]:.2f} + {cpu[2]:.2f}) |")
+                ratios.append(
+                    f"{statistics.median(a[0] / b[0] for a, b in zip(runs, res[ref], strict=True)):.2f}x"
+                    if ref in res
+                    else ""
+                )
+            print(
+                f"| {shape[0]}x{shape[1]} | {path} | {fps * mb:,.0f} | {fps:,.0f} | {ratios[0]} | {ratios[1]} | "
+                f"{best * mb:,.0f} | {cpu[0]:.2f} ({cpu[1]:.2f} + {cpu[2]:.2f}) |"
+            )
         fps = memcpy[shape]
         print(f"| {shape[0]}x{shape[1]} | memcpy (np.copyto, one process) | {fps * mb:,.0f} | {fps:,.0f} | | | | |")
     print("\nPycro-Manager's Java-Python bridge: 100-200 MB/s as published by its authors (quoted, not measured here).")

@@ -128,8 +128,16 @@ class ZarrPythonWriter:
         from zarr.codecs import BloscCodec
 
         compressors = BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle") if compress else None
-        self.arr = zarr.create_array(store=str(path), shape=(0, *shape), chunks=(1, *shape), dtype=dtype,
-                                     compressors=compressors, fill_value=0, zarr_format=3, overwrite=True)
+        self.arr = zarr.create_array(
+            store=str(path),
+            shape=(0, *shape),
+            chunks=(1, *shape),
+            dtype=dtype,
+            compressors=compressors,
+            fill_value=0,
+            zarr_format=3,
+            overwrite=True,
+        )
         self.shape = tuple(shape)
         self.saved = 0
 
@@ -155,8 +163,18 @@ class TensorstoreWriter:
 
         codecs: list[dict] = [{"name": "bytes", "configuration": {"endian": "little"}}]
         if compress:
-            codecs.append({"name": "blosc", "configuration": {"cname": "zstd", "clevel": 1, "shuffle": "bitshuffle",
-                                                              "typesize": 2, "blocksize": 0}})
+            codecs.append(
+                {
+                    "name": "blosc",
+                    "configuration": {
+                        "cname": "zstd",
+                        "clevel": 1,
+                        "shuffle": "bitshuffle",
+                        "typesize": 2,
+                        "blocksize": 0,
+                    },
+                }
+            )
         spec = {
             "driver": "zarr3",
             "kvstore": {"driver": "file", "path": str(path)},
@@ -193,11 +211,19 @@ class OmeWritersWriter:
     def __init__(self, path: Path, shape, dtype, *, compress: bool = False, products: bool = False) -> None:
         from ome_writers import AcquisitionSettings, Dimension, OmeZarrFormat, create_stream
 
-        dims = [Dimension(name="t", count=None, type="time", chunk_size=1),
-                Dimension(name="y", count=shape[0], type="space"), Dimension(name="x", count=shape[1], type="space")]
-        settings = AcquisitionSettings(root_path=str(path), dimensions=dims, dtype=np.dtype(dtype).name,
-                                       format=OmeZarrFormat(backend="tensorstore"),
-                                       compression="blosc-zstd" if compress else None, overwrite=True)
+        dims = [
+            Dimension(name="t", count=None, type="time", chunk_size=1),
+            Dimension(name="y", count=shape[0], type="space"),
+            Dimension(name="x", count=shape[1], type="space"),
+        ]
+        settings = AcquisitionSettings(
+            root_path=str(path),
+            dimensions=dims,
+            dtype=np.dtype(dtype).name,
+            format=OmeZarrFormat(backend="tensorstore"),
+            compression="blosc-zstd" if compress else None,
+            overwrite=True,
+        )
         self.stream = create_stream(settings)
         self.saved = 0  # append returned; its tensorstore write may still be in flight
 
@@ -215,8 +241,12 @@ class OmeWritersWriter:
         return self.saved
 
 
-WRITERS = {"livescope": LivescopeWriter, "zarr": ZarrPythonWriter, "tensorstore": TensorstoreWriter,
-           "ome-writers": OmeWritersWriter}
+WRITERS = {
+    "livescope": LivescopeWriter,
+    "zarr": ZarrPythonWriter,
+    "tensorstore": TensorstoreWriter,
+    "ome-writers": OmeWritersWriter,
+}
 
 
 # -- the harness --------------------------------------------------------------------------------
@@ -249,8 +279,9 @@ def _sync() -> float:
     return time.perf_counter() - t0
 
 
-def run_stream(writer_cls, out: Path, frames: list[np.ndarray], *, seconds: float, fps: float | None,
-               max_frames: int, **writer_kw) -> dict:
+def run_stream(
+    writer_cls, out: Path, frames: list[np.ndarray], *, seconds: float, fps: float | None, max_frames: int, **writer_kw
+) -> dict:
     """Offer frames (paced at ``fps``, or as fast as the budget allows) for ``seconds``; write them
     on a store thread; close; sync. Returns the measurements."""
     _remove(out)
@@ -324,11 +355,19 @@ def run_stream(writer_cls, out: Path, frames: list[np.ndarray], *, seconds: floa
     wall = t_closed - t_start
     cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
     return {
-        "offered": state["offered"], "lost": state["lost"], "saved": saved,
-        "mb_s": saved * nbytes / wall / 1e6, "mb_s_sync": saved * nbytes / (wall + t_sync) / 1e6,
-        "fps": saved / wall, "wall_s": wall, "close_s": t_closed - t_offer_end, "sync_s": t_sync,
-        "cpu_cores": cpu / wall, "peak_queue_mb": state["peak_queued"] / 2**20,
-        "peak_rss_mb": state["peak_rss"] - rss0, "peak_in_flight": peak_in_flight,
+        "offered": state["offered"],
+        "lost": state["lost"],
+        "saved": saved,
+        "mb_s": saved * nbytes / wall / 1e6,
+        "mb_s_sync": saved * nbytes / (wall + t_sync) / 1e6,
+        "fps": saved / wall,
+        "wall_s": wall,
+        "close_s": t_closed - t_offer_end,
+        "sync_s": t_sync,
+        "cpu_cores": cpu / wall,
+        "peak_queue_mb": state["peak_queued"] / 2**20,
+        "peak_rss_mb": state["peak_rss"] - rss0,
+        "peak_in_flight": peak_in_flight,
         "ratio": on_disk / max(saved * nbytes, 1),
     }
 
@@ -340,8 +379,11 @@ def dd_ceiling(out_dir: Path, mb: int) -> float | None:
     target = out_dir / "dd.bin"
     try:
         t0 = time.perf_counter()
-        subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=8M", f"count={mb // 8}", "oflag=direct"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["dd", "if=/dev/zero", f"of={target}", "bs=8M", f"count={mb // 8}", "oflag=direct"],
+            check=True,
+            capture_output=True,
+        )
         return mb * 2**20 / (time.perf_counter() - t0) / 1e6
     except (subprocess.CalledProcessError, OSError):
         return None
@@ -387,8 +429,9 @@ def _array_path(writer: str, path: Path) -> Path:
 
 def crash_test(writer: str, tmp: Path, min_reported: int = 100, delay_s: float = 0.0) -> dict:
     path = tmp / f"crash-{writer}"
-    proc = subprocess.Popen([sys.executable, __file__, "--crash-child", writer, str(path)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--crash-child", writer, str(path)], stdout=subprocess.PIPE, text=True
+    )
     reported = 0
     t0 = time.monotonic()
     assert proc.stdout is not None
@@ -416,7 +459,8 @@ def crash_test(writer: str, tmp: Path, min_reported: int = 100, delay_s: float =
         res["fill_frames"] = sum(1 for t in range(data.shape[0]) if not intact[t] and not data[t].any())
         res["corrupt"] = sum(1 for t in range(data.shape[0]) if not intact[t] and data[t].any())
         res["reported_not_intact"] = sum(1 for t in range(min(reported, len(intact))) if not intact[t]) + max(
-            0, reported - len(intact))
+            0, reported - len(intact)
+        )
         if writer == "livescope":
             from livescope.bridges.store import STATUS, read_records, recover
 
@@ -437,13 +481,17 @@ def crash_test(writer: str, tmp: Path, min_reported: int = 100, delay_s: float =
 # -- report -------------------------------------------------------------------------------------
 def _row(label: str, r: dict, note: str = "") -> str:
     zero = "yes" if r["lost"] == 0 else f"no ({r['lost']} lost)"
-    return (f"| {label} | {r['offered']} | {r['saved']} | {zero} | {r['mb_s']:,.0f} | {r['fps']:.1f} | "
-            f"{r['mb_s_sync']:,.0f} | {r['close_s']:.1f} + {r['sync_s']:.1f} | {r['cpu_cores']:.2f} | "
-            f"{r['peak_queue_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['ratio']:.2f} | {note} |")
+    return (
+        f"| {label} | {r['offered']} | {r['saved']} | {zero} | {r['mb_s']:,.0f} | {r['fps']:.1f} | "
+        f"{r['mb_s_sync']:,.0f} | {r['close_s']:.1f} + {r['sync_s']:.1f} | {r['cpu_cores']:.2f} | "
+        f"{r['peak_queue_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['ratio']:.2f} | {note} |"
+    )
 
 
-HEADER = ("| writer / run | offered | saved | zero loss | MB/s to OS | fps | MB/s incl. sync | close + sync s "
-          "| CPU cores | peak queue MB | peak RSS MB | disk/raw | note |\n|" + "---|" * 13)
+HEADER = (
+    "| writer / run | offered | saved | zero loss | MB/s to OS | fps | MB/s incl. sync | close + sync s "
+    "| CPU cores | peak queue MB | peak RSS MB | disk/raw | note |\n|" + "---|" * 13
+)
 
 
 def main() -> None:
@@ -480,9 +528,12 @@ def _throughput(quick: bool, tmp: Path) -> None:
     def note_of(r: dict) -> str:
         return f"{r['wall_s']:.1f} s"
 
-    print(f"\nStore, {SHAPE[0]}x{SHAPE[1]} uint16 ({mb:.1f} MB/frame; 100 fps = {100 * mb:,.0f} MB/s); "
-          f"budget {BUDGET_MB:.0f} MB; zarr {md.version('zarr')}, tensorstore {md.version('tensorstore')}, "
-          f"ome-writers {md.version('ome-writers')}; {platform.machine()}, {os.cpu_count()} cores", flush=True)
+    print(
+        f"\nStore, {SHAPE[0]}x{SHAPE[1]} uint16 ({mb:.1f} MB/frame; 100 fps = {100 * mb:,.0f} MB/s); "
+        f"budget {BUDGET_MB:.0f} MB; zarr {md.version('zarr')}, tensorstore {md.version('tensorstore')}, "
+        f"ome-writers {md.version('ome-writers')}; {platform.machine()}, {os.cpu_count()} cores",
+        flush=True,
+    )
     dd = dd_ceiling(tmp, 1024 if quick else 2048)
     print(f"dd oflag=direct ceiling: {dd:,.0f} MB/s" if dd else "dd: not measured", flush=True)
     for cls in WRITERS.values():
@@ -499,10 +550,14 @@ def _throughput(quick: bool, tmp: Path) -> None:
     r = run_stream(LivescopeWriter, out, frames, seconds=paced_s / 2, fps=100.0, max_frames=10**9, compress=True)
     rows.append(_row("livescope: blosc zstd, offered at 100 fps", r, note_of(r)))
     print(rows[-1], flush=True)
-    r = run_stream(LivescopeWriter, out, frames, seconds=fast_s * 0.75, fps=None, max_frames=fast_n // 2,
-                   products=True)
-    rows.append(_row("livescope: raw + float32 product, as fast as it goes", r,
-                     f"{r['wall_s']:.1f} s; MB/s counts raw only, 3x bytes written"))
+    r = run_stream(LivescopeWriter, out, frames, seconds=fast_s * 0.75, fps=None, max_frames=fast_n // 2, products=True)
+    rows.append(
+        _row(
+            "livescope: raw + float32 product, as fast as it goes",
+            r,
+            f"{r['wall_s']:.1f} s; MB/s counts raw only, 3x bytes written",
+        )
+    )
     print(rows[-1], flush=True)
     print("\n" + HEADER)
     for row in rows:
@@ -510,10 +565,14 @@ def _throughput(quick: bool, tmp: Path) -> None:
 
 
 def _crash_table(tmp: Path, repeats: int) -> None:
-    print(f"\nkill -9 mid-stream, {repeats} kill(s) per writer (512x512 uint16 frames t = base + t, "
-          "killed 0-0.3 s after >= 100 frames were reported):\n")
-    print("| writer | reported saved | opens | shape t | intact frames | intact prefix | fill-value frames "
-          "| corrupt | reported but not intact | extra |")
+    print(
+        f"\nkill -9 mid-stream, {repeats} kill(s) per writer (512x512 uint16 frames t = base + t, "
+        "killed 0-0.3 s after >= 100 frames were reported):\n"
+    )
+    print(
+        "| writer | reported saved | opens | shape t | intact frames | intact prefix | fill-value frames "
+        "| corrupt | reported but not intact | extra |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     delays = np.random.default_rng(1).uniform(0.0, 0.3, repeats)
     for key, delay in [(k, d) for k in WRITERS for d in delays]:
@@ -523,10 +582,15 @@ def _crash_table(tmp: Path, repeats: int) -> None:
             continue
         extra = ""
         if key == "livescope":
-            extra = (f"records saved {r['records_saved']} (not intact: {r['records_saved_not_intact']}); "
-                     f"t after recover() {r['after_recover_t']}")
-        print(f"| {key} | {r['reported']} | {r['opens']} | {r['shape_t']} | {r['intact']} | {r['intact_prefix']} | "
-              f"{r['fill_frames']} | {r['corrupt']} | {r['reported_not_intact']} | {extra} |", flush=True)
+            extra = (
+                f"records saved {r['records_saved']} (not intact: {r['records_saved_not_intact']}); "
+                f"t after recover() {r['after_recover_t']}"
+            )
+        print(
+            f"| {key} | {r['reported']} | {r['opens']} | {r['shape_t']} | {r['intact']} | {r['intact_prefix']} | "
+            f"{r['fill_frames']} | {r['corrupt']} | {r['reported_not_intact']} | {extra} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -188,23 +188,29 @@ def main() -> None:
             p.unlink()
         os.rmdir(tmp)
 
-    print(f"\nTransport, uint16 frames, sender in its own process; median of {trials} trial(s); "
-          f"pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}, {platform.machine()}, {os.cpu_count()} cores\n")
+    print(
+        f"\nTransport, uint16 frames, sender in its own process; median of {trials} trial(s); "
+        f"pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}, {platform.machine()}, {os.cpu_count()} cores\n"
+    )
     print("| frame | path | raw pyzmq MB/s | raw fps | livescope MB/s | livescope fps | livescope / raw |")
     print("|---|---|---|---|---|---|---|")
     for (shape, kind), res in results.items():
         mb = shape[0] * shape[1] * 2 / 1e6
         raw = statistics.median(res["raw"])
         ls = statistics.median(res["livescope"])
-        print(f"| {shape[0]}x{shape[1]} | {kind} | {raw * mb:,.0f} | {raw:,.0f} | {ls * mb:,.0f} | {ls:,.0f} "
-              f"| {ls / raw:.2f} |")
+        print(
+            f"| {shape[0]}x{shape[1]} | {kind} | {raw * mb:,.0f} | {raw:,.0f} | {ls * mb:,.0f} | {ls:,.0f} "
+            f"| {ls / raw:.2f} |"
+        )
     for shape, fps in memcpy.items():
         mb = shape[0] * shape[1] * 2 / 1e6
         print(f"| {shape[0]}x{shape[1]} | memcpy (np.copyto) | {fps * mb:,.0f} | {fps:,.0f} | | | |")
     print("\nAll trials (frames/s):")
     for (shape, kind), res in results.items():
-        print(f"- {shape[0]}x{shape[1]} {kind}: raw {[round(x) for x in res['raw']]}, "
-              f"livescope {[round(x) for x in res['livescope']]}")
+        print(
+            f"- {shape[0]}x{shape[1]} {kind}: raw {[round(x) for x in res['raw']]}, "
+            f"livescope {[round(x) for x in res['livescope']]}"
+        )
 
 
 if __name__ == "__main__":

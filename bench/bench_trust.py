@@ -81,7 +81,7 @@ class W2S:
     def crop(self, rng: np.random.Generator) -> np.ndarray:
         s = self.scenes[rng.integers(len(self.scenes))]
         y, x = rng.integers(0, s.shape[0] - SHAPE[0]), rng.integers(0, s.shape[1] - SHAPE[1])
-        c = np.rot90(s[y:y + SHAPE[0], x:x + SHAPE[1]], rng.integers(4))
+        c = np.rot90(s[y : y + SHAPE[0], x : x + SHAPE[1]], rng.integers(4))
         return np.ascontiguousarray(c[:, ::-1] if rng.random() < 0.5 else c).astype(np.float32)
 
 
@@ -195,8 +195,9 @@ def _predictor(eng):
     loaded, norm = eng._loaded, eng._norm
 
     def predict(x):
-        y = run_tiled(loaded.runner.run, norm.forward(np.ascontiguousarray(x))[None],
-                      multiple=loaded.model.multiple, tile=0)
+        y = run_tiled(
+            loaded.runner.run, norm.forward(np.ascontiguousarray(x))[None], multiple=loaded.model.multiple, tile=0
+        )
         return norm.inverse(y)
 
     return predict
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         m = calibrate_stack(img)
         for y in range(0, 512 - 127, 64):
             for x in range(0, 512 - 127, 64):
-                c = img[y:y + 128, x:x + 128]
+                c = img[y : y + 128, x : x + 128]
                 for k in range(8):
                     o = np.rot90(c, k % 4)
                     real.append((np.ascontiguousarray(o[:, ::-1] if k >= 4 else o), m))
@@ -258,8 +259,9 @@ def main(argv: list[str] | None = None) -> None:
         real = real[::8]
     # held-out sim microscope frames: the kind of structure and camera the model was trained on
     sim_null = sim_frames(args.null // 4, seed=100)
-    null = [(camera(w2s.crop(rng), rng), CAMERA)
-            for _ in range(max(args.null - len(real) - len(sim_null), args.null // 4))]
+    null = [
+        (camera(w2s.crop(rng), rng), CAMERA) for _ in range(max(args.null - len(real) - len(sim_null), args.null // 4))
+    ]
     na = args.artefacts
     off = [(camera(w2s.crop(rng), rng, OFFSET + rng.choice([-1, 1]) * rng.uniform(10, 40)), CAMERA) for _ in range(na)]
     artefacts = {
@@ -269,8 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         "sharp test pattern (blur 0.3 px)": [(camera(test_pattern(rng, blur=0.3), rng), CAMERA) for _ in range(na)],
         "wrong offset (10-40 ADU)": off,
         "saturated (5-20 % clipped)": [(saturated(w2s.crop(rng), rng), CAMERA) for _ in range(na)],
-        "bright (20-60x W2S photons)": [(camera(w2s.crop(rng) * rng.uniform(20, 60), rng), CAMERA)
-                                        for _ in range(na)],
+        "bright (20-60x W2S photons)": [(camera(w2s.crop(rng) * rng.uniform(20, 60), rng), CAMERA) for _ in range(na)],
         "correlated noise (0.8 px)": [(correlated_noise(w2s.crop(rng), rng), CAMERA) for _ in range(na)],
         "EMCCD, undeclared (F^2 = 2)": [(emccd(w2s.crop(rng), rng), CAMERA) for _ in range(na)],
     }
@@ -296,10 +297,12 @@ def main(argv: list[str] | None = None) -> None:
     dart = {}
     base = dec_null(3 * na)
     dart["PSF too wide (x1.3-2)"] = [(f, m, s * float(rng.uniform(1.3, 2.0)), o) for f, m, s, o in base[:na]]
-    dart["PSF too narrow (x0.5-0.75)"] = [(f, m, s * float(rng.uniform(0.5, 0.75)), o)
-                                          for f, m, s, o in base[na:2 * na]]
-    dart["wrong offset (+-10-40 ADU)"] = [(f, m, s, o + float(rng.choice([-1, 1]) * rng.uniform(10, 40)))
-                                          for f, m, s, o in base[2 * na:]]
+    dart["PSF too narrow (x0.5-0.75)"] = [
+        (f, m, s * float(rng.uniform(0.5, 0.75)), o) for f, m, s, o in base[na : 2 * na]
+    ]
+    dart["wrong offset (+-10-40 ADU)"] = [
+        (f, m, s, o + float(rng.choice([-1, 1]) * rng.uniform(10, 40))) for f, m, s, o in base[2 * na :]
+    ]
     d_null = run_deconvolve(dnull, timings)
     d_art = {k: run_deconvolve(v, timings) for k, v in dart.items()}
 
@@ -309,47 +312,63 @@ def main(argv: list[str] | None = None) -> None:
     def threshold(scores, src):
         """1 % quantile of a random half; false alarms on the other half, per source."""
         idx = split.permutation(scores.size)
-        derive, held = idx[: scores.size // 2], idx[scores.size // 2:]
+        derive, held = idx[: scores.size // 2], idx[scores.size // 2 :]
         th = float(np.floor(np.quantile(scores[derive], 0.01) * 100) / 100)
-        far = {s_: (float(np.mean(scores[held][src[held] == s_] < th)), int(np.sum(src[held] == s_)))
-               for s_ in np.unique(src)}
+        far = {
+            s_: (float(np.mean(scores[held][src[held] == s_] < th)), int(np.sum(src[held] == s_)))
+            for s_ in np.unique(src)
+        }
         return th, far
 
     th_d, far_d = threshold(r_null["score"], source)
     th_t, far_t = threshold(r_null["tta"], source)
     th_f, far_f = threshold(r_null["features"], source)
     th_c, far_c = threshold(d_null["score"], dsource)
-    print(f"# Trust scores ({platform.machine()}, {SHAPE[0]}x{SHAPE[1]} frames, "
-          f"{time.perf_counter() - t_start:.0f} s)\n")
+    print(
+        f"# Trust scores ({platform.machine()}, {SHAPE[0]}x{SHAPE[1]} frames, {time.perf_counter() - t_start:.0f} s)\n"
+    )
     print("## Thresholds (1 % quantile of a random half of the null frames) and false alarms on the other half\n")
     print("| check | null frames | threshold | false alarms (held-out half, per source) |")
     print("|---|---|---|---|")
-    for name, r, th, far in (("denoise residual", r_null["score"], th_d, far_d), ("tta", r_null["tta"], th_t, far_t),
-                             ("features", r_null["features"], th_f, far_f),
-                             ("deconvolve re-blur", d_null["score"], th_c, far_c)):
+    for name, r, th, far in (
+        ("denoise residual", r_null["score"], th_d, far_d),
+        ("tta", r_null["tta"], th_t, far_t),
+        ("features", r_null["features"], th_f, far_f),
+        ("deconvolve re-blur", d_null["score"], th_c, far_c),
+    ):
         rates = "; ".join(f"{k}: {v:.1%} of {n}" for k, (v, n) in far.items())
         print(f"| {name} | {r.size} | {th:.2f} | {rates} |")
-    for name, r in (("denoise residual", r_null["score"]), ("tta", r_null["tta"]),
-                    ("features", r_null["features"]), ("deconvolve re-blur", d_null["score"])):
+    for name, r in (
+        ("denoise residual", r_null["score"]),
+        ("tta", r_null["tta"]),
+        ("features", r_null["features"]),
+        ("deconvolve re-blur", d_null["score"]),
+    ):
         q = np.quantile(r, [0.001, 0.01, 0.05, 0.5])
         print(f"\n{name}: null quantiles 0.1/1/5/50 %: " + ", ".join(f"{v:.3f}" for v in q), end="")
     print()
     print(f"\nengine defaults now: {T.THRESHOLDS}\n")
 
     print("## Separating artefact frames from good ones (ROC AUC; detected = below the threshold)\n")
-    print("| product | artefact | frames | residual/re-blur AUC | tta AUC | features AUC | baseline AUC (residual "
-          "variance alone) | detected (residual) | detected (tta) | detected (features) | detected (any) |")
+    print(
+        "| product | artefact | frames | residual/re-blur AUC | tta AUC | features AUC | baseline AUC (residual "
+        "variance alone) | detected (residual) | detected (tta) | detected (features) | detected (any) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for k, r in r_art.items():
         either = np.mean((r["score"] < th_d) | (r["tta"] < th_t) | (r["features"] < th_f))
-        print(f"| denoised | {k} | {r['score'].size} | {auc(r['score'], r_null['score']):.3f} | "
-              f"{auc(r['tta'], r_null['tta']):.3f} | {auc(r['features'], r_null['features']):.3f} | "
-              f"{auc(r['base'], r_null['base']):.3f} | "
-              f"{np.mean(r['score'] < th_d):.0%} | {np.mean(r['tta'] < th_t):.0%} | "
-              f"{np.mean(r['features'] < th_f):.0%} | {either:.0%} |")
+        print(
+            f"| denoised | {k} | {r['score'].size} | {auc(r['score'], r_null['score']):.3f} | "
+            f"{auc(r['tta'], r_null['tta']):.3f} | {auc(r['features'], r_null['features']):.3f} | "
+            f"{auc(r['base'], r_null['base']):.3f} | "
+            f"{np.mean(r['score'] < th_d):.0%} | {np.mean(r['tta'] < th_t):.0%} | "
+            f"{np.mean(r['features'] < th_f):.0%} | {either:.0%} |"
+        )
     for k, r in d_art.items():
-        print(f"| deconvolved | {k} | {r['score'].size} | {auc(r['score'], d_null['score']):.3f} | | | "
-              f"{auc(r['base'], d_null['base']):.3f} | {np.mean(r['score'] < th_c):.0%} | | | |")
+        print(
+            f"| deconvolved | {k} | {r['score'].size} | {auc(r['score'], d_null['score']):.3f} | | | "
+            f"{auc(r['base'], d_null['base']):.3f} | {np.mean(r['score'] < th_c):.0%} | | | |"
+        )
 
     print("\n## Cost per 128x128 frame (median ms)\n")
     print("| step | ms |\n|---|---|")
@@ -358,14 +377,16 @@ def main(argv: list[str] | None = None) -> None:
     # the checks alone at 512x512
     big = camera(np.tile(w2s.crop(rng), (4, 4)), rng)
     den = ndimage.gaussian_filter(big.astype(np.float32), 1.5)
-    psf = np.outer(*(2 * [np.exp(-np.arange(-6, 7) ** 2 / (2 * 1.6**2))]))
+    psf = np.outer(*(2 * [np.exp(-(np.arange(-6, 7) ** 2) / (2 * 1.6**2))]))
     stab = CAMERA.stabilise(big.astype(np.float32))
     from livescope.engines import modelfile
 
     tstats = modelfile.load().training_features
-    for name, fn in (("residual check, 512x512", lambda: T.score_denoised(big, den, CAMERA)),
-                     ("feature check, 512x512", lambda: T.feature_trust(stab, tstats, low=float(stab.min()))),
-                     ("re-blur check, 512x512", lambda: T.score_deconvolved(big, den, psf, CAMERA, offset=OFFSET))):
+    for name, fn in (
+        ("residual check, 512x512", lambda: T.score_denoised(big, den, CAMERA)),
+        ("feature check, 512x512", lambda: T.feature_trust(stab, tstats, low=float(stab.min()))),
+        ("re-blur check, 512x512", lambda: T.score_deconvolved(big, den, psf, CAMERA, offset=OFFSET)),
+    ):
         ts = []
         for _ in range(7):
             t0 = time.perf_counter()

@@ -35,8 +35,11 @@ def _xvfb() -> subprocess.Popen | None:
     if shutil.which("Xvfb") is None:
         sys.exit("no DISPLAY and no Xvfb: apt-get install xvfb")
     n = next(n for n in range(120, 200) if not Path(f"/tmp/.X11-unix/X{n}").exists())
-    proc = subprocess.Popen(["Xvfb", f":{n}", "-screen", "0", "1600x1000x24", "-nolisten", "tcp"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["Xvfb", f":{n}", "-screen", "0", "1600x1000x24", "-nolisten", "tcp"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(100):
         if Path(f"/tmp/.X11-unix/X{n}").exists():
             break
@@ -127,8 +130,19 @@ def bench_redraws(n: int) -> list[tuple[str, float, float]]:
         seq = 0
         while not stop.is_set():
             for name, arr in sets[seq % len(sets)].items():
-                pub.send({"v": 1, "stream": "b", "seq": seq, "product": name, "index": {"t": seq},
-                          "shape": list(arr.shape), "dtype": arr.dtype.name, "bits": 12}, arr)
+                pub.send(
+                    {
+                        "v": 1,
+                        "stream": "b",
+                        "seq": seq,
+                        "product": name,
+                        "index": {"t": seq},
+                        "shape": list(arr.shape),
+                        "dtype": arr.dtype.name,
+                        "bits": 12,
+                    },
+                    arr,
+                )
             seq += 1
             time.sleep(1 / 60)
 
@@ -144,8 +158,13 @@ def bench_redraws(n: int) -> list[tuple[str, float, float]]:
     rate = (viewer.redraws - r0) / (time.perf_counter() - t0)
     stop.set()
     th.join()
-    rows.append(("livescope end to end: 60 Hz previews over ZeroMQ, frame sets drawn by the 30 Hz timer", rate,
-                 1000 / rate if rate else float("nan")))
+    rows.append(
+        (
+            "livescope end to end: 60 Hz previews over ZeroMQ, frame sets drawn by the 30 Hz timer",
+            rate,
+            1000 / rate if rate else float("nan"),
+        )
+    )
     viewer.close()
     pub.close()
     return rows
@@ -170,15 +189,46 @@ def _run_daemon(frames: int, with_viewer: bool, tmp: str) -> dict[str, float]:
     from livescope.bridges.transport import free_tcp_address
 
     ingest, publish, control = free_tcp_address(), free_tcp_address(), free_tcp_address()
-    cmd = [sys.executable, "-m", "livescope", "daemon", "--source", "sim", "--frames", str(frames),
-           "--sim-size", "512", "--sim-interval", "0.05", "--engines", "register", "--ingest", ingest,
-           "--publish", publish, "--control", control]
+    cmd = [
+        sys.executable,
+        "-m",
+        "livescope",
+        "daemon",
+        "--source",
+        "sim",
+        "--frames",
+        str(frames),
+        "--sim-size",
+        "512",
+        "--sim-interval",
+        "0.05",
+        "--engines",
+        "register",
+        "--ingest",
+        ingest,
+        "--publish",
+        publish,
+        "--control",
+        control,
+    ]
     daemon = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     viewer = None
     if with_viewer:
-        viewer = subprocess.Popen([sys.executable, "-m", "livescope.ui.viewer", "--connect", publish, "--control",
-                                   control, "--settings", os.path.join(tmp, "d.ini")],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        viewer = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "livescope.ui.viewer",
+                "--connect",
+                publish,
+                "--control",
+                control,
+                "--settings",
+                os.path.join(tmp, "d.ini"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     _, status, usage = os.wait4(daemon.pid, 0)
     out = daemon.stdout.read()
     daemon.returncode = os.waitstatus_to_exitcode(status)
@@ -203,8 +253,10 @@ def main() -> None:
         for name, rate, ms in rows:
             print(f"| {name} | {rate:.1f} | {ms:.1f} |")
         with tempfile.TemporaryDirectory() as tmp:
-            print("\n| daemon: sim 512x512 at 20 fps, register | frames received | lost | daemon CPU ms/frame |"
-                  "\n|---|---|---|---|")
+            print(
+                "\n| daemon: sim 512x512 at 20 fps, register | frames received | lost | daemon CPU ms/frame |"
+                "\n|---|---|---|---|"
+            )
             for with_viewer in (False, True, False, True):
                 r = _run_daemon(a.frames, with_viewer, tmp)
                 label = "with a viewer attached" if with_viewer else "no viewer"

@@ -29,9 +29,29 @@ def soak(seconds: float, engines: str, out: str, interval: float = 0.05, size: i
     from livescope.bridges.transport import free_tcp_address
 
     frames = int(seconds / interval)
-    cmd = [sys.executable, "-m", "livescope", "daemon", "--source", "sim", "--frames", str(frames),
-           "--sim-size", str(size), "--sim-interval", str(interval), "--out", out, "--overwrite",
-           "--ingest", free_tcp_address(), "--publish", free_tcp_address(), "--control", free_tcp_address()]
+    cmd = [
+        sys.executable,
+        "-m",
+        "livescope",
+        "daemon",
+        "--source",
+        "sim",
+        "--frames",
+        str(frames),
+        "--sim-size",
+        str(size),
+        "--sim-interval",
+        str(interval),
+        "--out",
+        out,
+        "--overwrite",
+        "--ingest",
+        free_tcp_address(),
+        "--publish",
+        free_tcp_address(),
+        "--control",
+        free_tcp_address(),
+    ]
     if engines:
         cmd += ["--engines", engines]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -83,10 +103,12 @@ def main() -> None:
     args = ap.parse_args()
     samples = soak(args.seconds, args.engines, args.out)
     warm = min(20.0, args.seconds / 4)
-    print(f"RSS: start {samples[0][1]:.0f} MB, after warm-up {samples[int(len(samples) / 4)][1]:.0f} MB, "
-          f"end {samples[-1][1]:.0f} MB, max {max(s[1] for s in samples):.0f} MB; slope after {warm:.0f} s: "
-          f"{slope_mb_per_min(samples, warm):+.2f} MB/min least squares, "
-          f"{robust_slope_mb_per_min(samples, warm):+.2f} MB/min Theil-Sen")
+    print(
+        f"RSS: start {samples[0][1]:.0f} MB, after warm-up {samples[int(len(samples) / 4)][1]:.0f} MB, "
+        f"end {samples[-1][1]:.0f} MB, max {max(s[1] for s in samples):.0f} MB; slope after {warm:.0f} s: "
+        f"{slope_mb_per_min(samples, warm):+.2f} MB/min least squares, "
+        f"{robust_slope_mb_per_min(samples, warm):+.2f} MB/min Theil-Sen"
+    )
     if args.csv:
         Path(args.csv).write_text("seconds,rss_mb\n" + "".join(f"{t:.1f},{r:.1f}\n" for t, r in samples))
 

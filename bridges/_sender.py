@@ -31,8 +31,21 @@ __all__ = ["QueuedSender"]
 log = logging.getLogger(__name__)
 
 # optional header fields, least needed first: the order in which a refused header is pared down
-DROP_ORDER = ("meta", "sender", "camera", "pixel_size_affine", "binning", "interval_s", "z_step_um",
-              "pixel_size_um", "bits", "channel", "time", "sizes", "index")
+DROP_ORDER = (
+    "meta",
+    "sender",
+    "camera",
+    "pixel_size_affine",
+    "binning",
+    "interval_s",
+    "z_step_um",
+    "pixel_size_um",
+    "bits",
+    "channel",
+    "time",
+    "sizes",
+    "index",
+)
 
 
 class _End:
@@ -46,8 +59,16 @@ class _End:
 
 
 class QueuedSender:
-    def __init__(self, publisher: FramePublisher, *, buffer_frames: int = 256, end_on_close: bool = True,
-                 name: str = "livescope-sender", validate: bool = False, report_counts: bool = False) -> None:
+    def __init__(
+        self,
+        publisher: FramePublisher,
+        *,
+        buffer_frames: int = 256,
+        end_on_close: bool = True,
+        name: str = "livescope-sender",
+        validate: bool = False,
+        report_counts: bool = False,
+    ) -> None:
         self.publisher = publisher
         self.end_on_close = end_on_close
         self.validate = validate
@@ -83,8 +104,11 @@ class QueuedSender:
         if room:
             self._queue.put((seq, payload))
         else:
-            self._lost("queue_full", "the send queue is full (the daemon is slow or away): frames are "
-                       "dropped and reach the daemon as lost; a larger buffer_frames absorbs longer stalls")
+            self._lost(
+                "queue_full",
+                "the send queue is full (the daemon is slow or away): frames are "
+                "dropped and reach the daemon as lost; a larger buffer_frames absorbs longer stalls",
+            )
 
     def end(self, *, send: bool = True, report: Callable[[], None] | None = None) -> None:
         """Queue the end-of-stream marker: sent after every frame queued before it (``send=False``:
@@ -103,8 +127,14 @@ class QueuedSender:
             first = cause not in self._warned
             self._warned.add(cause)
         if first:
-            log.warning("stream %r: %s%s (logged once; counted in stats()['causes'][%r])", self.publisher.stream,
-                        cause, f": {detail}" if detail else "", cause, exc_info=exc_info)
+            log.warning(
+                "stream %r: %s%s (logged once; counted in stats()['causes'][%r])",
+                self.publisher.stream,
+                cause,
+                f": {detail}" if detail else "",
+                cause,
+                exc_info=exc_info,
+            )
 
     def _lost(self, cause: str, detail: str = "", *, exc_info: Any = None) -> None:
         with self._lock:
@@ -138,8 +168,11 @@ class QueuedSender:
                 except Exception as exc:  # one bad frame must not stop the stream
                     self._lost(f"unsendable:{type(exc).__name__}", str(exc)[:200], exc_info=True)
         finally:
-            linger = 0.0 if self._abandoned or self._close_deadline is None else \
-                max(0.0, self._close_deadline - time.monotonic())
+            linger = (
+                0.0
+                if self._abandoned or self._close_deadline is None
+                else max(0.0, self._close_deadline - time.monotonic())
+            )
             self.publisher.close(linger_s=linger)
 
     def _send_frame(self, seq: int, payload: tuple[Any, ...]) -> None:
@@ -168,8 +201,11 @@ class QueuedSender:
             with self._lock:
                 self.sent += 1
         else:
-            self._lost("not_delivered", "the daemon did not take the frame in time (not running, wrong "
-                       "address, or stalled): it reaches the daemon as lost")
+            self._lost(
+                "not_delivered",
+                "the daemon did not take the frame in time (not running, wrong "
+                "address, or stalled): it reaches the daemon as lost",
+            )
 
     def _valid_header(self, image: np.ndarray, header: dict[str, Any], seq: int) -> dict[str, Any]:
         """``header`` if the daemon would take it, else the header without the field it refuses

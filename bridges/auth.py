@@ -133,7 +133,7 @@ def restrict_ipc(address: str) -> None:
     """Owner-only permissions on a bound ipc socket file (POSIX)."""
     if address.startswith("ipc://") and sys.platform != "win32":
         try:
-            os.chmod(address[len("ipc://"):], 0o600)
+            os.chmod(address[len("ipc://") :], 0o600)
         except OSError:
             pass
 
@@ -175,8 +175,9 @@ def _make_pair(folder: Path, name: str, overwrite: bool) -> tuple[Path, Path]:
 
     public, secret = folder / f"{name}.key", folder / f"{name}.key_secret"
     if secret.exists() and not overwrite:
-        raise FileExistsError(f"{secret} exists; keep it, or replace it with --force (clients holding the old "
-                              "key will be refused)")
+        raise FileExistsError(
+            f"{secret} exists; keep it, or replace it with --force (clients holding the old key will be refused)"
+        )
     for path in (public, secret):
         path.unlink(missing_ok=True)
     public_s, secret_s = zmq.auth.create_certificates(str(folder), name)
@@ -193,8 +194,14 @@ def init_keys(folder: str | os.PathLike | None = None, *, overwrite: bool = Fals
     client_public, client_secret = _make_pair(folder, CLIENT, overwrite)
     allowed = _private_dir(folder / ALLOWED)
     shutil.copyfile(client_public, allowed / client_public.name)
-    return {"folder": folder, "server_public": server_public, "server_secret": server_secret,
-            "client_public": client_public, "client_secret": client_secret, "allowed": allowed}
+    return {
+        "folder": folder,
+        "server_public": server_public,
+        "server_secret": server_secret,
+        "client_public": client_public,
+        "client_secret": client_secret,
+        "allowed": allowed,
+    }
 
 
 def make_client_keys(folder: str | os.PathLike | None = None, *, overwrite: bool = False) -> tuple[Path, Path]:
@@ -202,8 +209,9 @@ def make_client_keys(folder: str | os.PathLike | None = None, *, overwrite: bool
     return _make_pair(_private_dir(_keys_dir(folder)), CLIENT, overwrite)
 
 
-def allow_client(public_key_file: str | os.PathLike, folder: str | os.PathLike | None = None,
-                 name: str | None = None) -> Path:
+def allow_client(
+    public_key_file: str | os.PathLike, folder: str | os.PathLike | None = None, name: str | None = None
+) -> Path:
     """Copy a client's public key into the allow-list of the keys in ``folder``."""
     import zmq.auth
 
@@ -213,8 +221,10 @@ def allow_client(public_key_file: str | os.PathLike, folder: str | os.PathLike |
     except (OSError, ValueError) as exc:
         raise ValueError(f"{src} is not a ZeroMQ public key file: {exc}") from None
     if secret is not None:
-        raise ValueError(f"{src} holds a SECRET key: give the client's public key file (the .key, not "
-                         ".key_secret); a secret key never leaves its machine")
+        raise ValueError(
+            f"{src} holds a SECRET key: give the client's public key file (the .key, not "
+            ".key_secret); a secret key never leaves its machine"
+        )
     allowed = _private_dir((_keys_dir(folder)) / ALLOWED)
     dest = allowed / f"{name or src.stem}.key"
     if dest.exists() and dest.read_bytes() != src.read_bytes():
@@ -231,7 +241,8 @@ def _load_pair(folder: Path, name: str, what: str) -> tuple[bytes, bytes]:
         raise CurveKeysMissing(
             f"no CURVE {what} key at {path}. Make the keys with `livescope keys init` (or `livescope keys init "
             f"--dir {folder}`), then on each client machine use the client key pair and the server's public key "
-            "(docs/reliability.md#curve)")
+            "(docs/reliability.md#curve)"
+        )
     public, secret = zmq.auth.load_certificate(path)
     if secret is None:
         raise CurveKeysMissing(f"{path} holds no secret key; recreate the keys with `livescope keys init --force`")
@@ -291,7 +302,8 @@ class CurveServer:
         if not allowed.is_dir() or not any(allowed.glob("*.key")):
             raise CurveKeysMissing(
                 f"no client keys allowed in {allowed}: nobody could connect. Allow one with `livescope keys allow "
-                f"CLIENT.key --dir {self.folder}` (or make a fresh set with `livescope keys init`)")
+                f"CLIENT.key --dir {self.folder}` (or make a fresh set with `livescope keys init`)"
+            )
         self.allow_list = _AllowList(allowed)
         self.context = zmq.Context()
         self._auth = ThreadAuthenticator(self.context, log=logging.getLogger(__name__ + ".zap"))
@@ -349,17 +361,21 @@ class CurveClient:
         try:
             self.server_key = zmq.auth.load_certificate(server_public_file)[0]
         except OSError:
-            raise CurveKeysMissing(f"no server public key at {server_public_file}: copy the daemon's server.key "
-                                   "there (it is public; the daemon's keys folder has it)") from None
+            raise CurveKeysMissing(
+                f"no server public key at {server_public_file}: copy the daemon's server.key "
+                "there (it is public; the daemon's keys folder has it)"
+            ) from None
 
     @classmethod
     def from_dir(cls, folder: str | os.PathLike | None = None) -> CurveClient:
         folder = _keys_dir(folder)
         secret = folder / f"{CLIENT}.key_secret"
         if not secret.exists():
-            raise CurveKeysMissing(f"no CURVE client key at {secret}: make one with `livescope keys client --dir "
-                                   f"{folder}` and allow its .key on the daemon's PC (`livescope keys allow`), or "
-                                   "use the keys `livescope keys init` made")
+            raise CurveKeysMissing(
+                f"no CURVE client key at {secret}: make one with `livescope keys client --dir "
+                f"{folder}` and allow its .key on the daemon's PC (`livescope keys allow`), or "
+                "use the keys `livescope keys init` made"
+            )
         return cls(secret, folder / f"{SERVER}.key")
 
     def secure(self, sock: zmq.Socket) -> None:

@@ -32,9 +32,17 @@ log = logging.getLogger(__name__)
 class EventFollower:
     """Fetch the daemon's events in order and call ``callback(event)`` for each, on a thread."""
 
-    def __init__(self, control: str, callback: Callable[[dict[str, Any]], None], *, poll_s: float = 0.005,
-                 after: int = 0, kinds: set[str] | None = None, context: zmq.Context | None = None,
-                 curve: Any = None) -> None:
+    def __init__(
+        self,
+        control: str,
+        callback: Callable[[dict[str, Any]], None],
+        *,
+        poll_s: float = 0.005,
+        after: int = 0,
+        kinds: set[str] | None = None,
+        context: zmq.Context | None = None,
+        curve: Any = None,
+    ) -> None:
         self.control = control
         self.curve = curve  # a livescope.bridges.auth.CurveClient for a daemon that runs CURVE
         self.callback = callback
@@ -98,8 +106,16 @@ class AdaptiveTimelapse:
     first fast frame, the id and seq of the livescope event that switched it.
     """
 
-    def __init__(self, *, slow_s: float, fast_s: float, quiet_s: float, frames: int,
-                 channel: str | None = None, kinds: set[str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        slow_s: float,
+        fast_s: float,
+        quiet_s: float,
+        frames: int,
+        channel: str | None = None,
+        kinds: set[str] | None = None,
+    ) -> None:
         if not 0 < fast_s <= slow_s:
             raise ValueError("need 0 < fast_s <= slow_s")
         self.slow_s, self.fast_s, self.quiet_s = slow_s, fast_s, quiet_s
@@ -122,8 +138,11 @@ class AdaptiveTimelapse:
             self.received_events += 1
             self._last_event = time.monotonic()
             if self.mode == "slow":
-                self._pending_trigger = {"event_id": event.get("id"), "seq": event.get("seq"),
-                                         "received": time.monotonic()}
+                self._pending_trigger = {
+                    "event_id": event.get("id"),
+                    "seq": event.get("seq"),
+                    "received": time.monotonic(),
+                }
         self._wake.set()  # cut the current slow wait short
 
     def stop(self) -> None:

@@ -16,19 +16,58 @@ import logging
 import math
 from typing import Any
 
-__all__ = ["SAMPLING_KEYS", "check_sampling", "ome_zarr_channel_names", "ome_zarr_image", "tiff_channel_names",
-           "tiff_info", "to_um", "zarr_attrs"]
+__all__ = [
+    "SAMPLING_KEYS",
+    "check_sampling",
+    "ome_zarr_channel_names",
+    "ome_zarr_image",
+    "tiff_channel_names",
+    "tiff_info",
+    "to_um",
+    "zarr_attrs",
+]
 
 log = logging.getLogger(__name__)
 
-_UM_PER = {"um": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0, "micrometre": 1.0,
-           "nm": 1e-3, "nanometer": 1e-3, "nanometre": 1e-3, "mm": 1e3, "millimeter": 1e3, "millimetre": 1e3,
-           "cm": 1e4, "centimeter": 1e4, "m": 1e6, "meter": 1e6, "metre": 1e6, "pm": 1e-6, "picometer": 1e-6,
-           "angstrom": 1e-4, "\u00e5": 1e-4}
+_UM_PER = {
+    "um": 1.0,
+    "micron": 1.0,
+    "microns": 1.0,
+    "micrometer": 1.0,
+    "micrometre": 1.0,
+    "nm": 1e-3,
+    "nanometer": 1e-3,
+    "nanometre": 1e-3,
+    "mm": 1e3,
+    "millimeter": 1e3,
+    "millimetre": 1e3,
+    "cm": 1e4,
+    "centimeter": 1e4,
+    "m": 1e6,
+    "meter": 1e6,
+    "metre": 1e6,
+    "pm": 1e-6,
+    "picometer": 1e-6,
+    "angstrom": 1e-4,
+    "\u00e5": 1e-4,
+}
 # ImageJ's tunit and OME's TimeIncrementUnit ("s", "ms") and NGFF's names ("second", "millisecond")
-_S_PER = {"s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0, "ms": 1e-3, "millisecond": 1e-3,
-          "us": 1e-6, "microsecond": 1e-6, "ns": 1e-9, "nanosecond": 1e-9, "min": 60.0, "minute": 60.0,
-          "h": 3600.0, "hour": 3600.0}
+_S_PER = {
+    "s": 1.0,
+    "sec": 1.0,
+    "second": 1.0,
+    "seconds": 1.0,
+    "ms": 1e-3,
+    "millisecond": 1e-3,
+    "us": 1e-6,
+    "microsecond": 1e-6,
+    "ns": 1e-9,
+    "nanosecond": 1e-9,
+    "min": 60.0,
+    "minute": 60.0,
+    "h": 3600.0,
+    "hour": 3600.0,
+}
 SAMPLING_KEYS = ("pixel_size_um", "z_step_um", "interval_s")
 
 
@@ -212,11 +251,16 @@ def ome_zarr_image(folder: Any) -> tuple[Any, list[str], str, dict[str, float]]:
         if tr.get("type") != "scale" or "scale" not in tr:
             continue
         if len(tr["scale"]) != len(axes):
-            raise ValueError(f"{d}: a scale transformation has {len(tr['scale'])} values for {len(axes)} axes "
-                             f"({', '.join(axes)}); give one value per axis in its multiscales metadata")
+            raise ValueError(
+                f"{d}: a scale transformation has {len(tr['scale'])} values for {len(axes)} axes "
+                f"({', '.join(axes)}); give one value per axis in its multiscales metadata"
+            )
         sc = dict(zip(axes, tr["scale"], strict=True))  # a multiscale-wide scale multiplies the dataset's
-        for key, ax, convert in (("pixel_size_um", "x", to_um), ("z_step_um", "z", to_um),
-                                 ("interval_s", "t", _seconds)):
+        for key, ax, convert in (
+            ("pixel_size_um", "x", to_um),
+            ("z_step_um", "z", to_um),
+            ("interval_s", "t", _seconds),
+        ):
             if ax in sc and units.get(ax):
                 v = _positive(convert(float(sc[ax]), units[ax]))
                 if v is not None:

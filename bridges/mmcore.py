@@ -151,6 +151,7 @@ def _positive(value: Any) -> float | None:
 
 # -- one MDA run: its layout, read once at sequenceStarted ---------------------------------
 
+
 @dataclasses.dataclass
 class _Run:
     """What every frame of one acquisition shares. ``position`` folds useq's grid axis into the
@@ -217,17 +218,25 @@ def _layout(sequence: Any) -> tuple[dict[str, int], int, dict | None, bool]:
 
 # -- one stream: its own publisher, queue and sender thread ---------------------------------
 
+
 class _Lane(QueuedSender):
     """The queue and sender of one stream; a payload is (image, header builder, *args), the
     header built on the sender thread."""
 
     def __init__(self, publisher: FramePublisher, *, buffer_frames: int) -> None:
-        super().__init__(publisher, buffer_frames=buffer_frames, end_on_close=False,
-                         name=f"livescope-mmcore-{publisher.stream}", validate=True, report_counts=True)
+        super().__init__(
+            publisher,
+            buffer_frames=buffer_frames,
+            end_on_close=False,
+            name=f"livescope-mmcore-{publisher.stream}",
+            validate=True,
+            report_counts=True,
+        )
         self.mark: tuple[int, int, int, Counter[str]] = (0, 0, 0, Counter())  # counts at the last report
 
-    def _frame(self, image: np.ndarray, build: Callable[..., dict[str, Any]], *args: Any
-               ) -> tuple[np.ndarray, dict[str, Any]]:
+    def _frame(
+        self, image: np.ndarray, build: Callable[..., dict[str, Any]], *args: Any
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         try:
             header = build(self, *args)
         except Exception as exc:  # a header we cannot build: the frame goes with a bare one
@@ -262,8 +271,10 @@ class MMCoreBridge:
         if curve is not None and shm:
             raise ValueError("shm=True and curve: shared memory is same-host only; use one or the other")
         if cameras not in CAMERA_MODES:
-            raise ValueError(f"cameras={cameras!r}: use 'streams' (one stream per camera of a Multi Camera "
-                             "device) or 'channels' (the cameras as channels of one stream)")
+            raise ValueError(
+                f"cameras={cameras!r}: use 'streams' (one stream per camera of a Multi Camera "
+                "device) or 'channels' (the cameras as channels of one stream)"
+            )
         if not live_hz > 0:
             raise ValueError(f"live_hz={live_hz!r}: how often live mode is polled, in Hz (e.g. 30)")
         self.core = core
@@ -296,9 +307,11 @@ class MMCoreBridge:
         if live:
             ev = core.events
             self._slots += [(ev.imageSnapped, self._on_snap)]
-            self._slots += [(getattr(ev, name), self._wake_live) for name in
-                            ("continuousSequenceAcquisitionStarted", "sequenceAcquisitionStarted")
-                            if hasattr(ev, name)]
+            self._slots += [
+                (getattr(ev, name), self._wake_live)
+                for name in ("continuousSequenceAcquisitionStarted", "sequenceAcquisitionStarted")
+                if hasattr(ev, name)
+            ]
             self._live_thread = threading.Thread(target=self._live_loop, name="livescope-mmcore-live", daemon=True)
             self._live_thread.start()
         for signal, slot in self._slots:
@@ -307,8 +320,9 @@ class MMCoreBridge:
     # -- streams ---------------------------------------------------------------------------
     def _publisher(self, stream: str) -> FramePublisher:
         if self._shm is False or self._curve is not None:  # curve: a livescope.bridges.auth.CurveClient
-            return FramePublisher(self.address, stream=stream, block=True, send_timeout_ms=2000, hwm=16,
-                                  curve=self._curve)
+            return FramePublisher(
+                self.address, stream=stream, block=True, send_timeout_ms=2000, hwm=16, curve=self._curve
+            )
         from .shm import make_publisher  # same-host shared memory (None: when the address is on this machine)
 
         return make_publisher(self.address, stream, shm=self._shm, block=True, send_timeout_ms=2000, hwm=16)
@@ -355,8 +369,12 @@ class MMCoreBridge:
         try:
             self._run = self._new_run(sequence, acquisition)
         except Exception:
-            self._warn_once("layout", "could not read the layout of acquisition %d: its frames go without sizes",
-                            acquisition, exc_info=True)
+            self._warn_once(
+                "layout",
+                "could not read the layout of acquisition %d: its frames go without sizes",
+                acquisition,
+                exc_info=True,
+            )
             self._run = _Run(acquisition, positions={}, dynamic=True)
 
     def _new_run(self, sequence: Any, acquisition: int) -> _Run:
@@ -380,8 +398,13 @@ class MMCoreBridge:
             drops: list[tuple[str, str]] = []
             plan = json_safe(sequence.model_dump(mode="json", exclude_unset=True), drops, "meta.sequence")
             if len(json.dumps(plan)) > MAX_PLAN_BYTES:  # thousands of positions: not in a frame header
-                self._warn_once("plan", "acquisition %d: the sequence is too large to go with its first frame "
-                                "(over %d bytes of JSON); its frames go without it", acquisition, MAX_PLAN_BYTES)
+                self._warn_once(
+                    "plan",
+                    "acquisition %d: the sequence is too large to go with its first frame "
+                    "(over %d bytes of JSON); its frames go without it",
+                    acquisition,
+                    MAX_PLAN_BYTES,
+                )
                 plan = None
         return _Run(acquisition, sizes, info, tiles, positions, dynamic, n_cams, cam_names, plan)
 
@@ -438,8 +461,13 @@ class MMCoreBridge:
                 try:
                     lane = self._lane(f"{self.stream}/{name}")
                 except Exception:
-                    self._warn_once("camera-stream", "no stream for camera %r: its frames go to %r",
-                                    name, self.stream, exc_info=True)
+                    self._warn_once(
+                        "camera-stream",
+                        "no stream for camera %r: its frames go to %r",
+                        name,
+                        self.stream,
+                        exc_info=True,
+                    )
             if lane.publisher.stream not in run.lanes:
                 run.lanes[lane.publisher.stream] = lane
             lane.enqueue(image, self._mda_header, event, meta, run)
@@ -462,12 +490,26 @@ class MMCoreBridge:
         new = {k: v - c0.get(k, 0) for k, v in causes.items() if v > c0.get(k, 0)}
         n_sent, n_dropped, n_meta = sent - s0, dropped - d0, meta_dropped - m0
         if n_sent == 0 and n_dropped:
-            log.warning("stream %r %s: none of its %d frames reached the daemon at %s: is `livescope daemon` "
-                        "running with --ingest %s? (%s)", lane.publisher.stream, what, n_dropped, self.address,
-                        self.address, _causes(new))
+            log.warning(
+                "stream %r %s: none of its %d frames reached the daemon at %s: is `livescope daemon` "
+                "running with --ingest %s? (%s)",
+                lane.publisher.stream,
+                what,
+                n_dropped,
+                self.address,
+                self.address,
+                _causes(new),
+            )
         elif n_dropped or n_meta:
-            log.warning("stream %r %s: %d frames sent, %d dropped, %d sent without some metadata (%s)",
-                        lane.publisher.stream, what, n_sent, n_dropped, n_meta, _causes(new))
+            log.warning(
+                "stream %r %s: %d frames sent, %d dropped, %d sent without some metadata (%s)",
+                lane.publisher.stream,
+                what,
+                n_sent,
+                n_dropped,
+                n_meta,
+                _causes(new),
+            )
         else:
             log.info("stream %r %s: %d frames sent", lane.publisher.stream, what, n_sent)
 
@@ -479,8 +521,11 @@ class MMCoreBridge:
             if k in INDEX_AXES:
                 index[k] = int(v)
             elif k not in ("g", "cam"):
-                lane.drop_meta(f"axis:{k}", f"index axis {k!r} has no place in livescope's p, c, z, t: frames "
-                               f"that differ only in {k!r} share an index (its value stays in meta.event.index)")
+                lane.drop_meta(
+                    f"axis:{k}",
+                    f"index axis {k!r} has no place in livescope's p, c, z, t: frames "
+                    f"that differ only in {k!r} share an index (its value stays in meta.event.index)",
+                )
         if "p" in raw or "g" in raw or run.positions:
             g = raw.get("g")
             index["p"] = run.position(index.get("p", 0), None if g is None else int(g))
@@ -581,8 +626,7 @@ class MMCoreBridge:
             if not running or self._stopping.wait(period):
                 break
         if t:
-            lane.end(send=self.send_end,
-                     report=functools.partial(self._report, lane, f"live session {acquisition}"))
+            lane.end(send=self.send_end, report=functools.partial(self._report, lane, f"live session {acquisition}"))
 
     def _preview_info(self) -> dict[str, Any]:
         core, info = self.core, self._camera_geometry()
@@ -602,8 +646,9 @@ class MMCoreBridge:
             info.pop("channel", None)
         return info
 
-    def _live_header(self, lane: _Lane, t: int, acquisition: int, tags: dict[str, Any], info: dict[str, Any]
-                     ) -> dict[str, Any]:
+    def _live_header(
+        self, lane: _Lane, t: int, acquisition: int, tags: dict[str, Any], info: dict[str, Any]
+    ) -> dict[str, Any]:
         header: dict[str, Any] = {"acquisition": acquisition, "index": {"t": t}, "live": True, **info}
         try:
             seconds = float(tags.get("ElapsedTime-ms", "nan")) / 1000.0
@@ -665,10 +710,16 @@ class MMCoreBridge:
             sent, dropped, meta_dropped, lane_causes = lane.counts()
             streams[name] = {**lane.stats(), "meta_dropped": meta_dropped, "causes": dict(lane_causes)}
             causes.update(lane_causes)
-        total = {k: sum(s[k] for s in streams.values())
-                 for k in ("frames", "sent", "dropped", "queued", "meta_dropped")}
-        return {**total, "causes": dict(causes), "acquisitions": self.acquisitions,
-                "live_sessions": self.live_sessions, "streams": streams}
+        total = {
+            k: sum(s[k] for s in streams.values()) for k in ("frames", "sent", "dropped", "queued", "meta_dropped")
+        }
+        return {
+            **total,
+            "causes": dict(causes),
+            "acquisitions": self.acquisitions,
+            "live_sessions": self.live_sessions,
+            "streams": streams,
+        }
 
     def close(self, timeout: float = 10.0) -> None:
         """Detach from the core, send what is queued, close the sockets."""

@@ -99,8 +99,9 @@ class Movie:
     def channel_name(self, c: int) -> str | None:
         return self.channels[c] if c < len(self.channels) else None
 
-    def read(self, t0: int, t1: int, c: int, z: int | None, ys: tuple[int, int], xs: tuple[int, int],
-             p: int = 0) -> np.ndarray:
+    def read(
+        self, t0: int, t1: int, c: int, z: int | None, ys: tuple[int, int], xs: tuple[int, int], p: int = 0
+    ) -> np.ndarray:
         """Frames t0..t1-1 of position p, channel c, plane z (None: all planes), cropped to ys, xs."""
         if not 0 <= t0 <= t1 <= self.sizes["t"]:
             raise IndexError(f"time points {t0}..{t1} outside 0..{self.sizes['t']} of {self.path}")
@@ -152,7 +153,7 @@ class Movie:
                 if "position" in self.keys:
                     coords["position"] = self.keys["position"][p]
                 img = np.asarray(ds.read_image(**coords))
-                out[i, j] = img[ys[0]:ys[1], xs[0]:xs[1]]
+                out[i, j] = img[ys[0] : ys[1], xs[0] : xs[1]]
         return out if z is None else out[:, 0]
 
     def frames(self, frames: int | None = None) -> Iterator[MovieFrame]:
@@ -168,8 +169,13 @@ class Movie:
                     stack = self.read(t, t + 1, c, None, (0, Y), (0, X), p)[0]
                     planes = stack if stack.ndim == 3 else stack[None]
                     for z, plane in enumerate(planes):
-                        yield MovieFrame(plane=plane, index={"p": p, "c": c, "z": z, "t": t}, sizes=sizes,
-                                         channel=self.channel_name(c), sampling=sampling)
+                        yield MovieFrame(
+                            plane=plane,
+                            index={"p": p, "c": c, "z": z, "t": t},
+                            sizes=sizes,
+                            channel=self.channel_name(c),
+                            sampling=sampling,
+                        )
 
     def array(self, p: int = 0) -> MovieArray:
         """Position p as a lazily read (t, [c,] [z,] y, x) array (:class:`MovieArray`)."""
@@ -187,8 +193,9 @@ class MovieArray:
     def __init__(self, movie: Movie, p: int = 0) -> None:
         self.movie, self.p = movie, p
         s = movie.sizes
-        self.shape = tuple([s["t"]] + ([s["c"]] if movie.has_c else []) + ([s["z"]] if movie.has_z else [])
-                           + [s["y"], s["x"]])
+        self.shape = tuple(
+            [s["t"]] + ([s["c"]] if movie.has_c else []) + ([s["z"]] if movie.has_z else []) + [s["y"], s["x"]]
+        )
         self.dtype = np.dtype(movie.dtype)
         self.ndim = len(self.shape)
 
@@ -254,27 +261,51 @@ def open_movie(path: str | os.PathLike, axes: str | None = None) -> Movie:
     return movie
 
 
-def _finish(path: str, kind: str, axes: list[str], shape: tuple[int, ...], dtype: str, info: dict,
-            file_axes: str, channels: list[str | None] | None = None, notes: list[str] | None = None,
-            **kw: Any) -> Movie:
+def _finish(
+    path: str,
+    kind: str,
+    axes: list[str],
+    shape: tuple[int, ...],
+    dtype: str,
+    info: dict,
+    file_axes: str,
+    channels: list[str | None] | None = None,
+    notes: list[str] | None = None,
+    **kw: Any,
+) -> Movie:
     unknown = [a for a in axes if a not in ("t", "c", "z", "y", "x", "p")]
     if unknown or "y" not in axes or "x" not in axes or len(set(axes)) != len(axes):
-        raise ValueError(f"{path}: axes {file_axes!r} ({', '.join(axes)}) are not livescope's t, p, c, z, y, x "
-                         "(each once): "
-                         f"give them with --axes, e.g. --axes {_suggest(file_axes)}")
+        raise ValueError(
+            f"{path}: axes {file_axes!r} ({', '.join(axes)}) are not livescope's t, p, c, z, y, x "
+            "(each once): "
+            f"give them with --axes, e.g. --axes {_suggest(file_axes)}"
+        )
     sizes = {a: int(shape[axes.index(a)]) if a in axes else 1 for a in ("t", "p", "c", "z", "y", "x")}
     if kw.get("position_paths"):
         sizes["p"] = len(kw["position_paths"])
     if kw.get("tiff_series"):
         if "p" in axes:
-            raise ValueError(f"{path}: a position axis inside OME series that are positions themselves; "
-                             "give --axes without P")
+            raise ValueError(
+                f"{path}: a position axis inside OME series that are positions themselves; give --axes without P"
+            )
         sizes["p"] = len(kw["tiff_series"])
     names = list(channels or [])
     names = names if len(names) == sizes["c"] else [None] * sizes["c"]
-    return Movie(path=path, kind=kind, axes=axes, shape=tuple(int(s) for s in shape), dtype=str(np.dtype(dtype)),
-                 sizes=sizes, has_c="c" in axes, has_z="z" in axes, info=info, channels=names,
-                 file_axes=file_axes, notes=list(notes or []), **kw)
+    return Movie(
+        path=path,
+        kind=kind,
+        axes=axes,
+        shape=tuple(int(s) for s in shape),
+        dtype=str(np.dtype(dtype)),
+        sizes=sizes,
+        has_c="c" in axes,
+        has_z="z" in axes,
+        info=info,
+        channels=names,
+        file_axes=file_axes,
+        notes=list(notes or []),
+        **kw,
+    )
 
 
 def _suggest(file_axes: str) -> str:
@@ -291,22 +322,31 @@ def _suggest(file_axes: str) -> str:
 
 def _given_axes(given: str, file_axes: str, path: Path) -> list[str]:
     letters = given.strip().upper()
-    if (len(letters) != len(file_axes) or set(letters) - set(_LETTERS) or len(set(letters)) != len(letters)
-            or not {"Y", "X"} <= set(letters)):
-        raise ValueError(f"--axes {given}: {path} has {len(file_axes)} axes (it says {file_axes}); give one "
-                         f"letter per axis, each once, from T, P, C, Z, Y, X, e.g. --axes {_suggest(file_axes)}")
+    if (
+        len(letters) != len(file_axes)
+        or set(letters) - set(_LETTERS)
+        or len(set(letters)) != len(letters)
+        or not {"Y", "X"} <= set(letters)
+    ):
+        raise ValueError(
+            f"--axes {given}: {path} has {len(file_axes)} axes (it says {file_axes}); give one "
+            f"letter per axis, each once, from T, P, C, Z, Y, X, e.g. --axes {_suggest(file_axes)}"
+        )
     for a in "YX":
         if a in file_axes.upper() and file_axes.upper().index(a) != letters.index(a):
-            raise ValueError(f"--axes {given}: the file's {a} axis is axis {file_axes.upper().index(a)} "
-                             f"({file_axes}); keep Y and X where they are")
+            raise ValueError(
+                f"--axes {given}: the file's {a} axis is axis {file_axes.upper().index(a)} "
+                f"({file_axes}); keep Y and X where they are"
+            )
     return [_LETTERS[a] for a in letters]
 
 
 # -- TIFF ----------------------------------------------------------------------------------------
 
 
-def _tiff_axes(series: Any, tif: Any, path: Path,
-               given: str | None) -> tuple[list[str], list[str | None] | None, list[str]]:
+def _tiff_axes(
+    series: Any, tif: Any, path: Path, given: str | None
+) -> tuple[list[str], list[str | None] | None, list[str]]:
     """The series' axes in livescope's names, channel names it implies (RGB), and what was decided."""
     file_axes = series.axes
     if given:
@@ -324,9 +364,11 @@ def _tiff_axes(series: Any, tif: Any, path: Path,
         else:
             from tifffile import TIFF
 
-            raise ValueError(f"{path}: its axis {a} ({TIFF.AXES_NAMES.get(a, 'unknown')}) in {file_axes} has no "
-                             f"place in livescope's t, c, z: say what it is with --axes, e.g. --axes "
-                             f"{_suggest(file_axes)}")
+            raise ValueError(
+                f"{path}: its axis {a} ({TIFF.AXES_NAMES.get(a, 'unknown')}) in {file_axes} has no "
+                f"place in livescope's t, c, z: say what it is with --axes, e.g. --axes "
+                f"{_suggest(file_axes)}"
+            )
     notes: list[str] = []
     names: list[str | None] | None = None
     stack_at = None
@@ -335,13 +377,17 @@ def _tiff_axes(series: Any, tif: Any, path: Path,
             stack_at = unknown[0]
             out[stack_at] = "t"
         else:
-            raise ValueError(f"{path}: the file does not say what its axes {file_axes} are (Q/I: unknown to "
-                             f"tifffile): give them with --axes, e.g. --axes {_suggest(file_axes)}")
+            raise ValueError(
+                f"{path}: the file does not say what its axes {file_axes} are (Q/I: unknown to "
+                f"tifffile): give them with --axes, e.g. --axes {_suggest(file_axes)}"
+            )
     samples_at = out.index("s") if "s" in out else None
     if samples_at is not None:
         if "c" in out:
-            raise ValueError(f"{path}: {series.shape[samples_at]} samples per pixel (S in {file_axes}) beside a "
-                             f"channel axis: say what the samples are with --axes, e.g. --axes {_suggest(file_axes)}")
+            raise ValueError(
+                f"{path}: {series.shape[samples_at]} samples per pixel (S in {file_axes}) beside a "
+                f"channel axis: say what the samples are with --axes, e.g. --axes {_suggest(file_axes)}"
+            )
         out[samples_at] = "c"
 
     def instead(i: int) -> str:  # --axes reading axis i as planes (as time points if planes exist)
@@ -351,15 +397,20 @@ def _tiff_axes(series: Any, tif: Any, path: Path,
 
     if stack_at is not None:
         n = series.shape[stack_at]
-        notes.append(f"a plain stack of {n} planes ({file_axes}: the file names no axes) read as {n} time "
-                     f"points; give --axes {instead(stack_at)}")
+        notes.append(
+            f"a plain stack of {n} planes ({file_axes}: the file names no axes) read as {n} time "
+            f"points; give --axes {instead(stack_at)}"
+        )
     if samples_at is not None:
         n = series.shape[samples_at]
         rgb = int(getattr(series.keyframe, "photometric", 0)) == 2  # PHOTOMETRIC.RGB
         if rgb and n <= len(_RGB):
             names = list(_RGB[:n])
-        notes.append(f"{n} {'RGB ' if rgb else ''}samples per pixel ({file_axes}) read as {n} channels"
-                     + (f" ({', '.join(_RGB[:n])})" if names else "") + f"; give --axes {instead(samples_at)}")
+        notes.append(
+            f"{n} {'RGB ' if rgb else ''}samples per pixel ({file_axes}) read as {n} channels"
+            + (f" ({', '.join(_RGB[:n])})" if names else "")
+            + f"; give --axes {instead(samples_at)}"
+        )
     return out, names, notes
 
 
@@ -379,16 +430,20 @@ def _open_tiff(p: Path, given: str | None = None) -> Movie:
         if tif.is_ome and len(tif.series) > 1:  # OME-TIFF keeps each stage position as a series
             for i, other in enumerate(tif.series):
                 if tuple(other.shape) != shape or str(other.dtype) != dtype or other.axes != series.axes:
-                    raise ValueError(f"{p}: OME series {i} ({other.axes} {other.shape} {other.dtype}) differs "
-                                     f"from series 0 ({series.axes} {shape} {dtype}); livescope reads the "
-                                     "series as stage positions of one experiment: split the file first")
+                    raise ValueError(
+                        f"{p}: OME series {i} ({other.axes} {other.shape} {other.dtype}) differs "
+                        f"from series 0 ({series.axes} {shape} {dtype}); livescope reads the "
+                        "series as stage positions of one experiment: split the file first"
+                    )
             several = list(range(len(tif.series)))
         n_c = shape[axes.index("c")] if "c" in axes else 1
         if names is None:
             names = tiff_channel_names(tif, 0, n_c)
         if n_c > 8 and not any(names) and not given:
-            notes.append(f"{n_c} channels with no names ({series.axes}): if they are time points or planes, "
-                         f"give --axes {series.axes.replace('C', 'T' if 'T' not in series.axes else 'Z')}")
+            notes.append(
+                f"{n_c} channels with no names ({series.axes}): if they are time points or planes, "
+                f"give --axes {series.axes.replace('C', 'T' if 'T' not in series.axes else 'Z')}"
+            )
     return _finish(str(p), "tiff", axes, shape, dtype, info, series.axes, names, notes, tiff_series=several)
 
 
@@ -405,8 +460,10 @@ def _open_zarr(p: Path, given: str | None = None) -> Movie:
     images = attrs.get("livescope", {}).get("images")
     positions: list[Path] = []
     if images:  # livescope's own root: its raw images (whatever the root's own multiscales say)
-        raws = sorted((i for i in images if i.get("product") == "raw" and not i.get("segment")),
-                      key=lambda i: int(i.get("position") or 0))
+        raws = sorted(
+            (i for i in images if i.get("product") == "raw" and not i.get("segment")),
+            key=lambda i: int(i.get("position") or 0),
+        )
         if [int(i.get("position") or 0) for i in raws] != list(range(len(raws))):
             raws = raws[:1]  # positions with gaps: not a set to map one to one
         positions = [p / i["path"] for i in raws] or [p / images[0]["path"]]
@@ -428,13 +485,25 @@ def _open_zarr(p: Path, given: str | None = None) -> Movie:
         for q in positions:
             other = zarr.open_array(str(q / array_path), mode="r")
             if other.shape != arr.shape or other.dtype != arr.dtype:
-                raise ValueError(f"{q}: shape {other.shape} {other.dtype} differs from position 0 "
-                                 f"({arr.shape} {arr.dtype}); process the positions one by one")
+                raise ValueError(
+                    f"{q}: shape {other.shape} {other.dtype} differs from position 0 "
+                    f"({arr.shape} {arr.dtype}); process the positions one by one"
+                )
             paths.append(str(q / array_path))
     n_c = arr.shape[axes.index("c")] if "c" in axes else 1
-    return _finish(str(image), "zarr", axes, arr.shape, str(arr.dtype), info, file_axes,
-                   ome_zarr_channel_names(image, n_c), notes, array_path=str(image / array_path),
-                   position_paths=paths)
+    return _finish(
+        str(image),
+        "zarr",
+        axes,
+        arr.shape,
+        str(arr.dtype),
+        info,
+        file_axes,
+        ome_zarr_channel_names(image, n_c),
+        notes,
+        array_path=str(image / array_path),
+        position_paths=paths,
+    )
 
 
 # -- NDTiff --------------------------------------------------------------------------------------
@@ -444,8 +513,9 @@ def _ndtiff_dataset(path: str) -> Any:
     try:
         from ndstorage import Dataset
     except ImportError as exc:
-        raise ImportError(f"{path} is an NDTiff dataset (Pycro-Manager); reading it needs ndstorage: "
-                          f"{_NDTIFF_HINT}") from exc
+        raise ImportError(
+            f"{path} is an NDTiff dataset (Pycro-Manager); reading it needs ndstorage: {_NDTIFF_HINT}"
+        ) from exc
     with contextlib.redirect_stdout(io.StringIO()):  # ndstorage prints its index progress
         return Dataset(path)
 
@@ -455,9 +525,11 @@ def _ndtiff_sampling(summary: dict[str, Any], first: dict[str, Any]) -> dict[str
     from .files import _positive
 
     info: dict[str, float] = {}
-    for key, names, factor in (("pixel_size_um", ("PixelSize_um", "PixelSizeUm"), 1.0),
-                               ("z_step_um", ("z-step_um", "ZStep_um", "z-step-um"), 1.0),
-                               ("interval_s", ("Interval_ms",), 1e-3)):
+    for key, names, factor in (
+        ("pixel_size_um", ("PixelSize_um", "PixelSizeUm"), 1.0),
+        ("z_step_um", ("z-step_um", "ZStep_um", "z-step-um"), 1.0),
+        ("interval_s", ("Interval_ms",), 1e-3),
+    ):
         for md in (summary, first):
             value = next((md[n] for n in names if isinstance(md, dict) and n in md), None)
             try:
@@ -490,11 +562,13 @@ def _open_ndtiff(p: Path) -> Movie:
     # coordinates), so this order only names the sizes
     named = [("time", "t"), ("position", "p"), ("channel", "c"), ("z", "z")]
     axes = ["t"] + [short for name, short in named[1:] if name in keys] + ["y", "x"]
-    shape = tuple([len(keys.get("time", [0]))] + [len(keys[name]) for name, _ in named[1:] if name in keys]
-                  + list(img.shape))
+    shape = tuple(
+        [len(keys.get("time", [0]))] + [len(keys[name]) for name, _ in named[1:] if name in keys] + list(img.shape)
+    )
     channels = [str(v) if isinstance(v, str) else None for v in keys.get("channel", [])]
-    movie = _finish(str(p), "ndtiff", axes, shape, str(img.dtype), info, ",".join(keys), channels,
-                    array_path=str(p), keys=keys)
+    movie = _finish(
+        str(p), "ndtiff", axes, shape, str(img.dtype), info, ",".join(keys), channels, array_path=str(p), keys=keys
+    )
     with contextlib.suppress(Exception):
         ds.close()
     return movie
@@ -536,8 +610,9 @@ def _open_tiff_series(src: Movie, index: int) -> Any:
     if series.dataoffset is not None and tuple(series.shape) == tuple(src.shape):
         # uncompressed and contiguous: plain reads at known offsets. Not a memory map: the pages a
         # map touches count as a Dask worker's memory, and Dask would restart it.
-        obj = _ContiguousTiff(src.path, int(series.dataoffset), tuple(series.shape),
-                              np.dtype(series.dtype).newbyteorder(tif.byteorder))
+        obj = _ContiguousTiff(
+            src.path, int(series.dataoffset), tuple(series.shape), np.dtype(series.dtype).newbyteorder(tif.byteorder)
+        )
         tif.close()
         return obj
     return _TiffPages(tif, index)  # page by page

@@ -200,9 +200,7 @@ def _check_header(header: Any) -> dict[str, Any]:
     if kind == "end":
         return header
     shape = _require(header, "shape", list)
-    if not 2 <= len(shape) <= 3 or not all(
-        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape
-    ):
+    if not 2 <= len(shape) <= 3 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
         raise ProtocolError("bad_shape", f"shape={shape!r} (want [y, x] or [z, y, x], positive)")
     dtype = _require(header, "dtype", str)
     if dtype not in DTYPES:
@@ -218,8 +216,7 @@ def _check_header(header: Any) -> dict[str, Any]:
     index = header.get("index")
     if index is not None:
         if not isinstance(index, dict) or not all(
-            k in INDEX_KEYS and isinstance(v, int) and not isinstance(v, bool) and v >= 0
-            for k, v in index.items()
+            k in INDEX_KEYS and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in index.items()
         ):
             raise ProtocolError("bad_index", f"index={index!r} (keys p, c, z, t; values >= 0)")
     for key in ("time", "pixel_size_um", "z_step_um", "interval_s"):
@@ -264,9 +261,11 @@ def _check_optional(header: dict[str, Any]) -> None:
         if v > MAX_INDEX[k]:
             raise ProtocolError("index_out_of_range", f"index.{k}={v} (at most {MAX_INDEX[k]})")
         if sizes and k != "t" and v >= (sizes.get(k) or 1):
-            raise ProtocolError("index_outside_sizes",
-                                f"index.{k}={v} but sizes.{k}={sizes.get(k)!r}: send sizes.{k} covering every "
-                                f"{k} index (or no sizes at all)")
+            raise ProtocolError(
+                "index_outside_sizes",
+                f"index.{k}={v} but sizes.{k}={sizes.get(k)!r}: send sizes.{k} covering every "
+                f"{k} index (or no sizes at all)",
+            )
     binning = header.get("binning")
     if binning is not None and (not _is_int(binning) or not 1 <= binning <= 64):
         raise ProtocolError("bad_field", f"binning={binning!r} (an integer from 1 to 64)")
@@ -292,16 +291,18 @@ def _check_optional(header: dict[str, Any]) -> None:
         if camera.get("gain") is not None and camera["gain"] <= 0:
             raise ProtocolError("bad_field", f"camera.gain={camera['gain']!r} (positive, ADU per photoelectron)")
     affine = header.get("pixel_size_affine")
-    if affine is not None and (not isinstance(affine, list) or len(affine) != 6
-                               or not all(_is_number(a) for a in affine)):
+    if affine is not None and (
+        not isinstance(affine, list) or len(affine) != 6 or not all(_is_number(a) for a in affine)
+    ):
         raise ProtocolError("bad_field", "pixel_size_affine must be 6 finite numbers (a, b, tx, c, d, ty)")
     for key in ("pixel_size_um", "z_step_um", "interval_s"):
         value = header.get(key)
         if value is not None and value < 0:
             raise ProtocolError("bad_field", f"{key}={value!r} (not negative; 0 or absent when unknown)")
     sender = header.get("sender")
-    if sender is not None and (len(sender) > 16 or not all(
-            isinstance(k, str) and _is_int(v) and 0 <= v < 2**63 for k, v in sender.items())):
+    if sender is not None and (
+        len(sender) > 16 or not all(isinstance(k, str) and _is_int(v) and 0 <= v < 2**63 for k, v in sender.items())
+    ):
         raise ProtocolError("bad_field", "sender must map at most 16 names to non-negative integer counts")
 
 

@@ -192,8 +192,9 @@ class MetadataMapper:
             if step > 0:
                 self.z_step_um = step
 
-    def header(self, metadata: Mapping[str, Any], dtype: np.dtype | None = None,
-               axes: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def header(
+        self, metadata: Mapping[str, Any], dtype: np.dtype | None = None, axes: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         md = metadata or {}
         axes = dict(axes if axes is not None else (md.get("Axes") or {}))
         self.problems = []
@@ -206,16 +207,23 @@ class MetadataMapper:
         if channel is not None:
             index["c"] = self._index("c", channel)
             if isinstance(channel, str) and len(channel) > MAX_NAME:
-                self.problems.append(("bad_field:channel", f"a channel name of {len(channel)} characters "
-                                      f"(at most {MAX_NAME}): frames keep their channel index, not the name"))
+                self.problems.append(
+                    (
+                        "bad_field:channel",
+                        f"a channel name of {len(channel)} characters "
+                        f"(at most {MAX_NAME}): frames keep their channel index, not the name",
+                    )
+                )
             elif isinstance(channel, str):
                 header["channel"] = channel
                 if channel not in self.channel_names:
                     self.channel_names.append(channel)
         elif isinstance(md.get("Channel"), str) and md["Channel"]:
             header["channel"] = md["Channel"]
-        others = sorted(((str(k), _hashable(v)) for k, v in axes.items() if k not in _STANDARD_AXES and v is not None),
-                        key=lambda kv: (kv[0], str(kv[1])))
+        others = sorted(
+            ((str(k), _hashable(v)) for k, v in axes.items() if k not in _STANDARD_AXES and v is not None),
+            key=lambda kv: (kv[0], str(kv[1])),
+        )
         position: Hashable = None
         if others:
             position = others[0][1] if len(others) == 1 and others[0][0] == "position" else tuple(others)
@@ -257,8 +265,12 @@ class MetadataMapper:
                 self.problems.append((f"unencodable:meta.{key}", f"{type(exc).__name__}: {exc}"[:200]))
                 continue
             if len(text) > META_BYTES:
-                self.problems.append((f"header_too_large:meta.{key}", f"{len(text)} bytes of metadata (at most "
-                                      f"{META_BYTES} travel with a frame)"))
+                self.problems.append(
+                    (
+                        f"header_too_large:meta.{key}",
+                        f"{len(text)} bytes of metadata (at most {META_BYTES} travel with a frame)",
+                    )
+                )
                 continue
             meta[key] = _from_json_text(text)
         meta["axes_to_index"] = self.mapping()
@@ -272,18 +284,29 @@ def _call_arity(fn: Callable[..., Any]) -> int:
     """2 or 3, read once: Pycro-Manager accepts exactly these two hook signatures."""
     n = len(inspect.signature(fn).parameters)
     if n not in (2, 3):
-        raise TypeError(f"{fn!r} takes {n} parameters; an image_process_fn takes (image, metadata) "
-                        "or (image, metadata, event_queue)")
+        raise TypeError(
+            f"{fn!r} takes {n} parameters; an image_process_fn takes (image, metadata) "
+            "or (image, metadata, event_queue)"
+        )
     return n
 
 
 class Tap(QueuedSender):
     """``image_process_fn(image, metadata)``: forward the frame, return it unchanged (see :func:`tap`)."""
 
-    def __init__(self, address: str, *, stream: str = "pycromanager", buffer_frames: int = 256,
-                 channels: Sequence[str] | None = None, camera: dict[str, Any] | None = None,
-                 bits: int | None = None, send_end: bool = True,
-                 then: Callable[..., Any] | None = None, curve: Any = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        stream: str = "pycromanager",
+        buffer_frames: int = 256,
+        channels: Sequence[str] | None = None,
+        camera: dict[str, Any] | None = None,
+        bits: int | None = None,
+        send_end: bool = True,
+        then: Callable[..., Any] | None = None,
+        curve: Any = None,
+    ) -> None:
         self.stream = stream
         self.camera = camera
         self.bits = bits
@@ -292,12 +315,16 @@ class Tap(QueuedSender):
         self._then = then
         self._then_arity = _call_arity(then) if then is not None else 0
         # curve: a livescope.bridges.auth.CurveClient, for a daemon that runs CURVE
-        publisher = FramePublisher(address, stream=stream, block=True, send_timeout_ms=2000, hwm=16,
-                                   curve=curve)
+        publisher = FramePublisher(address, stream=stream, block=True, send_timeout_ms=2000, hwm=16, curve=curve)
         # validate: a header field the daemon would refuse (or that cannot be encoded) is dropped
         # from that frame, counted per cause and warned about once; the frame itself is sent
-        super().__init__(publisher, buffer_frames=buffer_frames, end_on_close=send_end,
-                         name="livescope-pycromanager-sender", validate=True)
+        super().__init__(
+            publisher,
+            buffer_frames=buffer_frames,
+            end_on_close=send_end,
+            name="livescope-pycromanager-sender",
+            validate=True,
+        )
 
     # -- acquisition thread: a queue entry, never a wait ----------------------------------
     def __call__(self, image: np.ndarray, metadata: dict[str, Any]) -> Any:
@@ -321,8 +348,9 @@ class Tap(QueuedSender):
         image = np.asarray(image)
         return image, self._header(image, metadata)
 
-    def _header(self, image: np.ndarray, metadata: Mapping[str, Any], axes: Mapping[str, Any] | None = None
-                ) -> dict[str, Any]:
+    def _header(
+        self, image: np.ndarray, metadata: Mapping[str, Any], axes: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         header = self.mapper.header(metadata, image.dtype, **({"axes": axes} if axes is not None else {}))
         for cause, detail in self.mapper.problems:
             self.drop_meta(cause, detail)
@@ -355,12 +383,14 @@ class FeedbackTap(Tap):
     """``image_process_fn(image, metadata, event_queue)``: :class:`Tap` plus a policy that puts
     the next acquisition events into Pycro-Manager's ``event_queue`` (see :func:`feedback`)."""
 
-    def __init__(self, address: str, control: str, policy: AdaptiveTimelapseEvents, *, follow: bool = True,
-                 **opts: Any) -> None:
+    def __init__(
+        self, address: str, control: str, policy: AdaptiveTimelapseEvents, *, follow: bool = True, **opts: Any
+    ) -> None:
         super().__init__(address, **opts)
         self.policy = policy
-        self.follower = (EventFollower(control, policy.on_event, kinds=policy.kinds, curve=opts.get("curve"))
-                         if follow else None)
+        self.follower = (
+            EventFollower(control, policy.on_event, kinds=policy.kinds, curve=opts.get("curve")) if follow else None
+        )
 
     def __call__(self, image: np.ndarray, metadata: dict[str, Any], event_queue: Any) -> Any:  # type: ignore[override]
         try:
@@ -404,9 +434,16 @@ class AdaptiveTimelapseEvents(AdaptiveTimelapse):
     returns, so the saved data says which interval each frame was taken with.
     """
 
-    def __init__(self, *, slow_s: float, fast_s: float, quiet_s: float, frames: int,
-                 per_time_point: Sequence[Mapping[str, Any]] | None = None,
-                 kinds: set[str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        slow_s: float,
+        fast_s: float,
+        quiet_s: float,
+        frames: int,
+        per_time_point: Sequence[Mapping[str, Any]] | None = None,
+        kinds: set[str] | None = None,
+    ) -> None:
         super().__init__(slow_s=slow_s, fast_s=fast_s, quiet_s=quiet_s, frames=frames, kinds=kinds)
         self.per_time_point = [dict(e) for e in (per_time_point or [{"axes": {}}])]
         self._counts: collections.Counter[int] = collections.Counter()
@@ -458,8 +495,9 @@ class AdaptiveTimelapseEvents(AdaptiveTimelapse):
             if self._event_queue is None:
                 self._event_queue = event_queue
                 self._last_acq = self._starts[t]
-                self._scheduler = threading.Thread(target=self._schedule, name="livescope-pycromanager-policy",
-                                                   daemon=True)
+                self._scheduler = threading.Thread(
+                    target=self._schedule, name="livescope-pycromanager-policy", daemon=True
+                )
                 self._scheduler.start()
         if complete:
             self._wake.set()
@@ -501,11 +539,22 @@ class AdaptiveTimelapseEvents(AdaptiveTimelapse):
 class RestoreHook:
     """``image_process_fn(image, metadata)`` returning the daemon's restored frame (see :func:`restore`)."""
 
-    def __init__(self, restore_address: str, *, want: str | None = None, timeout_s: float = 2.0,
-                 scale: float | None = None, headroom: float = 4.0, stream: str = "pycromanager",
-                 channels: Sequence[str] | None = None, camera: dict[str, Any] | None = None,
-                 max_misses_in_row: int = 3, retry_s: float = 5.0, latency_window: int = 10000,
-                 curve: Any = None) -> None:
+    def __init__(
+        self,
+        restore_address: str,
+        *,
+        want: str | None = None,
+        timeout_s: float = 2.0,
+        scale: float | None = None,
+        headroom: float = 4.0,
+        stream: str = "pycromanager",
+        channels: Sequence[str] | None = None,
+        camera: dict[str, Any] | None = None,
+        max_misses_in_row: int = 3,
+        retry_s: float = 5.0,
+        latency_window: int = 10000,
+        curve: Any = None,
+    ) -> None:
         if scale is not None and not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale={scale!r}: give a positive number, or None to choose it from the first frame")
         if headroom < 1:
@@ -542,9 +591,12 @@ class RestoreHook:
     def _restore(self, image: np.ndarray, metadata: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
         now = time.monotonic()
         if now < self._paused_until:
-            return self._raw(image, metadata, "unavailable",
-                             f"livescope missed {self._misses_in_row} frames in a row; retrying in "
-                             f"{self._paused_until - now:.1f} s")
+            return self._raw(
+                image,
+                metadata,
+                "unavailable",
+                f"livescope missed {self._misses_in_row} frames in a row; retrying in {self._paused_until - now:.1f} s",
+            )
         image = np.asarray(image)
         fields = self.mapper.header(metadata, image.dtype)
         self._note_problems(self.mapper.problems)
@@ -566,12 +618,20 @@ class RestoreHook:
             self.product = info.get("product")
         if not self._warned:
             self._warned = True
-            log.warning("livescope restore: every frame waits for the engines (%.0f ms for the first); "
-                        "the acquisition runs no faster than that", 1000 * latency)
+            log.warning(
+                "livescope restore: every frame waits for the engines (%.0f ms for the first); "
+                "the acquisition runs no faster than that",
+                1000 * latency,
+            )
         md = dict(metadata)
-        md["livescope"] = {"restored": True, "product": info.get("product"), "scale": self.scale,
-                           "scale_source": self.scale_source, "seq": info.get("seq"),
-                           "latency_ms": round(1000 * latency, 3)}
+        md["livescope"] = {
+            "restored": True,
+            "product": info.get("product"),
+            "scale": self.scale,
+            "scale_source": self.scale_source,
+            "seq": info.get("seq"),
+            "latency_ms": round(1000 * latency, 3),
+        }
         return converted, md
 
     def _note_problems(self, problems: list[tuple[str, str]]) -> None:
@@ -581,8 +641,12 @@ class RestoreHook:
                 first = cause not in self.meta_dropped_by_cause
                 self.meta_dropped_by_cause[cause] += 1
             if first:
-                log.warning("livescope restore: %s (%s); the frame is sent without it (logged once; counted in "
-                            "stats()['meta_dropped_by_cause'])", cause, detail)
+                log.warning(
+                    "livescope restore: %s (%s); the frame is sent without it (logged once; counted in "
+                    "stats()['meta_dropped_by_cause'])",
+                    cause,
+                    detail,
+                )
 
     def _choose_scale(self, restored: np.ndarray, dtype: np.dtype) -> float:
         """A power of two, so values keep their units up to an exact factor: the largest that maps
@@ -637,9 +701,11 @@ class RestoreHook:
                 "served": self.served,
                 "missed": self.missed,
                 "missed_by_reason": dict(self.missed_by_reason),
-                "latency_ms": {"p50": float(np.percentile(lat, 50)) if lat.size else None,
-                               "p99": float(np.percentile(lat, 99)) if lat.size else None,
-                               "n": int(lat.size)},
+                "latency_ms": {
+                    "p50": float(np.percentile(lat, 50)) if lat.size else None,
+                    "p99": float(np.percentile(lat, 99)) if lat.size else None,
+                    "n": int(lat.size),
+                },
                 "product": self.product,
                 "scale": self.scale,
                 "clipped_pixels": self.clipped_pixels,

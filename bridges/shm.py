@@ -82,6 +82,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+
 def _is_local_ip(host: str) -> bool:
     try:
         ip = ipaddress.ip_address(host)
@@ -264,8 +265,16 @@ class ShmFramePublisher(FramePublisher):
         if not prefix or "_" in prefix or "/" in prefix or len(prefix) > 12:
             # the pid follows the prefix; macOS caps shared-memory names at 31 characters
             raise ValueError(f"prefix={prefix!r}: 1-12 characters, no '_' or '/'")
-        super().__init__(address, stream, hwm=hwm, block=block, send_timeout_ms=send_timeout_ms,
-                         connect_timeout_ms=connect_timeout_ms, context=context, **defaults)
+        super().__init__(
+            address,
+            stream,
+            hwm=hwm,
+            block=block,
+            send_timeout_ms=send_timeout_ms,
+            connect_timeout_ms=connect_timeout_ms,
+            context=context,
+            **defaults,
+        )
         self.address = address
         self.slots = slots
         self.reclaim_s = reclaim_s
@@ -398,9 +407,12 @@ class ShmFramePublisher(FramePublisher):
             while slots > _MIN_SLOTS and _layout(slots, nbytes)[2] > free // 2:
                 slots //= 2
             if _layout(slots, nbytes)[2] > free // 2:
-                log.warning("only %d MB free in /dev/shm, too little for a ring of %d-byte frames: sending "
-                            "pixels over ZeroMQ instead (give the container more: docker run --shm-size=1g)",
-                            free >> 20, nbytes)
+                log.warning(
+                    "only %d MB free in /dev/shm, too little for a ring of %d-byte frames: sending "
+                    "pixels over ZeroMQ instead (give the container more: docker run --shm-size=1g)",
+                    free >> 20,
+                    nbytes,
+                )
                 self.mode = "zmq"
                 return None
             if slots < self.slots:
@@ -455,15 +467,22 @@ class ShmFramePublisher(FramePublisher):
         if now - ring.filled_at[slot] < self.reclaim_s or self._connected_for() < self.reclaim_s:
             return None  # the reader may be slow, or not connected yet: its headers are still queued
         if not self._released:
-            log.warning("the receiver at %s has been connected %.1f s without releasing a shared-memory "
-                        "slot: it cannot see this host's shared memory (a container without the host's "
-                        "/dev/shm?). Sending pixels over ZeroMQ from now on.", self.address, self._connected_for())
+            log.warning(
+                "the receiver at %s has been connected %.1f s without releasing a shared-memory "
+                "slot: it cannot see this host's shared memory (a container without the host's "
+                "/dev/shm?). Sending pixels over ZeroMQ from now on.",
+                self.address,
+                self._connected_for(),
+            )
             self.mode = "zmq"
             self._close_monitor()
             return None
         self.reclaimed += 1
-        log.warning("reclaimed shared-memory slot %d after %.1f s unreleased (its header was lost?)",
-                    slot, now - ring.filled_at[slot])
+        log.warning(
+            "reclaimed shared-memory slot %d after %.1f s unreleased (its header was lost?)",
+            slot,
+            now - ring.filled_at[slot],
+        )
         return slot
 
     def _unlink_drained(self) -> None:
@@ -498,5 +517,3 @@ class ShmFramePublisher(FramePublisher):
 
 
 # -- reader side ------------------------------------------------------------------------------------
-
-

@@ -60,7 +60,6 @@ def _views(buf: memoryview) -> tuple[np.ndarray, np.ndarray]:
 # -- where is the daemon? ---------------------------------------------------------------------------
 
 
-
 class _Attached:
     """A segment mapped by the reader. Never registered with the resource tracker: before Python
     3.13 ``SharedMemory(name)`` registers every attach, and the tracker then *unlinks* the
@@ -112,8 +111,7 @@ class _Attached:
             self.close()
             raise ProtocolError("shm_bad", f"segment {name}: layout does not fit its {len(buf)} bytes")
         self.stride = stride
-        self.records = np.ndarray((self.nslots, _RECORD_WORDS), dtype=np.uint64, buffer=buf,
-                                  offset=_CONTROL_BYTES)
+        self.records = np.ndarray((self.nslots, _RECORD_WORDS), dtype=np.uint64, buffer=buf, offset=_CONTROL_BYTES)
 
     @property
     def retired(self) -> bool:
@@ -184,16 +182,20 @@ class ShmReader:
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError("shm_bad", f"shape/dtype: {exc}") from None
         if math.prod(shape) * dtype.itemsize != nbytes:
-            raise ProtocolError("shm_bad", f"nbytes={nbytes}, shape {list(shape)} {dtype} needs "
-                                f"{math.prod(shape) * dtype.itemsize}")
+            raise ProtocolError(
+                "shm_bad", f"nbytes={nbytes}, shape {list(shape)} {dtype} needs {math.prod(shape) * dtype.itemsize}"
+            )
         seg = self._segment(name)
         if slot >= seg.nslots or nbytes > seg.slot_nbytes:
             raise ProtocolError("shm_bad", f"slot {slot} of {seg.nslots}, {nbytes} bytes in slots of {seg.slot_nbytes}")
         assert seg.records is not None, "closed segment"  # closed ones leave the cache
         record = seg.records[slot]
         if int(record[_STATE]) != FULL or int(record[_GEN]) != gen or int(record[_NBYTES]) != nbytes:
-            raise ProtocolError("shm_stale", f"{name} slot {slot}: generation {int(record[_GEN])}, header has {gen}"
-                                " (already read, or reclaimed by the publisher)")
+            raise ProtocolError(
+                "shm_stale",
+                f"{name} slot {slot}: generation {int(record[_GEN])}, header has {gen}"
+                " (already read, or reclaimed by the publisher)",
+            )
         src = np.ndarray(shape, dtype=dtype, buffer=seg.buf, offset=seg.data_offset + slot * seg.stride)
         out = src.copy()
         del src

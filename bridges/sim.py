@@ -288,15 +288,19 @@ class SimMicroscope:
                 for z in range(z_planes):
                     index = {"t": t} | ({"c": c} if len(channels) > 1 else {}) | ({"z": z} if z_planes > 1 else {})
                     z_pos = (z - (z_planes - 1) / 2) * self.cfg.z_step_um if z_planes > 1 else None
-                    yield MDAEvent.model_validate({"index": index, "channel": {"config": name, "group": "Channel"},
-                                                   "z_pos": z_pos})
+                    yield MDAEvent.model_validate(
+                        {"index": index, "channel": {"config": name, "group": "Channel"}, "z_pos": z_pos}
+                    )
             t += 1
 
     def camera_metadata(self) -> dict[str, Any]:
         """As the wire protocol has it: offset and read noise in ADU, gain in ADU per
         photoelectron (the sim's ``gain`` is electrons per ADU, as camera sheets quote it)."""
-        return {"offset": self.cfg.offset, "gain": 1.0 / self.cfg.gain,
-                "read_noise": self.cfg.read_noise / self.cfg.gain}
+        return {
+            "offset": self.cfg.offset,
+            "gain": 1.0 / self.cfg.gain,
+            "read_noise": self.cfg.read_noise / self.cfg.gain,
+        }
 
 
 def _unload(core: Any) -> None:

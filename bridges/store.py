@@ -64,8 +64,18 @@ BF2RAW_LAYOUT = 3  # NGFF's "bioformats2raw.layout": a collection of images, lis
 OME_XML_NS = "http://www.openmicroscopy.org/Schemas/OME/2016-06"
 # OME-XML pixel types; OME has no half float: float16 products are listed as "float" (readers
 # that go by the array's own data type, napari and ome-zarr-py, read them right)
-_OME_TYPES = {"uint8": "uint8", "uint16": "uint16", "uint32": "uint32", "int8": "int8", "int16": "int16",
-              "int32": "int32", "float16": "float", "float32": "float", "float64": "double", "bool": "bit"}
+_OME_TYPES = {
+    "uint8": "uint8",
+    "uint16": "uint16",
+    "uint32": "uint32",
+    "int8": "int8",
+    "int16": "int16",
+    "int32": "int32",
+    "float16": "float",
+    "float32": "float",
+    "float64": "double",
+    "bool": "bit",
+}
 COLORS = ["00FF00", "FF00FF", "00FFFF", "FFFF00", "FF0000", "0000FF", "FFFFFF"]
 
 
@@ -471,8 +481,9 @@ class ImageWriter:
         key = (t // self.shard_t, c, z)
         buf = self._buffers.get(key)
         if buf is None:
-            buf = self._buffers[key] = _ShardBuffer(key[0] * self.shard_t, self.shard_t, self.layout.plane_shape,
-                                                    self.dtype)
+            buf = self._buffers[key] = _ShardBuffer(
+                key[0] * self.shard_t, self.shard_t, self.layout.plane_shape, self.dtype
+            )
         buf.put(t, plane)
         if buf.full:
             self._submit(key)
@@ -513,8 +524,9 @@ class ImageWriter:
     def _defer(self, t: int, c: int, z: int, status: str, seq: int, time_s: float) -> None:
         if len(self._deferred) >= self._MAX_DEFERRED:  # the disk stays full: keep the newest
             if len(self._deferred) == self._MAX_DEFERRED:
-                log.error("%s: over %d frame records wait for room; older ones are dropped", self.name,
-                          self._MAX_DEFERRED)
+                log.error(
+                    "%s: over %d frame records wait for room; older ones are dropped", self.name, self._MAX_DEFERRED
+                )
             self._deferred.pop(0)
         self._deferred.append((t, c, z, status, seq, time_s))
 
@@ -557,9 +569,17 @@ class ImageWriter:
         if name not in self.records:
             lead_shape = list(self._rec["status"].shape)
             self.records[name] = _open_array(
-                self.path / "livescope" / name, shape=lead_shape, shard=[256] + lead_shape[1:],
-                inner=[256] + lead_shape[1:], dtype="float64", fill="NaN", names=self.layout.axes[:-2],
-                compress=False, context=self._context, create=True)
+                self.path / "livescope" / name,
+                shape=lead_shape,
+                shard=[256] + lead_shape[1:],
+                inner=[256] + lead_shape[1:],
+                dtype="float64",
+                fill="NaN",
+                names=self.layout.axes[:-2],
+                compress=False,
+                context=self._context,
+                create=True,
+            )
             self._rec[name] = np.full(lead_shape, np.nan)
         lead = self.layout.lead_index(t, c, z)
         self._rec[name][lead] = value
@@ -625,8 +645,9 @@ class ImageWriter:
             if exc is not None:  # disk full, permissions, a vanished folder: count, never stall
                 self.write_errors += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                log.error("%s: writing %d frame(s) failed: %s", self.name, sum(e is not None for e in errors),
-                          self.last_error)
+                log.error(
+                    "%s: writing %d frame(s) failed: %s", self.name, sum(e is not None for e in errors), self.last_error
+                )
         for lead in failed_leads:
             self._rec["status"][lead] = STATUS["lost"]
             self._pending(lead)
@@ -708,8 +729,12 @@ class ImageWriter:
             self._meta_file.close()
             self._meta_file = None
         if self.unrecorded:
-            log.error("%s: the records of %d frame(s) could not be written (%s); they read as missing",
-                      self.name, self.unrecorded, self.last_error)
+            log.error(
+                "%s: the records of %d frame(s) could not be written (%s); they read as missing",
+                self.name,
+                self.unrecorded,
+                self.last_error,
+            )
         y, x = self.layout.plane_shape
         n_t = max(self.n_t, 1)
         lead = self.layout.lead_shape(n_t)
@@ -789,8 +814,10 @@ class OmeZarrStore:
                 recovered = recover(self.path)  # trims a crashed run; idempotent after a clean one
                 meta = json.loads((self.path / "zarr.json").read_text())["attributes"]["livescope"]
                 previous = list(meta.get("images", []))
-                runs = list(meta.get("runs", [])) + [{k: meta.get("provenance", {}).get(k) for k in
-                                                     ("started", "finished", "source")} | {"saved": recovered}]
+                runs = list(meta.get("runs", [])) + [
+                    {k: meta.get("provenance", {}).get(k) for k in ("started", "finished", "source")}
+                    | {"saved": recovered}
+                ]
                 self.segment_base = 1 + max((int(i.get("segment", 0)) for i in previous), default=-1)
             elif not overwrite:
                 raise StoreError(
@@ -829,12 +856,17 @@ class OmeZarrStore:
         with self._root_lock:  # the store thread (new images) and the control thread (provenance)
             writers = list(self.images.values())
             images = list(self._previous_images) + [
-                {"path": w.name, "product": w.product, "position": w.position, "segment": w.segment}
-                for w in writers
+                {"path": w.name, "product": w.product, "position": w.position, "segment": w.segment} for w in writers
             ]
-            attrs = {"ome": _write_collection(self.path, self._previous_described + [w.describe() for w in writers]),
-                     "livescope": {"version": 1, "layout": "one NGFF image per product/position/segment",
-                                   "images": images, "provenance": self.provenance}}
+            attrs = {
+                "ome": _write_collection(self.path, self._previous_described + [w.describe() for w in writers]),
+                "livescope": {
+                    "version": 1,
+                    "layout": "one NGFF image per product/position/segment",
+                    "images": images,
+                    "provenance": self.provenance,
+                },
+            }
             if self._runs:
                 attrs["livescope"]["runs"] = self._runs
             _atomic_write_json(self.path / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": attrs})
@@ -910,8 +942,16 @@ class OmeZarrStore:
 # every image from the root this way. ome-zarr-py's Reader follows no collection (only labels,
 # plates and wells), so the root also carries the first raw image's multiscales, its dataset path
 # pointing into that image ("raw/0"): Reader(parse_url(OUT)) opens raw, OUT/<image> opens each.
-_OME_UNITS = {"micrometer": "µm", "nanometer": "nm", "millimeter": "mm", "second": "s", "millisecond": "ms",
-              "microsecond": "µs", "minute": "min", "hour": "h"}
+_OME_UNITS = {
+    "micrometer": "µm",
+    "nanometer": "nm",
+    "millimeter": "mm",
+    "second": "s",
+    "millisecond": "ms",
+    "microsecond": "µs",
+    "minute": "min",
+    "hour": "h",
+}
 
 
 def _image_from_disk(root: Path, entry: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -926,20 +966,28 @@ def _image_from_disk(root: Path, entry: Mapping[str, Any]) -> dict[str, Any] | N
     except (OSError, KeyError, IndexError, TypeError, ValueError) as exc:
         log.warning("%s: unreadable image metadata (%s); left out of the root's collection", ipath, exc)
         return None
-    return {**{k: entry.get(k) for k in ("path", "product", "position", "segment")}, "dtype": dtype,
-            "bits": (attrs.get("livescope") or {}).get("bits"), "shape": shape, "ome": ome}
+    return {
+        **{k: entry.get(k) for k in ("path", "product", "position", "segment")},
+        "dtype": dtype,
+        "bits": (attrs.get("livescope") or {}).get("bits"),
+        "shape": shape,
+        "ome": ome,
+    }
 
 
 def _ome_xml(images: list[dict[str, Any]]) -> str:
     """The collection's OME-XML: one MetadataOnly Image per image, its ID naming its path."""
     import xml.etree.ElementTree as ET
 
-    ome = ET.Element("OME", {
-        "xmlns": OME_XML_NS,
-        "xmlns:xsi": "http://www.w3.org/2001/XMLSchema-instance",
-        "xsi:schemaLocation": f"{OME_XML_NS} {OME_XML_NS}/ome.xsd",
-        "Creator": "livescope",
-    })
+    ome = ET.Element(
+        "OME",
+        {
+            "xmlns": OME_XML_NS,
+            "xmlns:xsi": "http://www.w3.org/2001/XMLSchema-instance",
+            "xsi:schemaLocation": f"{OME_XML_NS} {OME_XML_NS}/ome.xsd",
+            "Creator": "livescope",
+        },
+    )
     for im in images:
         name = str(im["path"])
         ms = im["ome"]["multiscales"][0]
@@ -971,8 +1019,11 @@ def _ome_xml(images: list[dict[str, Any]]) -> str:
         image = ET.SubElement(ome, "Image", {"ID": f"Image:{name}", "Name": name})
         pix = ET.SubElement(image, "Pixels", pixels)
         for i, ch in enumerate((im["ome"].get("omero") or {}).get("channels", [])[: int(size.get("c", 1))]):
-            ET.SubElement(pix, "Channel", {"ID": f"Channel:{name}:{i}", "Name": str(ch.get("label", f"channel {i}")),
-                                           "SamplesPerPixel": "1"})
+            ET.SubElement(
+                pix,
+                "Channel",
+                {"ID": f"Channel:{name}:{i}", "Name": str(ch.get("label", f"channel {i}")), "SamplesPerPixel": "1"},
+            )
         ET.SubElement(pix, "MetadataOnly")
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(ome, encoding="unicode") + "\n"
 
@@ -985,9 +1036,14 @@ def _write_collection(root: Path, images: list[dict[str, Any]]) -> dict[str, Any
     (root / "OME").mkdir(exist_ok=True)
     # OME/ first: a reader that sees the root's marker finds the series it points to
     _atomic_write_text(root / "OME" / "METADATA.ome.xml", _ome_xml(images))
-    _atomic_write_json(root / "OME" / "zarr.json", {
-        "zarr_format": 3, "node_type": "group",
-        "attributes": {"ome": {"version": NGFF_VERSION, "series": [str(im["path"]) for im in images]}}})
+    _atomic_write_json(
+        root / "OME" / "zarr.json",
+        {
+            "zarr_format": 3,
+            "node_type": "group",
+            "attributes": {"ome": {"version": NGFF_VERSION, "series": [str(im["path"]) for im in images]}},
+        },
+    )
     ome["bioformats2raw.layout"] = BF2RAW_LAYOUT
     raws = [im for im in images if im.get("product") == "raw"]
     if raws:

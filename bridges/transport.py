@@ -217,8 +217,9 @@ class FramePublisher:
                 return True
         except zmq.Again:
             pass
-        log.warning("stream %r: the end marker could not be handed over within %.1f s (no daemon?)",
-                    self.stream, timeout_s)
+        log.warning(
+            "stream %r: the end marker could not be handed over within %.1f s (no daemon?)", self.stream, timeout_s
+        )
         return False
 
     def close(self, linger_s: float = 5.0) -> None:
@@ -255,9 +256,17 @@ class FrameReceiver:
     (:func:`~livescope.bridges.auth.private_ipc_address`), since it takes frames without keys.
     """
 
-    def __init__(self, address: str, *, bind: bool = True, hwm: int = 64, context: zmq.Context | None = None,
-                 curve: CurveServer | CurveClient | None = None, private: str | None = None,
-                 max_message_bytes: int = MAX_MESSAGE_PART_BYTES):
+    def __init__(
+        self,
+        address: str,
+        *,
+        bind: bool = True,
+        hwm: int = 64,
+        context: zmq.Context | None = None,
+        curve: CurveServer | CurveClient | None = None,
+        private: str | None = None,
+        max_message_bytes: int = MAX_MESSAGE_PART_BYTES,
+    ):
         self.address = address
         self._private = private if bind else None
         # a socket that binds takes the server's keys (module doc); a connecting one only secures itself
@@ -384,8 +393,9 @@ class FrameReceiver:
         array = self._shm.read(frame.header)  # a copy: the slot is released at once
         shape, dtype = frame.header["shape"], np.dtype(frame.header["dtype"])
         if array.dtype != dtype or list(array.shape) != list(shape):
-            raise ProtocolError("size_mismatch",
-                                f"shm slot holds {array.shape} {array.dtype}, header says {shape} {dtype}")
+            raise ProtocolError(
+                "size_mismatch", f"shm slot holds {array.shape} {array.dtype}, header says {shape} {dtype}"
+            )
         return dataclasses.replace(frame, array=array)  # keeps when it arrived and what its header cost
 
     def _track_seq(self, frame: Frame, leftover: bool = False) -> bool:
@@ -440,7 +450,7 @@ class FrameReceiver:
         self._sock.close(linger=0)
         if self._private and self._private.startswith("ipc://"):
             try:  # libzmq leaves the socket file behind
-                os.unlink(self._private[len("ipc://"):])
+                os.unlink(self._private[len("ipc://") :])
             except OSError:
                 pass
         if self._shm is not None:
@@ -456,8 +466,10 @@ class FrameReceiver:
             parts = self._sock.recv_multipart(copy=False)
             self._decode(parts, leftover=True)  # validated, and an shm slot is released
         if self.dropped_at_close > before:
-            log.warning("%d frame(s) still queued at close were dropped (call drain() before close)",
-                        self.dropped_at_close - before)
+            log.warning(
+                "%d frame(s) still queued at close were dropped (call drain() before close)",
+                self.dropped_at_close - before,
+            )
 
 
 class PreviewPublisher:
@@ -466,8 +478,9 @@ class PreviewPublisher:
     ``preview_size``^2 pixels each), so a slow viewer costs at most a few tens of MB and never
     slows the daemon; a smaller mark would drop the later products of every burst."""
 
-    def __init__(self, address: str, *, hwm: int = 32, context: zmq.Context | None = None,
-                 curve: CurveServer | None = None) -> None:
+    def __init__(
+        self, address: str, *, hwm: int = 32, context: zmq.Context | None = None, curve: CurveServer | None = None
+    ) -> None:
         self._curve = curve
         self._ctx = curve.acquire() if curve is not None else context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.PUB)
@@ -565,8 +578,16 @@ class RestoreClient:
     unusable, so it is recreated.
     """
 
-    def __init__(self, address: str, stream: str = "restore", *, timeout_s: float = 1.0,
-                 context: zmq.Context | None = None, curve: CurveClient | None = None, **defaults: Any) -> None:
+    def __init__(
+        self,
+        address: str,
+        stream: str = "restore",
+        *,
+        timeout_s: float = 1.0,
+        context: zmq.Context | None = None,
+        curve: CurveClient | None = None,
+        **defaults: Any,
+    ) -> None:
         self.address = address
         self._curve = curve
         self.stream = stream
@@ -588,8 +609,9 @@ class RestoreClient:
             self._sock.connect(self.address)
         return self._sock
 
-    def restore(self, array: np.ndarray, *, want: str | None = None, timeout_s: float | None = None,
-                **fields: Any) -> tuple[np.ndarray | None, Any]:
+    def restore(
+        self, array: np.ndarray, *, want: str | None = None, timeout_s: float | None = None, **fields: Any
+    ) -> tuple[np.ndarray | None, Any]:
         merged = {**self.defaults, **fields}
         merged.setdefault("time", time.time() - self._t0)
         if want:

@@ -103,9 +103,16 @@ class Chain:
     ``max_failures``: failures in a row before a live engine is disabled.
     """
 
-    def __init__(self, slots: Sequence[EngineSlot], spec: StreamSpec, *, strict: bool = True,
-                 state: Sequence[dict[str, Any]] | None = None, max_failures: int = 5,
-                 on_disable: Callable[[EngineSlot, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        slots: Sequence[EngineSlot],
+        spec: StreamSpec,
+        *,
+        strict: bool = True,
+        state: Sequence[dict[str, Any]] | None = None,
+        max_failures: int = 5,
+        on_disable: Callable[[EngineSlot, str], None] | None = None,
+    ) -> None:
         self.slots = list(slots)
         self.spec = spec
         self.strict = strict
@@ -120,8 +127,13 @@ class Chain:
                     import_first_frame_state(eng, st)
 
     @classmethod
-    def of(cls, engines: Sequence[str], params: dict[str, dict[str, Any]] | None, spec: StreamSpec,
-           state: Sequence[dict[str, Any]] | None = None) -> Chain:
+    def of(
+        cls,
+        engines: Sequence[str],
+        params: dict[str, dict[str, Any]] | None,
+        spec: StreamSpec,
+        state: Sequence[dict[str, Any]] | None = None,
+    ) -> Chain:
         """An offline chain (strict) of the named engines."""
         return cls(slots_for(engines, params), spec, strict=True, state=state)
 
@@ -154,8 +166,10 @@ class Chain:
 
     def first_frame_state(self) -> list[dict[str, Any]]:
         """Per engine, what it fixed on its first frame, for :class:`Chain` ``state=``."""
-        return [dict(e.export_state()) if isinstance(e := self.engines.get(s.name), CarriesState) else {}
-                for s in self.slots]
+        return [
+            dict(e.export_state()) if isinstance(e := self.engines.get(s.name), CarriesState) else {}
+            for s in self.slots
+        ]
 
     # -- one frame ---------------------------------------------------------------------------
     def run(self, frame: Any, info: FrameInfo) -> ChainResult:
@@ -171,8 +185,13 @@ class Chain:
             try:
                 out = engine.process(x, info)
                 if not self.strict:
-                    bad = [k for k, v in out.items() if isinstance(v, np.ndarray) and v.dtype.kind == "f"
-                           and not math.isfinite(float(v.sum(dtype=np.float64)))]
+                    bad = [
+                        k
+                        for k, v in out.items()
+                        if isinstance(v, np.ndarray)
+                        and v.dtype.kind == "f"
+                        and not math.isfinite(float(v.sum(dtype=np.float64)))
+                    ]
                     if bad:
                         raise FloatingPointError(f"non-finite values in {', '.join(bad)}")
             except Exception as exc:
@@ -236,16 +255,35 @@ def _plain(v: Any) -> Any:
     return str(v)
 
 
-def event_record(ev: dict[str, Any], *, seq: int, p: int, c: int, z: int | None, t: int, time_s: float,
-                 frame_shape: list[int], pixel_size_um: float | None, stream: str | None = None,
-                 stamp: bool = True) -> dict[str, Any]:
+def event_record(
+    ev: dict[str, Any],
+    *,
+    seq: int,
+    p: int,
+    c: int,
+    z: int | None,
+    t: int,
+    time_s: float,
+    frame_shape: list[int],
+    pixel_size_um: float | None,
+    stream: str | None = None,
+    stamp: bool = True,
+) -> dict[str, Any]:
     """An engine's event with what the chain's runner knows: which frame, where, when (live and
     offline alike). ``id`` is given by the event log (live) or when a run's events are put
     together, in frame order (offline); ``emitted`` is when it was computed (``stamp=False``:
     the live event log stamps it)."""
     rec: dict[str, Any] = {"emitted": time.time()} if stamp else {}
-    rec |= {"seq": seq, "p": p, "c": c, "z": z, "t": t, "time": time_s,
-           "frame_shape": frame_shape, "pixel_size_um": pixel_size_um}
+    rec |= {
+        "seq": seq,
+        "p": p,
+        "c": c,
+        "z": z,
+        "t": t,
+        "time": time_s,
+        "frame_shape": frame_shape,
+        "pixel_size_um": pixel_size_um,
+    }
     if stream is not None:
         rec["stream"] = stream
     return _plain({**rec, **ev})

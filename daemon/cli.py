@@ -34,8 +34,12 @@ def _setup_logging(verbose: int) -> None:
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engines", default=None, help="comma-separated engine chain, e.g. register,denoise,deconvolve")
-    p.add_argument("--param", action="append", metavar="ENGINE.NAME=VALUE",
-                   help="an engine parameter, e.g. deconvolve.iterations=2 (repeatable)")
+    p.add_argument(
+        "--param",
+        action="append",
+        metavar="ENGINE.NAME=VALUE",
+        help="an engine parameter, e.g. deconvolve.iterations=2 (repeatable)",
+    )
     g = p.add_argument_group("deconvolution PSF (see docs/deconvolution.md)")
     g.add_argument("--psf", help="measured PSF file (TIFF, 2-D or 3-D)")
     g.add_argument("--psf-sigma", type=float, help="Gaussian PSF sigma in pixels")
@@ -49,15 +53,26 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
 def _add_curve_options(p: argparse.ArgumentParser, *, daemon: bool = False) -> None:
     g = p.add_argument_group("ZeroMQ CURVE (docs/reliability.md#curve)")
     if daemon:
-        g.add_argument("--curve", action="store_true", default=None,
-                       help="CURVE on every socket, loopback too (closes previews and ingest to other users of "
-                       "the PC); always on for a non-loopback address")
-        g.add_argument("--curve-dir", default=None, help="the keys folder (server key pair + allowed/ client keys; "
-                       "default: see `livescope keys init`); implies --curve")
+        g.add_argument(
+            "--curve",
+            action="store_true",
+            default=None,
+            help="CURVE on every socket, loopback too (closes previews and ingest to other users of "
+            "the PC); always on for a non-loopback address",
+        )
+        g.add_argument(
+            "--curve-dir",
+            default=None,
+            help="the keys folder (server key pair + allowed/ client keys; "
+            "default: see `livescope keys init`); implies --curve",
+        )
     else:
         g.add_argument("--curve", action="store_true", help="the daemon runs CURVE: use the client keys")
-        g.add_argument("--curve-dir", default=None,
-                       help="folder with client.key_secret and the daemon's server.key; implies --curve")
+        g.add_argument(
+            "--curve-dir",
+            default=None,
+            help="folder with client.key_secret and the daemon's server.key; implies --curve",
+        )
 
 
 def _client_curve(args: argparse.Namespace) -> Any:
@@ -70,8 +85,17 @@ def _engine_params(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     from .config import parse_params
 
     params = parse_params(args.param)
-    dec = {k: v for k, v in (("psf", args.psf), ("psf_sigma", args.psf_sigma), ("na", args.na),
-                             ("wavelength_nm", args.wavelength), ("refractive_index", args.ri)) if v is not None}
+    dec = {
+        k: v
+        for k, v in (
+            ("psf", args.psf),
+            ("psf_sigma", args.psf_sigma),
+            ("na", args.na),
+            ("wavelength_nm", args.wavelength),
+            ("refractive_index", args.ri),
+        )
+        if v is not None
+    }
     if dec:
         params.setdefault("deconvolve", {}).update(dec)
     den = {k: v for k, v in (("model", args.model), ("backend", args.backend)) if v is not None}
@@ -96,58 +120,106 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the simulated microscope through the daemon, all engines, a live window")
     p.add_argument("--headless", action="store_true", help="no window: a progress bar, a summary and a PNG")
-    p.add_argument("--frames", type=int, default=None,
-                   help="time points to acquire (default 200 headless, 1000 with a window)")
+    p.add_argument(
+        "--frames", type=int, default=None, help="time points to acquire (default 200 headless, 1000 with a window)"
+    )
     p.add_argument("--out", default="livescope-demo.zarr", help="OME-Zarr output (replaced on each demo run)")
     p.add_argument("--png", default=None, help="summary picture (default OUT.png)")
-    p.add_argument("--engines", default=None,
-                   help=f"engine chain (default: those available of {','.join(DEMO_ENGINES)})")
+    p.add_argument(
+        "--engines", default=None, help=f"engine chain (default: those available of {','.join(DEMO_ENGINES)})"
+    )
     p.add_argument("--channels", type=int, default=1, choices=[1, 2], help="simulated channels")
     p.add_argument("--z", type=int, default=1, help="simulated z planes")
     p.add_argument("--size", type=int, default=256, help="simulated frame size (pixels)")
 
     p = sub.add_parser("daemon", help="run the daemon: ingest -> engines -> store and previews")
-    p.add_argument("--config", help="TOML file with daemon settings (docs/config.md), or with --source mmcore "
-                   "a Micro-Manager .cfg file")
-    p.add_argument("--source", default=None,
-                   help="sim | mmcore (runs the MDA in-process) | file:PATH | zmq[:ADDR] (bind --ingest) (default sim)")
+    p.add_argument(
+        "--config",
+        help="TOML file with daemon settings (docs/config.md), or with --source mmcore a Micro-Manager .cfg file",
+    )
+    p.add_argument(
+        "--source",
+        default=None,
+        help="sim | mmcore (runs the MDA in-process) | file:PATH | zmq[:ADDR] (bind --ingest) (default sim)",
+    )
     p.add_argument("--sequence", default=None, help="useq MDASequence YAML/JSON for --source sim/mmcore")
     _add_engine_options(p)
     p.add_argument("--out", default=None, help="OME-Zarr output folder (none: no saving)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out")
-    p.add_argument("--resume", action="store_true", default=None,
-                   help="add this run to an existing --out as new segments (after a crash too)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        default=None,
+        help="add this run to an existing --out as new segments (after a crash too)",
+    )
     p.add_argument("--ingest", default=None, help=f"frame socket to bind (default {DEFAULT_INGEST})")
     p.add_argument("--publish", default=None, help=f"preview socket to bind (default {DEFAULT_PUBLISH})")
     p.add_argument("--control", default=None, help=f"control socket to bind (default {DEFAULT_CONTROL})")
-    p.add_argument("--restore", default=None, help="bind a synchronous restore socket (e.g. tcp://127.0.0.1:5574) "
-                   "for capture-time hooks such as livescope.bridges.pycromanager.restore")
+    p.add_argument(
+        "--restore",
+        default=None,
+        help="bind a synchronous restore socket (e.g. tcp://127.0.0.1:5574) "
+        "for capture-time hooks such as livescope.bridges.pycromanager.restore",
+    )
     p.add_argument("--frames", type=int, default=None, help="stop after N time points (sim, file) or frames (zmq)")
     p.add_argument("--rate", type=float, default=None, dest="rate_fps", help="file replay rate in frames/s")
-    p.add_argument("--axes", default=None, help="file:PATH's axes, one letter per axis in the file's order (T, P "
-                   "position, C, Z, Y, X), where it does not say them or says them wrong, e.g. TZCYX")
-    p.add_argument("--pixel-size", type=float, default=None, dest="pixel_size_um",
-                   help="pixel size in um for streams whose frames do not say it (after binning)")
-    p.add_argument("--z-step", type=float, default=None, dest="z_step_um",
-                   help="z step in um for streams whose frames do not say it")
-    p.add_argument("--compress", action="store_true", default=None, dest="compress_raw",
-                   help="blosc zstd + bitshuffle on raw (lossless)")
+    p.add_argument(
+        "--axes",
+        default=None,
+        help="file:PATH's axes, one letter per axis in the file's order (T, P "
+        "position, C, Z, Y, X), where it does not say them or says them wrong, e.g. TZCYX",
+    )
+    p.add_argument(
+        "--pixel-size",
+        type=float,
+        default=None,
+        dest="pixel_size_um",
+        help="pixel size in um for streams whose frames do not say it (after binning)",
+    )
+    p.add_argument(
+        "--z-step",
+        type=float,
+        default=None,
+        dest="z_step_um",
+        help="z step in um for streams whose frames do not say it",
+    )
+    p.add_argument(
+        "--compress",
+        action="store_true",
+        default=None,
+        dest="compress_raw",
+        help="blosc zstd + bitshuffle on raw (lossless)",
+    )
     p.add_argument("--float16", action="store_true", default=None, help="save products as float16")
     p.add_argument("--no-products", action="store_true", help="save raw only")
-    p.add_argument("--save-live", action="store_true", default=None,
-                   help="also save Micro-Manager live-mode and snap streams (by default they are restored and "
-                        "previewed, not saved)")
+    p.add_argument(
+        "--save-live",
+        action="store_true",
+        default=None,
+        help="also save Micro-Manager live-mode and snap streams (by default they are restored and "
+        "previewed, not saved)",
+    )
     p.add_argument("--fsync", action="store_true", default=None, help="fsync every shard (power-loss safety, slower)")
-    p.add_argument("--calibration", default=None, metavar="CAL.json",
-                   help="camera noise calibration from `livescope calibrate --out` (gain, offset, read "
-                        "noise): the denoiser's normalisation and the trust checks use it")
-    p.add_argument("--memory-budget", type=float, default=None, dest="memory_budget_mb",
-                   help="MB of frames buffered for the store before frames are recorded lost (default 1024)")
+    p.add_argument(
+        "--calibration",
+        default=None,
+        metavar="CAL.json",
+        help="camera noise calibration from `livescope calibrate --out` (gain, offset, read "
+        "noise): the denoiser's normalisation and the trust checks use it",
+    )
+    p.add_argument(
+        "--memory-budget",
+        type=float,
+        default=None,
+        dest="memory_budget_mb",
+        help="MB of frames buffered for the store before frames are recorded lost (default 1024)",
+    )
     p.add_argument("--sim-channels", type=int, default=None, choices=[1, 2])
     p.add_argument("--sim-z", type=int, default=None)
     p.add_argument("--sim-size", type=int, default=None)
-    p.add_argument("--sim-interval", type=float, default=None, dest="sim_interval_s",
-                   help="seconds between time points")
+    p.add_argument(
+        "--sim-interval", type=float, default=None, dest="sim_interval_s", help="seconds between time points"
+    )
     p.add_argument("--sim-drift", type=float, nargs=2, default=None, metavar=("DY", "DX"), help="sample drift px/frame")
     p.add_argument("--progress", action="store_true", help="a progress bar (with --frames)")
     _add_curve_options(p, daemon=True)
@@ -166,11 +238,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--frames", type=int, default=None)
     p.add_argument("--no-raw", action="store_true", help="do not copy the raw frames into the output")
-    p.add_argument("--axes", default=None, help="the input's axes, one letter per axis in the file's order (T, "
-                   "P position, C, Z, Y, X), where it does not say them or says them wrong, e.g. TZCYX")
+    p.add_argument(
+        "--axes",
+        default=None,
+        help="the input's axes, one letter per axis in the file's order (T, "
+        "P position, C, Z, Y, X), where it does not say them or says them wrong, e.g. TZCYX",
+    )
     g = p.add_argument_group("scale (dask.distributed; see docs/process.md)")
-    g.add_argument("--workers", type=int, default=None,
-                   help="local Dask workers (default: one per core, up to 4; 0 = no Dask, one process)")
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="local Dask workers (default: one per core, up to 4; 0 = no Dask, one process)",
+    )
     g.add_argument("--scheduler", default=None, help="an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (HPC, k8s)")
     g.add_argument("--chunk-t", type=int, default=None, help="time points per task")
     g.add_argument("--tile", type=int, default=None, help="spatial tile size in pixels (engines that allow tiling)")
@@ -183,33 +263,56 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--interval", type=float, default=None, help="seconds between time points")
     _add_engine_options(p)
 
-    p = sub.add_parser("fit", help="fit a model on your own data (self-supervised): denoising (default), the "
-                       "learned decomposition (--task decompose) or deconvolution (--task deconvolve|restore), "
-                       "from a file or live")
+    p = sub.add_parser(
+        "fit",
+        help="fit a model on your own data (self-supervised): denoising (default), the "
+        "learned decomposition (--task decompose) or deconvolution (--task deconvolve|restore), "
+        "from a file or live",
+    )
     p.add_argument("input", nargs="?", help="a TIFF / OME-Zarr movie or frame (omit with --live)")
     p.add_argument("--out", help="the model file to write (.lsm)")
     p.add_argument("--live", action="store_true", help="fit on the running daemon's stream and hot-swap the model")
     p.add_argument("--control", default=DEFAULT_CONTROL, help="with --live: the daemon's control socket")
-    p.add_argument("--task", choices=("denoise", "decompose", "deconvolve", "restore"), default="denoise",
-                   help="decompose: the learned multi-lag predictors (docs/decomposition.md); deconvolve / "
-                   "restore: a network taught by WB-RL with your PSF (docs/learned_deconvolution.md)")
-    p.add_argument("--engine", default=None, help="with --live: the daemon's engine to fit for (default: the "
-                   "task's name: denoise, deconvolve or restore)")
+    p.add_argument(
+        "--task",
+        choices=("denoise", "decompose", "deconvolve", "restore"),
+        default="denoise",
+        help="decompose: the learned multi-lag predictors (docs/decomposition.md); deconvolve / "
+        "restore: a network taught by WB-RL with your PSF (docs/learned_deconvolution.md)",
+    )
+    p.add_argument(
+        "--engine",
+        default=None,
+        help="with --live: the daemon's engine to fit for (default: the task's name: denoise, deconvolve or restore)",
+    )
     p.add_argument("--lags", default="1,2,4,8", help="with --task decompose: the lags, in frames")
-    p.add_argument("--frames", type=int, default=None,
-                   help="frames to fit on (live: the next N frames; default 32, 400 for --task decompose)")
+    p.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help="frames to fit on (live: the next N frames; default 32, 400 for --task decompose)",
+    )
     p.add_argument("--steps", type=int, default=None, help="default 400 (denoise, deconvolve), 1000 (decompose)")
     p.add_argument("--seconds", type=float, default=600.0, help="time budget")
     p.add_argument("--from-model", default=None, help="continue from this model (default: the shipped one)")
     p.add_argument("--clean", default=None, help="supervised: clean images to crappify (PSSR-style)")
     p.add_argument("--past-frames", type=int, default=0, help="k past frames as extra input channels (new model)")
-    g = p.add_argument_group("with --task deconvolve / restore: the teacher's PSF and settings (file fits; live "
-                             "fits take the running engine's)")
-    g.add_argument("--psf", help="measured PSF (TIFF of a bead, 2-D or 3-D) or .npy of one PSF or a grid "
-                   "(ny, nx, ky, kx) of per-region PSFs")
+    g = p.add_argument_group(
+        "with --task deconvolve / restore: the teacher's PSF and settings (file fits; live "
+        "fits take the running engine's)"
+    )
+    g.add_argument(
+        "--psf",
+        help="measured PSF (TIFF of a bead, 2-D or 3-D) or .npy of one PSF or a grid "
+        "(ny, nx, ky, kx) of per-region PSFs",
+    )
     g.add_argument("--psf-sigma", type=float, help="Gaussian PSF sigma in pixels (default 1.5)")
-    g.add_argument("--psf-sigma-corner", type=float, help="field-varying blur: the Gaussian sigma in the corners "
-                   "(it grows with the squared distance from the centre, where it is --psf-sigma)")
+    g.add_argument(
+        "--psf-sigma-corner",
+        type=float,
+        help="field-varying blur: the Gaussian sigma in the corners "
+        "(it grows with the squared distance from the centre, where it is --psf-sigma)",
+    )
     g.add_argument("--psf-regions", type=int, default=3, help="with --psf-sigma-corner: regions per axis (default 3)")
     g.add_argument("--na", type=float, help="numerical aperture (widefield PSF model; needs --pixel-size)")
     g.add_argument("--wavelength", type=float, default=520.0, help="emission wavelength in nm (widefield model)")
@@ -217,8 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pixel-size", type=float, default=None, help="pixel size in um (default: the movie's)")
     g.add_argument("--teacher", choices=("wb", "rl"), default="wb", help="the classical teacher (default wb)")
     g.add_argument("--teacher-iterations", type=int, default=None, help="its iterations (default 2 for wb, 3 for rl)")
-    g.add_argument("--restore-window", type=int, default=5,
-                   help="with --task restore: frames averaged for the teacher (the scene must be still over them)")
+    g.add_argument(
+        "--restore-window",
+        type=int,
+        default=5,
+        help="with --task restore: frames averaged for the teacher (the scene must be still over them)",
+    )
     _add_curve_options(p)
 
     p = sub.add_parser("compile", help="build a TensorRT engine for a model ahead of time (NVIDIA GPU)")
@@ -242,8 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("keys", help="ZeroMQ CURVE keys: needed to bind other addresses than loopback, or --curve")
     ks = p.add_subparsers(dest="keys_command", required=True)
     k = ks.add_parser("init", help="make a server key pair, a client key pair and an allow-list with that client")
-    k.add_argument("--dir", default=None, help="the keys folder (default: $LIVESCOPE_KEYS_DIR, else "
-                   "~/.config/livescope/keys, %%APPDATA%%\\livescope\\keys on Windows)")
+    k.add_argument(
+        "--dir",
+        default=None,
+        help="the keys folder (default: $LIVESCOPE_KEYS_DIR, else "
+        "~/.config/livescope/keys, %%APPDATA%%\\livescope\\keys on Windows)",
+    )
     k.add_argument("--force", action="store_true", help="replace existing keys (clients holding old keys are refused)")
     k = ks.add_parser("client", help="make a client key pair only (on a viewer's or a camera's machine)")
     k.add_argument("--dir", default=None)
@@ -333,13 +444,17 @@ def run_daemon(cfg: Any, *, progress: bool = False, on_started: Any = None) -> d
 def _print_summary(summary: dict[str, Any]) -> None:
     f = summary["frames"]
     skipped = ", ".join(f"{k} {v}" for k, v in (f["skipped"] or {}).items()) or "none"
-    print(f"frames: received {f['received']}, saved {f['saved']}, lost {f['lost']}, "
-          f"rejected {f['rejected']}; skipped under load (raw keeps them): {skipped}")
+    print(
+        f"frames: received {f['received']}, saved {f['saved']}, lost {f['lost']}, "
+        f"rejected {f['rejected']}; skipped under load (raw keeps them): {skipped}"
+    )
     for name, e in summary["engines"].items():
         lat = e["latency"]
         state = "on" if e["enabled"] else f"off ({e['reason']})"
-        print(f"engine {name:11s} {state}: processed {e['processed']}, "
-              f"p50 {lat.get('p50_ms', float('nan')):.1f} ms, p99 {lat.get('p99_ms', float('nan')):.1f} ms")
+        print(
+            f"engine {name:11s} {state}: processed {e['processed']}, "
+            f"p50 {lat.get('p50_ms', float('nan')):.1f} ms, p99 {lat.get('p99_ms', float('nan')):.1f} ms"
+        )
     if summary.get("store"):
         s = summary["store"]
         print(f"store: {s['path']} ({s['bytes_written'] / 2**20:.1f} MB written; images: {', '.join(s['images'])})")
@@ -360,22 +475,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
         engines = [e for e in DEMO_ENGINES if e in have]
     frames = args.frames or (200 if headless else 1000)
     cfg = DaemonConfig(
-        source="sim", engines=engines, out=Path(args.out), overwrite=True, frames=frames,
-        ingest=free_tcp_address(), publish=free_tcp_address(), control=free_tcp_address(),
-        sim_shape=(args.size, args.size), sim_channels=("GFP", "mCherry")[: args.channels], sim_z=args.z,
-        sim_interval_s=0.05, sim_drift=(0.02, -0.015),
+        source="sim",
+        engines=engines,
+        out=Path(args.out),
+        overwrite=True,
+        frames=frames,
+        ingest=free_tcp_address(),
+        publish=free_tcp_address(),
+        control=free_tcp_address(),
+        sim_shape=(args.size, args.size),
+        sim_channels=("GFP", "mCherry")[: args.channels],
+        sim_z=args.z,
+        sim_interval_s=0.05,
+        sim_drift=(0.02, -0.015),
     )
-    cfg = validate_config(cfg, {"engines": "--engines", "frames": "--frames", "sim_shape": "--size",
-                                "sim_z": "--z", "out": "--out"})
-    print(f"livescope demo: simulated microscope, {frames} time points of {args.size}x{args.size}, "
-          f"engines: {', '.join(engines) or 'none'}; saving to {cfg.out}")
+    cfg = validate_config(
+        cfg, {"engines": "--engines", "frames": "--frames", "sim_shape": "--size", "sim_z": "--z", "out": "--out"}
+    )
+    print(
+        f"livescope demo: simulated microscope, {frames} time points of {args.size}x{args.size}, "
+        f"engines: {', '.join(engines) or 'none'}; saving to {cfg.out}"
+    )
     viewer = None
 
     def _start_viewer(pipeline: Any) -> None:
         nonlocal viewer
         if not headless:
-            viewer = subprocess.Popen([sys.executable, "-m", "livescope.ui.viewer", "--connect", str(cfg.publish),
-                                       "--control", str(cfg.control)])
+            viewer = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "livescope.ui.viewer",
+                    "--connect",
+                    str(cfg.publish),
+                    "--control",
+                    str(cfg.control),
+                ]
+            )
 
     t0 = time.perf_counter()
     summary = run_daemon(cfg, progress=headless, on_started=_start_viewer)
@@ -384,8 +520,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _print_summary(summary)
     png = Path(args.png) if args.png else Path(str(cfg.out).rstrip("/\\") + ".png")
     try:
-        subprocess.run([sys.executable, "-m", "livescope.ui.snapshot", str(cfg.out), str(png)], check=True,
-                       env={**os.environ, **({"QT_QPA_PLATFORM": "offscreen"} if headless else {})})
+        subprocess.run(
+            [sys.executable, "-m", "livescope.ui.snapshot", str(cfg.out), str(png)],
+            check=True,
+            env={**os.environ, **({"QT_QPA_PLATFORM": "offscreen"} if headless else {})},
+        )
         print(f"picture of the last frame of each product: {png}")
     except subprocess.CalledProcessError as exc:
         print(f"could not write the summary picture ({exc}); install the ui extra: pip install 'livescope[ui]'")
@@ -396,10 +535,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # the `livescope daemon` option of each setting whose option is not --SETTING-NAME (for errors)
-DAEMON_FLAGS = {"mm_config": "--config", "engine_params": "--param", "rate_fps": "--rate",
-                "pixel_size_um": "--pixel-size", "z_step_um": "--z-step", "compress_raw": "--compress",
-                "memory_budget_mb": "--memory-budget", "sim_interval_s": "--sim-interval",
-                "sim_shape": "--sim-size", "save_products": "--no-products", "source": "--source"}
+DAEMON_FLAGS = {
+    "mm_config": "--config",
+    "engine_params": "--param",
+    "rate_fps": "--rate",
+    "pixel_size_um": "--pixel-size",
+    "z_step_um": "--z-step",
+    "compress_raw": "--compress",
+    "memory_budget_mb": "--memory-budget",
+    "sim_interval_s": "--sim-interval",
+    "sim_shape": "--sim-size",
+    "save_products": "--no-products",
+    "source": "--source",
+}
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
@@ -410,13 +558,31 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     if source and source.startswith("zmq:"):
         ingest, source = source[4:], "zmq"
     overrides: dict[str, Any] = dict(
-        source=source, engines=_engines(args.engines), engine_params=_engine_params(args), out=args.out,
-        overwrite=args.overwrite, resume=args.resume, ingest=ingest, publish=args.publish, control=args.control,
-        frames=args.frames, restore=args.restore, rate_fps=args.rate_fps, pixel_size_um=args.pixel_size_um,
-        z_step_um=args.z_step_um, compress_raw=args.compress_raw, float16=args.float16, save_live=args.save_live,
-        fsync=args.fsync, memory_budget_mb=args.memory_budget_mb, calibration=args.calibration, sim_z=args.sim_z,
+        source=source,
+        engines=_engines(args.engines),
+        engine_params=_engine_params(args),
+        out=args.out,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        ingest=ingest,
+        publish=args.publish,
+        control=args.control,
+        frames=args.frames,
+        restore=args.restore,
+        rate_fps=args.rate_fps,
+        pixel_size_um=args.pixel_size_um,
+        z_step_um=args.z_step_um,
+        compress_raw=args.compress_raw,
+        float16=args.float16,
+        save_live=args.save_live,
+        fsync=args.fsync,
+        memory_budget_mb=args.memory_budget_mb,
+        calibration=args.calibration,
+        sim_z=args.sim_z,
         sim_interval_s=args.sim_interval_s,
-        sim_drift=tuple(args.sim_drift) if args.sim_drift else None, curve=args.curve, curve_dir=args.curve_dir,
+        sim_drift=tuple(args.sim_drift) if args.sim_drift else None,
+        curve=args.curve,
+        curve_dir=args.curve_dir,
     )
     if args.axes:  # file replay only; DaemonConfig.axes
         overrides["axes"] = args.axes
@@ -433,10 +599,26 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     cfg = load_config(toml_config, flags=DAEMON_FLAGS, **overrides)
     if cfg.source == "zmq":
         cfg.exit_on_end = False
-    log.info("daemon: source %s, engines %s, ingest %s, previews %s, control %s", cfg.source, cfg.engines,
-             cfg.ingest, cfg.publish, cfg.control)
-    print(json.dumps({"ingest": cfg.ingest, "publish": cfg.publish, "control": cfg.control,
-                      "out": str(cfg.out) if cfg.out else None, "curve": cfg.wants_curve()}), flush=True)
+    log.info(
+        "daemon: source %s, engines %s, ingest %s, previews %s, control %s",
+        cfg.source,
+        cfg.engines,
+        cfg.ingest,
+        cfg.publish,
+        cfg.control,
+    )
+    print(
+        json.dumps(
+            {
+                "ingest": cfg.ingest,
+                "publish": cfg.publish,
+                "control": cfg.control,
+                "out": str(cfg.out) if cfg.out else None,
+                "curve": cfg.wants_curve(),
+            }
+        ),
+        flush=True,
+    )
     summary = run_daemon(cfg, progress=args.progress)
     _print_summary(summary)
     return 0
@@ -445,26 +627,45 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 def cmd_view(args: argparse.Namespace) -> int:
     from ..ui.viewer import run_viewer
 
-    return run_viewer(args.connect, args.control, screenshot=args.screenshot, seconds=args.seconds,
-                      settings_path=args.settings, curve=_client_curve(args))
+    return run_viewer(
+        args.connect,
+        args.control,
+        screenshot=args.screenshot,
+        seconds=args.seconds,
+        settings_path=args.settings,
+        curve=_client_curve(args),
+    )
 
 
 def cmd_process(args: argparse.Namespace) -> int:
     from .process import process_file
 
     engines = _engines(args.engines) or []
-    result = process_file(args.input, args.out, engines, _engine_params(args), overwrite=args.overwrite,
-                          save_raw=not args.no_raw, frames=args.frames, workers=args.workers,
-                          scheduler=args.scheduler, chunk_t=args.chunk_t, tile=args.tile, resume=args.resume,
-                          memory_limit=args.memory_limit, processes=not args.threads,
-                          sampling={"pixel_size_um": args.pixel_size, "z_step_um": args.z_step,
-                                    "interval_s": args.interval}, axes=args.axes)
+    result = process_file(
+        args.input,
+        args.out,
+        engines,
+        _engine_params(args),
+        overwrite=args.overwrite,
+        save_raw=not args.no_raw,
+        frames=args.frames,
+        workers=args.workers,
+        scheduler=args.scheduler,
+        chunk_t=args.chunk_t,
+        tile=args.tile,
+        resume=args.resume,
+        memory_limit=args.memory_limit,
+        processes=not args.threads,
+        sampling={"pixel_size_um": args.pixel_size, "z_step_um": args.z_step, "interval_s": args.interval},
+        axes=args.axes,
+    )
     print(json.dumps(result, indent=1))
     return 0
 
 
-def _control_request(address: str, cmd: str, timeout_s: float = 3.0, indent: int | None = None,
-                     curve: Any = None) -> int:
+def _control_request(
+    address: str, cmd: str, timeout_s: float = 3.0, indent: int | None = None, curve: Any = None
+) -> int:
     """One control command, its JSON reply printed; a daemon that does not answer says how to fix it."""
     from .control import ControlClient, ControlTimeout
 
@@ -492,17 +693,21 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     if args.keys_command == "init":
         made = auth.init_keys(args.dir, overwrite=args.force)
-        print(f"CURVE keys in {made['folder']} (folder and secret keys readable only by you):\n"
-              f"  server: {made['server_secret'].name} (secret, stays here), {made['server_public'].name} (public)\n"
-              f"  client: {made['client_secret'].name} + {made['client_public'].name}, allowed in {made['allowed']}\n"
-              "A client on another machine needs client.key_secret and server.key in its own keys folder "
-              "(--curve-dir). Allow more clients with `livescope keys allow CLIENT.key`. Then run "
-              "`livescope daemon --curve` (or bind a non-loopback address).")
+        print(
+            f"CURVE keys in {made['folder']} (folder and secret keys readable only by you):\n"
+            f"  server: {made['server_secret'].name} (secret, stays here), {made['server_public'].name} (public)\n"
+            f"  client: {made['client_secret'].name} + {made['client_public'].name}, allowed in {made['allowed']}\n"
+            "A client on another machine needs client.key_secret and server.key in its own keys folder "
+            "(--curve-dir). Allow more clients with `livescope keys allow CLIENT.key`. Then run "
+            "`livescope daemon --curve` (or bind a non-loopback address)."
+        )
     elif args.keys_command == "client":
         public, secret = auth.make_client_keys(args.dir, overwrite=args.force)
-        print(f"client keys: {secret} (secret, stays on this machine) and {public}. Copy {public.name} to the "
-              "daemon's PC and run `livescope keys allow client.key --name NAME` there; copy the daemon's "
-              f"server.key into {public.parent}.")
+        print(
+            f"client keys: {secret} (secret, stays on this machine) and {public}. Copy {public.name} to the "
+            "daemon's PC and run `livescope keys allow client.key --name NAME` there; copy the daemon's "
+            f"server.key into {public.parent}."
+        )
     else:
         dest = auth.allow_client(args.public_key, args.dir, name=args.name)
         print(f"allowed: {dest} (running daemons pick it up at the client's next connection)")
@@ -523,9 +728,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.steps is None:
         args.steps = 1000 if decompose else 400
     if args.live and decompose:
-        print("livescope fit --live --task decompose: the decompose engine fits on the live stream by "
-              "itself; run the daemon with --param decompose.method=learned (docs/decomposition.md)",
-              file=sys.stderr)
+        print(
+            "livescope fit --live --task decompose: the decompose engine fits on the live stream by "
+            "itself; run the daemon with --param decompose.method=learned (docs/decomposition.md)",
+            file=sys.stderr,
+        )
         return 2
     if args.live:
         return _fit_live(args)
@@ -548,14 +755,23 @@ def cmd_fit(args: argparse.Namespace) -> int:
         cdata, _, _ = read_movie(args.clean)
         clean = [np.asarray(c, dtype=np.float32) for c in cdata]
     base = modelfile.load(args.from_model) if args.from_model or args.past_frames == 0 else None
-    result = fitting.fit(arr.astype(np.float32), model=base, past_frames=args.past_frames, steps=args.steps,
-                         time_budget_s=args.seconds, clean=clean, description=f"livescope fit {args.input}")
+    result = fitting.fit(
+        arr.astype(np.float32),
+        model=base,
+        past_frames=args.past_frames,
+        steps=args.steps,
+        time_budget_s=args.seconds,
+        clean=clean,
+        description=f"livescope fit {args.input}",
+    )
     out = result.model.save(args.out)
     losses = result.losses
     curve = Path(str(out) + ".loss.csv")
     curve.write_text("step,loss\n" + "".join(f"{i},{v:.6g}\n" for i, v in enumerate(losses)))
-    print(f"model written to {out} ({len(losses)} steps in {result.seconds:.0f} s; loss "
-          f"{losses[0]:.4g} -> {min(losses[-20:]):.4g}; curve in {curve})")
+    print(
+        f"model written to {out} ({len(losses)} steps in {result.seconds:.0f} s; loss "
+        f"{losses[0]:.4g} -> {min(losses[-20:]):.4g}; curve in {curve})"
+    )
     return 0
 
 
@@ -582,18 +798,26 @@ def _fit_decompose(args: argparse.Namespace) -> int:
     arr = _fit_frames(args)
     lags = [int(v) for v in str(args.lags).split(",") if v.strip()]
     with tqdm(total=args.steps, desc="fitting the multi-lag predictors", unit="step") as bar:
+
         def progress(step: int, steps: int, loss: float) -> None:
             bar.n = step
             bar.set_postfix(loss=f"{loss:.4g}", refresh=True)
 
-        model = fit_multilag(arr.astype(np.float32), lags=lags, steps=args.steps,
-                             time_budget_s=args.seconds, progress=progress,
-                             metadata={"description": f"livescope fit --task decompose {args.input}"})
+        model = fit_multilag(
+            arr.astype(np.float32),
+            lags=lags,
+            steps=args.steps,
+            time_budget_s=args.seconds,
+            progress=progress,
+            metadata={"description": f"livescope fit --task decompose {args.input}"},
+        )
     out = model.save(args.out)
     t = model.metadata["training"]
-    print(f"model written to {out} ({t['steps']} steps in {t['seconds']:.0f} s, lags {lags}, loss "
-          f"{t['final_loss']:.4g}); use it with --param decompose.method=learned "
-          f"--param decompose.model={out}")
+    print(
+        f"model written to {out} ({t['steps']} steps in {t['seconds']:.0f} s, lags {lags}, loss "
+        f"{t['final_loss']:.4g}); use it with --param decompose.method=learned "
+        f"--param decompose.model={out}"
+    )
     return 0
 
 
@@ -614,9 +838,16 @@ def _fit_deconvolution(args: argparse.Namespace) -> int:
     arr = arr.reshape(arr.shape[0], -1, *arr.shape[-2:])  # (t, planes, y, x)
     stacks = [arr[:, z] for z in range(arr.shape[1])]  # one time-lapse per plane
     psf, what = psf_from_options(
-        arr.shape[-2:], psf=args.psf, psf_sigma=args.psf_sigma, psf_sigma_corner=args.psf_sigma_corner,
-        regions=args.psf_regions, na=args.na, wavelength_nm=args.wavelength, refractive_index=args.ri,
-        pixel_size_um=args.pixel_size or info.get("pixel_size_um"))
+        arr.shape[-2:],
+        psf=args.psf,
+        psf_sigma=args.psf_sigma,
+        psf_sigma_corner=args.psf_sigma_corner,
+        regions=args.psf_regions,
+        na=args.na,
+        wavelength_nm=args.wavelength,
+        refractive_index=args.ri,
+        pixel_size_um=args.pixel_size or info.get("pixel_size_um"),
+    )
     teacher: dict[str, Any] = {"method": args.teacher}
     if args.teacher_iterations is not None:
         teacher["iterations"] = args.teacher_iterations
@@ -624,23 +855,37 @@ def _fit_deconvolution(args: argparse.Namespace) -> int:
         teacher["iterations"] = 3  # early-stopped RL measured best at low photon counts (docs)
     base = modelfile.load(args.from_model) if args.from_model else None
     with tqdm(total=args.steps, desc=f"fitting ({args.task}, teacher {args.teacher})", unit="step") as bar:
+
         def progress(step: int, loss: float) -> None:
             bar.n = step + 1
             bar.set_postfix(loss=f"{loss:.4g}", refresh=step % 10 == 0)
 
-        result = fit_deconvolution(stacks if len(stacks) > 1 else stacks[0], psf=psf, teacher_params=teacher,
-                                   task=args.task, steps=args.steps, time_budget_s=args.seconds, model=base,
-                                   restore_window=args.restore_window, callback=progress,
-                                   description=f"livescope fit --task {args.task} {args.input}; PSF: {what}")
+        result = fit_deconvolution(
+            stacks if len(stacks) > 1 else stacks[0],
+            psf=psf,
+            teacher_params=teacher,
+            task=args.task,
+            steps=args.steps,
+            time_budget_s=args.seconds,
+            model=base,
+            restore_window=args.restore_window,
+            callback=progress,
+            description=f"livescope fit --task {args.task} {args.input}; PSF: {what}",
+        )
     out = result.model.save(args.out)
     losses = result.losses
     curve = Path(str(out) + ".loss.csv")
     curve.write_text("step,loss\n" + "".join(f"{i},{v:.6g}\n" for i, v in enumerate(losses)))
-    use = (f"--engines restore --param restore.model={out}" if args.task == "restore"
-           else f"--param deconvolve.method=net --param deconvolve.model={out}")
-    print(f"model written to {out} ({len(losses)} steps in {result.seconds:.0f} s; loss {losses[0]:.4g} -> "
-          f"{min(losses[-20:]):.4g}; PSF: {what}; consistency threshold "
-          f"{result.model.metadata['consistency']['threshold']:.3g}; curve in {curve}); use it with {use}")
+    use = (
+        f"--engines restore --param restore.model={out}"
+        if args.task == "restore"
+        else f"--param deconvolve.method=net --param deconvolve.model={out}"
+    )
+    print(
+        f"model written to {out} ({len(losses)} steps in {result.seconds:.0f} s; loss {losses[0]:.4g} -> "
+        f"{min(losses[-20:]):.4g}; PSF: {what}; consistency threshold "
+        f"{result.model.metadata['consistency']['threshold']:.3g}; curve in {curve}); use it with {use}"
+    )
     return 0
 
 
@@ -652,8 +897,9 @@ def _fit_live(args: argparse.Namespace) -> int:
     client = ControlClient(args.control, timeout_s=5.0, curve=_client_curve(args))
     try:
         engine = args.engine or args.task
-        reply = client.request("fit", engine=engine, task=args.task, frames=args.frames, steps=args.steps,
-                               seconds=args.seconds)
+        reply = client.request(
+            "fit", engine=engine, task=args.task, frames=args.frames, steps=args.steps, seconds=args.seconds
+        )
         if not reply.get("ok"):
             print(f"livescope fit --live: {reply.get('error')}", file=sys.stderr)
             return 2
@@ -662,8 +908,12 @@ def _fit_live(args: argparse.Namespace) -> int:
             fit = client.status().get("fit") or {}
             bar.n = fit.get("step", 0)
             losses = fit.get("loss_curve") or []
-            bar.set_postfix(state=fit.get("state"), collected=fit.get("collected"),
-                            loss=f"{losses[-1]:.4g}" if losses else "-", refresh=False)
+            bar.set_postfix(
+                state=fit.get("state"),
+                collected=fit.get("collected"),
+                loss=f"{losses[-1]:.4g}" if losses else "-",
+                refresh=False,
+            )
             bar.refresh()
             if fit.get("state") in ("done", "failed"):
                 break
@@ -698,9 +948,19 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "daemon": cmd_daemon, "view": cmd_view, "process": cmd_process,
-            "status": cmd_status, "stop": cmd_stop, "recover": cmd_recover, "fit": cmd_fit,
-            "compile": cmd_compile, "calibrate": cmd_calibrate, "keys": cmd_keys}
+COMMANDS = {
+    "demo": cmd_demo,
+    "daemon": cmd_daemon,
+    "view": cmd_view,
+    "process": cmd_process,
+    "status": cmd_status,
+    "stop": cmd_stop,
+    "recover": cmd_recover,
+    "fit": cmd_fit,
+    "compile": cmd_compile,
+    "calibrate": cmd_calibrate,
+    "keys": cmd_keys,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,8 +68,10 @@ def _fit(pipeline: Any, request: dict[str, Any]) -> Reply:
         return {"ok": False, "error": f"engine {name!r} cannot be fitted live; these can: {', '.join(tasks)}"}
     task = request.get("task") or tasks[name][0]
     if task not in tasks[name]:
-        return {"ok": False, "error": f"engine {name!r} cannot run a model fitted for {task!r}; "
-                                      f"it takes: {', '.join(tasks[name])}"}
+        return {
+            "ok": False,
+            "error": f"engine {name!r} cannot run a model fitted for {task!r}; it takes: {', '.join(tasks[name])}",
+        }
     if name == "deconvolve" and state.params.get("method", "wb") not in ("wb", "rl", "net"):
         return {"ok": False, "error": "deconvolve runs an unknown method"}
     frames, steps, seconds = request.get("frames", 32), request.get("steps", 200), request.get("seconds", 120.0)
@@ -77,10 +79,18 @@ def _fit(pipeline: Any, request: dict[str, Any]) -> Reply:
     def number(v: Any, kind: tuple[type, ...]) -> bool:
         return isinstance(v, kind) and not isinstance(v, bool)
 
-    if not (number(frames, (int,)) and number(steps, (int,)) and number(seconds, (int, float))
-            and 2 <= frames <= 1000 and 1 <= steps <= 100000 and 0 < seconds <= 36000):
-        return {"ok": False, "error": "fit needs integers 2 <= frames <= 1000, 1 <= steps <= 100000 and a "
-                                      "number 0 < seconds <= 36000"}
+    if not (
+        number(frames, (int,))
+        and number(steps, (int,))
+        and number(seconds, (int, float))
+        and 2 <= frames <= 1000
+        and 1 <= steps <= 100000
+        and 0 < seconds <= 36000
+    ):
+        return {
+            "ok": False,
+            "error": "fit needs integers 2 <= frames <= 1000, 1 <= steps <= 100000 and a number 0 < seconds <= 36000",
+        }
     return {"ok": True, "fit": pipeline.start_fit(name, frames, steps, seconds, str(task)).status()}
 
 
@@ -108,8 +118,10 @@ def _engine_command(pipeline: Any, request: dict[str, Any]) -> Reply:
             except EngineError:  # an engine that did not load: nothing to set
                 return {"ok": False, "error": f"engine {name} is not available: {state.reason}"}
             if accepted is not None and param not in accepted:
-                return {"ok": False, "error": f"engine {name} has no parameter {param!r}; "
-                                              f"it takes: {', '.join(accepted)}"}
+                return {
+                    "ok": False,
+                    "error": f"engine {name} has no parameter {param!r}; it takes: {', '.join(accepted)}",
+                }
             # a file parameter takes a path in the output folder; inline data (a PSF array, a
             # calibration object) names no file
             if param in PATH_PARAMS and (param, type(value)) not in (("psf", list), ("calibration", dict)):

@@ -95,8 +95,11 @@ class DaemonConfig:
         """The sockets this daemon would bind on a non-loopback address, as ``--name ADDRESS``."""
         from ..bridges.auth import is_loopback
 
-        return [f"--{name} {address}" for name in ("ingest", "publish", "control", "restore")
-                if (address := getattr(self, name)) and not is_loopback(address)]
+        return [
+            f"--{name} {address}"
+            for name in ("ingest", "publish", "control", "restore")
+            if (address := getattr(self, name)) and not is_loopback(address)
+        ]
 
     def wants_curve(self) -> bool:
         return bool(self.curve or self.curve_dir or self.open_binds())
@@ -154,8 +157,10 @@ def load_config(path: str | Path | None, *, flags: Mapping[str, str] | None = No
         for table in ("engine_params", "params"):
             raw = toml.pop(table, {})
             if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
-                problems.append(f"{path}: {table}: engine parameters go in tables, one per engine: "
-                                "[params.deconvolve] then iterations = 2 on the next line")
+                problems.append(
+                    f"{path}: {table}: engine parameters go in tables, one per engine: "
+                    "[params.deconvolve] then iterations = 2 on the next line"
+                )
                 continue
             for engine, values in raw.items():
                 for name, value in values.items():
@@ -163,8 +168,10 @@ def load_config(path: str | Path | None, *, flags: Mapping[str, str] | None = No
                     param_origin[(engine, name)] = f"{path} [params.{engine}]"
         for key, value in toml.items():
             if key not in fields:
-                problems.append(f"{path}: unknown setting {key!r}{_did_you_mean(key, fields)}; the settings "
-                                "are listed in docs/config.md")
+                problems.append(
+                    f"{path}: unknown setting {key!r}{_did_you_mean(key, fields)}; the settings "
+                    "are listed in docs/config.md"
+                )
             data[key], origin[key] = value, str(path)
     for key, value in overrides.items():
         if value is None:
@@ -185,8 +192,10 @@ def load_config(path: str | Path | None, *, flags: Mapping[str, str] | None = No
     if isinstance(source, str) and source.startswith("zmq:"):  # zmq:ADDRESS binds ADDRESS for ingest
         data["source"], address = "zmq", source[4:]
         if data.get("ingest", address) != address:
-            raise ValueError(f"{origin['source']}: source = {source!r} and ingest = {data['ingest']!r} name two "
-                             "ingest addresses; keep one")
+            raise ValueError(
+                f"{origin['source']}: source = {source!r} and ingest = {data['ingest']!r} name two "
+                "ingest addresses; keep one"
+            )
         data["ingest"], origin["ingest"] = address, origin["source"]
     data["engine_params"] = params
     return _validate(data, origin, param_origin)
@@ -205,8 +214,9 @@ def _adapter() -> TypeAdapter:
     return TypeAdapter(DaemonConfig)
 
 
-def _validate(data: dict[str, Any], origin: Mapping[str, str],
-              param_origin: Mapping[tuple[str, str], str]) -> DaemonConfig:
+def _validate(
+    data: dict[str, Any], origin: Mapping[str, str], param_origin: Mapping[tuple[str, str], str]
+) -> DaemonConfig:
     def where(key: str) -> str:
         return origin.get(key, "configuration")
 
@@ -268,14 +278,17 @@ def _check_engines(cfg: DaemonConfig, where: Any, param_origin: Mapping[tuple[st
         if name in cfg.engines[:i]:
             problems.append(f"{where('engines')}: engine {name!r} is listed twice; an engine runs once in the chain")
     for engine, params in cfg.engine_params.items():
+
         def at(param: str, engine: str = engine) -> str:
             return param_origin.get((engine, param), "configuration")
 
         if engine not in cfg.engines:
             if engine not in available_engines():
                 names = available_engines()
-                problems.append(f"{at(next(iter(params), ''))}: no engine {engine!r}{_did_you_mean(engine, names)}; "
-                                f"available: {', '.join(names)}")
+                problems.append(
+                    f"{at(next(iter(params), ''))}: no engine {engine!r}{_did_you_mean(engine, names)}; "
+                    f"available: {', '.join(names)}"
+                )
             elif params:
                 log.warning("parameters for %s, which is not in the engine chain %s, are not used", engine, cfg.engines)
             continue
@@ -285,8 +298,10 @@ def _check_engines(cfg: DaemonConfig, where: Any, param_origin: Mapping[tuple[st
         for param, value in params.items():
             if accepted is not None and param not in accepted:
                 bad.add(engine)
-                problems.append(f"{at(param)}: {engine} has no parameter {param!r}{_did_you_mean(param, accepted)}; "
-                                f"it takes: {', '.join(accepted)}")
+                problems.append(
+                    f"{at(param)}: {engine} has no parameter {param!r}{_did_you_mean(param, accepted)}; "
+                    f"it takes: {', '.join(accepted)}"
+                )
             elif param in PATH_PARAMS and isinstance(value, str) and value not in ("", "default", "none", "None"):
                 # fit_out is written: its folder must exist; the others are read
                 missing = str(Path(value).parent) if param == "fit_out" else value
@@ -302,8 +317,10 @@ def _check_engines(cfg: DaemonConfig, where: Any, param_origin: Mapping[tuple[st
             made = create_engine(name, **params)
         except Exception as exc:
             origin = sorted({param_origin.get((name, p), "configuration") for p in params}) or [where("engines")]
-            problems.append(f"{', '.join(origin)}: engine {name} cannot start with parameters {_toml(params)}: "
-                            f"{type(exc).__name__}: {exc}")
+            problems.append(
+                f"{', '.join(origin)}: engine {name} cannot start with parameters {_toml(params)}: "
+                f"{type(exc).__name__}: {exc}"
+            )
             continue
         scalars = set(getattr(made, "scalar_outputs", ()))
         products.update(o for o in getattr(made, "outputs", ()) if o not in scalars)
@@ -313,20 +330,32 @@ def _check_engines(cfg: DaemonConfig, where: Any, param_origin: Mapping[tuple[st
     if isinstance(cfg.save_products, list) and not problems:
         unknown = [p for p in cfg.save_products if p not in products]
         if unknown:
-            problems.append(f"{where('save_products')}: save_products names {', '.join(map(repr, unknown))}, which "
-                            f"the engine chain does not make; it makes: {', '.join(sorted(products))}")
+            problems.append(
+                f"{where('save_products')}: save_products names {', '.join(map(repr, unknown))}, which "
+                f"the engine chain does not make; it makes: {', '.join(sorted(products))}"
+            )
     return problems
 
 
 _EXAMPLES = {
     "source": '"sim", "mmcore", "zmq" or "file:PATH" (--source)',
-    "mm_config": '"rig.cfg"', "sequence": '"mda.yaml"', "out": '"D:/data/exp42.zarr"',
+    "mm_config": '"rig.cfg"',
+    "sequence": '"mda.yaml"',
+    "out": '"D:/data/exp42.zarr"',
     "engines": '["register", "denoise"] (--engines register,denoise; parameters go in [params.ENGINE])',
     "engine_params": "a table per engine: [params.deconvolve] then iterations = 2 (--param deconvolve.iterations=2)",
-    "restore": '"tcp://127.0.0.1:5574"', "curve_dir": '"~/keys"', "frames": "100", "rate_fps": "10.0",
-    "pixel_size_um": "0.108", "z_step_um": "0.3", "interval_s": "0.5", "calibration": '"cal.json"',
-    "save_products": 'true, false or a list of products: ["denoised"]', "sim_channels": '["GFP", "mCherry"]',
-    "memory_budget_mb": "2048 (megabytes, a number)", "preview_hz": "20 (previews per second, up to 1000)",
+    "restore": '"tcp://127.0.0.1:5574"',
+    "curve_dir": '"~/keys"',
+    "frames": "100",
+    "rate_fps": "10.0",
+    "pixel_size_um": "0.108",
+    "z_step_um": "0.3",
+    "interval_s": "0.5",
+    "calibration": '"cal.json"',
+    "save_products": 'true, false or a list of products: ["denoised"]',
+    "sim_channels": '["GFP", "mCherry"]',
+    "memory_budget_mb": "2048 (megabytes, a number)",
+    "preview_hz": "20 (previews per second, up to 1000)",
 }
 
 

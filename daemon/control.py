@@ -42,9 +42,15 @@ class ControlTimeout(TimeoutError):
 
 
 class ControlServer:
-    def __init__(self, address: str, handler: Callable[[dict[str, Any]], dict[str, Any]],
-                 context: zmq.Context | None = None, *, require_token: bool = True,
-                 curve: CurveServer | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        handler: Callable[[dict[str, Any]], dict[str, Any]],
+        context: zmq.Context | None = None,
+        *,
+        require_token: bool = True,
+        curve: CurveServer | None = None,
+    ) -> None:
         self.address = address
         self.handler = handler
         self.bad_requests = 0
@@ -129,8 +135,11 @@ class ControlServer:
             return {"ok": False, "error": f"bad request: {str(exc)[:200]}"}
         if curve_client is None and not check_token(self.token, request.get("token")):
             self.unauthorised += 1
-            return {"ok": False, "error": "unauthorised: this daemon needs its control token (clients of the user "
-                                          "who started it read it from livescope's runtime folder)"}
+            return {
+                "ok": False,
+                "error": "unauthorised: this daemon needs its control token (clients of the user "
+                "who started it read it from livescope's runtime folder)",
+            }
         request.pop("token", None)
         try:
             return self.handler(request)
@@ -153,9 +162,14 @@ class ControlServer:
 class ControlClient:
     """REQ client; recreates its socket after a timeout (a REQ socket is unusable after one)."""
 
-    def __init__(self, address: str = DEFAULT_CONTROL, timeout_s: float = 3.0,
-                 context: zmq.Context | None = None, token: str | None = None,
-                 curve: CurveClient | None = None) -> None:
+    def __init__(
+        self,
+        address: str = DEFAULT_CONTROL,
+        timeout_s: float = 3.0,
+        context: zmq.Context | None = None,
+        token: str | None = None,
+        curve: CurveClient | None = None,
+    ) -> None:
         self.address = address
         self.token = token
         self.curve = curve
@@ -181,14 +195,19 @@ class ControlClient:
             sock.send_json({"cmd": cmd, **kwargs, **({"token": token} if token else {})})
             reply = sock.recv_json()
             if not isinstance(reply, dict):
-                raise RuntimeError(f"the daemon at {self.address} answered {reply!r}, not a reply object: "
-                                   "is another program listening on that control address?")
+                raise RuntimeError(
+                    f"the daemon at {self.address} answered {reply!r}, not a reply object: "
+                    "is another program listening on that control address?"
+                )
             return reply
         except zmq.Again:
             sock.close(linger=0)
             self._sock = None
-            hint = ("if it runs CURVE, pass --curve or --curve-dir" if self.curve is None else
-                    "with CURVE, a daemon also stays silent to a key not in its allow-list (`livescope keys allow`)")
+            hint = (
+                "if it runs CURVE, pass --curve or --curve-dir"
+                if self.curve is None
+                else "with CURVE, a daemon also stays silent to a key not in its allow-list (`livescope keys allow`)"
+            )
             raise ControlTimeout(
                 f"no answer from a livescope daemon at {self.address} within {self.timeout_ms / 1000:.0f} s; "
                 f"is it running (`livescope daemon`)? pass its address with --control; {hint}"

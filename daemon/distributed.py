@@ -78,8 +78,9 @@ LEAD = ("t", "c", "z")
 Source = Movie
 
 
-def open_source(path: str | os.PathLike, sampling: dict[str, float | None] | None = None,
-                axes: str | None = None) -> Source:
+def open_source(
+    path: str | os.PathLike, sampling: dict[str, float | None] | None = None, axes: str | None = None
+) -> Source:
     """OME-Zarr (livescope's own output or any NGFF image, Zarr v2 or v3), OME-TIFF / ImageJ /
     plain TIFF, or an NDTiff dataset (Pycro-Manager, read with ``ndstorage``), as
     :func:`livescope.bridges.movies.open_movie` reads them (``axes``: ``--axes``). ``sampling``
@@ -179,15 +180,27 @@ class Job:
         return self.state_dir / "state" / f"u{ui}_y{yi}_x{xi}.pkl"
 
     def fingerprint(self) -> str:
-        facts = {"source": self.source.path, "n_t": self.n_t, "engines": self.engines,
-                 "params": self.params, "chunk_t": self.chunk_t, "tile": self.tile, "halo": self.halo,
-                 "warmup": self.warmup, "save_raw": self.save_raw, "units": self.units}
+        facts = {
+            "source": self.source.path,
+            "n_t": self.n_t,
+            "engines": self.engines,
+            "params": self.params,
+            "chunk_t": self.chunk_t,
+            "tile": self.tile,
+            "halo": self.halo,
+            "warmup": self.warmup,
+            "save_raw": self.save_raw,
+            "units": self.units,
+        }
         return hashlib.sha1(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
 
     def lead_index(self, t: Any, unit: tuple[int, int, int | None]) -> tuple:
         _, c, z = unit
-        return ((t,) + ((c,) if self.source.has_c else ())
-                + ((slice(None) if z is None else z,) if self.source.has_z else ()))
+        return (
+            (t,)
+            + ((c,) if self.source.has_c else ())
+            + ((slice(None) if z is None else z,) if self.source.has_z else ())
+        )
 
     def image_path(self, product: str, p: int) -> Path:
         """The full-resolution array of ``product`` at position p (``raw``, ``raw_p1`` ...)."""
@@ -199,9 +212,15 @@ class Job:
         from ..engines import StreamSpec
 
         info = self.source.info
-        return StreamSpec(shape=shape, dtype=self.spec_extra["dtype"], bits=self.spec_extra["bits"],
-                          pixel_size_um=info.get("pixel_size_um"), z_step_um=info.get("z_step_um"),
-                          interval_s=info.get("interval_s"), channel=str(unit[1]))
+        return StreamSpec(
+            shape=shape,
+            dtype=self.spec_extra["dtype"],
+            bits=self.spec_extra["bits"],
+            pixel_size_um=info.get("pixel_size_um"),
+            z_step_um=info.get("z_step_um"),
+            interval_s=info.get("interval_s"),
+            channel=str(unit[1]),
+        )
 
     def frame_info(self, t: int, ui: int) -> Any:
         from ..engines import FrameInfo
@@ -240,11 +259,17 @@ def create_array(path: Path, shape: list[int], shard: list[int], dtype: str, nam
         "chunk_key_encoding": {"name": "default"},
         "data_type": dt.name,
         "fill_value": "NaN" if dt.kind == "f" else 0,
-        "codecs": [{"name": "sharding_indexed", "configuration": {
-            "chunk_shape": inner,
-            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
-            "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
-            "index_location": "end"}}],
+        "codecs": [
+            {
+                "name": "sharding_indexed",
+                "configuration": {
+                    "chunk_shape": inner,
+                    "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+                    "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+                    "index_location": "end",
+                },
+            }
+        ],
         "dimension_names": names,
     }
     return ts.open(spec, create=True, delete_existing=True, context=_ts_context()).result()
@@ -270,9 +295,16 @@ def _atomic_write(path: Path, data: bytes) -> None:
 # ============================================================================ tasks
 
 
-def _run_frames(job: Job, chain: Chain, ui: int, t_first: int, data: np.ndarray, keep_from: int,
-                crop: tuple[slice, slice], tile: int = 0,
-                ) -> tuple[dict[str, np.ndarray], dict[str, list[float]], list[dict[str, Any]]]:
+def _run_frames(
+    job: Job,
+    chain: Chain,
+    ui: int,
+    t_first: int,
+    data: np.ndarray,
+    keep_from: int,
+    crop: tuple[slice, slice],
+    tile: int = 0,
+) -> tuple[dict[str, np.ndarray], dict[str, list[float]], list[dict[str, Any]]]:
     """Frames t_first.. of ``data`` through the chain; outputs and events kept from time
     ``keep_from`` on (those of warm-up frames belong to the chunk before)."""
     n_keep = t_first + data.shape[0] - keep_from
@@ -294,9 +326,17 @@ def _run_frames(job: Job, chain: Chain, ui: int, t_first: int, data: np.ndarray,
         for s in scalars:
             scalars[s].append(float(out[s]))
         for k, ev in enumerate(raised):
-            rec = event_record(ev, seq=finfo.seq, p=p, c=c, z=z, t=t, time_s=finfo.timestamp,
-                               frame_shape=[job.source.sizes["y"], job.source.sizes["x"]],
-                               pixel_size_um=job.source.info.get("pixel_size_um"))
+            rec = event_record(
+                ev,
+                seq=finfo.seq,
+                p=p,
+                c=c,
+                z=z,
+                t=t,
+                time_s=finfo.timestamp,
+                frame_shape=[job.source.sizes["y"], job.source.sizes["x"]],
+                pixel_size_um=job.source.info.get("pixel_size_um"),
+            )
             if job.grid != (1, 1):
                 rec["tile"] = tile  # an engine on a tile sees the tile's pixels only
             rec["_order"] = [finfo.seq, tile, k]
@@ -304,9 +344,18 @@ def _run_frames(job: Job, chain: Chain, ui: int, t_first: int, data: np.ndarray,
     return images, scalars, events
 
 
-def _write_chunk(job: Job, ui: int, ti: int, yi: int, xi: int, raw: np.ndarray | None,
-                 images: dict[str, np.ndarray], scalars: dict[str, list[float]],
-                 events: list[dict[str, Any]], timing: dict[str, float]) -> dict:
+def _write_chunk(
+    job: Job,
+    ui: int,
+    ti: int,
+    yi: int,
+    xi: int,
+    raw: np.ndarray | None,
+    images: dict[str, np.ndarray],
+    scalars: dict[str, list[float]],
+    events: list[dict[str, Any]],
+    timing: dict[str, float],
+) -> dict:
     """Write a chunk's data, wait for it, then its marker (the order resume relies on)."""
     t0, t1 = job.tchunk(ti)
     (y0, y1), (x0, x1) = job.core(yi, xi)
@@ -319,7 +368,7 @@ def _write_chunk(job: Job, ui: int, ti: int, yi: int, xi: int, raw: np.ndarray |
         futs.append(_out_array(job.image_path("raw", pos))[sel].write(raw.astype(job.images["raw"], copy=False)))
     for p, block in images.items():
         futs.append(_out_array(job.image_path(p, pos))[sel].write(block))
-        sample = block[::max(1, block.shape[0] // 4)].ravel()[::7]  # display range from a sample
+        sample = block[:: max(1, block.shape[0] // 4)].ravel()[::7]  # display range from a sample
         sample = sample[np.isfinite(sample)]
         if sample.size:
             window[p] = [float(np.percentile(sample, 0.1)), float(np.percentile(sample, 99.9))]
@@ -328,9 +377,17 @@ def _write_chunk(job: Job, ui: int, ti: int, yi: int, xi: int, raw: np.ndarray |
     timing = {**timing, "write_s": time.perf_counter() - t_write}
     # the chunk's events travel in its marker: written once with its data, replaced (not added
     # to) when Dask reruns the task, and put together by the driver alone
-    marker = {"t": [t0, t1], "unit": ui, "tile": [yi, xi], "scalars": scalars, "window": window, "events": events,
-              "timing": {k: round(v, 5) for k, v in timing.items()}, "host": socket.gethostname(),
-              "pid": os.getpid()}
+    marker = {
+        "t": [t0, t1],
+        "unit": ui,
+        "tile": [yi, xi],
+        "scalars": scalars,
+        "window": window,
+        "events": events,
+        "timing": {k: round(v, 5) for k, v in timing.items()},
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
     _atomic_write(job.marker(ui, ti, yi, xi), json.dumps(marker).encode())
     return marker
 
@@ -395,17 +452,26 @@ def run_chunk(job: Job, ui: int, ti: int, yi: int, xi: int) -> dict[str, Any]:
     key = (job.fingerprint(), ui, tuple(data.shape[1:]))
     chain = _CHAINS.pop(key, None) if job.warmup == 0 else None
     if chain is None:
-        chain = Chain.of(job.engines, job.params, job.spec(tuple(data.shape[1:]), job.units[ui]),
-                         job.unit_state[ui])
+        chain = Chain.of(job.engines, job.params, job.spec(tuple(data.shape[1:]), job.units[ui]), job.unit_state[ui])
     images, scalars, events = _run_frames(job, chain, ui, w0, data, t0, crop, yi * job.grid[1] + xi)
     if job.warmup == 0:
         _CHAINS.clear()  # one chain kept per worker: bounded memory
         _CHAINS[key] = chain
-    raw = data[t0 - w0:][(..., *crop)] if job.save_raw else None
-    _write_chunk(job, ui, ti, yi, xi, raw, images, scalars, events,
-                 {"read_s": t_read - t_start, "compute_s": time.perf_counter() - t_read})
+    raw = data[t0 - w0 :][(..., *crop)] if job.save_raw else None
+    _write_chunk(
+        job,
+        ui,
+        ti,
+        yi,
+        xi,
+        raw,
+        images,
+        scalars,
+        events,
+        {"read_s": t_read - t_start, "compute_s": time.perf_counter() - t_read},
+    )
     share = 1.0 / (job.grid[0] * job.grid[1])  # a tile is this much of a frame
-    return {"skipped": False, "frames": (t1 - t0) * share, "bytes": int(data[t0 - w0:][(..., *crop)].nbytes)}
+    return {"skipped": False, "frames": (t1 - t0) * share, "bytes": int(data[t0 - w0 :][(..., *crop)].nbytes)}
 
 
 def run_chain(job: Job, ui: int, yi: int, xi: int) -> dict[str, Any]:
@@ -438,16 +504,31 @@ def run_chain(job: Job, ui: int, yi: int, xi: int) -> dict[str, Any]:
         images, scalars, events = _run_frames(job, chain, ui, t0, data, t0, crop, yi * job.grid[1] + xi)
         if not job.marker(ui, ti, yi, xi).exists():
             raw = data[(..., *crop)] if job.save_raw else None
-            _write_chunk(job, ui, ti, yi, xi, raw, images, scalars, events,
-                         {"read_s": t_read - t_start, "compute_s": time.perf_counter() - t_read})
+            _write_chunk(
+                job,
+                ui,
+                ti,
+                yi,
+                xi,
+                raw,
+                images,
+                scalars,
+                events,
+                {"read_s": t_read - t_start, "compute_s": time.perf_counter() - t_read},
+            )
             frames += (t1 - t0) / (job.grid[0] * job.grid[1])
             nbytes += int(data[(..., *crop)].nbytes)
         if checkpoint and ti + 1 < job.n_tchunks:
             try:
                 state = cloudpickle.dumps((ti, chain))
             except Exception as exc:  # an engine holding a lock or a thread: no checkpoints, still exact
-                log.warning("the chain %s cannot be saved (%s): a resume reruns unit %d from its first "
-                            "frame (it rewrites only the missing chunks)", job.engines, exc, ui)
+                log.warning(
+                    "the chain %s cannot be saved (%s): a resume reruns unit %d from its first "
+                    "frame (it rewrites only the missing chunks)",
+                    job.engines,
+                    exc,
+                    ui,
+                )
                 checkpoint = False
             else:
                 _atomic_write(ck, state)
@@ -485,11 +566,20 @@ def _auto_chunk_t(plane_bytes: int, n_t: int, warmup: int, target_mb: float = 64
     return max(1, min(n, n_t))
 
 
-def plan_job(input_path: str | os.PathLike, out: str | os.PathLike, engines: list[str],
-             engine_params: dict[str, dict[str, Any]] | None = None, *, frames: int | None = None,
-             chunk_t: int | None = None, tile: int | None = None, save_raw: bool = True,
-             chunk_mb: float = 64.0, sampling: dict[str, float | None] | None = None,
-             axes: str | None = None) -> Job:
+def plan_job(
+    input_path: str | os.PathLike,
+    out: str | os.PathLike,
+    engines: list[str],
+    engine_params: dict[str, dict[str, Any]] | None = None,
+    *,
+    frames: int | None = None,
+    chunk_t: int | None = None,
+    tile: int | None = None,
+    save_raw: bool = True,
+    chunk_mb: float = 64.0,
+    sampling: dict[str, float | None] | None = None,
+    axes: str | None = None,
+) -> Job:
     """Open the input, run each unit's first frame through the chain (what it fixes there, and
     which products it makes) and derive the chunking. ``sampling``, ``axes``: see
     :func:`open_source`."""
@@ -503,10 +593,24 @@ def plan_job(input_path: str | os.PathLike, out: str | os.PathLike, engines: lis
     dtype = np.dtype(src.dtype)
     raw_dtype = "float32" if dtype.kind == "f" else dtype.name
     bits = dtype.itemsize * 8 if dtype.kind in "ui" else 16
-    job = Job(source=src, out=str(out), engines=list(engines), params=params, n_t=n_t, units=units,
-              unit_state=[], images={}, scalars=[], chunk_t=1, tile=(src.sizes["y"], src.sizes["x"]),
-              halo=0, warmup=0, sequential=False, save_raw=save_raw,
-              spec_extra={"dtype": raw_dtype, "bits": bits})
+    job = Job(
+        source=src,
+        out=str(out),
+        engines=list(engines),
+        params=params,
+        n_t=n_t,
+        units=units,
+        unit_state=[],
+        images={},
+        scalars=[],
+        chunk_t=1,
+        tile=(src.sizes["y"], src.sizes["x"]),
+        halo=0,
+        warmup=0,
+        sequential=False,
+        save_raw=save_raw,
+        spec_extra={"dtype": raw_dtype, "bits": bits},
+    )
     images: dict[str, str] = {"raw": raw_dtype} if save_raw else {}
     scalars: list[str] = []
     reach: list[Reach] = []
@@ -550,11 +654,18 @@ def _create_output(job: Job, overwrite: bool, provenance: dict[str, Any]) -> Non
     from ..bridges.store import RECORD_FIELDS, ImageLayout, OmeZarrStore
 
     src = job.source
-    lay = ImageLayout(plane_shape=(src.sizes["y"], src.sizes["x"]),
-                      dtype=job.images.get("raw", job.spec_extra["dtype"]),
-                      has_c=src.has_c, has_z=src.has_z, n_c=src.sizes["c"], n_z=src.sizes["z"],
-                      bits=job.spec_extra["bits"], pixel_size_um=src.info.get("pixel_size_um"),
-                      z_step_um=src.info.get("z_step_um"), interval_s=src.info.get("interval_s"))
+    lay = ImageLayout(
+        plane_shape=(src.sizes["y"], src.sizes["x"]),
+        dtype=job.images.get("raw", job.spec_extra["dtype"]),
+        has_c=src.has_c,
+        has_z=src.has_z,
+        n_c=src.sizes["c"],
+        n_z=src.sizes["z"],
+        bits=job.spec_extra["bits"],
+        pixel_size_um=src.info.get("pixel_size_um"),
+        z_step_um=src.info.get("z_step_um"),
+        interval_s=src.info.get("interval_s"),
+    )
     store = OmeZarrStore(job.out, overwrite=overwrite, provenance=provenance)
     names = list(job.images) + (["raw"] if job.scalars and "raw" not in job.images else [])
     positions = range(src.sizes["p"])
@@ -567,8 +678,13 @@ def _create_output(job: Job, overwrite: bool, provenance: dict[str, Any]) -> Non
     for pos in positions:
         for p in names:
             dt = job.images.get(p, job.spec_extra["dtype"])
-            create_array(job.image_path(p, pos), lead + [src.sizes["y"], src.sizes["x"]],
-                         shard_lead + list(job.tile), dt, lay.axes)
+            create_array(
+                job.image_path(p, pos),
+                lead + [src.sizes["y"], src.sizes["x"]],
+                shard_lead + list(job.tile),
+                dt,
+                lay.axes,
+            )
             rec_dir = job.image_path(p, pos).parent / "livescope"
             fields = dict(RECORD_FIELDS)
             if p == "raw":
@@ -577,8 +693,10 @@ def _create_output(job: Job, overwrite: bool, provenance: dict[str, Any]) -> Non
                 _create_records(rec_dir / k, lead, dt_k, lay.axes[:-2])
     job.state_dir.mkdir(parents=True, exist_ok=True)
     (job.state_dir / "done").mkdir(exist_ok=True)
-    _atomic_write(job.state_dir / "job.json", json.dumps(
-        {"fingerprint": job.fingerprint(), "chunks": sum(1 for _ in job.chunks())}).encode())
+    _atomic_write(
+        job.state_dir / "job.json",
+        json.dumps({"fingerprint": job.fingerprint(), "chunks": sum(1 for _ in job.chunks())}).encode(),
+    )
 
 
 def _create_records(path: Path, lead: list[int], dtype: str, names: list[str]) -> None:
@@ -587,13 +705,25 @@ def _create_records(path: Path, lead: list[int], dtype: str, names: list[str]) -
     fill = {"seq": -1, "saturated": -1, "status": 0}.get(path.name, "NaN")
     spec = _array_spec(path)
     shard = [256] + lead[1:]
-    spec["metadata"] = {"shape": lead, "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": shard}},
-                        "chunk_key_encoding": {"name": "default"}, "data_type": dtype, "fill_value": fill,
-                        "codecs": [{"name": "sharding_indexed", "configuration": {
-                            "chunk_shape": shard, "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
-                            "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
-                                             {"name": "crc32c"}], "index_location": "end"}}],
-                        "dimension_names": names}
+    spec["metadata"] = {
+        "shape": lead,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": shard}},
+        "chunk_key_encoding": {"name": "default"},
+        "data_type": dtype,
+        "fill_value": fill,
+        "codecs": [
+            {
+                "name": "sharding_indexed",
+                "configuration": {
+                    "chunk_shape": shard,
+                    "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+                    "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+                    "index_location": "end",
+                },
+            }
+        ],
+        "dimension_names": names,
+    }
     ts.open(spec, create=True, delete_existing=True, context=_ts_context()).result()
 
 
@@ -646,14 +776,19 @@ def _finalize(job: Job, summary: dict[str, Any]) -> dict[str, int]:
     saved = {}
     for pos in positions:
         for p in names:
-            rec = {"seq": seq[pos], "time": tim[pos],
-                   "status": status[pos] if p in job.images else np.zeros_like(status[pos]),
-                   "saturated": np.full(lead, -1, np.int32)}
+            rec = {
+                "seq": seq[pos],
+                "time": tim[pos],
+                "status": status[pos] if p in job.images else np.zeros_like(status[pos]),
+                "saturated": np.full(lead, -1, np.int32),
+            }
             if p == "raw":
                 rec.update(scal[pos])
             image = job.image_path(p, pos).parent
-            futs = [ts.open(_array_spec(image / "livescope" / k), context=_ts_context()).result()
-                    .write(v) for k, v in rec.items()]
+            futs = [
+                ts.open(_array_spec(image / "livescope" / k), context=_ts_context()).result().write(v)
+                for k, v in rec.items()
+            ]
             for f in futs:
                 f.result()
             gpath = image / "zarr.json"
@@ -664,8 +799,9 @@ def _finalize(job: Job, summary: dict[str, Any]) -> dict[str, int]:
             saved[image.name] = n_saved
             if p in windows and math.isfinite(windows[p][0]):
                 for ch in attrs["ome"].get("omero", {}).get("channels", []):
-                    ch["window"].update({"start": windows[p][0], "end": windows[p][1],
-                                         "min": windows[p][0], "max": windows[p][1]})
+                    ch["window"].update(
+                        {"start": windows[p][0], "end": windows[p][1], "min": windows[p][0], "max": windows[p][1]}
+                    )
             _atomic_write(gpath, json.dumps(meta, indent=1).encode())
     root = Path(job.out) / "zarr.json"
     meta = json.loads(root.read_text())
@@ -697,9 +833,14 @@ def _client(scheduler: str | None, workers: int | None, processes: bool, memory_
             client.close()
         return
     n = workers or max(1, min(os.cpu_count() or 1, 4))
-    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=processes,
-                           memory_limit=memory_limit or "auto", dashboard_address="127.0.0.1:0",  # loopback only
-                           silence_logs=logging.WARNING)
+    cluster = LocalCluster(
+        n_workers=n,
+        threads_per_worker=1,
+        processes=processes,
+        memory_limit=memory_limit or "auto",
+        dashboard_address="127.0.0.1:0",  # loopback only
+        silence_logs=logging.WARNING,
+    )
     client = Client(cluster)
     try:
         yield client
@@ -723,10 +864,19 @@ def _dashboard(client: Any) -> str:
     return link
 
 
-def run_job(job: Job, *, scheduler: str | None = None, workers: int | None = None, resume: bool = False,
-            overwrite: bool = False, progress: bool = True, processes: bool = True,
-            memory_limit: str | None = None, provenance: dict[str, Any] | None = None,
-            client: Any = None) -> dict[str, Any]:
+def run_job(
+    job: Job,
+    *,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    processes: bool = True,
+    memory_limit: str | None = None,
+    provenance: dict[str, Any] | None = None,
+    client: Any = None,
+) -> dict[str, Any]:
     """Create (or, with ``resume``, reopen) the output, run every chunk not yet done on the
     cluster, then write records and metadata."""
     from tqdm import tqdm
@@ -737,7 +887,8 @@ def run_job(job: Job, *, scheduler: str | None = None, workers: int | None = Non
         if prev.get("fingerprint") != job.fingerprint():
             raise ValueError(
                 f"{job.out} was started with another input, engines, parameters or chunking; resume it "
-                "with the same command (same --chunk-t / --tile), or start again with --overwrite")
+                "with the same command (same --chunk-t / --tile), or start again with --overwrite"
+            )
     else:
         if resume:
             log.info("%s: nothing to resume; starting", job.out)
@@ -746,9 +897,14 @@ def run_job(job: Job, *, scheduler: str | None = None, workers: int | None = Non
         prov["mode"] = "process"
         prov["engines"] = {e: job.params.get(e, {}) for e in job.engines}
         prov["engine_describe"] = job.describe
-        prov["chunking"] = {"chunk_t": job.chunk_t, "tile": list(job.tile), "halo": job.halo,
-                            "warmup": job.warmup, "in_order": job.sequential,
-                            "first_frame_state": job.unit_state}
+        prov["chunking"] = {
+            "chunk_t": job.chunk_t,
+            "tile": list(job.tile),
+            "halo": job.halo,
+            "warmup": job.warmup,
+            "in_order": job.sequential,
+            "first_frame_state": job.unit_state,
+        }
         _create_output(job, overwrite=overwrite, provenance=prov)
     total = sum(1 for _ in job.chunks())
     done_before = sum(1 for k in job.chunks() if job.marker(*k).exists())
@@ -762,8 +918,10 @@ def run_job(job: Job, *, scheduler: str | None = None, workers: int | None = Non
         n_workers = len(client.scheduler_info().get("workers", {}))
         dash = _dashboard(client)
         if progress:
-            print(f"livescope process: {total} chunks ({done_before} done before), {n_workers} workers, "
-                  f"dashboard {dash}", flush=True)
+            print(
+                f"livescope process: {total} chunks ({done_before} done before), {n_workers} workers, dashboard {dash}",
+                flush=True,
+            )
         log.info("dashboard: %s", dash)
         # the job travels with each task (a few kB), not scattered: scattered data dies with the
         # workers that hold it, and the run must survive losing any of them
@@ -774,13 +932,29 @@ def run_job(job: Job, *, scheduler: str | None = None, workers: int | None = Non
                 for yi in range(gy):
                     for xi in range(gx):
                         if not all(job.marker(ui, ti, yi, xi).exists() for ti in range(job.n_tchunks)):
-                            futures.append(client.submit(run_chain, job_f, ui, yi, xi, pure=False,
-                                                         key=f"livescope-chain-u{ui}-y{yi}-x{xi}-{time.time_ns()}"))
+                            futures.append(
+                                client.submit(
+                                    run_chain,
+                                    job_f,
+                                    ui,
+                                    yi,
+                                    xi,
+                                    pure=False,
+                                    key=f"livescope-chain-u{ui}-y{yi}-x{xi}-{time.time_ns()}",
+                                )
+                            )
         else:
             for k in job.chunks():
                 if not job.marker(*k).exists():
-                    futures.append(client.submit(run_chunk, job_f, *k, pure=False,
-                                                 key=f"livescope-chunk-{'-'.join(map(str, k))}-{time.time_ns()}"))
+                    futures.append(
+                        client.submit(
+                            run_chunk,
+                            job_f,
+                            *k,
+                            pure=False,
+                            key=f"livescope-chunk-{'-'.join(map(str, k))}-{time.time_ns()}",
+                        )
+                    )
         from distributed import wait
 
         bar = tqdm(total=total, initial=done_before, unit="chunk", desc="process", disable=not progress)
@@ -810,18 +984,39 @@ def run_job(job: Job, *, scheduler: str | None = None, workers: int | None = Non
         finally:
             bar.close()
     elapsed = time.perf_counter() - t_start
-    summary = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() - elapsed)),
-               "seconds": round(elapsed, 3), "workers": n_workers, "scheduler": scheduler or "LocalCluster",
-               "chunks": total, "chunks_done_before": done_before, "chunk_t": job.chunk_t,
-               "tile": list(job.tile), "halo": job.halo, "warmup": job.warmup,
-               "in_order": job.sequential, "unit_state": job.unit_state}
+    summary = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() - elapsed)),
+        "seconds": round(elapsed, 3),
+        "workers": n_workers,
+        "scheduler": scheduler or "LocalCluster",
+        "chunks": total,
+        "chunks_done_before": done_before,
+        "chunk_t": job.chunk_t,
+        "tile": list(job.tile),
+        "halo": job.halo,
+        "warmup": job.warmup,
+        "in_order": job.sequential,
+        "unit_state": job.unit_state,
+    }
     saved = _finalize(job, summary)
     n_frames = job.n_t * len(job.units)
     frames = int(round(frames))
-    return {"frames": frames, "frames_total": n_frames, "seconds": round(elapsed, 3),
-            "fps": round(frames / elapsed, 2) if elapsed else None,
-            "mb_per_s": round(nbytes / 2**20 / elapsed, 2) if elapsed else None,
-            "chunks": total, "chunks_done_before": done_before, "workers": n_workers,
-            "chunk_t": job.chunk_t, "tile": list(job.tile), "halo": job.halo, "warmup": job.warmup,
-            "in_order": job.sequential, "out": job.out, "images": sorted(saved), "saved": saved,
-            "events": summary["events"]}
+    return {
+        "frames": frames,
+        "frames_total": n_frames,
+        "seconds": round(elapsed, 3),
+        "fps": round(frames / elapsed, 2) if elapsed else None,
+        "mb_per_s": round(nbytes / 2**20 / elapsed, 2) if elapsed else None,
+        "chunks": total,
+        "chunks_done_before": done_before,
+        "workers": n_workers,
+        "chunk_t": job.chunk_t,
+        "tile": list(job.tile),
+        "halo": job.halo,
+        "warmup": job.warmup,
+        "in_order": job.sequential,
+        "out": job.out,
+        "images": sorted(saved),
+        "saved": saved,
+        "events": summary["events"],
+    }

@@ -31,9 +31,19 @@ class FitJob:
     those of its current model (``restore``, ``deconvolve --method net``), or of the classical
     ``deconvolve`` engine itself, which is then switched to ``method=net`` with the new model."""
 
-    def __init__(self, engine: str, frames: int, steps: int, seconds: float, *, task: str = "denoise",
-                 params: dict[str, Any], spec_base: Callable[[], dict[str, Any]], out: Path | None,
-                 swap: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        engine: str,
+        frames: int,
+        steps: int,
+        seconds: float,
+        *,
+        task: str = "denoise",
+        params: dict[str, Any],
+        spec_base: Callable[[], dict[str, Any]],
+        out: Path | None,
+        swap: Callable[[str], None],
+    ) -> None:
         self.params = params  # the engine's parameters (its model, its method), as the daemon runs it
         self.spec_base = spec_base  # the stream's sampling and camera, once it has frames
         self.out = out
@@ -84,9 +94,17 @@ class FitJob:
                 from ..engines import fit as fitting
 
                 base_model = modelfile.load(self.params.get("model"))
-                result = fitting.fit(stack, model=base_model, steps=self.steps, time_budget_s=self.seconds,
-                                     offset=spec.get("camera_offset"), gain=spec.get("camera_gain"), progress=False,
-                                     callback=self._progress, description=description)
+                result = fitting.fit(
+                    stack,
+                    model=base_model,
+                    steps=self.steps,
+                    time_budget_s=self.seconds,
+                    offset=spec.get("camera_offset"),
+                    gain=spec.get("camera_gain"),
+                    progress=False,
+                    callback=self._progress,
+                    description=description,
+                )
             else:
                 result = self._fit_deconvolution(stack, spec, description)
             folder = (Path(self.out) / "models") if self.out else None
@@ -101,8 +119,13 @@ class FitJob:
             self.swap(str(path))
             self.path = str(path)
             self.state = "done"
-            log.info("fitted model %s swapped in after %d steps (loss %.4g -> %.4g)", path, self.step,
-                     self.losses[0] if self.losses else float("nan"), self.losses[-1] if self.losses else float("nan"))
+            log.info(
+                "fitted model %s swapped in after %d steps (loss %.4g -> %.4g)",
+                path,
+                self.step,
+                self.losses[0] if self.losses else float("nan"),
+                self.losses[-1] if self.losses else float("nan"),
+            )
         except Exception as exc:
             self.state = "failed"
             self.error = f"{type(exc).__name__}: {exc}"
@@ -124,23 +147,48 @@ class FitJob:
             engine.setup(StreamSpec(shape=tuple(stack.shape[1:]), **spec))
             psf = getattr(engine, "kernel", None)
             if psf is None or np.ndim(psf) != 2:
-                raise RuntimeError(f"engine {self.engine} has no 2-D PSF to teach with (volume deconvolution?); "
-                                   "fit a model on planes from a file with livescope fit --task deconvolve and "
-                                   "swap it in")
-            teacher = {"method": engine.method, "iterations": engine.n_iterations,
-                       "alpha": engine.alpha, "beta": engine.beta,
-                       "order": engine.order}
+                raise RuntimeError(
+                    f"engine {self.engine} has no 2-D PSF to teach with (volume deconvolution?); "
+                    "fit a model on planes from a file with livescope fit --task deconvolve and "
+                    "swap it in"
+                )
+            teacher = {
+                "method": engine.method,
+                "iterations": engine.n_iterations,
+                "alpha": engine.alpha,
+                "beta": engine.beta,
+                "order": engine.order,
+            }
         if base_model is not None and base_model.metadata.get("field_shape") not in (None, list(stack.shape[1:])):
             base_model = None  # fitted on another field: its field coordinates do not carry over
-        return fit_deconvolution(stack, psf=psf, teacher_params=teacher, task=self.task, model=base_model,
-                                 steps=self.steps, time_budget_s=self.seconds, offset=spec.get("camera_offset"),
-                                 gain=spec.get("camera_gain"), callback=self._progress, description=description)
+        return fit_deconvolution(
+            stack,
+            psf=psf,
+            teacher_params=teacher,
+            task=self.task,
+            model=base_model,
+            steps=self.steps,
+            time_budget_s=self.seconds,
+            offset=spec.get("camera_offset"),
+            gain=spec.get("camera_gain"),
+            callback=self._progress,
+            description=description,
+        )
 
     def status(self) -> dict[str, Any]:
         with self.lock:
             losses = list(self.losses)
         stride = max(1, len(losses) // 100)
-        return {"state": self.state, "engine": self.engine, "task": self.task, "collected": len(self.frames),
-                "frames": self.n,
-                "step": self.step, "steps": self.steps, "loss_curve": losses[::stride], "model": self.path,
-                "error": self.error, "elapsed_s": round(time.time() - self.started, 1)}
+        return {
+            "state": self.state,
+            "engine": self.engine,
+            "task": self.task,
+            "collected": len(self.frames),
+            "frames": self.n,
+            "step": self.step,
+            "steps": self.steps,
+            "loss_curve": losses[::stride],
+            "model": self.path,
+            "error": self.error,
+            "elapsed_s": round(time.time() - self.started, 1),
+        }

@@ -65,8 +65,14 @@ def _curve_server(cfg: DaemonConfig) -> Any:
         return CurveServer(cfg.curve_dir)
     except CurveKeysMissing as exc:
         opened = cfg.open_binds()
-        why = (f"{', '.join(opened)}: not a loopback address; binding it would open the microscope PC to the "
-               "network, so livescope requires ZeroMQ CURVE keys. ") if opened else "CURVE was asked for (--curve). "
+        why = (
+            (
+                f"{', '.join(opened)}: not a loopback address; binding it would open the microscope PC to the "
+                "network, so livescope requires ZeroMQ CURVE keys. "
+            )
+            if opened
+            else "CURVE was asked for (--curve). "
+        )
         raise CurveKeysMissing(why + str(exc)) from None
 
 
@@ -113,8 +119,10 @@ class Pipeline:
                 private = self.source_ingest = private_ipc_address("ingest")
             except OSError as exc:
                 self.curve.close()
-                raise OSError(f"--source {cfg.source} with CURVE needs an owner-only ipc socket ({exc}); run the "
-                              "source as an external publisher with client keys and --source zmq") from None
+                raise OSError(
+                    f"--source {cfg.source} with CURVE needs an owner-only ipc socket ({exc}); run the "
+                    "source as an external publisher with client keys and --source zmq"
+                ) from None
         try:
             self.receiver = FrameReceiver(cfg.ingest, bind=True, hwm=256, curve=self.curve, private=private)
             self.preview = PreviewPublisher(cfg.publish, curve=self.curve) if cfg.publish else None
@@ -124,9 +132,12 @@ class Pipeline:
             if self.curve is not None:
                 self.curve.close()
             raise
-        self.router = Router(fallback={k: getattr(cfg, k) for k in SAMPLING_KEYS}, save_live=cfg.save_live,
-                             calibration=self._calibration,
-                             segment_base=self.store.segment_base if self.store is not None else 0)
+        self.router = Router(
+            fallback={k: getattr(cfg, k) for k in SAMPLING_KEYS},
+            save_live=cfg.save_live,
+            calibration=self._calibration,
+            segment_base=self.store.segment_base if self.store is not None else 0,
+        )
         self.sink = StoreSink(self.store, cfg.memory_budget_mb)
         self.previews = PreviewSink(self.preview, cfg.preview_hz, cfg.preview_size)
         self.event_log = EventLog()
@@ -138,8 +149,9 @@ class Pipeline:
         self._chains: dict[tuple, Chain] = {}
         self._chain_lock = threading.Lock()  # held while a frame runs: control commands wait for it
         self._route_lock = threading.Lock()  # the ingest and restore threads both route frames
-        self.restore_server = (RestoreServer(cfg.restore, self._restore_one, curve=self.curve, stop=self._stop)
-                               if cfg.restore else None)
+        self.restore_server = (
+            RestoreServer(cfg.restore, self._restore_one, curve=self.curve, stop=self._stop) if cfg.restore else None
+        )
         self.fit_job: FitJob | None = None
         self.rejected: dict[str, int] = {}  # frames the daemon refused after decoding, by reason
         self.sender_stats: dict[str, dict[str, int]] = {}  # what each stream's sender says it dropped
@@ -182,8 +194,12 @@ class Pipeline:
     def start(self) -> None:
         if self.state != "starting":
             raise RuntimeError("a pipeline runs once; create a new one")
-        loops = [("ingest", self._ingest_loop), ("store", self._store_loop),
-                 ("worker", self._worker_loop), ("preview", self._preview_loop)]
+        loops = [
+            ("ingest", self._ingest_loop),
+            ("store", self._store_loop),
+            ("worker", self._worker_loop),
+            ("preview", self._preview_loop),
+        ]
         if self.restore_server is not None:
             loops.append(("restore", self.restore_server.run))
         for name, target in loops:
@@ -245,8 +261,9 @@ class Pipeline:
                     flush()
                 except Exception as exc:
                     log.error("store: the final flush failed: %s", exc)
-            self.store.update_provenance(events=self.events[-1000:], summary=self.status()["frames"],
-                                         engine_state=described)
+            self.store.update_provenance(
+                events=self.events[-1000:], summary=self.status()["frames"], engine_state=described
+            )
             self.store.close()
         self.receiver.close()
         if self.preview is not None:
@@ -294,15 +311,23 @@ class Pipeline:
             self._reject(exc.reason, str(exc))
         except Exception as exc:
             self._reject("internal_error", f"{type(exc).__name__}: {exc}")
-            self._log_once(f"internal:{type(exc).__name__}", "a frame could not be routed (%r); it is counted "
-                           "under rejected.internal_error and ingest goes on", exc, exc_info=True)
+            self._log_once(
+                f"internal:{type(exc).__name__}",
+                "a frame could not be routed (%r); it is counted under rejected.internal_error and ingest goes on",
+                exc,
+                exc_info=True,
+            )
         return "rejected"
 
     def _reject(self, reason: str, detail: str) -> None:
         with self._counter_lock:
             self.rejected[reason] = self.rejected.get(reason, 0) + 1
-        self._log_once(f"reject:{reason}", "frame refused (%s); further refusals for this reason are only "
-                       "counted (livescope status: frames.rejected_by_reason)", detail)
+        self._log_once(
+            f"reject:{reason}",
+            "frame refused (%s); further refusals for this reason are only "
+            "counted (livescope status: frames.rejected_by_reason)",
+            detail,
+        )
 
     def _log_once(self, cause: str, msg: str, *args: Any, exc_info: bool = False) -> None:
         if cause in self._logged:
@@ -395,14 +420,24 @@ class Pipeline:
             chain = self._chains.get(key)
             if chain is None:
                 seg = item.segment
-                spec = StreamSpec(shape=tuple(item.array.shape), channel=str(item.frame.header.get("channel", item.c)),
-                                  **seg.spec_base)
-                chain = self._chains[key] = Chain(list(self.engine_states.values()), spec, strict=False,
-                                                  max_failures=self.cfg.max_engine_failures,
-                                                  on_disable=self._disable)
-            info = FrameInfo(seq=item.frame.seq, timestamp=item.frame.timestamp,
-                             index={"p": item.p, "c": item.c, "z": item.z, "t": item.t},
-                             meta=item.frame.header.get("meta") or {})
+                spec = StreamSpec(
+                    shape=tuple(item.array.shape),
+                    channel=str(item.frame.header.get("channel", item.c)),
+                    **seg.spec_base,
+                )
+                chain = self._chains[key] = Chain(
+                    list(self.engine_states.values()),
+                    spec,
+                    strict=False,
+                    max_failures=self.cfg.max_engine_failures,
+                    on_disable=self._disable,
+                )
+            info = FrameInfo(
+                seq=item.frame.seq,
+                timestamp=item.frame.timestamp,
+                index={"p": item.p, "c": item.c, "z": item.z, "t": item.t},
+                meta=item.frame.header.get("meta") or {},
+            )
             t0 = time.perf_counter()
             result = chain.run(item.array, info)
             self.lat_chain.add(time.perf_counter() - t0)
@@ -425,10 +460,21 @@ class Pipeline:
             if item.segment.saved:
                 self.sink.scalars(result.scalars, item)
         for ev in result.events:
-            self.add_event(event_record(ev, seq=item.frame.seq, p=item.p, c=item.c, z=item.z, t=item.t,
-                                        time_s=item.frame.timestamp, frame_shape=list(item.array.shape[-2:]),
-                                        pixel_size_um=item.frame.header.get("pixel_size_um"),
-                                        stream=item.segment.stream, stamp=False))
+            self.add_event(
+                event_record(
+                    ev,
+                    seq=item.frame.seq,
+                    p=item.p,
+                    c=item.c,
+                    z=item.z,
+                    t=item.t,
+                    time_s=item.frame.timestamp,
+                    frame_shape=list(item.array.shape[-2:]),
+                    pixel_size_um=item.frame.header.get("pixel_size_um"),
+                    stream=item.segment.stream,
+                    stamp=False,
+                )
+            )
         self.fps_out.tick()
         return result.images
 
@@ -462,9 +508,17 @@ class Pipeline:
             segments = list(self.router.segments.values())
             return dict(segments[0].spec_base) if segments else {}
 
-        self.fit_job = FitJob(engine, frames, steps, seconds, task=task, params=self.engine_states[engine].params,
-                              spec_base=spec_base, out=self.cfg.out,
-                              swap=lambda path: self._swap_all(engine, path))
+        self.fit_job = FitJob(
+            engine,
+            frames,
+            steps,
+            seconds,
+            task=task,
+            params=self.engine_states[engine].params,
+            spec_base=spec_base,
+            out=self.cfg.out,
+            swap=lambda path: self._swap_all(engine, path),
+        )
         return self.fit_job
 
     def _swap_all(self, name: str, path: str) -> None:
@@ -484,14 +538,16 @@ class Pipeline:
     # -- store and previews ------------------------------------------------------------------
     def _store_loop(self) -> None:
         def finished() -> bool:
-            return self._stop.is_set() and self._ingest_done.is_set() and not any(
-                t.is_alive() for t in self._threads if t.name == "livescope-worker")
+            return (
+                self._stop.is_set()
+                and self._ingest_done.is_set()
+                and not any(t.is_alive() for t in self._threads if t.name == "livescope-worker")
+            )
 
         self.sink.run(finished)
 
     def _preview_loop(self) -> None:
-        self.previews.run(lambda: not self._stop.is_set() or not self._ingest_done.is_set(),
-                          lambda: self.scalars_last)
+        self.previews.run(lambda: not self._stop.is_set() or not self._ingest_done.is_set(), lambda: self.scalars_last)
 
     def status(self) -> dict[str, Any]:
         stored = self.sink.counts()
@@ -520,23 +576,41 @@ class Pipeline:
                 "saturated_last": sink.saturated_last,
                 "store_errors": sink.store_errors,
             },
-            "fps": {"in": self.fps_in.per_second(), "saved": sink.fps_saved.per_second(),
-                    "processed": self.fps_out.per_second()},
-            "latency": {"store": sink.lat_store.summary(), "chain": self.lat_chain.summary(),
-                        "preview": self.previews.lat_preview.summary(),
-                        "preview_raw": self.previews.lat_preview_raw.summary()},
+            "fps": {
+                "in": self.fps_in.per_second(),
+                "saved": sink.fps_saved.per_second(),
+                "processed": self.fps_out.per_second(),
+            },
+            "latency": {
+                "store": sink.lat_store.summary(),
+                "chain": self.lat_chain.summary(),
+                "preview": self.previews.lat_preview.summary(),
+                "preview_raw": self.previews.lat_preview_raw.summary(),
+            },
             "queues": {**sink.queues(), "engine_slots": len(self._slots)},
             "engines": {
-                n: {"enabled": s.enabled, "reason": s.reason, "processed": s.processed, "failures": s.failures,
-                    "latency": s.latency.summary(), "outputs": list(s.outputs), "params": s.params}
+                n: {
+                    "enabled": s.enabled,
+                    "reason": s.reason,
+                    "processed": s.processed,
+                    "failures": s.failures,
+                    "latency": s.latency.summary(),
+                    "outputs": list(s.outputs),
+                    "params": s.params,
+                }
                 for n, s in self.engine_states.items()
             },
             "segments": routing["segments"],
-            "streams": {stream: {"images": tag, "sender": self.sender_stats.get(stream, {})}
-                        for stream, tag in routing["streams"].items()},
+            "streams": {
+                stream: {"images": tag, "sender": self.sender_stats.get(stream, {})}
+                for stream, tag in routing["streams"].items()
+            },
             "events": len(self.event_log),
-            "restore": ({"served": self.restore_server.served, "errors": self.restore_server.errors}
-                        if self.restore_server is not None else None),
+            "restore": (
+                {"served": self.restore_server.served, "errors": self.restore_server.errors}
+                if self.restore_server is not None
+                else None
+            ),
             "curve": {"keys": str(self.curve.folder), "refused_clients": self.curve.refused} if self.curve else None,
             "fit": self.fit_job.status() if self.fit_job is not None else None,
             "scalars": dict(self.scalars_last),
@@ -563,6 +637,8 @@ def _read_calibration(path: str | None) -> dict[str, Any] | None:
         data = json.loads(Path(path).read_text())
         NoiseModel.from_dict(data)  # the fields the engines will read
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"--calibration {path}: not a readable livescope calibration ({exc!r}); "
-                         "write one with `livescope calibrate MOVIE --out CAL.json`") from exc
+        raise ValueError(
+            f"--calibration {path}: not a readable livescope calibration ({exc!r}); "
+            "write one with `livescope calibrate MOVIE --out CAL.json`"
+        ) from exc
     return data

@@ -65,9 +65,18 @@ def process_file(
     if workers == 0 and not scheduler:
         if resume or chunk_t or tile:
             raise ValueError("resume, chunk_t and tile need Dask: give workers >= 1 or a scheduler")
-        return _process_serial(input_path, out, engines, engine_params, overwrite=overwrite,
-                               save_raw=save_raw, frames=frames, progress=progress, sampling=sampling,
-                               axes=axes)
+        return _process_serial(
+            input_path,
+            out,
+            engines,
+            engine_params,
+            overwrite=overwrite,
+            save_raw=save_raw,
+            frames=frames,
+            progress=progress,
+            sampling=sampling,
+            axes=axes,
+        )
     from .distributed import plan_job, run_job
 
     chunk_mb = 64.0
@@ -77,10 +86,29 @@ def process_file(
         # a chunk's input, its float32 products, their encoding for the write and the engines'
         # scratch: measured up to ~10x the input, on top of ~100 MB of libraries per worker
         chunk_mb = min(chunk_mb, parse_bytes(memory_limit) / 2**20 / 32)
-    job = plan_job(input_path, out, engines, engine_params, frames=frames, chunk_t=chunk_t, tile=tile,
-                   save_raw=save_raw, chunk_mb=chunk_mb, sampling=sampling, axes=axes)
-    return run_job(job, scheduler=scheduler, workers=workers, resume=resume, overwrite=overwrite,
-                   progress=progress, processes=processes, memory_limit=memory_limit)
+    job = plan_job(
+        input_path,
+        out,
+        engines,
+        engine_params,
+        frames=frames,
+        chunk_t=chunk_t,
+        tile=tile,
+        save_raw=save_raw,
+        chunk_mb=chunk_mb,
+        sampling=sampling,
+        axes=axes,
+    )
+    return run_job(
+        job,
+        scheduler=scheduler,
+        workers=workers,
+        resume=resume,
+        overwrite=overwrite,
+        progress=progress,
+        processes=processes,
+        memory_limit=memory_limit,
+    )
 
 
 def _process_serial(
@@ -107,22 +135,39 @@ def _process_serial(
     dtype = np.dtype(src.dtype)
     Y, X = src.sizes["y"], src.sizes["x"]
     bits = dtype.itemsize * 8 if dtype.kind in "ui" else 16
-    layout = ImageLayout(plane_shape=(Y, X), dtype=dtype.name if dtype.kind != "f" else "float32",
-                         has_c=src.has_c, has_z=src.has_z, n_c=src.sizes["c"], n_z=src.sizes["z"],
-                         bits=bits, pixel_size_um=info.get("pixel_size_um"), z_step_um=info.get("z_step_um"),
-                         interval_s=info.get("interval_s"), channel_names=_channel_names(src.channels))
+    layout = ImageLayout(
+        plane_shape=(Y, X),
+        dtype=dtype.name if dtype.kind != "f" else "float32",
+        has_c=src.has_c,
+        has_z=src.has_z,
+        n_c=src.sizes["c"],
+        n_z=src.sizes["z"],
+        bits=bits,
+        pixel_size_um=info.get("pixel_size_um"),
+        z_step_um=info.get("z_step_um"),
+        interval_s=info.get("interval_s"),
+        channel_names=_channel_names(src.channels),
+    )
     product_layout = dataclasses.replace(layout, dtype="float32")  # once, not per frame
     stacks = chain_wants_stacks(engines, engine_params, src)
     units = plan_units(src, stacks)  # (position, channel, plane or None for the whole stack)
-    store = OmeZarrStore(out, overwrite=overwrite, provenance={
-        "source": f"file:{input_path}", "engines": {e: engine_params.get(e, {}) for e in engines}, "mode": "process"})
+    store = OmeZarrStore(
+        out,
+        overwrite=overwrite,
+        provenance={
+            "source": f"file:{input_path}",
+            "engines": {e: engine_params.get(e, {}) for e in engines},
+            "mode": "process",
+        },
+    )
     chains: dict[tuple, Chain] = {}
     events: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     seq = 0
 
-    def write_planes(image: Any, value: np.ndarray, *, planes: list[int], t: int, c: int, seq: int,
-                     time_s: float) -> None:
+    def write_planes(
+        image: Any, value: np.ndarray, *, planes: list[int], t: int, c: int, seq: int, time_s: float
+    ) -> None:
         value = value.reshape(len(planes), Y, X)
         for j, zz in enumerate(planes):
             image.write(t, c, zz, value[j], seq=seq, time_s=time_s)
@@ -134,9 +179,15 @@ def _process_serial(
                 planes = list(range(src.sizes["z"])) if z is None else [z]
                 key = (p, c, z)
                 if key not in chains:
-                    spec = StreamSpec(shape=tuple(block.shape), dtype=layout.dtype, bits=bits,
-                                      pixel_size_um=info.get("pixel_size_um"), z_step_um=info.get("z_step_um"),
-                                      interval_s=info.get("interval_s"), channel=str(c))
+                    spec = StreamSpec(
+                        shape=tuple(block.shape),
+                        dtype=layout.dtype,
+                        bits=bits,
+                        pixel_size_um=info.get("pixel_size_um"),
+                        z_step_um=info.get("z_step_um"),
+                        interval_s=info.get("interval_s"),
+                        channel=str(c),
+                    )
                     chains[key] = Chain.of(engines, engine_params, spec)
                 ts = t * float(info.get("interval_s") or 1.0)
                 index = {"t": t, "p": p, "c": c} if z is None else {"t": t, "p": p, "c": c, "z": z}
@@ -147,8 +198,17 @@ def _process_serial(
                     write(store.image("raw", p, 0, layout), block.astype(layout.dtype, copy=False))
                 made = chains[key].run(block, finfo)
                 for k, ev in enumerate(made.events):
-                    rec = event_record(ev, seq=seq, p=p, c=c, z=z, t=t, time_s=ts, frame_shape=[Y, X],
-                                       pixel_size_um=info.get("pixel_size_um"))
+                    rec = event_record(
+                        ev,
+                        seq=seq,
+                        p=p,
+                        c=c,
+                        z=z,
+                        t=t,
+                        time_s=ts,
+                        frame_shape=[Y, X],
+                        pixel_size_um=info.get("pixel_size_um"),
+                    )
                     events.append({**rec, "_order": [seq, 0, k]})
                 for pname, number in made.scalars.items():
                     for zz in planes:  # a stack's number belongs to each of its planes
@@ -170,9 +230,15 @@ def _process_serial(
         for slot in chain.slots:
             timings[slot.name] += slot.latency.total_s
     elapsed = time.perf_counter() - t_start
-    return {"frames": seq, "seconds": round(elapsed, 3), "fps": round(seq / elapsed, 2) if elapsed else None,
-            "engine_seconds": {k: round(v, 3) for k, v in timings.items()}, "out": str(out),
-            "images": sorted(store.images), "events": len(events)}
+    return {
+        "frames": seq,
+        "seconds": round(elapsed, 3),
+        "fps": round(seq / elapsed, 2) if elapsed else None,
+        "engine_seconds": {k: round(v, 3) for k, v in timings.items()},
+        "out": str(out),
+        "images": sorted(store.images),
+        "events": len(events),
+    }
 
 
 def _channel_names(names: list[str | None]) -> list[str]:

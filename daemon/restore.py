@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 class RestoreServer:
     """``restore_one(frame)`` routes, saves and processes one frame and returns its images."""
 
-    def __init__(self, address: str, restore_one: Callable[[Frame], dict[str, np.ndarray]], *, curve: Any,
-                 stop: threading.Event) -> None:
+    def __init__(
+        self, address: str, restore_one: Callable[[Frame], dict[str, np.ndarray]], *, curve: Any, stop: threading.Event
+    ) -> None:
         self.address = address
         self.restore_one = restore_one
         self.curve = curve
@@ -74,8 +75,15 @@ class RestoreServer:
                     if want not in images:
                         raise KeyError(f"no product {want!r}; the chain made {sorted(images)}")
                     out = np.ascontiguousarray(images[want], dtype=np.float32)
-                    header = {"v": 1, "stream": frame.stream, "seq": frame.seq, "kind": "frame",
-                              "product": want, "shape": list(out.shape), "dtype": "float32"}
+                    header = {
+                        "v": 1,
+                        "stream": frame.stream,
+                        "seq": frame.seq,
+                        "kind": "frame",
+                        "product": want,
+                        "shape": list(out.shape),
+                        "dtype": "float32",
+                    }
                     sock.send_multipart(envelope + encode(header, out), copy=False)
                     self.served += 1
                 except Exception as exc:  # answered, counted; the loop serves the next frame

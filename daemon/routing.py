@@ -120,8 +120,14 @@ class Router:
     ``calibration``: the camera calibration handed to the engines; ``segment_base``: the first
     segment number (a resumed store continues after its last)."""
 
-    def __init__(self, *, fallback: dict[str, Any] | None = None, save_live: bool = False,
-                 calibration: dict[str, Any] | None = None, segment_base: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        fallback: dict[str, Any] | None = None,
+        save_live: bool = False,
+        calibration: dict[str, Any] | None = None,
+        segment_base: int = 0,
+    ) -> None:
         self.fallback = dict(fallback or {})
         self.save_live = save_live
         self.calibration = calibration
@@ -163,27 +169,33 @@ class Router:
                     return seg
         made = self._segments_made.get(skey, 0)
         if made >= MAX_SEGMENTS:
-            raise Rejected("too_many_segments",
-                           f"stream {stream!r} position {p} opened {made} images in this run (each shape, "
-                           "dtype or restart opens one); keep the frame shape fixed, or restart the daemon")
+            raise Rejected(
+                "too_many_segments",
+                f"stream {stream!r} position {p} opened {made} images in this run (each shape, "
+                "dtype or restart opens one); keep the frame shape fixed, or restart the daemon",
+            )
         sizes = h.get("sizes") or {}
         index = h.get("index") or {}
         known = bool(sizes)  # an MDA from a generator, or a plain publisher: sizes unknown
         n_c = int(sizes.get("c") or 1)
         n_z = int(sizes.get("z") or (shape[0] if len(shape) == 3 else 1))
         if 1024 * n_c * n_z > MAX_RECORD_CELLS:
-            raise Rejected("index_out_of_range", f"sizes c={n_c} z={n_z} would lay out more than "
-                           f"{MAX_RECORD_CELLS} planes per 1024 time points")
+            raise Rejected(
+                "index_out_of_range",
+                f"sizes c={n_c} z={n_z} would lay out more than {MAX_RECORD_CELLS} planes per 1024 time points",
+            )
         base = self.segment_base
         number = base + made
         # the stream's sampling, else the daemon's fallback for streams that do not say it
-        sampling = {k: h.get(k) if h.get(k) is not None else self.fallback.get(k)
-                    for k in SAMPLING_KEYS}
+        sampling = {k: h.get(k) if h.get(k) is not None else self.fallback.get(k) for k in SAMPLING_KEYS}
         has_c = n_c > 1 or ("c" in index and not known)
         has_z = n_z > 1 or ("z" in index and not known)
         listed = (h.get("meta") or {}).get("channels")
-        channel_names = ([str(x) for x in listed[:n_c]] if isinstance(listed, list)
-                         and all(isinstance(x, str) for x in listed) else [])
+        channel_names = (
+            [str(x) for x in listed[:n_c]]
+            if isinstance(listed, list) and all(isinstance(x, str) for x in listed)
+            else []
+        )
         layout = ImageLayout(
             plane_shape=shape[-2:],
             dtype=dtype,
@@ -206,14 +218,27 @@ class Router:
             "camera_offset": cam.get("offset"),
             "camera_gain": cam.get("gain"),
             "binning": int(h.get("binning") or 1),
-            "extra": {**{k: h[k] for k in ("pixel_size_affine", "sizes") if k in h},
-                      "camera_read_noise": cam.get("read_noise"),  # ADU rms
-                      **({"calibration": self.calibration} if self.calibration else {})},
+            "extra": {
+                **{k: h[k] for k in ("pixel_size_affine", "sizes") if k in h},
+                "camera_read_noise": cam.get("read_noise"),  # ADU rms
+                **({"calibration": self.calibration} if self.calibration else {}),
+            },
         }
         t_start = int(index.get("t", 0)) if (made > 0 or base > 0) else 0
-        seg = Segment(number, shape, dtype, bits, layout, spec_base, t_start=t_start, stream=stream,
-                       acquisition=acquisition, fresh=why or "new",
-                       saved=not (h.get("live") is True and not self.save_live), live=h.get("live") is True)
+        seg = Segment(
+            number,
+            shape,
+            dtype,
+            bits,
+            layout,
+            spec_base,
+            t_start=t_start,
+            stream=stream,
+            acquisition=acquisition,
+            fresh=why or "new",
+            saved=not (h.get("live") is True and not self.save_live),
+            live=h.get("live") is True,
+        )
         return seg
 
     def use_segment(self, seg: Segment, frame: Frame) -> None:
@@ -223,10 +248,16 @@ class Router:
         if seg.fresh:
             current = self.segments.get(skey)
             if current is not None:
-                log.warning("stream %r position %d: new segment %d (%s)", seg.stream, skey[1], seg.number,
-                            seg.fresh if seg.fresh != "new" else
-                            f"{current.shape} {current.dtype} {current.bits}-bit -> {seg.shape} {seg.dtype} "
-                            f"{seg.bits}-bit")
+                log.warning(
+                    "stream %r position %d: new segment %d (%s)",
+                    seg.stream,
+                    skey[1],
+                    seg.number,
+                    seg.fresh
+                    if seg.fresh != "new"
+                    else f"{current.shape} {current.dtype} {current.bits}-bit -> {seg.shape} {seg.dtype} "
+                    f"{seg.bits}-bit",
+                )
             if seg.fresh != "new" or current is None:
                 self._open_segments[skey] = []
                 self._ended_keys.pop(skey, None)
@@ -277,26 +308,38 @@ class Router:
         self.note_seq(frame, seg)
         lay = seg.layout
         if c and not lay.has_c:
-            raise Rejected("index_outside_layout", f"index.c={c}, but stream {frame.stream!r} opened this image "
-                           "without a channel axis: send index.c from the first frame, or sizes.c")
+            raise Rejected(
+                "index_outside_layout",
+                f"index.c={c}, but stream {frame.stream!r} opened this image "
+                "without a channel axis: send index.c from the first frame, or sizes.c",
+            )
         if z and not lay.has_z:
-            raise Rejected("index_outside_layout", f"index.z={z}, but stream {frame.stream!r} opened this image "
-                           "without a z axis: send index.z from the first frame, or sizes.z")
+            raise Rejected(
+                "index_outside_layout",
+                f"index.z={z}, but stream {frame.stream!r} opened this image "
+                "without a z axis: send index.z from the first frame, or sizes.z",
+            )
         count_key = (seg.stream, p, c, z, seg.number)
         if "t" in idx:
             t = int(idx["t"]) - seg.t_start
             if t < 0:
-                raise Rejected("index_out_of_range", f"index.t={idx['t']} is before this segment's first "
-                               f"time point {seg.t_start}")
+                raise Rejected(
+                    "index_out_of_range", f"index.t={idx['t']} is before this segment's first time point {seg.t_start}"
+                )
         else:
             t = self._t_counter.get(count_key, 0)
         z_hi = frame.array.shape[0] - 1 if frame.array.ndim == 3 else z
         if t > seg.seen.t_max + MAX_T_JUMP or seg.seen.cells(t, c, z_hi) > MAX_RECORD_CELLS:
-            raise Rejected("index_out_of_range", f"t={t} c={c} z={z_hi}: a jump of more than {MAX_T_JUMP} "
-                           f"time points, or more than {MAX_RECORD_CELLS} planes in one image")
+            raise Rejected(
+                "index_out_of_range",
+                f"t={t} c={c} z={z_hi}: a jump of more than {MAX_T_JUMP} "
+                f"time points, or more than {MAX_RECORD_CELLS} planes in one image",
+            )
         if not seg.seen.add(t, c, z_hi if frame.array.ndim == 3 else z):
-            raise Rejected("duplicate_index", f"stream {frame.stream!r} sent t={t} c={c} z={z} twice in one "
-                           "segment; the first is kept")
+            raise Rejected(
+                "duplicate_index",
+                f"stream {frame.stream!r} sent t={t} c={c} z={z} twice in one segment; the first is kept",
+            )
         self.use_segment(seg, frame)
         if "t" not in idx:
             self._t_counter[count_key] = t + 1

@@ -100,8 +100,9 @@ class StoreSink:
         self.dropped += 1
         self._q.put(Mark.of("lost", ("raw",), item))
         if self.dropped == 1 or self.dropped % 100 == 0:
-            log.error("store falls behind: %d frame(s) lost over the %.0f MB memory budget",
-                      self.dropped, self.budget_mb)
+            log.error(
+                "store falls behind: %d frame(s) lost over the %.0f MB memory budget", self.dropped, self.budget_mb
+            )
         return False
 
     def offer_product(self, name: str, arr: np.ndarray, item: Item) -> bool:
@@ -247,8 +248,12 @@ class StoreSink:
     def queues(self) -> dict[str, Any]:
         with self._lock:
             queued, products = self.queued_bytes, self.queued_product_bytes
-        return {"store_items": self._q.qsize(), "store_mb": round(queued / 2**20, 2),
-                "products_mb": round(products / 2**20, 2), "products_dropped": self.products_dropped}
+        return {
+            "store_items": self._q.qsize(),
+            "store_mb": round(queued / 2**20, 2),
+            "products_mb": round(products / 2**20, 2),
+            "products_dropped": self.products_dropped,
+        }
 
 
 def _write(w: Any, item: Item, arr: np.ndarray, saturated: int = -1) -> None:
@@ -277,11 +282,17 @@ class PreviewSink:
     def header(item: Item, product: str) -> dict[str, Any]:
         h = item.frame.header
         return {
-            "v": 1, "stream": h["stream"], "seq": item.frame.seq, "product": product, "_received": item.received,
+            "v": 1,
+            "stream": h["stream"],
+            "seq": item.frame.seq,
+            "product": product,
+            "_received": item.received,
             "live": bool(h.get("live")),
             "index": {"p": item.p, "c": item.c, "z": item.z, "t": item.t},
-            "time": item.frame.timestamp, "bits": item.segment.bits,
-            "channel": h.get("channel"), "pixel_size_um": h.get("pixel_size_um"),
+            "time": item.frame.timestamp,
+            "bits": item.segment.bits,
+            "channel": h.get("channel"),
+            "pixel_size_um": h.get("pixel_size_um"),
         }
 
     def offer(self, product: str, arr: np.ndarray, item: Item) -> None:
@@ -294,8 +305,9 @@ class PreviewSink:
                 continue
             # at most half the high-water mark per tick, the longest-waiting first, so every
             # product and plane gets its turn even when there are more than fit in one burst
-            changed = [(self._when.get(k, 0.0), k) for k, (_, h) in list(self.latest.items())
-                       if self._sent.get(k) != h["seq"]]
+            changed = [
+                (self._when.get(k, 0.0), k) for k, (_, h) in list(self.latest.items()) if self._sent.get(k) != h["seq"]
+            ]
             changed.sort(key=lambda x: x[0])
             now = time.monotonic()
             for _, key in changed[:16]:
@@ -304,8 +316,9 @@ class PreviewSink:
                 self._when[key] = now
                 try:
                     small = self._downsample(arr)
-                    hdr = dict(header, shape=list(small.shape), dtype=small.dtype.name,
-                               frame_shape=list(np.shape(arr)[-2:]))  # the viewer scales event boxes by it
+                    hdr = dict(
+                        header, shape=list(small.shape), dtype=small.dtype.name, frame_shape=list(np.shape(arr)[-2:])
+                    )  # the viewer scales event boxes by it
                     if header.get("pixel_size_um") and small.shape != arr.shape:
                         hdr["pixel_size_um"] = header["pixel_size_um"] * arr.shape[-1] / small.shape[-1]
                     last = scalars()
@@ -352,7 +365,7 @@ class EventLog:
             event = {"id": self.last_id, "emitted": time.time(), **event}
             self.events.append(event)
             if len(self.events) > self.keep:
-                del self.events[:self.keep // 10]
+                del self.events[: self.keep // 10]
         log.info("event: %s", json.dumps(event, default=str))
         return event
 

@@ -35,8 +35,9 @@ class SimSource:
         self.cfg = cfg
         h, w = cfg.sim_shape
         dy, dx = cfg.sim_drift
-        self.sim_config = SimConfig(shape=(int(h), int(w)), drift=(float(dy), float(dx)), seed=cfg.sim_seed,
-                                    interval_s=cfg.sim_interval_s)
+        self.sim_config = SimConfig(
+            shape=(int(h), int(w)), drift=(float(dy), float(dx)), seed=cfg.sim_seed, interval_s=cfg.sim_interval_s
+        )
         camera: dict[str, Any] | None = None
         bits: int | None = None
         if cfg.mm_config:
@@ -53,15 +54,19 @@ class SimSource:
         elif self.scope is not None and cfg.frames:
             self.sequence = self.scope.sequence(frames=cfg.frames, channels=cfg.sim_channels, z_planes=cfg.sim_z)
         elif self.scope is not None:  # until stopped
-            self.sequence = self.scope.endless(channels=cfg.sim_channels, z_planes=cfg.sim_z,
-                                               interval_s=cfg.sim_interval_s)
+            self.sequence = self.scope.endless(
+                channels=cfg.sim_channels, z_planes=cfg.sim_z, interval_s=cfg.sim_interval_s
+            )
         else:
             from useq import MDASequence
 
-            self.sequence = MDASequence(time_plan={"interval": cfg.sim_interval_s,  # type: ignore[arg-type]
-                                                   "loops": cfg.frames or 1_000_000})
-        self.bridge = attach(self.core, cfg.ingest, stream="sim" if self.scope else "mmcore", camera=camera,
-                             bits=bits)
+            self.sequence = MDASequence(
+                time_plan={
+                    "interval": cfg.sim_interval_s,  # type: ignore[arg-type]
+                    "loops": cfg.frames or 1_000_000,
+                }
+            )
+        self.bridge = attach(self.core, cfg.ingest, stream="sim" if self.scope else "mmcore", camera=camera, bits=bits)
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -129,9 +134,18 @@ class FileSource:
         self.path = Path(path)
         self.movie = open_movie(self.path, axes)
         m = self.movie
-        log.info("replaying %s: %s, %d time points x %d positions x %d channels x %d planes of %dx%d %s",
-                 self.path, m.file_axes, m.sizes["t"], m.sizes["p"], m.sizes["c"], m.sizes["z"], m.sizes["y"],
-                 m.sizes["x"], m.dtype)
+        log.info(
+            "replaying %s: %s, %d time points x %d positions x %d channels x %d planes of %dx%d %s",
+            self.path,
+            m.file_axes,
+            m.sizes["t"],
+            m.sizes["p"],
+            m.sizes["c"],
+            m.sizes["z"],
+            m.sizes["y"],
+            m.sizes["x"],
+            m.dtype,
+        )
         self.publisher = FramePublisher(cfg.ingest, stream=f"file:{self.path.name}", block=True, hwm=16)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -164,9 +178,15 @@ class FileSource:
                 if wire:
                     plane = plane.astype(wire)
                 fields: dict[str, Any] = dict(frame.sampling)
-                self.publisher.send(np.ascontiguousarray(plane), index=frame.index, sizes=frame.sizes,
-                                    channel=names[frame.index["c"]] if meta else None, time=t * step,
-                                    meta=meta, **fields)
+                self.publisher.send(
+                    np.ascontiguousarray(plane),
+                    index=frame.index,
+                    sizes=frame.sizes,
+                    channel=names[frame.index["c"]] if meta else None,
+                    time=t * step,
+                    meta=meta,
+                    **fields,
+                )
             self.publisher.end()
         except Exception:
             log.exception("replay of %s failed", self.path)

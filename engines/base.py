@@ -393,8 +393,11 @@ class EngineBase:
             return
         if p.applies is Applies.FIXED:
             if self._accept(name, value) != getattr(self, p.attr or name):
-                raise EngineError(p.fixed or f"{self.name}: {name} cannot change on a running engine; "
-                                  f"restart it with --param {self.name}.{name}=...")
+                raise EngineError(
+                    p.fixed
+                    or f"{self.name}: {name} cannot change on a running engine; "
+                    f"restart it with --param {self.name}.{name}=..."
+                )
             return
         saved = {p_.attr or n: getattr(self, p_.attr or n) for n, p_ in self.parameters.items()}
         try:
@@ -475,9 +478,7 @@ def _load(name: str) -> Callable[..., Engine]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise EngineError(
-            f"unknown engine {name!r}; available: {', '.join(available_engines())}"
-        ) from None
+        raise EngineError(f"unknown engine {name!r}; available: {', '.join(available_engines())}") from None
 
 
 def available_engines() -> list[str]:

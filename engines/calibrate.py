@@ -80,13 +80,20 @@ class NoiseModel:
         return self.gain * self.excess_noise**2
 
     @classmethod
-    def from_camera(cls, gain: float, offset: float, read_noise: float, excess_noise: float = 1.0,
-                    quantised: bool = True) -> NoiseModel:
+    def from_camera(
+        cls, gain: float, offset: float, read_noise: float, excess_noise: float = 1.0, quantised: bool = True
+    ) -> NoiseModel:
         """From data-sheet values: gain (ADU/e-), offset (ADU), read noise (ADU rms)."""
         read_var = float(read_noise) ** 2 + (QUANTISATION_VAR if quantised else 0.0)
         slope = float(gain) * float(excess_noise) ** 2
-        return cls(gain=float(gain), intercept=read_var - slope * float(offset), offset=float(offset),
-                   read_var=read_var, excess_noise=float(excess_noise), source="given")
+        return cls(
+            gain=float(gain),
+            intercept=read_var - slope * float(offset),
+            offset=float(offset),
+            read_var=read_var,
+            excess_noise=float(excess_noise),
+            source="given",
+        )
 
     def variance(self, expected: Any, floor: float = 1e-3) -> Any:
         """Variance (ADU^2) of raw values whose expectation (raw ADU, offset included) is
@@ -130,11 +137,17 @@ class NoiseModel:
             d["read_noise_adu"] = rn  # quantisation removed (Sheppard's correction)
             d["read_noise_e"] = rn / self.gain if self.gain > 0 else None
         if self.offset_map is not None:
-            d["offset_map"] = {"shape": list(np.shape(self.offset_map)),
-                               "mean": float(np.mean(self.offset_map)), "std": float(np.std(self.offset_map))}
+            d["offset_map"] = {
+                "shape": list(np.shape(self.offset_map)),
+                "mean": float(np.mean(self.offset_map)),
+                "std": float(np.std(self.offset_map)),
+            }
         if self.var_map is not None:
-            d["var_map"] = {"shape": list(np.shape(self.var_map)), "mean": float(np.mean(self.var_map)),
-                            "p99": float(np.percentile(self.var_map, 99))}
+            d["var_map"] = {
+                "shape": list(np.shape(self.var_map)),
+                "mean": float(np.mean(self.var_map)),
+                "p99": float(np.percentile(self.var_map, 99)),
+            }
         return d
 
     @classmethod
@@ -142,11 +155,15 @@ class NoiseModel:
         """Inverse of :meth:`as_dict` (maps are not stored there); also reads a JSON file path."""
         if isinstance(d, (str, Path)):
             d = cast("dict[str, Any]", json.loads(Path(d).read_text()))
-        return cls(gain=float(d["gain_adu_per_e"]), intercept=float(d["intercept_adu2"]),
-                   offset=None if d.get("offset_adu") is None else float(d["offset_adu"]),
-                   read_var=None if d.get("read_var_adu2") is None else float(d["read_var_adu2"]),
-                   excess_noise=float(d.get("excess_noise_factor", 1.0)), points=int(d.get("points", 0)),
-                   source=str(d.get("source", "file")))
+        return cls(
+            gain=float(d["gain_adu_per_e"]),
+            intercept=float(d["intercept_adu2"]),
+            offset=None if d.get("offset_adu") is None else float(d["offset_adu"]),
+            read_var=None if d.get("read_var_adu2") is None else float(d["read_var_adu2"]),
+            excess_noise=float(d.get("excess_noise_factor", 1.0)),
+            points=int(d.get("points", 0)),
+            source=str(d.get("source", "file")),
+        )
 
 
 # --------------------------------------------------------------------------- the offset alone
@@ -211,8 +228,7 @@ def _laplacian_residual(x: np.ndarray) -> np.ndarray:
     return (4 * x[1:-1, 1:-1] - x[:-2, 1:-1] - x[2:, 1:-1] - x[1:-1, :-2] - x[1:-1, 2:]) / math.sqrt(20.0)
 
 
-def pair_points(a: Any, b: Any, patch: int = 8, saturation: float | None = None
-                ) -> tuple[np.ndarray, np.ndarray, int]:
+def pair_points(a: Any, b: Any, patch: int = 8, saturation: float | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Photon-transfer points from two frames of the same scene: per patch the mean of
     ``(a + b) / 2`` and the variance of ``(a - b) / 2`` (one frame's noise variance; the static
     structure cancels). Returns ``(means, variances, dof)``; saturated patches are left out."""
@@ -229,14 +245,12 @@ def pair_points(a: Any, b: Any, patch: int = 8, saturation: float | None = None
     varis = (_blocks(d, patch).var(axis=-1, ddof=1) / 2).ravel()
     keep = np.ones(means.shape, bool)
     if saturation is not None:
-        top = np.maximum(_blocks(a[1:-1, 1:-1], patch).max(axis=-1),
-                         _blocks(b[1:-1, 1:-1], patch).max(axis=-1)).ravel()
+        top = np.maximum(_blocks(a[1:-1, 1:-1], patch).max(axis=-1), _blocks(b[1:-1, 1:-1], patch).max(axis=-1)).ravel()
         keep &= top < saturation
     return means[keep], varis[keep], patch * patch - 1
 
 
-def frame_points(frame: Any, patch: int = 8, saturation: float | None = None
-                 ) -> tuple[np.ndarray, np.ndarray, int]:
+def frame_points(frame: Any, patch: int = 8, saturation: float | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Photon-transfer points from one frame: per patch the mean and the variance of a
     Laplacian residual ``(4 x - 4 neighbours) / sqrt(20)`` (white noise keeps its variance,
     smooth signal cancels; edges leak in, which the binned medians of :func:`fit_ptc` resist)."""
@@ -260,9 +274,17 @@ def _median_bias(dof: int) -> float:
     return float(chi2.median(dof) / dof)
 
 
-def fit_ptc(means: np.ndarray, variances: np.ndarray, dof: int, *, nbins: int = 24,
-            excess_noise: float = 1.0, offset: float | None = None, read_var: float | None = None,
-            source: str = "ptc") -> NoiseModel:
+def fit_ptc(
+    means: np.ndarray,
+    variances: np.ndarray,
+    dof: int,
+    *,
+    nbins: int = 24,
+    excess_noise: float = 1.0,
+    offset: float | None = None,
+    read_var: float | None = None,
+    source: str = "ptc",
+) -> NoiseModel:
     """Fit the photon-transfer line ``var = slope * mean + intercept`` to patch points.
 
     Points are binned by mean (equal counts), each bin's variance is its median corrected for
@@ -298,16 +320,28 @@ def fit_ptc(means: np.ndarray, variances: np.ndarray, dof: int, *, nbins: int = 
         # a flat scene still spreads the patch means by their noise (+-2.5 sigma over the bins)
         mean_sigma = math.sqrt(max(float(np.median(variances)), 1e-12) / (dof + 1))
         if np.ptp(bm_a) < 10 * mean_sigma:
-            raise ValueError("all patches have the same brightness: the gain needs a range of signal "
-                             "(a scene with structure, or several illumination levels)")
+            raise ValueError(
+                "all patches have the same brightness: the gain needs a range of signal "
+                "(a scene with structure, or several illumination levels)"
+            )
         A = np.stack([bm_a, np.ones_like(bm_a)], axis=1) * np.sqrt(w)[:, None]
         slope, intercept = (float(v) for v in np.linalg.lstsq(A, bv_a * np.sqrt(w), rcond=None)[0])
     if slope <= 0:
-        log.warning("photon-transfer slope %.3g <= 0: the noise does not grow with the signal "
-                    "(too little signal range, or a scene that changed between frames)", slope)
+        log.warning(
+            "photon-transfer slope %.3g <= 0: the noise does not grow with the signal "
+            "(too little signal range, or a scene that changed between frames)",
+            slope,
+        )
     gain = max(slope, 0.0) / float(excess_noise) ** 2
-    return NoiseModel(gain=gain, intercept=float(intercept), offset=offset, read_var=read_var,
-                      excess_noise=float(excess_noise), points=int(means.size), source=source)
+    return NoiseModel(
+        gain=gain,
+        intercept=float(intercept),
+        offset=offset,
+        read_var=read_var,
+        excess_noise=float(excess_noise),
+        points=int(means.size),
+        source=source,
+    )
 
 
 def dark_calibration(darks: Any) -> dict[str, Any]:
@@ -319,16 +353,25 @@ def dark_calibration(darks: Any) -> dict[str, Any]:
     """
     d = np.asarray(darks, dtype=np.float64)
     if d.ndim == 2:
-        return {"offset": float(d.mean()), "read_var": float(d.var(ddof=1)), "offset_map": None,
-                "var_map": None, "frames": 1}
+        return {
+            "offset": float(d.mean()),
+            "read_var": float(d.var(ddof=1)),
+            "offset_map": None,
+            "var_map": None,
+            "frames": 1,
+        }
     d = d.reshape(-1, *d.shape[-2:])
     if d.shape[0] < 2:
         return dark_calibration(d[0])
     offset_map = d.mean(axis=0)
     var_map = d.var(axis=0, ddof=1)
-    return {"offset": float(offset_map.mean()), "read_var": float(var_map.mean()),
-            "offset_map": offset_map.astype(np.float32), "var_map": var_map.astype(np.float32),
-            "frames": int(d.shape[0])}
+    return {
+        "offset": float(offset_map.mean()),
+        "read_var": float(var_map.mean()),
+        "offset_map": offset_map.astype(np.float32),
+        "var_map": var_map.astype(np.float32),
+        "frames": int(d.shape[0]),
+    }
 
 
 # --------------------------------------------------------------------------- incremental
@@ -342,8 +385,9 @@ class Calibrator:
     (Welford); ``model()`` fits on what has been seen (a single frame: Laplacian residual).
     """
 
-    def __init__(self, patch: int = 8, max_points: int = 200_000, excess_noise: float = 1.0,
-                 saturation: float | None = None) -> None:
+    def __init__(
+        self, patch: int = 8, max_points: int = 200_000, excess_noise: float = 1.0, saturation: float | None = None
+    ) -> None:
         self.patch = int(patch)
         self.max_points = int(max_points)
         self.excess_noise = float(excess_noise)
@@ -393,9 +437,13 @@ class Calibrator:
         if self._dark_n < 2 or self._dark_mean is None or self._dark_m2 is None:
             return None
         var_map = self._dark_m2 / (self._dark_n - 1)
-        return {"offset": float(self._dark_mean.mean()), "read_var": float(var_map.mean()),
-                "offset_map": self._dark_mean.astype(np.float32), "var_map": var_map.astype(np.float32),
-                "frames": self._dark_n}
+        return {
+            "offset": float(self._dark_mean.mean()),
+            "read_var": float(var_map.mean()),
+            "offset_map": self._dark_mean.astype(np.float32),
+            "var_map": var_map.astype(np.float32),
+            "frames": self._dark_n,
+        }
 
     def points(self) -> tuple[np.ndarray, np.ndarray, int]:
         """The photon-transfer points seen so far: frame pairs, else the first frame's."""
@@ -413,16 +461,21 @@ class Calibrator:
         source = f"ptc, {self.pairs} frame pairs" if self._means else "single frame (Laplacian residual)"
         model = fit_ptc(*self.points(), source=source, **kw)
         if dark is not None:
-            model = dataclasses.replace(model, offset_map=dark["offset_map"], var_map=dark["var_map"],
-                                        source=model.source + f", {dark['frames']} dark frames")
+            model = dataclasses.replace(
+                model,
+                offset_map=dark["offset_map"],
+                var_map=dark["var_map"],
+                source=model.source + f", {dark['frames']} dark frames",
+            )
         return model
 
 
 # --------------------------------------------------------------------------- files
 
 
-def calibrate_stack(frames: Any, darks: Any = None, *, patch: int = 8, excess_noise: float = 1.0,
-                    saturation: float | None = None) -> NoiseModel:
+def calibrate_stack(
+    frames: Any, darks: Any = None, *, patch: int = 8, excess_noise: float = 1.0, saturation: float | None = None
+) -> NoiseModel:
     """The noise model of a (t, y, x) stream (or one (y, x) frame), with optional dark frames."""
     cal = Calibrator(patch=patch, excess_noise=excess_noise, saturation=saturation)
     f = np.asarray(frames)
@@ -432,14 +485,20 @@ def calibrate_stack(frames: Any, darks: Any = None, *, patch: int = 8, excess_no
         d = np.asarray(darks)
         if d.reshape(-1, *d.shape[-2:]).shape[0] < 2:
             one = dark_calibration(d)  # a single dark frame: spatial statistics only
-            return fit_ptc(*cal.points(), excess_noise=excess_noise, offset=one["offset"],
-                           read_var=one["read_var"], source="ptc + 1 dark frame")
+            return fit_ptc(
+                *cal.points(),
+                excess_noise=excess_noise,
+                offset=one["offset"],
+                read_var=one["read_var"],
+                source="ptc + 1 dark frame",
+            )
         cal.add_dark(d)
     return cal.model()
 
 
-def calibrate_file(path: str | Path, dark: str | Path | None = None, *, patch: int = 8,
-                   excess_noise: float = 1.0) -> dict[str, Any]:
+def calibrate_file(
+    path: str | Path, dark: str | Path | None = None, *, patch: int = 8, excess_noise: float = 1.0
+) -> dict[str, Any]:
     """``livescope calibrate INPUT [--dark DARK.tif]``: the noise model of a TIFF time-lapse
     (frames of one field, (t, y, x)), as plain numbers.
 
@@ -460,6 +519,8 @@ def calibrate_file(path: str | Path, dark: str | Path | None = None, *, patch: i
     out["frames"] = int(np.prod(frames.shape[:-2])) if frames.ndim > 2 else 1
     out["shape"] = list(frames.shape)
     if excess_noise == 1.0:
-        out["note"] = ("for an EMCCD pass the excess-noise factor (about 1.41 at high EM gain): "
-                       "its noise doubles the apparent gain")
+        out["note"] = (
+            "for an EMCCD pass the excess-noise factor (about 1.41 at high EM gain): "
+            "its noise doubles the apparent gain"
+        )
     return out

@@ -130,8 +130,10 @@ def _lags(value: Any) -> tuple[int, ...]:
 def _check_method(method: str) -> str | None:
     if method in ("rolling", "learned"):
         return None
-    return (f"decompose: unknown method {method!r}; use method='rolling' (the default) or "
-            "method='learned' (learned multi-lag predictors, see docs/decomposition.md)")
+    return (
+        f"decompose: unknown method {method!r}; use method='rolling' (the default) or "
+        "method='learned' (learned multi-lag predictors, see docs/decomposition.md)"
+    )
 
 
 def _check_slow_rank(rank: float) -> str | None:
@@ -241,8 +243,10 @@ class Decompose(EngineBase):
 
     def _validate(self) -> None:
         if self.fit_frames < 2 * self.lags[-1] + 15:
-            raise EngineError(f"decompose: fit_frames must be at least twice the longest lag + "
-                              f"15 ({2 * self.lags[-1] + 15}), got {self.fit_frames}")
+            raise EngineError(
+                f"decompose: fit_frames must be at least twice the longest lag + "
+                f"15 ({2 * self.lags[-1] + 15}), got {self.fit_frames}"
+            )
         if self.background_samples < 1 or self.background_window < self.background_samples:
             raise EngineError(
                 "decompose: need 1 <= background_samples <= background_window, got "
@@ -310,8 +314,7 @@ class Decompose(EngineBase):
         predictor = MultiLagPredictor(load(path), self.backend)
         model_lags = tuple(sorted(int(round(v)) for v in predictor.lags))
         if model_lags != self.lags:
-            log.info("decompose: the model was fitted with lags %s; using them instead of %s",
-                     model_lags, self.lags)
+            log.info("decompose: the model was fitted with lags %s; using them instead of %s", model_lags, self.lags)
             self.lags = model_lags
         return predictor
 
@@ -447,8 +450,9 @@ class Decompose(EngineBase):
             "events": events,
         }
 
-    def _process_learned(self, xp: Any, raw: Any, cur: Any, t: float, gain: float,
-                         lagged: list[Any], sigma: float, info: FrameInfo) -> dict[str, Any]:
+    def _process_learned(
+        self, xp: Any, raw: Any, cur: Any, t: float, gain: float, lagged: list[Any], sigma: float, info: FrameInfo
+    ) -> dict[str, Any]:
         from .multilag import components
 
         predictor = self._predictor  # one reference for the whole frame: a swap lands between
@@ -500,7 +504,7 @@ class Decompose(EngineBase):
         h, w = cur.shape
         ch, cw = min(h, _FIT_CROP), min(w, _FIT_CROP)
         y0, x0 = (h - ch) // 2, (w - cw) // 2
-        self._fit_buf.append(np.array(_host(cur[y0:y0 + ch, x0:x0 + cw]), dtype=np.float32))
+        self._fit_buf.append(np.array(_host(cur[y0 : y0 + ch, x0 : x0 + cw]), dtype=np.float32))
         self._fit_state = "collecting"
         if len(self._fit_buf) < self.fit_frames:
             return
@@ -508,17 +512,20 @@ class Decompose(EngineBase):
         self._fit_buf = []
         self._fit_state = "fitting"
         generation = self._generation
-        thread = threading.Thread(target=self._fit_thread, args=(frames, generation),
-                                  name="decompose-fit", daemon=True)
+        thread = threading.Thread(target=self._fit_thread, args=(frames, generation), name="decompose-fit", daemon=True)
         thread.start()
 
     def _fit_thread(self, frames: Any, generation: int) -> None:
         try:
             from .multilag import fit_multilag
 
-            model = fit_multilag(frames, lags=self.lags, steps=self.fit_steps,
-                                 time_budget_s=self.fit_seconds,
-                                 metadata={"fitted_on": "online, the stream's first frames"})
+            model = fit_multilag(
+                frames,
+                lags=self.lags,
+                steps=self.fit_steps,
+                time_budget_s=self.fit_seconds,
+                metadata={"fitted_on": "online, the stream's first frames"},
+            )
             if self.fit_out:
                 model.save(self.fit_out)
         except Exception as exc:  # the rolling method goes on; the reason is in the log
@@ -543,8 +550,11 @@ class Decompose(EngineBase):
         self._fit_state = f"fitted {model.hash}"
         if self.fit_out:
             self.model = self.fit_out
-        log.info("decompose: online fit done (%s, %s steps); learned predictors in use",
-                 model.hash, model.metadata["training"]["steps"])
+        log.info(
+            "decompose: online fit done (%s, %s steps); learned predictors in use",
+            model.hash,
+            model.metadata["training"]["steps"],
+        )
 
     def _allocate(self, xp: Any, shape: tuple[int, ...]) -> None:
         self._ring = xp.zeros((self._ring_len, *shape), dtype=xp.float32)
@@ -764,10 +774,7 @@ class Decompose(EngineBase):
                 continue
             keep[y, x] = True
             todo += [
-                (y + dy, x + dx)
-                for dy in (-1, 0, 1)
-                for dx in (-1, 0, 1)
-                if 0 <= y + dy < hb and 0 <= x + dx < wb
+                (y + dy, x + dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if 0 <= y + dy < hb and 0 <= x + dx < wb
             ]
         mask = np.kron(keep, np.ones((b, b), dtype=bool))
         region = np.where(mask, excess[: hb * b, : wb * b], 0.0)

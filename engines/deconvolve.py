@@ -168,8 +168,9 @@ class Deconvolve(EngineBase):
     outputs: ClassVar[tuple[str, ...]] = ("deconvolved",)
 
     parameters: ClassVar[dict[str, Param]] = {
-        "psf": Param(None, _psf_value, applies=_R, show=_show_psf,
-                     doc="a measured PSF: TIFF path or array (z, y, x) / (y, x)"),
+        "psf": Param(
+            None, _psf_value, applies=_R, show=_show_psf, doc="a measured PSF: TIFF path or array (z, y, x) / (y, x)"
+        ),
         "psf_sigma": Param(1.5, float, applies=_R, doc="Gaussian PSF sigma, pixels at binning 1"),
         "psf_sigma_z": Param(None, optional(float), applies=_R, doc="Gaussian PSF sigma along z, planes (2)"),
         "na": Param(None, optional(float), applies=_R, doc="numerical aperture: the widefield PSF model"),
@@ -177,19 +178,29 @@ class Deconvolve(EngineBase):
         "refractive_index": Param(1.515, float, applies=_R),
         "psf_pixel_size_um": Param(None, optional(float), applies=_R, doc="the measured PSF's pixel size"),
         "psf_z_step_um": Param(None, optional(float), applies=_R, doc="the measured PSF's z step"),
-        "psf_2d": Param("plane", str, applies=_R, check=_one_of("psf_2d", ("plane", "projection")),
-                        doc="a 3-D PSF on planes: its in-focus plane or its projection"),
-        "method": Param("wb", _lower, applies=_R, check=_check_method,
-                        doc="wb (Wiener-Butterworth), rl (classic) or net (a fitted model)"),
-        "iterations": Param(None, optional(int), check=_check_iterations,
-                            doc="RL iterations (wb 2, rl 20)"),
+        "psf_2d": Param(
+            "plane",
+            str,
+            applies=_R,
+            check=_one_of("psf_2d", ("plane", "projection")),
+            doc="a 3-D PSF on planes: its in-focus plane or its projection",
+        ),
+        "method": Param(
+            "wb",
+            _lower,
+            applies=_R,
+            check=_check_method,
+            doc="wb (Wiener-Butterworth), rl (classic) or net (a fitted model)",
+        ),
+        "iterations": Param(None, optional(int), check=_check_iterations, doc="RL iterations (wb 2, rl 20)"),
         "alpha": Param(None, optional(float), applies=_R, doc="Wiener constant (1e-2)"),
         "beta": Param(None, optional(float), applies=_R, doc="back projector's gain at the cutoff"),
         "order": Param(None, optional(int), applies=_R, doc="Butterworth order (10)"),
         "cutoff": Param(None, optional(_cutoff), applies=_R, doc="cycles per pixel, per axis (1 / FWHM)"),
         "offset": Param(None, optional(float), applies=Applies.RESET, doc="camera offset, ADU"),
-        "memory_budget_mb": Param(1024.0, optional(float), check=_check_budget,
-                                  doc="tile frames larger than this; None: never"),
+        "memory_budget_mb": Param(
+            1024.0, optional(float), check=_check_budget, doc="tile frames larger than this; None: never"
+        ),
         "volume": Param(False, as_bool, applies=_R, doc="deconvolve (z, y, x) stacks"),
         "device": Param("cpu", _lower, applies=_R, check=_one_of("device", ("cpu", "gpu"))),
         "model": Param(None, optional(str), applies=_R, doc='method="net": a fitted model file'),
@@ -297,7 +308,8 @@ class Deconvolve(EngineBase):
         used = self._boundaries.get(data.shape)  # the PSF's symmetry is checked once per shape, not per frame
         if used is None:
             used = self._boundaries[data.shape] = choose_boundary(
-                self._kernel, data.shape, _array.fft_module(xp_data), self.boundary)
+                self._kernel, data.shape, _array.fft_module(xp_data), self.boundary
+            )
         self._boundary_used = used
         out = deconvolve_array(
             xp_data,
@@ -365,8 +377,9 @@ class Deconvolve(EngineBase):
 
     def _validate(self) -> None:
         if self.method == "net" and self.model is None:
-            raise EngineError("method='net' needs model=PATH of a model fitted with "
-                              "livescope.engines.netdeconv.fit_deconvolution")
+            raise EngineError(
+                "method='net' needs model=PATH of a model fitted with livescope.engines.netdeconv.fit_deconvolution"
+            )
 
     @property
     def kernel(self) -> np.ndarray | None:
@@ -418,8 +431,10 @@ class Deconvolve(EngineBase):
                     "process --pixel-size UM`), or use psf_sigma"
                 )
             if ndim == 3 and z_step is None:
-                raise EngineError("volume deconvolution with the widefield model needs the stream's z_step_um "
-                                  "(for a saved movie: `livescope process --z-step UM`)")
+                raise EngineError(
+                    "volume deconvolution with the widefield model needs the stream's z_step_um "
+                    "(for a saved movie: `livescope process --z-step UM`)"
+                )
             kernel = widefield_psf(
                 self.na, self.wavelength_nm, self.refractive_index, pixel,
                 z_step_um=z_step if ndim == 3 else None,

@@ -108,18 +108,34 @@ class Denoise(EngineBase):
     outputs: ClassVar[tuple[str, ...]] = ("denoised",)
     # a camera parameter changes the normalisation, which the next frame sets again
     parameters: ClassVar[dict[str, Param]] = {
-        "model": Param(None, _model_path, setter="swap_model", attr="model_path",
-                       show=lambda path: path or "default", doc="a model file; None: the shipped default"),
-        "backend": Param("auto", str, check=_check_backend, applies=Applies.REBUILD,
-                         doc="auto (tensorrt > onnxruntime > torch) or one of them"),
+        "model": Param(
+            None,
+            _model_path,
+            setter="swap_model",
+            attr="model_path",
+            show=lambda path: path or "default",
+            doc="a model file; None: the shipped default",
+        ),
+        "backend": Param(
+            "auto",
+            str,
+            check=_check_backend,
+            applies=Applies.REBUILD,
+            doc="auto (tensorrt > onnxruntime > torch) or one of them",
+        ),
         "tile": Param(512, int, doc="frames larger than this run in overlapping tiles; 0: whole frames"),
         "overlap": Param(104, int),
         "offset": Param(None, optional(float), applies=Applies.RESET, doc="camera offset, ADU"),
         "gain": Param(None, optional(float), applies=Applies.RESET, doc="ADU per photoelectron"),
         "read_noise": Param(None, optional(float), applies=Applies.RESET, doc="ADU rms"),
         "excess_noise": Param(1.0, _excess_noise, applies=Applies.RESET, doc="EMCCD excess-noise factor F"),
-        "calibration": Param(None, _calibration, applies=Applies.RESET, show=_show_calibration,
-                             doc="a camera calibration: livescope calibrate's dict or JSON file"),
+        "calibration": Param(
+            None,
+            _calibration,
+            applies=Applies.RESET,
+            show=_show_calibration,
+            doc="a camera calibration: livescope calibrate's dict or JSON file",
+        ),
         "threads": Param(None, optional(int)),
     }
 
@@ -135,11 +151,19 @@ class Denoise(EngineBase):
     calibration: str | Path | dict[str, Any] | NoiseModel | None
     threads: int | None
 
-    def __init__(self, model: str | Path | None = None, backend: str = "auto", tile: int = 512,
-                 overlap: int = 104, offset: float | None = None, gain: float | None = None,
-                 read_noise: float | None = None, excess_noise: float = 1.0,
-                 calibration: str | Path | dict[str, Any] | NoiseModel | None = None,
-                 threads: int | None = None) -> None:
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        backend: str = "auto",
+        tile: int = 512,
+        overlap: int = 104,
+        offset: float | None = None,
+        gain: float | None = None,
+        read_noise: float | None = None,
+        excess_noise: float = 1.0,
+        calibration: str | Path | dict[str, Any] | NoiseModel | None = None,
+        threads: int | None = None,
+    ) -> None:
         self._init_params(locals())
         self._calibrated = _noise_model(self.calibration)
         self._noise_source = ""
@@ -188,8 +212,7 @@ class Denoise(EngineBase):
         while len(past) < k:
             past.append(past[-1] if past else current)
         x = np.stack([current, *past]) if k else current[None]
-        y = run_tiled(loaded.runner.run, x, multiple=loaded.model.multiple,
-                      tile=self.tile, overlap=self.overlap)
+        y = run_tiled(loaded.runner.run, x, multiple=loaded.model.multiple, tile=self.tile, overlap=self.overlap)
         self._past.append(current)
         return {"denoised": norm.inverse(y)}
 
@@ -234,8 +257,9 @@ class Denoise(EngineBase):
         if loaded is None or norm is None:
             raise EngineError("denoise.predict needs the stream's first frame processed (it fixes the normalisation)")
         if loaded.model.k:
-            raise EngineError(f"denoise.predict: the model takes {loaded.model.k} past frame(s); "
-                              "predict runs models that take none")
+            raise EngineError(
+                f"denoise.predict: the model takes {loaded.model.k} past frame(s); predict runs models that take none"
+            )
         x = norm.forward(np.ascontiguousarray(to_numpy(frame)))[None]
         y = run_tiled(loaded.runner.run, x, multiple=loaded.model.multiple, tile=self.tile, overlap=self.overlap)
         return norm.inverse(y)
@@ -265,7 +289,8 @@ class Denoise(EngineBase):
         self._swap(loaded)
         self.model_path = path
         if old is not None and bool(old.model.metadata["normalisation"].get("vst", True)) != bool(
-                loaded.model.metadata["normalisation"].get("vst", True)):
+            loaded.model.metadata["normalisation"].get("vst", True)
+        ):
             self._norm = None
         log.info("denoise model swapped to %s (%s)", path or "default", loaded.model.hash)
 
@@ -289,8 +314,11 @@ class Denoise(EngineBase):
         gain = self.gain if self.gain is not None else (spec.camera_gain if spec else None)
         if gain is not None and gain > 0:
             gain = float(gain) * self.excess_noise**2  # the transform needs the photon-transfer slope
-        self._noise_source = ("fitted read variance, gain given" if gain else "fitted from the first frame") \
-            if vst else "no variance-stabilising transform (model)"
+        self._noise_source = (
+            ("fitted read variance, gain given" if gain else "fitted from the first frame")
+            if vst
+            else "no variance-stabilising transform (model)"
+        )
         return Normalisation.estimate(raw, offset=offset, gain=gain, vst=vst, percentiles=percentiles)
 
     def _known_model(self, extra: dict[str, Any]) -> NoiseModel | None:
@@ -315,7 +343,7 @@ class Denoise(EngineBase):
 
     def _input_shape(self, model: modelfile.ModelFile) -> tuple[int, int, int, int]:
         m = model.multiple
-        h, w = (self.spec.shape[-2:] if self.spec else (512, 512))
+        h, w = self.spec.shape[-2:] if self.spec else (512, 512)
         h, w = h + (-h) % m, w + (-w) % m
         if self.tile > 0:
             t = max(m, self.tile - self.tile % m)
@@ -326,16 +354,19 @@ class Denoise(EngineBase):
         model = modelfile.load(path)
         if model.task != "denoise":
             # a deconvolution model normalises differently and predicts a correction: refuse it
-            raise EngineError(f"{path} is a {model.task!r} model, not a denoiser: run it with the "
-                              "restore engine or deconvolve method=net, or give denoise a model fitted "
-                              "with `livescope fit` (task denoise)")
+            raise EngineError(
+                f"{path} is a {model.task!r} model, not a denoiser: run it with the "
+                "restore engine or deconvolve method=net, or give denoise a model fitted "
+                "with `livescope fit` (task denoise)"
+            )
         options: dict[str, Any] = {"shape": self._input_shape(model), "threads": self.threads}
         if self.backend in ("auto", "tensorrt") and _tensorrt_installed():
             # a TensorRT build takes seconds to minutes: serve with the next backend meanwhile
             runner = Runner(model, ORDER[1], **options)
             loaded = _Loaded(model, runner, path)
-            self._builder = threading.Thread(target=self._build_tensorrt, args=(loaded, options),
-                                             name="denoise-tensorrt-build", daemon=True)
+            self._builder = threading.Thread(
+                target=self._build_tensorrt, args=(loaded, options), name="denoise-tensorrt-build", daemon=True
+            )
             self._builder.start()
             return loaded
         return _Loaded(model, Runner(model, self.backend, **options), path)
@@ -360,8 +391,10 @@ def _noise_model(calibration: Any) -> NoiseModel | None:
     try:
         return NoiseModel.from_dict(calibration)
     except (OSError, KeyError, ValueError, TypeError) as exc:
-        raise EngineError(f"denoise: cannot read the camera calibration {calibration!r} ({exc}); give the "
-                          "dict or JSON file that `livescope calibrate INPUT --out cal.json` writes") from exc
+        raise EngineError(
+            f"denoise: cannot read the camera calibration {calibration!r} ({exc}); give the "
+            "dict or JSON file that `livescope calibrate INPUT --out cal.json` writes"
+        ) from exc
 
 
 def _normalisation_from(model: NoiseModel, raw: np.ndarray, percentiles: tuple[float, ...]) -> Normalisation:
@@ -371,8 +404,9 @@ def _normalisation_from(model: NoiseModel, raw: np.ndarray, percentiles: tuple[f
     transform then takes offset 0 and the intercept as its read variance (the same line).
     """
     if model.slope <= 0:
-        raise EngineError("denoise: the calibration has no photon-transfer slope (gain 0); "
-                          "calibrate again on frames with signal")
+        raise EngineError(
+            "denoise: the calibration has no photon-transfer slope (gain 0); calibrate again on frames with signal"
+        )
     if model.offset is not None and model.read_var is not None:
         norm = Normalisation(offset=float(model.offset), gain=float(model.slope), read_var=float(model.read_var))
     else:

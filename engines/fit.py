@@ -41,8 +41,9 @@ class FitResult:
     seconds: float
 
 
-def n2v_mask(patches: np.ndarray, fraction: float, rng: np.random.Generator,
-             radius: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def n2v_mask(
+    patches: np.ndarray, fraction: float, rng: np.random.Generator, radius: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
     """Blind-spot masking of (n, y, x) patches: returns the masked copy and the boolean mask.
 
     About ``fraction`` of the pixels, one per cell of a regular grid (so masked pixels never
@@ -69,8 +70,15 @@ def n2v_mask(patches: np.ndarray, fraction: float, rng: np.random.Generator,
     return masked, mask
 
 
-def crappify(clean: np.ndarray, rng: np.random.Generator, *, photons: tuple[float, float] = (5.0, 100.0),
-             read_sigma: float = 2.0, blur_sigma: float = 0.0, downsample: int = 1) -> np.ndarray:
+def crappify(
+    clean: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    photons: tuple[float, float] = (5.0, 100.0),
+    read_sigma: float = 2.0,
+    blur_sigma: float = 0.0,
+    downsample: int = 1,
+) -> np.ndarray:
     """A noisy (and optionally blurred, downsampled) version of a clean frame in the clean
     frame's units: Poisson noise at a random peak of ``photons`` plus Gaussian read noise."""
     from scipy import ndimage
@@ -108,14 +116,31 @@ def augment(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.ascontiguousarray(batch)
 
 
-def fit(sources: np.ndarray | Sequence[np.ndarray], *, model: ModelFile | None = None,
-        past_frames: int = 0, base: int = 16, depth: int = 3, max_channels: int = 64,
-        steps: int = 400, batch: int = 16, patch: int = 64, lr: float | None = None,
-        mask_fraction: float = 0.03, temporal: bool | None = None, clean: Sequence[np.ndarray] | None = None,
-        offset: float | None = None, gain: float | None = None, vst: bool = True,
-        time_budget_s: float | None = None, seed: int = 0, progress: bool = True,
-        description: str = "", callback: Callable[[int, float], None] | None = None,
-        threads: int | None = None) -> FitResult:
+def fit(
+    sources: np.ndarray | Sequence[np.ndarray],
+    *,
+    model: ModelFile | None = None,
+    past_frames: int = 0,
+    base: int = 16,
+    depth: int = 3,
+    max_channels: int = 64,
+    steps: int = 400,
+    batch: int = 16,
+    patch: int = 64,
+    lr: float | None = None,
+    mask_fraction: float = 0.03,
+    temporal: bool | None = None,
+    clean: Sequence[np.ndarray] | None = None,
+    offset: float | None = None,
+    gain: float | None = None,
+    vst: bool = True,
+    time_budget_s: float | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    description: str = "",
+    callback: Callable[[int, float], None] | None = None,
+    threads: int | None = None,
+) -> FitResult:
     """Fit a model on ``sources``: frames (y, x) or time-lapses (t, y, x) of raw camera values.
 
     ``model`` continues from an existing model (its architecture wins over base/depth);
@@ -160,8 +185,7 @@ def fit(sources: np.ndarray | Sequence[np.ndarray], *, model: ModelFile | None =
         src_desc = ", ".join(f"{s.shape}" for s in stacks)
     for s in stacks:
         if min(s.shape[-2:]) < patch:
-            raise ValueError(f"frames of {s.shape[-2:]} are smaller than the patch {patch}; "
-                             "lower patch")
+            raise ValueError(f"frames of {s.shape[-2:]} are smaller than the patch {patch}; lower patch")
     # every source equally often: a long time-lapse must not drown a single frame
     weights = np.full(len(stacks), 1.0 / len(stacks))
 
@@ -174,11 +198,11 @@ def fit(sources: np.ndarray | Sequence[np.ndarray], *, model: ModelFile | None =
             if supervised:
                 y0 = rng.integers(0, s.shape[-2] - patch + 1)
                 x0 = rng.integers(0, s.shape[-1] - patch + 1)
-                c = s[y0:y0 + patch, x0:x0 + patch] if s.ndim == 2 else s[0, y0:y0 + patch, x0:x0 + patch]
+                c = s[y0 : y0 + patch, x0 : x0 + patch] if s.ndim == 2 else s[0, y0 : y0 + patch, x0 : x0 + patch]
                 noisy = crappify(c, rng)
                 norm = Normalisation.estimate(noisy, vst=vst)
                 out[i, 0] = norm.forward(noisy)
-                out[i, 1:1 + k] = out[i, 0]
+                out[i, 1 : 1 + k] = out[i, 0]
                 out[i, -1] = norm.forward(c)
                 has_next[i] = True
                 continue
@@ -186,7 +210,7 @@ def fit(sources: np.ndarray | Sequence[np.ndarray], *, model: ModelFile | None =
             t = int(rng.integers(0, t_count))
             y0 = rng.integers(0, s.shape[-2] - patch + 1)
             x0 = rng.integers(0, s.shape[-1] - patch + 1)
-            view = s[:, y0:y0 + patch, x0:x0 + patch]
+            view = s[:, y0 : y0 + patch, x0 : x0 + patch]
             out[i, 0] = view[t]
             for j in range(1, k + 1):
                 out[i, j] = view[max(t - j, 0)]
@@ -206,8 +230,11 @@ def fit(sources: np.ndarray | Sequence[np.ndarray], *, model: ModelFile | None =
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     # a step count alone: one-cycle over the steps; with a time budget the schedule follows
     # whichever runs out first, so a run stopped by its budget still ends at a low learning rate
-    one_cycle = None if time_budget_s else torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    one_cycle = (
+        None
+        if time_budget_s
+        else torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    )
 
     def schedule(step: int) -> float:
         """Warm-up then cosine decay over whichever runs out first, steps or the time budget, so
@@ -218,6 +245,7 @@ def fit(sources: np.ndarray | Sequence[np.ndarray], *, model: ModelFile | None =
         frac = min(frac, 1.0)
         warm = min(1.0, frac / 0.05)
         return lr * warm * 0.5 * (1 + np.cos(np.pi * frac)) + lr * 0.01
+
     losses: list[float] = []
     t0 = time.perf_counter()
     bar = None
@@ -230,11 +258,11 @@ def fit(sources: np.ndarray | Sequence[np.ndarray], *, model: ModelFile | None =
         data, has_next = sample()
         current = data[:, 0]
         if supervised:
-            inp = data[:, :1 + k]
+            inp = data[:, : 1 + k]
             loss_mask = np.zeros_like(current, dtype=bool)
         else:
             masked, loss_mask = n2v_mask(current, mask_fraction, rng)
-            inp = data[:, :1 + k].copy()
+            inp = data[:, : 1 + k].copy()
             inp[:, 0] = masked
         pred = net(torch.from_numpy(inp))[:, 0]
         terms = []
@@ -270,15 +298,25 @@ def fit(sources: np.ndarray | Sequence[np.ndarray], *, model: ModelFile | None =
     meta: dict[str, Any] = {
         "training": {
             "data": description or src_desc,
-            "method": "supervised-crappify" if supervised else (
+            "method": "supervised-crappify"
+            if supervised
+            else (
                 "noise2void"
-                + ("+temporal-pairs" if any(s.shape[0] > 1 for s in stacks) and temporal is not False else "")),
-            "steps": len(losses), "batch": batch, "patch": patch, "lr": lr,
-            "mask_fraction": mask_fraction, "seconds": round(seconds, 1),
+                + ("+temporal-pairs" if any(s.shape[0] > 1 for s in stacks) and temporal is not False else "")
+            ),
+            "steps": len(losses),
+            "batch": batch,
+            "patch": patch,
+            "lr": lr,
+            "mask_fraction": mask_fraction,
+            "seconds": round(seconds, 1),
             "final_loss": float(np.mean(losses[-20:])) if losses else None,
         },
-        "normalisation": {"vst": vst, "percentiles": [1.0, 99.8],
-                          "rule": "offset, generalised Anscombe with fitted or given gain, percentiles"},
+        "normalisation": {
+            "vst": vst,
+            "percentiles": [1.0, 99.8],
+            "rule": "offset, generalised Anscombe with fitted or given gain, percentiles",
+        },
     }
     features = _training_features(seen, stacks if supervised else [], vst, rng)
     if features is not None:
@@ -293,8 +331,9 @@ def fit(sources: np.ndarray | Sequence[np.ndarray], *, model: ModelFile | None =
     return FitResult(ModelFile.from_net(net, meta), losses, seconds)
 
 
-def _training_features(seen: list[tuple[np.ndarray, Normalisation]], clean: list[np.ndarray], vst: bool,
-                       rng: np.random.Generator) -> dict[str, Any] | None:
+def _training_features(
+    seen: list[tuple[np.ndarray, Normalisation]], clean: list[np.ndarray], vst: bool, rng: np.random.Generator
+) -> dict[str, Any] | None:
     """Feature statistics of the training frames for the trust engine's distance check (None,
     logged, when the frames are too small for them). Supervised: noisy copies of the clean
     images, as the network saw them."""
@@ -304,8 +343,11 @@ def _training_features(seen: list[tuple[np.ndarray, Normalisation]], clean: list
         img = c if c.ndim == 2 else c[0]
         noisy = crappify(img, rng)
         seen.append((noisy, Normalisation.estimate(noisy, vst=vst)))
-    feats = [normalised_features(np.asarray(f, np.float32), n, shifts=True) for f, n in seen
-             if min(np.shape(f)[-2:]) >= FEATURE_TILE]
+    feats = [
+        normalised_features(np.asarray(f, np.float32), n, shifts=True)
+        for f, n in seen
+        if min(np.shape(f)[-2:]) >= FEATURE_TILE
+    ]
     try:
         return feature_statistics(feats) if feats else None
     except ValueError as exc:

@@ -117,8 +117,15 @@ class Normalisation:
     high: float = 1.0
 
     @classmethod
-    def estimate(cls, frame: np.ndarray, *, offset: float | None = None, gain: float | None = None,
-                 vst: bool = True, percentiles: Sequence[float] = (1.0, 99.8)) -> Normalisation:
+    def estimate(
+        cls,
+        frame: np.ndarray,
+        *,
+        offset: float | None = None,
+        gain: float | None = None,
+        vst: bool = True,
+        percentiles: Sequence[float] = (1.0, 99.8),
+    ) -> Normalisation:
         """From a frame (or a (t, y, x) stack: its first frame sets the noise model).
 
         ``offset`` None estimates nothing: with a fitted noise model the intercept carries it;
@@ -137,7 +144,7 @@ class Normalisation:
             else:
                 a, read_var = fit_a, fit_b
                 if not a > 1e-6:  # a nearly flat frame can fit a gain of ~1e-16: the transform's
-                    a = 0.0       # 2/gain then overflows float32; such noise is signal-independent
+                    a = 0.0  # 2/gain then overflows float32; such noise is signal-independent
         norm = cls(offset=off, gain=a, read_var=read_var)
         y = norm._stabilise(x)
         lo, hi = np.percentile(y, list(percentiles))
@@ -211,8 +218,9 @@ def _starts(n: int, tile: int, core: int) -> list[int]:
     return sorted(set(starts))
 
 
-def run_tiled(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, *, multiple: int,
-              tile: int | None = None, overlap: int = 32) -> np.ndarray:
+def run_tiled(
+    run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, *, multiple: int, tile: int | None = None, overlap: int = 32
+) -> np.ndarray:
     """Apply ``run`` ((1, c, h, w) -> (1, 1, h, w)) to a (c, y, x) input, in overlapping tiles
     when the frame is larger than ``tile``.
 
@@ -227,20 +235,19 @@ def run_tiled(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, *, multipl
     tile = max(multiple, tile - tile % multiple)
     half = (overlap // 2 + multiple - 1) // multiple * multiple  # margin dropped per inner edge
     if tile <= 2 * half:
-        raise EngineError(f"tile {tile} must exceed twice the overlap margin ({2 * half}); "
-                          "raise tile or lower overlap")
+        raise EngineError(f"tile {tile} must exceed twice the overlap margin ({2 * half}); raise tile or lower overlap")
     core = tile - 2 * half
     out = np.empty((H, W), dtype=np.float32)
     th, tw = min(tile, H), min(tile, W)
     for y0 in _starts(H, th, core):
         for x0 in _starts(W, tw, core):
-            y = run(xp[None, :, y0:y0 + th, x0:x0 + tw])[0, 0]
+            y = run(xp[None, :, y0 : y0 + th, x0 : x0 + tw])[0, 0]
             # keep the centre; at the frame's own border keep everything up to the border
             ya = 0 if y0 == 0 else half
             xa = 0 if x0 == 0 else half
             yb = th if y0 + th == H else th - half
             xb = tw if x0 + tw == W else tw - half
-            out[y0 + ya:y0 + yb, x0 + xa:x0 + xb] = y[ya:yb, xa:xb]
+            out[y0 + ya : y0 + yb, x0 + xa : x0 + xb] = y[ya:yb, xa:xb]
     return out[:h, :w]
 
 
@@ -288,12 +295,12 @@ class OnnxRuntimeBackend:
 
 def trt_cache_dir() -> Path:
     base = os.environ.get("LIVESCOPE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "livescope")
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "livescope"
+    )
     return Path(base) / "tensorrt"
 
 
-def trt_cache_key(model_hash: str, gpu: str, trt_version: str, shape: tuple[int, ...],
-                  fp16: bool) -> str:
+def trt_cache_key(model_hash: str, gpu: str, trt_version: str, shape: tuple[int, ...], fp16: bool) -> str:
     """File name of a serialised TensorRT engine: an engine is only valid for the same weights,
     GPU model, TensorRT version and shape profile, so all four (and the precision) go in."""
     text = "|".join([model_hash, gpu, trt_version, "x".join(map(str, shape)), "fp16" if fp16 else "fp32"])
@@ -309,13 +316,20 @@ class TensorRTBackend:
 
     name = "tensorrt"
 
-    def __init__(self, model: ModelFile, *, shape: tuple[int, int, int, int] | None = None,
-                 cache_dir: str | Path | None = None, **_: Any) -> None:
+    def __init__(
+        self,
+        model: ModelFile,
+        *,
+        shape: tuple[int, int, int, int] | None = None,
+        cache_dir: str | Path | None = None,
+        **_: Any,
+    ) -> None:
         try:
             import tensorrt as trt
         except ImportError as exc:
-            raise EngineError("TensorRT is not installed: install it on a machine with an NVIDIA "
-                              "GPU (see docs/denoising.md)") from exc
+            raise EngineError(
+                "TensorRT is not installed: install it on a machine with an NVIDIA GPU (see docs/denoising.md)"
+            ) from exc
         import torch  # device buffers and the CUDA stream; shares torch's CUDA context
 
         if not torch.cuda.is_available():
@@ -350,8 +364,9 @@ class TensorRTBackend:
         return self.h_out.numpy().copy()
 
 
-def build_trt_engine(model: ModelFile, shape: tuple[int, ...], *, cache_dir: str | Path | None = None,
-                     fp16: bool | None = None) -> Path:
+def build_trt_engine(
+    model: ModelFile, shape: tuple[int, ...], *, cache_dir: str | Path | None = None, fp16: bool | None = None
+) -> Path:
     """Build (or find in the cache) the serialised TensorRT engine for this model and shape."""
     import tensorrt as trt
     import torch
@@ -418,8 +433,11 @@ def open_backend(model: ModelFile, backend: str = "auto", **options: Any) -> Any
             continue
         log.info("denoise backend: %s (asked for %s)", name, backend)
         return opened
-    raise EngineError("no denoising backend could run the model: " + "; ".join(reasons)
-                      + ". Install onnxruntime or torch (`pip install livescope[ml]`)")
+    raise EngineError(
+        "no denoising backend could run the model: "
+        + "; ".join(reasons)
+        + ". Install onnxruntime or torch (`pip install livescope[ml]`)"
+    )
 
 
 class Runner:
@@ -441,7 +459,7 @@ class Runner:
             return self.backend.run(x)
         except Exception as exc:
             failed = self.backend.name
-            rest = [b for b in ORDER[ORDER.index(failed) + 1:]] if failed in ORDER else []
+            rest = [b for b in ORDER[ORDER.index(failed) + 1 :]] if failed in ORDER else []
             if not rest:
                 raise
             log.warning("denoise backend %s failed (%s); falling back to %s", failed, exc, rest[0])
@@ -450,8 +468,9 @@ class Runner:
             return self.backend.run(x)
 
 
-def compile_model(path: str | Path | None = None, shape: Sequence[int] = (512, 512), *,
-                  cache_dir: str | Path | None = None) -> Path:
+def compile_model(
+    path: str | Path | None = None, shape: Sequence[int] = (512, 512), *, cache_dir: str | Path | None = None
+) -> Path:
     """Ahead-of-time TensorRT build for frames of ``shape`` (y, x): the ``livescope compile``
     command. Returns the cached engine's path."""
     from .modelfile import load
@@ -460,8 +479,9 @@ def compile_model(path: str | Path | None = None, shape: Sequence[int] = (512, 5
     try:
         import tensorrt  # noqa: F401
     except ImportError as exc:
-        raise EngineError("`livescope compile` needs TensorRT: install it on a machine with an "
-                          "NVIDIA GPU (see docs/denoising.md)") from exc
+        raise EngineError(
+            "`livescope compile` needs TensorRT: install it on a machine with an NVIDIA GPU (see docs/denoising.md)"
+        ) from exc
     m = model.multiple
     y, x = (int(s) + (-int(s)) % m for s in shape[-2:])
     return build_trt_engine(model, (1, 1 + model.k, y, x), cache_dir=cache_dir)

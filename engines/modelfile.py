@@ -95,8 +95,13 @@ class ModelFile:
         """Package a trained :class:`~livescope.engines.unet.UNet` (needs torch)."""
         from .unet import export_onnx
 
-        arch = {"name": "unet2d", "in_channels": net.in_channels, "depth": net.depth,
-                "base": net.base, "max_channels": net.max_channels}
+        arch = {
+            "name": "unet2d",
+            "in_channels": net.in_channels,
+            "depth": net.depth,
+            "base": net.base,
+            "max_channels": net.max_channels,
+        }
         if getattr(net, "unshuffle", 1) > 1:  # depth then counts the unshuffle too (size multiple)
             arch["unshuffle"] = int(net.unshuffle)
         if getattr(net, "skip", "cat") != "cat":  # older readers know only concatenated skips
@@ -107,8 +112,12 @@ class ModelFile:
             format=FORMAT,
             format_version=FORMAT_VERSION,
             architecture=arch,
-            inputs={"channels": net.in_channels, "past_frames": net.in_channels - 1,
-                    "size_multiple": 2**net.depth, "layout": "NCHW float32, channel 0 = current"},
+            inputs={
+                "channels": net.in_channels,
+                "past_frames": net.in_channels - 1,
+                "size_multiple": 2**net.depth,
+                "layout": "NCHW float32, channel 0 = current",
+            },
         )
         meta.setdefault("normalisation", {"vst": True, "percentiles": [1.0, 99.8]})
         return cls(meta, export_onnx(net), weights)
@@ -151,15 +160,19 @@ def load(path: str | Path | None = None) -> ModelFile:
     """Read and check a model file; ``None`` is the shipped default model."""
     path = Path(path) if path is not None else default_model_path()
     if not path.is_file():
-        raise ModelFileError(f"model file {path} does not exist; pass model=None for the shipped "
-                             "default or train one with `livescope fit INPUT --out MODEL`")
+        raise ModelFileError(
+            f"model file {path} does not exist; pass model=None for the shipped "
+            "default or train one with `livescope fit INPUT --out MODEL`"
+        )
     try:
         with zipfile.ZipFile(path) as zf:
             meta = json.loads(zf.read("metadata.json"))
             members = {name: zf.read(name) for name in ("model.onnx", "weights.npz")}
     except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as exc:
-        raise ModelFileError(f"{path} is not a livescope model file or is corrupt ({exc}); "
-                             "re-download it or train it again with `livescope fit`") from exc
+        raise ModelFileError(
+            f"{path} is not a livescope model file or is corrupt ({exc}); "
+            "re-download it or train it again with `livescope fit`"
+        ) from exc
     _check(path, meta, members)
     with np.load(io.BytesIO(members["weights.npz"]), allow_pickle=False) as npz:
         weights = {k: npz[k] for k in npz.files}
@@ -169,15 +182,19 @@ def load(path: str | Path | None = None) -> ModelFile:
 def _check(path: Path, meta: dict[str, Any], members: dict[str, bytes]) -> None:
     missing = [k for k in _REQUIRED if k not in meta]
     if meta.get("format") != FORMAT or missing:
-        raise ModelFileError(f"{path} is not a livescope denoising model (format "
-                             f"{meta.get('format')!r}, missing {missing})")
+        raise ModelFileError(
+            f"{path} is not a livescope denoising model (format {meta.get('format')!r}, missing {missing})"
+        )
     version = int(meta["format_version"])
     if version > FORMAT_VERSION:
-        raise ModelFileError(f"{path} has model format {version}; this livescope reads up to "
-                             f"{FORMAT_VERSION}: upgrade livescope")
+        raise ModelFileError(
+            f"{path} has model format {version}; this livescope reads up to {FORMAT_VERSION}: upgrade livescope"
+        )
     if meta["architecture"].get("name") not in ("unet2d", "multilag2d"):
         raise ModelFileError(f"{path}: unknown architecture {meta['architecture'].get('name')!r}")
     for name, data in members.items():
         if _sha256(data) != meta["sha256"].get(name):
-            raise ModelFileError(f"{path}: {name} does not match its sha256 in the metadata (the "
-                                 "file is corrupt or was edited); re-download or re-train it")
+            raise ModelFileError(
+                f"{path}: {name} does not match its sha256 in the metadata (the "
+                "file is corrupt or was edited); re-download or re-train it"
+            )

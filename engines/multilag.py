@@ -43,8 +43,7 @@ import numpy as np
 from .base import EngineError
 from .modelfile import FORMAT, FORMAT_VERSION, ModelFile
 
-__all__ = ["MultiLagPredictor", "components", "fit_multilag", "octave", "octave_inputs",
-           "reference_scale"]
+__all__ = ["MultiLagPredictor", "components", "fit_multilag", "octave", "octave_inputs", "reference_scale"]
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +76,15 @@ def octave(lag: int) -> tuple[int, int]:
     return int(lag), 2 * int(lag) - 1
 
 
-def octave_inputs(frames: np.ndarray, t: int, lags: Sequence[int],
-                  region: tuple[slice, slice] = (slice(None), slice(None))) -> list[np.ndarray]:
+def octave_inputs(
+    frames: np.ndarray, t: int, lags: Sequence[int], region: tuple[slice, slice] = (slice(None), slice(None))
+) -> list[np.ndarray]:
     """The cascade's inputs for frame ``t`` of a recorded movie (t, y, x), in the order of
     ``lags``: for each lag the mean of its :func:`octave` of frames (optionally of a region)."""
     out = []
     for lag in lags:
         near, far = octave(lag)
-        out.append(np.asarray(frames[t - far:t - near + 1, region[0], region[1]],
-                              dtype=np.float32).mean(axis=0))
+        out.append(np.asarray(frames[t - far : t - near + 1, region[0], region[1]], dtype=np.float32).mean(axis=0))
     return out
 
 
@@ -124,8 +123,9 @@ class MultiLagPredictor:
         return y.astype(np.float32, copy=False)
 
 
-def _samples(frames: np.ndarray, lags: Sequence[int], crop: int, batch: int,
-             rng: np.random.Generator, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _samples(
+    frames: np.ndarray, lags: Sequence[int], crop: int, batch: int, rng: np.random.Generator, scales: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     t_count, h, w = frames.shape
     longest = max(lags)
     ts = rng.integers(octave(longest)[1], t_count, batch)
@@ -138,7 +138,7 @@ def _samples(frames: np.ndarray, lags: Sequence[int], crop: int, batch: int,
         region = (slice(y0, y0 + crop), slice(x0, x0 + crop))
         for j, inp in enumerate(octave_inputs(frames, t, lags, region)):
             x[i, j] = (inp - lo) / scale
-        y[i, 0] = (frames[t, y0:y0 + crop, x0:x0 + crop] - lo) / scale
+        y[i, 0] = (frames[t, y0 : y0 + crop, x0 : x0 + crop] - lo) / scale
     if rng.random() < 0.5:  # flips: the cascade must not care about direction
         x, y = x[..., ::-1], y[..., ::-1]
     if rng.random() < 0.5:
@@ -170,8 +170,7 @@ def fit_multilag(
     try:
         import torch
     except ImportError as exc:
-        raise EngineError("fitting the learned decomposition needs torch: "
-                          "pip install 'livescope[ml]'") from exc
+        raise EngineError("fitting the learned decomposition needs torch: pip install 'livescope[ml]'") from exc
     from .unet import MultiLag, export_onnx
 
     frames = np.asarray(frames, dtype=np.float32)
@@ -180,8 +179,7 @@ def fit_multilag(
         raise EngineError(f"fit the decomposition on a (t, y, x) movie, got shape {frames.shape}")
     need = octave(lags_desc[0])[1] + 16
     if frames.shape[0] < need:
-        raise EngineError(f"need at least {need} frames to fit lags {lags_desc}, "
-                          f"got {frames.shape[0]}")
+        raise EngineError(f"need at least {need} frames to fit lags {lags_desc}, got {frames.shape[0]}")
     crop = int(min(crop, frames.shape[1], frames.shape[2]))
     crop -= crop % 4
     if crop < 16:
@@ -196,15 +194,22 @@ def fit_multilag(
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     try:
-        losses, step = _fit_stages(torch, net, frames, lags_desc, steps, time_budget_s, crop, batch,
-                                   lr, rng, scales, progress)
+        losses, step = _fit_stages(
+            torch, net, frames, lags_desc, steps, time_budget_s, crop, batch, lr, rng, scales, progress
+        )
     finally:
         torch.set_num_threads(threads)
 
     seconds = time.perf_counter() - t0
     net.eval()
-    arch = {"name": "multilag2d", "lags": lags_desc, "depth": net.depth, "base": net.base,
-            "max_channels": net.max_channels, "unshuffle": net.unshuffle}
+    arch = {
+        "name": "multilag2d",
+        "lags": lags_desc,
+        "depth": net.depth,
+        "base": net.base,
+        "max_channels": net.max_channels,
+        "unshuffle": net.unshuffle,
+    }
     weights = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in net.state_dict().items()}
     meta = dict(metadata or {})
     meta.update(
@@ -212,28 +217,47 @@ def fit_multilag(
         format_version=FORMAT_VERSION,
         task="decompose",
         architecture=arch,
-        inputs={"channels": len(lags_desc), "past_frames": len(lags_desc) - 1,
-                "size_multiple": 2**net.depth,
-                "layout": "NCHW float32, channel i = mean of frames t - lags[i] ... "
-                          "t - 2 lags[i] + 1, longest lag first"},
-        normalisation={"vst": False, "percentiles": list(_PERCENTILES),
-                       "reference": "the most recent lagged frame"},
-        training={"frames": int(frames.shape[0]), "shape": list(frames.shape[1:]),
-                  "steps": int(step), "seconds": round(seconds, 1), "crop": crop,
-                  "batch": batch, "lr": lr, "seed": seed,
-                  "final_loss": float(np.mean(losses[-50:])) if losses else None},
+        inputs={
+            "channels": len(lags_desc),
+            "past_frames": len(lags_desc) - 1,
+            "size_multiple": 2**net.depth,
+            "layout": "NCHW float32, channel i = mean of frames t - lags[i] ... t - 2 lags[i] + 1, longest lag first",
+        },
+        normalisation={"vst": False, "percentiles": list(_PERCENTILES), "reference": "the most recent lagged frame"},
+        training={
+            "frames": int(frames.shape[0]),
+            "shape": list(frames.shape[1:]),
+            "steps": int(step),
+            "seconds": round(seconds, 1),
+            "crop": crop,
+            "batch": batch,
+            "lr": lr,
+            "seed": seed,
+            "final_loss": float(np.mean(losses[-50:])) if losses else None,
+        },
     )
-    log.info("multilag fit: %d steps in %.0f s, loss %.4f", step, seconds,
-             meta["training"]["final_loss"] or float("nan"))
+    log.info(
+        "multilag fit: %d steps in %.0f s, loss %.4f", step, seconds, meta["training"]["final_loss"] or float("nan")
+    )
     model = ModelFile(meta, export_onnx(net), weights)
     model.to_bytes()  # fills in the hashes: the model's identity from here on
     return model
 
 
-def _fit_stages(torch: Any, net: Any, frames: np.ndarray, lags_desc: list[int], steps: int,
-                time_budget_s: float | None, crop: int, batch: int, lr: float,
-                rng: np.random.Generator, scales: np.ndarray,
-                progress: Callable[[int, int, float], None] | None) -> tuple[list[float], int]:
+def _fit_stages(
+    torch: Any,
+    net: Any,
+    frames: np.ndarray,
+    lags_desc: list[int],
+    steps: int,
+    time_budget_s: float | None,
+    crop: int,
+    batch: int,
+    lr: float,
+    rng: np.random.Generator,
+    scales: np.ndarray,
+    progress: Callable[[int, int, float], None] | None,
+) -> tuple[list[float], int]:
     """Greedy, one stage after the other: the t-8 network is fitted alone, then frozen; then the
     t-4 network on what it leaves; and so on. Fitted together, a shorter lag learns what a longer
     one has not learned yet (a slow blob is as visible at t-2 as at t-4) and keeps some of it:

@@ -120,8 +120,7 @@ class PSFField:
         if a.ndim == 2:
             a = a[None, None]
         if a.ndim != 4:
-            raise EngineError(f"psf must be one 2-D PSF (y, x) or a grid of PSFs (ny, nx, y, x), "
-                              f"got shape {a.shape}")
+            raise EngineError(f"psf must be one 2-D PSF (y, x) or a grid of PSFs (ny, nx, y, x), got shape {a.shape}")
         if not np.all(np.isfinite(a)) or (a < 0).any() or (a.sum(axis=(2, 3)) <= 0).any():
             raise EngineError("every PSF must be finite, non-negative and not empty")
         ky, kx = (n | 1 for n in a.shape[2:])  # odd, so the centre is a pixel
@@ -166,8 +165,10 @@ class PSFField:
         k = self.kernels
         if self.varying or k.shape[2] != k.shape[3]:
             return False
-        return bool(np.allclose(k, k[..., ::-1, :], atol=1e-6 * k.max())
-                    and np.allclose(k, np.swapaxes(k, 2, 3), atol=1e-6 * k.max()))
+        return bool(
+            np.allclose(k, k[..., ::-1, :], atol=1e-6 * k.max())
+            and np.allclose(k, np.swapaxes(k, 2, 3), atol=1e-6 * k.max())
+        )
 
     def as_metadata(self) -> dict[str, Any]:
         return {"grid": list(self.grid), "kernels": np.round(self.kernels, 8).tolist()}
@@ -193,10 +194,19 @@ def radial_psf_grid(shape: Sequence[int], sigma_centre: float, sigma_corner: flo
     return np.array([[_pad_to(k, (size, size)) for k in row] for row in ks])
 
 
-def psf_from_options(shape: Sequence[int], *, psf: str | Path | None = None, psf_sigma: float | None = None,
-                     psf_sigma_corner: float | None = None, regions: int = 3, na: float | None = None,
-                     wavelength_nm: float = 520.0, refractive_index: float = 1.515,
-                     pixel_size_um: float | None = None, psf_2d: str = "plane") -> tuple[np.ndarray, str]:
+def psf_from_options(
+    shape: Sequence[int],
+    *,
+    psf: str | Path | None = None,
+    psf_sigma: float | None = None,
+    psf_sigma_corner: float | None = None,
+    regions: int = 3,
+    na: float | None = None,
+    wavelength_nm: float = 520.0,
+    refractive_index: float = 1.515,
+    pixel_size_um: float | None = None,
+    psf_2d: str = "plane",
+) -> tuple[np.ndarray, str]:
     """The teacher's PSF(s) from the options the ``deconvolve`` engine takes, and what it is.
 
     ``psf``: a TIFF of a bead (2-D, or 3-D reduced with ``psf_2d``; cleaned as the engine does) or
@@ -220,15 +230,18 @@ def psf_from_options(shape: Sequence[int], *, psf: str | Path | None = None, psf
         return kernel, f"measured PSF {path}"
     if na is not None:
         if pixel_size_um is None:
-            raise EngineError("the widefield PSF model (--na) needs the pixel size: the movie does not say "
-                              "it; give --pixel-size, or use --psf-sigma")
+            raise EngineError(
+                "the widefield PSF model (--na) needs the pixel size: the movie does not say "
+                "it; give --pixel-size, or use --psf-sigma"
+            )
         kernel = crop_psf(widefield_psf(na, wavelength_nm, refractive_index, pixel_size_um))
         return kernel, f"widefield model NA {na}, {wavelength_nm} nm, n {refractive_index}, pixel {pixel_size_um} um"
     sigma = 1.5 if psf_sigma is None else float(psf_sigma)
     if psf_sigma_corner is not None:
         grid = radial_psf_grid(shape, sigma, float(psf_sigma_corner), int(regions))
-        return grid, (f"gaussian sigma {sigma} px (centre) to {psf_sigma_corner} px (corners), "
-                      f"{regions}x{regions} regions")
+        return grid, (
+            f"gaussian sigma {sigma} px (centre) to {psf_sigma_corner} px (corners), {regions}x{regions} regions"
+        )
     return gaussian_psf(sigma), f"gaussian sigma {sigma} px"
 
 
@@ -256,14 +269,20 @@ def teacher_deconvolve(data: np.ndarray, field: PSFField, teacher: dict[str, Any
     for i, j in field.regions():
         kernel = field.kernels[i, j]
         wb = wb_parameters(kernel, teacher["alpha"], teacher["beta"], teacher["order"])
-        est = deconvolve_array(data, kernel, iterations=int(teacher["iterations"]),
-                               method=teacher["method"], wb=wb)
+        est = deconvolve_array(data, kernel, iterations=int(teacher["iterations"]), method=teacher["method"], wb=wb)
         out += w[i, j] * np.asarray(est, dtype=np.float32)
     return out
 
 
-def teacher_targets(frames: np.ndarray, field: PSFField, teacher: dict[str, Any], *, task: str,
-                    window: int = 5, denoised: np.ndarray | None = None) -> np.ndarray:
+def teacher_targets(
+    frames: np.ndarray,
+    field: PSFField,
+    teacher: dict[str, Any],
+    *,
+    task: str,
+    window: int = 5,
+    denoised: np.ndarray | None = None,
+) -> np.ndarray:
     """Offset-free frames (t, y, x) -> the teacher's result for each (see the module doc)."""
     if task == "deconvolve":
         sources = frames
@@ -271,11 +290,12 @@ def teacher_targets(frames: np.ndarray, field: PSFField, teacher: dict[str, Any]
         sources = np.maximum(np.asarray(denoised, dtype=np.float32), 0)
     else:
         if frames.shape[0] < 2:
-            raise EngineError("task='restore' needs a time-lapse of a still scene (the teacher "
-                              "deconvolves the temporal mean) or denoised= targets")
+            raise EngineError(
+                "task='restore' needs a time-lapse of a still scene (the teacher "
+                "deconvolves the temporal mean) or denoised= targets"
+            )
         half = window // 2
-        sources = np.stack([frames[max(0, t - half):t + half + 1].mean(axis=0)
-                            for t in range(frames.shape[0])])
+        sources = np.stack([frames[max(0, t - half) : t + half + 1].mean(axis=0) for t in range(frames.shape[0])])
     return np.stack([teacher_deconvolve(s, field, teacher) for s in sources])
 
 
@@ -297,8 +317,7 @@ def _coordinates(shape: Sequence[int], field_shape: Sequence[int] | None) -> np.
     return np.stack(np.broadcast_arrays(ys[:, None], xs[None, :])).astype(np.float32)
 
 
-def network_input(data: np.ndarray, scale: float, coords: bool,
-                  field_shape: Sequence[int] | None = None) -> np.ndarray:
+def network_input(data: np.ndarray, scale: float, coords: bool, field_shape: Sequence[int] | None = None) -> np.ndarray:
     """(c, h, w): the offset-free frame divided by its scale, then the coordinates if used."""
     x = (np.asarray(data, dtype=np.float32) / np.float32(scale))[None]
     if coords:
@@ -309,8 +328,9 @@ def network_input(data: np.ndarray, scale: float, coords: bool,
 # --------------------------------------------------------------------------- consistency
 
 
-def consistency_score(raw: np.ndarray, restored: np.ndarray, field: PSFField, gain: float,
-                      read_var: float, bin: int = CONSISTENCY_BIN) -> float:
+def consistency_score(
+    raw: np.ndarray, restored: np.ndarray, field: PSFField, gain: float, read_var: float, bin: int = CONSISTENCY_BIN
+) -> float:
     """How well the re-blurred output explains the offset-free raw frame, ~1 when it does.
 
     Residuals are standardised by the Poisson-Gaussian noise ``var = gain * model + read_var``,
@@ -348,14 +368,32 @@ def _scale_head(net: Any, factor: float) -> None:
 
 
 def fit_deconvolution(
-    frames: np.ndarray | Sequence[np.ndarray], *, psf: Any, teacher_params: dict[str, Any] | None = None,
-    task: str = "deconvolve", steps: int = 400, time_budget_s: float | None = None,
-    offset: float | None = None, gain: float | None = None, restore_window: int = 5,
-    denoised: np.ndarray | None = None, coords: bool | None = None, augment: bool | None = None,
-    model: modelfile.ModelFile | None = None, base: int = 16, depth: int = 3, max_channels: int = 64,
-    batch: int = 8, patch: int = 64, lr: float = 2e-3, holdout: float = 0.2, seed: int = 0,
-    progress: bool = False, callback: Callable[[int, float], None] | None = None,
-    threads: int | None = None, description: str = "",
+    frames: np.ndarray | Sequence[np.ndarray],
+    *,
+    psf: Any,
+    teacher_params: dict[str, Any] | None = None,
+    task: str = "deconvolve",
+    steps: int = 400,
+    time_budget_s: float | None = None,
+    offset: float | None = None,
+    gain: float | None = None,
+    restore_window: int = 5,
+    denoised: np.ndarray | None = None,
+    coords: bool | None = None,
+    augment: bool | None = None,
+    model: modelfile.ModelFile | None = None,
+    base: int = 16,
+    depth: int = 3,
+    max_channels: int = 64,
+    batch: int = 8,
+    patch: int = 64,
+    lr: float = 2e-3,
+    holdout: float = 0.2,
+    seed: int = 0,
+    progress: bool = False,
+    callback: Callable[[int, float], None] | None = None,
+    threads: int | None = None,
+    description: str = "",
 ) -> FitResult:
     """Fit a network to the classical engine's results on ``frames`` (t, y, x) raw camera values
     (or a list of (y, x) frames, or a list of (t, y, x) time-lapses of several fields of view;
@@ -388,8 +426,10 @@ def fit_deconvolution(
     else:
         stacks = [np.stack(list(frames))]
     if any(np.ndim(s) != 3 or np.shape(s)[1:] != np.shape(stacks[0])[1:] for s in stacks):
-        raise EngineError("frames must be (t, y, x), a list of (y, x) frames or a list of (t, y, x) "
-                          "time-lapses, all of one field size")
+        raise EngineError(
+            "frames must be (t, y, x), a list of (y, x) frames or a list of (t, y, x) "
+            "time-lapses, all of one field size"
+        )
     raw = np.concatenate([np.asarray(s, dtype=np.float32) for s in stacks])
     off = float(offset) if offset is not None else estimate_offset(raw[0])
     data = np.maximum(raw - np.float32(off), 0)
@@ -397,8 +437,12 @@ def fit_deconvolution(
         targets = teacher_targets(data, field, teacher, task=task, window=restore_window, denoised=denoised)
     else:
         bounds = np.cumsum([0] + [len(s) for s in stacks])
-        targets = np.concatenate([teacher_targets(data[a:b], field, teacher, task=task, window=restore_window)
-                                  for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+        targets = np.concatenate(
+            [
+                teacher_targets(data[a:b], field, teacher, task=task, window=restore_window)
+                for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+            ]
+        )
     teacher_s = time.perf_counter() - t_start
     use_coords = field.varying if coords is None else bool(coords)
     do_augment = field.symmetric() if augment is None else bool(augment)
@@ -416,8 +460,9 @@ def fit_deconvolution(
     else:
         net = UNet(1 + 2 * use_coords, base, depth, max_channels)
     if net.in_channels != 1 + 2 * use_coords:
-        raise EngineError(f"the model takes {net.in_channels} input channels; coords={use_coords} needs "
-                          f"{1 + 2 * use_coords}")
+        raise EngineError(
+            f"the model takes {net.in_channels} input channels; coords={use_coords} needs {1 + 2 * use_coords}"
+        )
     m = 2**net.depth
     patch = max(m, min(patch, *field_shape) // m * m)
 
@@ -471,15 +516,29 @@ def fit_deconvolution(
         "training": {
             "data": description or f"{raw.shape[0]} frame(s) of {field_shape}, {n_train} for training",
             "method": f"teacher ({teacher['method']}, {teacher['iterations']} it.)"
-                      + (f" on the temporal mean of {restore_window} frames" if task == "restore" and denoised is None
-                         else " on denoised frames" if task == "restore" else ""),
-            "steps": len(losses), "batch": batch, "patch": patch, "lr": lr, "loss": "L1",
-            "augment": do_augment, "seconds": round(seconds, 1), "teacher_seconds": round(teacher_s, 1),
+            + (
+                f" on the temporal mean of {restore_window} frames"
+                if task == "restore" and denoised is None
+                else " on denoised frames"
+                if task == "restore"
+                else ""
+            ),
+            "steps": len(losses),
+            "batch": batch,
+            "patch": patch,
+            "lr": lr,
+            "loss": "L1",
+            "augment": do_augment,
+            "seconds": round(seconds, 1),
+            "teacher_seconds": round(teacher_s, 1),
             "final_loss": float(np.mean(losses[-20:])) if losses else None,
         },
         "teacher": {k: v for k, v in teacher.items()},
-        "normalisation": {"vst": False, "percentiles": [SCALE_PERCENTILE],
-                          "rule": f"(raw - offset) / p{SCALE_PERCENTILE} of the frame; output times the same"},
+        "normalisation": {
+            "vst": False,
+            "percentiles": [SCALE_PERCENTILE],
+            "rule": f"(raw - offset) / p{SCALE_PERCENTILE} of the frame; output times the same",
+        },
         "psf": field.as_metadata(),
         "field_shape": list(field_shape),
         "residual": True,  # output = input channel 0 + network
@@ -493,9 +552,11 @@ def fit_deconvolution(
         meta["livescope_version"] = "unknown"
     packaged = modelfile.ModelFile.from_net(net, meta)
     packaged.metadata["inputs"].update(
-        past_frames=0, coordinates=2 if use_coords else 0,
+        past_frames=0,
+        coordinates=2 if use_coords else 0,
         layout="NCHW float32, channel 0 = offset-free frame / scale"
-               + (", 1-2 = field y, x in [-1, 1]" if use_coords else ""))
+        + (", 1-2 = field y, x in [-1, 1]" if use_coords else ""),
+    )
     # the consistency threshold, measured with the fitted network on frames it was not fitted on
     # when there are any (else on the training frames, which flatters the network)
     calib = data[n_train:] if n_train < data.shape[0] else data
@@ -503,8 +564,9 @@ def fit_deconvolution(
     return FitResult(packaged, losses, time.perf_counter() - t_start)
 
 
-def calibrate_consistency(model: modelfile.ModelFile, frames: np.ndarray, *, gain: float | None = None,
-                          backend: str = "torch") -> dict[str, Any]:
+def calibrate_consistency(
+    model: modelfile.ModelFile, frames: np.ndarray, *, gain: float | None = None, backend: str = "torch"
+) -> dict[str, Any]:
     """Scores of offset-free frames the network should explain, and the threshold set from them:
     ``max(2 x the largest score, median + 10 MAD)`` (a frame must be clearly worse than any seen
     in calibration; the factor 2 guards the few-frame case)."""
@@ -512,8 +574,12 @@ def calibrate_consistency(model: modelfile.ModelFile, frames: np.ndarray, *, gai
     scores = [cast(float, net.restore(f, gain=gain)[1]) for f in frames]  # check=True: always a score
     med = float(np.median(scores))
     mad = float(np.median(np.abs(np.asarray(scores) - med))) * 1.4826
-    return {"threshold": max(2.0 * max(scores), med + 10.0 * mad), "calibration_scores": scores,
-            "bin": CONSISTENCY_BIN, "rule": "max(2 * max, median + 10 MAD) of held-out frames"}
+    return {
+        "threshold": max(2.0 * max(scores), med + 10.0 * mad),
+        "calibration_scores": scores,
+        "bin": CONSISTENCY_BIN,
+        "rule": "max(2 * max, median + 10 MAD) of held-out frames",
+    }
 
 
 # --------------------------------------------------------------------------- running
@@ -523,13 +589,23 @@ class NetDeconvolver:
     """A fitted model with its backend: offset-free frame in, deconvolved (restored) frame out,
     plus the consistency score. Used by the ``restore`` engine and ``deconvolve --method net``."""
 
-    def __init__(self, model: modelfile.ModelFile | str | Path, *, backend: str = "auto", tile: int = 512,
-                 overlap: int = 48, threads: int | None = None, shape: tuple[int, ...] | None = None) -> None:
+    def __init__(
+        self,
+        model: modelfile.ModelFile | str | Path,
+        *,
+        backend: str = "auto",
+        tile: int = 512,
+        overlap: int = 48,
+        threads: int | None = None,
+        shape: tuple[int, ...] | None = None,
+    ) -> None:
         self.model = model if isinstance(model, modelfile.ModelFile) else modelfile.load(model)
         task = self.model.task
         if task not in TASKS:
-            raise EngineError(f"model {getattr(model, 'name', '')} was fitted for {task!r}, not deconvolution; "
-                              "fit one with livescope.engines.netdeconv.fit_deconvolution")
+            raise EngineError(
+                f"model {getattr(model, 'name', '')} was fitted for {task!r}, not deconvolution; "
+                "fit one with livescope.engines.netdeconv.fit_deconvolution"
+            )
         meta = self.model.metadata
         self.task = task
         self.field = PSFField.of(np.asarray(meta["psf"]["kernels"], dtype=np.float64))
@@ -543,19 +619,24 @@ class NetDeconvolver:
         if self.tile > 0:
             t = max(m, self.tile - self.tile % m)
             h, w = min(h, t), min(w, t)
-        self.runner = Runner(self.model, backend, shape=(1, self.model.metadata["inputs"]["channels"], h, w),
-                             threads=threads)
+        self.runner = Runner(
+            self.model, backend, shape=(1, self.model.metadata["inputs"]["channels"], h, w), threads=threads
+        )
         self._noise: tuple[float, float] | None = None
         self._warned_shape = False
 
-    def restore(self, data: np.ndarray, *, gain: float | None = None,
-                check: bool = True) -> tuple[np.ndarray, float | None]:
+    def restore(
+        self, data: np.ndarray, *, gain: float | None = None, check: bool = True
+    ) -> tuple[np.ndarray, float | None]:
         """Offset-free frame -> (deconvolved frame, consistency score or None)."""
         data = np.maximum(np.asarray(data, dtype=np.float32), 0)
         if self.coords and tuple(data.shape) != self.field_shape and not self._warned_shape:
-            log.warning("frame %s differs from the field %s the model was fitted on: the field-varying "
-                        "blur is placed by pixel position, results off the trained field are unchecked",
-                        data.shape, self.field_shape)
+            log.warning(
+                "frame %s differs from the field %s the model was fitted on: the field-varying "
+                "blur is placed by pixel position, results off the trained field are unchecked",
+                data.shape,
+                self.field_shape,
+            )
             self._warned_shape = True
         scale = _scale(data)
         x = network_input(data, scale, self.coords, self.field_shape)
@@ -627,10 +708,19 @@ class Restore(EngineBase):
     threshold: float | None
     volume: bool
 
-    def __init__(self, model: str | Path | None = None, backend: str = "auto", tile: int = 512,
-                 overlap: int = 48, offset: float | None = None, gain: float | None = None,
-                 threads: int | None = None, check: bool = True, threshold: float | None = None,
-                 volume: bool = False) -> None:
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        backend: str = "auto",
+        tile: int = 512,
+        overlap: int = 48,
+        offset: float | None = None,
+        gain: float | None = None,
+        threads: int | None = None,
+        check: bool = True,
+        threshold: float | None = None,
+        volume: bool = False,
+    ) -> None:
         self._init_params(locals())
         self.spec: StreamSpec | None = None
         self._net: NetDeconvolver | None = None
@@ -639,8 +729,10 @@ class Restore(EngineBase):
 
     def _validate(self) -> None:
         if self.model in (None, "default"):
-            raise EngineError(f"{self.name} needs model=PATH of a model fitted with "
-                              "livescope.engines.netdeconv.fit_deconvolution (no default model is shipped)")
+            raise EngineError(
+                f"{self.name} needs model=PATH of a model fitted with "
+                "livescope.engines.netdeconv.fit_deconvolution (no default model is shipped)"
+            )
 
     def setup(self, spec: StreamSpec) -> None:
         self.spec = spec
@@ -670,11 +762,19 @@ class Restore(EngineBase):
             outs.append(out)
             scores.append(score)
             if score is not None and thr is not None and score > thr:
-                events.append({"kind": "consistency", "engine": self.name, "seq": info.seq, "score": score,
-                               "threshold": thr, "model_hash": net.model.hash,
-                               **({"z": z} if data.ndim == 3 else {}),
-                               "message": "the network's output, re-blurred with the PSF, does not explain this "
-                                          "frame: it may differ from the frames the model was fitted on"})
+                events.append(
+                    {
+                        "kind": "consistency",
+                        "engine": self.name,
+                        "seq": info.seq,
+                        "score": score,
+                        "threshold": thr,
+                        "model_hash": net.model.hash,
+                        **({"z": z} if data.ndim == 3 else {}),
+                        "message": "the network's output, re-blurred with the PSF, does not explain this "
+                        "frame: it may differ from the frames the model was fitted on",
+                    }
+                )
         result: dict[str, Any] = {self._output: outs[0] if data.ndim == 2 else np.stack(outs)}
         if self._output == "restored":  # a stack scores as its worst plane
             checked = [s for s in scores if s is not None]  # every plane's score, or none (check=False)
@@ -716,8 +816,9 @@ class Restore(EngineBase):
 
     def _open(self, path: str) -> NetDeconvolver:
         shape = tuple(self.spec.shape[-2:]) if self.spec else None
-        return NetDeconvolver(path, backend=self.backend, tile=self.tile, overlap=self.overlap,
-                              threads=self.threads, shape=shape)
+        return NetDeconvolver(
+            path, backend=self.backend, tile=self.tile, overlap=self.overlap, threads=self.threads, shape=shape
+        )
 
     def _camera_offset(self, raw: np.ndarray) -> float:
         return self._offset(raw, self.offset, self.spec.camera_offset if self.spec is not None else None)

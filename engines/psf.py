@@ -146,22 +146,16 @@ def _centre_once(a: np.ndarray) -> np.ndarray:
     grids: tuple[np.ndarray, ...] = np.indices(a.shape, sparse=True)  # one per axis, of any rank
     centroid = np.array([float((g * a).sum() / total) for g in grids])
     nz = np.nonzero(a)
-    half = [
-        int(math.ceil(max(c - idx.min(), idx.max() - c))) + 1 for c, idx in zip(centroid, nz, strict=True)
-    ]
+    half = [int(math.ceil(max(c - idx.min(), idx.max() - c))) + 1 for c, idx in zip(centroid, nz, strict=True)]
     out_shape = tuple(2 * h + 1 for h in half)
     # output[o] = input[o + offset]; the centre of the output lands on the centroid
     offset = centroid - np.array(half, dtype=np.float64)
-    out = ndimage.affine_transform(
-        a, np.ones(a.ndim), offset=offset, output_shape=out_shape, order=3, mode="constant"
-    )
+    out = ndimage.affine_transform(a, np.ones(a.ndim), offset=offset, output_shape=out_shape, order=3, mode="constant")
     out = np.clip(out, 0.0, None)
     return out / out.sum()
 
 
-def resample_psf(
-    psf: np.ndarray, from_spacing: Sequence[float], to_spacing: Sequence[float]
-) -> np.ndarray:
+def resample_psf(psf: np.ndarray, from_spacing: Sequence[float], to_spacing: Sequence[float]) -> np.ndarray:
     """Resample a centred PSF from its own voxel size to the frames' (same units, per axis).
 
     Going to coarser pixels first smooths with a Gaussian (sigma = (factor - 1) / 2 pixels, as

@@ -124,9 +124,7 @@ class _Correlator:
         self.axes = tuple(range(self.ndim))
         self.whiten = float(whiten)
         # Per-axis frequency indices: full axes first, rfft's half axis last.
-        self.k = [
-            _freq_index(xp, n, half=(i == self.ndim - 1)) for i, n in enumerate(self.shape)
-        ]
+        self.k = [_freq_index(xp, n, half=(i == self.ndim - 1)) for i, n in enumerate(self.shape)]
         # Band-pass: a difference of Gaussians in Fourier space, squared because both the frame
         # and the reference are filtered. Zero at DC, so the mean and any slowly varying
         # background (uneven illumination, a dimming lamp) drop out of the correlation.
@@ -201,9 +199,7 @@ class _Correlator:
         idx.reverse()
         return self.wrap(idx), float(c[tuple(idx)])
 
-    def local_peak(
-        self, c: Any, centre: Sequence[float], radius: int
-    ) -> tuple[list[int], float] | None:
+    def local_peak(self, c: Any, centre: Sequence[float], radius: int) -> tuple[list[int], float] | None:
         """Highest local maximum of ``c`` within ``radius`` pixels of ``centre``, or None.
 
         A true local maximum, not merely the highest value in the window: the shoulder of a
@@ -413,9 +409,7 @@ def _refine_on_registered(
     f_tap = None
     for _ in range(passes):
         back = [-v for v in shift]
-        registered = _fill_edges(
-            xp, corr.to_image(corr.shifted(f_raw, corr.ramp_factors(back))), back, fill
-        )
+        registered = _fill_edges(xp, corr.to_image(corr.shifted(f_raw, corr.ramp_factors(back))), back, fill)
         f_tap = corr.tapered_spectrum(registered)
         x = corr.cross_power(f_tap, f_ref)
         residual = corr.refine(x, [0] * corr.ndim, upsample)
@@ -545,15 +539,11 @@ def _stage_matrix(pixel_size_um: float | None, affine: Sequence[float] | None) -
         if isinstance(affine, str):  # --param register.stage_affine=a,b,tx,c,d,ty
             affine = [float(v) for v in affine.replace("(", "").replace(")", "").split(",")]
         if len(affine) != 6:
-            raise ValueError(
-                f"pixel-size affine has 6 numbers (a, b, tx, c, d, ty), got {len(affine)}"
-            )
+            raise ValueError(f"pixel-size affine has 6 numbers (a, b, tx, c, d, ty), got {len(affine)}")
         a, b, _tx, c, d, _ty = (float(v) for v in affine)
         scale = math.sqrt(abs(a * d - b * c))  # Micro-Manager's deducePixelSize, near enough
         uncalibrated = (a, b, c, d) in ((1.0, 0.0, 0.0, 1.0), (0.0, 0.0, 0.0, 0.0))
-        if not uncalibrated and (
-            pixel_size_um is None or abs(scale - pixel_size_um) <= 0.1 * pixel_size_um
-        ):
+        if not uncalibrated and (pixel_size_um is None or abs(scale - pixel_size_um) <= 0.1 * pixel_size_um):
             return (a, b, c, d)
         if not uncalibrated:
             log.warning(
@@ -576,7 +566,7 @@ def _stage_matrix(pixel_size_um: float | None, affine: Sequence[float] | None) -
 
 
 def _log_offset(value: Any) -> float | str | None:
-    """"default" (the plane or stack default), a number (< 0: none), or none."""
+    """ "default" (the plane or stack default), a number (< 0: none), or none."""
     if isinstance(value, str):  # --param register.log_offset=none
         text = value.strip().lower()
         if text == "default":
@@ -615,38 +605,59 @@ class Register(EngineBase):
 
     # None (and log_offset "default") take the plane or stack default (_PLANE_DEFAULTS, _STACK_DEFAULTS)
     parameters: ClassVar[dict[str, Param]] = {
-        "reference": Param("first", str, applies=_RESET,
-                           check=_check(lambda v: v in _REFERENCES,
-                                        f"register: reference must be one of {_REFERENCES}, got {{v!r}}")),
-        "reference_frames": Param(5, int, applies=_RESET,
-                                  check=_check(lambda v: v >= 1, "register: reference_frames must be at least 1")),
-        "rolling_weight": Param(0.05, float, check=_check(lambda v: 0.0 < v <= 1.0,
-                                                          "register: rolling_weight must be in (0, 1]")),
+        "reference": Param(
+            "first",
+            str,
+            applies=_RESET,
+            check=_check(lambda v: v in _REFERENCES, f"register: reference must be one of {_REFERENCES}, got {{v!r}}"),
+        ),
+        "reference_frames": Param(
+            5, int, applies=_RESET, check=_check(lambda v: v >= 1, "register: reference_frames must be at least 1")
+        ),
+        "rolling_weight": Param(
+            0.05, float, check=_check(lambda v: 0.0 < v <= 1.0, "register: rolling_weight must be in (0, 1]")
+        ),
         "upsample": Param(10, int, doc="sub-pixel precision: 1 / upsample px"),
         "noise_sigma_px": Param(None, optional(float), applies=_REBUILD),
         "background_sigma_px": Param(20.0, float, applies=_REBUILD),
-        "whiten": Param(None, optional(float), applies=_REBUILD,
-                        check=_check(lambda v: 0.0 <= v <= 1.0,
-                                     "register: whiten must be in [0, 1] (1 = phase correlation)")),
-        "taper": Param(0.25, float, applies=_REBUILD,
-                       check=_check(lambda v: 0.0 <= v <= 1.0,
-                                    "register: taper must be in [0, 1] (fraction of each axis)")),
+        "whiten": Param(
+            None,
+            optional(float),
+            applies=_REBUILD,
+            check=_check(lambda v: 0.0 <= v <= 1.0, "register: whiten must be in [0, 1] (1 = phase correlation)"),
+        ),
+        "taper": Param(
+            0.25,
+            float,
+            applies=_REBUILD,
+            check=_check(lambda v: 0.0 <= v <= 1.0, "register: taper must be in [0, 1] (fraction of each axis)"),
+        ),
         "log_offset": Param("default", _log_offset, applies=_REBUILD),
-        "refine_passes": Param(None, optional(int),
-                               check=_check(lambda v: v >= 0, "register: refine_passes must be 0 or more")),
+        "refine_passes": Param(
+            None, optional(int), check=_check(lambda v: v >= 0, "register: refine_passes must be 0 or more")
+        ),
         "max_step_px": Param(1.0, float),
         "min_significance": Param(8.0, float),
         "relock_frames": Param(5, int),
-        "fill": Param("nearest", str,
-                      check=_check(lambda v: v in _FILLS, f"register: fill must be one of {_FILLS}, got {{v!r}}")),
-        "volume": Param(False, as_bool, applies=Applies.FIXED,
-                        fixed="register: volume is fixed per instance (it changes what the daemon sends); "
-                              "restart the engine with --param register.volume=..."),
+        "fill": Param(
+            "nearest", str, check=_check(lambda v: v in _FILLS, f"register: fill must be one of {_FILLS}, got {{v!r}}")
+        ),
+        "volume": Param(
+            False,
+            as_bool,
+            applies=Applies.FIXED,
+            fixed="register: volume is fixed per instance (it changes what the daemon sends); "
+            "restart the engine with --param register.volume=...",
+        ),
         "feedback": Param(False, as_bool, doc="send drift events to move the stage"),
         "feedback_threshold_px": Param(2.0, float),
         "feedback_holdoff_frames": Param(3, int),
-        "stage_affine": Param(None, _stage_affine, show=lambda a: list(a) if a else None,
-                              doc="Micro-Manager's pixel-size affine a,b,tx,c,d,ty"),
+        "stage_affine": Param(
+            None,
+            _stage_affine,
+            show=lambda a: list(a) if a else None,
+            doc="Micro-Manager's pixel-size affine a,b,tx,c,d,ty",
+        ),
     }
 
     # the parameters as ``_init_params`` sets them (converted and checked; the None and "default"
@@ -825,9 +836,7 @@ class Register(EngineBase):
         self.last_held = held
 
         factors = corr.ramp_factors([-s for s in shift])
-        registered = _fill_edges(
-            xp, corr.to_image(corr.shifted(f_raw, factors)), [-s for s in shift], self.fill
-        )
+        registered = _fill_edges(xp, corr.to_image(corr.shifted(f_raw, factors)), [-s for s in shift], self.fill)
         if not held:
             if f_aligned is None:
                 f_aligned = corr.shifted(f_tap, factors)

@@ -207,16 +207,18 @@ def reblur(image: Any, psf: Any) -> Any:
     return xp.astype(out[crop], xp.float32)
 
 
-def score_denoised(raw: Any, denoised: Any, model: NoiseModel, *, radius: int = 8,
-                   area: float = 0.01) -> tuple[Any, float, dict[str, float]]:
+def score_denoised(
+    raw: Any, denoised: Any, model: NoiseModel, *, radius: int = 8, area: float = 0.01
+) -> tuple[Any, float, dict[str, float]]:
     """Residual check of a denoised frame: (map, frame score, whole-frame statistics)."""
     z = standardised_residual(raw, denoised, model)
     tmap, stats = residual_trust(z, radius)
     return tmap, frame_score(tmap, area), stats
 
 
-def score_deconvolved(raw: Any, deconvolved: Any, psf: Any, model: NoiseModel, *, offset: float = 0.0,
-                      radius: int = 8, area: float = 0.01) -> tuple[Any, float, dict[str, float]]:
+def score_deconvolved(
+    raw: Any, deconvolved: Any, psf: Any, model: NoiseModel, *, offset: float = 0.0, radius: int = 8, area: float = 0.01
+) -> tuple[Any, float, dict[str, float]]:
     """Re-blur check of a deconvolved frame (offset removed, as the deconvolve engine gives it):
     ``reblur(deconvolved, psf) + offset`` against the raw frame under the noise model."""
     expected = reblur(deconvolved, psf) + offset
@@ -284,8 +286,7 @@ def _tile_means(a: Any, tile: int) -> Any:
     return xp.mean(xp.mean(b, axis=3), axis=1)
 
 
-def tile_features(stabilised: Any, *, low: float = 0.0, noise: float | None = 1.0,
-                  tile: int = FEATURE_TILE) -> Any:
+def tile_features(stabilised: Any, *, low: float = 0.0, noise: float | None = 1.0, tile: int = FEATURE_TILE) -> Any:
     """Per ``tile x tile`` block, the :data:`FEATURE_NAMES` statistics of a frame in
     variance-stabilised units (the model's normalisation before its percentile scaling), as a
     (ny, nx, 8) float64 array:
@@ -347,9 +348,11 @@ def normalised_features(raw: Any, norm: Any, *, shifts: bool = False, tile: int 
     y = norm.forward(raw) * np.float32(norm.high - norm.low) + np.float32(norm.low)
     noise = 1.0 if float(getattr(norm, "gain", 0.0)) > 0 else None
     offsets = [(0, 0), (0, tile // 2), (tile // 2, 0), (tile // 2, tile // 2)] if shifts else [(0, 0)]
-    parts = [xp.reshape(tile_features(y[dy:, dx:], low=float(norm.low), noise=noise, tile=tile),
-                        (-1, len(FEATURE_NAMES)))
-             for dy, dx in offsets if min(y.shape[0] - dy, y.shape[1] - dx) >= tile]
+    parts = [
+        xp.reshape(tile_features(y[dy:, dx:], low=float(norm.low), noise=noise, tile=tile), (-1, len(FEATURE_NAMES)))
+        for dy, dx in offsets
+        if min(y.shape[0] - dy, y.shape[1] - dx) >= tile
+    ]
     return xp.concat(parts, axis=0)
 
 
@@ -367,17 +370,26 @@ def feature_statistics(features: Sequence[Any], *, shrinkage: float = 0.05, desc
     frames' tile features (:func:`tile_features`, any number of (..., 8) arrays), the covariance
     shrunk towards its diagonal so that a few hundred tiles give a stable inverse, and the
     quantiles of the training tiles' own z-distances (the map's scale)."""
-    rows = np.concatenate([np.asarray(_array.to_numpy(f), np.float64).reshape(-1, len(FEATURE_NAMES))
-                           for f in features])
+    rows = np.concatenate(
+        [np.asarray(_array.to_numpy(f), np.float64).reshape(-1, len(FEATURE_NAMES)) for f in features]
+    )
     if rows.shape[0] < 4 * len(FEATURE_NAMES):
-        raise ValueError(f"{rows.shape[0]} training tiles are too few for feature statistics; "
-                         f"need {4 * len(FEATURE_NAMES)} ({FEATURE_TILE}x{FEATURE_TILE} px each)")
+        raise ValueError(
+            f"{rows.shape[0]} training tiles are too few for feature statistics; "
+            f"need {4 * len(FEATURE_NAMES)} ({FEATURE_TILE}x{FEATURE_TILE} px each)"
+        )
     mean = rows.mean(axis=0)
     cov = np.cov(rows, rowvar=False)
     cov = (1 - shrinkage) * cov + shrinkage * np.diag(np.diag(cov)) + 1e-6 * np.eye(cov.shape[0])
-    stats: dict[str, Any] = {"version": FEATURE_VERSION, "names": list(FEATURE_NAMES), "tile": FEATURE_TILE,
-                             "units": "variance-stabilised (noise sigma 1)", "tiles": int(rows.shape[0]),
-                             "mean": mean.tolist(), "cov": cov.tolist()}
+    stats: dict[str, Any] = {
+        "version": FEATURE_VERSION,
+        "names": list(FEATURE_NAMES),
+        "tile": FEATURE_TILE,
+        "units": "variance-stabilised (noise sigma 1)",
+        "tiles": int(rows.shape[0]),
+        "mean": mean.tolist(),
+        "cov": cov.tolist(),
+    }
     z = _mahalanobis_z(rows, stats)
     stats["z_quantiles"] = {q: float(np.quantile(z, float(q) / 100)) for q in ("50", "90", "99", "99.9")}
     if description:
@@ -385,8 +397,9 @@ def feature_statistics(features: Sequence[Any], *, shrinkage: float = 0.05, desc
     return stats
 
 
-def feature_trust(stabilised: Any, stats: dict[str, Any], *, low: float = 0.0, noise: float | None = 1.0,
-                  area: float = 0.01) -> tuple[Any, float, dict[str, float]]:
+def feature_trust(
+    stabilised: Any, stats: dict[str, Any], *, low: float = 0.0, noise: float | None = 1.0, area: float = 0.01
+) -> tuple[Any, float, dict[str, float]]:
     """Distance of a frame from a model's training data: (map, frame score, statistics).
 
     Per tile, ``(z99 / z)^2`` clipped to 1, where ``z`` is the tile's RMS z-distance from the
@@ -396,8 +409,10 @@ def feature_trust(stabilised: Any, stats: dict[str, Any], *, low: float = 0.0, n
     the map is the tiles' values spread over their pixels, smoothed over half a tile.
     """
     if int(stats.get("version", 0)) > FEATURE_VERSION or list(stats.get("names", ())) != list(FEATURE_NAMES):
-        raise EngineError("the model file's training feature statistics were written by a newer livescope "
-                          "(other features); upgrade livescope or refit the model")
+        raise EngineError(
+            "the model file's training feature statistics were written by a newer livescope "
+            "(other features); upgrade livescope or refit the model"
+        )
     xp = _array.namespace(stabilised)
     tile = int(stats.get("tile", FEATURE_TILE))
     feats = np.asarray(_array.to_numpy(tile_features(stabilised, low=low, noise=noise, tile=tile)))
@@ -475,22 +490,42 @@ class Trust(EngineBase):
 
     name: ClassVar[str] = "trust"
     # class-level declaration for the default restore="denoise"; instances set their own
-    outputs: ClassVar[tuple[str, ...]] = ("denoised", "trust_denoised", "trust_denoised_score",
-                                          "trust_denoised_tta", "trust_denoised_features", "trust_denoised_ok")
-    scalar_outputs: ClassVar[tuple[str, ...]] = ("trust_denoised_score", "trust_denoised_tta",
-                                                 "trust_denoised_features", "trust_denoised_ok")
+    outputs: ClassVar[tuple[str, ...]] = (
+        "denoised",
+        "trust_denoised",
+        "trust_denoised_score",
+        "trust_denoised_tta",
+        "trust_denoised_features",
+        "trust_denoised_ok",
+    )
+    scalar_outputs: ClassVar[tuple[str, ...]] = (
+        "trust_denoised_score",
+        "trust_denoised_tta",
+        "trust_denoised_features",
+        "trust_denoised_ok",
+    )
 
     # the camera's parameters start the noise model over (and go to the inner engine too when it
     # takes them); None thresholds take the measured defaults (THRESHOLDS)
     parameters: ClassVar[dict[str, Param]] = {
-        "restore": Param("denoise", str, check=_check_restore, applies=Applies.FIXED,
-                         fixed="trust: restore cannot change live; start the stream with the other engine"),
+        "restore": Param(
+            "denoise",
+            str,
+            check=_check_restore,
+            applies=Applies.FIXED,
+            fixed="trust: restore cannot change live; start the stream with the other engine",
+        ),
         "gain": Param(None, optional(float), applies=Applies.RESET, doc="ADU per photoelectron"),
         "offset": Param(None, optional(float), applies=Applies.RESET, doc="camera offset, ADU"),
         "read_noise": Param(None, optional(float), applies=Applies.RESET, doc="ADU rms"),
         "excess_noise": Param(1.0, _excess_noise, applies=Applies.RESET, doc="EMCCD excess-noise factor F"),
-        "calibration": Param(None, _calibration, applies=Applies.RESET, show=_show_calibration,
-                             doc="livescope calibrate's dict or JSON file"),
+        "calibration": Param(
+            None,
+            _calibration,
+            applies=Applies.RESET,
+            show=_show_calibration,
+            doc="livescope calibrate's dict or JSON file",
+        ),
         "calibrate_frames": Param(16, int, applies=Applies.RESET, doc="frames the noise model is fitted on"),
         "radius": Param(8, int, doc="trust windows of (2 radius + 1)^2 px"),
         "area": Param(0.01, float, doc="the frame score: the map's area quantile"),
@@ -520,13 +555,25 @@ class Trust(EngineBase):
     feature_every: int
     feature_threshold: float
 
-    def __init__(self, restore: str = "denoise", gain: float | None = None, offset: float | None = None,
-                 read_noise: float | None = None, excess_noise: float = 1.0,
-                 calibration: str | Path | dict[str, Any] | None = None, calibrate_frames: int = 16,
-                 radius: int = 8, area: float = 0.01, threshold: float | None = None,
-                 tta_threshold: float | None = None, tta_every: int = 10,
-                 tta_transforms: Sequence[str] | str = TRANSFORMS, feature_every: int = 5,
-                 feature_threshold: float | None = None, **inner_params: Any) -> None:
+    def __init__(
+        self,
+        restore: str = "denoise",
+        gain: float | None = None,
+        offset: float | None = None,
+        read_noise: float | None = None,
+        excess_noise: float = 1.0,
+        calibration: str | Path | dict[str, Any] | None = None,
+        calibrate_frames: int = 16,
+        radius: int = 8,
+        area: float = 0.01,
+        threshold: float | None = None,
+        tta_threshold: float | None = None,
+        tta_every: int = 10,
+        tta_transforms: Sequence[str] | str = TRANSFORMS,
+        feature_every: int = 5,
+        feature_threshold: float | None = None,
+        **inner_params: Any,
+    ) -> None:
         self._init_params(locals())  # trust's own; inner_params go to the inner engine
         factory = engine_factory(self.restore)
         accepted = set(inspect.signature(factory).parameters)
@@ -536,8 +583,10 @@ class Trust(EngineBase):
                 self.inner_params[key] = getattr(self, key)
         unknown = set(self.inner_params) - accepted
         if unknown and not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values()):
-            raise EngineError(f"trust: neither trust nor {self.restore} has parameter(s) {', '.join(sorted(unknown))}; "
-                              f"trust has: {', '.join(self.parameters)}")
+            raise EngineError(
+                f"trust: neither trust nor {self.restore} has parameter(s) {', '.join(sorted(unknown))}; "
+                f"trust has: {', '.join(self.parameters)}"
+            )
         self.inner = create_engine(self.restore, **self.inner_params)
         self.product = _product(self.restore)
         p = self.product
@@ -588,16 +637,27 @@ class Trust(EngineBase):
         p = self.product
         if self.restore == "deconvolve":
             psf, offset = self._inner_psf(raw)
-            tmap, score, stats = score_deconvolved(raw, np.asarray(_array.to_numpy(restored)), psf, model,
-                                                   offset=offset, radius=self.radius, area=self.area)
+            tmap, score, stats = score_deconvolved(
+                raw,
+                np.asarray(_array.to_numpy(restored)),
+                psf,
+                model,
+                offset=offset,
+                radius=self.radius,
+                area=self.area,
+            )
         else:
-            tmap, score, stats = score_denoised(raw, np.asarray(_array.to_numpy(restored)), model,
-                                                radius=self.radius, area=self.area)
+            tmap, score, stats = score_denoised(
+                raw, np.asarray(_array.to_numpy(restored)), model, radius=self.radius, area=self.area
+            )
         events: list[dict[str, Any]] = []
         ok = score >= self.threshold
         if not ok:
-            events.append(self._event("residual" if self.restore != "deconvolve" else "reblur", score,
-                                      self.threshold, info, stats))
+            events.append(
+                self._event(
+                    "residual" if self.restore != "deconvolve" else "reblur", score, self.threshold, info, stats
+                )
+            )
         out[f"trust_{p}_score"] = score
         if self.tta_every > 0 and info.seq % self.tta_every == 0:
             predict = self._predictor()
@@ -634,8 +694,10 @@ class Trust(EngineBase):
             try:
                 self.inner.set_param(name, value)  # type: ignore[attr-defined]
             except KeyError as exc:
-                raise KeyError(f"neither trust nor {self.restore} has parameter {name!r}; trust has: "
-                               f"{', '.join(self.parameters)} ({exc.args[0] if exc.args else ''})") from None
+                raise KeyError(
+                    f"neither trust nor {self.restore} has parameter {name!r}; trust has: "
+                    f"{', '.join(self.parameters)} ({exc.args[0] if exc.args else ''})"
+                ) from None
             return
         if name in _CAMERA and name in _inner_parameters(self.inner):
             self.inner.set_param(name, value)  # type: ignore[attr-defined]
@@ -692,9 +754,11 @@ class Trust(EngineBase):
                 self._model = cal.model()
             except ValueError as exc:
                 if self._model is None:
-                    raise EngineError(f"trust: cannot calibrate the camera noise from this frame ({exc}); "
-                                      "give calibration=FILE.json (livescope calibrate) or gain, offset "
-                                      "and read_noise") from exc
+                    raise EngineError(
+                        f"trust: cannot calibrate the camera noise from this frame ({exc}); "
+                        "give calibration=FILE.json (livescope calibrate) or gain, offset "
+                        "and read_noise"
+                    ) from exc
             if cal.frames >= self.calibrate_frames:
                 self._fixed = True
                 log.info("trust: noise model fixed after %d frames: %s", cal.frames, self._model)
@@ -705,8 +769,9 @@ class Trust(EngineBase):
         inner = self.inner
         psf = inner.kernel if isinstance(inner, HasKernel) else None
         if psf is None or not isinstance(inner, HasKernel):
-            raise EngineError("trust: the deconvolve engine exposes no PSF (its kernel: method='net' has none); "
-                              "cannot re-blur")
+            raise EngineError(
+                "trust: the deconvolve engine exposes no PSF (its kernel: method='net' has none); cannot re-blur"
+            )
         return np.asarray(psf), float(inner.camera_offset(raw))
 
     def _network(self) -> RunsNetwork | None:
@@ -740,12 +805,15 @@ class Trust(EngineBase):
             return "not yet known (before setup)"
         stats = self._training_features()
         if stats is None:
-            return ("unavailable: the model file has no training feature statistics (fitted before "
-                    "livescope stored them); refit it or run engines/models/add_feature_stats.py --model FILE")
+            return (
+                "unavailable: the model file has no training feature statistics (fitted before "
+                "livescope stored them); refit it or run engines/models/add_feature_stats.py --model FILE"
+            )
         if self.feature_every <= 0:
             return "off (feature_every 0)"
-        return (f"on, every {self.feature_every} frame(s): {stats.get('tiles')} training tiles"
-                + (f" of {stats['data']}" if stats.get("data") else ""))
+        return f"on, every {self.feature_every} frame(s): {stats.get('tiles')} training tiles" + (
+            f" of {stats['data']}" if stats.get("data") else ""
+        )
 
     def _features_input(self, raw: np.ndarray) -> tuple[np.ndarray, dict[str, Any], float, float | None] | None:
         """The frame in the model's variance-stabilised units, the training statistics, and the
@@ -755,18 +823,27 @@ class Trust(EngineBase):
         norm = net.normalisation if net is not None else None
         if stats is None or norm is None or min(raw.shape) < int(stats.get("tile", FEATURE_TILE)):
             if not self._warned_features and net is not None and net.model_file is not None:
-                log.warning("trust: feature check skipped: %s", self._feature_status() if stats is None
-                            else "the frame is smaller than one feature tile")
+                log.warning(
+                    "trust: feature check skipped: %s",
+                    self._feature_status() if stats is None else "the frame is smaller than one feature tile",
+                )
                 self._warned_features = True
             return None
         stabilised = norm.forward(raw) * np.float32(norm.high - norm.low) + np.float32(norm.low)
         noise = 1.0 if float(norm.gain) > 0 else None
         return stabilised, stats, float(norm.low), noise
 
-    def _event(self, check: str, score: float, threshold: float, info: FrameInfo,
-               stats: dict[str, float]) -> dict[str, Any]:
-        ev = {"kind": "trust", "product": self.product, "check": check, "score": float(score),
-              "threshold": float(threshold), "seq": int(info.seq)}
+    def _event(
+        self, check: str, score: float, threshold: float, info: FrameInfo, stats: dict[str, float]
+    ) -> dict[str, Any]:
+        ev = {
+            "kind": "trust",
+            "product": self.product,
+            "check": check,
+            "score": float(score),
+            "threshold": float(threshold),
+            "seq": int(info.seq),
+        }
         ev.update({k: float(v) for k, v in stats.items()})
         ev.update({k: int(v) for k, v in info.index.items()})
         return ev

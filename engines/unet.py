@@ -34,8 +34,16 @@ class UNet(nn.Module):
     neighbour, and an identity path would learn to trust a value it never sees at inference.
     """
 
-    def __init__(self, in_channels: int = 1, base: int = 16, depth: int = 2, max_channels: int = 64,
-                 out_channels: int = 1, unshuffle: int = 1, skip: str = "cat"):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        base: int = 16,
+        depth: int = 2,
+        max_channels: int = 64,
+        out_channels: int = 1,
+        unshuffle: int = 1,
+        skip: str = "cat",
+    ):
         super().__init__()
         if skip not in ("cat", "add"):
             raise ValueError(f"skip must be 'cat' or 'add', not {skip!r}")
@@ -99,8 +107,7 @@ class MultiLag(nn.Module):
     already taken it.
     """
 
-    def __init__(self, lags: int = 4, base: int = 8, depth: int = 2, max_channels: int = 32,
-                 unshuffle: int = 2):
+    def __init__(self, lags: int = 4, base: int = 8, depth: int = 2, max_channels: int = 32, unshuffle: int = 2):
         super().__init__()
         self.in_channels = lags
         self.base = base
@@ -111,8 +118,7 @@ class MultiLag(nn.Module):
         # the memory traffic, which is what bounds these thin layers on a CPU.
         f2 = unshuffle * unshuffle
         self.nets = nn.ModuleList(
-            UNet(2 * f2, base=base, depth=depth, max_channels=max_channels, out_channels=f2)
-            for _ in range(lags)
+            UNet(2 * f2, base=base, depth=depth, max_channels=max_channels, out_channels=f2) for _ in range(lags)
         )
         self.depth = depth + (unshuffle.bit_length() - 1)  # size multiple 2**depth, as UNet
         self.down = nn.PixelUnshuffle(unshuffle) if unshuffle > 1 else nn.Identity()
@@ -150,8 +156,7 @@ def build(arch: dict[str, Any]) -> nn.Module:
             unshuffle=unshuffle,
         )
     if arch.get("name") != "unet2d":
-        raise ValueError(f"unknown architecture {arch.get('name')!r}; this livescope knows "
-                         "'unet2d' and 'multilag2d'")
+        raise ValueError(f"unknown architecture {arch.get('name')!r}; this livescope knows 'unet2d' and 'multilag2d'")
     unshuffle = int(arch.get("unshuffle", 1))
     return UNet(
         in_channels=int(arch["in_channels"]),
@@ -212,8 +217,10 @@ def export_onnx(net: UNet | MultiLag, opset: int = 17) -> bytes:
             buf,  # type: ignore[arg-type]  # the TorchScript exporter writes to file objects; torch's hint says paths
             input_names=["frames"],
             output_names=["denoised"],
-            dynamic_axes={"frames": {0: "batch", 2: "height", 3: "width"},
-                          "denoised": {0: "batch", 2: "height", 3: "width"}},
+            dynamic_axes={
+                "frames": {0: "batch", 2: "height", 3: "width"},
+                "denoised": {0: "batch", 2: "height", 3: "width"},
+            },
             opset_version=opset,
             dynamo=False,
         )

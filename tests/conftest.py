@@ -38,8 +38,10 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_report_header(config):
     if not W2S_PAIRS.is_dir():
-        return (f"W2S pairs not found at {W2S_PAIRS}: tests marked w2s (optional extras) are deselected; "
-                "set LIVESCOPE_SHARED_DATA to the folder that holds w2s_pairs/ to run them")
+        return (
+            f"W2S pairs not found at {W2S_PAIRS}: tests marked w2s (optional extras) are deselected; "
+            "set LIVESCOPE_SHARED_DATA to the folder that holds w2s_pairs/ to run them"
+        )
     return f"W2S pairs: {W2S_PAIRS}"
 
 

@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FORBIDDEN = {"engines": {"bridges", "daemon", "ui"}, "bridges": {"daemon", "ui", "engines"},
-             "ui": {"daemon", "engines"}}
+FORBIDDEN = {
+    "engines": {"bridges", "daemon", "ui"},
+    "bridges": {"daemon", "ui", "engines"},
+    "ui": {"daemon", "engines"},
+}
 
 
 def _livescope_imports(path: Path, package: str) -> set[str]:
@@ -86,7 +89,7 @@ def test_no_import_cycles_between_modules():
         state[node] = 1
         for dep in sorted(graph.get(node, ())):
             if state.get(dep) == 1:
-                cycles.append(stack[stack.index(dep):] + [dep])
+                cycles.append(stack[stack.index(dep) :] + [dep])
             elif dep in graph and not state.get(dep):
                 visit(dep, stack + [dep])
         state[node] = 2

@@ -66,8 +66,9 @@ class _EngineBox(QtWidgets.QGroupBox):
                 w = QtWidgets.QComboBox()
                 w.addItems(choices)
                 w.setCurrentText(default)
-                w.activated.connect(lambda i, p=param, ww=w: self.send("set", engine=name, param=p,
-                                                                      value=ww.itemText(i)))
+                w.activated.connect(
+                    lambda i, p=param, ww=w: self.send("set", engine=name, param=p, value=ww.itemText(i))
+                )
             else:  # lags
                 w = QtWidgets.QLineEdit(_lags_text(default))
                 w.setPlaceholderText("1, 2, 4, 8")
@@ -95,10 +96,15 @@ class _EngineBox(QtWidgets.QGroupBox):
         self.fit_steps.setSuffix(" steps")
         self.fit_button = QtWidgets.QPushButton("Fit on stream")
         self.fit_button.setObjectName("denoise.fit")
-        self.fit_button.setToolTip("Fit the denoiser on the next frames of this stream (no clean images needed), "
-                                   "then swap it in without stopping")
-        self.fit_button.clicked.connect(lambda: self.send("fit", engine=self.name, frames=self.fit_frames.value(),
-                                                          steps=self.fit_steps.value(), seconds=600))
+        self.fit_button.setToolTip(
+            "Fit the denoiser on the next frames of this stream (no clean images needed), "
+            "then swap it in without stopping"
+        )
+        self.fit_button.clicked.connect(
+            lambda: self.send(
+                "fit", engine=self.name, frames=self.fit_frames.value(), steps=self.fit_steps.value(), seconds=600
+            )
+        )
         for w in (self.fit_frames, self.fit_steps, self.fit_button):
             row.addWidget(w)
         form.addRow("fit", row)

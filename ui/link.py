@@ -27,8 +27,15 @@ LinkMessage = tuple[str, Any]
 
 
 class DaemonLink:
-    def __init__(self, address: str | None, *, status_every_s: float = 0.5, events_every_s: float = 1.0,
-                 timeout_s: float = 1.5, curve: Any = None) -> None:
+    def __init__(
+        self,
+        address: str | None,
+        *,
+        status_every_s: float = 0.5,
+        events_every_s: float = 1.0,
+        timeout_s: float = 1.5,
+        curve: Any = None,
+    ) -> None:
         self.address = address
         self.curve = curve  # a livescope.bridges.auth.CurveClient for a daemon that runs CURVE
         self.status_every_s = status_every_s
@@ -129,8 +136,9 @@ class DaemonLink:
                     if events:
                         self.last_event_id = max(int(e["id"]) for e in events)
                         self._out.put(("events", events))
-            self._wake.wait(max(0.0, min(next_status, next_events if self.connected else next_status)
-                                - time.monotonic()))
+            self._wake.wait(
+                max(0.0, min(next_status, next_events if self.connected else next_status) - time.monotonic())
+            )
             self._wake.clear()
         if sock is not None:
             sock.close(linger=0)

@@ -21,8 +21,18 @@ from ..bridges.store import COLORS as STORE_CHANNEL_COLORS
 from .state import PanelLevels
 from .style import COLORMAPS, COLORS, DEFAULT_CMAP, lut
 
-__all__ = ["ImagePanel", "CompositePanel", "ScaleBar", "percentile_levels", "apply_levels", "channel_color",
-           "overlay_rgb", "trust_tint", "show_latency", "TRUST_TINT_RANGE"]
+__all__ = [
+    "ImagePanel",
+    "CompositePanel",
+    "ScaleBar",
+    "percentile_levels",
+    "apply_levels",
+    "channel_color",
+    "overlay_rgb",
+    "trust_tint",
+    "show_latency",
+    "TRUST_TINT_RANGE",
+]
 
 PERCENTILES = (0.5, 99.8)
 LATENCY_WARN_MS = 250.0  # a preview this late (frame received -> preview sent) is written in amber
@@ -33,8 +43,9 @@ TRUST_TINT_RANGE = (0.2, 0.6)
 TRUST_TINT_ALPHA = 0.6
 
 
-def percentile_levels(arr: np.ndarray, percentiles: tuple[float, float] = PERCENTILES,
-                      samples: int = 40_000) -> tuple[float, float] | None:
+def percentile_levels(
+    arr: np.ndarray, percentiles: tuple[float, float] = PERCENTILES, samples: int = 40_000
+) -> tuple[float, float] | None:
     """Display levels from a strided subsample: cheap enough to run on a timer, robust to hot pixels."""
     flat = np.asarray(arr).reshape(-1)
     flat = flat[:: max(1, flat.size // samples)]
@@ -79,8 +90,12 @@ def overlay_rgb(channels: list[tuple[np.ndarray, tuple[float, float], tuple[int,
     return (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def trust_tint(tmap: np.ndarray, colour: tuple[int, int, int],
-               tint_range: tuple[float, float] = TRUST_TINT_RANGE, alpha: float = TRUST_TINT_ALPHA) -> np.ndarray:
+def trust_tint(
+    tmap: np.ndarray,
+    colour: tuple[int, int, int],
+    tint_range: tuple[float, float] = TRUST_TINT_RANGE,
+    alpha: float = TRUST_TINT_ALPHA,
+) -> np.ndarray:
     """RGBA (uint8) tint over the regions of a trust map in [0, 1] below ``tint_range[1]``: its
     opacity grows linearly to ``alpha`` at ``tint_range[0]`` and below; NaN (no check) untinted."""
     lo, hi = tint_range
@@ -155,8 +170,7 @@ class ScaleBar(pg.GraphicsObject):
         font = p.font()
         font.setPointSizeF(8.5)
         p.setFont(font)
-        p.drawText(QtCore.QRectF(-self._w - 40, -18, self._w + 80, 16),
-                   QtCore.Qt.AlignmentFlag.AlignCenter, self._text)
+        p.drawText(QtCore.QRectF(-self._w - 40, -18, self._w + 80, 16), QtCore.Qt.AlignmentFlag.AlignCenter, self._text)
 
 
 class _PanelFrame(QtWidgets.QFrame):
@@ -189,8 +203,10 @@ class _PanelFrame(QtWidgets.QFrame):
         # how late this preview is: the daemon's latency_ms, frame received -> this preview sent
         self.latency = QtWidgets.QLabel("")
         self.latency.setObjectName("panelInfo")
-        self.latency.setToolTip("preview latency: from the daemon receiving the frame to sending this "
-                                "product's preview (its status gives p50/p99 in the telemetry dock)")
+        self.latency.setToolTip(
+            "preview latency: from the daemon receiving the frame to sending this "
+            "product's preview (its status gives p50/p99 in the telemetry dock)"
+        )
         row.addWidget(self.title)
         row.addWidget(self.trust)
         row.addWidget(self.info, 1)
@@ -213,8 +229,9 @@ class _PanelFrame(QtWidgets.QFrame):
         outer.addWidget(self.graphics, 1)
 
 
-def show_trust(frame_widget: Any, score: float | None, ok: float | None,
-               sampled: dict[str, float] | None = None) -> None:
+def show_trust(
+    frame_widget: Any, score: float | None, ok: float | None, sampled: dict[str, float] | None = None
+) -> None:
     """The trust badge in a panel's title bar: green when the frame passed its trust checks, red
     when one fell below its threshold (an event went to the feedback channel too). ``score`` is
     the residual (or re-blur) score of every frame; ``sampled`` the newest scores of the checks
@@ -227,9 +244,13 @@ def show_trust(frame_widget: Any, score: float | None, ok: float | None,
     extra = "".join(f" · {name} {value:.2f}" for name, value in (sampled or {}).items())
     label.setText(("trusted " if good else "check ") + f"{score:.2f}" + extra)
     label.setStyleSheet(f"color:{COLORS['ok'] if good else COLORS['bad']}; font-weight:bold;")
-    label.setToolTip("trust scores of this frame (docs/trust.md): residual or re-blur check"
-                     + (", and the newest of the sampled checks (" + ", ".join(sampled) + ")" if sampled else "")
-                     + "; " + ("all above" if good else "one below") + " its threshold")
+    label.setToolTip(
+        "trust scores of this frame (docs/trust.md): residual or re-blur check"
+        + (", and the newest of the sampled checks (" + ", ".join(sampled) + ")" if sampled else "")
+        + "; "
+        + ("all above" if good else "one below")
+        + " its threshold"
+    )
     label.setVisible(True)
 
 
@@ -258,9 +279,12 @@ def show_consistency(frame_widget: Any, score: float | None, threshold: float | 
     limit = "" if threshold is None else f" / {threshold:.2f}"
     label.setText(("consistent " if good else "inconsistent ") + f"{score:.2f}{limit}")
     label.setStyleSheet(f"color:{COLORS['ok'] if good else COLORS['bad']}; font-weight:bold;")
-    label.setToolTip("consistency of the network's output with this raw frame (re-blurred with the "
-                     "PSF, standardised residual; ~1 or below for frames like the training ones); "
-                     + ("below" if good else "above") + " the model's threshold")
+    label.setToolTip(
+        "consistency of the network's output with this raw frame (re-blurred with the "
+        "PSF, standardised residual; ~1 or below for frames like the training ones); "
+        + ("below" if good else "above")
+        + " the model's threshold"
+    )
     label.setVisible(True)
 
 
@@ -336,8 +360,9 @@ class ImagePanel:
         self.event_box.setZValue(30)
         self.event_box.setVisible(False)
         self.view.addItem(self.event_box, ignoreBounds=True)
-        self.event_mark = pg.ScatterPlotItem(size=18, symbol="o", pen=pg.mkPen(COLORS["event"], width=2),
-                                             brush=pg.mkBrush(0, 0, 0, 0), pxMode=True)
+        self.event_mark = pg.ScatterPlotItem(
+            size=18, symbol="o", pen=pg.mkPen(COLORS["event"], width=2), brush=pg.mkBrush(0, 0, 0, 0), pxMode=True
+        )
         self.event_mark.setZValue(31)
         self.event_mark.setVisible(False)
         self.view.addItem(self.event_mark, ignoreBounds=True)
@@ -448,8 +473,9 @@ class ImagePanel:
         self._update_info()
         return changed
 
-    def show_overlay(self, channels: dict[int, tuple[np.ndarray, dict[str, Any]]], selected: int,
-                     names: dict[int, str] | None = None) -> bool:
+    def show_overlay(
+        self, channels: dict[int, tuple[np.ndarray, dict[str, Any]]], selected: int, names: dict[int, str] | None = None
+    ) -> bool:
         """Draw every channel of ``channels`` (c -> (frame, header)) additively in its colour.
         The selected channel keeps this panel's levels (auto or dragged on the histogram) and is
         what the readout, the ROI and the histogram use; every other channel has its own
@@ -591,8 +617,11 @@ class ImagePanel:
             parts.append(f"{_fmt(lv[0])}–{_fmt(lv[1])}" + ("" if self.auto else " (fixed)"))
         if self.overlaid and self.overlay_channels:
             names = self._names
-            parts.append(" ".join(_swatch(channel_color(c), html.escape(str(names.get(c, c))))
-                                  for c in sorted(self.overlay_channels)))
+            parts.append(
+                " ".join(
+                    _swatch(channel_color(c), html.escape(str(names.get(c, c)))) for c in sorted(self.overlay_channels)
+                )
+            )
             self.widget.info.setTextFormat(QtCore.Qt.TextFormat.RichText)
         else:
             self.widget.info.setTextFormat(QtCore.Qt.TextFormat.PlainText)
@@ -631,8 +660,10 @@ class CompositePanel(ImagePanel):
         super().__init__("composite", show_histogram=False, levels=levels)
         if self.widget.cmap is not None:
             self.widget.cmap.setVisible(False)
-        legend = ("<span style='color:#bbbbbb'>background</span> · <span style='color:#5fe35f'>slow</span>"
-                  " · <span style='color:#ff5cff'>fast</span>")
+        legend = (
+            "<span style='color:#bbbbbb'>background</span> · <span style='color:#5fe35f'>slow</span>"
+            " · <span style='color:#ff5cff'>fast</span>"
+        )
         self.widget.info.setTextFormat(QtCore.Qt.TextFormat.RichText)
         self.legend = legend
         self.widget.info.setText(legend)

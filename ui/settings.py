@@ -21,8 +21,7 @@ def open_settings(path: str | os.PathLike | None = None) -> QtCore.QSettings:
     path = path or os.environ.get(ENV)
     if path:
         return QtCore.QSettings(str(path), QtCore.QSettings.Format.IniFormat)
-    return QtCore.QSettings(QtCore.QSettings.Format.IniFormat, QtCore.QSettings.Scope.UserScope,
-                            "livescope", "viewer")
+    return QtCore.QSettings(QtCore.QSettings.Format.IniFormat, QtCore.QSettings.Scope.UserScope, "livescope", "viewer")
 
 
 def read_json(settings: QtCore.QSettings, key: str, default: Any) -> Any:

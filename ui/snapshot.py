@@ -89,8 +89,9 @@ def render_montage(frames: list[tuple[str, np.ndarray, int]], path: str | Path, 
         lut = hot if name.split("_")[0] in ("background", "slow", "fast") else grey
         rgb = np.ascontiguousarray(_to_rgb(plane, lut))
         qimg = QtGui.QImage(rgb.data, rgb.shape[1], rgb.shape[0], rgb.strides[0], QtGui.QImage.Format.Format_RGB888)
-        scaled = qimg.scaled(tile, tile, QtCore.Qt.AspectRatioMode.KeepAspectRatio,
-                             QtCore.Qt.TransformationMode.FastTransformation)
+        scaled = qimg.scaled(
+            tile, tile, QtCore.Qt.AspectRatioMode.KeepAspectRatio, QtCore.Qt.TransformationMode.FastTransformation
+        )
         painter.setPen(QtGui.QColor(230, 230, 230))
         painter.drawText(x0, y0 + 20, f"{name}   (t = {t})")
         painter.drawImage(x0, y0 + title_h, scaled)

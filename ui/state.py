@@ -29,9 +29,22 @@ from typing import Any
 
 from .streams import AXES, StreamChooser
 
-__all__ = ["ViewerState", "PanelLevels", "PreviewsNoted", "SETTINGS_DEFAULTS", "ORDER", "DECOMPOSITION",
-           "RESTORED", "HIDDEN_BY_DEFAULT", "TRUST_PREFIX", "LEVELS_EVERY_S", "IDLE_AFTER_S", "EVENT_MARK_S",
-           "panel_order", "best_columns"]
+__all__ = [
+    "ViewerState",
+    "PanelLevels",
+    "PreviewsNoted",
+    "SETTINGS_DEFAULTS",
+    "ORDER",
+    "DECOMPOSITION",
+    "RESTORED",
+    "HIDDEN_BY_DEFAULT",
+    "TRUST_PREFIX",
+    "LEVELS_EVERY_S",
+    "IDLE_AFTER_S",
+    "EVENT_MARK_S",
+    "panel_order",
+    "best_columns",
+]
 
 ORDER = ["raw", "registered", "denoised", "deconvolved", "background", "slow", "fast", "composite", "residual"]
 DECOMPOSITION = ("background", "slow", "fast")
@@ -153,11 +166,16 @@ class ViewerState:
         rect = get("roi/rect", (list, type(None)))
         if rect is not None and (len(rect) != 4 or not all(isinstance(v, (int, float)) for v in rect)):
             rect = None
-        return cls(hidden={str(n) for n in hidden}, cmaps={str(k): str(v) for k, v in cmaps.items()},
-                   auto_levels=bool(values.get("levels/continuous", True)),
-                   overlay=bool(values.get("view/overlay", False)), trust_overlay=bool(values.get("view/trust", False)),
-                   roi_visible=bool(values.get("roi/visible", True)),
-                   roi_rect=None if rect is None else [float(v) for v in rect], **kwargs)
+        return cls(
+            hidden={str(n) for n in hidden},
+            cmaps={str(k): str(v) for k, v in cmaps.items()},
+            auto_levels=bool(values.get("levels/continuous", True)),
+            overlay=bool(values.get("view/overlay", False)),
+            trust_overlay=bool(values.get("view/trust", False)),
+            roi_visible=bool(values.get("roi/visible", True)),
+            roi_rect=None if rect is None else [float(v) for v in rect],
+            **kwargs,
+        )
 
     def to_settings(self) -> dict[str, Any]:
         """What the settings file keeps (JSON values); ``roi/rect`` only once an ROI was placed."""
@@ -174,8 +192,9 @@ class ViewerState:
         return out
 
     # -- messages (the banner) ---------------------------------------------------------------------
-    def say(self, key: str, text: str, level: str = "info", seconds: float | None = None,
-            now: float | None = None) -> None:
+    def say(
+        self, key: str, text: str, level: str = "info", seconds: float | None = None, now: float | None = None
+    ) -> None:
         """A message in the banner, under ``key`` (a new one replaces it), for ``seconds`` or until unsaid."""
         now = time.monotonic() if now is None else now
         self.messages[key] = (text, level, None if seconds is None else now + seconds)
@@ -296,13 +315,18 @@ class ViewerState:
         """Say when no frames arrive, and when the shown stream is quiet while others send."""
         if self.last_frame_at is None:
             if now - self.started > IDLE_AFTER_S and connected:
-                self.say("idle", "The daemon is running but sends no frames yet: is the acquisition started?", "info",
-                         now=now)
+                self.say(
+                    "idle",
+                    "The daemon is running but sends no frames yet: is the acquisition started?",
+                    "info",
+                    now=now,
+                )
             return
         idle = now - self.last_frame_at
         if idle > IDLE_AFTER_S and "idle" not in self.messages and not self.paused:
-            self.say("idle", f"No new frames for {idle:.0f} s: the acquisition is paused or has ended.", "info",
-                     now=now)
+            self.say(
+                "idle", f"No new frames for {idle:.0f} s: the acquisition is paused or has ended.", "info", now=now
+            )
         elif idle <= IDLE_AFTER_S and "idle" in self.messages:
             self.unsay("idle")
         # the shown stream is quiet while another sends (Follow live off, or two ordinary streams):
@@ -311,8 +335,13 @@ class ViewerState:
         quiet_for = now - info.last_seen if info is not None else 0.0
         if info is not None and idle <= IDLE_AFTER_S and quiet_for > self.streams.quiet_s and not self.paused:
             if "quiet" not in self.messages:
-                self.say("quiet", f"{self.streams.label(info.name)} sent nothing for {quiet_for:.0f} s while other "
-                         "streams send: pick one in Stream to see it.", "info", now=now)
+                self.say(
+                    "quiet",
+                    f"{self.streams.label(info.name)} sent nothing for {quiet_for:.0f} s while other "
+                    "streams send: pick one in Stream to see it.",
+                    "info",
+                    now=now,
+                )
         elif "quiet" in self.messages:
             self.unsay("quiet")
 
@@ -323,8 +352,13 @@ class ViewerState:
 
     def say_followed(self, before: str | None, shown: str) -> None:
         if before is not None:
-            self.say("follow", f"Now showing {self.streams.label(shown)}: {self.streams.label(before)} sent nothing "
-                     f"for {self.streams.quiet_s:g} s (Follow live). Pick a stream to stay on one.", "info", 8)
+            self.say(
+                "follow",
+                f"Now showing {self.streams.label(shown)}: {self.streams.label(before)} sent nothing "
+                f"for {self.streams.quiet_s:g} s (Follow live). Pick a stream to stay on one.",
+                "info",
+                8,
+            )
 
     def set_follow(self, on: bool) -> None:
         """Follow live mode by itself, or stay on the stream shown."""
@@ -454,8 +488,12 @@ class ViewerState:
         self.trust_overlay = bool(on)
         has_maps = any(k[1].startswith(TRUST_PREFIX) for k in keys if k[0] == self.streams.selected)
         if self.trust_overlay and not has_maps:
-            self.say("trust", "Trust map: no trust map received yet; run the daemon with --engines trust "
-                     "(docs/trust.md).", "info", 6)
+            self.say(
+                "trust",
+                "Trust map: no trust map received yet; run the daemon with --engines trust (docs/trust.md).",
+                "info",
+                6,
+            )
         elif not self.trust_overlay:
             self.unsay("trust")
 
@@ -500,16 +538,24 @@ class ViewerState:
         seq = event.get("seq")
         score = event.get("score")
         what = f"event {event.get('id', '?')} at t {event.get('t', '?')} (seq {seq}" + (
-            f", score {score:.2f})" if isinstance(score, (int, float)) else ")")
+            f", score {score:.2f})" if isinstance(score, (int, float)) else ")"
+        )
         if shown and seq is not None:
             near = min(shown, key=lambda s: abs(s - int(seq)))
-            box = (" Its box is drawn at an assumed scale: the event gives neither its frame's pixel size nor shape."
-                   if rule == "assumed" else "")
-            self.say("event", f"Showing {what} — nearest buffered frame seq {near}.{box} Esc or Space: back to live.",
-                     "info")
+            box = (
+                " Its box is drawn at an assumed scale: the event gives neither its frame's pixel size nor shape."
+                if rule == "assumed"
+                else ""
+            )
+            self.say(
+                "event", f"Showing {what} — nearest buffered frame seq {near}.{box} Esc or Space: back to live.", "info"
+            )
         else:
-            self.say("event", f"{what}: its frame is no longer in the recent-frame buffer ({buffer_mb} MB). "
-                     "Esc: back to live.", "warn")
+            self.say(
+                "event",
+                f"{what}: its frame is no longer in the recent-frame buffer ({buffer_mb} MB). Esc: back to live.",
+                "warn",
+            )
 
     def event_to_mark(self, events: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
         """The newest event with a centroid, when it lies in the shown stream at the selected
@@ -520,7 +566,9 @@ class ViewerState:
         if newest.get("stream", self.streams.selected) != self.streams.selected:
             return None
         if (newest.get("p", self.selection["p"]), newest.get("z", self.selection["z"])) != (
-                self.selection["p"], self.selection["z"]):
+            self.selection["p"],
+            self.selection["z"],
+        ):
             return None
         return newest
 
@@ -546,11 +594,19 @@ class ViewerState:
         elif kind == "reply":
             request, reply = payload
             if not reply.get("ok"):
-                self.say("reply", f"The daemon refused {request.get('cmd')} {request.get('engine', '')}: "
-                         f"{reply.get('error')}", "warn", 8)
+                self.say(
+                    "reply",
+                    f"The daemon refused {request.get('cmd')} {request.get('engine', '')}: {reply.get('error')}",
+                    "warn",
+                    8,
+                )
         elif kind == "down":
-            self.say("daemon", f"No livescope daemon answers at {payload}: is it running (`livescope daemon`)? "
-                     "Reconnecting by itself…", "error")
+            self.say(
+                "daemon",
+                f"No livescope daemon answers at {payload}: is it running (`livescope daemon`)? "
+                "Reconnecting by itself…",
+                "error",
+            )
         elif kind == "refused":
             self.say("daemon", f"The daemon at {self.control} refuses this viewer: {payload}", "error")
         elif kind == "up":

@@ -29,7 +29,7 @@ def _span(text: str, colour: str | None) -> str:
 
 
 def preview_latency(st: dict[str, Any], which: str = "preview") -> str | None:
-    """"p50 / p99 ms" of the daemon's preview latency (``which``: "preview" for restored
+    """ "p50 / p99 ms" of the daemon's preview latency (``which``: "preview" for restored
     products, "preview_raw" for raw), or None before the daemon measured any."""
     summary = (st.get("latency") or {}).get(which) or {}
     p50, p99 = summary.get("p50_ms"), summary.get("p99_ms")
@@ -83,10 +83,19 @@ class TelemetryPanel(QtWidgets.QWidget):
         grid.setHorizontalSpacing(14)
         grid.setVerticalSpacing(2)
         self.metrics: dict[str, QtWidgets.QLabel] = {}
-        names = [("received", "received"), ("saved", "saved"), ("lost", "lost"), ("skipped", "skipped"),
-                 ("rejected", "rejected"), ("queue", "store queue"), ("slots", "engine slots"),
-                 ("store", "written"), ("free", "free disk"), ("preview", "preview p50 / p99"),
-                 ("preview_raw", "raw preview p50 / p99")]
+        names = [
+            ("received", "received"),
+            ("saved", "saved"),
+            ("lost", "lost"),
+            ("skipped", "skipped"),
+            ("rejected", "rejected"),
+            ("queue", "store queue"),
+            ("slots", "engine slots"),
+            ("store", "written"),
+            ("free", "free disk"),
+            ("preview", "preview p50 / p99"),
+            ("preview_raw", "raw preview p50 / p99"),
+        ]
         for i, (key, label) in enumerate(names):
             name = QtWidgets.QLabel(label)
             name.setStyleSheet(f"color:{COLORS['dim']}; font-size:9pt;")
@@ -126,13 +135,26 @@ class TelemetryPanel(QtWidgets.QWidget):
             pi.getAxis(axis).setTextPen(COLORS["dim"])
             pi.getAxis(axis).setPen(COLORS["border"])
         pi.getAxis("left").setWidth(40)
-        pi.addLegend(offset=(4, 2), labelTextColor=COLORS["dim"], labelTextSize="8pt",
-                     brush=pg.mkBrush(23, 24, 28, 190), colCount=2)
+        pi.addLegend(
+            offset=(4, 2),
+            labelTextColor=COLORS["dim"],
+            labelTextSize="8pt",
+            brush=pg.mkBrush(23, 24, 28, 190),
+            colCount=2,
+        )
         w.setMinimumHeight(140)
         return w
 
-    def _add(self, plot: pg.PlotWidget, key: str, t: float, value: float | None, colour: str, dashed: bool = False,
-             legend: bool = True) -> None:
+    def _add(
+        self,
+        plot: pg.PlotWidget,
+        key: str,
+        t: float,
+        value: float | None,
+        colour: str,
+        dashed: bool = False,
+        legend: bool = True,
+    ) -> None:
         if value is None:
             return
         s = self.series.get(key)
@@ -148,8 +170,14 @@ class TelemetryPanel(QtWidgets.QWidget):
         t = time.monotonic() - self.t0
         f = st.get("frames", {})
         fps = st.get("fps", {})
-        for i, (name, value) in enumerate((("in", fps.get("in")), ("processed", fps.get("processed")),
-                                          ("saved", fps.get("saved")), ("display", display_fps))):
+        for i, (name, value) in enumerate(
+            (
+                ("in", fps.get("in")),
+                ("processed", fps.get("processed")),
+                ("saved", fps.get("saved")),
+                ("display", display_fps),
+            )
+        ):
             self._add(self.fps_plot, f"fps:{name}", t, value, LINE_COLORS[i])
         lat = dict(st.get("latency") or {})
         for name, e in (st.get("engines") or {}).items():
@@ -188,8 +216,10 @@ class TelemetryPanel(QtWidgets.QWidget):
         for name, e in (st.get("engines") or {}).items():
             state = _span("on", COLORS["ok"]) if e.get("enabled") else _span("off", COLORS["warn"])
             lat = e.get("latency") or {}
-            rows.append(f"{name:<11} {state}  {lat.get('p50_ms', 0):6.1f} / {lat.get('p99_ms', 0):6.1f} ms"
-                        f"  processed {e.get('processed', 0)}")
+            rows.append(
+                f"{name:<11} {state}  {lat.get('p50_ms', 0):6.1f} / {lat.get('p99_ms', 0):6.1f} ms"
+                f"  processed {e.get('processed', 0)}"
+            )
         self.engines_label.setText("<pre style='margin:0'>" + "\n".join(rows) + "</pre>")
 
     def _metric(self, key: str, text: str, colour: str | None = None) -> None:

@@ -128,9 +128,15 @@ class NoveltyStrip(QtCore.QObject):
         super().__init__()
         self.widget = _plot("novelty  ·  events (click one to see its frame)", "novelty")
         self.curve = self.widget.plot(pen=pg.mkPen(COLORS["novelty"], width=1.4))
-        self.marks = pg.ScatterPlotItem(size=11, symbol="t1", pen=pg.mkPen(COLORS["event"]),
-                                        brush=pg.mkBrush(COLORS["event"]), hoverable=True,
-                                        hoverBrush=pg.mkBrush("#ffffff"), tip=self._tip)
+        self.marks = pg.ScatterPlotItem(
+            size=11,
+            symbol="t1",
+            pen=pg.mkPen(COLORS["event"]),
+            brush=pg.mkBrush(COLORS["event"]),
+            hoverable=True,
+            hoverBrush=pg.mkBrush("#ffffff"),
+            tip=self._tip,
+        )
         self.widget.addItem(self.marks)
         self.marks.sigClicked.connect(self._clicked)
         self.t: deque[float] = deque(maxlen=history)
@@ -210,8 +216,13 @@ class RoiTrace:
 
     def attach(self, view: pg.ViewBox, shape: tuple[int, ...]) -> pg.RectROI:
         h, w = shape[:2]
-        self.roi = pg.RectROI((w * 0.4, h * 0.4), (w * 0.2, h * 0.2), pen=pg.mkPen(COLORS["accent"], width=1.5),
-                              hoverPen=pg.mkPen("#ffffff", width=1.5), handlePen=pg.mkPen(COLORS["accent"]))
+        self.roi = pg.RectROI(
+            (w * 0.4, h * 0.4),
+            (w * 0.2, h * 0.2),
+            pen=pg.mkPen(COLORS["accent"], width=1.5),
+            hoverPen=pg.mkPen("#ffffff", width=1.5),
+            handlePen=pg.mkPen(COLORS["accent"]),
+        )
         self.roi.setZValue(20)
         view.addItem(self.roi)
         return self.roi

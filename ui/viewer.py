@@ -57,9 +57,16 @@ class LiveViewer:
     """The main window. ``update()`` (a timer) draws the newest previews; ``poll_daemon()``
     (another timer) handles what the control thread brought back."""
 
-    def __init__(self, connect: str = DEFAULT_PUBLISH, control: str | None = DEFAULT_CONTROL, *,
-                 settings_path: str | os.PathLike | None = None, snapshot_dir: str | os.PathLike | None = None,
-                 fps: float = 30.0, curve: Any = None) -> None:
+    def __init__(
+        self,
+        connect: str = DEFAULT_PUBLISH,
+        control: str | None = DEFAULT_CONTROL,
+        *,
+        settings_path: str | os.PathLike | None = None,
+        snapshot_dir: str | os.PathLike | None = None,
+        fps: float = 30.0,
+        curve: Any = None,
+    ) -> None:
         pg, QtCore, QtGui, QtWidgets = _qt()
         from . import style
         from .controls import EngineControls
@@ -83,12 +90,14 @@ class LiveViewer:
         self.win.setObjectName("livescopeViewer")
         self.win.setWindowTitle(f"livescope — {connect}")
         self.win.resize(1600, 1000)
-        self.win.setDockOptions(QtWidgets.QMainWindow.DockOption.AnimatedDocks
-                                | QtWidgets.QMainWindow.DockOption.AllowTabbedDocks)
+        self.win.setDockOptions(
+            QtWidgets.QMainWindow.DockOption.AnimatedDocks | QtWidgets.QMainWindow.DockOption.AllowTabbedDocks
+        )
 
         # what the viewer shows and decides (ui/state.py); the widgets below draw it
-        self.state = ViewerState.from_settings({key: read_json(self.settings, key, default)
-                                                for key, default in SETTINGS_DEFAULTS.items()}, control=control)
+        self.state = ViewerState.from_settings(
+            {key: read_json(self.settings, key, default) for key, default in SETTINGS_DEFAULTS.items()}, control=control
+        )
         self.latest: dict[tuple, Any] = {}  # (stream, product, p, c, z) -> newest Frame
         self._relayout_after_draw = False
         self.panels: dict[str, Any] = {}
@@ -142,10 +151,15 @@ class LiveViewer:
         self.roi_trace = RoiTrace()
         right = QtCore.Qt.DockWidgetArea.RightDockWidgetArea
         self.dock_controls = self._dock("Engines", "engines", self.controls, right)
-        self.dock_telemetry = self._dock("Telemetry", "telemetry", self.telemetry,
-                                         QtCore.Qt.DockWidgetArea.RightDockWidgetArea)
-        self.dock_time = self._dock("Time", "time", strip_container(self.novelty.widget, self.roi_trace.widget),
-                                    QtCore.Qt.DockWidgetArea.BottomDockWidgetArea)
+        self.dock_telemetry = self._dock(
+            "Telemetry", "telemetry", self.telemetry, QtCore.Qt.DockWidgetArea.RightDockWidgetArea
+        )
+        self.dock_time = self._dock(
+            "Time",
+            "time",
+            strip_container(self.novelty.widget, self.roi_trace.widget),
+            QtCore.Qt.DockWidgetArea.BottomDockWidgetArea,
+        )
         self.win.resizeDocks([self.dock_controls, self.dock_telemetry], [300, 560], QtCore.Qt.Orientation.Vertical)
         self.win.resizeDocks([self.dock_controls], [380], QtCore.Qt.Orientation.Horizontal)
         self.win.resizeDocks([self.dock_time], [170], QtCore.Qt.Orientation.Vertical)
@@ -250,9 +264,11 @@ class LiveViewer:
         dock = QtWidgets.QDockWidget(title, self.win)
         dock.setObjectName(f"dock-{name}")
         dock.setWidget(widget)
-        dock.setFeatures(QtWidgets.QDockWidget.DockWidgetFeature.DockWidgetMovable
-                         | QtWidgets.QDockWidget.DockWidgetFeature.DockWidgetClosable
-                         | QtWidgets.QDockWidget.DockWidgetFeature.DockWidgetFloatable)
+        dock.setFeatures(
+            QtWidgets.QDockWidget.DockWidgetFeature.DockWidgetMovable
+            | QtWidgets.QDockWidget.DockWidgetFeature.DockWidgetClosable
+            | QtWidgets.QDockWidget.DockWidgetFeature.DockWidgetFloatable
+        )
         self.win.addDockWidget(area, dock)
         return dock
 
@@ -282,8 +298,9 @@ class LiveViewer:
             act.setVisible(False)
         # the names the viewer's widgets had before the table (tests, docs/img scripts)
         self.act_auto, self.act_roi, self.act_pause = (self.actions[k] for k in ("auto_levels", "roi", "pause"))
-        self.overlay_box, self.trust_box, self.follow_box = (self.actions[k]
-                                                             for k in ("overlay", "trust_map", "follow_live"))
+        self.overlay_box, self.trust_box, self.follow_box = (
+            self.actions[k] for k in ("overlay", "trust_map", "follow_live")
+        )
 
     def _toolbar_panels(self, tb: Any) -> list[Any]:
         QtWidgets = self.QtWidgets
@@ -301,8 +318,9 @@ class LiveViewer:
         self.stream_combo = QtWidgets.QComboBox()
         self.stream_combo.setMinimumWidth(150)
         self.stream_combo.setFocusPolicy(QtCore.Qt.FocusPolicy.NoFocus)
-        self.stream_combo.setToolTip("the stream shown: each camera, live mode, snaps (picking one stops "
-                                     "following live mode)")
+        self.stream_combo.setToolTip(
+            "the stream shown: each camera, live mode, snaps (picking one stops following live mode)"
+        )
         self.stream_combo.activated.connect(lambda i: self.choose_stream(self.stream_combo.itemData(i)))
         return [tb.addWidget(QtWidgets.QLabel("Stream")), tb.addWidget(self.stream_combo)]
 
@@ -435,8 +453,11 @@ class LiveViewer:
                     continue
                 f = panel.shape[1] / source.shape[1] if source.shape else 1.0  # another sampling
                 pw, ph = panel.view.width(), panel.view.height()
-                panel.view.setRange(xRange=(f * cx - f * scale * pw / 2, f * cx + f * scale * pw / 2),
-                                    yRange=(f * cy - f * scale * ph / 2, f * cy + f * scale * ph / 2), padding=0)
+                panel.view.setRange(
+                    xRange=(f * cx - f * scale * pw / 2, f * cx + f * scale * pw / 2),
+                    yRange=(f * cy - f * scale * ph / 2, f * cy + f * scale * ph / 2),
+                    padding=0,
+                )
         finally:
             self._linking = False
 
@@ -635,8 +656,12 @@ class LiveViewer:
                 self.novelty.add(*point)
 
     def _shape_changed(self, product: str, shape: tuple[int, ...]) -> None:
-        self.say("shape", f"The stream changed shape: {product} is now {' × '.join(map(str, shape))}; "
-                 "views and levels were reset.", "info", 8)
+        self.say(
+            "shape",
+            f"The stream changed shape: {product} is now {' × '.join(map(str, shape))}; views and levels were reset.",
+            "info",
+            8,
+        )
         self._grid_order = []
         self.relayout()
         if self.roi_trace.roi is not None and product == "raw":
@@ -873,8 +898,9 @@ class LiveViewer:
             self.cursor_label.setText("")
             return
         px = f"x {int(x)}  y {int(y)} px"
-        ref = next((self.panels[n] for n in self.visible_panels() if self.panels[n].header.get("pixel_size_um")),
-                   None)  # a panel of the shown stream: another camera's pixels may be another size
+        ref = next(
+            (self.panels[n] for n in self.visible_panels() if self.panels[n].header.get("pixel_size_um")), None
+        )  # a panel of the shown stream: another camera's pixels may be another size
         if ref is not None:
             size = float(ref.header["pixel_size_um"]) * (ref.array.shape[1] / shape[1] if ref.array is not None else 1)
             px += f"   ({(int(x) + 0.5) * size:.2f}, {(int(y) + 0.5) * size:.2f} µm)"
@@ -952,8 +978,12 @@ class LiveViewer:
             self.banner.setVisible(False)
             return
         level, text = shown
-        colours = {"error": ("#3a1d1f", COLORS["bad"]), "warn": ("#3a2f1a", COLORS["warn"]),
-                   "info": ("#1c2736", "#9cc7f0"), "ok": ("#1c3322", COLORS["ok"])}
+        colours = {
+            "error": ("#3a1d1f", COLORS["bad"]),
+            "warn": ("#3a2f1a", COLORS["warn"]),
+            "info": ("#1c2736", "#9cc7f0"),
+            "ok": ("#1c3322", COLORS["ok"]),
+        }
         bg, fg = colours.get(level, colours["info"])
         self.banner.setStyleSheet(f"background:{bg}; color:{fg}; border-bottom:1px solid {fg};")
         if self.banner.text() != text:
@@ -982,8 +1012,12 @@ class LiveViewer:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.win.grab().save(str(folder / "window.png"))
-        state: dict[str, Any] = {"panels": {}, "window": [self.win.width(), self.win.height()],
-                                 "stream": self.state.streams.selected, "streams": self.state.streams.names()}
+        state: dict[str, Any] = {
+            "panels": {},
+            "window": [self.win.width(), self.win.height()],
+            "stream": self.state.streams.selected,
+            "streams": self.state.streams.names(),
+        }
         for name in self.visible_panels():
             panel = self.panels[name]
             if panel.array is None:
@@ -999,11 +1033,16 @@ class LiveViewer:
             if panel.lut is not None:
                 np.save(folder / f"{name}-lut.npy", panel.lut)
             state["panels"][name] = {
-                "seq": panel.seq, "levels": list(panel.levels) if panel.levels else None, "cmap": panel.cmap_name,
-                "image_rect": [tl.x(), tl.y(), br.x(), br.y()], "view_rect": [vtl.x(), vtl.y(), vbr.x(), vbr.y()],
-                "composite": panel.composite, "saturated_overlay": bool(panel.saturation.isVisible()),
+                "seq": panel.seq,
+                "levels": list(panel.levels) if panel.levels else None,
+                "cmap": panel.cmap_name,
+                "image_rect": [tl.x(), tl.y(), br.x(), br.y()],
+                "view_rect": [vtl.x(), vtl.y(), vbr.x(), vbr.y()],
+                "composite": panel.composite,
+                "saturated_overlay": bool(panel.saturation.isVisible()),
                 "trust_overlay": bool(panel.trust_item.isVisible()),
-                "latency_ms": panel.header.get("latency_ms"), "stream": panel.header.get("stream"),
+                "latency_ms": panel.header.get("latency_ms"),
+                "stream": panel.header.get("stream"),
             }
         (folder / "state.json").write_text(json.dumps(state, indent=1))
         return state
@@ -1051,15 +1090,23 @@ def _fmt_value(v: float) -> str:
     return f"{v:.3g}"
 
 
-def run_viewer(connect: str = DEFAULT_PUBLISH, control: str | None = DEFAULT_CONTROL, *,
-               screenshot: str | None = None, seconds: float | None = None,
-               settings_path: str | None = None, dump: str | None = None, curve: Any = None) -> int:
+def run_viewer(
+    connect: str = DEFAULT_PUBLISH,
+    control: str | None = DEFAULT_CONTROL,
+    *,
+    screenshot: str | None = None,
+    seconds: float | None = None,
+    settings_path: str | None = None,
+    dump: str | None = None,
+    curve: Any = None,
+) -> int:
     pg, QtCore, QtGui, QtWidgets = _qt()
     app = QtWidgets.QApplication.instance() or QtWidgets.QApplication(sys.argv[:1])
     app.setApplicationName("livescope")
     viewer = LiveViewer(connect, control, settings_path=settings_path, curve=curve)
     viewer.win.show()
     if seconds is not None:
+
         def _finish(shown: LiveViewer = viewer) -> None:  # bound now: `viewer` is deleted below
             shown.update()
             if screenshot:
@@ -1093,8 +1140,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings", help="settings file (default: the user's; env LIVESCOPE_VIEWER_SETTINGS)")
     p.add_argument("--dump", help="after --seconds, write the window and each panel's frame and levels here (tests)")
     a = p.parse_args(argv)
-    return run_viewer(a.connect, a.control or None, screenshot=a.screenshot, seconds=a.seconds,
-                      settings_path=a.settings, dump=a.dump)
+    return run_viewer(
+        a.connect, a.control or None, screenshot=a.screenshot, seconds=a.seconds, settings_path=a.settings, dump=a.dump
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ def cameras(ingest: str, stop: threading.Event) -> None:
 
     a_scene = SimSample(SimConfig(shape=(256, 256), seed=0))
     b_scene = SimSample(SimConfig(shape=(160, 256), seed=5, photons=80))
-    cam_a, cam_b, live = (FramePublisher(ingest, stream=s, pixel_size_um=0.1, bits=12)
-                          for s in ("camA", "camB", "mmcore-live"))
+    cam_a, cam_b, live = (
+        FramePublisher(ingest, stream=s, pixel_size_um=0.1, bits=12) for s in ("camA", "camB", "mmcore-live")
+    )
     t0, t = time.monotonic(), 0
     while not stop.is_set():
         now = time.monotonic() - t0
@@ -54,9 +55,26 @@ def main() -> int:
 
     ingest, publish, control = free_tcp_address(), free_tcp_address(), free_tcp_address()
     env = {k: v for k, v in os.environ.items() if k != "QT_QPA_PLATFORM"}
-    daemon = subprocess.Popen([sys.executable, "-m", "livescope", "daemon", "--source", "zmq", "--engines",
-                               "deconvolve", "--ingest", ingest, "--publish", publish, "--control", control],
-                              env=env, stdout=subprocess.DEVNULL)
+    daemon = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "livescope",
+            "daemon",
+            "--source",
+            "zmq",
+            "--engines",
+            "deconvolve",
+            "--ingest",
+            ingest,
+            "--publish",
+            publish,
+            "--control",
+            control,
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
     stop = threading.Event()
     app = QtWidgets.QApplication(sys.argv[:1])
     viewer = LiveViewer(publish, control, settings_path=OUT.with_suffix(".ini"))

@@ -34,8 +34,17 @@ def main() -> int:
     B.SHAPE = (128, 128)
     scene[128:, 128:] = B.filaments(rng, peak=float(np.percentile(scene, 99)))  # the model never saw these
     raw = B.camera(scene, rng)
-    eng = create_engine("trust", restore="denoise", backend="onnxruntime", tile=0, tta_every=1, feature_every=1,
-                        gain=B.GAIN, offset=B.OFFSET, read_noise=B.READ_E * B.GAIN)
+    eng = create_engine(
+        "trust",
+        restore="denoise",
+        backend="onnxruntime",
+        tile=0,
+        tta_every=1,
+        feature_every=1,
+        gain=B.GAIN,
+        offset=B.OFFSET,
+        read_noise=B.READ_E * B.GAIN,
+    )
     eng.setup(StreamSpec(shape=raw.shape))
     out = eng.process(raw, FrameInfo(seq=0))
     scalars = {k: float(out[k]) for k in eng.scalar_outputs if k in out}
@@ -54,10 +63,15 @@ def main() -> int:
     deadline = time.monotonic() + 20
     seq = 0
     while time.monotonic() < deadline:
-        for product, arr, extra in (("raw", raw, {"bits": 16}), ("denoised", out["denoised"], {"scalars": scalars}),
-                                    ("trust_denoised", out["trust_denoised"], {})):
-            pub.send({**header, "seq": seq, "product": product, "shape": list(arr.shape), "dtype": arr.dtype.name,
-                      **extra}, np.ascontiguousarray(arr))
+        for product, arr, extra in (
+            ("raw", raw, {"bits": 16}),
+            ("denoised", out["denoised"], {"scalars": scalars}),
+            ("trust_denoised", out["trust_denoised"], {}),
+        ):
+            pub.send(
+                {**header, "seq": seq, "product": product, "shape": list(arr.shape), "dtype": arr.dtype.name, **extra},
+                np.ascontiguousarray(arr),
+            )
         seq += 1
         app.processEvents()
         time.sleep(0.05)

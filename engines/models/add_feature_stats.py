@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=HERE / "denoise_default.lsm")
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
-    p.add_argument("--frames", type=Path, nargs="*",
-                   help="training frames (default: the model's own training draws, see above)")
+    p.add_argument(
+        "--frames", type=Path, nargs="*", help="training frames (default: the model's own training draws, see above)"
+    )
     p.add_argument("--description", default=None)
     p.add_argument("--seed", type=int, default=0, help="supervised recipe: train_default.py's --seed")
     p.add_argument("--sim-images", type=int, default=48, help="supervised recipe: train_default.py's --sim-images")
@@ -75,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         stack = np.asarray(tifffile.imread(f), np.float32)
         stack = stack[None] if stack.ndim == 2 else stack
         # as fit() does: one normalisation per source, offset unknown, gain fitted
-        norm = Normalisation.estimate(stack, vst=bool(cfg.get("vst", True)),
-                                      percentiles=tuple(cfg.get("percentiles", (1.0, 99.8))))
+        norm = Normalisation.estimate(
+            stack, vst=bool(cfg.get("vst", True)), percentiles=tuple(cfg.get("percentiles", (1.0, 99.8)))
+        )
         for frame in stack[:: max(1, len(stack) // 8)][:8]:
             feats.append(normalised_features(frame, norm, shifts=True))
     desc = args.description or "; ".join(f.name for f in frames) + " (added by engines/models/add_feature_stats.py)"
@@ -112,9 +114,18 @@ def _write(path: Path, model, stats: dict) -> int:
     after = {k: hashlib.sha256(v).hexdigest() for k, v in _members(path).items()}
     reloaded = modelfile.load(path)
     assert before == after and reloaded.hash == model.hash, "member bytes changed"
-    print(json.dumps({"model": str(path), "hash": reloaded.hash, "members_unchanged": before == after,
-                      "tiles": meta["training_features"]["tiles"],
-                      "z_quantiles": meta["training_features"]["z_quantiles"]}, indent=1))
+    print(
+        json.dumps(
+            {
+                "model": str(path),
+                "hash": reloaded.hash,
+                "members_unchanged": before == after,
+                "tiles": meta["training_features"]["tiles"],
+                "z_quantiles": meta["training_features"]["z_quantiles"],
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

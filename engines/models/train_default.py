@@ -99,8 +99,10 @@ def evaluate(model_path: Path, data: Path, keys: list[str]) -> dict[str, dict[st
         gauss = {s: ndimage.gaussian_filter(noisy.astype(np.float32), s) for s in (1.5, 2.0, 2.5, 3.0, 3.5, 4.0)}
         best = max(gauss, key=lambda s: psnr_affine(gauss[s], target))
         results[key] = {
-            "psnr": round(psnr_affine(out, target), 2), "ssim": round(ssim_affine(out, target), 4),
-            "gaussian_sigma": best, "gaussian_psnr": round(psnr_affine(gauss[best], target), 2),
+            "psnr": round(psnr_affine(out, target), 2),
+            "ssim": round(ssim_affine(out, target), 4),
+            "gaussian_sigma": best,
+            "gaussian_psnr": round(psnr_affine(gauss[best], target), 2),
             "gaussian_ssim": round(ssim_affine(gauss[best], target), 4),
             "raw_psnr": round(psnr_affine(noisy, target), 2),
         }
@@ -131,21 +133,26 @@ def clean_pool(data: Path, *, sim_images: int = 48, seed: int = 0) -> tuple[list
     rng = np.random.default_rng(seed)
     pool, described = [], []
     for i in range(sim_images):
-        cfg = SimConfig(shape=(256, 256), seed=1000 + i,
-                        photons=float(rng.uniform(20, 200)),
-                        n_slow=int(rng.integers(0, 12)), slow_sigma=float(rng.uniform(3, 10)),
-                        slow_photons=float(rng.uniform(20, 200)),
-                        # from a few spots to a dense punctate texture
-                        n_fast=int(np.exp(rng.uniform(np.log(20), np.log(4000)))),
-                        fast_sigma=float(rng.uniform(0.5, 1.6)), fast_photons=float(rng.uniform(20, 300)),
-                        psf_sigma=float(rng.uniform(0.8, 2.4)))
+        cfg = SimConfig(
+            shape=(256, 256),
+            seed=1000 + i,
+            photons=float(rng.uniform(20, 200)),
+            n_slow=int(rng.integers(0, 12)),
+            slow_sigma=float(rng.uniform(3, 10)),
+            slow_photons=float(rng.uniform(20, 200)),
+            # from a few spots to a dense punctate texture
+            n_fast=int(np.exp(rng.uniform(np.log(20), np.log(4000)))),
+            fast_sigma=float(rng.uniform(0.5, 1.6)),
+            fast_photons=float(rng.uniform(20, 300)),
+            psf_sigma=float(rng.uniform(0.8, 2.4)),
+        )
         pool.append(SimSample(cfg).clean(int(rng.integers(0, 50)), channel=int(rng.integers(0, 2))))
     described.append(f"{sim_images} noise-free frames of the sim microscope (bridges/sim.py, varied parameters)")
     cells_path = data / "cancer_cell_migration_crop.tif"
     if cells_path.is_file():
         cells = tifffile.imread(cells_path).astype(np.float32)
         for t in range(1, len(cells) - 1):
-            pool.append(ndimage.gaussian_filter(cells[t - 1:t + 2].mean(0), 0.7))
+            pool.append(ndimage.gaussian_filter(cells[t - 1 : t + 2].mean(0), 0.7))
         described.append(f"{len(cells) - 2} frames of cancer_cell_migration_crop (3-frame mean, Gaussian 0.7 px)")
     return [np.asarray(p, np.float32) for p in pool], described
 
@@ -210,7 +217,7 @@ def normalised_pair(noisy: np.ndarray, expected: np.ndarray) -> tuple[np.ndarray
 def _crop(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     h, w = img.shape
     y0, x0 = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
-    c = img[y0:y0 + size, x0:x0 + size]
+    c = img[y0 : y0 + size, x0 : x0 + size]
     c = np.rot90(c, int(rng.integers(4)))
     return np.ascontiguousarray(c[:, ::-1] if rng.random() < 0.5 else c)
 
@@ -226,9 +233,22 @@ def feature_frames(pool: list[np.ndarray], *, frames: int = 24, size: int = 128,
     return out
 
 
-def fit_supervised(pool: list[np.ndarray], *, base: int, depth: int, steps: int, batch: int, patch: int,
-                   lr: float, time_budget_s: float, seed: int, description: str, unshuffle: int = 1,
-                   init: ModelFile | None = None, skip: str = "cat"):
+def fit_supervised(
+    pool: list[np.ndarray],
+    *,
+    base: int,
+    depth: int,
+    steps: int,
+    batch: int,
+    patch: int,
+    lr: float,
+    time_budget_s: float,
+    seed: int,
+    description: str,
+    unshuffle: int = 1,
+    init: ModelFile | None = None,
+    skip: str = "cat",
+):
     """Supervised fit on crappified clean images; returns (ModelFile, losses, seconds).
 
     ``init``: a ModelFile of the same architecture to continue from (a second learning-rate
@@ -262,7 +282,7 @@ def fit_supervised(pool: list[np.ndarray], *, base: int, depth: int, steps: int,
                 if np.isfinite(x).all() and np.isfinite(y).all() and max(np.abs(x).max(), np.abs(y).max()) < 20:
                     break
             y0, x0 = rng.integers(0, size - patch + 1, 2)
-            xs[i, 0], ys[i, 0] = x[y0:y0 + patch, x0:x0 + patch], y[y0:y0 + patch, x0:x0 + patch]
+            xs[i, 0], ys[i, 0] = x[y0 : y0 + patch, x0 : x0 + patch], y[y0 : y0 + patch, x0 : x0 + patch]
         frac = min(1.0, max(step / steps, (time.perf_counter() - t0) / time_budget_s))
         for g in opt.param_groups:  # warm-up, cosine decay over whichever runs out first
             g["lr"] = lr * min(1.0, frac / 0.05) * 0.5 * (1 + np.cos(np.pi * frac)) + lr * 0.01
@@ -284,15 +304,28 @@ def fit_supervised(pool: list[np.ndarray], *, base: int, depth: int, steps: int,
     net.eval()
     meta = {
         "training": {
-            "data": description, "method": "supervised-crappify",
-            "noise": {"peak_photons": PEAK_PHOTONS, "background_of_peak": BACKGROUND,
-                      "read_noise_e": READ_NOISE_E, "gain_adu_per_e": GAIN, "offset_adu": OFFSET,
-                      "rescaled_8bit_share": RESCALED_8BIT},
-            "steps": len(losses), "batch": batch, "patch": patch, "lr": lr, "seconds": round(seconds, 1),
+            "data": description,
+            "method": "supervised-crappify",
+            "noise": {
+                "peak_photons": PEAK_PHOTONS,
+                "background_of_peak": BACKGROUND,
+                "read_noise_e": READ_NOISE_E,
+                "gain_adu_per_e": GAIN,
+                "offset_adu": OFFSET,
+                "rescaled_8bit_share": RESCALED_8BIT,
+            },
+            "steps": len(losses),
+            "batch": batch,
+            "patch": patch,
+            "lr": lr,
+            "seconds": round(seconds, 1),
             "final_loss": float(np.mean(losses[-50:])),
         },
-        "normalisation": {"vst": True, "percentiles": [1.0, 99.8],
-                          "rule": "offset, generalised Anscombe with fitted or given gain, percentiles"},
+        "normalisation": {
+            "vst": True,
+            "percentiles": [1.0, 99.8],
+            "rule": "offset, generalised Anscombe with fitted or given gain, percentiles",
+        },
     }
     if init is not None:
         before: dict[str, Any] = dict(init.metadata.get("training", {}))
@@ -305,31 +338,55 @@ def fit_supervised(pool: list[np.ndarray], *, base: int, depth: int, steps: int,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", default="n2v", choices=("n2v", "supervised"),
-                   help="supervised: the shipped model (crappified sim + cell frames; the commands are in the "
-                        "docstring); n2v: the earlier default (Noise2Void on one W2S input)")
+    p.add_argument(
+        "--recipe",
+        default="n2v",
+        choices=("n2v", "supervised"),
+        help="supervised: the shipped model (crappified sim + cell frames; the commands are in the "
+        "docstring); n2v: the earlier default (Noise2Void on one W2S input)",
+    )
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     p.add_argument("--w2s-train", default="035_1", choices=W2S, help="n2v: the W2S noisy input to fit on")
-    p.add_argument("--out", type=Path, required=True,
-                   help="where to write the model (engines/models/denoise_default.lsm is the shipped one)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="where to write the model (engines/models/denoise_default.lsm is the shipped one)",
+    )
     p.add_argument("--steps", type=int, default=None, help="default: 4000 (n2v), 20000 (supervised)")
-    p.add_argument("--minutes", type=float, default=None,
-                   help="stop early after this long; default: 6 (n2v), 16 (supervised)")
+    p.add_argument(
+        "--minutes", type=float, default=None, help="stop early after this long; default: 6 (n2v), 16 (supervised)"
+    )
     p.add_argument("--base", type=int, default=16)
     p.add_argument("--depth", type=int, default=3)
-    p.add_argument("--unshuffle", type=int, default=1,
-                   help="supervised: pixel-unshuffle factor at the input (2: the levels run at half resolution on "
-                        "4x the channels, no full-resolution layer; the shipped model)")
-    p.add_argument("--skip", default="cat", choices=("cat", "add"),
-                   help="supervised: decoder skips concatenated (cat) or added (add: 19 %% fewer FLOPs)")
-    p.add_argument("--init", type=Path, default=None,
-                   help="supervised: continue from this model file (same architecture), a second cycle")
+    p.add_argument(
+        "--unshuffle",
+        type=int,
+        default=1,
+        help="supervised: pixel-unshuffle factor at the input (2: the levels run at half resolution on "
+        "4x the channels, no full-resolution layer; the shipped model)",
+    )
+    p.add_argument(
+        "--skip",
+        default="cat",
+        choices=("cat", "add"),
+        help="supervised: decoder skips concatenated (cat) or added (add: 19 %% fewer FLOPs)",
+    )
+    p.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="supervised: continue from this model file (same architecture), a second cycle",
+    )
     p.add_argument("--lr", type=float, default=2e-3, help="supervised: peak learning rate")
     p.add_argument("--batch", type=int, default=8, help="supervised: crops per step")
     p.add_argument("--patch", type=int, default=96, help="supervised: crop size the loss sees")
     p.add_argument("--sim-images", type=int, default=48, help="supervised: noise-free sim frames")
-    p.add_argument("--with-cells", action="store_true",
-                   help="n2v: also fit on the cell-migration time-lapse (measured: worse on held-out W2S)")
+    p.add_argument(
+        "--with-cells",
+        action="store_true",
+        help="n2v: also fit on the cell-migration time-lapse (measured: worse on held-out W2S)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads for training")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -352,11 +409,21 @@ def main(argv: list[str] | None = None) -> int:
     if supervised:
         held_out = list(W2S)
         pool, described = clean_pool(args.data, sim_images=args.sim_images, seed=args.seed)
-        model, losses, _ = fit_supervised(pool, base=args.base, depth=args.depth, steps=steps, batch=args.batch,
-                                          patch=args.patch, lr=args.lr, time_budget_s=60 * minutes, seed=args.seed,
-                                          unshuffle=args.unshuffle, skip=args.skip,
-                                          init=modelfile.load(args.init) if args.init else None,
-                                          description="supervised on crappified clean images: " + "; ".join(described))
+        model, losses, _ = fit_supervised(
+            pool,
+            base=args.base,
+            depth=args.depth,
+            steps=steps,
+            batch=args.batch,
+            patch=args.patch,
+            lr=args.lr,
+            time_budget_s=60 * minutes,
+            seed=args.seed,
+            unshuffle=args.unshuffle,
+            skip=args.skip,
+            init=modelfile.load(args.init) if args.init else None,
+            description="supervised on crappified clean images: " + "; ".join(described),
+        )
     else:
         held_out = [k for k in W2S if k != args.w2s_train]
         sources = [tifffile.imread(args.data / "w2s_pairs" / f"input_avg1_{args.w2s_train}.tif")]
@@ -364,26 +431,47 @@ def main(argv: list[str] | None = None) -> int:
         if args.with_cells:
             sources.append(tifffile.imread(args.data / "cancer_cell_migration_crop.tif"))
             described.append("cancer_cell_migration_crop (48-frame time-lapse, Noise2Void + temporal pairs)")
-        res = fit(sources, base=args.base, depth=args.depth, steps=steps, batch=16, patch=64,
-                  lr=2e-3, time_budget_s=60 * minutes, seed=args.seed, threads=args.threads,
-                  description="; ".join(described))
+        res = fit(
+            sources,
+            base=args.base,
+            depth=args.depth,
+            steps=steps,
+            batch=16,
+            patch=64,
+            lr=2e-3,
+            time_budget_s=60 * minutes,
+            seed=args.seed,
+            threads=args.threads,
+            description="; ".join(described),
+        )
         model, losses = res.model, res.losses
     net = model.build_torch()
     cost = flops_and_traffic(net, 512, 512)
     meta = model.metadata
     meta["training"]["held_out_for_evaluation"] = [f"W2S {k}" for k in held_out]
     meta["training"]["script"] = "engines/models/train_default.py " + " ".join(argv or sys.argv[1:])
-    meta["cost_per_512x512_frame"] = {"gflops": round(cost["flops"] / 1e9, 2),
-                                      "min_traffic_mb": round(cost["bytes"] / 1e6, 1),
-                                      "params": int(cost["params"])}
+    meta["cost_per_512x512_frame"] = {
+        "gflops": round(cost["flops"] / 1e9, 2),
+        "min_traffic_mb": round(cost["bytes"] / 1e6, 1),
+        "params": int(cost["params"]),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     model.save(args.out)  # saved before evaluating: evaluation reads it back like a user would
     meta["evaluation"] = evaluate(args.out, args.data, held_out)
     model.save(args.out)
-    print(json.dumps({"seconds": round(time.perf_counter() - t0, 1), "steps": len(losses),
-                      "loss_first_last": [float(np.mean(losses[:50])), float(np.mean(losses[-50:]))],
-                      "cost": meta["cost_per_512x512_frame"], "evaluation": meta["evaluation"],
-                      "size_bytes": args.out.stat().st_size}, indent=1))
+    print(
+        json.dumps(
+            {
+                "seconds": round(time.perf_counter() - t0, 1),
+                "steps": len(losses),
+                "loss_first_last": [float(np.mean(losses[:50])), float(np.mean(losses[-50:]))],
+                "cost": meta["cost_per_512x512_frame"],
+                "evaluation": meta["evaluation"],
+                "size_bytes": args.out.stat().st_size,
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

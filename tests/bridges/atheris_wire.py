@@ -29,7 +29,7 @@ def _split(data: bytes) -> list[bytes]:
         return [data] if data else []
     n_parts = data[0] % 4
     head_len = int.from_bytes(data[1:3], "little")
-    head, body = data[3:3 + head_len], data[3 + head_len:]
+    head, body = data[3 : 3 + head_len], data[3 + head_len :]
     return [head, body, body[:1]][:n_parts]
 
 
@@ -51,8 +51,7 @@ def test_one_input(data: bytes) -> None:
 
 
 def _seeds(folder: str) -> None:
-    arrays = [np.arange(12, dtype=np.uint16).reshape(3, 4), np.zeros((2, 2, 2), np.float32),
-              np.ones((1, 5), np.uint8)]
+    arrays = [np.arange(12, dtype=np.uint16).reshape(3, 4), np.zeros((2, 2, 2), np.float32), np.ones((1, 5), np.uint8)]
     for i, a in enumerate(arrays):
         head, body = encode(make_header(a, stream="cam", seq=i, index={"t": i, "c": 0}, pixel_size_um=0.1), a)
         with open(os.path.join(folder, f"seed{i}"), "wb") as f:

@@ -33,8 +33,15 @@ class FlagT5:
 
 
 def test_events_switch_a_running_mda_to_fast_and_back(free_address):
-    cfg = DaemonConfig(source="zmq", engines=["test_flag_t5"], out=None, ingest=free_address(),
-                       publish=None, control=free_address(), exit_on_end=False)
+    cfg = DaemonConfig(
+        source="zmq",
+        engines=["test_flag_t5"],
+        out=None,
+        ingest=free_address(),
+        publish=None,
+        control=free_address(),
+        exit_on_end=False,
+    )
     pipeline = Pipeline(cfg)
     server = ControlServer(cfg.control, pipeline.handle)
     pipeline.start()
@@ -45,7 +52,8 @@ def test_events_switch_a_running_mda_to_fast_and_back(free_address):
     follower = EventFollower(cfg.control, policy.on_event)
     acquired: dict[int, tuple[float, str]] = {}
     scope.core.mda.events.frameReady.connect(
-        lambda img, ev, meta: acquired.__setitem__(ev.index["t"], (time.monotonic(), ev.metadata["livescope_mode"])))
+        lambda img, ev, meta: acquired.__setitem__(ev.index["t"], (time.monotonic(), ev.metadata["livescope_mode"]))
+    )
     try:
         policy.run(scope.core)
     finally:
@@ -62,7 +70,7 @@ def test_events_switch_a_running_mda_to_fast_and_back(free_address):
     assert switches == ["fast", "slow"]
     times = np.array([acquired[t][0] for t in range(20)])
     gaps = np.diff(times)
-    assert np.all(gaps[first_fast: first_fast + 5] < 0.2)
+    assert np.all(gaps[first_fast : first_fast + 5] < 0.2)
     # slow frames are scheduled from the MDA's start, so a late first frame (cold start, a busy
     # machine: seen 0.17 s) shortens only the first gap; the ones after it show the slow interval
     assert np.all(gaps[1:5] > 0.45), gaps[:5]

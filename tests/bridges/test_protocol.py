@@ -24,8 +24,9 @@ dtypes = st.sampled_from(["uint8", "uint16", "uint32", "int16", "float32", "floa
     data=st.data(),
 )
 def test_round_trip_is_exact(dtype, shape, seq, index, data):
-    arr = data.draw(st.builds(lambda s: np.random.default_rng(s).integers(0, 200, shape).astype(dtype),
-                              st.integers(0, 1000)))
+    arr = data.draw(
+        st.builds(lambda s: np.random.default_rng(s).integers(0, 200, shape).astype(dtype), st.integers(0, 1000))
+    )
     header = make_header(arr, stream="cam", seq=seq, index=index, pixel_size_um=0.1, meta={"x": [1, 2]})
     parts = [bytes(p) for p in encode(header, arr)]
     frame = decode(parts)
@@ -100,10 +101,19 @@ def test_fuzzed_bytes_never_crash_the_decoder(head, body):
 
 
 @settings(max_examples=200, deadline=None)
-@given(header=st.dictionaries(st.sampled_from(["v", "stream", "seq", "shape", "dtype", "bits", "index", "kind"]),
-                              st.one_of(st.integers(-5, 5), st.text(max_size=5),
-                                        st.lists(st.integers(-1, 8), max_size=4),
-                                        st.none(), st.booleans(), st.sampled_from(list(DTYPES)))))
+@given(
+    header=st.dictionaries(
+        st.sampled_from(["v", "stream", "seq", "shape", "dtype", "bits", "index", "kind"]),
+        st.one_of(
+            st.integers(-5, 5),
+            st.text(max_size=5),
+            st.lists(st.integers(-1, 8), max_size=4),
+            st.none(),
+            st.booleans(),
+            st.sampled_from(list(DTYPES)),
+        ),
+    )
+)
 def test_fuzzed_headers_never_crash_the_decoder(header):
     try:
         decode(_parts(header, b"\0" * 16))

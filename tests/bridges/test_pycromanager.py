@@ -43,8 +43,16 @@ def daemon(tmp_path, free_address):
     pipelines = []
 
     def start(**kw):
-        base = dict(source="zmq", engines=["passthrough"], ingest=free_address(), restore=free_address(),
-                    out=tmp_path / f"out{len(pipelines)}.zarr", publish=None, control=None, exit_on_end=False)
+        base = dict(
+            source="zmq",
+            engines=["passthrough"],
+            ingest=free_address(),
+            restore=free_address(),
+            out=tmp_path / f"out{len(pipelines)}.zarr",
+            publish=None,
+            control=None,
+            exit_on_end=False,
+        )
         base.update(kw)
         p = Pipeline(DaemonConfig(**base))
         p.start()
@@ -59,11 +67,18 @@ def daemon(tmp_path, free_address):
 
 def _axes_metadata(t, channel, z, elapsed_ms, **extra):
     """Metadata the way AcqEngPy/AcqEngJ build it (keys of acq_eng_metadata.py)."""
-    return {"Camera": "Camera", "PixelSize_um": 0.1, "ElapsedTime-ms": elapsed_ms, "Exposure": 10.0,
-            "Axes": {"time": t, "channel": channel, "z": z}, **extra}
+    return {
+        "Camera": "Camera",
+        "PixelSize_um": 0.1,
+        "ElapsedTime-ms": elapsed_ms,
+        "Exposure": 10.0,
+        "Axes": {"time": t, "channel": channel, "z": z},
+        **extra,
+    }
 
 
 # -- metadata mapping ---------------------------------------------------------------------------
+
 
 def test_python_backend_metadata_maps_onto_the_header():
     fixture = _load("pycromanager_python_backend_metadata.json")
@@ -71,8 +86,11 @@ def test_python_backend_metadata_maps_onto_the_header():
     headers = [mapper.header(md, np.dtype("uint16")) for md in fixture["frames"]]
     # order tpcz: (A1, GFP, z0), (A1, GFP, z1), (A1, mCherry, z0), ... ; labels -> first-seen integers
     assert [h["index"] for h in headers[:4]] == [
-        {"t": 0, "c": 0, "z": 0, "p": 0}, {"t": 0, "c": 0, "z": 1, "p": 0},
-        {"t": 0, "c": 1, "z": 0, "p": 0}, {"t": 0, "c": 1, "z": 1, "p": 0}]
+        {"t": 0, "c": 0, "z": 0, "p": 0},
+        {"t": 0, "c": 0, "z": 1, "p": 0},
+        {"t": 0, "c": 1, "z": 0, "p": 0},
+        {"t": 0, "c": 1, "z": 1, "p": 0},
+    ]
     assert headers[4]["index"]["p"] == 1 and fixture["frames"][4]["Axes"]["position"] == "B2"
     assert [h["channel"] for h in headers[:4]] == ["GFP", "GFP", "mCherry", "mCherry"]
     assert all(h["pixel_size_um"] == 0.1 for h in headers)
@@ -126,6 +144,7 @@ def test_hooks_have_the_signatures_pycromanager_counts(free_address):
 
 
 # -- tap ---------------------------------------------------------------------------------------
+
 
 def test_tap_frames_arrive_in_order_bit_exact_and_routed(daemon):
     pipeline = daemon()
@@ -221,6 +240,7 @@ def test_tap_without_a_daemon_returns_at_once(free_address):
 
 # -- restore -----------------------------------------------------------------------------------
 
+
 def test_restore_returns_input_dtype_with_one_fixed_scale(daemon):
     pipeline = daemon()
     hook = restore(pipeline.cfg.restore, timeout_s=5.0)
@@ -293,6 +313,7 @@ def test_restore_timeout_and_errors_return_the_raw_frame_tagged(daemon, free_add
 
 # -- image_saved_fn ----------------------------------------------------------------------------
 
+
 def test_saved_tap_reads_a_real_ndtiff_dataset(daemon, tmp_path):
     ndstorage = pytest.importorskip("ndstorage", reason="ndstorage (a pycromanager dependency) is not installed")
     pipeline = daemon(engines=[])
@@ -324,6 +345,7 @@ def test_saved_tap_reads_a_real_ndtiff_dataset(daemon, tmp_path):
 
 # -- feedback ----------------------------------------------------------------------------------
 
+
 @register_engine("test_pcm_flag_t3")
 class FlagT3:
     """Flags time point 3 as an event, as the decomposition flags a novel frame."""
@@ -342,8 +364,13 @@ def _run_feedback(pipeline, acquire):
     """A daemon event at t=3 switches the time-lapse to fast; a quiet period switches it back."""
     server = ControlServer(pipeline.cfg.control, pipeline.handle)
     server.start()
-    policy = AdaptiveTimelapseEvents(slow_s=0.4, fast_s=0.05, quiet_s=0.5, frames=16,
-                                     per_time_point=[{"axes": {"channel": "GFP"}, "config_group": ["Channel", "GFP"]}])
+    policy = AdaptiveTimelapseEvents(
+        slow_s=0.4,
+        fast_s=0.05,
+        quiet_s=0.5,
+        frames=16,
+        per_time_point=[{"axes": {"channel": "GFP"}, "config_group": ["Channel", "GFP"]}],
+    )
     hook = feedback(pipeline.cfg.ingest, pipeline.cfg.control, policy)
     try:
         times = acquire(hook, policy)
@@ -397,6 +424,7 @@ def test_feedback_policy_drives_a_pycromanager_style_event_queue(daemon, free_ad
 
 # -- end to end on Pycro-Manager's Python backend ----------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def pycromanager_on_unicore():
     """Pycro-Manager's Python backend (AcqEngPy) driving livescope's simulated UniMMCore.
@@ -420,8 +448,12 @@ def pycromanager_on_unicore():
     core = scope.core
     for name in dir(type(core)):
         snake = launcher._camel_to_snake(name)
-        if not name.startswith("_") and snake != name and not hasattr(core, snake) \
-                and callable(getattr(type(core), name, None)):
+        if (
+            not name.startswith("_")
+            and snake != name
+            and not hasattr(core, snake)
+            and callable(getattr(type(core), name, None))
+        ):
             setattr(core, snake, getattr(core, name))
     core.get_tagged_image = types.MethodType(launcher.get_tagged_image, core)
     core.pop_next_tagged_image = types.MethodType(launcher.pop_next_tagged_image, core)
@@ -450,8 +482,9 @@ def test_e2e_pycromanager_acquisition_with_tap(pycromanager_on_unicore, daemon):
     scope, follow = pycromanager_on_unicore
     pipeline = daemon()
     hook = tap(pipeline.cfg.ingest)
-    events = multi_d_acquisition_events(num_time_points=3, channel_group="Channel", channels=["GFP", "mCherry"],
-                                        z_start=0, z_end=1, z_step=0.5)
+    events = multi_d_acquisition_events(
+        num_time_points=3, channel_group="Channel", channels=["GFP", "mCherry"], z_start=0, z_end=1, z_step=0.5
+    )
     with Acquisition(name="livescope", image_process_fn=hook, pre_hardware_hook_fn=follow) as acq:
         acq.acquire(events)
     hook.close()
@@ -502,8 +535,9 @@ def test_e2e_pycromanager_image_saved_fn_on_ndtiff(pycromanager_on_unicore, daem
     scope, follow = pycromanager_on_unicore
     pipeline = daemon(engines=[])
     hook = saved_tap(pipeline.cfg.ingest)
-    with Acquisition(directory=str(tmp_path / "pm"), name="saved", image_saved_fn=hook,
-                     pre_hardware_hook_fn=follow) as acq:
+    with Acquisition(
+        directory=str(tmp_path / "pm"), name="saved", image_saved_fn=hook, pre_hardware_hook_fn=follow
+    ) as acq:
         acq.acquire(multi_d_acquisition_events(num_time_points=3, channel_group="Channel", channels=["GFP", "mCherry"]))
     hook.close()
     dataset = acq.get_dataset()

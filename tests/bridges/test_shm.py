@@ -62,8 +62,14 @@ def link():
 
 @pytest.mark.parametrize(
     "shape, dtype",
-    [((512, 512), "uint16"), ((1, 1), "uint16"), ((3, 7, 5), "uint16"), ((511, 257), "float32"),
-     ((17, 33), "uint8"), ((9, 13), "int32")],
+    [
+        ((512, 512), "uint16"),
+        ((1, 1), "uint16"),
+        ((3, 7, 5), "uint16"),
+        ((511, 257), "float32"),
+        ((17, 33), "uint8"),
+        ((9, 13), "int32"),
+    ],
 )
 def test_round_trip_is_bit_exact_through_frame_receiver(link, shape, dtype):
     pub, rx = link(slots=4)
@@ -71,8 +77,9 @@ def test_round_trip_is_bit_exact_through_frame_receiver(link, shape, dtype):
     rng = np.random.default_rng(1)
     info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else None
     frames = [
-        (rng.integers(info.min, info.max, size=shape, endpoint=True) if info else rng.standard_normal(shape))
-        .astype(dtype)
+        (rng.integers(info.min, info.max, size=shape, endpoint=True) if info else rng.standard_normal(shape)).astype(
+            dtype
+        )
         for _ in range(6)  # more frames than slots: slots are reused after the reader released them
     ]
     for i, f in enumerate(frames):
@@ -152,6 +159,7 @@ def test_header_for_a_vanished_segment_is_rejected_and_counted(link):
     raw.setsockopt(zmq.LINGER, 0)
     raw.connect(rx.address)
     try:
+
         def forged(seq, **shm):
             ref = {**good.header["shm"], **shm}
             header = make_header(f, stream="forged", seq=seq, shm=ref)
@@ -162,8 +170,7 @@ def test_header_for_a_vanished_segment_is_rejected_and_counted(link):
         forged(2, slot=99)  # not a slot of this ring
         forged(3, nbytes=7)  # does not match shape x dtype
         # the receiver rejects all four (recv returns None: no valid frame) and keeps going
-        wait_for(lambda: rx.recv(timeout_ms=20) is None and rx.stats()["rejected"] == 4, 10,
-                 message="four rejects")
+        wait_for(lambda: rx.recv(timeout_ms=20) is None and rx.stats()["rejected"] == 4, 10, message="four rejects")
         assert pub.send(f + 1), "the publisher goes on"
         got = _recv(rx)
         np.testing.assert_array_equal(got.array, f + 1)
@@ -176,10 +183,12 @@ def test_header_for_a_vanished_segment_is_rejected_and_counted(link):
 def test_reader_rejects_bad_shm_objects_without_attaching():
     reader = ShmReader()
     base = make_header(np.zeros((2, 2), np.uint16), stream="s", seq=0)
-    for shm, reason in [({"name": "x/y", "slot": 0, "nbytes": 8, "gen": 1}, "shm_bad"),
-                        ({"name": "a", "slot": -1, "nbytes": 8, "gen": 1}, "shm_bad"),
-                        ({"name": "a", "slot": 0, "nbytes": True, "gen": 1}, "shm_bad"),
-                        ({"name": "livescope_1_nothere", "slot": 0, "nbytes": 8, "gen": 1}, "shm_missing")]:
+    for shm, reason in [
+        ({"name": "x/y", "slot": 0, "nbytes": 8, "gen": 1}, "shm_bad"),
+        ({"name": "a", "slot": -1, "nbytes": 8, "gen": 1}, "shm_bad"),
+        ({"name": "a", "slot": 0, "nbytes": True, "gen": 1}, "shm_bad"),
+        ({"name": "livescope_1_nothere", "slot": 0, "nbytes": 8, "gen": 1}, "shm_missing"),
+    ]:
         with pytest.raises(shm_mod.ProtocolError) as exc:
             reader.read({**base, "shm": shm})
         assert exc.value.reason == reason
@@ -299,8 +308,14 @@ def test_forced_inline_mode_round_trips(link):
 
 def _python(code: str, **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO_PARENT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        **kw,
+    )
 
 
 def test_reader_process_exit_does_not_unlink_the_publishers_segment():
@@ -311,7 +326,8 @@ def test_reader_process_exit_does_not_unlink_the_publishers_segment():
     # blocking: the reader binds while the publisher waits to reconnect (ZeroMQ retries every 100 ms)
     pub = ShmFramePublisher(address, stream="cam", slots=4, block=True, send_timeout_ms=10_000)
     try:
-        reader = _python(f"""
+        reader = _python(
+            f"""
             import numpy as np
             from livescope.bridges.transport import FrameReceiver
             rx = FrameReceiver({address!r})
@@ -321,7 +337,9 @@ def test_reader_process_exit_does_not_unlink_the_publishers_segment():
                 assert fr is not None and "shm" in fr.header
                 print(int(fr.array.sum()), flush=True)
             rx.close()
-        """, stderr=subprocess.PIPE)
+        """,
+            stderr=subprocess.PIPE,
+        )
         assert reader.stdout.readline().strip() == "ready"
         for i in range(3):
             assert pub.send(f + i)
@@ -344,14 +362,17 @@ def test_reader_process_exit_does_not_unlink_the_publishers_segment():
 
 
 def test_publisher_exiting_without_close_unlinks_its_segment():
-    child = _python(f"""
+    child = _python(
+        f"""
         import numpy as np
         from livescope.bridges.shm import ShmFramePublisher
         pub = ShmFramePublisher({free_tcp_address()!r}, slots=2)
         pub.send(np.ones((64, 64), np.uint16))
         print(pub.segment_names[-1], flush=True)
         # no close(): the interpreter exits with the publisher alive
-    """, stderr=subprocess.PIPE)
+    """,
+        stderr=subprocess.PIPE,
+    )
     out, err = child.communicate(timeout=30)
     assert child.returncode == 0, err
     assert not _segment_exists(out.strip())
@@ -359,10 +380,12 @@ def test_publisher_exiting_without_close_unlinks_its_segment():
     assert "leaked shared_memory" not in err, err
 
 
-@pytest.mark.skipif(not LINUX,
-                    reason="segments are files in /dev/shm only on Linux; elsewhere cleanup_stale is a no-op")
+@pytest.mark.skipif(
+    not LINUX, reason="segments are files in /dev/shm only on Linux; elsewhere cleanup_stale is a no-op"
+)
 def test_sigkilled_publisher_leaves_a_segment_that_cleanup_stale_removes():
-    child = _python(f"""
+    child = _python(
+        f"""
         import sys
         import numpy as np
         from livescope.bridges.shm import ShmFramePublisher
@@ -370,7 +393,9 @@ def test_sigkilled_publisher_leaves_a_segment_that_cleanup_stale_removes():
         pub.send(np.ones((64, 64), np.uint16))
         print(pub.segment_names[-1], flush=True)
         sys.stdin.read()  # until killed
-    """, start_new_session=True)
+    """,
+        start_new_session=True,
+    )
     try:
         name = child.stdout.readline().strip()
         assert name.startswith(f"livescope_{child.pid}_")
@@ -413,7 +438,8 @@ def test_cleanup_stale_ignores_other_names(tmp_path):
     removed = cleanup_stale(shm_dir=tmp_path)
     assert removed == (["livescope_999999999_ab"] if LINUX else [])
     assert sorted(p.name for p in tmp_path.iterdir()) == (
-        ["livescope_notapid_x", "psm_1234"] if LINUX else ["livescope_999999999_ab", "livescope_notapid_x", "psm_1234"])
+        ["livescope_notapid_x", "psm_1234"] if LINUX else ["livescope_999999999_ab", "livescope_notapid_x", "psm_1234"]
+    )
 
 
 def test_end_of_stream_and_context_manager(link):
@@ -461,8 +487,9 @@ def test_mmcore_bridge_over_shared_memory_into_a_daemon(tmp_path, free_address):
     from livescope.daemon.config import DaemonConfig
     from livescope.daemon.pipeline import Pipeline
 
-    cfg = DaemonConfig(source="zmq", out=tmp_path / "shm.zarr", ingest=free_address(), publish=None, control=None,
-                       exit_on_end=True)
+    cfg = DaemonConfig(
+        source="zmq", out=tmp_path / "shm.zarr", ingest=free_address(), publish=None, control=None, exit_on_end=True
+    )
     pipeline = Pipeline(cfg)
     pipeline.start()
     scope = SimMicroscope(SimConfig(shape=(48, 64), seed=6))

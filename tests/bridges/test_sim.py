@@ -56,8 +56,8 @@ def test_stage_compensates_drift():
 
 def _spot_sigma(img: np.ndarray, y: int, x: int, r: int = 10) -> float:
     """rms width (px, per axis) of a spot centred at (y, x)."""
-    win = img[y - r:y + r + 1, x - r:x + r + 1].astype(float)
-    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    win = img[y - r : y + r + 1, x - r : x + r + 1].astype(float)
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
     return float(np.sqrt((win * (yy**2 + xx**2)).sum() / win.sum() / 2))
 
 

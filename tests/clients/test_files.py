@@ -50,10 +50,22 @@ def czt_ome_tiff(tmp_path):
     """2 channels, 3 planes, 6 time points stored C, Z, T: the file that lost a channel."""
     data = _movie((2, 3, 6, Y, X))  # c, z, t, y, x
     path = tmp_path / "czt.ome.tif"
-    tifffile.imwrite(path, data, ome=True, metadata={
-        "axes": "CZTYX", "Channel": {"Name": ["GFP", "mCherry"]}, "PhysicalSizeX": 108.0,
-        "PhysicalSizeXUnit": "nm", "PhysicalSizeY": 108.0, "PhysicalSizeYUnit": "nm", "PhysicalSizeZ": 0.4,
-        "TimeIncrement": 1500, "TimeIncrementUnit": "ms"})
+    tifffile.imwrite(
+        path,
+        data,
+        ome=True,
+        metadata={
+            "axes": "CZTYX",
+            "Channel": {"Name": ["GFP", "mCherry"]},
+            "PhysicalSizeX": 108.0,
+            "PhysicalSizeXUnit": "nm",
+            "PhysicalSizeY": 108.0,
+            "PhysicalSizeYUnit": "nm",
+            "PhysicalSizeZ": 0.4,
+            "TimeIncrement": 1500,
+            "TimeIncrementUnit": "ms",
+        },
+    )
     return path, data.transpose(2, 0, 1, 3, 4)  # t, c, z, y, x
 
 
@@ -76,8 +88,13 @@ def test_imagej_hyperstack_with_calibration(tmp_path):
     data = _movie((4, 3, 2, Y, X), 1)  # t, z, c
     path = tmp_path / "hyper.tif"
     labels = ["DAPI", "GFP"] * (4 * 3)  # Fiji's slice labels: here the same on each channel's planes
-    tifffile.imwrite(path, data, imagej=True, resolution=(1 / 0.065, 1 / 0.065), metadata={
-        "axes": "TZCYX", "spacing": 0.25, "unit": "um", "finterval": 30, "tunit": "s", "Labels": labels})
+    tifffile.imwrite(
+        path,
+        data,
+        imagej=True,
+        resolution=(1 / 0.065, 1 / 0.065),
+        metadata={"axes": "TZCYX", "spacing": 0.25, "unit": "um", "finterval": 30, "tunit": "s", "Labels": labels},
+    )
     m = open_movie(path)
     assert m.axes == ["t", "z", "c", "y", "x"] and (m.sizes["t"], m.sizes["z"], m.sizes["c"]) == (4, 3, 2)
     assert m.channels == ["DAPI", "GFP"]
@@ -89,8 +106,9 @@ def test_imagej_z_c_stack_is_one_time_point_of_planes_with_its_z_step(tmp_path):
     """A Fiji Z, C stack is a volume, not a movie: one time point, the z spacing kept."""
     data = _movie((5, 2, Y, X), 2)  # z, c
     path = tmp_path / "zc.tif"
-    tifffile.imwrite(path, data, imagej=True, resolution=(10.0, 10.0),
-                     metadata={"axes": "ZCYX", "spacing": 0.3, "unit": "um"})
+    tifffile.imwrite(
+        path, data, imagej=True, resolution=(10.0, 10.0), metadata={"axes": "ZCYX", "spacing": 0.3, "unit": "um"}
+    )
     m = open_movie(path)
     assert m.sizes == {"t": 1, "p": 1, "c": 2, "z": 5, "y": Y, "x": X}
     assert m.channels == [None, None]  # ImageJ names no channels here
@@ -182,7 +200,7 @@ def test_ome_zarr_written_by_ome_zarr_py_with_its_defaults(tmp_path, zarr_format
     root = zarr.open_group(str(tmp_path / "d.zarr"), mode="w", zarr_format=zarr_format)
     writer.write_image(data, root, axes="tczyx")
     attrs = json.loads((tmp_path / "d.zarr" / (".zattrs" if zarr_format == 2 else "zarr.json")).read_text())
-    version = (attrs["multiscales"][0]["version"] if zarr_format == 2 else attrs["attributes"]["ome"]["version"])
+    version = attrs["multiscales"][0]["version"] if zarr_format == 2 else attrs["attributes"]["ome"]["version"]
     assert version == ngff
     m = open_movie(tmp_path / "d.zarr")
     assert m.axes == ["t", "c", "z", "y", "x"] and m.array_path.endswith("s0")  # full resolution
@@ -197,10 +215,20 @@ def test_ome_zarr_with_units_names_and_no_pyramid(tmp_path, zarr_format):
     writer = pytest.importorskip("ome_zarr.writer")
     data = _movie((4, 2, Y, X), 8)
     root = zarr.open_group(str(tmp_path / "u.zarr"), mode="w", zarr_format=zarr_format)
-    writer.write_image(data, root, axes="tcyx", scale_factors=[], scale={"t": 250.0, "y": 0.2, "x": 0.2},
-                       axes_units={"t": "millisecond", "y": "micrometer", "x": "micrometer"},
-                       omero={"channels": [{"label": "GFP", "color": "00FF00", "window": _WINDOW},
-                                           {"label": "mCherry", "color": "FF00FF", "window": _WINDOW}]})
+    writer.write_image(
+        data,
+        root,
+        axes="tcyx",
+        scale_factors=[],
+        scale={"t": 250.0, "y": 0.2, "x": 0.2},
+        axes_units={"t": "millisecond", "y": "micrometer", "x": "micrometer"},
+        omero={
+            "channels": [
+                {"label": "GFP", "color": "00FF00", "window": _WINDOW},
+                {"label": "mCherry", "color": "FF00FF", "window": _WINDOW},
+            ]
+        },
+    )
     m = open_movie(tmp_path / "u.zarr")
     assert m.sizes == {"t": 4, "p": 1, "c": 2, "z": 1, "y": Y, "x": X}
     assert m.channels == ["GFP", "mCherry"]
@@ -212,8 +240,14 @@ def test_ome_zarr_scale_with_a_value_missing_names_the_fix(tmp_path):
     """A scale with fewer values than axes is refused, not read shifted onto the wrong axes."""
     writer = pytest.importorskip("ome_zarr.writer")
     root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
-    writer.write_image(_movie((2, Y, X), 3), root, axes="tyx", scale_factors=[], scale={"t": 2.0, "y": 0.3, "x": 0.3},
-                       axes_units={"t": "second", "y": "micrometer", "x": "micrometer"})
+    writer.write_image(
+        _movie((2, Y, X), 3),
+        root,
+        axes="tyx",
+        scale_factors=[],
+        scale={"t": 2.0, "y": 0.3, "x": 0.3},
+        axes_units={"t": "second", "y": "micrometer", "x": "micrometer"},
+    )
     meta_path = tmp_path / "s.zarr" / "zarr.json"
     meta = json.loads(meta_path.read_text())
     scale = meta["attributes"]["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]
@@ -233,8 +267,11 @@ def test_ndtiff_with_channel_names_and_micro_manager_sampling(tmp_path):
     ds = ndstorage.NDTiffDataset(str(tmp_path / "nd"), name="acq", writable=True)
     ds.initialize({"PixelSize_um": 0.11, "z-step_um": 0.5, "Interval_ms": 2000, "ChNames": ["DAPI", "FITC"]})
     for t, c, z in np.ndindex(*data.shape[:3]):
-        ds.put_image({"time": t, "channel": ["DAPI", "FITC"][c], "z": z}, data[t, c, z],
-                     {"PixelType": "GRAY16", "Width": X, "Height": Y, "BitDepth": 16})
+        ds.put_image(
+            {"time": t, "channel": ["DAPI", "FITC"][c], "z": z},
+            data[t, c, z],
+            {"PixelType": "GRAY16", "Width": X, "Height": Y, "BitDepth": 16},
+        )
     ds.finish()
     m = open_movie(tmp_path / "nd")
     assert m.kind == "ndtiff" and m.sizes == {"t": 3, "p": 1, "c": 2, "z": 2, "y": Y, "x": X}
@@ -260,8 +297,10 @@ def _store(path, image="raw") -> np.ndarray:
 
 def test_process_keeps_both_channels_and_every_plane(tmp_path, czt_ome_tiff):
     path, expect = czt_ome_tiff
-    assert main(["process", str(path), "--out", str(tmp_path / "p.zarr"), "--workers", "0",
-                 "--engines", "passthrough"]) == 0
+    assert (
+        main(["process", str(path), "--out", str(tmp_path / "p.zarr"), "--workers", "0", "--engines", "passthrough"])
+        == 0
+    )
     raw = _store(tmp_path / "p.zarr")
     assert raw.shape == (6, 2, 3, Y, X)  # t, c, z, y, x
     np.testing.assert_array_equal(raw, expect)
@@ -282,8 +321,9 @@ def test_process_axes_option_reads_what_the_file_does_not_say(tmp_path, capsys):
 
 def test_daemon_replay_keeps_both_channels_and_every_plane(tmp_path, free_address, czt_ome_tiff):
     path, expect = czt_ome_tiff
-    cfg = DaemonConfig(source=f"file:{path}", out=tmp_path / "d.zarr", ingest=free_address(), publish=None,
-                       control=None)
+    cfg = DaemonConfig(
+        source=f"file:{path}", out=tmp_path / "d.zarr", ingest=free_address(), publish=None, control=None
+    )
     summary = run_daemon(cfg)
     assert summary["frames"]["received"] == summary["frames"]["saved"] == 36
     raw = _store(tmp_path / "d.zarr")

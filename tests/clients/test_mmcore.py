@@ -45,6 +45,7 @@ _frame_counter = itertools.count(1)
 
 # -- a small rig: every image is new (its own random pixels), so bit-exact means the right frame --
 
+
 def _pixels(shape: tuple[int, ...]) -> np.ndarray:
     return np.random.default_rng(next(_frame_counter)).integers(0, 4096, shape, dtype=np.uint16)
 
@@ -252,8 +253,15 @@ def _plain(index: Any) -> dict[str, int]:
     return {getattr(k, "value", k): int(v) for k, v in dict(index).items()}
 
 
-def _check_frames(got: list[Any], emitted: list[tuple[np.ndarray, Any, dict]], *, sizes: dict[str, int],
-                  acquisition: int = 0, position=None, channel: bool = True) -> None:
+def _check_frames(
+    got: list[Any],
+    emitted: list[tuple[np.ndarray, Any, dict]],
+    *,
+    sizes: dict[str, int],
+    acquisition: int = 0,
+    position=None,
+    channel: bool = True,
+) -> None:
     """Every emitted frame arrived once, in order, bit-exact, with its index, sizes, channel and
     acquisition; ``position(index)`` gives the expected ``index.p`` (default: useq's ``p``)."""
     assert len(got) == len(emitted), f"{len(got)} frames received, {len(emitted)} acquired"
@@ -320,14 +328,18 @@ def test_grid_tiles_become_positions(core, received, case):
         seq = useq.MDASequence(grid_plan=grid, channels=["DAPI"])
         n_pos, pos = 2, lambda i: i["g"]
     elif case == "grid-and-positions":
-        seq = useq.MDASequence(stage_positions=[(0, 0, 0), (100, 0, 0)], grid_plan=grid,
-                               time_plan={"interval": 0, "loops": 2})
+        seq = useq.MDASequence(
+            stage_positions=[(0, 0, 0), (100, 0, 0)], grid_plan=grid, time_plan={"interval": 0, "loops": 2}
+        )
         n_pos, pos = 4, lambda i: i["p"] * 2 + i["g"]
     else:  # the first position has a 2x2 grid of its own, the second none: numbered in order
         seq = useq.MDASequence(
-            stage_positions=[useq.Position(x=0, y=0, sequence=useq.MDASequence(grid_plan={"rows": 2, "columns": 2})),
-                             useq.Position(x=500, y=0)],
-            time_plan={"interval": 0, "loops": 2})
+            stage_positions=[
+                useq.Position(x=0, y=0, sequence=useq.MDASequence(grid_plan={"rows": 2, "columns": 2})),
+                useq.Position(x=500, y=0),
+            ],
+            time_plan={"interval": 0, "loops": 2},
+        )
         n_pos, pos = 5, lambda i: i["g"] if i["p"] == 0 else 4
     emitted = _record(core)
     bridge = attach(core, received.address)
@@ -340,8 +352,9 @@ def test_grid_tiles_become_positions(core, received, case):
     _check_frames(received.frames["mmcore"], emitted, sizes=sizes, position=pos)
     assert {f.header["index"]["p"] for f in received.frames["mmcore"]} == set(range(n_pos))
     # the tile each position came from stays in the event's metadata
-    assert all("g" in f.header["meta"]["event"]["index"] or f.header["index"]["p"] == 4
-               for f in received.frames["mmcore"])
+    assert all(
+        "g" in f.header["meta"]["event"]["index"] or f.header["index"]["p"] == 4 for f in received.frames["mmcore"]
+    )
 
 
 @pytest.mark.parametrize("fmt", ["yaml", "json"])
@@ -366,8 +379,11 @@ def test_sequence_from_a_file(core, received, tmp_path, fmt):
 
 
 def test_an_event_iterable_goes_without_sizes(core, received):
-    events = [useq.MDAEvent(index={"t": t, "c": c}, channel={"config": CHANNELS[c], "group": "Channel"})
-              for t in range(3) for c in range(2)]
+    events = [
+        useq.MDAEvent(index={"t": t, "c": c}, channel={"config": CHANNELS[c], "group": "Channel"})
+        for t in range(3)
+        for c in range(2)
+    ]
     emitted = _record(core)
     bridge = attach(core, received.address)
     try:
@@ -410,8 +426,11 @@ def test_two_runs_through_one_attach_are_told_apart(core, received, runner, capl
     _check_frames(got[8:], emitted[8:], sizes={"t": 4, "c": 2}, acquisition=1)
     assert [f.seq for f in got] == list(range(16))  # seq keeps counting; ``acquisition`` tells runs apart
     assert bridge.stats()["acquisitions"] == 2
-    wait_for(lambda: sum("frames sent" in r.getMessage() for r in caplog.records) == 2, timeout=5,
-             message="one line per acquisition")
+    wait_for(
+        lambda: sum("frames sent" in r.getMessage() for r in caplog.records) == 2,
+        timeout=5,
+        message="one line per acquisition",
+    )
     lines = [r.getMessage() for r in caplog.records if "frames sent" in r.getMessage()]
     assert lines == ["stream 'mmcore' acquisition 0: 8 frames sent", "stream 'mmcore' acquisition 1: 8 frames sent"]
 
@@ -426,8 +445,11 @@ def test_a_multi_camera_sends_each_camera(received, mode):
         bridge = attach(core, received.address, cameras=mode)
         try:
             core.mda.run(useq.MDASequence(time_plan={"interval": 0, "loops": 2}, channels=list(CHANNELS)))
-            wait_for(lambda: sum(received.ends.values()) == (2 if mode == "streams" else 1), timeout=10,
-                     message="the end markers")
+            wait_for(
+                lambda: sum(received.ends.values()) == (2 if mode == "streams" else 1),
+                timeout=10,
+                message="the end markers",
+            )
         finally:
             bridge.close()
     finally:
@@ -499,8 +521,11 @@ def test_snaps_go_to_their_own_stream_and_mda_snaps_do_not(core, received):
             core.snapImage()
             snapped.append(core.getImage().copy())
         core.mda.run(useq.MDASequence(time_plan={"interval": 0, "loops": 3}))
-        wait_for(lambda: received.count("mmcore-snap") == 3 and received.ends["mmcore"] == 1, timeout=10,
-                 message="snaps and the MDA")
+        wait_for(
+            lambda: received.count("mmcore-snap") == 3 and received.ends["mmcore"] == 1,
+            timeout=10,
+            message="snaps and the MDA",
+        )
     finally:
         bridge.close()
     snaps = received.frames["mmcore-snap"]
@@ -516,16 +541,23 @@ def test_metadata_json_cannot_hold_is_dropped_and_counted_not_the_frame(core, re
     class Opaque:
         pass
 
-    events = [useq.MDAEvent(index={"t": t, "r": t % 2}, metadata={"note": "ok", "weird": Opaque(), "nan": float("nan"),
-                                                               "raw": b"\x00\x01", "big": np.zeros(1000)})
-              for t in range(4)]
+    events = [
+        useq.MDAEvent(
+            index={"t": t, "r": t % 2},
+            metadata={"note": "ok", "weird": Opaque(), "nan": float("nan"), "raw": b"\x00\x01", "big": np.zeros(1000)},
+        )
+        for t in range(4)
+    ]
     emitted = _record(core)
     bridge = attach(core, received.address, camera={"gain": 0.0, "offset": 100})  # gain 0: refused by the daemon
     try:
         with caplog.at_level(logging.INFO, logger="livescope"):
             core.mda.run(events)
-            wait_for(lambda: any("sent without some metadata" in r.getMessage() for r in caplog.records),
-                     timeout=10, message="the end-of-acquisition line")
+            wait_for(
+                lambda: any("sent without some metadata" in r.getMessage() for r in caplog.records),
+                timeout=10,
+                message="the end-of-acquisition line",
+            )
     finally:
         bridge.close()
     got = received.frames["mmcore"]
@@ -539,8 +571,14 @@ def test_metadata_json_cannot_hold_is_dropped_and_counted_not_the_frame(core, re
         assert frame.header["sender"] == {"dropped": 0, "meta_dropped": n}
     st = bridge.stats()
     assert st["sent"] == 4 and st["dropped"] == 0 and st["meta_dropped"] == 4
-    assert st["causes"] == {"meta:bad_field:camera": 4, "meta:axis:r": 4, "meta:unserialisable:Opaque": 4,
-                            "meta:non_finite_number": 4, "meta:bytes": 4, "meta:large_array": 4}
+    assert st["causes"] == {
+        "meta:bad_field:camera": 4,
+        "meta:axis:r": 4,
+        "meta:unserialisable:Opaque": 4,
+        "meta:non_finite_number": 4,
+        "meta:bytes": 4,
+        "meta:large_array": 4,
+    }
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "logged once" in r.getMessage()]
     assert len(warnings) == 6  # once per cause, not once per frame
     assert not any(r.exc_info for r in caplog.records)  # no traceback per frame
@@ -566,6 +604,7 @@ def test_attach_refuses_an_unknown_camera_mode_naming_the_choices(core, received
 
 # -- end to end: the same acquisitions into a real daemon, read back from its OME-Zarr store ----
 
+
 def _saved_planes(out) -> list[tuple[str, np.ndarray]]:
     import zarr
 
@@ -586,8 +625,16 @@ def _run_daemon_with(tmp_path, n_frames: int, acquire, **options) -> tuple[dict,
     from livescope.daemon.cli import run_daemon
     from livescope.daemon.config import DaemonConfig
 
-    cfg = DaemonConfig(out=tmp_path / "out.zarr", ingest=free_tcp_address(), publish=free_tcp_address(),
-                       control=free_tcp_address(), source="zmq", frames=n_frames, exit_on_end=False, **options)
+    cfg = DaemonConfig(
+        out=tmp_path / "out.zarr",
+        ingest=free_tcp_address(),
+        publish=free_tcp_address(),
+        control=free_tcp_address(),
+        source="zmq",
+        frames=n_frames,
+        exit_on_end=False,
+        **options,
+    )
     errors: list[BaseException] = []
     done = threading.Event()
 
@@ -599,6 +646,7 @@ def _run_daemon_with(tmp_path, n_frames: int, acquire, **options) -> tuple[dict,
                 errors.append(exc)
             if not done.wait(15):  # the daemon still waits for frames that will not come: stop it
                 pipeline.request_stop()
+
         threading.Thread(target=go, daemon=True).start()
 
     try:

@@ -24,8 +24,17 @@ def _write_store(path, sampling=SAMPLING):
     acquisition order (t, position, channel, z), polling as it goes, then flush and close.
     Returns the planes written, per image."""
     rng = np.random.default_rng(7)
-    layout = dict(plane_shape=(Y, X), dtype="uint16", bits=12, has_c=True, n_c=C, has_z=True, n_z=Z,
-                  channel_names=CHANNELS, **sampling)
+    layout = dict(
+        plane_shape=(Y, X),
+        dtype="uint16",
+        bits=12,
+        has_c=True,
+        n_c=C,
+        has_z=True,
+        n_z=Z,
+        channel_names=CHANNELS,
+        **sampling,
+    )
     store = OmeZarrStore(path, provenance={"source": "test"})
     expect: dict[str, np.ndarray] = {}
     seq = 0
@@ -79,8 +88,12 @@ def test_ome_zarr_py_opens_raw_from_the_root(store):
     np.testing.assert_array_equal(np.asarray(node.data[0]), expect["raw"])
     axes = node.metadata["axes"]
     assert [(a["name"], a["type"], a.get("unit")) for a in axes] == [
-        ("t", "time", "second"), ("c", "channel", None), ("z", "space", "micrometer"),
-        ("y", "space", "micrometer"), ("x", "space", "micrometer")]
+        ("t", "time", "second"),
+        ("c", "channel", None),
+        ("z", "space", "micrometer"),
+        ("y", "space", "micrometer"),
+        ("x", "space", "micrometer"),
+    ]
     assert node.metadata["coordinateTransformations"][0][0]["scale"] == [0.5, 1.0, 0.5, 0.2, 0.2]
     assert node.metadata["channel_names"] == CHANNELS
     assert node.metadata["contrast_limits"] == _windows(expect["raw"])
@@ -107,8 +120,11 @@ def test_an_unknown_sampling_gets_no_unit(tmp_path):
         assert node.metadata["coordinateTransformations"][0][0]["scale"] == [1.0] * 5  # NGFF needs one
     (node,) = _read(path)
     assert [a.get("unit") for a in node.metadata["axes"]] == [None] * 5
-    pixels = ET.parse(path / "OME" / "METADATA.ome.xml").getroot().iter(
-        "{http://www.openmicroscopy.org/Schemas/OME/2016-06}Pixels")
+    pixels = (
+        ET.parse(path / "OME" / "METADATA.ome.xml")
+        .getroot()
+        .iter("{http://www.openmicroscopy.org/Schemas/OME/2016-06}Pixels")
+    )
     for px in pixels:
         assert not {"PhysicalSizeX", "PhysicalSizeZ", "TimeIncrement"} & set(px.attrib)
 
@@ -168,15 +184,26 @@ def test_a_two_camera_multi_position_daemon_store_validates_and_opens(tmp_path, 
     from livescope.daemon.cli import run_daemon
     from livescope.daemon.config import DaemonConfig
 
-    cfg = DaemonConfig(source="zmq", out=tmp_path / "two.zarr", ingest=free_address(), publish=None, control=None,
-                       exit_on_end=False, frames=12, engines=["passthrough"], pixel_size_um=0.1)
+    cfg = DaemonConfig(
+        source="zmq",
+        out=tmp_path / "two.zarr",
+        ingest=free_address(),
+        publish=None,
+        control=None,
+        exit_on_end=False,
+        frames=12,
+        engines=["passthrough"],
+        pixel_size_um=0.1,
+    )
     rng = np.random.default_rng(1)
     a = rng.integers(0, 4000, (3, 2, 16, 20), dtype=np.uint16)  # t, p
     b = rng.integers(0, 4000, (3, 2, 12, 24), dtype=np.uint16)
 
     def publish(pipeline):
-        cams = {"camA": FramePublisher(cfg.ingest, stream="camA", block=True),
-                "camB": FramePublisher(cfg.ingest, stream="camB", block=True)}
+        cams = {
+            "camA": FramePublisher(cfg.ingest, stream="camA", block=True),
+            "camB": FramePublisher(cfg.ingest, stream="camB", block=True),
+        }
         for t in range(3):
             for p in range(2):
                 cams["camA"].send(a[t, p], index={"t": t, "p": p}, sizes={"p": 2}, interval_s=1.0)
@@ -207,7 +234,8 @@ def test_a_two_camera_multi_position_daemon_store_validates_and_opens(tmp_path, 
     npe2.PluginManager.instance().discover()
     viewer = napari.components.ViewerModel()
     layers = viewer.open(str(cfg.out), plugin="napari-ome-zarr")
-    shapes = sorted(tuple(layer.data[0].shape if isinstance(layer.data, list) else layer.data.shape)
-                    for layer in layers)
+    shapes = sorted(
+        tuple(layer.data[0].shape if isinstance(layer.data, list) else layer.data.shape) for layer in layers
+    )
     assert len(layers) == len(images)
     assert (3, 12, 24) in shapes and (3, 16, 20) in shapes

@@ -63,6 +63,7 @@ CASES = {
 
 # -- Pycro-Manager's Python backend on the simulated UniMMCore ---------------------------------
 
+
 @pytest.fixture(scope="module")
 def camera():
     """AcqEngPy on the sim's UniMMCore (as ``pycromanager_on_unicore`` sets it up, without its
@@ -89,8 +90,12 @@ def camera():
     core = scope.core
     for name in dir(type(core)):  # AcqEngPy calls mmpycorex's snake_case names
         snake = launcher._camel_to_snake(name)
-        if not name.startswith("_") and snake != name and not hasattr(core, snake) \
-                and callable(getattr(type(core), name, None)):
+        if (
+            not name.startswith("_")
+            and snake != name
+            and not hasattr(core, snake)
+            and callable(getattr(type(core), name, None))
+        ):
             setattr(core, snake, getattr(core, name))
     core.get_tagged_image = types.MethodType(launcher.get_tagged_image, core)
     core.pop_next_tagged_image = types.MethodType(launcher.pop_next_tagged_image, core)
@@ -112,8 +117,16 @@ def daemon(tmp_path, free_address):
     pipelines = []
 
     def start(**kw):
-        base = dict(source="zmq", engines=[], ingest=free_address(), restore=free_address(),
-                    control=free_address(), out=tmp_path / "out.zarr", publish=None, exit_on_end=False)
+        base = dict(
+            source="zmq",
+            engines=[],
+            ingest=free_address(),
+            restore=free_address(),
+            control=free_address(),
+            out=tmp_path / "out.zarr",
+            publish=None,
+            exit_on_end=False,
+        )
         base.update(kw)
         p = Pipeline(DaemonConfig(**base))
         p.start()
@@ -127,6 +140,7 @@ def daemon(tmp_path, free_address):
 
 
 # -- what each hook's acquisition looks like in a user's script --------------------------------
+
 
 def _acquire_tap(pipeline, case, directory):
     hook = tap(pipeline.cfg.ingest)
@@ -157,8 +171,9 @@ def _feedback_policy(case):
     point the case's events without time, in the case's order."""
     spec = dict(CASES[case])
     n_t = spec.pop("num_time_points", 2)
-    return AdaptiveTimelapseEvents(slow_s=0.02, fast_s=0.01, quiet_s=1.0, frames=n_t,
-                                   per_time_point=multi_d_acquisition_events(**spec))
+    return AdaptiveTimelapseEvents(
+        slow_s=0.02, fast_s=0.01, quiet_s=1.0, frames=n_t, per_time_point=multi_d_acquisition_events(**spec)
+    )
 
 
 def _acquire_feedback(pipeline, case, directory):
@@ -187,18 +202,27 @@ def _events(hook_name, case):
     return [ev for t in range(policy.frames) for ev in policy.events(t)]
 
 
-ACQUIRE = {"tap": _acquire_tap, "restore": _acquire_restore, "saved_tap": _acquire_saved_tap,
-           "feedback": _acquire_feedback}
+ACQUIRE = {
+    "tap": _acquire_tap,
+    "restore": _acquire_restore,
+    "saved_tap": _acquire_saved_tap,
+    "feedback": _acquire_feedback,
+}
 
 
 # -- reading back what was saved ---------------------------------------------------------------
+
 
 def _where(axes):
     """Pycro-Manager axes -> (p, c, z, t) in livescope's store: position labels are the integers
     multi_d_acquisition_events gives; channels in the order of the channel list; a frame without a
     time axis is the first of its (p, c, z)."""
-    return (int(axes.get("position", 0)), CHANNELS.index(axes["channel"]) if "channel" in axes else 0,
-            int(axes.get("z", 0)), int(axes.get("time", 0)))
+    return (
+        int(axes.get("position", 0)),
+        CHANNELS.index(axes["channel"]) if "channel" in axes else 0,
+        int(axes.get("z", 0)),
+        int(axes.get("time", 0)),
+    )
 
 
 def _image(out: Path, p: int):
@@ -226,14 +250,16 @@ def _check_store(pipeline, events, rendered):
     out = pipeline.cfg.out
     where = [_where(ev["axes"]) for ev in events]
     positions = sorted({p for p, *_ in where})
-    assert sorted(e["path"] for e in list_images(out) if e["product"] == "raw") == \
-        sorted(image_name("raw", p) for p in positions)
+    assert sorted(e["path"] for e in list_images(out) if e["product"] == "raw") == sorted(
+        image_name("raw", p) for p in positions
+    )
     for p in positions:
         arr, names, _, _, labels, rec = _image(out, p)
         mine = [(i, w) for i, w in enumerate(where) if w[0] == p]
         n = {k: len({w[j] for _, w in mine}) for j, k in ((1, "c"), (2, "z"), (3, "t"))}
-        assert names == ["t"] + (["c"] if "channel" in events[0]["axes"] else []) + \
-            (["z"] if "z" in events[0]["axes"] else []) + ["y", "x"]
+        assert names == ["t"] + (["c"] if "channel" in events[0]["axes"] else []) + (
+            ["z"] if "z" in events[0]["axes"] else []
+        ) + ["y", "x"]
         assert arr.shape == _lead(names, n["t"], n["c"], n["z"]) + (Y, X)  # no plane more, none less
         assert int((rec["status"] == STATUS["saved"]).sum()) == len(mine)
         for i, (_, c, z, t) in mine:
@@ -266,6 +292,7 @@ def _check_pycromanager_saved(acq, events, rendered, scale=None):
 
 
 # -- the conformance matrix --------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("hook_name", list(ACQUIRE))
@@ -309,15 +336,26 @@ def test_the_store_has_the_z_step_of_a_pycromanager_z_stack(camera, daemon, tmp_
 
 # -- metadata the bridge cannot send as it is ---------------------------------------------------
 
+
 def test_metadata_becomes_plain_json():
     """numpy scalars and arrays (a user's own metadata) stay numbers; NaN becomes null, as JSON
     has no NaN (a daemon reading strict JSON would refuse the frame otherwise)."""
-    md = {"Axes": {"time": np.int64(2), "position": np.int64(1)}, "n": np.int64(7), "roi": np.arange(3),
-          "score": float("nan"), "gain": np.float32(1.5)}
+    md = {
+        "Axes": {"time": np.int64(2), "position": np.int64(1)},
+        "n": np.int64(7),
+        "roi": np.arange(3),
+        "score": float("nan"),
+        "gain": np.float32(1.5),
+    }
     header = MetadataMapper().header(md, np.dtype("uint16"))
     assert header["index"] == {"t": 2, "p": 1}
-    assert header["meta"]["pycromanager"] == {"Axes": {"time": 2, "position": 1}, "n": 7, "roi": [0, 1, 2],
-                                              "score": None, "gain": 1.5}
+    assert header["meta"]["pycromanager"] == {
+        "Axes": {"time": 2, "position": 1},
+        "n": 7,
+        "roi": [0, 1, 2],
+        "score": None,
+        "gain": 1.5,
+    }
 
 
 def _unsendable(metadata, frame_number):
@@ -354,8 +392,11 @@ def test_unsendable_metadata_is_dropped_counted_and_warned_once(camera, daemon, 
         hook.close()
     events = multi_d_acquisition_events(**CASES[case])
     n = len(events)
-    causes = {"unencodable:meta.pycromanager": n // 2, "header_too_large:meta.pycromanager": n // 2,
-              "bad_field:binning": n}
+    causes = {
+        "unencodable:meta.pycromanager": n // 2,
+        "header_too_large:meta.pycromanager": n // 2,
+        "bad_field:binning": n,
+    }
     if hook_name == "tap":
         wait_for(lambda: pipeline.received >= n, timeout=20, message=f"{n} frames")
         assert hook.stats()["sent"] == n and hook.dropped == 0 and hook.meta_dropped == n

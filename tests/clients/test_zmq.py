@@ -21,8 +21,17 @@ from tests.clients.bare import BareClient
 
 
 def _run(tmp_path, free_address, publish, with_pipeline=False, **kw):
-    cfg = DaemonConfig(**{"out": tmp_path / "out.zarr", "ingest": free_address(), "publish": None, "control": None,
-                          "source": "zmq", "exit_on_end": True, **kw})
+    cfg = DaemonConfig(
+        **{
+            "out": tmp_path / "out.zarr",
+            "ingest": free_address(),
+            "publish": None,
+            "control": None,
+            "source": "zmq",
+            "exit_on_end": True,
+            **kw,
+        }
+    )
 
     def started(pipeline):
         args = (cfg, pipeline) if with_pipeline else (cfg,)
@@ -48,18 +57,30 @@ def test_channels_and_z_planes_land_bit_exact_with_names_and_units(tmp_path, fre
     def publish(cfg):
         cam = BareClient(cfg.ingest)
         sizes = {"t": n_t, "c": n_c, "z": n_z}
-        common = dict(pixel_size_um=0.108, z_step_um=0.5, interval_s=2.0, bits=12, binning=1,
-                      camera={"offset": 100.0, "gain": 0.46, "read_noise": 1.6},
-                      pixel_size_affine=[0.108, 0, 0, 0, 0.108, 0], meta={"user": {"note": "from the docs"}})
+        common = dict(
+            pixel_size_um=0.108,
+            z_step_um=0.5,
+            interval_s=2.0,
+            bits=12,
+            binning=1,
+            camera={"offset": 100.0, "gain": 0.46, "read_noise": 1.6},
+            pixel_size_affine=[0.108, 0, 0, 0, 0.108, 0],
+            meta={"user": {"note": "from the docs"}},
+        )
         for t in range(n_t):
             for c in range(n_c):
                 if z_in_one_message:
-                    cam.send(movie[t, c], index={"t": t, "c": c}, sizes=sizes, channel=names[c],
-                             time=t * 2.0, **common)
+                    cam.send(movie[t, c], index={"t": t, "c": c}, sizes=sizes, channel=names[c], time=t * 2.0, **common)
                 else:
                     for z in range(n_z):
-                        cam.send(movie[t, c, z], index={"t": t, "c": c, "z": z}, sizes=sizes, channel=names[c],
-                                 time=t * 2.0, **common)
+                        cam.send(
+                            movie[t, c, z],
+                            index={"t": t, "c": c, "z": z},
+                            sizes=sizes,
+                            channel=names[c],
+                            time=t * 2.0,
+                            **common,
+                        )
         cam.end()
         cam.close()
 

@@ -72,8 +72,13 @@ def test_offline_a_failing_engine_stops_the_run_with_its_error():
 def test_live_a_failing_engine_passes_the_frame_on_and_is_disabled_after_failures_in_a_row(caplog):
     slots = slots_for(["test_chain_flaky", "passthrough"], {"test_chain_flaky": {"fail_on": (1, 3, 4, 5)}})
     disabled = []
-    chain = Chain(slots, _spec(), strict=False, max_failures=3,
-                  on_disable=lambda slot, why: (disabled.append((slot.name, why)), slot.disable(why)))
+    chain = Chain(
+        slots,
+        _spec(),
+        strict=False,
+        max_failures=3,
+        on_disable=lambda slot, why: (disabled.append((slot.name, why)), slot.disable(why)),
+    )
     frame = np.full((8, 8), 5, np.uint16)
     with caplog.at_level(logging.WARNING, logger=chain_module.__name__):
         made = chain.run(frame, _info(1))
@@ -132,13 +137,25 @@ def test_state_fixed_on_a_first_frame_is_handed_to_a_chain_that_starts_later():
 
 
 def test_events_carry_where_and_when_and_are_numbered_in_frame_order():
-    rec = event_record({"kind": "x", "v": np.int64(3)}, seq=4, p=1, c=0, z=None, t=2, time_s=2.0,
-                       frame_shape=[8, 8], pixel_size_um=0.1, stream="camB")
+    rec = event_record(
+        {"kind": "x", "v": np.int64(3)},
+        seq=4,
+        p=1,
+        c=0,
+        z=None,
+        t=2,
+        time_s=2.0,
+        frame_shape=[8, 8],
+        pixel_size_um=0.1,
+        stream="camB",
+    )
     assert rec["stream"] == "camB" and rec["v"] == 3 and type(rec["v"]) is int and "emitted" in rec
-    assert "emitted" not in event_record({}, seq=0, p=0, c=0, z=0, t=0, time_s=0, frame_shape=[1, 1],
-                                         pixel_size_um=None, stamp=False)
-    numbered = number_events([{"_order": [2, 0, 0], "n": "b"}, {"_order": [1, 0, 1], "n": "a2"},
-                              {"_order": [1, 0, 0], "n": "a1"}])
+    assert "emitted" not in event_record(
+        {}, seq=0, p=0, c=0, z=0, t=0, time_s=0, frame_shape=[1, 1], pixel_size_um=None, stamp=False
+    )
+    numbered = number_events(
+        [{"_order": [2, 0, 0], "n": "b"}, {"_order": [1, 0, 1], "n": "a2"}, {"_order": [1, 0, 0], "n": "a1"}]
+    )
     assert [(e["id"], e["n"]) for e in numbered] == [(1, "a1"), (2, "a2"), (3, "b")]
 
 

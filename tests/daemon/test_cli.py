@@ -11,8 +11,9 @@ import zarr
 from livescope.daemon.cli import build_parser, main
 
 
-@pytest.mark.parametrize("command", ["demo", "daemon", "view", "process", "status", "stop", "recover", "fit",
-                                     "compile", "calibrate"])
+@pytest.mark.parametrize(
+    "command", ["demo", "daemon", "view", "process", "status", "stop", "recover", "fit", "compile", "calibrate"]
+)
 def test_help_everywhere(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
@@ -27,9 +28,26 @@ def test_no_command_prints_help(capsys):
 
 def test_demo_headless_writes_store_summary_and_png(tmp_path):
     out = tmp_path / "demo.zarr"
-    res = subprocess.run([sys.executable, "-m", "livescope", "demo", "--headless", "--frames", "12",
-                          "--engines", "passthrough", "--size", "64", "--out", str(out)],
-                         capture_output=True, text=True, timeout=180)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "livescope",
+            "demo",
+            "--headless",
+            "--frames",
+            "12",
+            "--engines",
+            "passthrough",
+            "--size",
+            "64",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "frames: received 12, saved 12, lost 0" in res.stdout
     assert zarr.open_array(str(out / "raw" / "0"), mode="r").shape == (12, 64, 64)
@@ -42,11 +60,13 @@ def test_process_a_tiff_offline(tmp_path):
 
     movie = np.random.default_rng(0).integers(0, 1000, (5, 24, 24), dtype=np.uint16)
     tifffile.imwrite(tmp_path / "m.tif", movie)
-    assert main(["process", str(tmp_path / "m.tif"), "--out", str(tmp_path / "o.zarr"),
-                 "--engines", "passthrough"]) == 0
+    assert (
+        main(["process", str(tmp_path / "m.tif"), "--out", str(tmp_path / "o.zarr"), "--engines", "passthrough"]) == 0
+    )
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "o.zarr" / "raw" / "0"))[...], movie)
-    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "o.zarr" / "passthrough" / "0"))[...],
-                                  movie.astype(np.float32))
+    np.testing.assert_array_equal(
+        zarr.open_array(str(tmp_path / "o.zarr" / "passthrough" / "0"))[...], movie.astype(np.float32)
+    )
 
 
 def test_status_without_a_daemon_says_how_to_fix(free_address, capsys):
@@ -58,7 +78,10 @@ def test_param_parsing_and_bad_param():
     from livescope.daemon.config import parse_params
 
     assert parse_params(["deconvolve.iterations=3", "denoise.model=/a/b.lsm", "x.flag=true"]) == {
-        "deconvolve": {"iterations": 3}, "denoise": {"model": "/a/b.lsm"}, "x": {"flag": True}}
+        "deconvolve": {"iterations": 3},
+        "denoise": {"model": "/a/b.lsm"},
+        "x": {"flag": True},
+    }
     with pytest.raises(ValueError, match="ENGINE.NAME=VALUE"):
         parse_params(["iterations=3"])
     args = build_parser().parse_args(["daemon", "--psf-sigma", "2", "--engines", "deconvolve"])
@@ -99,7 +122,26 @@ def test_process_on_two_dask_workers_from_the_cli(tmp_path):
 
     movie = np.random.default_rng(1).integers(0, 1000, (8, 32, 32), dtype=np.uint16)
     tifffile.imwrite(tmp_path / "m.tif", movie)
-    assert main(["process", str(tmp_path / "m.tif"), "--out", str(tmp_path / "o.zarr"), "--engines", "passthrough",
-                 "--workers", "2", "--threads", "--chunk-t", "3", "--tile", "16"]) == 0
-    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "o.zarr" / "passthrough" / "0"))[...],
-                                  movie.astype(np.float32))
+    assert (
+        main(
+            [
+                "process",
+                str(tmp_path / "m.tif"),
+                "--out",
+                str(tmp_path / "o.zarr"),
+                "--engines",
+                "passthrough",
+                "--workers",
+                "2",
+                "--threads",
+                "--chunk-t",
+                "3",
+                "--tile",
+                "16",
+            ]
+        )
+        == 0
+    )
+    np.testing.assert_array_equal(
+        zarr.open_array(str(tmp_path / "o.zarr" / "passthrough" / "0"))[...], movie.astype(np.float32)
+    )

@@ -25,12 +25,16 @@ BAD_TOML = [
     ('engine = ["denoise"]', ["unknown setting 'engine'", "did you mean 'engines'"]),
     ('engines = ["denoize"]', ["unknown engine 'denoize'", "available:", "denoise"]),
     ('engines = ["passthrough", "passthrough"]', ["listed twice"]),
-    ('engines = ["denoise"]\n[params.denoise]\nmodle = "x.lsm"',
-     ["[params.denoise]", "no parameter 'modle'", "did you mean 'model'", "it takes: model, backend"]),
-    ('engines = ["deconvolve"]\n[params.deconvolve]\npsf = "no-such-psf.tif"',
-     ["deconvolve.psf", "no-such-psf.tif", "no such file"]),
+    (
+        'engines = ["denoise"]\n[params.denoise]\nmodle = "x.lsm"',
+        ["[params.denoise]", "no parameter 'modle'", "did you mean 'model'", "it takes: model, backend"],
+    ),
+    (
+        'engines = ["deconvolve"]\n[params.deconvolve]\npsf = "no-such-psf.tif"',
+        ["deconvolve.psf", "no-such-psf.tif", "no such file"],
+    ),
     ('engines = ["deconvolve"]\n[params.deconvolve]\nmethod = "fast"', ["engine deconvolve", "method must be"]),
-    ('[params.denosie]\niterations = 2', ["no engine 'denosie'", "did you mean 'denoise'"]),
+    ("[params.denosie]\niterations = 2", ["no engine 'denosie'", "did you mean 'denoise'"]),
     ('[engines.denoise]\nmodel = "x.lsm"', ["engines", "[params.ENGINE]"]),
     ('calibration = "no-such-cal.json"', ["calibration", "no such file"]),
     ('source = "flie:movie.tif"', ["source", "file:PATH"]),
@@ -72,8 +76,9 @@ BAD_CLI = [
 
 
 @pytest.mark.parametrize("argv, says", BAD_CLI, ids=[" ".join(a) for a, _ in BAD_CLI])
-def test_the_same_mistakes_on_the_command_line_stop_the_daemon_before_it_starts(tmp_path, monkeypatch, capsys,
-                                                                                argv, says, free_address):
+def test_the_same_mistakes_on_the_command_line_stop_the_daemon_before_it_starts(
+    tmp_path, monkeypatch, capsys, argv, says, free_address
+):
     monkeypatch.chdir(tmp_path)
     assert main(["daemon", "--control", free_address(), "--ingest", free_address(), *argv]) == 2
     captured = capsys.readouterr()
@@ -92,9 +97,11 @@ def test_a_good_file_and_the_command_line_make_a_typed_config(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     (tmp_path / "psf.tif").write_bytes(b"")  # only its existence is checked at start
     path = tmp_path / "good.toml"
-    path.write_text('source = "zmq:tcp://127.0.0.1:5999"\nengines = ["passthrough", "deconvolve"]\nout = "o.zarr"\n'
-                    'sim_shape = [64, 32]\nmemory_budget_mb = 512\nsave_products = ["deconvolved"]\n'
-                    '[params.passthrough]\ndelay_s = 0.01\n[params.deconvolve]\npsf = "psf.tif"\n')
+    path.write_text(
+        'source = "zmq:tcp://127.0.0.1:5999"\nengines = ["passthrough", "deconvolve"]\nout = "o.zarr"\n'
+        'sim_shape = [64, 32]\nmemory_budget_mb = 512\nsave_products = ["deconvolved"]\n'
+        '[params.passthrough]\ndelay_s = 0.01\n[params.deconvolve]\npsf = "psf.tif"\n'
+    )
     cfg = load_config(path, frames=7, engine_params={"deconvolve": {"iterations": 2}})
     assert isinstance(cfg, DaemonConfig)
     assert cfg.source == "zmq" and cfg.ingest == "tcp://127.0.0.1:5999" and cfg.frames == 7

@@ -22,13 +22,34 @@ def test_kill_9_mid_stream_keeps_every_frame_reported_saved(tmp_path, free_addre
     out = tmp_path / "crash.zarr"
     control = free_address()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "livescope", "daemon", "--source", "sim", "--out", str(out), "--frames", "100000",
-         "--sim-size", "64", "--sim-interval", "0.005", "--ingest", free_address(), "--publish", free_address(),
-         "--control", control],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "livescope",
+            "daemon",
+            "--source",
+            "sim",
+            "--out",
+            str(out),
+            "--frames",
+            "100000",
+            "--sim-size",
+            "64",
+            "--sim-interval",
+            "0.005",
+            "--ingest",
+            free_address(),
+            "--publish",
+            free_address(),
+            "--control",
+            control,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     client = ControlClient(control, timeout_s=1.0)
     try:
+
         def saved_enough():
             try:
                 st = client.status()

@@ -50,8 +50,9 @@ def test_keys_init_makes_private_keys_and_allow_refuses_secrets(tmp_path):
     with pytest.raises(ValueError, match="SECRET"):
         allow_client(folder / "client.key_secret", folder)
     assert main(["keys", "client", "--dir", str(tmp_path / "viewer")]) == 0
-    assert main(["keys", "allow", str(tmp_path / "viewer" / "client.key"), "--dir", str(folder),
-                 "--name", "viewer"]) == 0
+    assert (
+        main(["keys", "allow", str(tmp_path / "viewer" / "client.key"), "--dir", str(folder), "--name", "viewer"]) == 0
+    )
     assert (folder / "allowed" / "viewer.key").read_bytes() == (tmp_path / "viewer" / "client.key").read_bytes()
 
 
@@ -59,36 +60,72 @@ def test_non_loopback_bind_without_keys_refuses_and_names_keys_init(tmp_path, mo
     monkeypatch.setenv("LIVESCOPE_KEYS_DIR", str(tmp_path / "no-keys"))
     with pytest.raises(CurveKeysMissing, match=r"not a loopback address.*livescope keys init"):
         Pipeline(DaemonConfig(source="zmq", out=None, ingest="tcp://0.0.0.0:0", publish=None, control=None))
-    rc = main(["daemon", "--source", "zmq", "--ingest", "tcp://127.0.0.1:0", "--publish", "tcp://*:0",
-               "--control", "tcp://127.0.0.1:0", "--frames", "1"])
+    rc = main(
+        [
+            "daemon",
+            "--source",
+            "zmq",
+            "--ingest",
+            "tcp://127.0.0.1:0",
+            "--publish",
+            "tcp://*:0",
+            "--control",
+            "tcp://127.0.0.1:0",
+            "--frames",
+            "1",
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "--publish tcp://*:0" in err and "livescope keys init" in err
     # --curve on loopback without keys: refused too, and so is an allow-list nobody is in
     with pytest.raises(CurveKeysMissing, match="livescope keys init"):
-        Pipeline(DaemonConfig(source="zmq", out=None, ingest="tcp://127.0.0.1:0", publish=None, control=None,
-                              curve=True))
+        Pipeline(
+            DaemonConfig(source="zmq", out=None, ingest="tcp://127.0.0.1:0", publish=None, control=None, curve=True)
+        )
     made = init_keys(tmp_path / "k")
     made["allowed"].joinpath("client.key").unlink()
     with pytest.raises(CurveKeysMissing, match="livescope keys allow"):
-        Pipeline(DaemonConfig(source="zmq", out=None, ingest="tcp://127.0.0.1:0", publish=None, control=None,
-                              curve_dir=str(made["folder"])))
+        Pipeline(
+            DaemonConfig(
+                source="zmq",
+                out=None,
+                ingest="tcp://127.0.0.1:0",
+                publish=None,
+                control=None,
+                curve_dir=str(made["folder"]),
+            )
+        )
 
 
 def test_only_allowed_keys_send_frames_see_previews_and_send_commands(keys, free_address, tmp_path):
     made, good, intruder = keys
-    cfg = DaemonConfig(source="zmq", engines=["passthrough"], out=None, ingest=free_address(),
-                       publish=free_address(), control=free_address(), restore=free_address(), exit_on_end=False,
-                       preview_hz=50.0, curve=True, curve_dir=str(made["folder"]))
+    cfg = DaemonConfig(
+        source="zmq",
+        engines=["passthrough"],
+        out=None,
+        ingest=free_address(),
+        publish=free_address(),
+        control=free_address(),
+        restore=free_address(),
+        exit_on_end=False,
+        preview_hz=50.0,
+        curve=True,
+        curve_dir=str(made["folder"]),
+    )
     pipeline = Pipeline(cfg)
     server = ControlServer(cfg.control, pipeline.handle, curve=pipeline.curve)
     pipeline.start()
     server.start()
-    subs = {"good": PreviewSubscriber(cfg.publish, curve=good),
-            "intruder": PreviewSubscriber(cfg.publish, curve=intruder),
-            "plain": PreviewSubscriber(cfg.publish)}
-    pubs = {"intruder": FramePublisher(cfg.ingest, stream="intruder", curve=intruder),
-            "plain": FramePublisher(cfg.ingest, stream="plain")}
+    subs = {
+        "good": PreviewSubscriber(cfg.publish, curve=good),
+        "intruder": PreviewSubscriber(cfg.publish, curve=intruder),
+        "plain": PreviewSubscriber(cfg.publish),
+    }
+    pubs = {
+        "intruder": FramePublisher(cfg.ingest, stream="intruder", curve=intruder),
+        "plain": FramePublisher(cfg.ingest, stream="plain"),
+    }
     good_pub = FramePublisher(cfg.ingest, stream="good", curve=good)
     seen = {name: 0 for name in subs}
     frame = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)
@@ -106,8 +143,11 @@ def test_only_allowed_keys_send_frames_see_previews_and_send_commands(keys, free
                 seen[name] += len(sub.latest())
             return seen["good"] > 0 and pipeline.received > 0
 
-        wait_for(good_frames_arrive_and_previews_reach_the_good_viewer, timeout=20,
-                 message="frames from the allowed publisher and previews at the allowed viewer")
+        wait_for(
+            good_frames_arrive_and_previews_reach_the_good_viewer,
+            timeout=20,
+            message="frames from the allowed publisher and previews at the allowed viewer",
+        )
         time.sleep(0.3)  # time for anything unwelcome that got through to show
         for name, sub in subs.items():
             seen[name] += len(sub.latest())
@@ -120,8 +160,10 @@ def test_only_allowed_keys_send_frames_see_previews_and_send_commands(keys, free
 
         # commands: the intruder holds even the right token (same user here) and is not answered
         token = server.token
-        for client in (ControlClient(cfg.control, timeout_s=0.5, curve=intruder, token=token),
-                       ControlClient(cfg.control, timeout_s=0.5, token=token)):
+        for client in (
+            ControlClient(cfg.control, timeout_s=0.5, curve=intruder, token=token),
+            ControlClient(cfg.control, timeout_s=0.5, token=token),
+        ):
             with pytest.raises(ControlTimeout):
                 client.request("stop")
             client.close()
@@ -159,13 +201,23 @@ def test_in_process_source_with_curve_uses_an_owner_only_ipc_endpoint(keys, free
         pytest.skip("ipc sockets are POSIX only; on Windows an in-process source with CURVE is refused")
     monkeypatch.setenv("LIVESCOPE_RUNTIME_DIR", str(tmp_path / "run"))
     made, good, _ = keys
-    cfg = DaemonConfig(source="sim", engines=[], out=None, frames=4, ingest=free_address(), publish=None,
-                       control=None, sim_shape=(32, 32), sim_interval_s=0.0, curve=True,
-                       curve_dir=str(made["folder"]))
+    cfg = DaemonConfig(
+        source="sim",
+        engines=[],
+        out=None,
+        frames=4,
+        ingest=free_address(),
+        publish=None,
+        control=None,
+        sim_shape=(32, 32),
+        sim_interval_s=0.0,
+        curve=True,
+        curve_dir=str(made["folder"]),
+    )
     modes = []
 
     def look(pipeline):
-        path = pipeline.source_ingest[len("ipc://"):]
+        path = pipeline.source_ingest[len("ipc://") :]
         modes.append((stat.S_IMODE(os.stat(path).st_mode), stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode)))
 
     summary = run_daemon(cfg, on_started=look)

@@ -18,9 +18,16 @@ FRAMES = 50
 
 
 def _run(tmp_path, free_address, *, correct: bool):
-    cfg = DaemonConfig(source="zmq", engines=["register"], out=tmp_path / f"drift{correct}.zarr",
-                       ingest=free_address(), publish=None, control=free_address(), exit_on_end=True,
-                       engine_params={"register": {"feedback": correct, "feedback_threshold_px": 1.0}})
+    cfg = DaemonConfig(
+        source="zmq",
+        engines=["register"],
+        out=tmp_path / f"drift{correct}.zarr",
+        ingest=free_address(),
+        publish=None,
+        control=free_address(),
+        exit_on_end=True,
+        engine_params={"register": {"feedback": correct, "feedback_threshold_px": 1.0}},
+    )
     pipeline = Pipeline(cfg)
     server = ControlServer(cfg.control, pipeline.handle)
     pipeline.start()
@@ -68,9 +75,19 @@ def test_decomposition_background_on_a_registered_drifting_stream_matches_no_dri
     from livescope.daemon.cli import run_daemon
 
     def background(drift, engines, name):
-        cfg = DaemonConfig(source="sim", engines=engines, out=tmp_path / name, frames=60, sim_shape=(128, 128),
-                           sim_interval_s=0.0, sim_drift=drift, sim_seed=5, ingest=free_address(), publish=None,
-                           control=None)
+        cfg = DaemonConfig(
+            source="sim",
+            engines=engines,
+            out=tmp_path / name,
+            frames=60,
+            sim_shape=(128, 128),
+            sim_interval_s=0.0,
+            sim_drift=drift,
+            sim_seed=5,
+            ingest=free_address(),
+            publish=None,
+            control=None,
+        )
         # every frame through the chain (the test compares the last background, not throughput)
         cfg.sim_interval_s = 0.03
         run_daemon(cfg)

@@ -35,8 +35,16 @@ def small_disk(tmp_path):
 @pytest.mark.parametrize("shape", [(256, 128), (96, 128)])  # the disk fills in a shard write / in a resize
 def test_disk_full_is_counted_store_stays_readable_producer_never_blocked(small_disk, free_address, shape):
     n = 150 if shape[0] == 256 else 300
-    cfg = DaemonConfig(source="zmq", out=small_disk / "out.zarr", frames=n, ingest=free_address(), publish=None,
-                       control=None, exit_on_end=False, min_free_gb=0.0)
+    cfg = DaemonConfig(
+        source="zmq",
+        out=small_disk / "out.zarr",
+        frames=n,
+        ingest=free_address(),
+        publish=None,
+        control=None,
+        exit_on_end=False,
+        min_free_gb=0.0,
+    )
     # 150 frames of 64 kB (9.8 MB) or 24 kB (3.7 MB + a grown time axis) onto a 6 MB disk
     n = 150 if shape[0] == 256 else 300
     frames = np.random.default_rng(0).integers(0, 4096, (n, *shape), dtype=np.uint16)
@@ -72,8 +80,17 @@ def test_restart_on_the_same_output_continues_as_a_new_segment(tmp_path, free_ad
     out = tmp_path / "run.zarr"
 
     def cfg(**kw):
-        return DaemonConfig(source="sim", out=out, frames=4, sim_shape=(32, 32), sim_interval_s=0.0,
-                            ingest=free_address(), publish=None, control=None, **kw)
+        return DaemonConfig(
+            source="sim",
+            out=out,
+            frames=4,
+            sim_shape=(32, 32),
+            sim_interval_s=0.0,
+            ingest=free_address(),
+            publish=None,
+            control=None,
+            **kw,
+        )
 
     run_daemon(cfg())
     with pytest.raises(StoreError, match="--resume"):
@@ -83,8 +100,9 @@ def test_restart_on_the_same_output_continues_as_a_new_segment(tmp_path, free_ad
     first = zarr.open_array(str(out / "raw" / "0"), mode="r")[...]
     second = zarr.open_array(str(out / "raw_seg1" / "0"), mode="r")[...]
     np.testing.assert_array_equal(first, np.stack([SimSample(SimConfig(shape=(32, 32))).render(t) for t in range(4)]))
-    np.testing.assert_array_equal(second, np.stack([SimSample(SimConfig(shape=(32, 32), seed=1)).render(t)
-                                                    for t in range(4)]))
+    np.testing.assert_array_equal(
+        second, np.stack([SimSample(SimConfig(shape=(32, 32), seed=1)).render(t) for t in range(4)])
+    )
     root = json.loads((out / "zarr.json").read_text())["attributes"]["livescope"]
     assert [(i["path"], i["segment"]) for i in root["images"]] == [("raw", 0), ("raw_seg1", 1)]
     assert len(root["runs"]) == 1 and root["runs"][0]["saved"] == {"raw": 4}

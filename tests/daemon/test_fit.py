@@ -25,8 +25,12 @@ def test_fit_a_file_writes_a_model_and_loss_curve(tmp_path, capsys):
     sample = SimSample(SimConfig(shape=(64, 64), seed=2))
     tifffile.imwrite(tmp_path / "movie.tif", np.stack([sample.render(t) for t in range(6)]))
     out = tmp_path / "mine.lsm"
-    assert main(["fit", str(tmp_path / "movie.tif"), "--out", str(out), "--steps", "3", "--frames", "6",
-                 "--seconds", "60"]) == 0
+    assert (
+        main(
+            ["fit", str(tmp_path / "movie.tif"), "--out", str(out), "--steps", "3", "--frames", "6", "--seconds", "60"]
+        )
+        == 0
+    )
     model = modelfile.load(out)
     assert model.hash and "movie.tif" in model.metadata["training"]["data"]
     curve = (tmp_path / "mine.lsm.loss.csv").read_text().splitlines()
@@ -43,16 +47,48 @@ def test_fit_decompose_then_process_with_the_learned_model(tmp_path, capsys):
     movie = np.stack([sample.render(t) for t in range(40)])
     tifffile.imwrite(tmp_path / "movie.tif", movie)
     out = tmp_path / "lags.lsm"
-    assert main(["fit", str(tmp_path / "movie.tif"), "--task", "decompose", "--out", str(out),
-                 "--steps", "8", "--seconds", "60"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                str(tmp_path / "movie.tif"),
+                "--task",
+                "decompose",
+                "--out",
+                str(out),
+                "--steps",
+                "8",
+                "--seconds",
+                "60",
+            ]
+        )
+        == 0
+    )
     assert "decompose.model=" in capsys.readouterr().out
     model = modelfile.load(out)
     assert model.task == "decompose" and model.arch["lags"] == [8, 4, 2, 1]
-    assert main(["process", str(tmp_path / "movie.tif"), "--out", str(tmp_path / "o.zarr"),
-                 "--engines", "decompose", "--param", "decompose.method=learned",
-                 "--param", f"decompose.model={out}", "--workers", "0"]) == 0
-    parts = {k: zarr.open_array(str(tmp_path / "o.zarr" / k / "0"))[...]
-             for k in ("background", "slow", "fast", "residual")}
+    assert (
+        main(
+            [
+                "process",
+                str(tmp_path / "movie.tif"),
+                "--out",
+                str(tmp_path / "o.zarr"),
+                "--engines",
+                "decompose",
+                "--param",
+                "decompose.method=learned",
+                "--param",
+                f"decompose.model={out}",
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
+    parts = {
+        k: zarr.open_array(str(tmp_path / "o.zarr" / k / "0"))[...] for k in ("background", "slow", "fast", "residual")
+    }
     total = sum(parts.values()).reshape(movie.shape)
     np.testing.assert_allclose(total, movie, atol=0.05)
     import json
@@ -77,9 +113,17 @@ def test_compile_without_tensorrt_names_the_fix(capsys):
 
 
 def test_live_fit_hot_swaps_without_losing_frames(tmp_path, free_address):
-    cfg = DaemonConfig(source="zmq", engines=["denoise"], out=tmp_path / "live.zarr", frames=40,
-                       ingest=free_address(), publish=None, control=free_address(), exit_on_end=False,
-                       engine_params={"denoise": {"backend": "onnxruntime", "tile": 0}})
+    cfg = DaemonConfig(
+        source="zmq",
+        engines=["denoise"],
+        out=tmp_path / "live.zarr",
+        frames=40,
+        ingest=free_address(),
+        publish=None,
+        control=free_address(),
+        exit_on_end=False,
+        engine_params={"denoise": {"backend": "onnxruntime", "tile": 0}},
+    )
     sample = SimSample(SimConfig(shape=(64, 64), seed=3))
     states = {}
 
@@ -94,8 +138,14 @@ def test_live_fit_hot_swaps_without_losing_frames(tmp_path, free_address):
                 for t in range(40):
                     pub.send(sample.render(t), index={"t": t}, camera={"offset": 100.0, "gain": 0.5})
                     if t == 20:  # keep streaming while the fit finishes, then let the swap happen
-                        st = wait_for(lambda: (client.status().get("fit") or {}).get("state") in ("done", "failed")
-                                      and client.status(), timeout=120, message="the fit")
+                        st = wait_for(
+                            lambda: (
+                                (client.status().get("fit") or {}).get("state") in ("done", "failed")
+                                and client.status()
+                            ),
+                            timeout=120,
+                            message="the fit",
+                        )
                         states["fit"] = st["fit"]
                 states["final"] = client.status()
             finally:
@@ -118,8 +168,15 @@ def test_swap_model_paths_are_confined_to_the_output_folder(tmp_path, free_addre
     from livescope.daemon.control import ControlServer
     from livescope.daemon.pipeline import Pipeline
 
-    cfg = DaemonConfig(source="zmq", engines=["denoise"], out=tmp_path / "o.zarr", ingest=free_address(),
-                       publish=None, control=free_address(), exit_on_end=False)
+    cfg = DaemonConfig(
+        source="zmq",
+        engines=["denoise"],
+        out=tmp_path / "o.zarr",
+        ingest=free_address(),
+        publish=None,
+        control=free_address(),
+        exit_on_end=False,
+    )
     pipeline = Pipeline(cfg)
     server = ControlServer(cfg.control, pipeline.handle)
     pipeline.start()
@@ -148,8 +205,27 @@ def test_fit_deconvolve_from_a_file_then_process(tmp_path, capsys):
     movie = np.stack([sample.render(t) for t in range(6)])
     tifffile.imwrite(tmp_path / "movie.tif", movie)
     out = tmp_path / "deconv.lsm"
-    assert main(["fit", str(tmp_path / "movie.tif"), "--task", "deconvolve", "--out", str(out), "--steps", "3",
-                 "--psf-sigma", "1.2", "--psf-sigma-corner", "2.5", "--seconds", "60"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                str(tmp_path / "movie.tif"),
+                "--task",
+                "deconvolve",
+                "--out",
+                str(out),
+                "--steps",
+                "3",
+                "--psf-sigma",
+                "1.2",
+                "--psf-sigma-corner",
+                "2.5",
+                "--seconds",
+                "60",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "deconvolve.method=net" in printed and "2.5 px (corners)" in printed
     model = modelfile.load(out)
@@ -159,9 +235,27 @@ def test_fit_deconvolve_from_a_file_then_process(tmp_path, capsys):
     # z-stacks: (t, z, y, x) with 3 planes, the network applied plane by plane
     stacks = np.stack([np.stack([sample.render(t, 0, z, (z - 1) * 0.5) for z in range(3)]) for t in range(2)])
     tifffile.imwrite(tmp_path / "stacks.tif", stacks, imagej=True, metadata={"axes": "TZYX"})
-    assert main(["process", str(tmp_path / "stacks.tif"), "--out", str(tmp_path / "o.zarr"), "--engines",
-                 "deconvolve", "--param", "deconvolve.method=net", "--param", f"deconvolve.model={out}",
-                 "--param", "deconvolve.volume=true", "--workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "process",
+                str(tmp_path / "stacks.tif"),
+                "--out",
+                str(tmp_path / "o.zarr"),
+                "--engines",
+                "deconvolve",
+                "--param",
+                "deconvolve.method=net",
+                "--param",
+                f"deconvolve.model={out}",
+                "--param",
+                "deconvolve.volume=true",
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     got = zarr.open_array(str(tmp_path / "o.zarr" / "deconvolved" / "0"))[...]
     assert got.shape[-3:] == (3, 48, 48) and np.isfinite(got).all() and got.max() > 0
     assert main(["fit", str(tmp_path / "movie.tif"), "--task", "deconvolve", "--out", str(out), "--na", "1.2"]) == 2
@@ -182,8 +276,14 @@ def _live_fit(cfg, request, sample, n=30, at=12):
                 for t in range(n):
                     pub.send(sample.render(t), index={"t": t}, camera={"offset": 100.0, "gain": 0.5})
                     if t == at and states["reply"]["ok"]:
-                        st = wait_for(lambda: (client.status().get("fit") or {}).get("state") in ("done", "failed")
-                                      and client.status(), timeout=120, message="the fit")
+                        st = wait_for(
+                            lambda: (
+                                (client.status().get("fit") or {}).get("state") in ("done", "failed")
+                                and client.status()
+                            ),
+                            timeout=120,
+                            message="the fit",
+                        )
                         states["fit"] = st["fit"]
             finally:
                 pub.close()
@@ -200,12 +300,21 @@ def test_live_fit_turns_classical_deconvolution_into_the_network(tmp_path, free_
     two frames (method=net), no frame lost; a refit of the network on `restore` is refused."""
     import zarr
 
-    cfg = DaemonConfig(source="zmq", engines=["deconvolve"], out=tmp_path / "live.zarr", frames=30,
-                       ingest=free_address(), publish=None, control=free_address(), exit_on_end=False,
-                       engine_params={"deconvolve": {"psf_sigma": 1.6}})
+    cfg = DaemonConfig(
+        source="zmq",
+        engines=["deconvolve"],
+        out=tmp_path / "live.zarr",
+        frames=30,
+        ingest=free_address(),
+        publish=None,
+        control=free_address(),
+        exit_on_end=False,
+        engine_params={"deconvolve": {"psf_sigma": 1.6}},
+    )
     sample = SimSample(SimConfig(shape=(48, 48), seed=3, psf_sigma=1.2, psf_sigma_corner=2.5))
-    states = _live_fit(cfg, {"engine": "deconvolve", "task": "deconvolve", "frames": 6, "steps": 3,
-                             "seconds": 60}, sample)
+    states = _live_fit(
+        cfg, {"engine": "deconvolve", "task": "deconvolve", "frames": 6, "steps": 3, "seconds": 60}, sample
+    )
     fit, summary = states["fit"], states["summary"]
     assert fit["state"] == "done", fit
     assert fit["task"] == "deconvolve" and fit["collected"] == 6 and fit["step"] == 3
@@ -231,13 +340,28 @@ def test_live_fit_refits_a_restore_model_and_refuses_wrong_tasks(tmp_path, free_
 
     sample = SimSample(SimConfig(shape=(48, 48), seed=4, psf_sigma=1.2, psf_sigma_corner=2.5))
     out = tmp_path / "live.zarr"
-    first = fit_deconvolution(np.stack([sample.render(t) for t in range(4)]).astype(np.float32),
-                              psf=radial_psf_grid((48, 48), 1.2, 2.5), task="restore", steps=2, offset=100.0,
-                              base=8, depth=2, restore_window=3)
+    first = fit_deconvolution(
+        np.stack([sample.render(t) for t in range(4)]).astype(np.float32),
+        psf=radial_psf_grid((48, 48), 1.2, 2.5),
+        task="restore",
+        steps=2,
+        offset=100.0,
+        base=8,
+        depth=2,
+        restore_window=3,
+    )
     start = first.model.save(tmp_path / "first.lsm")
-    cfg = DaemonConfig(source="zmq", engines=["restore"], out=out, frames=20, ingest=free_address(),
-                       publish=None, control=free_address(), exit_on_end=False,
-                       engine_params={"restore": {"model": str(start), "backend": "onnxruntime", "tile": 0}})
+    cfg = DaemonConfig(
+        source="zmq",
+        engines=["restore"],
+        out=out,
+        frames=20,
+        ingest=free_address(),
+        publish=None,
+        control=free_address(),
+        exit_on_end=False,
+        engine_params={"restore": {"model": str(start), "backend": "onnxruntime", "tile": 0}},
+    )
     states = _live_fit(cfg, {"engine": "restore", "frames": 5, "steps": 2, "seconds": 60}, sample, n=20, at=8)
     fit = states["fit"]
     assert fit["state"] == "done" and fit["task"] == "restore", fit
@@ -249,13 +373,22 @@ def test_live_fit_refits_a_restore_model_and_refuses_wrong_tasks(tmp_path, free_
 
     from livescope.daemon.pipeline import Pipeline
 
-    cfg2 = DaemonConfig(source="zmq", engines=["restore"], out=tmp_path / "o2.zarr", ingest=free_address(),
-                        publish=None, control=free_address(), exit_on_end=False,
-                        engine_params={"restore": {"model": str(start)}})
+    cfg2 = DaemonConfig(
+        source="zmq",
+        engines=["restore"],
+        out=tmp_path / "o2.zarr",
+        ingest=free_address(),
+        publish=None,
+        control=free_address(),
+        exit_on_end=False,
+        engine_params={"restore": {"model": str(start)}},
+    )
     pipeline = Pipeline(cfg2)
     try:
-        assert "cannot run a model fitted for 'denoise'" in pipeline.handle({"cmd": "fit", "engine": "restore",
-                                                                              "task": "denoise"})["error"]
+        assert (
+            "cannot run a model fitted for 'denoise'"
+            in pipeline.handle({"cmd": "fit", "engine": "restore", "task": "denoise"})["error"]
+        )
         assert "not running" in pipeline.handle({"cmd": "fit", "engine": "denoise"})["error"]
     finally:
         pipeline.close()

@@ -23,8 +23,9 @@ from tests.clients.bare import BareClient
 
 
 def _cfg(tmp_path, free_address, **kw):
-    base = dict(out=tmp_path / "out.zarr", ingest=free_address(), publish=None, control=None, source="zmq",
-                exit_on_end=True)
+    base = dict(
+        out=tmp_path / "out.zarr", ingest=free_address(), publish=None, control=None, source="zmq", exit_on_end=True
+    )
     base.update(kw)
     return DaemonConfig(**base)
 
@@ -44,17 +45,20 @@ def _raw(cfg, name="raw"):
     return zarr.open_array(str(cfg.out / name / "0"), mode="r")
 
 
-@pytest.mark.parametrize("odd", [
-    {"binning": "2x2"},
-    {"sizes": {"c": "two"}},
-    {"sizes": {"q": 3}},
-    {"camera": {"offset": "100"}},
-    {"pixel_size_affine": [1, 0, 0]},
-    {"channel": ["GFP"]},
-    {"index": {"c": 3_000_000}},
-    {"sizes": {"c": 256, "z": 10_000}},
-    {"acquisition": "first"},
-])
+@pytest.mark.parametrize(
+    "odd",
+    [
+        {"binning": "2x2"},
+        {"sizes": {"c": "two"}},
+        {"sizes": {"q": 3}},
+        {"camera": {"offset": "100"}},
+        {"pixel_size_affine": [1, 0, 0]},
+        {"channel": ["GFP"]},
+        {"index": {"c": 3_000_000}},
+        {"sizes": {"c": 256, "z": 10_000}},
+        {"acquisition": "first"},
+    ],
+)
 def test_one_odd_header_opening_a_segment_is_refused_and_ingest_goes_on(tmp_path, free_address, odd):
     cfg = _cfg(tmp_path, free_address)
     frames = np.random.default_rng(1).integers(0, 60000, (6, 16, 16), dtype=np.uint16)
@@ -306,8 +310,9 @@ def test_live_mode_frames_are_previewed_not_saved_unless_asked(tmp_path, free_ad
     from livescope.bridges.transport import PreviewSubscriber
     from tests.conftest import wait_for
 
-    cfg = _cfg(tmp_path, free_address, publish=free_address(), save_live=save_live, engines=["passthrough"],
-               preview_hz=50.0)
+    cfg = _cfg(
+        tmp_path, free_address, publish=free_address(), save_live=save_live, engines=["passthrough"], preview_hz=50.0
+    )
     seen: dict = {}
 
     def publish(_):

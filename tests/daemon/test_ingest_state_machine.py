@@ -50,8 +50,15 @@ class DaemonIngest(RuleBasedStateMachine):
 
         self.tmp = tempfile.TemporaryDirectory(prefix="livescope-stateful-")
         self.out = Path(self.tmp.name) / "out.zarr"
-        cfg = DaemonConfig(source="zmq", out=self.out, ingest=free_tcp_address(), publish=None, control=None,
-                           exit_on_end=False, memory_budget_mb=BUDGET_MB)
+        cfg = DaemonConfig(
+            source="zmq",
+            out=self.out,
+            ingest=free_tcp_address(),
+            publish=None,
+            control=None,
+            exit_on_end=False,
+            memory_budget_mb=BUDGET_MB,
+        )
         self.pipeline = Pipeline(cfg)
         self.pipeline.start()
         self.ctx = zmq.Context.instance()
@@ -112,15 +119,24 @@ class DaemonIngest(RuleBasedStateMachine):
         t = self.next_t.get(key, 0)
         self.uid += 1
         arr = _pattern(self.uid, shape)
-        header = self._header(stream, shape, index={"t": t}, meta={"channels": 3, "x": [1, {"y": None}]},
-                              camera={"offset": 100, "gain": 0.5}, interval_s=0.0, binning=2)
+        header = self._header(
+            stream,
+            shape,
+            index={"t": t},
+            meta={"channels": 3, "x": [1, {"y": None}]},
+            camera={"offset": 100, "gain": 0.5},
+            interval_s=0.0,
+            binning=2,
+        )
         self._send(stream, header, arr.tobytes(), routed=True)
         self.next_t[key] = t + 1
         self.sent_t.setdefault(key, []).append(t)
         self.accepted[self.uid] = arr
 
-    @rule(stream=st.sampled_from(STREAMS), kind=st.sampled_from(
-        ["bad_json", "size_mismatch", "binning", "sizes", "outside_sizes", "huge_t", "bad_dtype"]))
+    @rule(
+        stream=st.sampled_from(STREAMS),
+        kind=st.sampled_from(["bad_json", "size_mismatch", "binning", "sizes", "outside_sizes", "huge_t", "bad_dtype"]),
+    )
     def invalid_frame(self, stream, kind) -> None:
         shape = SHAPES[0]
         payload = np.zeros(shape, np.uint16).tobytes()
@@ -153,8 +169,9 @@ class DaemonIngest(RuleBasedStateMachine):
             return
         stream, _, shape = data.draw(st.sampled_from(sorted(keys)))
         t = data.draw(st.sampled_from(self.sent_t[(stream, self.epoch[stream], shape)]))
-        self._send(stream, self._header(stream, shape, index={"t": t}), np.zeros(shape, np.uint16).tobytes(),
-                   routed=True)
+        self._send(
+            stream, self._header(stream, shape, index={"t": t}), np.zeros(shape, np.uint16).tobytes(), routed=True
+        )
         self.refused += 1
 
     @precondition(lambda self: any(v >= 1 for v in self.seq.values()))
@@ -207,8 +224,14 @@ class DaemonIngest(RuleBasedStateMachine):
                 status = read_records(image)["status"]
                 for lead in zip(*np.nonzero(status == STATUS["saved"]), strict=True):
                     plane = data[lead]
-                    uid = next((u for u, a in self.accepted.items() if a.shape == plane.shape
-                                and a[0, 0] == plane[0, 0] and np.array_equal(a, plane)), None)
+                    uid = next(
+                        (
+                            u
+                            for u, a in self.accepted.items()
+                            if a.shape == plane.shape and a[0, 0] == plane[0, 0] and np.array_equal(a, plane)
+                        ),
+                        None,
+                    )
                     assert uid is not None, f"{image.name}{lead}: a plane nobody sent as valid"
                     found[uid] = found.get(uid, 0) + 1
             assert found == {u: 1 for u in self.accepted}, "every accepted frame on disk exactly once"

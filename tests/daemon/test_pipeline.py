@@ -24,8 +24,18 @@ def _cfg(tmp_path, free_address, **kw):
 
 
 def test_sim_two_channels_z_stack_every_raw_frame_saved_bit_exact(tmp_path, free_address):
-    cfg = _cfg(tmp_path, free_address, source="sim", frames=6, sim_shape=(48, 64),
-               sim_channels=("GFP", "mCherry"), sim_z=3, sim_interval_s=0.0, engines=["passthrough"], sim_seed=7)
+    cfg = _cfg(
+        tmp_path,
+        free_address,
+        source="sim",
+        frames=6,
+        sim_shape=(48, 64),
+        sim_channels=("GFP", "mCherry"),
+        sim_z=3,
+        sim_interval_s=0.0,
+        engines=["passthrough"],
+        sim_seed=7,
+    )
     summary = run_daemon(cfg)
     assert summary["frames"]["received"] == 6 * 2 * 3
     assert summary["frames"]["saved"] == 36 and summary["frames"]["lost"] == 0
@@ -55,8 +65,15 @@ def test_sim_two_channels_z_stack_every_raw_frame_saved_bit_exact(tmp_path, free
 
 
 def test_raw_keeps_every_frame_while_a_slow_engine_skips(tmp_path, free_address):
-    cfg = _cfg(tmp_path, free_address, source="zmq", frames=60, engines=["passthrough"],
-               engine_params={"passthrough": {"delay_s": 0.05}}, exit_on_end=False)
+    cfg = _cfg(
+        tmp_path,
+        free_address,
+        source="zmq",
+        frames=60,
+        engines=["passthrough"],
+        engine_params={"passthrough": {"delay_s": 0.05}},
+        exit_on_end=False,
+    )
     frames = np.random.default_rng(0).integers(0, 4000, (60, 32, 32), dtype=np.uint16)
 
     def publish(pipeline):
@@ -106,8 +123,9 @@ def test_malformed_frames_are_counted_and_the_daemon_keeps_running(tmp_path, fre
         sock = zmq.Context.instance().socket(zmq.PUSH)
         sock.connect(cfg.ingest)
         sock.send_multipart([b"{garbage", b"123"])
-        sock.send_multipart([json.dumps({"v": 1, "stream": "x", "seq": 0, "shape": [4, 4], "dtype": "uint16"}).encode(),
-                             b"short"])
+        sock.send_multipart(
+            [json.dumps({"v": 1, "stream": "x", "seq": 0, "shape": [4, 4], "dtype": "uint16"}).encode(), b"short"]
+        )
         sock.close(linger=2000)
         pub = FramePublisher(cfg.ingest, stream="cam", block=True)
         for t in range(3):
@@ -144,8 +162,15 @@ def test_engine_failures_pass_frames_through_and_disable_the_engine(tmp_path, fr
         raise RuntimeError("engine exploded")
 
     monkeypatch.setattr(Passthrough, "process", boom)
-    cfg = _cfg(tmp_path, free_address, source="zmq", frames=12, exit_on_end=False, engines=["passthrough"],
-               max_engine_failures=3)
+    cfg = _cfg(
+        tmp_path,
+        free_address,
+        source="zmq",
+        frames=12,
+        exit_on_end=False,
+        engines=["passthrough"],
+        max_engine_failures=3,
+    )
 
     def publish(pipeline):
         pub = FramePublisher(cfg.ingest, stream="cam", block=True)
@@ -214,8 +239,9 @@ def test_file_source_replays_a_tiff(tmp_path, free_address, real_data):
 
 
 def test_unknown_engine_is_reported_not_fatal(tmp_path, free_address):
-    cfg = _cfg(tmp_path, free_address, source="sim", frames=3, sim_shape=(32, 32), sim_interval_s=0.0,
-               engines=["nonexistent"])
+    cfg = _cfg(
+        tmp_path, free_address, source="sim", frames=3, sim_shape=(32, 32), sim_interval_s=0.0, engines=["nonexistent"]
+    )
     summary = run_daemon(cfg)
     assert summary["frames"]["saved"] == 3
     assert not summary["engines"]["nonexistent"]["enabled"]
@@ -247,8 +273,16 @@ def test_volume_engines_get_assembled_stacks_and_products_land_per_plane(tmp_pat
             total = stack.astype(np.float32).sum(axis=0)
             return {"zsum": np.broadcast_to(total, stack.shape).copy()}
 
-    cfg = _cfg(tmp_path, free_address, source="sim", frames=3, sim_shape=(32, 40), sim_z=4,
-               sim_interval_s=0.0, engines=["test_zsum"])
+    cfg = _cfg(
+        tmp_path,
+        free_address,
+        source="sim",
+        frames=3,
+        sim_shape=(32, 40),
+        sim_z=4,
+        sim_interval_s=0.0,
+        engines=["test_zsum"],
+    )
     summary = run_daemon(cfg)
     assert summary["frames"]["saved"] == 12
     assert seen_shapes and all(s == (4, 32, 40) for s in seen_shapes)
@@ -265,8 +299,7 @@ def test_volume_engines_get_assembled_stacks_and_products_land_per_plane(tmp_pat
 def test_restore_socket_returns_the_product_and_saves_raw(tmp_path, free_address):
     from livescope.bridges.transport import RestoreClient
 
-    cfg = _cfg(tmp_path, free_address, source="zmq", engines=["passthrough"], exit_on_end=False,
-               restore=free_address())
+    cfg = _cfg(tmp_path, free_address, source="zmq", engines=["passthrough"], exit_on_end=False, restore=free_address())
     pipeline = Pipeline(cfg)
     pipeline.start()
     client = RestoreClient(cfg.restore, stream="pm", timeout_s=5.0)
@@ -299,8 +332,10 @@ def test_restore_client_times_out_without_a_daemon(free_address):
 
 def test_mmcore_source_runs_a_useq_sequence_file_in_process(tmp_path, free_address):
     seq = tmp_path / "seq.yaml"
-    seq.write_text("time_plan:\n  interval: 0\n  loops: 3\nchannels:\n  - config: GFP\n    group: Channel\n"
-                   "  - config: mCherry\n    group: Channel\nz_plan:\n  range: 1.0\n  step: 0.5\naxis_order: tpcz\n")
+    seq.write_text(
+        "time_plan:\n  interval: 0\n  loops: 3\nchannels:\n  - config: GFP\n    group: Channel\n"
+        "  - config: mCherry\n    group: Channel\nz_plan:\n  range: 1.0\n  step: 0.5\naxis_order: tpcz\n"
+    )
     cfg = _cfg(tmp_path, free_address, source="mmcore", sequence=str(seq), sim_shape=(24, 32))
     summary = run_daemon(cfg)
     assert summary["frames"]["saved"] == 3 * 2 * 3
@@ -338,8 +373,15 @@ def test_acquisition_metadata_is_kept_per_frame(tmp_path, free_address):
 
 
 def test_sim_without_frames_runs_until_stopped(tmp_path, free_address):
-    cfg = _cfg(tmp_path, free_address, source="sim", frames=None, sim_shape=(24, 24), sim_interval_s=0.01,
-               sim_channels=("GFP", "mCherry"))
+    cfg = _cfg(
+        tmp_path,
+        free_address,
+        source="sim",
+        frames=None,
+        sim_shape=(24, 24),
+        sim_interval_s=0.01,
+        sim_channels=("GFP", "mCherry"),
+    )
 
     def stop_later(pipeline):
         def run():
@@ -359,12 +401,18 @@ def test_sim_without_frames_runs_until_stopped(tmp_path, free_address):
 def test_calibration_file_reaches_the_denoiser(tmp_path, free_address):
     """`livescope daemon --calibration CAL.json`: the denoiser normalises with that camera model."""
     pytest.importorskip("onnxruntime")
-    cal = {"gain_adu_per_e": 0.5, "intercept_adu2": 0.64 - 0.5 * 100, "offset_adu": 100.0,
-           "read_var_adu2": 0.64, "excess_noise_factor": 1.0}
+    cal = {
+        "gain_adu_per_e": 0.5,
+        "intercept_adu2": 0.64 - 0.5 * 100,
+        "offset_adu": 100.0,
+        "read_var_adu2": 0.64,
+        "excess_noise_factor": 1.0,
+    }
     path = tmp_path / "cal.json"
     path.write_text(json.dumps(cal))
-    cfg = _cfg(tmp_path, free_address, source="zmq", engines=["denoise"], exit_on_end=False, out=None,
-               calibration=str(path))
+    cfg = _cfg(
+        tmp_path, free_address, source="zmq", engines=["denoise"], exit_on_end=False, out=None, calibration=str(path)
+    )
     pipeline = Pipeline(cfg)
     pipeline.start()
     try:

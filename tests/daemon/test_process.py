@@ -26,9 +26,6 @@ from ..conftest import wait_for
 pytest.importorskip("distributed", reason="dask.distributed is not installed: pip install 'dask[distributed]'")
 
 
-
-
-
 def _movie(tmp_path: Path, shape=(20, 2, 40, 48), seed=0, flash: tuple | None = None) -> Path:
     import tifffile
 
@@ -38,7 +35,7 @@ def _movie(tmp_path: Path, shape=(20, 2, 40, 48), seed=0, flash: tuple | None = 
     if flash is not None:  # a sudden event: a bright patch in one frame of one channel
         movie[flash] += 1500
     path = tmp_path / "m.tif"
-    tifffile.imwrite(path, movie, imagej=True, metadata={"axes": "TCYX"[-len(shape):] if len(shape) == 4 else "TYX"})
+    tifffile.imwrite(path, movie, imagej=True, metadata={"axes": "TCYX"[-len(shape) :] if len(shape) == 4 else "TYX"})
     return path
 
 
@@ -106,22 +103,27 @@ def test_inputs_ome_zarr_ndtiff_and_hyperstack_axes(tmp_path, client):
     np.testing.assert_array_equal(src.read(1, 4, 1, 2, (3, 9), (0, 24)), movie[1:4, 2, 1, 3:9])
     np.testing.assert_array_equal(src.read(0, 2, 0, None, (0, 20), (5, 7)), movie[0:2, :, 0, :, 5:7])
     # the output of one run is the input of the next: livescope's own OME-Zarr (t, c, z, y, x)
-    res = process_file(tmp_path / "h.tif", tmp_path / "a.zarr", ["passthrough"], chunk_t=2, workers=1,
-                       processes=False, progress=False)
+    res = process_file(
+        tmp_path / "h.tif", tmp_path / "a.zarr", ["passthrough"], chunk_t=2, workers=1, processes=False, progress=False
+    )
     assert res["frames"] == 5 * 3 * 2
     own = zarr.open_array(str(tmp_path / "a.zarr" / "raw" / "0"), mode="r")[...]
     np.testing.assert_array_equal(own, movie.transpose(0, 2, 1, 3, 4))
     job = plan_job(tmp_path / "a.zarr", tmp_path / "b.zarr", ["passthrough"], chunk_t=3)
     run_job(job, client=client, progress=False)
-    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "b.zarr" / "passthrough" / "0"))[...],
-                                  own.astype(np.float32))
+    np.testing.assert_array_equal(
+        zarr.open_array(str(tmp_path / "b.zarr" / "passthrough" / "0"))[...], own.astype(np.float32)
+    )
     # NDTiff (Pycro-Manager), read with its own reader
     ndstorage = pytest.importorskip("ndstorage", reason="ndstorage is not installed")
     ds = ndstorage.NDTiffDataset(str(tmp_path / "nd"), name="acq", writable=True)
     ds.initialize({})
     for t, c, z in np.ndindex(5, 2, 3):
-        ds.put_image({"time": t, "channel": c, "z": z}, movie[t, z, c],
-                     {"PixelType": "GRAY16", "Width": 24, "Height": 20, "BitDepth": 16})
+        ds.put_image(
+            {"time": t, "channel": c, "z": z},
+            movie[t, z, c],
+            {"PixelType": "GRAY16", "Width": 24, "Height": 20, "BitDepth": 16},
+        )
     ds.finish()
     job = plan_job(tmp_path / "nd", tmp_path / "n.zarr", ["passthrough"], chunk_t=2)
     run_job(job, client=client, progress=False)
@@ -139,13 +141,16 @@ def test_a_killed_worker_loses_and_duplicates_nothing(tmp_path):
     job = plan_job(movie, tmp_path / "d.zarr", ["passthrough"], params, chunk_t=2, tile=16)
     total = sum(1 for _ in job.chunks())
     killed = []
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
         pids = client.run(os.getpid)
 
         def kill_one_busy_worker():
-            wait_for(lambda: len(list((job.state_dir / "done").glob("*.json"))) >= 4, timeout=60,
-                     message="first chunks done")
+            wait_for(
+                lambda: len(list((job.state_dir / "done").glob("*.json"))) >= 4, timeout=60, message="first chunks done"
+            )
             busy = wait_for(lambda: [w for w, tasks in client.processing().items() if tasks], timeout=30)
             os.kill(pids[busy[0]], signal.SIGKILL)
             killed.append(busy[0])
@@ -173,8 +178,9 @@ _INTERRUPTED = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("engines", [["passthrough"], ["passthrough", "decompose"]],
-                         ids=["chunks", "in-order-with-checkpoints"])
+@pytest.mark.parametrize(
+    "engines", [["passthrough"], ["passthrough", "decompose"]], ids=["chunks", "in-order-with-checkpoints"]
+)
 def test_resume_after_a_crash_completes_the_output_exactly(tmp_path, engines):
     """The driver is killed (SIGKILL) mid-run; a chunk's data is then damaged without its marker
     being written (a half-written chunk); ``resume`` keeps the complete chunks and redoes the rest."""
@@ -183,11 +189,17 @@ def test_resume_after_a_crash_completes_the_output_exactly(tmp_path, engines):
     ref = process_file(movie, tmp_path / "ref.zarr", engines, params, workers=0, progress=False)
     assert ref["events"] == (1 if "decompose" in engines else 0)
     out = tmp_path / "d.zarr"
-    proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTED, str(movie), str(out), ",".join(engines)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _INTERRUPTED, str(movie), str(out), ",".join(engines)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
-        wait_for(lambda: len(list((out / ".livescope-process" / "done").glob("*.json"))) >= 4 or
-                 proc.poll() is not None, timeout=60, message="some chunks done")
+        wait_for(
+            lambda: len(list((out / ".livescope-process" / "done").glob("*.json"))) >= 4 or proc.poll() is not None,
+            timeout=60,
+            message="some chunks done",
+        )
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         proc.send_signal(signal.SIGKILL)
     finally:
@@ -201,17 +213,22 @@ def test_resume_after_a_crash_completes_the_output_exactly(tmp_path, engines):
     arr[27:30, 1].write(np.full((3, 24, 24), 7, np.uint16)).result()
     job = plan_job(movie, out, engines, params, chunk_t=3)
     with pytest.raises(ValueError, match="another input, engines, parameters or chunking"):
-        run_job(plan_job(movie, out, engines, params, chunk_t=5), resume=True, workers=1, processes=False,
-                progress=False)
+        run_job(
+            plan_job(movie, out, engines, params, chunk_t=5), resume=True, workers=1, processes=False, progress=False
+        )
     res = run_job(job, resume=True, workers=2, processes=False, progress=False)
     assert res["chunks_done_before"] == len(done) and res["chunks"] == 20
     assert res["frames"] == 60 - 3 * len(done)  # only the missing chunks were written
     _assert_same(tmp_path / "ref.zarr", out, ref["images"])
     assert not list((out / ".livescope-process" / "state").glob("*.pkl"))  # chains finished
     # the engines' events: once each, as in the single-process run (``emitted`` is a wall clock)
-    ev_ref, ev = ([{k: v for k, v in e.items() if k != "emitted"} for e in json.loads(
-        (d / "zarr.json").read_text())["attributes"]["livescope"]["provenance"]["events"]]
-        for d in (tmp_path / "ref.zarr", out))
+    ev_ref, ev = (
+        [
+            {k: v for k, v in e.items() if k != "emitted"}
+            for e in json.loads((d / "zarr.json").read_text())["attributes"]["livescope"]["provenance"]["events"]
+        ]
+        for d in (tmp_path / "ref.zarr", out)
+    )
     assert ev == ev_ref and len(ev) == ref["events"]
     if ev:
         assert (ev[0]["t"], ev[0]["c"], ev[0]["kind"]) == (25, 1, "novelty")
@@ -224,8 +241,7 @@ def test_an_existing_output_is_not_overwritten_without_asking(tmp_path, client):
     run_job(plan_job(movie, tmp_path / "o.zarr", ["passthrough"]), client=client, progress=False)
     with pytest.raises(StoreError, match="--overwrite"):
         run_job(plan_job(movie, tmp_path / "o.zarr", ["passthrough"]), client=client, progress=False)
-    res = run_job(plan_job(movie, tmp_path / "o.zarr", ["passthrough"]), client=client, progress=False,
-                  overwrite=True)
+    res = run_job(plan_job(movie, tmp_path / "o.zarr", ["passthrough"]), client=client, progress=False, overwrite=True)
     assert res["saved"]["raw"] == 4
 
 

@@ -19,8 +19,6 @@ PARAMS = {"decompose": {"background_window": 8, "background_samples": 4}}
 FLASH_T, FLASH_C = 25, 1  # a sudden bright patch in one frame of channel 1
 
 
-
-
 def _movie(tmp_path: Path) -> Path:
     import tifffile
 
@@ -72,8 +70,7 @@ def test_events_are_saved_once_after_two_workers_a_rerun_task_and_a_resume(tmp_p
     # and a resume after losing the last chunks of both channels
     for u in range(2):
         job.marker(u, job.n_tchunks - 1, 0, 0).unlink()
-    res = run_job(plan_job(movie, out, ["decompose"], PARAMS, chunk_t=8), client=client, resume=True,
-                  progress=False)
+    res = run_job(plan_job(movie, out, ["decompose"], PARAMS, chunk_t=8), client=client, resume=True, progress=False)
     assert res["chunks_done_before"] == 2 * job.n_tchunks - 2
     events = _events(out)
     assert _comparable(events) == _comparable(ref_events)

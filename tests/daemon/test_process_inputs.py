@@ -18,8 +18,6 @@ from livescope.daemon.process import process_file
 pytest.importorskip("distributed", reason="dask.distributed is not installed: pip install 'dask[distributed]'")
 
 
-
-
 def _array(path: Path) -> np.ndarray:
     return zarr.open_array(str(path / "0"), mode="r")[...]
 
@@ -42,8 +40,11 @@ def test_ndtiff_positions_channels_and_planes_map_onto_output_positions(tmp_path
     ds = ndstorage.NDTiffDataset(str(tmp_path / "nd"), name="acq", writable=True)
     ds.initialize({})
     for t, p, c, z in np.ndindex(*movie.shape[:4]):  # acquisition order: t, position, channel, z
-        ds.put_image({"time": t, "position": p, "channel": c, "z": z}, movie[t, p, c, z],
-                     {"PixelType": "GRAY16", "Width": 24, "Height": 20, "BitDepth": 16})
+        ds.put_image(
+            {"time": t, "position": p, "channel": c, "z": z},
+            movie[t, p, c, z],
+            {"PixelType": "GRAY16", "Width": 24, "Height": 20, "BitDepth": 16},
+        )
     ds.finish()
     src = open_source(tmp_path / "nd")
     assert src.sizes == {"t": 4, "p": 3, "c": 2, "z": 2, "y": 20, "x": 24}
@@ -65,16 +66,19 @@ def test_ndtiff_positions_channels_and_planes_map_onto_output_positions(tmp_path
         np.testing.assert_array_equal(rec["seq"][1, 1, 0], 1 * 12 + p * 4 + 1 * 2 + 0)
     root = json.loads((tmp_path / "n.zarr" / "zarr.json").read_text())["attributes"]["livescope"]
     assert {(i["product"], i["position"]) for i in root["images"]} == {
-        (prod, p) for prod in ("raw", "passthrough") for p in range(3)}
+        (prod, p) for prod in ("raw", "passthrough") for p in range(3)
+    }
 
     # the output of one run is the input of the next, positions and all
     again = open_source(tmp_path / "n.zarr")
     assert again.sizes["p"] == 3 and again.sizes["c"] == 2 and again.sizes["z"] == 2
-    run_job(plan_job(tmp_path / "n.zarr", tmp_path / "m.zarr", ["passthrough"], chunk_t=3), client=client,
-            progress=False)
+    run_job(
+        plan_job(tmp_path / "n.zarr", tmp_path / "m.zarr", ["passthrough"], chunk_t=3), client=client, progress=False
+    )
     for p, suffix in enumerate(("", "_p1", "_p2")):
-        np.testing.assert_array_equal(_array(tmp_path / "m.zarr" / f"passthrough{suffix}"),
-                                      movie[:, p].astype(np.float32))
+        np.testing.assert_array_equal(
+            _array(tmp_path / "m.zarr" / f"passthrough{suffix}"), movie[:, p].astype(np.float32)
+        )
 
 
 @pytest.mark.parametrize(
@@ -99,8 +103,9 @@ def test_engines_on_z_stacks_equal_one_single_process_run(tmp_path, client, engi
             r2 = (yy - 14 - 0.3 * t) ** 2 + (xx - 15 - 0.5 * t) ** 2 + (3 * (z - 2.5 - 0.1 * t)) ** 2
             movie[t, z] = 100 + 800 * np.exp(-r2 / 18) + rng.poisson(20, (32, 32))
     path = tmp_path / "stack.tif"
-    tifffile.imwrite(path, movie, imagej=True, resolution=(1 / 0.2, 1 / 0.2),
-                     metadata={"axes": "TZYX", "spacing": 0.5, "unit": "um"})
+    tifffile.imwrite(
+        path, movie, imagej=True, resolution=(1 / 0.2, 1 / 0.2), metadata={"axes": "TZYX", "spacing": 0.5, "unit": "um"}
+    )
     ref = process_file(path, tmp_path / "ref.zarr", engines, params, workers=0, progress=False)
     assert ref["frames"] == n_t  # one stack per time point
     job = plan_job(path, tmp_path / "d.zarr", engines, params, chunk_t=4)

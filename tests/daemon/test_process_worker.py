@@ -38,8 +38,11 @@ _CHILD = textwrap.dedent("""
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc (Linux) only")
 def test_tune_worker_malloc_stops_the_page_faults_the_nanny_setting_causes():
     env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}  # as distributed.nanny.pre-spawn-environ
-    out = json.loads(subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True,
-                                    check=True, timeout=60).stdout)
+    out = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, check=True, timeout=60
+        ).stdout
+    )
     if not out["changed"]:
         pytest.skip("not glibc: mallopt is not available")
     assert out["before"] > 200  # 256 pages of 4 kB per 1 MB array, faulted in on every step
@@ -47,6 +50,9 @@ def test_tune_worker_malloc_stops_the_page_faults_the_nanny_setting_causes():
     assert out["again"] is False  # once per process
     # without the variable (a plain process, a thread worker) nothing is changed
     env.pop("MALLOC_TRIM_THRESHOLD_")
-    plain = json.loads(subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True,
-                                      check=True, timeout=60).stdout)
+    plain = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, check=True, timeout=60
+        ).stdout
+    )
     assert plain["changed"] is False and plain["before"] < 50  # glibc adapts its thresholds itself

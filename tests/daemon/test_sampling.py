@@ -48,13 +48,30 @@ def test_the_real_bead_stack_says_its_voxel_size(real_data) -> None:
 def test_imagej_ome_and_plain_tiffs(tmp_path) -> None:
     movie = _movie()
     ij = tmp_path / "ij.tif"
-    tifffile.imwrite(ij, movie, imagej=True, resolution=(1 / 0.108, 1 / 0.108),
-                     metadata={"axes": "TYX", "unit": "um", "finterval": 2.5})
+    tifffile.imwrite(
+        ij,
+        movie,
+        imagej=True,
+        resolution=(1 / 0.108, 1 / 0.108),
+        metadata={"axes": "TYX", "unit": "um", "finterval": 2.5},
+    )
     assert open_source(ij).info == pytest.approx({"pixel_size_um": 0.108, "interval_s": 2.5})
     ome = tmp_path / "m.ome.tif"
-    tifffile.imwrite(ome, movie[:, None], ome=True, metadata={
-        "axes": "TZYX", "PhysicalSizeX": 65.0, "PhysicalSizeXUnit": "nm", "PhysicalSizeY": 65.0,
-        "PhysicalSizeYUnit": "nm", "PhysicalSizeZ": 0.3, "TimeIncrement": 500, "TimeIncrementUnit": "ms"})
+    tifffile.imwrite(
+        ome,
+        movie[:, None],
+        ome=True,
+        metadata={
+            "axes": "TZYX",
+            "PhysicalSizeX": 65.0,
+            "PhysicalSizeXUnit": "nm",
+            "PhysicalSizeY": 65.0,
+            "PhysicalSizeYUnit": "nm",
+            "PhysicalSizeZ": 0.3,
+            "TimeIncrement": 500,
+            "TimeIncrementUnit": "ms",
+        },
+    )
     assert open_source(ome).info == pytest.approx({"pixel_size_um": 0.065, "z_step_um": 0.3, "interval_s": 0.5})
     plain = tmp_path / "plain.tif"
     tifffile.imwrite(plain, movie, photometric="minisblack", resolution=(72, 72))  # a print setting, not a pixel size
@@ -66,11 +83,45 @@ def test_sampling_override_reaches_the_engines_and_the_output(tmp_path, capsys) 
     path = tmp_path / "plain.tif"
     tifffile.imwrite(path, movie, photometric="minisblack")
     # the widefield PSF model needs a pixel size the file does not give: refused, saying how
-    assert main(["process", str(path), "--out", str(tmp_path / "a.zarr"), "--workers", "0",
-                 "--engines", "deconvolve", "--na", "0.8"]) != 0
+    assert (
+        main(
+            [
+                "process",
+                str(path),
+                "--out",
+                str(tmp_path / "a.zarr"),
+                "--workers",
+                "0",
+                "--engines",
+                "deconvolve",
+                "--na",
+                "0.8",
+            ]
+        )
+        != 0
+    )
     assert "pixel size" in capsys.readouterr().err
-    assert main(["process", str(path), "--out", str(tmp_path / "b.zarr"), "--workers", "0", "--engines",
-                 "deconvolve", "--na", "0.8", "--pixel-size", "0.1", "--interval", "2"]) == 0
+    assert (
+        main(
+            [
+                "process",
+                str(path),
+                "--out",
+                str(tmp_path / "b.zarr"),
+                "--workers",
+                "0",
+                "--engines",
+                "deconvolve",
+                "--na",
+                "0.8",
+                "--pixel-size",
+                "0.1",
+                "--interval",
+                "2",
+            ]
+        )
+        == 0
+    )
     scale = _scale(tmp_path / "b.zarr", "deconvolved")
     assert scale["x"] == scale["y"] == pytest.approx(0.1) and scale["t"] == pytest.approx(2.0)
     # an override replaces what the file says; a nonsense value is refused before any work
@@ -78,8 +129,9 @@ def test_sampling_override_reaches_the_engines_and_the_output(tmp_path, capsys) 
     tifffile.imwrite(ij, movie, imagej=True, resolution=(10, 10), metadata={"axes": "TYX", "unit": "um"})
     assert open_source(ij, {"pixel_size_um": 0.2, "z_step_um": None}).info == {"pixel_size_um": 0.2}
     with pytest.raises(ValueError, match="pixel_size_um must be a positive number"):
-        process_file(ij, tmp_path / "c.zarr", ["passthrough"], workers=0, progress=False,
-                     sampling={"pixel_size_um": -1})
+        process_file(
+            ij, tmp_path / "c.zarr", ["passthrough"], workers=0, progress=False, sampling={"pixel_size_um": -1}
+        )
     assert not (tmp_path / "c.zarr").exists()
 
 
@@ -91,9 +143,16 @@ def test_daemon_fills_in_the_pixel_size_a_replayed_plain_tiff_lacks(tmp_path, fr
     tifffile.imwrite(path, _movie((3, 48, 48)), photometric="minisblack")
 
     def cfg(**kw):
-        return DaemonConfig(source=f"file:{path}", out=tmp_path / f"{len(kw)}.zarr", ingest=free_address(),
-                            publish=None, control=None, engines=["deconvolve"],
-                            engine_params={"deconvolve": {"na": 0.8}}, **kw)
+        return DaemonConfig(
+            source=f"file:{path}",
+            out=tmp_path / f"{len(kw)}.zarr",
+            ingest=free_address(),
+            publish=None,
+            control=None,
+            engines=["deconvolve"],
+            engine_params={"deconvolve": {"na": 0.8}},
+            **kw,
+        )
 
     # without it the widefield model cannot be built: the engine is reported off, frames still saved
     summary = run_daemon(cfg())

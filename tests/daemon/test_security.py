@@ -16,8 +16,15 @@ from tests.conftest import wait_for
 
 
 def test_control_requires_the_token_and_the_token_file_is_private(free_address):
-    cfg = DaemonConfig(source="zmq", engines=["passthrough"], out=None, ingest=free_address(), publish=None,
-                       control=free_address(), exit_on_end=False)
+    cfg = DaemonConfig(
+        source="zmq",
+        engines=["passthrough"],
+        out=None,
+        ingest=free_address(),
+        publish=None,
+        control=free_address(),
+        exit_on_end=False,
+    )
     pipeline = Pipeline(cfg)
     server = ControlServer(cfg.control, pipeline.handle)
     pipeline.start()
@@ -31,8 +38,12 @@ def test_control_requires_the_token_and_the_token_file_is_private(free_address):
         intruder = zmq.Context.instance().socket(zmq.REQ)
         intruder.setsockopt(zmq.RCVTIMEO, 3000)
         intruder.connect(cfg.control)
-        for request in ({"cmd": "stop"}, {"cmd": "disable", "engine": "passthrough"}, {"cmd": "status"},
-                        {"cmd": "stop", "token": "0" * 32}):
+        for request in (
+            {"cmd": "stop"},
+            {"cmd": "disable", "engine": "passthrough"},
+            {"cmd": "status"},
+            {"cmd": "stop", "token": "0" * 32},
+        ):
             intruder.send(json.dumps(request).encode())
             reply = json.loads(intruder.recv())
             assert reply["ok"] is False and "unauthorised" in reply["error"] and "frames" not in reply
@@ -48,10 +59,18 @@ def test_control_requires_the_token_and_the_token_file_is_private(free_address):
     assert not token_file(cfg.control).exists()  # removed when the daemon stops
 
 
-@pytest.mark.parametrize("address, local", [("tcp://127.0.0.1:5570", True), ("tcp://localhost:1", True),
-                                             ("tcp://[::1]:5", True), ("ipc:///tmp/x", True),
-                                             ("tcp://0.0.0.0:5570", False), ("tcp://192.168.1.4:5570", False),
-                                             ("tcp://*:5570", False)])
+@pytest.mark.parametrize(
+    "address, local",
+    [
+        ("tcp://127.0.0.1:5570", True),
+        ("tcp://localhost:1", True),
+        ("tcp://[::1]:5", True),
+        ("ipc:///tmp/x", True),
+        ("tcp://0.0.0.0:5570", False),
+        ("tcp://192.168.1.4:5570", False),
+        ("tcp://*:5570", False),
+    ],
+)
 def test_loopback_detection(address, local):
     assert is_loopback(address) is local
 
@@ -68,23 +87,38 @@ def test_fuzzed_control_requests_never_crash_the_server(free_address):
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    cfg = DaemonConfig(source="zmq", engines=["passthrough"], out=None, ingest=free_address(), publish=None,
-                       control=None, exit_on_end=False)
+    cfg = DaemonConfig(
+        source="zmq",
+        engines=["passthrough"],
+        out=None,
+        ingest=free_address(),
+        publish=None,
+        control=None,
+        exit_on_end=False,
+    )
     pipeline = Pipeline(cfg)
     server = ControlServer(free_address(), pipeline.handle, require_token=False)
     pipeline.start()
-    values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True),
-                                    st.text(max_size=20)),
-                          lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5),
-                                                                                            children, max_size=4),
-                          max_leaves=10)
-    commands = st.sampled_from(["status", "set", "enable", "disable", "swap_model", "events", "emit", "fit",
-                                "nonsense", "", "STATUS"])
+    values = st.recursive(
+        st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=20)),
+        lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4),
+        max_leaves=10,
+    )
+    commands = st.sampled_from(
+        ["status", "set", "enable", "disable", "swap_model", "events", "emit", "fit", "nonsense", "", "STATUS"]
+    )
 
     @settings(max_examples=150, deadline=None)
-    @given(cmd=commands, extra=st.dictionaries(st.sampled_from(["engine", "param", "value", "path", "after",
-                                                                 "limit", "event", "frames", "steps", "seconds"]),
-                                               values, max_size=5))
+    @given(
+        cmd=commands,
+        extra=st.dictionaries(
+            st.sampled_from(
+                ["engine", "param", "value", "path", "after", "limit", "event", "frames", "steps", "seconds"]
+            ),
+            values,
+            max_size=5,
+        ),
+    )
     def check(cmd, extra):
         request = {"cmd": cmd, **extra}
         try:
@@ -98,8 +132,12 @@ def test_fuzzed_control_requests_never_crash_the_server(free_address):
     try:
         check()
         # deeply nested and non-UTF-8 bodies
-        for body in (b"[" * 5000 + b"]" * 5000, b'{"cmd": "status", "x": ' + b"[" * 100000 + b"]" * 100000 + b"}",
-                     b"\xff\xfe\xfd", b'{"cmd": ' + b'"' + b"a" * 70000 + b'"}'):
+        for body in (
+            b"[" * 5000 + b"]" * 5000,
+            b'{"cmd": "status", "x": ' + b"[" * 100000 + b"]" * 100000 + b"}",
+            b"\xff\xfe\xfd",
+            b'{"cmd": ' + b'"' + b"a" * 70000 + b'"}',
+        ):
             reply = server.handle_bytes(body)
             assert reply["ok"] is False
         assert pipeline.state == "running" and server.handle_bytes(b'{"cmd": "status"}')["ok"]
@@ -122,6 +160,7 @@ def test_ipc_sockets_the_daemon_binds_are_owner_only(tmp_path):
     pipeline.start()
     server.start()
     try:
+
         def modes():
             return {n: stat.S_IMODE(os.stat(folder / n).st_mode) if (folder / n).exists() else None for n in names}
 
@@ -133,7 +172,6 @@ def test_ipc_sockets_the_daemon_binds_are_owner_only(tmp_path):
     finally:
         server.close()
         pipeline.close()
-
 
 
 def _send_and_see_dropped(address: str, parts: list[bytes]) -> None:
@@ -156,8 +194,15 @@ def _send_and_see_dropped(address: str, parts: list[bytes]) -> None:
 
 
 def test_an_oversize_control_message_is_dropped_by_libzmq_and_the_daemon_still_answers(free_address):
-    cfg = DaemonConfig(source="zmq", engines=[], out=None, ingest=free_address(), publish=None,
-                       control=free_address(), exit_on_end=False)
+    cfg = DaemonConfig(
+        source="zmq",
+        engines=[],
+        out=None,
+        ingest=free_address(),
+        publish=None,
+        control=free_address(),
+        exit_on_end=False,
+    )
     pipeline = Pipeline(cfg)
     server = ControlServer(cfg.control, pipeline.handle)
     pipeline.start()
@@ -191,9 +236,24 @@ def test_the_daemon_process_does_not_grow_on_oversize_control_messages(free_addr
             return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
     control = free_address()
-    daemon = subprocess.Popen([sys.executable, "-m", "livescope", "daemon", "--source", "zmq", "--ingest",
-                               free_address(), "--publish", free_address(), "--control", control],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    daemon = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "livescope",
+            "daemon",
+            "--source",
+            "zmq",
+            "--ingest",
+            free_address(),
+            "--publish",
+            free_address(),
+            "--control",
+            control,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     client = ControlClient(control, timeout_s=10)
     try:
         wait_for(lambda: client.status()["ok"], timeout=60, message="the daemon answers")  # its token exists
@@ -222,6 +282,7 @@ def test_the_daemon_process_does_not_grow_on_oversize_control_messages(free_addr
             daemon.kill()
             daemon.wait()
 
+
 def test_control_paths_are_confined_to_the_output_folder_and_errors_tell_nothing(tmp_path, free_address):
     out = tmp_path / "run.zarr"
     outside = tmp_path / "outside"
@@ -229,8 +290,15 @@ def test_control_paths_are_confined_to_the_output_folder_and_errors_tell_nothing
     secret = outside / "secret.lsm"
     secret.write_bytes(b"not a zip")
     absent = outside / "absent.lsm"
-    cfg = DaemonConfig(source="zmq", engines=["denoise", "deconvolve", "decompose"], out=out,
-                       ingest=free_address(), publish=None, control=None, exit_on_end=False)
+    cfg = DaemonConfig(
+        source="zmq",
+        engines=["denoise", "deconvolve", "decompose"],
+        out=out,
+        ingest=free_address(),
+        publish=None,
+        control=None,
+        exit_on_end=False,
+    )
     pipeline = Pipeline(cfg)
     server = ControlServer(free_address(), pipeline.handle, require_token=False)
     pipeline.start()
@@ -240,18 +308,27 @@ def test_control_paths_are_confined_to_the_output_folder_and_errors_tell_nothing
 
     try:
         before = {n: dict(s.params) for n, s in pipeline.engine_states.items()}
-        path_params = [("denoise", "model"), ("denoise", "calibration"), ("deconvolve", "psf"),
-                       ("deconvolve", "model"), ("decompose", "model"), ("decompose", "fit_out")]
+        path_params = [
+            ("denoise", "model"),
+            ("denoise", "calibration"),
+            ("deconvolve", "psf"),
+            ("deconvolve", "model"),
+            ("decompose", "model"),
+            ("decompose", "fit_out"),
+        ]
         for engine, param in path_params:
             for value in (str(secret), str(absent), "../outside/secret.lsm", "/etc/shadow"):
                 reply = ask(cmd="set", engine=engine, param=param, value=value)
                 assert reply["ok"] is False and "outside the output folder" in reply["error"], (engine, param, reply)
             # an existing and a missing file outside get the same answer, but for the name itself
-            errors = [ask(cmd="set", engine=engine, param=param, value=str(p))["error"].replace(str(p), "P")
-                      for p in (secret, absent)]
+            errors = [
+                ask(cmd="set", engine=engine, param=param, value=str(p))["error"].replace(str(p), "P")
+                for p in (secret, absent)
+            ]
             assert errors[0] == errors[1]
-        swaps = [ask(cmd="swap_model", engine="denoise", path=str(p))["error"].replace(str(p), "P")
-                 for p in (secret, absent)]
+        swaps = [
+            ask(cmd="swap_model", engine="denoise", path=str(p))["error"].replace(str(p), "P") for p in (secret, absent)
+        ]
         assert swaps[0] == swaps[1] and "outside the output folder" in swaps[0]
         if sys.platform != "win32":
             (out / "link.lsm").symlink_to(secret)  # a link inside that leads outside
@@ -271,8 +348,9 @@ def test_control_paths_are_confined_to_the_output_folder_and_errors_tell_nothing
 
 
 def test_emitted_events_get_the_daemons_ids_and_followers_keep_up(free_address):
-    cfg = DaemonConfig(source="zmq", engines=[], out=None, ingest=free_address(), publish=None, control=None,
-                       exit_on_end=False)
+    cfg = DaemonConfig(
+        source="zmq", engines=[], out=None, ingest=free_address(), publish=None, control=None, exit_on_end=False
+    )
     pipeline = Pipeline(cfg)
     server = ControlServer(free_address(), pipeline.handle, require_token=False)
     pipeline.start()

@@ -22,8 +22,19 @@ def spots(shape, centres, sigma, amp):
     return img
 
 
-def lag_movie(n_frames, shape=(96, 96), n_slow=6, n_fast=10, slow_speed=0.75, fast_speed=1.5,
-              slow_sigma=2.5, fast_sigma=1.5, amp=60.0, noise=5.0, seed=0):
+def lag_movie(
+    n_frames,
+    shape=(96, 96),
+    n_slow=6,
+    n_fast=10,
+    slow_speed=0.75,
+    fast_speed=1.5,
+    slow_sigma=2.5,
+    fast_sigma=1.5,
+    amp=60.0,
+    noise=5.0,
+    seed=0,
+):
     rng = np.random.default_rng(seed)
     h, w = shape
     yy, xx = np.mgrid[:h, :w]
@@ -34,8 +45,7 @@ def lag_movie(n_frames, shape=(96, 96), n_slow=6, n_fast=10, slow_speed=0.75, fa
         static += 80 * np.exp(-(d**2) / 2.0)
     walkers = []
     for count, speed, turn in ((n_slow, slow_speed, 0.1), (n_fast, fast_speed, 0.3)):
-        walkers.append((rng.uniform(6, min(h, w) - 6, (count, 2)), rng.uniform(0, 2 * np.pi, count),
-                        speed, turn))
+        walkers.append((rng.uniform(6, min(h, w) - 6, (count, 2)), rng.uniform(0, 2 * np.pi, count), speed, turn))
     truth = {k: np.zeros((n_frames, h, w)) for k in COMPONENTS}
     for t in range(n_frames):
         truth["background"][t] = static

@@ -78,8 +78,11 @@ def test_read_noise_below_one_adu_corrects_quantisation():
     darks = _darks(gain=0.5, read_e=1.6, offset=100.0)
     cal = dark_calibration(darks)
     assert np.sqrt(cal["read_var"]) > 0.8 * 1.05
-    m = fit_ptc(*pair_points(*_camera_stream(2, gain=0.5, offset=100.0, read_e=1.6)), offset=cal["offset"],
-                read_var=cal["read_var"])
+    m = fit_ptc(
+        *pair_points(*_camera_stream(2, gain=0.5, offset=100.0, read_e=1.6)),
+        offset=cal["offset"],
+        read_var=cal["read_var"],
+    )
     assert m.as_dict()["read_noise_adu"] == pytest.approx(0.8, rel=0.05)
 
 
@@ -101,8 +104,9 @@ def test_scmos_maps_find_per_pixel_offsets_and_noisy_pixels():
     flagged = dk["var_map"] > 10
     assert flagged[hot].mean() > 0.95 and flagged[~hot].mean() < 0.01
     # the map-based noise model gives each pixel its own variance
-    m = NoiseModel(gain=1.0, intercept=0.0, offset=100.0, read_var=1.44,
-                   offset_map=dk["offset_map"], var_map=dk["var_map"])
+    m = NoiseModel(
+        gain=1.0, intercept=0.0, offset=100.0, read_var=1.44, offset_map=dk["offset_map"], var_map=dk["var_map"]
+    )
     v = m.variance(np.asarray(dk["offset_map"]))
     assert np.median(v[hot]) > 20 and np.median(v[~hot]) < 2
 

@@ -84,9 +84,15 @@ OPTIONAL = (HasKernel, SwapsModel, CarriesState, RunsNetwork, ReportsMemory)
 
 
 def spec(case: Case) -> StreamSpec:
-    return StreamSpec(shape=(4, 32, 32) if case.volume else (32, 32), dtype="uint16", bits=16,
-                      pixel_size_um=0.1, z_step_um=0.3 if case.volume else None, interval_s=1.0,
-                      extra={"calibration": CAMERA.as_dict()})
+    return StreamSpec(
+        shape=(4, 32, 32) if case.volume else (32, 32),
+        dtype="uint16",
+        bits=16,
+        pixel_size_um=0.1,
+        z_step_um=0.3 if case.volume else None,
+        interval_s=1.0,
+        extra={"calibration": CAMERA.as_dict()},
+    )
 
 
 def movie(case: Case, n: int = 4, seed: int = 0) -> list[np.ndarray]:
@@ -96,8 +102,12 @@ def movie(case: Case, n: int = 4, seed: int = 0) -> list[np.ndarray]:
     frames = []
     for t in range(n):
         dy = 0.5 * t
-        plane = (5 + 150 * np.exp(-((yy - 12 - dy) ** 2 + (xx - 18) ** 2) / 30)
-                 + 80 * np.exp(-((yy - 24 - dy) ** 2 + (xx - 8) ** 2) / 12) + 2 * xx)
+        plane = (
+            5
+            + 150 * np.exp(-((yy - 12 - dy) ** 2 + (xx - 18) ** 2) / 30)
+            + 80 * np.exp(-((yy - 24 - dy) ** 2 + (xx - 8) ** 2) / 12)
+            + 2 * xx
+        )
         photons = np.stack([plane * w for w in (0.5, 1.0, 0.8, 0.4)]) if case.volume else plane
         frames.append((rng.poisson(photons) + OFFSET).astype(np.uint16))
     return frames
@@ -117,10 +127,10 @@ def restore_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = modelfile.load(None)
     meta = copy.deepcopy(base.metadata)
     meta.pop("training_features", None)
-    meta.update(task="restore", psf=PSFField.of(gaussian_psf(1.5)).as_metadata(), field_shape=[32, 32],
-                residual=False)
+    meta.update(task="restore", psf=PSFField.of(gaussian_psf(1.5)).as_metadata(), field_shape=[32, 32], residual=False)
     return modelfile.ModelFile(meta, base.onnx, dict(base.weights)).save(
-        tmp_path_factory.mktemp("models") / "restore.lsm")
+        tmp_path_factory.mktemp("models") / "restore.lsm"
+    )
 
 
 def params_for(case: Case, request: pytest.FixtureRequest) -> dict[str, Any]:

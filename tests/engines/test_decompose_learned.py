@@ -44,16 +44,14 @@ FIRST = 15  # the first frame with all of the longest lag's octave (t-8 ... t-15
 
 
 def lag_shares(predictor, frames):
-    return np.stack([predictor.predict(octave_inputs(frames, t, LAGS))
-                     for t in range(FIRST, len(frames))])
+    return np.stack([predictor.predict(octave_inputs(frames, t, LAGS)) for t in range(FIRST, len(frames))])
 
 
 def test_each_lag_explains_its_own_component(fitted, test_movie):
     frames, truth = test_movie
     predictor = MultiLagPredictor(modelfile.load(fitted), "onnxruntime")
     shares = lag_shares(predictor, frames)
-    matrix = np.array([[corr(shares[:, j], truth[k][FIRST:]) for j in range(len(LAGS))]
-                       for k in COMPONENTS])
+    matrix = np.array([[corr(shares[:, j], truth[k][FIRST:]) for j in range(len(LAGS))] for k in COMPONENTS])
     best = [COMPONENTS[i] for i in np.argmax(matrix, axis=0)]
     assert best == list(OWN), f"rows {COMPONENTS}, columns lags {LAGS}:\n{np.round(matrix, 3)}"
     # the cascade's prediction explains the movie down to about the noise (sigma 5)
@@ -105,8 +103,7 @@ def test_learned_engine_adds_up_separates_and_flags_events(fitted, test_movie):
 def test_online_fit_switches_between_frames(tmp_path):
     frames, _ = lag_movie(80, shape=(48, 48), seed=3)
     out = tmp_path / "online.lsm"
-    engine = create_engine("decompose", method="learned", fit_frames=40, fit_steps=15,
-                           fit_seconds=30, fit_out=str(out))
+    engine = create_engine("decompose", method="learned", fit_frames=40, fit_steps=15, fit_seconds=30, fit_out=str(out))
     engine.setup(StreamSpec(shape=(48, 48), dtype="float32", interval_s=1.0))
     states = []
     for t in range(60):

@@ -391,9 +391,7 @@ def test_binning_rescales_the_psf() -> None:
 
 
 def test_real_bead_psf_file_resampled_to_the_stream() -> None:
-    eng = create_engine(
-        "deconvolve", psf=str(BEADS_PSF), psf_pixel_size_um=0.022, psf_z_step_um=0.125, offset=0
-    )
+    eng = create_engine("deconvolve", psf=str(BEADS_PSF), psf_pixel_size_um=0.022, psf_z_step_um=0.125, offset=0)
     eng.setup(StreamSpec(shape=(96, 96), pixel_size_um=0.044))
     kernel = eng._kernel
     assert kernel.ndim == 2 and kernel.sum() == pytest.approx(1.0)

@@ -128,11 +128,13 @@ def test_shipped_model_loads_and_is_small():
 
 
 def test_denoise_module_does_not_import_torch():
-    code = ("import sys, livescope.engines.denoise as d, livescope.engines.inference as i;"
-            "assert 'torch' not in sys.modules, 'torch imported';"
-            "from livescope.engines import modelfile;"
-            "b = i.open_backend(modelfile.load(None), 'onnxruntime');"
-            "assert 'torch' not in sys.modules")
+    code = (
+        "import sys, livescope.engines.denoise as d, livescope.engines.inference as i;"
+        "assert 'torch' not in sys.modules, 'torch imported';"
+        "from livescope.engines import modelfile;"
+        "b = i.open_backend(modelfile.load(None), 'onnxruntime');"
+        "assert 'torch' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
@@ -381,8 +383,10 @@ def test_fit_continued_from_the_shipped_model_keeps_its_quality(tmp_path):
     before, noisy = _mse_after_fit(shipped, raw[-1], truth)
     res = fit(raw[:-1], model=modelfile.load(None), steps=40, batch=8, patch=64, progress=False, seed=0)
     assert res.model.metadata["training"]["lr"] == 5e-4
-    assert fit(raw[:-1], base=8, depth=2, steps=1, batch=2, patch=32,
-               progress=False).model.metadata["training"]["lr"] == 2e-3
+    assert (
+        fit(raw[:-1], base=8, depth=2, steps=1, batch=2, patch=32, progress=False).model.metadata["training"]["lr"]
+        == 2e-3
+    )
     res.model._saved = res.model.save(tmp_path / "continued.lsm")
     after, _ = _mse_after_fit(res.model, raw[-1], truth)
     assert before < 0.1 * noisy and after < 0.95 * before, (noisy, before, after)
@@ -486,8 +490,10 @@ def _held_out_w2s():
         eng = create_engine("denoise", backend="onnxruntime")
         eng.setup(StreamSpec(shape=noisy.shape, bits=8, dtype="uint8"))
         ours = _psnr_affine(eng.process(noisy, FrameInfo(seq=0))["denoised"], target)
-        gauss = max(_psnr_affine(ndimage.gaussian_filter(noisy.astype(np.float32), s), target)
-                    for s in (1.5, 2.0, 2.5, 3.0, 3.5, 4.0))
+        gauss = max(
+            _psnr_affine(ndimage.gaussian_filter(noisy.astype(np.float32), s), target)
+            for s in (1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
+        )
         scores[key] = (ours, gauss, _psnr_affine(noisy, target))
     return scores
 
@@ -527,8 +533,10 @@ def test_shipped_model_denoises_held_out_real_photon_counts():
         eng = create_engine("denoise", backend="onnxruntime")
         eng.setup(StreamSpec(shape=noisy.shape, bits=8, dtype="uint8"))
         ours = _psnr_affine(eng.process(noisy, FrameInfo(seq=0))["denoised"], target)
-        gauss = max(_psnr_affine(ndimage.gaussian_filter(noisy.astype(np.float32), s), target)
-                    for s in (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0))
+        gauss = max(
+            _psnr_affine(ndimage.gaussian_filter(noisy.astype(np.float32), s), target)
+            for s in (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
+        )
         raw = _psnr_affine(noisy, target)
         # measured (focus 10): ours - raw 10.5 / 10.7 / 10.6 dB, ours - gauss 0.36 / 0.75 / 0.61 dB
         assert ours > raw + 9.0, (z, ours, raw)
@@ -541,8 +549,7 @@ def test_engine_with_past_frames(tmp_path):
     eng.setup(StreamSpec(shape=(48, 40)))
     assert eng.window == 2
     rng = np.random.default_rng(0)
-    outs = [eng.process(_camera(_scene((48, 40), seed=i)[0], rng), FrameInfo(seq=i))["denoised"]
-            for i in range(4)]
+    outs = [eng.process(_camera(_scene((48, 40), seed=i)[0], rng), FrameInfo(seq=i))["denoised"] for i in range(4)]
     assert all(o.shape == (48, 40) and np.isfinite(o).all() for o in outs)
     # the past frames are inputs: the same current frame after different pasts gives different output
     f = _camera(_scene((48, 40), seed=9)[0], rng)
@@ -601,9 +608,13 @@ def test_calibration_sets_the_variance_stabilising_transform():
     assert bright_wrong < 0.65
     # the same camera as a calibration (livescope calibrate's dict, a JSON file, the stream's)
     cal = NoiseModel.from_camera(gain, offset, read).as_dict()
-    for eng in (_engine(calibration=cal), _engine(spec=StreamSpec(shape=(128, 128), extra={"calibration": cal})),
-                _engine(spec=StreamSpec(shape=(128, 128), camera_gain=gain, camera_offset=offset,
-                                        extra={"camera_read_noise": read}))):
+    for eng in (
+        _engine(calibration=cal),
+        _engine(spec=StreamSpec(shape=(128, 128), extra={"calibration": cal})),
+        _engine(
+            spec=StreamSpec(shape=(128, 128), camera_gain=gain, camera_offset=offset, extra={"camera_read_noise": read})
+        ),
+    ):
         assert stabilised_noise(eng) == pytest.approx((dark, bright), abs=1e-4)
     # without dark frames a calibration knows only the line's intercept: the same transform
     line = NoiseModel(gain=gain, intercept=read**2 + 1 / 12 - gain * offset).as_dict()
@@ -622,10 +633,13 @@ def test_calibration_sets_the_variance_stabilising_transform():
 def test_right_calibration_denoises_better_than_a_wrong_one():
     rng = np.random.default_rng(0)
     gain, offset, read = 2.0, 100.0, 3.0
-    cases = {"right": dict(gain=gain, offset=offset, read_noise=read), "fitted": {},
-             "gain x4": dict(gain=4 * gain, offset=offset, read_noise=read),
-             "read noise x4": dict(gain=gain, offset=offset, read_noise=4 * read),
-             "offset +30": dict(gain=gain, offset=offset + 30, read_noise=read)}
+    cases = {
+        "right": dict(gain=gain, offset=offset, read_noise=read),
+        "fitted": {},
+        "gain x4": dict(gain=4 * gain, offset=offset, read_noise=read),
+        "read noise x4": dict(gain=gain, offset=offset, read_noise=4 * read),
+        "offset +30": dict(gain=gain, offset=offset + 30, read_noise=read),
+    }
     engines = {k: _engine(**kw) for k, kw in cases.items()}
     err = {k: 0.0 for k in cases}
     for _ in range(2):

@@ -90,10 +90,20 @@ def load_object(name: str) -> np.ndarray:
 # net needs 600 steps to come near it (31.58). The shipped denoiser was trained on this very movie
 # (3-frame means), so on the nuclei the chain is not held out and wins (see the restore test)
 SOURCES = {
-    "cells": {"objects": ("cells_train", "cells_held"), "steps": (600, 600), "margin_db": 0.5,
-              "restore_over_raw_db": 3.0, "restore_over_chain_db": -1.0},
-    "w2s": {"objects": ("035_1", "085_1"), "steps": (300, 600), "margin_db": 1.0,
-            "restore_over_raw_db": 5.0, "restore_over_chain_db": 0.5},
+    "cells": {
+        "objects": ("cells_train", "cells_held"),
+        "steps": (600, 600),
+        "margin_db": 0.5,
+        "restore_over_raw_db": 3.0,
+        "restore_over_chain_db": -1.0,
+    },
+    "w2s": {
+        "objects": ("035_1", "085_1"),
+        "steps": (300, 600),
+        "margin_db": 1.0,
+        "restore_over_raw_db": 5.0,
+        "restore_over_chain_db": 0.5,
+    },
 }
 
 
@@ -112,7 +122,7 @@ def _field_of_view(obj: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if obj.ndim == 3:
         obj = obj[rng.integers(0, obj.shape[0])]
     y0, x0 = rng.integers(0, obj.shape[0] - FIELD + 1, 2)
-    return obj[y0:y0 + FIELD, x0:x0 + FIELD]
+    return obj[y0 : y0 + FIELD, x0 : x0 + FIELD]
 
 
 def acquire(obj: np.ndarray, rng: np.random.Generator, n: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -137,12 +147,30 @@ def trained(source, objects, tmp_path_factory):
     held, held_obj = acquire(objects[1], rng, 6)
     grid = psf_grid((FIELD, FIELD))
     t0 = time.perf_counter()
-    res = N.fit_deconvolution(train, psf=grid, teacher_params=TEACHER, steps=source["steps"][0], offset=OFFSET,
-                              base=8, depth=2, patch=32, batch=8, lr=3e-3, threads=2)
+    res = N.fit_deconvolution(
+        train,
+        psf=grid,
+        teacher_params=TEACHER,
+        steps=source["steps"][0],
+        offset=OFFSET,
+        base=8,
+        depth=2,
+        patch=32,
+        batch=8,
+        lr=3e-3,
+        threads=2,
+    )
     fit_s = time.perf_counter() - t0
     path = res.model.save(tmp_path_factory.mktemp("netdeconv") / "deconv.lsm")
-    return {"model": res.model, "path": path, "grid": grid, "held": held, "held_obj": held_obj,
-            "losses": res.losses, "fit_s": fit_s}
+    return {
+        "model": res.model,
+        "path": path,
+        "grid": grid,
+        "held": held,
+        "held_obj": held_obj,
+        "losses": res.losses,
+        "fit_s": fit_s,
+    }
 
 
 def offset_free(raw: np.ndarray) -> np.ndarray:
@@ -236,10 +264,13 @@ def test_net_beats_single_psf_wb_at_its_best_iteration_count(quality) -> None:
     assert quality["net"] >= quality["teacher"] - 1.0, quality  # measured 0.46 dB below it
 
 
-@pytest.mark.xfail(strict=True, reason="measured: net 29.96 dB vs single-PSF RL stopped at 3 it. 31.24 (sigma "
-                   "2.5, tuned against the object): at 200 photons regularising the noise matters more than "
-                   "the field-varying blur; the per-region RL 3 it. teacher itself reaches only 30.42 "
-                   "(docs/learned_deconvolution.md)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured: net 29.96 dB vs single-PSF RL stopped at 3 it. 31.24 (sigma "
+    "2.5, tuned against the object): at 200 photons regularising the noise matters more than "
+    "the field-varying blur; the per-region RL 3 it. teacher itself reaches only 30.42 "
+    "(docs/learned_deconvolution.md)",
+)
 def test_net_beats_single_psf_early_stopped_rl(quality) -> None:
     assert quality["net"] >= quality["best_single_rl3"] + 1.0, quality
 
@@ -250,8 +281,11 @@ def still_fields(obj: np.ndarray, rng: np.random.Generator, n_fields: int, n_fra
     for _ in range(n_fields):
         o = _field_of_view(obj, rng)
         b = np.maximum(field_blur(o), 0)
-        movies.append(np.stack([rng.poisson(b) + rng.normal(0, 2.0, b.shape) + OFFSET
-                                for _ in range(n_frames)]).astype(np.float32))
+        movies.append(
+            np.stack([rng.poisson(b) + rng.normal(0, 2.0, b.shape) + OFFSET for _ in range(n_frames)]).astype(
+                np.float32
+            )
+        )
         objs.append(o)
     return movies, objs
 
@@ -262,9 +296,21 @@ def restore_fit(source, objects):
     deconvolves the 4-frame mean), judged on single frames of fields of the held-back ones."""
     train, _ = still_fields(objects[0], np.random.default_rng(10), 10, 4)
     held, held_obj = still_fields(objects[1], np.random.default_rng(11), 6, 1)
-    res = N.fit_deconvolution(train, psf=psf_grid((FIELD, FIELD)), teacher_params=TEACHER, task="restore",
-                              restore_window=4, steps=source["steps"][1], offset=OFFSET, base=8, depth=2, patch=32,
-                              batch=8, lr=3e-3, threads=2)
+    res = N.fit_deconvolution(
+        train,
+        psf=psf_grid((FIELD, FIELD)),
+        teacher_params=TEACHER,
+        task="restore",
+        restore_window=4,
+        steps=source["steps"][1],
+        offset=OFFSET,
+        base=8,
+        depth=2,
+        patch=32,
+        batch=8,
+        lr=3e-3,
+        threads=2,
+    )
     return {"model": res.model, "held": [m[0] for m in held], "held_obj": held_obj, "source": source}
 
 
@@ -390,5 +436,6 @@ def test_z_stacks_are_restored_plane_by_plane(trained) -> None:
     dec = create_engine("deconvolve", method="net", model=str(trained["path"]), volume=True)
     assert dec.needs_volume
     dec.setup(StreamSpec(shape=(3, FIELD, FIELD), camera_offset=OFFSET))
-    np.testing.assert_allclose(dec.process(stack, FrameInfo(seq=8))["deconvolved"], out["restored"],
-                               rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(
+        dec.process(stack, FrameInfo(seq=8))["deconvolved"], out["restored"], rtol=1e-4, atol=1e-3
+    )

@@ -44,9 +44,7 @@ class Scene:
         big = np.pad(image, [(p, p) for p in pads], mode="reflect")
         self.spectrum = sfft.fftn(big)
         self.freqs = [sfft.fftfreq(n) for n in big.shape]
-        self.crop = tuple(
-            slice((n - s) // 2, (n - s) // 2 + s) for n, s in zip(big.shape, size, strict=True)
-        )
+        self.crop = tuple(slice((n - s) // 2, (n - s) // 2 + s) for n, s in zip(big.shape, size, strict=True))
 
     def view(self, shift) -> np.ndarray:
         f = self.spectrum
@@ -100,9 +98,7 @@ def _photons(rng, img: np.ndarray, scale: float) -> np.ndarray:
 # -- pure functions --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "shift", [(0.0, 0.0), (3.0, -5.0), (0.3, -0.7), (-2.45, 1.15), (7.6, 4.35)]
-)
+@pytest.mark.parametrize("shift", [(0.0, 0.0), (3.0, -5.0), (0.3, -0.7), (-2.45, 1.15), (7.6, 4.35)])
 def test_estimate_shift_known_shifts_with_noise_and_moving_particles(scene, shift):
     rng = np.random.default_rng(abs(hash(shift)) % 2**32)
     size = scene.size[0]
@@ -331,9 +327,7 @@ def test_drift_to_stage_um_units_and_sign():
     flipped = (-0.5, 0.0, 10.0, 0.0, 0.5, -3.0)  # translations do not enter a relative move
     assert drift_to_stage_um((2.0, -4.0), 0.5, flipped) == pytest.approx((2.0, 1.0))
     # Affine scale disagreeing with the pixel size by >10 % is distrusted, as in Micro-Manager.
-    assert drift_to_stage_um((2.0, -4.0), 0.5, (0.1, 0, 0, 0, 0.1, 0)) == pytest.approx(
-        (-2.0, 1.0)
-    )
+    assert drift_to_stage_um((2.0, -4.0), 0.5, (0.1, 0, 0, 0, 0.1, 0)) == pytest.approx((-2.0, 1.0))
     with pytest.raises(ValueError, match="pixel size"):
         drift_to_stage_um((1.0, 1.0), None)
 

@@ -51,7 +51,7 @@ def real_scene(request) -> dict[str, object]:
     in-distribution ``crops`` from different places or times, and a ``base`` crop for the faults."""
     if request.param == "w2s":
         scene = _w2s_scene()
-        crops = [scene[y:y + 128, x:x + 128] for y, x in [(0, 0), (200, 300), (384, 100), (100, 384)]]
+        crops = [scene[y : y + 128, x : x + 128] for y, x in [(0, 0), (200, 300), (384, 100), (100, 384)]]
         return {"name": "w2s", "crops": crops, "base": scene[128:256, 128:256]}
     movie = _cells_scene()  # (46, 130, 130)
     crops = [movie[t, 1:129, 1:129] for t in (0, 15, 30, 45)]
@@ -89,7 +89,7 @@ def _denoise_trust(**kw):
 def test_box_mean_matches_a_brute_force_clipped_window():
     a = np.random.default_rng(0).normal(size=(9, 11)).astype(np.float32)
     got = T.box_mean(a, 2)
-    want = np.array([[a[max(0, y - 2):y + 3, max(0, x - 2):x + 3].mean() for x in range(11)] for y in range(9)])
+    want = np.array([[a[max(0, y - 2) : y + 3, max(0, x - 2) : x + 3].mean() for x in range(11)] for y in range(9)])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -113,7 +113,7 @@ def test_pure_noise_residual_is_trusted_and_structure_is_not():
 def test_reblur_matches_scipy_convolution_inside_the_frame():
     rng = np.random.default_rng(1)
     img = rng.random((40, 50)).astype(np.float32)
-    psf = np.outer(*(2 * [np.exp(-np.arange(-4, 5) ** 2 / 4.0)]))
+    psf = np.outer(*(2 * [np.exp(-(np.arange(-4, 5) ** 2) / 4.0)]))
     psf /= psf.sum()
     got = T.reblur(img, psf)
     want = ndimage.convolve(img, psf, mode="mirror")
@@ -177,8 +177,9 @@ def test_denoise_trust_passes_sim_microscope_nuclei_now_in_distribution():
     sim = pytest.importorskip("livescope.bridges.sim")
     eng = _denoise_trust(tta_every=1, feature_every=1, **CAM)
     for seed in (101, 102):
-        s = sim.SimSample(sim.SimConfig(shape=(128, 128), seed=seed, gain=1 / GAIN, offset=OFFSET,
-                                        read_noise=READ / GAIN))
+        s = sim.SimSample(
+            sim.SimConfig(shape=(128, 128), seed=seed, gain=1 / GAIN, offset=OFFSET, read_noise=READ / GAIN)
+        )
         eng.inner._norm = None  # each a new stream
         out = eng.process(s.render(0), FrameInfo(seq=0))
         assert out["trust_denoised_score"] > T.THRESHOLDS["denoise"], seed
@@ -268,8 +269,7 @@ def test_self_calibrated_trust_notices_a_later_offset_change():
     s = sim.SimSample(cfg)
     # a Gaussian "restoration" that is right for sim frames would need its own engine; use the
     # deconvolution with the sim's true PSF, whose re-blur matches the raw frames
-    eng = create_engine("trust", restore="deconvolve", psf_sigma=cfg.psf_sigma, calibrate_frames=6,
-                        offset=cfg.offset)
+    eng = create_engine("trust", restore="deconvolve", psf_sigma=cfg.psf_sigma, calibrate_frames=6, offset=cfg.offset)
     eng.setup(StreamSpec(shape=cfg.shape))
     for t in range(8):
         out = eng.process(s.render(t), FrameInfo(seq=t))
@@ -314,8 +314,11 @@ def test_parameters_go_to_the_right_engine():
     eng.set_param("threshold", "0.4")
     assert eng.threshold == 0.4
     d = eng.describe()
-    assert (d["parameters"]["restore"] == "deconvolve" and d["inner"]["parameters"]["psf_sigma"] == 2.0
-            and d["parameters"]["threshold"] == 0.4)
+    assert (
+        d["parameters"]["restore"] == "deconvolve"
+        and d["inner"]["parameters"]["psf_sigma"] == 2.0
+        and d["parameters"]["threshold"] == 0.4
+    )
     with pytest.raises(Exception, match="neither trust nor deconvolve"):
         create_engine("trust", restore="deconvolve", tile=0)
     with pytest.raises(Exception, match="cannot wrap itself"):
@@ -393,8 +396,9 @@ def test_model_file_without_training_features_has_no_feature_score(tmp_path):
 
     shipped = modelfile.load()
     assert shipped.training_features is not None and shipped.training_features["names"] == list(T.FEATURE_NAMES)
-    old = modelfile.ModelFile({k: v for k, v in shipped.metadata.items() if k != "training_features"},
-                              shipped.onnx, shipped.weights)
+    old = modelfile.ModelFile(
+        {k: v for k, v in shipped.metadata.items() if k != "training_features"}, shipped.onnx, shipped.weights
+    )
     path = old.save(tmp_path / "old.lsm")
     assert modelfile.load(path).hash == shipped.hash  # the hash covers the weights, not the metadata
     eng = _denoise_trust(model=str(path), feature_every=1, **CAM)

@@ -29,8 +29,11 @@ def xvfb():
     for n in range(140, 200):
         if not Path(f"/tmp/.X11-unix/X{n}").exists() and not Path(f"/tmp/.X{n}-lock").exists():
             break
-    proc = subprocess.Popen(["Xvfb", f":{n}", "-screen", "0", "1600x1000x24", "-nolisten", "tcp"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["Xvfb", f":{n}", "-screen", "0", "1600x1000x24", "-nolisten", "tcp"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for(lambda: Path(f"/tmp/.X11-unix/X{n}").exists() or proc.poll() is not None, 10, message="Xvfb")
         if proc.poll() is not None:
@@ -65,16 +68,53 @@ def test_each_panel_shows_the_frame_the_daemon_published(xvfb, tmp_path, free_ad
     ingest, publish, control = free_address(), free_address(), free_address()
     env = {k: v for k, v in os.environ.items() if k != "QT_QPA_PLATFORM"}
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "livescope", "daemon", "--source", "sim", "--frames", "2000", "--sim-size", "128",
-         "--engines", "register,deconvolve,decompose", "--ingest", ingest, "--publish", publish,
-         "--control", control], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "-m",
+            "livescope",
+            "daemon",
+            "--source",
+            "sim",
+            "--frames",
+            "2000",
+            "--sim-size",
+            "128",
+            "--engines",
+            "register,deconvolve,decompose",
+            "--ingest",
+            ingest,
+            "--publish",
+            publish,
+            "--control",
+            control,
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     sub = PreviewSubscriber(publish)
     published: dict[tuple[str, int], np.ndarray] = {}
     try:
         viewer = subprocess.Popen(
-            [sys.executable, "-m", "livescope.ui.viewer", "--connect", publish, "--control", control,
-             "--seconds", "7", "--dump", str(tmp_path / "dump"), "--settings", str(tmp_path / "v.ini")],
-            env={**env, "DISPLAY": xvfb}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "livescope.ui.viewer",
+                "--connect",
+                publish,
+                "--control",
+                control,
+                "--seconds",
+                "7",
+                "--dump",
+                str(tmp_path / "dump"),
+                "--settings",
+                str(tmp_path / "v.ini"),
+            ],
+            env={**env, "DISPLAY": xvfb},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         # record every preview the daemon publishes while the viewer runs
         while viewer.poll() is None:
             for (_stream, product, p, c, z), frame in sub.latest().items():  # the sim source: one stream

@@ -38,17 +38,21 @@ def _shown(state: ViewerState, stream: str = "s", now: float = 0.0, **axes) -> V
 
 # -- Qt stays out ------------------------------------------------------------------------------------
 
+
 def test_the_state_and_the_actions_import_no_qt():
     import subprocess
 
-    code = ("import sys, livescope.ui.state, livescope.ui.actions; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('PySide6', 'PyQt5', 'PyQt6', 'pyqtgraph', 'zmq')]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, livescope.ui.state, livescope.ui.actions; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('PySide6', 'PyQt5', 'PyQt6', 'pyqtgraph', 'zmq')]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
 # -- frames in view ----------------------------------------------------------------------------------
+
 
 def test_a_frame_updates_the_panels_only_when_it_is_the_shown_streams_selected_position_channel_and_z():
     st = ViewerState()
@@ -67,8 +71,10 @@ def test_a_frame_updates_the_panels_only_when_it_is_the_shown_streams_selected_p
 
 def test_previews_record_each_streams_axis_values_channel_names_and_products():
     st = ViewerState()
-    noted = st.note_previews([(("camA", "raw", 0, 0, 0), _header(channel="GFP")),
-                              (("camA", "raw", 0, 1, 0), _header(channel="mCherry"))], now=1.0)
+    noted = st.note_previews(
+        [(("camA", "raw", 0, 0, 0), _header(channel="GFP")), (("camA", "raw", 0, 1, 0), _header(channel="mCherry"))],
+        now=1.0,
+    )
     assert noted.streams_changed and noted.axes == set()  # nothing shown yet: no selector to refill
     assert st.last_frame_at == 1.0
     st.show_stream("camA", keys=[("camA", "raw", 0, 0, 0)])
@@ -91,10 +97,12 @@ def test_the_overlay_takes_every_channel_at_the_selected_position_and_z():
 
 # -- streams and selection ---------------------------------------------------------------------------
 
+
 def test_each_stream_keeps_its_selection_and_a_pick_by_hand_stops_following():
     st = ViewerState()
-    st.note_previews([(("camA", "raw", 0, c, 0), _header()) for c in (0, 1)]
-                     + [(("camB", "raw", 0, 2, 0), _header())], now=0.0)
+    st.note_previews(
+        [(("camA", "raw", 0, c, 0), _header()) for c in (0, 1)] + [(("camB", "raw", 0, 2, 0), _header())], now=0.0
+    )
     start = st.selection
     assert st.show_stream("camA")
     assert st.selection is start  # the first stream shown keeps the viewer's starting selection
@@ -143,6 +151,7 @@ def test_stepping_moves_among_the_values_seen_and_stops_at_the_ends():
 
 # -- panels ------------------------------------------------------------------------------------------
 
+
 def test_panels_show_in_order_when_not_hidden_and_their_product_is_in_the_shown_stream():
     st = _shown(ViewerState(), "s")
     st.products |= {"deconvolved", "slow", "residual"}
@@ -163,6 +172,7 @@ def test_the_grid_picks_the_column_count_that_makes_panels_largest():
 
 
 # -- levels ------------------------------------------------------------------------------------------
+
 
 def test_levels_fixed_by_hand_stay_until_auto_contrast_or_auto_levels_on():
     st = ViewerState()
@@ -188,6 +198,7 @@ def test_levels_are_recomputed_once_a_second_not_per_frame():
 
 # -- pause and the event in focus --------------------------------------------------------------------
 
+
 def test_pause_toggles_and_going_live_clears_the_focused_event():
     st = ViewerState()
     st.toggle_pause()
@@ -206,8 +217,9 @@ def test_focusing_an_event_pauses_on_it_and_says_which_frame_is_shown():
     text = st.messages["event"][0]
     assert "event 3 at t 40 (seq 40, score 9.00)" in text and "seq 42" in text and "assumed scale" in text
     st.say_event(event, [], None, 256)
-    assert st.messages["event"][1] == "warn" and "no longer in the recent-frame buffer (256 MB)" in \
-        st.messages["event"][0]
+    assert (
+        st.messages["event"][1] == "warn" and "no longer in the recent-frame buffer (256 MB)" in st.messages["event"][0]
+    )
     st.go_live()
     assert st.focused_event is None and "event" not in st.messages
 
@@ -227,6 +239,7 @@ def test_the_newest_event_is_ringed_only_in_the_shown_view_and_for_a_few_seconds
 
 # -- what the frames carry ---------------------------------------------------------------------------
 
+
 def test_a_seq_that_goes_back_is_a_restart_and_is_said():
     st = ViewerState()
     assert not st.note_seq("raw", 10) and not st.note_seq("raw", 11) and not st.note_seq("raw", 10)
@@ -237,10 +250,14 @@ def test_a_seq_that_goes_back_is_a_restart_and_is_said():
 def test_trust_scores_keep_the_newest_sampled_checks():
     st = ViewerState()
     assert st.note_trust("denoised", {}) is None
-    assert st.note_trust("denoised", {"trust_denoised_score": 0.8, "trust_denoised_ok": 1.0,
-                                      "trust_denoised_tta": 0.9}) == (0.8, 1.0, {"tta": 0.9})
+    assert st.note_trust(
+        "denoised", {"trust_denoised_score": 0.8, "trust_denoised_ok": 1.0, "trust_denoised_tta": 0.9}
+    ) == (0.8, 1.0, {"tta": 0.9})
     assert st.note_trust("denoised", {"trust_denoised_score": 0.3, "trust_denoised_features": 0.2}) == (
-        0.3, None, {"tta": 0.9, "features": 0.2})
+        0.3,
+        None,
+        {"tta": 0.9, "features": 0.2},
+    )
     assert ViewerState.consistency("restored", {"consistency": 0.2, "consistency_threshold": 0.4}) == (0.2, 0.4)
     assert ViewerState.consistency("denoised", {"consistency": 0.2}) is None
 
@@ -267,6 +284,7 @@ def test_trust_overlay_says_when_no_trust_map_came_yet():
 
 
 # -- the banner --------------------------------------------------------------------------------------
+
 
 def test_the_banner_lists_the_most_severe_message_first_and_drops_expired_ones():
     st = ViewerState()
@@ -302,8 +320,9 @@ def test_idle_and_a_quiet_stream_are_said_and_unsaid():
 def test_the_daemons_news_go_to_the_banner_and_events_are_bounded():
     st = ViewerState(control="tcp://x:1")
     st.note_link("down", "tcp://x:1")
-    assert st.messages["daemon"][1] == "error" and "No livescope daemon answers at tcp://x:1" in \
-        st.messages["daemon"][0]
+    assert (
+        st.messages["daemon"][1] == "error" and "No livescope daemon answers at tcp://x:1" in st.messages["daemon"][0]
+    )
     st.note_link("up", None)
     assert st.messages["daemon"][0] == "Connected to the daemon again."
     st.note_link("refused", "bad token")
@@ -330,9 +349,17 @@ def test_the_display_rate_counts_redraws_over_two_seconds():
 
 # -- the settings file -------------------------------------------------------------------------------
 
+
 def test_a_layout_saved_by_the_earlier_viewer_loads_unchanged():
-    saved = {"panels/hidden": ["fast", "residual"], "panels/cmaps": {"raw": "HiLo"}, "levels/continuous": False,
-             "view/overlay": True, "view/trust": False, "roi/visible": False, "roi/rect": [1, 2, 30, 40]}
+    saved = {
+        "panels/hidden": ["fast", "residual"],
+        "panels/cmaps": {"raw": "HiLo"},
+        "levels/continuous": False,
+        "view/overlay": True,
+        "view/trust": False,
+        "roi/visible": False,
+        "roi/rect": [1, 2, 30, 40],
+    }
     st = ViewerState.from_settings(saved)
     assert st.hidden == {"fast", "residual"} and st.cmaps == {"raw": "HiLo"} and not st.auto_levels
     assert st.overlay and not st.trust_overlay and not st.roi_visible and st.roi_rect == [1.0, 2.0, 30.0, 40.0]
@@ -347,6 +374,7 @@ def test_missing_or_malformed_settings_fall_back_to_the_defaults():
 
 
 # -- the table of actions ----------------------------------------------------------------------------
+
 
 def test_the_f1_list_is_the_one_the_viewer_always_showed():
     assert shortcut_list() == [

@@ -38,8 +38,16 @@ def _publisher(free_address):
 
 
 def _send(pub, product, arr, seq, *, p=0, c=0, z=0, **extra):
-    header = {"v": 1, "stream": "s", "seq": seq, "product": product, "index": {"p": p, "c": c, "z": z, "t": seq},
-              "shape": list(arr.shape), "dtype": arr.dtype.name, **extra}
+    header = {
+        "v": 1,
+        "stream": "s",
+        "seq": seq,
+        "product": product,
+        "index": {"p": p, "c": c, "z": z, "t": seq},
+        "shape": list(arr.shape),
+        "dtype": arr.dtype.name,
+        **extra,
+    }
     pub.send(header, arr)
 
 
@@ -63,6 +71,7 @@ def test_one_panel_per_product_with_the_newest_frame_and_a_composite(qtbot, view
     rng = np.random.default_rng(0)
     sent = {}
     try:
+
         def frames(seq):
             out = []
             for product in ("raw", "deconvolved", "background", "slow", "fast"):
@@ -72,8 +81,15 @@ def test_one_panel_per_product_with_the_newest_frame_and_a_composite(qtbot, view
                 out.append((product, arr, {"bits": 12, "pixel_size_um": 0.5}))
             return out
 
-        _feed_until(qtbot, pub, frames, lambda: {"raw", "deconvolved", "slow", "composite"} <= set(v.panels)
-                    and all(p.array is not None for p in v.panels.values()))
+        _feed_until(
+            qtbot,
+            pub,
+            frames,
+            lambda: (
+                {"raw", "deconvolved", "slow", "composite"} <= set(v.panels)
+                and all(p.array is not None for p in v.panels.values())
+            ),
+        )
         for name, panel in v.panels.items():
             if panel.composite:
                 continue
@@ -102,9 +118,15 @@ def test_saturated_pixels_levels_histogram_and_readout(qtbot, viewer_factory, fr
     raw[5, 7] = 4095  # saturated at 12 bits
     raw[10, 20] = 1234
     try:
-        _feed_until(qtbot, pub, lambda s: [("raw", raw, {"bits": 12, "pixel_size_um": 0.25}),
-                                           ("denoised", raw.astype(np.float32) / 2, {"pixel_size_um": 0.25})],
-                    lambda: "denoised" in v.panels and v.panels["denoised"].array is not None)
+        _feed_until(
+            qtbot,
+            pub,
+            lambda s: [
+                ("raw", raw, {"bits": 12, "pixel_size_um": 0.25}),
+                ("denoised", raw.astype(np.float32) / 2, {"pixel_size_um": 0.25}),
+            ],
+            lambda: "denoised" in v.panels and v.panels["denoised"].array is not None,
+        )
         panel = v.panels["raw"]
         assert panel.saturation.isVisible()
         mask = panel.saturation.image[..., 3] > 0
@@ -133,16 +155,26 @@ def test_channel_selector_and_panel_visibility(qtbot, viewer_factory, free_addre
     a = np.full((16, 16), 100, np.uint16)
     b = np.full((16, 16), 900, np.uint16)
     try:
-        _feed_until(qtbot, pub, lambda s: [("raw", a, {"c": 0, "channel": "GFP"}),
-                                           ("raw", b, {"c": 1, "channel": "mCherry"}),
-                                           ("deconvolved", a.astype(np.float32), {"c": 0})],
-                    lambda: 1 in v.seen["c"] and "deconvolved" in v.panels and v.panels["raw"].array is not None)
+        _feed_until(
+            qtbot,
+            pub,
+            lambda s: [
+                ("raw", a, {"c": 0, "channel": "GFP"}),
+                ("raw", b, {"c": 1, "channel": "mCherry"}),
+                ("deconvolved", a.astype(np.float32), {"c": 0}),
+            ],
+            lambda: 1 in v.seen["c"] and "deconvolved" in v.panels and v.panels["raw"].array is not None,
+        )
         assert v.panels["raw"].array[0, 0] == 100
         combo = v.selectors["c"]
         assert [combo.itemText(i) for i in range(combo.count())] == ["GFP", "mCherry"]
         v.select("c", 1)
-        _feed_until(qtbot, pub, lambda s: [("raw", b, {"c": 1, "channel": "mCherry"})],
-                    lambda: v.panels["raw"].array is not None and v.panels["raw"].array[0, 0] == 900)
+        _feed_until(
+            qtbot,
+            pub,
+            lambda s: [("raw", b, {"c": 1, "channel": "mCherry"})],
+            lambda: v.panels["raw"].array is not None and v.panels["raw"].array[0, 0] == 900,
+        )
         v.set_panel_visible("deconvolved", False)
         assert "deconvolved" not in v.visible_panels() and not v.panels["deconvolved"].widget.isVisible()
         v.toggle_panel_number(2)  # number keys follow the panel order: 2 = deconvolved
@@ -156,6 +188,7 @@ def test_event_click_shows_its_frame_from_the_buffer_and_roi_trace(qtbot, viewer
     v = viewer_factory(addr)
     frames = {}
     try:
+
         def make(seq):
             arr = np.full((24, 24), 100 + seq, np.uint16)
             frames[seq] = arr
@@ -188,9 +221,12 @@ def test_snapshot_shortcuts_and_layout_remembered(qtbot, viewer_factory, free_ad
     settings = tmp_path / "layout.ini"
     v = viewer_factory(addr, settings_path=settings)
     try:
-        _feed_until(qtbot, pub, lambda s: [("raw", np.full((16, 16), s, np.uint16), {}),
-                                           ("fast", np.ones((16, 16), np.float32), {})],
-                    lambda: "fast" in v.panels and v.panels["fast"].array is not None)
+        _feed_until(
+            qtbot,
+            pub,
+            lambda s: [("raw", np.full((16, 16), s, np.uint16), {}), ("fast", np.ones((16, 16), np.float32), {})],
+            lambda: "fast" in v.panels and v.panels["fast"].array is not None,
+        )
         png = v.snapshot()
         assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         v.win.activateWindow()
@@ -214,14 +250,23 @@ def test_snapshot_shortcuts_and_layout_remembered(qtbot, viewer_factory, free_ad
 
 # -- with a real daemon (in-process): controls and reconnecting ------------------------------------
 
+
 def _daemon(free_address, addresses=None, engines=("register", "deconvolve", "denoise", "decompose")):
     from livescope.daemon.config import DaemonConfig
     from livescope.daemon.control import ControlServer
     from livescope.daemon.pipeline import Pipeline
 
     ingest, publish, control = addresses or (free_address(), free_address(), free_address())
-    cfg = DaemonConfig(source="zmq", engines=list(engines), out=None, ingest=ingest, publish=publish,
-                       control=control, exit_on_end=False, preview_hz=50)
+    cfg = DaemonConfig(
+        source="zmq",
+        engines=list(engines),
+        out=None,
+        ingest=ingest,
+        publish=publish,
+        control=control,
+        exit_on_end=False,
+        preview_hz=50,
+    )
     pipeline = Pipeline(cfg)
     server = ControlServer(control, pipeline.handle)
     pipeline.start()
@@ -238,8 +283,9 @@ def test_each_control_changes_the_daemons_status(qtbot, viewer_factory, free_add
     pipeline, server, (_, publish, control) = _daemon(free_address)
     v = viewer_factory(publish, control)
     try:
-        qtbot.waitUntil(lambda: set(v.controls.boxes) == {"register", "deconvolve", "denoise", "decompose"},
-                        timeout=10000)
+        qtbot.waitUntil(
+            lambda: set(v.controls.boxes) == {"register", "deconvolve", "denoise", "decompose"}, timeout=10000
+        )
         engines = lambda: pipeline.status()["engines"]  # noqa: E731
         box = v.controls.boxes["deconvolve"]
         assert box.enabled.isChecked()
@@ -286,11 +332,16 @@ def test_reconnects_by_itself_after_the_daemon_restarts(qtbot, viewer_factory, f
         def frames_arrive(value):
             cam.send(np.full((16, 16), value, np.uint16), index={"t": t["n"]})
             t["n"] += 1
-            return v.panels.get("raw") is not None and v.panels["raw"].array is not None \
+            return (
+                v.panels.get("raw") is not None
+                and v.panels["raw"].array is not None
                 and v.panels["raw"].array[0, 0] == value
+            )
 
-        qtbot.waitUntil(lambda: frames_arrive(11) and v.link.connected and v.status is not None
-                        and v.status["uptime_s"] > 1.0, timeout=15000)
+        qtbot.waitUntil(
+            lambda: frames_arrive(11) and v.link.connected and v.status is not None and v.status["uptime_s"] > 1.0,
+            timeout=15000,
+        )
         _stop(pipeline, server)
         qtbot.waitUntil(lambda: "No livescope daemon answers" in v.banner.text(), timeout=10000)
         assert v.banner.isVisible()
@@ -356,13 +407,18 @@ def test_fit_button_starts_live_fitting_in_the_daemon(qtbot, viewer_factory, fre
 
 # -- channels overlaid in their colours; event boxes -------------------------------------------------
 
+
 def _rendered(item):
     """What pyqtgraph draws for an ImageItem, as (h, w, 3) uint8."""
     item.render()
     q = item.qimage.convertToFormat(item.qimage.Format.Format_RGB888)
     h, w = q.height(), q.width()
-    return np.frombuffer(q.constBits(), np.uint8, q.sizeInBytes()).reshape(h, q.bytesPerLine())[:, : w * 3] \
-        .reshape(h, w, 3).copy()
+    return (
+        np.frombuffer(q.constBits(), np.uint8, q.sizeInBytes())
+        .reshape(h, q.bytesPerLine())[:, : w * 3]
+        .reshape(h, w, 3)
+        .copy()
+    )
 
 
 def test_overlay_shows_each_channel_in_its_colour_and_toggles_back(qtbot, viewer_factory, free_address):
@@ -374,18 +430,28 @@ def test_overlay_shows_each_channel_in_its_colour_and_toggles_back(qtbot, viewer
     mch[:, 12:] = 3000  # channel 1 bright on the right
     frames = lambda s: [("raw", gfp, {"c": 0, "channel": "GFP"}), ("raw", mch, {"c": 1, "channel": "mCherry"})]  # noqa: E731
     try:
-        last = _feed_until(qtbot, pub, frames, lambda: 1 in v.seen["c"] and v.panels.get("raw") is not None
-                           and v.panels["raw"].array is not None)
+        last = _feed_until(
+            qtbot,
+            pub,
+            frames,
+            lambda: 1 in v.seen["c"] and v.panels.get("raw") is not None and v.panels["raw"].array is not None,
+        )
         panel = v.panels["raw"]
         assert panel.image.image.ndim == 2  # one channel through the colour map
         v.overlay_box.setChecked(True)  # what the toolbar checkbox (and O) does
+
         def coloured() -> bool:
             # per-channel levels come from the viewer's levels timer: wait for the first ones
             got = _rendered(panel.image)
             return got.shape == (16, 20, 3) and bool((got[:, :8, 1] >= 250).all() and (got[:, 12:, 0] >= 250).all())
 
-        last = _feed_until(qtbot, pub, frames, lambda: panel.overlaid and set(panel.overlay_channels) == {0, 1}
-                           and coloured(), start=last)
+        last = _feed_until(
+            qtbot,
+            pub,
+            frames,
+            lambda: panel.overlaid and set(panel.overlay_channels) == {0, 1} and coloured(),
+            start=last,
+        )
         got = _rendered(panel.image)
         assert got.shape == (16, 20, 3)
         left, middle, right = got[:, :8].reshape(-1, 3), got[:, 8:12].reshape(-1, 3), got[:, 12:].reshape(-1, 3)
@@ -401,8 +467,13 @@ def test_overlay_shows_each_channel_in_its_colour_and_toggles_back(qtbot, viewer
         assert panel.overlaid and panel.value_at(15, 2, gfp.shape) == 3000
         v.select("c", 0)
         v.overlay_box.setChecked(False)
-        _feed_until(qtbot, pub, frames, lambda: not panel.overlaid and panel.image.image is not None
-                    and panel.image.image.ndim == 2, start=last)
+        _feed_until(
+            qtbot,
+            pub,
+            frames,
+            lambda: not panel.overlaid and panel.image.image is not None and panel.image.image.ndim == 2,
+            start=last,
+        )
         np.testing.assert_array_equal(panel.image.image, gfp)
         back = _rendered(panel.image)
         assert (back[..., 0] == back[..., 1]).all() and (back[..., 1] == back[..., 2]).all()  # grey again
@@ -435,14 +506,22 @@ def test_clicked_events_box_lands_scaled_on_the_panels(qtbot, viewer_factory, fr
     addr, pub = _publisher(free_address)
     v = viewer_factory(addr)
     try:
+
         def make(seq):
             arr = np.full((30, 40), 100 + seq, np.uint16)  # a 60x80 frame, previewed with stride 2
             return [("raw", arr, {"pixel_size_um": 0.5}), ("denoised", arr.astype(np.float32), {"pixel_size_um": 0.5})]
 
         _feed_until(qtbot, pub, make, lambda: "denoised" in v.panels and v.panels["raw"].seq >= 5)
         seq = v.panels["raw"].seq
-        event = {"id": 1, "seq": seq, "t": seq, "score": 4.0, "bbox": [8, 12, 20, 28], "centroid": [14.0, 20.0],
-                 "pixel_size_um": 0.25}
+        event = {
+            "id": 1,
+            "seq": seq,
+            "t": seq,
+            "score": 4.0,
+            "bbox": [8, 12, 20, 28],
+            "centroid": [14.0, 20.0],
+            "pixel_size_um": 0.25,
+        }
         v.novelty.sigEventClicked.emit(event)
         for name in ("raw", "denoised"):
             box = v.panels[name].event_box
@@ -477,13 +556,18 @@ def test_trust_badge_follows_the_trust_engines_scores(qtbot, viewer_factory, fre
         raw = np.full((24, 24), 100, np.uint16)
 
         def frames(score, ok):
-            return lambda seq: [("raw", raw, {}),
-                                ("denoised", arr,
-                                 {"scalars": {"trust_denoised_score": score, "trust_denoised_ok": ok}})]
+            return lambda seq: [
+                ("raw", raw, {}),
+                ("denoised", arr, {"scalars": {"trust_denoised_score": score, "trust_denoised_ok": ok}}),
+            ]
 
         badge = lambda: v.panels["denoised"].widget.trust if "denoised" in v.panels else None  # noqa: E731
-        start = _feed_until(qtbot, pub, frames(0.31, 0.0),
-                            lambda: badge() is not None and badge().isVisible() and "check 0.31" in badge().text())
+        start = _feed_until(
+            qtbot,
+            pub,
+            frames(0.31, 0.0),
+            lambda: badge() is not None and badge().isVisible() and "check 0.31" in badge().text(),
+        )
         _feed_until(qtbot, pub, frames(0.82, 1.0), lambda: "trusted 0.82" in badge().text(), start=start)
         assert "raw" in v.panels and not v.panels["raw"].widget.trust.isVisible()  # no score, no badge
     finally:
@@ -500,9 +584,12 @@ def test_consistency_badge_follows_the_restore_engines_score(qtbot, viewer_facto
             return lambda seq: [("restored", arr, {"scalars": {"consistency": score, "consistency_threshold": 0.44}})]
 
         badge = lambda: v.panels["restored"].widget.trust if "restored" in v.panels else None  # noqa: E731
-        start = _feed_until(qtbot, pub, frames(0.21),
-                            lambda: badge() is not None and badge().isVisible()
-                            and "consistent 0.21 / 0.44" in badge().text())
+        start = _feed_until(
+            qtbot,
+            pub,
+            frames(0.21),
+            lambda: badge() is not None and badge().isVisible() and "consistent 0.21 / 0.44" in badge().text(),
+        )
         _feed_until(qtbot, pub, frames(5.5), lambda: "inconsistent 5.50 / 0.44" in badge().text(), start=start)
     finally:
         pub.close()
@@ -511,8 +598,12 @@ def test_consistency_badge_follows_the_restore_engines_score(qtbot, viewer_facto
 def _grab_pixels(widget):
     q = widget.grab().toImage().convertToFormat(widget.grab().toImage().Format.Format_RGB888)
     h, w = q.height(), q.width()
-    return np.frombuffer(q.constBits(), np.uint8, q.sizeInBytes()).reshape(h, q.bytesPerLine())[:, : w * 3] \
-        .reshape(h, w, 3).copy()
+    return (
+        np.frombuffer(q.constBits(), np.uint8, q.sizeInBytes())
+        .reshape(h, q.bytesPerLine())[:, : w * 3]
+        .reshape(h, w, 3)
+        .copy()
+    )
 
 
 def test_trust_map_tints_low_trust_regions_and_toggles(qtbot, viewer_factory, free_address, tmp_path):
@@ -523,12 +614,31 @@ def test_trust_map_tints_low_trust_regions_and_toggles(qtbot, viewer_factory, fr
     tmap = np.ones((12, 16), np.float32)  # the trust map at half the product's sampling
     tmap[:, :8] = 0.1  # the left half is not trusted
     tmap[:, 8:12] = 0.4  # a band half tinted
-    frames = lambda s: [("raw", raw, {}), ("denoised", den, {"scalars": {"trust_denoised_score": 0.1,  # noqa: E731
-                                                                       "trust_denoised_ok": 0.0}}),
-                        ("trust_denoised", tmap, {})]
+    frames = lambda s: [  # noqa: E731
+        ("raw", raw, {}),
+        (
+            "denoised",
+            den,
+            {
+                "scalars": {
+                    "trust_denoised_score": 0.1,
+                    "trust_denoised_ok": 0.0,
+                }
+            },
+        ),
+        ("trust_denoised", tmap, {}),
+    ]
     try:
-        last = _feed_until(qtbot, pub, frames, lambda: ("s", "trust_denoised", 0, 0, 0) in v.latest
-                           and "denoised" in v.panels and v.panels["denoised"].array is not None)
+        last = _feed_until(
+            qtbot,
+            pub,
+            frames,
+            lambda: (
+                ("s", "trust_denoised", 0, 0, 0) in v.latest
+                and "denoised" in v.panels
+                and v.panels["denoised"].array is not None
+            ),
+        )
         assert "trust_denoised" not in v.panels  # a map to tint with, not a panel of its own
         panel = v.panels["denoised"]
         assert not panel.trust_item.isVisible() and not v.trust_overlay  # off until asked for
@@ -545,7 +655,9 @@ def test_trust_map_tints_low_trust_regions_and_toggles(qtbot, viewer_factory, fr
         tint_rect = panel.trust_item.mapRectToScene(panel.trust_item.boundingRect())
         image_rect = panel.image.mapRectToScene(panel.image.boundingRect())
         assert (tint_rect.x(), tint_rect.y(), tint_rect.width(), tint_rect.height()) == pytest.approx(
-            (image_rect.x(), image_rect.y(), image_rect.width(), image_rect.height()), abs=1e-6)
+            (image_rect.x(), image_rect.y(), image_rect.width(), image_rect.height()), abs=1e-6
+        )
+
         # the window's pixels: amber over the left half, the plain grey ramp on the right. The view
         # ranges itself on the event loop: wait until the image lies inside the window
         def laid_out():
@@ -576,6 +688,7 @@ def test_trust_map_tints_low_trust_regions_and_toggles(qtbot, viewer_factory, fr
 
 
 # -- several streams in one daemon: the stream selector, following live mode, preview latency -----
+
 
 def _raw_is(v, value, shape):
     raw = v.panels.get("raw")
@@ -627,9 +740,15 @@ def test_two_cameras_each_in_the_stream_selector_neither_overwrites_the_other(qt
         _pick_stream(v, "camB")
         assert not v.streams.follow and not v.follow_box.isChecked()  # a pick by hand sticks
         assert v.selection == {"p": 0, "c": 0, "z": 0}
-        qtbot.waitUntil(lambda: send(b_too=True) and _raw_is(v, 222, (40, 20))
-                        and v.panels["passthrough"].array is not None
-                        and v.panels["passthrough"].array.shape == (40, 20), timeout=5000)
+        qtbot.waitUntil(
+            lambda: (
+                send(b_too=True)
+                and _raw_is(v, 222, (40, 20))
+                and v.panels["passthrough"].array is not None
+                and v.panels["passthrough"].array.shape == (40, 20)
+            ),
+            timeout=5000,
+        )
         assert "shape" not in v._messages  # another camera, not "the stream changed shape"
         # each panel says how late its preview is, from the daemon's header
         raw = v.panels["raw"]
@@ -641,8 +760,13 @@ def test_two_cameras_each_in_the_stream_selector_neither_overwrites_the_other(qt
         assert v.selection["c"] == 1 and v.selectors["c"].currentText() == "1"
         qtbot.waitUntil(lambda: send(b_too=True) and _raw_is(v, 155, (24, 32)), timeout=5000)
         # the daemon's preview latency p50 / p99, from its status, in the telemetry and status bar
-        qtbot.waitUntil(lambda: re.fullmatch(r"\d+ / \d+ ms", v.telemetry.metrics["preview"].text()) is not None
-                        and "preview p50/p99" in v.status_label.text(), timeout=5000)
+        qtbot.waitUntil(
+            lambda: (
+                re.fullmatch(r"\d+ / \d+ ms", v.telemetry.metrics["preview"].text()) is not None
+                and "preview p50/p99" in v.status_label.text()
+            ),
+            timeout=5000,
+        )
         st = pipeline.status()["latency"]["preview"]
         assert st["count"] > 0 and st["p99_ms"] >= st["p50_ms"] > 0
     finally:
@@ -692,6 +816,7 @@ def test_follows_live_mode_once_the_shown_stream_is_quiet_and_a_pick_sticks(qtbo
 
 # -- the table of actions: keys and toolbar widgets drive ViewerState (ui/actions.py, ui/state.py) ---
 
+
 def test_each_key_and_toolbar_toggle_of_the_actions_table_drives_the_state(qtbot, viewer_factory, free_address):
     from pyqtgraph.Qt import QtCore, QtGui, QtWidgets
 
@@ -699,17 +824,20 @@ def test_each_key_and_toolbar_toggle_of_the_actions_table_drives_the_state(qtbot
 
     v = viewer_factory(free_address())
     assert {sc.key().toString() for sc in v.shortcuts} == {
-        QtGui.QKeySequence(a.shortcut).toString() for a in ACTIONS if a.shortcut}
+        QtGui.QKeySequence(a.shortcut).toString() for a in ACTIONS if a.shortcut
+    }
     buttons = [a.text() for a in v.win.findChild(QtWidgets.QToolBar).actions() if a.text()]
     assert buttons == ["Auto levels", "Auto-contrast", "Fit", "ROI", "Pause", "Snapshot"]
     v.win.activateWindow()
     qtbot.waitUntil(lambda: v.win.isActiveWindow(), timeout=3000)
     st = v.state
-    for key, attr, widget in ((QtCore.Qt.Key.Key_R, "roi_visible", v.act_roi),
-                              (QtCore.Qt.Key.Key_O, "overlay", v.overlay_box),
-                              (QtCore.Qt.Key.Key_T, "trust_overlay", v.trust_box),
-                              (QtCore.Qt.Key.Key_L, "auto_levels", v.act_auto),
-                              (QtCore.Qt.Key.Key_Space, "paused", v.act_pause)):
+    for key, attr, widget in (
+        (QtCore.Qt.Key.Key_R, "roi_visible", v.act_roi),
+        (QtCore.Qt.Key.Key_O, "overlay", v.overlay_box),
+        (QtCore.Qt.Key.Key_T, "trust_overlay", v.trust_box),
+        (QtCore.Qt.Key.Key_L, "auto_levels", v.act_auto),
+        (QtCore.Qt.Key.Key_Space, "paused", v.act_pause),
+    ):
         before = getattr(st, attr)
         qtbot.keyClick(v.win, key)
         assert getattr(st, attr) is (not before) and widget.isChecked() is (not before), attr
