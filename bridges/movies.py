@@ -87,6 +87,11 @@ class Movie:
     tiff_series: list[int] = dataclasses.field(default_factory=list)
     channels: list[str | None] = dataclasses.field(default_factory=list)  # one name (or None) per channel
     file_axes: str = ""  # the axes as the file (or its reader) spells them: "CZTYX", "tczyx" ...
+    # a livescope store's raw image: what the daemon's engines were told of the stream (camera
+    # offset and gain, bit depth, binning; ``{}`` for other files), and the image folder per
+    # position whose records give each frame's seq and time
+    stream: dict[str, Any] = dataclasses.field(default_factory=dict)
+    record_paths: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)  # what livescope decided, not the file
 
     def series(self, p: int = 0) -> int:
@@ -98,6 +103,19 @@ class Movie:
 
     def channel_name(self, c: int) -> str | None:
         return self.channels[c] if c < len(self.channels) else None
+
+    def recorded(self, t: int, p: int, c: int, z: int | None) -> tuple[int, float] | None:
+        """A livescope store's (seq, time in s) of this frame as the daemon received it (z None: the
+        stack's first plane), or None where the movie has no records or the frame none."""
+        if not self.record_paths:
+            return None
+        rec = _records(self.record_paths[min(p, len(self.record_paths) - 1)])
+        lead = (t,) + ((c,) if self.has_c else ()) + ((z or 0,) if self.has_z else ())
+        try:
+            seq, time_s = int(rec["seq"][lead]), float(rec["time"][lead])
+        except (KeyError, IndexError):
+            return None
+        return (seq, time_s) if seq >= 0 and time_s == time_s else None
 
     def read(
         self, t0: int, t1: int, c: int, z: int | None, ys: tuple[int, int], xs: tuple[int, int], p: int = 0
@@ -491,6 +509,8 @@ def _open_zarr(p: Path, given: str | None = None) -> Movie:
                 )
             paths.append(str(q / array_path))
     n_c = arr.shape[axes.index("c")] if "c" in axes else 1
+    own = zarr_attrs(image).get("livescope") or {}
+    is_raw = own.get("product") == "raw" and (image / "livescope" / "seq").exists()
     return _finish(
         str(image),
         "zarr",
@@ -503,6 +523,8 @@ def _open_zarr(p: Path, given: str | None = None) -> Movie:
         notes,
         array_path=str(image / array_path),
         position_paths=paths,
+        stream=dict(own.get("stream") or {}) if is_raw else {},
+        record_paths=([str(q) for q in positions] or [str(image)]) if is_raw and not given else [],
     )
 
 
@@ -578,6 +600,16 @@ def _open_ndtiff(p: Path) -> Movie:
 
 
 _OPENED: dict[tuple[str, str], Any] = {}
+_RECORDS: dict[str, dict[str, np.ndarray]] = {}
+
+
+def _records(image_path: str) -> dict[str, np.ndarray]:
+    rec = _RECORDS.get(image_path)
+    if rec is None:
+        from .store import read_records
+
+        rec = _RECORDS[image_path] = read_records(image_path)
+    return rec
 
 
 def _opened(src: Movie, p: int = 0) -> Any:

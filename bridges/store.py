@@ -130,6 +130,11 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)  # atomic on POSIX and Windows
 
 
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON so that a reader (or a crash) sees the old file or the new one, never half."""
+    _atomic_write_json(path, obj)
+
+
 def _atomic_write_json(path: Path, obj: Any) -> None:
     _atomic_write_text(path, json.dumps(obj, indent=1, default=str))
 
@@ -295,6 +300,13 @@ class ImageWriter:
         self._next_retry = 0.0
         self._meta_changed = False
         self._meta_written = time.monotonic()
+        # what the engines were told of the stream (camera offset and gain, bit depth, ...), so that
+        # reprocessing the saved raw (livescope process) computes what the daemon saved
+        self.stream: dict[str, Any] = {}
+        self._write_group_metadata()
+
+    def set_stream(self, facts: Mapping[str, Any]) -> None:
+        self.stream = json.loads(json.dumps(dict(facts), default=str))
         self._write_group_metadata()
 
     # -- metadata ---------------------------------------------------------------------------
@@ -376,6 +388,7 @@ class ImageWriter:
                 "saved": self.saved,
                 "skipped": self.skipped,
                 "lost": self.lost,
+                **({"stream": self.stream} if self.stream else {}),
             },
         }
         _atomic_write_json(self.path / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": attrs})
@@ -487,6 +500,23 @@ class ImageWriter:
         buf.put(t, plane)
         if buf.full:
             self._submit(key)
+
+    _STATUS_NAMES = {v: k for k, v in STATUS.items()}
+
+    def status_at(self, t: int, c: int, z: int) -> str:
+        """This frame's record as the writer knows it now (``saved`` once pixels and record are
+        on disk): safe to call from another thread (a read of one small number)."""
+        lead = self.layout.lead_index(t, c, z)
+        rec = self._rec["status"]
+        if any(i >= n for i, n in zip(lead, rec.shape, strict=True)):
+            return "missing"
+        return self._STATUS_NAMES.get(int(rec[lead]), "missing")
+
+    def read_plane(self, t: int, c: int, z: int) -> np.ndarray:
+        """A saved plane, read back from disk (for the in-order completion of products). Only
+        planes whose :meth:`status_at` is ``saved`` are on disk."""
+        sel = self.layout.lead_index(t, c, z)
+        return np.asarray(self.array[sel].read().result())
 
     def mark(self, t: int, c: int, z: int, status: str, *, seq: int, time_s: float) -> None:
         """Record a frame that will not be written (skipped by the engine, lost, failed). Counted

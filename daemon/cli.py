@@ -199,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also save Micro-Manager live-mode and snap streams (by default they are restored and "
         "previewed, not saved)",
     )
+    p.add_argument(
+        "--complete",
+        choices=["during", "after", "off"],
+        default=None,
+        help="saved products of the frames the live path had no time for: restored in order from the "
+        "saved raw, on spare capacity during the acquisition and the rest after it (during, the "
+        "default), only after it (after), or left skipped (off)",
+    )
     p.add_argument("--fsync", action="store_true", default=None, help="fsync every shard (power-loss safety, slower)")
     p.add_argument(
         "--calibration",
@@ -366,6 +374,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("recover", help="after a crash: trim a store to the frames it recorded as saved")
     p.add_argument("store")
+
+    p = sub.add_parser(
+        "complete",
+        help="restore the product frames a daemon's store is missing (stopped mid-completion, killed, "
+        "or run with --complete off), in order from the saved raw",
+    )
+    p.add_argument("store", help="the daemon's store (its root folder)")
+    p.add_argument(
+        "--engines", default=None, help="comma-separated engine chain (default: the one the store's provenance names)"
+    )
+    p.add_argument(
+        "--param", action="append", default=None, metavar="ENGINE.NAME=VALUE", help="an engine parameter (repeatable)"
+    )
     return parser
 
 
@@ -397,7 +418,11 @@ def run_daemon(cfg: Any, *, progress: bool = False, on_started: Any = None) -> d
     old_handlers = {}
 
     def _on_signal(signum: int, _frame: Any) -> None:
-        log.warning("signal %d: stopping (flushing the store)", signum)
+        if pipeline.state == "completing":
+            log.warning("signal %d: completion stopped; the rest stays recorded as skipped", signum)
+            pipeline.completer.abandon()
+            return
+        log.warning("signal %d: stopping (flushing the store; a second signal skips completing products)", signum)
         pipeline.request_stop()
 
     for signame in ("SIGINT", "SIGTERM", "SIGBREAK"):
@@ -427,13 +452,13 @@ def run_daemon(cfg: Any, *, progress: bool = False, on_started: Any = None) -> d
     finally:
         if source is not None:
             source.stop()
-        summary = pipeline.close()
+        if bar is not None:
+            bar.n = pipeline.status()["frames"]["saved"]
+            bar.refresh()
+            bar.close()  # the products' completion (if any) has a bar of its own
+        summary = pipeline.close(progress=progress)
         if control:
             control.close()
-        if bar is not None:
-            bar.n = summary["frames"]["saved"]
-            bar.refresh()
-            bar.close()
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
     if source is not None and hasattr(source, "stats"):
@@ -458,6 +483,14 @@ def _print_summary(summary: dict[str, Any]) -> None:
     if summary.get("store"):
         s = summary["store"]
         print(f"store: {s['path']} ({s['bytes_written'] / 2**20:.1f} MB written; images: {', '.join(s['images'])})")
+    comp = summary.get("completion") or {}
+    if comp.get("frames_completed") or comp.get("frames_to_go"):
+        left = f", {comp['frames_to_go']} left skipped" if comp["frames_to_go"] else ""
+        lost = f", {comp['unrecoverable']} without raw" if comp.get("unrecoverable") else ""
+        print(
+            f"products completed in order: {comp['frames_completed']} frame(s) the live path skipped"
+            f"{left}{lost} (--complete {comp['mode']})"
+        )
     if summary.get("events"):
         print(f"events flagged: {summary['events']}")
 
@@ -575,6 +608,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         compress_raw=args.compress_raw,
         float16=args.float16,
         save_live=args.save_live,
+        complete=args.complete,
         fsync=args.fsync,
         memory_budget_mb=args.memory_budget_mb,
         calibration=args.calibration,
@@ -711,6 +745,20 @@ def cmd_keys(args: argparse.Namespace) -> int:
     else:
         dest = auth.allow_client(args.public_key, args.dir, name=args.name)
         print(f"allowed: {dest} (running daemons pick it up at the client's next connection)")
+    return 0
+
+
+def cmd_complete(args: argparse.Namespace) -> int:
+    from .completion import complete_store
+    from .config import parse_params
+
+    engines = [e for e in args.engines.split(",") if e] if args.engines else None
+    params = parse_params(args.param) if args.param else None
+    if params and engines is None:
+        print("livescope complete: --param needs --engines (the chain they belong to)", file=sys.stderr)
+        return 2
+    done = complete_store(args.store, engines, params, progress=True)
+    print(json.dumps({"completed": done}, indent=1))
     return 0
 
 
@@ -956,6 +1004,7 @@ COMMANDS = {
     "status": cmd_status,
     "stop": cmd_stop,
     "recover": cmd_recover,
+    "complete": cmd_complete,
     "fit": cmd_fit,
     "compile": cmd_compile,
     "calibrate": cmd_calibrate,

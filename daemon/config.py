@@ -12,7 +12,7 @@ import logging
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, StrictBool, StrictStr, TypeAdapter, ValidationError
 
@@ -78,6 +78,9 @@ class DaemonConfig:
     save_products: _Flag | list[_Text] = True
     save_live: _Flag = False  # save Micro-Manager live-mode and snap streams too (frames with live: true)
     float16: _Flag = False
+    # saved products of frames the live path skipped: restored in order from the saved raw
+    # (daemon/completion.py): during the acquisition on spare capacity, only after it, or off
+    complete: Literal["during", "after", "off"] = "during"
     compress_raw: _Flag = False
     fsync: _Flag = False
     memory_budget_mb: _NonNegative = 1024.0

@@ -101,6 +101,48 @@ def open_source(
 # ============================================================================ engines
 
 
+def movie_spec(src: Movie, shape: tuple[int, ...], p: int, c: int, dtype: str, bits: int) -> Any:
+    """What the engines are told of a movie's stream: its sampling, and for a livescope store what
+    the daemon told them when it saved the raw (camera offset and gain, bit depth, binning), so
+    that reprocessing computes what the daemon saved."""
+    from ..engines import StreamSpec
+
+    facts = src.stream
+    info = src.info
+
+    def sampling(key: str) -> Any:
+        return info.get(key) if info.get(key) is not None else facts.get(key)
+
+    return StreamSpec(
+        shape=shape,
+        dtype=str(facts.get("dtype", dtype)),
+        bits=int(facts.get("bits", bits)),
+        pixel_size_um=sampling("pixel_size_um"),
+        z_step_um=sampling("z_step_um"),
+        interval_s=sampling("interval_s"),
+        position=p if facts else 0,
+        channel=str(c),
+        camera_offset=facts.get("camera_offset"),
+        camera_gain=facts.get("camera_gain"),
+        binning=int(facts.get("binning") or 1),
+        extra=dict(facts.get("extra") or {}),
+    )
+
+
+def movie_frame_info(src: Movie, t: int, p: int, c: int, z: int | None, *, seq: int) -> Any:
+    """A frame's info: for a livescope store, its seq and time as the daemon received it; else
+    ``seq`` and the nominal time (t x interval)."""
+    from ..engines import FrameInfo
+
+    recorded = src.recorded(t, p, c, z)
+    if recorded is not None:
+        seq, ts = recorded
+    else:
+        ts = t * float(src.info.get("interval_s") or 1.0)
+    index = {"t": t, "p": p, "c": c} if z is None else {"t": t, "p": p, "c": c, "z": z}
+    return FrameInfo(seq=seq, timestamp=ts, index=index)
+
+
 def engine_reach(name: str, eng: Any) -> Reach:
     """The chunking rule of one engine (after ``setup``): its own ``reach()``; whole frames, in
     time order when it keeps a past, for an engine that does not say."""
@@ -209,26 +251,11 @@ class Job:
         return Path(self.out) / image_name(product, p, 0) / "0"
 
     def spec(self, shape: tuple[int, ...], unit: tuple[int, int, int | None]) -> Any:
-        from ..engines import StreamSpec
-
-        info = self.source.info
-        return StreamSpec(
-            shape=shape,
-            dtype=self.spec_extra["dtype"],
-            bits=self.spec_extra["bits"],
-            pixel_size_um=info.get("pixel_size_um"),
-            z_step_um=info.get("z_step_um"),
-            interval_s=info.get("interval_s"),
-            channel=str(unit[1]),
-        )
+        return movie_spec(self.source, shape, unit[0], unit[1], self.spec_extra["dtype"], self.spec_extra["bits"])
 
     def frame_info(self, t: int, ui: int) -> Any:
-        from ..engines import FrameInfo
-
         p, c, z = self.units[ui]
-        ts = t * float(self.source.info.get("interval_s") or 1.0)
-        index = {"t": t, "p": p, "c": c} if z is None else {"t": t, "p": p, "c": c, "z": z}
-        return FrameInfo(seq=t * len(self.units) + ui, timestamp=ts, index=index)
+        return movie_frame_info(self.source, t, p, c, z, seq=t * len(self.units) + ui)
 
 
 # -- output arrays -----------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from ..engines import FrameInfo, StreamSpec
 from . import commands
 from .assembly import StackAssembler
 from .chain import Chain, EngineSlot, event_record
+from .completion import Completer
 from .config import DaemonConfig
 from .fitjob import FitJob
 from .restore import RestoreServer
@@ -142,6 +143,16 @@ class Pipeline:
         self.previews = PreviewSink(self.preview, cfg.preview_hz, cfg.preview_size)
         self.event_log = EventLog()
         self.assembler = StackAssembler(on_stale=self._skip)
+        saves_products = self.store is not None and cfg.save_products is not False and bool(cfg.engines)
+        self.completer = Completer(
+            cfg.complete if saves_products else "off",
+            sink=self.sink,
+            writer=lambda product, item: self.sink.find_writer(product, item.p, item.segment),
+            saves=cfg.saves,
+            make_chain=self._new_chain,
+            live_done=self._live_done,
+            engine_slots=list(self.engine_states.values()),
+        )
         # with an engine that needs volumes, the whole chain runs on (z, y, x) stacks assembled here
         self._volume_mode = any(s.needs_volume and s.enabled for s in self.engine_states.values())
         self._slots: OrderedDict[tuple, Item] = OrderedDict()
@@ -202,6 +213,8 @@ class Pipeline:
         ]
         if self.restore_server is not None:
             loops.append(("restore", self.restore_server.run))
+        if self.completer.enabled:
+            loops.append(("complete", self.completer.run))
         for name, target in loops:
             th = threading.Thread(target=target, name=f"livescope-{name}", daemon=True)
             th.start()
@@ -226,6 +239,45 @@ class Pipeline:
             time.sleep(0.05)
         return True
 
+    def _live_done(self) -> bool:
+        """No more frames will reach the engine slots (so no more completion tickets)."""
+        return (
+            self._stop.is_set()
+            and self._ingest_done.is_set()
+            and not any(t.is_alive() for t in self._threads if t.name == "livescope-worker")
+        )
+
+    def _finish_completion(self, progress: bool) -> None:
+        thread = next((t for t in self._threads if t.name == "livescope-complete"), None)
+        if thread is None:
+            return
+        self.state = "completing"
+        to_go = self.completer.to_go()
+        bar = None
+        if to_go:
+            log.info("completing the saved products: %d frame(s) the live path skipped, restored in order", to_go)
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=to_go, desc="completing products", unit="frame")
+        t0 = time.monotonic()
+        while thread.is_alive():
+            thread.join(0.25)
+            if bar is not None:
+                bar.n = to_go - self.completer.to_go()
+                bar.refresh()
+        if bar is not None:
+            bar.close()
+        st = self.completer.status()
+        self.completion_s = time.monotonic() - t0
+        if st["frames_to_go"]:
+            log.warning(
+                "completion stopped with %d frame(s) to go: their products stay recorded as skipped",
+                st["frames_to_go"],
+            )
+        elif to_go:
+            log.info("products complete: %d frame(s) restored after the stream in %.1f s", to_go, self.completion_s)
+
     def _describe_engines(self) -> dict[str, Any]:
         """Each engine's ``describe()`` per stream (position/channel/z/segment key): the model hash
         in use (after an online fit or a hot swap), the camera calibration, the time base; stored in
@@ -242,17 +294,24 @@ class Pipeline:
                 out.setdefault(name, {})["/".join(str(k) for k in key)] = d
         return json.loads(json.dumps(out, default=str))
 
-    def close(self) -> dict[str, Any]:
-        """Stop receiving, let the engines finish what they hold, flush and close the store."""
+    def close(self, progress: bool = False) -> dict[str, Any]:
+        """Stop receiving, let the engines finish what they hold, complete the saved products
+        (:mod:`.completion`; a progress bar with ``progress``), flush and close the store."""
         self.state = "stopping"
         self._stop.set()
         self._ingest_done.wait(5)
         with self._slot_cond:
             self._slot_cond.notify_all()
+        last = ("livescope-complete", "livescope-store")
         for th in self._threads:
-            th.join(60)
+            if th.name not in last:
+                th.join(60)
+        self._finish_completion(progress)
+        for th in self._threads:
+            if th.name in last:
+                th.join(60)
         described = self._describe_engines()  # before close: what each engine ended up using
-        for chain in self._chains.values():
+        for chain in [*self._chains.values(), *self.completer.chains()]:
             chain.close()
         if self.store is not None:
             flush = getattr(self.store, "flush", None)
@@ -262,7 +321,10 @@ class Pipeline:
                 except Exception as exc:
                     log.error("store: the final flush failed: %s", exc)
             self.store.update_provenance(
-                events=self.events[-1000:], summary=self.status()["frames"], engine_state=described
+                events=self.events[-1000:],
+                summary=self.status()["frames"],
+                engine_state=described,
+                completion=self.completer.status(),
             )
             self.store.close()
         self.receiver.close()
@@ -369,8 +431,16 @@ class Pipeline:
             item, key = vol, (seg.stream, item.p, item.c, -1, seg.number)
         if not to_engines:
             return key, item
+        completing = self.completer.enabled and seg.saved
         with self._slot_cond:
             old = self._slots.get(key)
+            if completing:
+                # the first frame the live path skips hands the slot's saved products to the
+                # completer (before the worker can take the newer frame); later frames are its tickets
+                if old is not None and not self.completer.owns(key):
+                    self.completer.claim(key, old)
+                if self.completer.owns(key):
+                    self.completer.add(key, item)
             self._slots[key] = item
             self._slot_cond.notify()
         if old is not None:
@@ -415,23 +485,33 @@ class Pipeline:
             except Exception:
                 log.exception("engine chain failed on seq %d", item.frame.seq)
 
+    def _new_chain(self, item: Item) -> Chain:
+        spec = StreamSpec(
+            shape=tuple(item.array.shape),
+            channel=str(item.frame.header.get("channel", item.c)),
+            **item.segment.spec_base,
+        )
+        return Chain(
+            list(self.engine_states.values()),
+            spec,
+            strict=False,
+            max_failures=self.cfg.max_engine_failures,
+            on_disable=self._disable,
+        )
+
     def _process(self, key: tuple, item: Item) -> dict[str, np.ndarray]:
         with self._chain_lock:
             chain = self._chains.get(key)
+            # a frame the worker takes before its slot is claimed is one of the in-order frames
+            # (the claim names a later one, still in the slot): its products are saved from here
+            in_order = not self.completer.owns(key)
+            if self.completer.needs_chain(key):
+                # this chain has seen every frame of the slot in order, up to the first skipped one:
+                # the completer continues it from there; the live view goes on with a new one
+                self.completer.adopt(key, self._chains.pop(key, None))
+                chain = None
             if chain is None:
-                seg = item.segment
-                spec = StreamSpec(
-                    shape=tuple(item.array.shape),
-                    channel=str(item.frame.header.get("channel", item.c)),
-                    **seg.spec_base,
-                )
-                chain = self._chains[key] = Chain(
-                    list(self.engine_states.values()),
-                    spec,
-                    strict=False,
-                    max_failures=self.cfg.max_engine_failures,
-                    on_disable=self._disable,
-                )
+                chain = self._chains[key] = self._new_chain(item)
             info = FrameInfo(
                 seq=item.frame.seq,
                 timestamp=item.frame.timestamp,
@@ -441,13 +521,17 @@ class Pipeline:
             t0 = time.perf_counter()
             result = chain.run(item.array, info)
             self.lat_chain.add(time.perf_counter() - t0)
-        saved = self.store is not None and item.segment.saved
+        # the live chain's products are saved while it has seen every frame of the slot in order;
+        # once the completer owns the slot, they are previews only
+        saved = self.store is not None and item.segment.saved and in_order
         dropped_products: list[str] = []
         for name, arr in result.images.items():
             arr = np.asarray(arr)
-            # a product that does not fit its share of the budget is recorded as skipped
-            if saved and self.cfg.saves(name) and not self.sink.offer_product(name, arr, item):
-                dropped_products.append(name)
+            if saved and self.cfg.saves(name):
+                if self.completer.enabled:  # in order: wait for room (ingest never waits for this)
+                    self.completer.offer(name, arr, item)
+                elif not self.sink.offer_product(name, arr, item):
+                    dropped_products.append(name)  # recorded as skipped
             self.previews.offer(name, arr, item)
         if dropped_products:
             self.sink.products_dropped += len(dropped_products)
@@ -457,7 +541,7 @@ class Pipeline:
             self.sink.mark("failed", tuple(failed), item)
         if result.scalars:
             self.scalars_last.update(result.scalars)
-            if item.segment.saved:
+            if saved or (item.segment.saved and not self.completer.enabled):
                 self.sink.scalars(result.scalars, item)
         for ev in result.events:
             self.add_event(
@@ -483,13 +567,15 @@ class Pipeline:
 
     @contextlib.contextmanager
     def between_frames(self) -> Iterator[None]:
-        """Hold the chains between two frames (control commands change engines here)."""
-        with self._chain_lock:
+        """Hold the chains between two frames (control commands change engines here): the live
+        ones and the completer's in-order ones."""
+        with self._chain_lock, self.completer.frame_lock:
             yield
 
     def running_engines(self, name: str) -> list[Any]:
         """The instances of engine ``name``, one per running chain (call inside between_frames)."""
-        return [eng for chain in self._chains.values() if (eng := chain.engines.get(name)) is not None]
+        chains = [*self._chains.values(), *self.completer.chains()]
+        return [eng for chain in chains if (eng := chain.engines.get(name)) is not None]
 
     def record_engine_params(self) -> None:
         if self.store is not None:
@@ -541,7 +627,7 @@ class Pipeline:
             return (
                 self._stop.is_set()
                 and self._ingest_done.is_set()
-                and not any(t.is_alive() for t in self._threads if t.name == "livescope-worker")
+                and not any(t.is_alive() for t in self._threads if t.name in ("livescope-worker", "livescope-complete"))
             )
 
         self.sink.run(finished)
@@ -613,6 +699,7 @@ class Pipeline:
             ),
             "curve": {"keys": str(self.curve.folder), "refused_clients": self.curve.refused} if self.curve else None,
             "fit": self.fit_job.status() if self.fit_job is not None else None,
+            "completion": self.completer.status(),
             "scalars": dict(self.scalars_last),
             "store": stored["info"],
         }

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 
 from ..bridges.store import ImageLayout, OmeZarrStore
-from ..engines import FrameInfo, StreamSpec
 from .chain import Chain, event_record, number_events
 
 __all__ = ["process_file"]
@@ -126,7 +125,7 @@ def _process_serial(
 ) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from .distributed import chain_wants_stacks, open_source, plan_units
+    from .distributed import chain_wants_stacks, movie_frame_info, movie_spec, open_source, plan_units
 
     src = open_source(input_path, sampling, axes)
     engine_params = engine_params or {}
@@ -179,19 +178,10 @@ def _process_serial(
                 planes = list(range(src.sizes["z"])) if z is None else [z]
                 key = (p, c, z)
                 if key not in chains:
-                    spec = StreamSpec(
-                        shape=tuple(block.shape),
-                        dtype=layout.dtype,
-                        bits=bits,
-                        pixel_size_um=info.get("pixel_size_um"),
-                        z_step_um=info.get("z_step_um"),
-                        interval_s=info.get("interval_s"),
-                        channel=str(c),
-                    )
+                    spec = movie_spec(src, tuple(block.shape), p, c, layout.dtype, bits)
                     chains[key] = Chain.of(engines, engine_params, spec)
-                ts = t * float(info.get("interval_s") or 1.0)
-                index = {"t": t, "p": p, "c": c} if z is None else {"t": t, "p": p, "c": c, "z": z}
-                finfo = FrameInfo(seq=seq, timestamp=ts, index=index)
+                finfo = movie_frame_info(src, t, p, c, z, seq=seq)
+                ts = finfo.timestamp
                 write = functools.partial(write_planes, planes=planes, t=t, c=c, seq=seq, time_s=ts)
 
                 if save_raw:

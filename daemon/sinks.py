@@ -159,6 +159,13 @@ class StoreSink:
                         log.error("store %s: %s", w.name, exc)
                 self._check_disk()
 
+    def find_writer(self, product: str, position: int, seg: Segment) -> Any:
+        """The image writer if the store thread has opened it, else None (any thread may ask)."""
+        if self.store is None:
+            return None
+        tagged = {"stream": seg.tag} if seg.tag else {}
+        return self.store.images.get(image_name(product, position, seg.number, **tagged))
+
     def writer_for(self, product: str, position: int, seg: Segment) -> Any:
         assert self.store is not None
         tagged = {"stream": seg.tag} if seg.tag else {}  # a second camera's images: raw_camB, ...
@@ -169,7 +176,10 @@ class StoreSink:
         layout = seg.layout if product == "raw" else dataclasses.replace(seg.layout, dtype="float32")
         if layout is not seg.layout:
             seg.product_layouts.append(layout)
-        return self.store.image(product, position, seg.number, layout, **tagged)
+        writer = self.store.image(product, position, seg.number, layout, **tagged)
+        if product == "raw":
+            writer.set_stream(seg.spec_base)
+        return writer
 
     def _store_one(self, entry: Any) -> None:
         if isinstance(entry, Item):
