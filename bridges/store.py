@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -128,6 +129,28 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}.{threading.get_ident()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)  # atomic on POSIX and Windows
+
+
+FLOAT16_MAX = 65504.0
+
+
+def to_stored(plane: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, int]:
+    """A product plane in its stored dtype, and how many pixels were out of that dtype's range:
+    float16 holds values up to 65504; larger ones are stored as 65504 (with their sign) and counted,
+    as a camera counts saturated pixels (the frame's ``saturated`` record)."""
+    if dtype != np.float16 or plane.dtype == np.float16:
+        return plane.astype(dtype, copy=False), -1
+    n = 0
+    if float(np.nanmax(plane)) > FLOAT16_MAX or float(np.nanmin(plane)) < -FLOAT16_MAX:  # 1 ms at 2048^2
+        n = int(np.count_nonzero(np.abs(plane) > FLOAT16_MAX))
+        plane = np.clip(plane, -FLOAT16_MAX, FLOAT16_MAX)
+    torch = sys.modules.get("torch")  # already loaded (a denoiser): its conversion is ~6x numpy's
+    if torch is not None and plane.dtype == np.float32:
+        try:  # round to nearest even, as numpy: the same bits (tests/bridges/test_store.py)
+            return torch.from_numpy(np.ascontiguousarray(plane)).to(torch.float16).numpy(), n
+        except Exception:
+            pass
+    return plane.astype(np.float16), n
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -431,6 +454,8 @@ class ImageWriter:
         return [min(w[0] for w in ws), max(w[1] for w in ws)] if ws else [math.inf, -math.inf]
 
     def _observe(self, c: int, plane: np.ndarray) -> None:
+        if plane.dtype == np.float16:  # numpy's float16 reductions are slow: a display range needs no more
+            plane = plane[::4, ::4].astype(np.float32)
         lo, hi = float(plane.min()), float(plane.max())  # 0.3 ms for 2048x2048 uint16: every plane
         if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN or inf in a product: finite values only
             finite = plane[np.isfinite(plane)]
@@ -474,6 +499,9 @@ class ImageWriter:
         """Buffer one plane; it is saved once ``poll`` reports its shard and record written. A plane
         it cannot take (a full or read-only disk that cannot grow the array) raises: the caller
         counts it lost, and its record says ``lost`` once there is room for it."""
+        if self.dtype == np.float16 and plane.dtype != np.float16:
+            plane, over = to_stored(plane, self.dtype)
+            saturated = over
         try:
             if plane.shape != tuple(self.layout.plane_shape):
                 raise StoreError(f"{self.name}: plane shape {plane.shape} != {tuple(self.layout.plane_shape)}")
@@ -831,11 +859,14 @@ class OmeZarrStore:
         resume: bool = False,
         compress_raw: bool = False,
         float16: bool = False,
+        product_dtypes: Mapping[str, str] | None = None,
         fsync: bool = False,
         provenance: Mapping[str, Any] | None = None,
         min_free_gb: float = 1.0,
     ) -> None:
         self.path = Path(path)
+        # per product, the stored dtype (float16 / float32) where it is not the layout's (float32)
+        self.product_dtypes = dict(product_dtypes or {})
         self.segment_base = 0  # a resumed store continues with segments after the existing ones
         previous: list[dict[str, Any]] = []
         runs: list[dict[str, Any]] = []
@@ -927,8 +958,10 @@ class OmeZarrStore:
         with self._lock:
             w = self.images.get(name)
             if w is None:
-                if product != "raw" and self.float16:
-                    layout = ImageLayout(**{**layout.__dict__, "dtype": "float16"})
+                if product != "raw":
+                    dtype = self.product_dtypes.get(product, "float16" if self.float16 else layout.dtype)
+                    if dtype != layout.dtype:
+                        layout = ImageLayout(**{**layout.__dict__, "dtype": dtype})
                 w = ImageWriter(
                     self.path,
                     name,

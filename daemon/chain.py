@@ -19,6 +19,7 @@ run frames through :class:`Chain`; a fix here is a fix in all three.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -72,6 +73,38 @@ class EngineSlot:
         return [o for o in self.outputs if o not in self.scalar_names]
 
 
+@functools.lru_cache(maxsize=64)
+def auto_products(engines: tuple[str, ...], params_json: str = "{}") -> frozenset[str]:
+    """The products saved by default (``save_products = "auto"``): the chain's last restored image
+    (the image the last restoring engine passes on: intermediate steps such as ``registered`` when
+    denoising follows are not kept) and what each analysis engine keeps by default
+    (``saved_by_default``: the decomposition's background, slow and fast, not its residual)."""
+    import json
+
+    params = json.loads(params_json)
+    keep: set[str] = set()
+    last_restored: str | None = None
+    for name in engines:
+        try:
+            factory = engine_factory(name)
+        except EngineError:
+            continue
+        outputs = EngineSlot(name, params.get(name, {})).image_outputs()
+        passes = getattr(factory, "passes", outputs[0] if outputs else None)
+        if not isinstance(passes, str | type(None)):  # a property: the first output
+            passes = outputs[0] if outputs else None
+        declared = getattr(factory, "saved_by_default", None)
+        if passes is not None:
+            last_restored = passes
+            # what a restoring engine keeps besides the image it passes on (a trust map)
+            keep.update(o for o in (declared or ()) if o != passes and o in outputs)
+        else:
+            keep.update(o for o in (declared if declared is not None else outputs) if o in outputs)
+    if last_restored is not None:
+        keep.add(last_restored)
+    return frozenset(keep)
+
+
 def slots_for(engines: Sequence[str], params: dict[str, dict[str, Any]] | None = None) -> list[EngineSlot]:
     """One slot per engine name, in chain order."""
     params = params or {}
@@ -119,6 +152,7 @@ class Chain:
         self.max_failures = max_failures
         self._on_disable = on_disable
         self.engines: dict[str, Any] = {}
+        self.last_t = -1  # the time point of the last frame run (a change "after t" is placed by it)
         states = list(state) if state is not None else [{}] * len(self.slots)
         for slot, st in zip(self.slots, states, strict=True):
             if slot.enabled:
@@ -175,6 +209,7 @@ class Chain:
     def run(self, frame: Any, info: FrameInfo) -> ChainResult:
         x: Any = frame
         result = ChainResult()
+        self.last_t = int(info.index.get("t", self.last_t + 1))
         for slot in self.slots:
             if not slot.enabled:
                 continue

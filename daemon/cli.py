@@ -190,8 +190,24 @@ def build_parser() -> argparse.ArgumentParser:
         dest="compress_raw",
         help="blosc zstd + bitshuffle on raw (lossless)",
     )
-    p.add_argument("--float16", action="store_true", default=None, help="save products as float16")
-    p.add_argument("--no-products", action="store_true", help="save raw only")
+    p.add_argument(
+        "--float16", action="store_true", default=None, help="save every product as float16 (the default dtype)"
+    )
+    p.add_argument(
+        "--product-dtype",
+        choices=["float16", "float32"],
+        default=None,
+        help="the products' stored dtype (default float16: half the bytes; values beyond 65504 are "
+        "stored as 65504 and counted per frame)",
+    )
+    p.add_argument(
+        "--save",
+        default=None,
+        metavar="PRODUCTS",
+        help="which products to save: auto (default: the chain's last restored image and the "
+        "decomposition's background, slow and fast), all, none, or a comma-separated list",
+    )
+    p.add_argument("--no-products", action="store_true", help="save raw only (same as --save none)")
     p.add_argument(
         "--save-live",
         action="store_true",
@@ -578,7 +594,8 @@ DAEMON_FLAGS = {
     "memory_budget_mb": "--memory-budget",
     "sim_interval_s": "--sim-interval",
     "sim_shape": "--sim-size",
-    "save_products": "--no-products",
+    "save_products": "--save",
+    "product_dtype": "--product-dtype",
     "source": "--source",
 }
 
@@ -624,6 +641,13 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         overrides["sim_channels"] = ("GFP", "mCherry")[: args.sim_channels]
     if args.sim_size:
         overrides["sim_shape"] = (args.sim_size, args.sim_size)
+    if args.save:
+        choice = args.save.strip().lower()
+        overrides["save_products"] = {"auto": "auto", "all": True, "none": False}.get(
+            choice, [p for p in args.save.split(",") if p]
+        )
+    if args.product_dtype:
+        overrides["product_dtype"] = args.product_dtype
     if args.no_products:
         overrides["save_products"] = False
     toml_config = args.config

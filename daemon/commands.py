@@ -131,6 +131,10 @@ def _engine_command(pipeline: Any, request: dict[str, Any]) -> Reply:
                 if setter is None:
                     return {"ok": False, "error": f"engine {name} has no settable parameters"}
                 setter(param, value)
+            pipeline.record_change(
+                {"engine": name, "cmd": "set", "param": param, "value": value, "previous": state.params.get(param)},
+                lambda eng, param=param, value=value: eng.set_param(param, value),
+            )
             state.params[param] = value
         else:
             path = confined(pipeline.cfg.out, request.get("path"))
@@ -139,6 +143,10 @@ def _engine_command(pipeline: Any, request: dict[str, Any]) -> Reply:
                 if swap is None:
                     return {"ok": False, "error": f"engine {name} has no model to swap"}
                 swap(path)
+            pipeline.record_change(
+                {"engine": name, "cmd": "swap_model", "path": path, "previous": state.params.get("model")},
+                lambda eng, path=path: eng.swap_model(path),
+            )
             state.params["model"] = path
     pipeline.record_engine_params()
     return {"ok": True, "engine": name, "enabled": state.enabled}

@@ -60,6 +60,8 @@ class _Track:
     adopted: bool = False
     done: int = 0
     unrecoverable: int = 0  # raw frames lost: their products cannot be made
+    # changes the live chains took (set, swap_model), each for this chain's first frame after t
+    pending: list[tuple[int, Callable[[Chain], None]]] = dataclasses.field(default_factory=list)
 
 
 class Completer:
@@ -135,6 +137,16 @@ class Completer:
         track = self.tracks[key]
         track.chain = chain
         track.adopted = True
+
+    def defer(self, after: dict[tuple, int], apply: Callable[[Chain], None]) -> None:
+        """A change the live chains took between two frames (a parameter, a model): each of the
+        completer's chains takes it before its first frame after the one the live path had reached
+        on that slot (``after[key]``), so the saved product changes at the same frame as the live
+        one. A slot claimed but not yet handed over needs nothing: its chain is still live."""
+        with self._lock:
+            for key, track in self.tracks.items():
+                if track.adopted:
+                    track.pending.append((after.get(key, -1), apply))
 
     # -- progress ---------------------------------------------------------------------------------
     def to_go(self) -> int:
@@ -217,6 +229,10 @@ class Completer:
     def _run(self, track: _Track, item: Item, arr: np.ndarray) -> None:
         if track.chain is None:
             track.chain = self.make_chain(item)
+        while track.pending and track.pending[0][0] < item.t:
+            _, apply = track.pending.pop(0)
+            with self.frame_lock:
+                apply(track.chain)
         info = FrameInfo(
             seq=item.frame.seq,
             timestamp=item.frame.timestamp,
@@ -236,7 +252,8 @@ class Completer:
 
     def offer(self, name: str, arr: np.ndarray, item: Item) -> None:
         """Queue a product, waiting for room in the products' share of the budget."""
-        while not self.sink.offer_product(name, arr, item):
+        arr, over = self.sink.stored_form(name, arr)
+        while not self.sink.offer_product(name, arr, item, over):
             if self._abandon.is_set():
                 return
             time.sleep(0.005)
@@ -295,9 +312,15 @@ def complete_store(
 
     root = Path(path)
     prov = json.loads((root / "zarr.json").read_text())["attributes"]["livescope"].get("provenance") or {}
+    changes: list[dict[str, Any]] = []
     if engines is None:
         engines = list((prov.get("engines") or {}).keys())
         engine_params = {k: dict(v or {}) for k, v in (prov.get("engines") or {}).items()}
+        # parameter changes and model swaps made during the run: replayed where they applied, from
+        # the parameters the run started with
+        changes = [c for c in prov.get("changes") or [] if c.get("engine") in engine_params]
+        for c in reversed(changes):
+            engine_params[c["engine"]] = dict(c.get("params_before") or {})
     engine_params = engine_params or {}
     if not engines:
         raise ValueError(f"{root}: the store names no engines; give them with --engines")
@@ -345,9 +368,13 @@ def complete_store(
                 todo_units.append((p, c, z, zs, missing))
         total = sum(len(u[4]) for u in todo_units)
         bar = tqdm(total=total, desc=f"completing {raw_name}", unit="frame", disable=not progress or not total)
+        stream = str(src.stream.get("stream", ""))
         for p, c, z, zs, missing in todo_units:
             wanted = set(missing)
             chain = None
+            position, segment = int(entry.get("position") or 0), int(entry.get("segment") or 0)
+            key = f"{stream}/{position}/{c}/{-1 if z is None else z}/{segment}"  # the daemon's slot
+            replay = [(int(ch.get("after", {}).get(key, -1)), ch) for ch in changes]
             for t in range(0, max(missing) + 1):  # from the first frame: the state is rebuilt exactly
                 if not all(_at(raw_status, _lead(src, t, c, zz)) == STATUS["saved"] for zz in zs):
                     continue  # a lost raw frame: the daemon's chain never saw it either
@@ -356,6 +383,8 @@ def complete_store(
                     dtype = np.dtype(src.dtype)
                     spec = movie_spec(src, tuple(block.shape), p, c, dtype.name, dtype.itemsize * 8)
                     chain = Chain(slots_for(engines, engine_params), spec, strict=False)
+                while replay and replay[0][0] < t:
+                    _apply_change(chain, replay.pop(0)[1])
                 finfo = movie_frame_info(src, t, p, c, z, seq=t)
                 result = chain.run(block, finfo)
                 if t not in wanted:
@@ -385,6 +414,16 @@ def complete_store(
         out[raw_name] = done
     refresh_root(root)
     return out
+
+
+def _apply_change(chain: Chain, change: dict[str, Any]) -> None:
+    eng = chain.engines.get(change["engine"])
+    if eng is None:
+        return
+    if change.get("cmd") == "set":
+        eng.set_param(change["param"], change.get("value"))
+    elif change.get("cmd") == "swap_model":
+        eng.swap_model(change["path"])
 
 
 def _lead(src: Any, t: int, c: int, z: int) -> tuple[int, ...]:

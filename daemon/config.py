@@ -18,6 +18,7 @@ from pydantic import ConfigDict, Field, StrictBool, StrictStr, TypeAdapter, Vali
 
 from ..bridges.files import SAMPLING_KEYS, check_sampling
 from ..bridges.transport import DEFAULT_CONTROL, DEFAULT_INGEST, DEFAULT_PUBLISH
+from .chain import EngineSlot, auto_products
 
 __all__ = ["PATH_PARAMS", "DaemonConfig", "client_curve", "load_config", "parse_params", "validate_config"]
 
@@ -75,9 +76,15 @@ class DaemonConfig:
     z_step_um: _Number | None = None
     interval_s: _Number | None = None
     # saving
-    save_products: _Flag | list[_Text] = True
+    # True (every product), False (raw only), a list of products, or "auto": the chain's last
+    # restored image and what each analysis keeps (docs/storage.md: bytes per frame)
+    save_products: _Flag | list[_Text] | Literal["auto"] = "auto"
     save_live: _Flag = False  # save Micro-Manager live-mode and snap streams too (frames with live: true)
-    float16: _Flag = False
+    float16: _Flag = False  # every product as float16 (same as product_dtype = "float16")
+    # products' stored dtype: float16 halves the bytes (11-bit mantissa, values up to 65504; larger
+    # ones are stored as 65504 and counted per frame in the saturated record); per-product overrides
+    product_dtype: Literal["float16", "float32"] = "float16"
+    product_dtypes: dict[_Text, Literal["float16", "float32"]] = dataclasses.field(default_factory=dict)
     # saved products of frames the live path skipped: restored in order from the saved raw
     # (daemon/completion.py): during the acquisition on spare capacity, only after it, or off
     complete: Literal["during", "after", "off"] = "during"
@@ -112,7 +119,15 @@ class DaemonConfig:
             return True
         if isinstance(self.save_products, bool):
             return self.save_products
+        if self.save_products == "auto":
+            return product in auto_products(tuple(self.engines), json.dumps(self.engine_params, sort_keys=True))
         return product in self.save_products
+
+    def stored_dtypes(self) -> dict[str, str]:
+        """The stored dtype of every product this chain makes (float16 or float32)."""
+        default = "float16" if self.float16 else self.product_dtype
+        names = {o for n in self.engines for o in EngineSlot(n, self.engine_params.get(n, {})).image_outputs()}
+        return {p: self.product_dtypes.get(p, default) for p in sorted(names)}
 
 
 def client_curve(curve: bool = False, curve_dir: str | Path | None = None) -> Any:
@@ -330,6 +345,14 @@ def _check_engines(cfg: DaemonConfig, where: Any, param_origin: Mapping[tuple[st
         close = getattr(made, "close", None)
         if close is not None:
             close()
+    if cfg.product_dtypes and not problems:
+        unknown = [p for p in cfg.product_dtypes if p not in products or p == "raw"]
+        if unknown:
+            problems.append(
+                f"{where('product_dtypes')}: product_dtypes names {', '.join(map(repr, unknown))}, which the "
+                f"engine chain does not make (raw is kept as the camera sent it); it makes: "
+                f"{', '.join(sorted(products - {'raw'}))}"
+            )
     if isinstance(cfg.save_products, list) and not problems:
         unknown = [p for p in cfg.save_products if p not in products]
         if unknown:
@@ -355,7 +378,7 @@ _EXAMPLES = {
     "z_step_um": "0.3",
     "interval_s": "0.5",
     "calibration": '"cal.json"',
-    "save_products": 'true, false or a list of products: ["denoised"]',
+    "save_products": '"auto", true, false or a list of products: ["denoised"]',
     "sim_channels": '["GFP", "mCherry"]',
     "memory_budget_mb": "2048 (megabytes, a number)",
     "preview_hz": "20 (previews per second, up to 1000)",

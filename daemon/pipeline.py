@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -100,7 +100,7 @@ class Pipeline:
                     overwrite=cfg.overwrite,
                     resume=cfg.resume,
                     compress_raw=cfg.compress_raw,
-                    float16=cfg.float16,
+                    product_dtypes=cfg.stored_dtypes(),
                     fsync=cfg.fsync,
                     provenance=self._provenance(provenance),
                     min_free_gb=cfg.min_free_gb,
@@ -164,6 +164,7 @@ class Pipeline:
             RestoreServer(cfg.restore, self._restore_one, curve=self.curve, stop=self._stop) if cfg.restore else None
         )
         self.fit_job: FitJob | None = None
+        self.changes: list[dict[str, Any]] = []  # parameter changes and model swaps, where they apply
         self.rejected: dict[str, int] = {}  # frames the daemon refused after decoding, by reason
         self.sender_stats: dict[str, dict[str, int]] = {}  # what each stream's sender says it dropped
         self._counter_lock = threading.Lock()
@@ -573,13 +574,37 @@ class Pipeline:
             yield
 
     def running_engines(self, name: str) -> list[Any]:
-        """The instances of engine ``name``, one per running chain (call inside between_frames)."""
-        chains = [*self._chains.values(), *self.completer.chains()]
-        return [eng for chain in chains if (eng := chain.engines.get(name)) is not None]
+        """The instances of engine ``name``, one per live chain (call inside between_frames); the
+        completer's chains take a change at its frame (:meth:`record_change`)."""
+        return [eng for chain in self._chains.values() if (eng := chain.engines.get(name)) is not None]
+
+    def record_change(self, change: dict[str, Any], apply: Callable[[Any], None]) -> None:
+        """A change the live chains just took (call inside between_frames): the completer's chains
+        take it at the same frame, and the store's provenance records where it applies from
+        (per slot, after the time point the live path had reached) so that ``livescope complete``
+        replays it there."""
+        after = {key: chain.last_t for key, chain in self._chains.items()}
+
+        def on_chain(chain: Any) -> None:
+            eng = chain.engines.get(change["engine"])
+            if eng is not None:
+                apply(eng)
+
+        self.completer.defer(after, on_chain)
+        self.changes.append(
+            {
+                **change,
+                "time": time.time(),
+                "after": {"/".join(str(k) for k in key): t for key, t in after.items()},
+                "params_before": dict(self.engine_states[change["engine"]].params),
+            }
+        )
 
     def record_engine_params(self) -> None:
         if self.store is not None:
-            self.store.update_provenance(engines={n: dict(s.params) for n, s in self.engine_states.items()})
+            self.store.update_provenance(
+                engines={n: dict(s.params) for n, s in self.engine_states.items()}, changes=list(self.changes)
+            )
 
     # -- events, fitting, control ------------------------------------------------------------
     def add_event(self, event: dict[str, Any]) -> dict[str, Any]:
@@ -610,8 +635,13 @@ class Pipeline:
     def _swap_all(self, name: str, path: str) -> None:
         with self.between_frames():
             state = self.engine_states[name]
+            previous = state.params.get("model")
             for eng in self.running_engines(name):
                 eng.swap_model(path)  # a classical deconvolve run switches to method="net"
+            self.record_change(
+                {"engine": name, "cmd": "swap_model", "path": path, "previous": previous},
+                lambda eng: eng.swap_model(path),
+            )
             state.params["model"] = path
             if name == "deconvolve":
                 state.params["method"] = "net"

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..bridges.store import OmeZarrStore, image_name
+from ..bridges.store import OmeZarrStore, image_name, to_stored
 from .routing import Item, Segment
 from .telemetry import Latency, Rate
 
@@ -62,6 +62,7 @@ class Product:
     name: str
     array: np.ndarray
     item: Item
+    saturated: int = -1  # pixels beyond the stored dtype's range (float16: 65504)
 
 
 class StoreSink:
@@ -105,14 +106,25 @@ class StoreSink:
             )
         return False
 
-    def offer_product(self, name: str, arr: np.ndarray, item: Item) -> bool:
-        """Queue a product within half the budget (raw always has room). True if queued."""
+    def stored_form(self, name: str, arr: np.ndarray) -> tuple[np.ndarray, int]:
+        """A product as the store keeps it (float16 where so configured), and the pixels beyond that
+        dtype's range: converted on the producer's thread (the chain's), not the store's."""
+        if self.store is not None and self.store.product_dtypes.get(name) == "float16":
+            return to_stored(arr, np.dtype(np.float16))
+        return arr, -1
+
+    def offer_product(self, name: str, arr: np.ndarray, item: Item, saturated: int | None = None) -> bool:
+        """Queue a product within half the budget (raw always has room). True if queued.
+        ``saturated``: given when ``arr`` is already in :meth:`stored_form`."""
+        over = -1 if saturated is None else saturated
+        if saturated is None:
+            arr, over = self.stored_form(name, arr)
         with self._lock:
             fits = self.queued_product_bytes + arr.nbytes <= self._budget // 2
             if fits:
                 self.queued_product_bytes += arr.nbytes
         if fits:
-            self._q.put(Product(name, arr, item))
+            self._q.put(Product(name, arr, item, over))
         return fits
 
     def mark(self, status: str, products: tuple[str, ...], item: Item) -> None:
@@ -178,7 +190,7 @@ class StoreSink:
             seg.product_layouts.append(layout)
         writer = self.store.image(product, position, seg.number, layout, **tagged)
         if product == "raw":
-            writer.set_stream(seg.spec_base)
+            writer.set_stream({**seg.spec_base, "stream": seg.stream})
         return writer
 
     def _store_one(self, entry: Any) -> None:
@@ -208,7 +220,7 @@ class StoreSink:
             try:
                 if self.store is not None:
                     w = self.writer_for(entry.name, entry.item.p, entry.item.segment)
-                    _write(w, entry.item, entry.array.astype(w.dtype, copy=False))
+                    _write(w, entry.item, entry.array.astype(w.dtype, copy=False), saturated=entry.saturated)
             finally:
                 with self._lock:
                     self.queued_product_bytes -= entry.array.nbytes

@@ -338,6 +338,9 @@ class EngineBase:
     name: ClassVar[str] = ""
     outputs: ClassVar[tuple[str, ...]] = ()
     scalar_outputs: ClassVar[tuple[str, ...]] = ()
+    # the image outputs a store keeps by default (None: all); the daemon's "auto" product set keeps
+    # only the chain's last restored image of the restoring engines, and these of the others
+    saved_by_default: ClassVar[tuple[str, ...] | None] = None
     if TYPE_CHECKING:
         # Read-only to callers: a subclass may make them properties (``needs_volume`` following
         # ``volume``, ``window`` following its parameters); at run time, class attributes.

@@ -158,6 +158,7 @@ class Decompose(EngineBase):
     )
     scalar_outputs: ClassVar[tuple[str, ...]] = ("novelty", "bleach")
     passes: ClassVar[str | None] = None  # it splits, it does not restore
+    saved_by_default: ClassVar[tuple[str, ...] | None] = ("background", "slow", "fast")  # residual: diagnostic
 
     parameters: ClassVar[dict[str, Param]] = {
         "lags": Param((1, 2, 4, 8), _lags, applies=Applies.REBUILD, show=list, doc="frame intervals compared"),

@@ -504,6 +504,7 @@ class Trust(EngineBase):
         "trust_denoised_features",
         "trust_denoised_ok",
     )
+    saved_by_default: ClassVar[tuple[str, ...] | None] = ("denoised", "trust_denoised")  # and where to trust it
 
     # the camera's parameters start the noise model over (and go to the inner engine too when it
     # takes them); None thresholds take the measured defaults (THRESHOLDS)

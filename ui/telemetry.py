@@ -38,6 +38,23 @@ def preview_latency(st: dict[str, Any], which: str = "preview") -> str | None:
     return f"{p50:.0f} / {p99:.0f} ms"
 
 
+def completion_text(st: dict[str, Any]) -> tuple[str, str | None]:
+    """The saved products' completion (daemon/completion.py): frames to go and the time left, or
+    "complete"; with the colour to show it in."""
+    comp = st.get("completion") or {}
+    mode = comp.get("mode")
+    if not mode or mode == "off":
+        return ("off", None) if mode == "off" else ("–", None)
+    to_go = int(comp.get("frames_to_go") or 0)
+    done = int(comp.get("frames_completed") or 0)
+    if not to_go:
+        return (f"complete ({done} caught up)" if done else "complete"), COLORS["ok"]
+    eta = comp.get("eta_s")
+    left = f", ~{eta:.0f} s" if isinstance(eta, int | float) else ""
+    waiting = " after the run" if mode == "after" and st.get("state") == "running" else ""
+    return f"{to_go} to go{left}{waiting}", COLORS["warn"]
+
+
 def status_line(st: dict[str, Any], display_fps: float) -> str:
     """One line of rich text for the status bar."""
     f = st.get("frames", {})
@@ -59,6 +76,10 @@ def status_line(st: dict[str, Any], display_fps: float) -> str:
     preview = preview_latency(st) or preview_latency(st, "preview_raw")
     if preview:
         parts.append(f"preview p50/p99 {preview}")
+    to_go = int((st.get("completion") or {}).get("frames_to_go") or 0)
+    if to_go:
+        text, colour = completion_text(st)
+        parts.append(_span(f"products: {text}", colour))
     if store:
         free = float(store.get("free_gb", 0))
         parts.append(_span(f"{free:.0f} GB free", COLORS["bad"] if free < 5 else None))
@@ -95,6 +116,7 @@ class TelemetryPanel(QtWidgets.QWidget):
             ("free", "free disk"),
             ("preview", "preview p50 / p99"),
             ("preview_raw", "raw preview p50 / p99"),
+            ("completion", "saved products"),
         ]
         for i, (key, label) in enumerate(names):
             name = QtWidgets.QLabel(label)
@@ -203,6 +225,7 @@ class TelemetryPanel(QtWidgets.QWidget):
         # frame received -> preview sent, restored products and raw apart (docs/viewer.md)
         self._metric("preview", preview_latency(st) or "–")
         self._metric("preview_raw", preview_latency(st, "preview_raw") or "–")
+        self._metric("completion", *completion_text(st))
         if store:
             free = float(store.get("free_gb", 0))
             self._metric("store", f"{store.get('bytes_written', 0) / 2**20:,.0f} MB")

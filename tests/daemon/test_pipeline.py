@@ -73,6 +73,7 @@ def test_raw_keeps_every_frame_while_a_slow_engine_skips(tmp_path, free_address)
         engines=["passthrough"],
         engine_params={"passthrough": {"delay_s": 0.05}},
         exit_on_end=False,
+        complete="off",  # the live path's own accounting (tests/daemon/test_completion.py: completed)
     )
     frames = np.random.default_rng(0).integers(0, 4000, (60, 32, 32), dtype=np.uint16)
 
