@@ -150,6 +150,7 @@ def run(
     keep_s: float = 45.0,
     max_store_gb: float = 10.0,
     min_free_gb: float = 15.0,
+    complete: str = "during",
 ) -> dict:
     from livescope.bridges.transport import free_tcp_address
     from livescope.daemon.cli import run_daemon
@@ -172,6 +173,7 @@ def run(
         control=None,
         exit_on_end=True,
         min_free_gb=0.0,
+        complete=complete,
     )
     ctx = mp.get_context("spawn")
     result = ctx.Queue()
@@ -208,6 +210,9 @@ def run(
         "fps": fps,
         "seconds": seconds,
         "chain": "+".join(engines) or "none",
+        "complete": complete,
+        "completed": summary.get("completion", {}).get("frames_completed", 0),
+        "completion_to_go": summary.get("completion", {}).get("frames_to_go", 0),
         "offered": pub["offered"],
         "saved": f["saved"],
         "lost": lost,
@@ -259,8 +264,21 @@ def main() -> None:
     ap.add_argument("--keep-s", type=float, default=45.0, help="delete store shard files this old during a run")
     ap.add_argument("--max-store-gb", type=float, default=10.0, help="keep a run's store under this size")
     ap.add_argument("--min-free-gb", type=float, default=15.0, help="stop a run when the disk has less free")
+    ap.add_argument(
+        "--complete",
+        default="during",
+        choices=["during", "after", "off"],
+        help="the daemon's completion of skipped frames' products (the janitor must keep raw shards the "
+        "completer still reads: raise --keep-s above the run's length)",
+    )
     args = ap.parse_args()
-    opts = {"tmp": args.tmp, "keep_s": args.keep_s, "max_store_gb": args.max_store_gb, "min_free_gb": args.min_free_gb}
+    opts = {
+        "tmp": args.tmp,
+        "keep_s": args.keep_s,
+        "max_store_gb": args.max_store_gb,
+        "min_free_gb": args.min_free_gb,
+        "complete": args.complete,
+    }
     if args.fps:
         print(
             "| frames | chain | fps | s | offered | dropped at publisher | received | saved | lost | skipped | "

@@ -104,7 +104,7 @@ class QueuedSender:
         if room:
             self._queue.put((seq, payload))
         else:
-            self._lost(
+            self.count_lost(
                 "queue_full",
                 "the send queue is full (the daemon is slow or away): frames are "
                 "dropped and reach the daemon as lost; a larger buffer_frames absorbs longer stalls",
@@ -136,7 +136,7 @@ class QueuedSender:
                 exc_info=exc_info,
             )
 
-    def _lost(self, cause: str, detail: str = "", *, exc_info: Any = None) -> None:
+    def count_lost(self, cause: str, detail: str = "", *, exc_info: Any = None) -> None:
         with self._lock:
             self.dropped += 1
         self._note(f"frame:{cause}", detail, exc_info=exc_info)
@@ -161,12 +161,12 @@ class QueuedSender:
                     self._pending -= 1
                     abandoned = self._abandoned
                 if abandoned:  # taken after close() gave up: counted here, never sent
-                    self._lost("closed", "frames still queued when the sender closed")
+                    self.count_lost("closed", "frames still queued when the sender closed")
                     continue
                 try:
                     self._send_frame(seq, payload)
                 except Exception as exc:  # one bad frame must not stop the stream
-                    self._lost(f"unsendable:{type(exc).__name__}", str(exc)[:200], exc_info=True)
+                    self.count_lost(f"unsendable:{type(exc).__name__}", str(exc)[:200], exc_info=True)
         finally:
             linger = (
                 0.0
@@ -201,7 +201,7 @@ class QueuedSender:
             with self._lock:
                 self.sent += 1
         else:
-            self._lost(
+            self.count_lost(
                 "not_delivered",
                 "the daemon did not take the frame in time (not running, wrong "
                 "address, or stalled): it reaches the daemon as lost",
@@ -275,7 +275,7 @@ class QueuedSender:
             self._abandoned = True
             in_flight = self._in_flight
         if in_flight:
-            self._lost("closed", "frames still queued when the sender closed")
+            self.count_lost("closed", "frames still queued when the sender closed")
         while True:
             try:
                 taken = self._queue.get_nowait()
@@ -284,7 +284,7 @@ class QueuedSender:
             if isinstance(taken, tuple):
                 with self._lock:
                     self._pending -= 1
-                self._lost("closed", "frames still queued when the sender closed")
+                self.count_lost("closed", "frames still queued when the sender closed")
         self._queue.put(None)
 
     def stats(self) -> dict[str, int]:

@@ -80,7 +80,7 @@ def check_sampling(values: dict[str, Any]) -> dict[str, float]:
             continue
         if key not in SAMPLING_KEYS:
             raise ValueError(f"unknown sampling key {key!r}: {', '.join(SAMPLING_KEYS)}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or _positive(float(value)) is None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or positive_or_none(float(value)) is None:
             raise ValueError(f"{key} must be a positive number, got {value!r}")
         out[key] = float(value)
     return out
@@ -105,7 +105,7 @@ def to_um(value: float, unit: str | None) -> float | None:
     return None if factor is None else float(value) * factor
 
 
-def _positive(x: float | None) -> float | None:
+def positive_or_none(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) and x > 0 else None
 
 
@@ -114,7 +114,7 @@ def _seconds(value: str | float, unit: str | None) -> float | None:
     if factor is None:
         log.warning("time unit %r is not one livescope knows: the interval is left unknown", unit)
         return None
-    return _positive(float(value) * factor)
+    return positive_or_none(float(value) * factor)
 
 
 def _imagej(tif: Any) -> dict[str, float]:
@@ -125,11 +125,11 @@ def _imagej(tif: Any) -> dict[str, float]:
     if unit is not None and "XResolution" in tags:
         num, den = tags["XResolution"].value
         if num > 0:
-            px = _positive(to_um(den / num, unit))
+            px = positive_or_none(to_um(den / num, unit))
             if px is not None:
                 info["pixel_size_um"] = px
     if ij.get("spacing") and unit is not None:  # without a unit ImageJ's spacing is in pixels
-        dz = _positive(to_um(float(ij["spacing"]), unit))
+        dz = positive_or_none(to_um(float(ij["spacing"]), unit))
         if dz is not None:
             info["z_step_um"] = dz
     if ij.get("finterval"):
@@ -160,7 +160,7 @@ def _ome(tif: Any, series: int = 0) -> dict[str, float]:
     info: dict[str, float] = {}
     for key, name in (("pixel_size_um", "PhysicalSizeX"), ("z_step_um", "PhysicalSizeZ")):
         if pixels.get(name):  # the OME schema's default unit is the micrometre
-            v = _positive(to_um(float(pixels.get(name)), pixels.get(name + "Unit", "um")))
+            v = positive_or_none(to_um(float(pixels.get(name)), pixels.get(name + "Unit", "um")))
             if v is not None:
                 info[key] = v
     if pixels.get("TimeIncrement"):
@@ -262,7 +262,7 @@ def ome_zarr_image(folder: Any) -> tuple[Any, list[str], str, dict[str, float]]:
             ("interval_s", "t", _seconds),
         ):
             if ax in sc and units.get(ax):
-                v = _positive(convert(float(sc[ax]), units[ax]))
+                v = positive_or_none(convert(float(sc[ax]), units[ax]))
                 if v is not None:
                     info[key] = info[key] * v if key in info else v
     return arr, axes, str(ds["path"]), info

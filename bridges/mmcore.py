@@ -472,7 +472,7 @@ class MMCoreBridge:
                 run.lanes[lane.publisher.stream] = lane
             lane.enqueue(image, self._mda_header, event, meta, run)
         except Exception:
-            self._main._lost("bridge_error", "the bridge could not queue a frame")
+            self._main.count_lost("bridge_error", "the bridge could not queue a frame")
             self._warn_once("on_frame", "the bridge could not queue a frame", exc_info=True)
 
     def _on_finished(self, sequence: Any, *_: Any) -> None:

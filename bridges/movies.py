@@ -544,7 +544,7 @@ def _ndtiff_dataset(path: str) -> Any:
 
 def _ndtiff_sampling(summary: dict[str, Any], first: dict[str, Any]) -> dict[str, float]:
     """Micro-Manager's summary (and image) metadata keys for the sampling."""
-    from .files import _positive
+    from .files import positive_or_none
 
     info: dict[str, float] = {}
     for key, names, factor in (
@@ -555,7 +555,7 @@ def _ndtiff_sampling(summary: dict[str, Any], first: dict[str, Any]) -> dict[str
         for md in (summary, first):
             value = next((md[n] for n in names if isinstance(md, dict) and n in md), None)
             try:
-                v = _positive(float(value) * factor) if value is not None else None
+                v = positive_or_none(float(value) * factor) if value is not None else None
             except (TypeError, ValueError):
                 v = None
             if v is not None:

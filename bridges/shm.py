@@ -46,28 +46,27 @@ import zmq
 
 from .protocol import DTYPES, encode, make_header
 from .shm_ring import (  # the ring's layout and its reader (the receiver's side) live below both
-    _CONTROL_BYTES,
-    _DATA_OFFSET,
-    _GEN,
-    _MAGIC,
-    _MAX_PAUSE_S,
-    _MIN_SLOTS,
-    _NBYTES,
-    _NSLOTS,
-    _PID,
-    _RETIRED,
-    _SLOT_NBYTES,
-    _STATE,
-    _VERSION,
+    CONTROL_BYTES,
+    DATA_OFFSET,
     DEFAULT_PREFIX,
     FREE,
     FULL,
+    GEN,
     LAYOUT_VERSION,
     MAGIC,
+    MAX_PAUSE_S,
+    MIN_SLOTS,
+    NBYTES,
+    NSLOTS,
+    PID,
+    RETIRED,
+    SLOT_NBYTES,
+    STATE,
+    VERSION,
     ShmReader,
-    _layout,
-    _views,
     cleanup_stale,
+    ring_layout,
+    ring_views,
 )
 from .transport import FramePublisher
 
@@ -164,7 +163,7 @@ class _Ring:
     """One shared-memory segment of ``slots`` slots of ``slot_nbytes`` bytes (publisher side)."""
 
     def __init__(self, prefix: str, slots: int, slot_nbytes: int) -> None:
-        self.data_offset, self.stride, size = _layout(slots, slot_nbytes)
+        self.data_offset, self.stride, size = ring_layout(slots, slot_nbytes)
         self.slots = slots
         self.slot_nbytes = slot_nbytes
         while True:
@@ -178,15 +177,15 @@ class _Ring:
         buf = self.shm.buf
         assert buf is not None  # a segment just created (None only once closed)
         # fields first, magic last: a reader never sees a valid magic on a half-written block
-        control = np.ndarray((_CONTROL_BYTES // 8,), dtype=np.uint64, buffer=buf)
+        control = np.ndarray((CONTROL_BYTES // 8,), dtype=np.uint64, buffer=buf)
         control[:] = 0
-        control[_VERSION] = LAYOUT_VERSION
-        control[_NSLOTS] = slots
-        control[_SLOT_NBYTES] = slot_nbytes
-        control[_DATA_OFFSET] = self.data_offset
-        control[_PID] = os.getpid()
-        control[_MAGIC] = MAGIC
-        self.control, self.records = _views(buf)
+        control[VERSION] = LAYOUT_VERSION
+        control[NSLOTS] = slots
+        control[SLOT_NBYTES] = slot_nbytes
+        control[DATA_OFFSET] = self.data_offset
+        control[PID] = os.getpid()
+        control[MAGIC] = MAGIC
+        self.control, self.records = ring_views(buf)
         self.records[:] = 0
         self.filled_at = [0.0] * slots  # monotonic time of each slot's fill
         self.announced = [False] * slots  # header sent, release not yet seen by the publisher
@@ -195,7 +194,7 @@ class _Ring:
         return np.ndarray(shape, dtype=dtype, buffer=self.shm.buf, offset=self.data_offset + slot * self.stride)
 
     def busy(self) -> int:
-        return int(np.count_nonzero(self.records[:, _STATE] == FULL))
+        return int(np.count_nonzero(self.records[:, STATE] == FULL))
 
     def release_views(self) -> None:
         # numpy views export the mapping's buffer: drop them before closing the segment
@@ -376,11 +375,11 @@ class ShmFramePublisher(FramePublisher):
         self._gen += 1
         gen = self._gen
         # generation first: a reader still copying a reclaimed slot sees it change and rejects
-        record[_GEN] = gen
+        record[GEN] = gen
         # the slot holds native byte order, as the header's dtype name says (a big-endian frame is swapped)
         np.copyto(ring.slot_array(slot, array.shape, np.dtype(array.dtype.name)), array, casting="equiv")
-        record[_NBYTES] = array.nbytes
-        record[_STATE] = FULL
+        record[NBYTES] = array.nbytes
+        record[STATE] = FULL
         now = time.monotonic()
         ring.filled_at[slot] = now
         if now >= self._next_look:
@@ -389,7 +388,7 @@ class ShmFramePublisher(FramePublisher):
         header = make_header(array, stream=self.stream, seq=seq_now, shm=shm, **merged)
         # like an inline frame: queued only to a connected receiver, else dropped and counted
         if not self._hand_over(encode(header, None), copy=True):
-            record[_STATE] = FREE  # never announced: the slot is ours again
+            record[STATE] = FREE  # never announced: the slot is ours again
             self.dropped += 1
             return False
         ring.announced[slot] = True
@@ -404,9 +403,9 @@ class ShmFramePublisher(FramePublisher):
         free = _shm_free_bytes()
         if free is not None:
             # leave room for other users of /dev/shm; shrink the ring rather than risk SIGBUS
-            while slots > _MIN_SLOTS and _layout(slots, nbytes)[2] > free // 2:
+            while slots > MIN_SLOTS and ring_layout(slots, nbytes)[2] > free // 2:
                 slots //= 2
-            if _layout(slots, nbytes)[2] > free // 2:
+            if ring_layout(slots, nbytes)[2] > free // 2:
                 log.warning(
                     "only %d MB free in /dev/shm, too little for a ring of %d-byte frames: sending "
                     "pixels over ZeroMQ instead (give the container more: docker run --shm-size=1g)",
@@ -426,7 +425,7 @@ class ShmFramePublisher(FramePublisher):
         self._all_rings.append(new)
         if ring is not None:
             # frames still in the old ring have headers in flight: unlink it once they are read
-            ring.control[_RETIRED] = 1
+            ring.control[RETIRED] = 1
             self._retiring.append(ring)
             log.info("frame of %d bytes > slot of %d: new ring %s", nbytes, ring.slot_nbytes, new.name)
         self._ring = new
@@ -440,7 +439,7 @@ class ShmFramePublisher(FramePublisher):
         pause = 0.0
         slot: int | None
         while True:
-            states = ring.records[:, _STATE]
+            states = ring.records[:, STATE]
             free = np.flatnonzero(states == FREE)
             if free.size:
                 slot = int(free[0])
@@ -457,7 +456,7 @@ class ShmFramePublisher(FramePublisher):
                 return None
             # the reader frees a slot within a frame time: yield first, then back off
             time.sleep(pause)
-            pause = min(_MAX_PAUSE_S, pause * 2 or 2e-5)
+            pause = min(MAX_PAUSE_S, pause * 2 or 2e-5)
 
     def _reclaim(self, ring: _Ring) -> int | None:
         if self.reclaim_s is None:
@@ -507,7 +506,7 @@ class ShmFramePublisher(FramePublisher):
             time.sleep(pause)
             pause = min(0.02, pause * 2)
         for ring in self._all_rings:
-            ring.control[_RETIRED] = 1
+            ring.control[RETIRED] = 1
         self._ring = None
         self._retiring.clear()
         self._finalizer()

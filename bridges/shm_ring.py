@@ -29,31 +29,31 @@ MAGIC = int.from_bytes(b"LVSCSHM1", "little")
 LAYOUT_VERSION = 1
 FREE, FULL = 0, 1
 # control block, as uint64 words
-_MAGIC, _VERSION, _NSLOTS, _SLOT_NBYTES, _DATA_OFFSET, _PID, _RETIRED = range(7)
-_CONTROL_BYTES = 64
+MAGIC, VERSION, NSLOTS, SLOT_NBYTES, DATA_OFFSET, PID, RETIRED = range(7)
+CONTROL_BYTES = 64
 _RECORD_WORDS = 8  # 64 bytes per slot record
-_STATE, _GEN, _NBYTES = range(3)
+STATE, GEN, NBYTES = range(3)
 _PAGE = 4096
-_MIN_SLOTS = 2
-_MAX_PAUSE_S = 1e-3  # longest nap of a blocked send between looks at the ring
+MIN_SLOTS = 2
+MAX_PAUSE_S = 1e-3  # longest nap of a blocked send between looks at the ring
 
 
 def _align(n: int, to: int = _PAGE) -> int:
     return (n + to - 1) // to * to
 
 
-def _layout(slots: int, slot_nbytes: int) -> tuple[int, int, int]:
+def ring_layout(slots: int, slot_nbytes: int) -> tuple[int, int, int]:
     """(data offset, slot stride, total size) of a ring."""
-    offset = _align(_CONTROL_BYTES + slots * _RECORD_WORDS * 8)
+    offset = _align(CONTROL_BYTES + slots * _RECORD_WORDS * 8)
     stride = _align(slot_nbytes)
     return offset, stride, offset + slots * stride
 
 
-def _views(buf: memoryview) -> tuple[np.ndarray, np.ndarray]:
+def ring_views(buf: memoryview) -> tuple[np.ndarray, np.ndarray]:
     """The control words and the (slot, field) records of a mapped ring."""
-    control = np.ndarray((_CONTROL_BYTES // 8,), dtype=np.uint64, buffer=buf)
-    slots = int(control[_NSLOTS])
-    records = np.ndarray((slots, _RECORD_WORDS), dtype=np.uint64, buffer=buf, offset=_CONTROL_BYTES)
+    control = np.ndarray((CONTROL_BYTES // 8,), dtype=np.uint64, buffer=buf)
+    slots = int(control[NSLOTS])
+    records = np.ndarray((slots, _RECORD_WORDS), dtype=np.uint64, buffer=buf, offset=CONTROL_BYTES)
     return control, records
 
 
@@ -92,31 +92,31 @@ class _Attached:
                 buf = memoryview(self._mmap)
         self.buf = buf
         assert buf is not None  # an open segment's buffer (None only after its close)
-        if len(buf) < _CONTROL_BYTES:
+        if len(buf) < CONTROL_BYTES:
             self.close()
             raise ProtocolError("shm_bad", f"segment {name} is {len(buf)} bytes, not a livescope ring")
-        control = np.ndarray((_CONTROL_BYTES // 8,), dtype=np.uint64, buffer=buf)
-        if int(control[_MAGIC]) != MAGIC or int(control[_VERSION]) != LAYOUT_VERSION:
+        control = np.ndarray((CONTROL_BYTES // 8,), dtype=np.uint64, buffer=buf)
+        if int(control[MAGIC]) != MAGIC or int(control[VERSION]) != LAYOUT_VERSION:
             del control
             self.close()
             raise ProtocolError("shm_bad", f"segment {name} is not a livescope ring (v{LAYOUT_VERSION})")
         self.control = control
-        self.nslots = int(control[_NSLOTS])
-        self.slot_nbytes = int(control[_SLOT_NBYTES])
-        self.data_offset = int(control[_DATA_OFFSET])
-        _, stride, size = _layout(self.nslots, self.slot_nbytes)
-        if self.data_offset != _layout(self.nslots, self.slot_nbytes)[0] or len(buf) < size:
+        self.nslots = int(control[NSLOTS])
+        self.slot_nbytes = int(control[SLOT_NBYTES])
+        self.data_offset = int(control[DATA_OFFSET])
+        _, stride, size = ring_layout(self.nslots, self.slot_nbytes)
+        if self.data_offset != ring_layout(self.nslots, self.slot_nbytes)[0] or len(buf) < size:
             del control
             self.control = None
             self.close()
             raise ProtocolError("shm_bad", f"segment {name}: layout does not fit its {len(buf)} bytes")
         self.stride = stride
-        self.records = np.ndarray((self.nslots, _RECORD_WORDS), dtype=np.uint64, buffer=buf, offset=_CONTROL_BYTES)
+        self.records = np.ndarray((self.nslots, _RECORD_WORDS), dtype=np.uint64, buffer=buf, offset=CONTROL_BYTES)
 
     @property
     def retired(self) -> bool:
         assert self.control is not None, "closed segment"
-        return bool(self.control[_RETIRED])
+        return bool(self.control[RETIRED])
 
     def close(self) -> None:
         self.control = self.records = None
@@ -190,18 +190,18 @@ class ShmReader:
             raise ProtocolError("shm_bad", f"slot {slot} of {seg.nslots}, {nbytes} bytes in slots of {seg.slot_nbytes}")
         assert seg.records is not None, "closed segment"  # closed ones leave the cache
         record = seg.records[slot]
-        if int(record[_STATE]) != FULL or int(record[_GEN]) != gen or int(record[_NBYTES]) != nbytes:
+        if int(record[STATE]) != FULL or int(record[GEN]) != gen or int(record[NBYTES]) != nbytes:
             raise ProtocolError(
                 "shm_stale",
-                f"{name} slot {slot}: generation {int(record[_GEN])}, header has {gen}"
+                f"{name} slot {slot}: generation {int(record[GEN])}, header has {gen}"
                 " (already read, or reclaimed by the publisher)",
             )
         src = np.ndarray(shape, dtype=dtype, buffer=seg.buf, offset=seg.data_offset + slot * seg.stride)
         out = src.copy()
         del src
-        if int(record[_GEN]) != gen:  # reclaimed while we copied: the copy may be torn
+        if int(record[GEN]) != gen:  # reclaimed while we copied: the copy may be torn
             raise ProtocolError("shm_stale", f"{name} slot {slot} was reclaimed during the read")
-        record[_STATE] = FREE
+        record[STATE] = FREE
         return out
 
     def _segment(self, name: str) -> _Attached:

@@ -81,7 +81,7 @@ def estimate_noise(frame: np.ndarray, nbins: int = 16) -> tuple[float, float]:
     return float(a), float(b)
 
 
-def _gat_inverse(d: np.ndarray) -> np.ndarray:
+def gat_inverse(d: np.ndarray) -> np.ndarray:
     """Closed-form approximation of the exact unbiased inverse of the Anscombe transform
     (Makitalo and Foi 2011, without the -sigma^2 term, which :class:`Normalisation` applies)."""
     d = np.maximum(d, d.dtype.type(0.8) if isinstance(d, np.ndarray) else 0.8)
@@ -176,7 +176,7 @@ class Normalisation:
         y += np.float32(self.low)
         if self.gain > 0:
             a = self.gain
-            y = _gat_inverse(y)  # float32 in, float32 out: ample for camera values
+            y = gat_inverse(y)  # float32 in, float32 out: ample for camera values
             y -= np.float32(self.read_var / a**2)
             y *= np.float32(a)
         y += np.float32(self.offset)

@@ -98,3 +98,51 @@ def test_no_import_cycles_between_modules():
         if not state.get(module):
             visit(module, [module])
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def _own_private_names(tree: ast.AST) -> set[str]:
+    """Private names a module defines itself: functions, classes, assignments (``self._x = ...``
+    and class attributes included), dataclass fields."""
+    own: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            own.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            own.add(node.attr)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            own.add(node.id)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            own.add(node.target.id)
+    return {n for n in own if n.startswith("_") and not n.startswith("__")}
+
+
+# private attributes of other libraries that have no public equivalent, each with its reason
+THIRD_PARTY_PRIVATE = {
+    ("bridges/shm_ring.py", "_name"),  # SharedMemory._name: the registered name, which resource_tracker takes
+}
+
+
+def test_no_module_reaches_into_another_modules_private_names():
+    """A module reads only its own private names (and those of its own objects): what another module
+    offers is public, so a change inside one module cannot break another silently."""
+    bad = []
+    for package in ("engines", "bridges", "daemon", "ui"):
+        for path in (ROOT / package).rglob("*.py"):
+            rel = str(path.relative_to(ROOT))
+            tree = ast.parse(path.read_text())
+            own = _own_private_names(tree)
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("livescope")):
+                    # a package's private module (engines/_array.py) is its siblings' to import
+                    sibling = node.level == 1 and not node.module
+                    bad += [f"{rel}:{node.lineno} imports {a.name}" for a in node.names if a.name.startswith("_")
+                            and not a.name.startswith("__")
+                            and not (sibling and (path.parent / f"{a.name}.py").exists())]  # fmt: skip
+                elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                    value = node.value
+                    if isinstance(value, ast.Name) and value.id in ("self", "cls"):
+                        continue
+                    if node.attr in own or (rel, node.attr) in THIRD_PARTY_PRIVATE:
+                        continue
+                    bad.append(f"{rel}:{node.lineno} reads {ast.unparse(node)}")
+    assert not bad, "\n".join(bad)

@@ -162,13 +162,13 @@ _F = None
 
 
 def _gat_forward_unbiased(photons: np.ndarray) -> np.ndarray:
-    """The stabilised value whose unbiased inverse (``inference._gat_inverse``) is ``photons``:
+    """The stabilised value whose unbiased inverse (``inference.gat_inverse``) is ``photons``:
     the network's target, so that the engine's inverse maps its output back to the clean value."""
     global _F
-    from livescope.engines.inference import _gat_inverse
+    from livescope.engines.inference import gat_inverse
 
     if _F is None:
-        _F = _gat_inverse(_D)
+        _F = gat_inverse(_D)
     p = np.asarray(photons, np.float64)
     # beyond the table (a tiny fitted gain makes photon counts huge) the inverse is d^2/4 - 1/8
     far = 2.0 * np.sqrt(np.maximum(p, _F[-1]) + 0.125)
