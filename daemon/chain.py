@@ -18,6 +18,7 @@ run frames through :class:`Chain`; a fix here is a fix in all three.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import logging
@@ -68,6 +69,15 @@ class EngineSlot:
         self.enabled = False
         self.reason = reason
         log.error("engine %s disabled: %s", self.name, reason)
+
+    def copy(self) -> EngineSlot:
+        """The same configuration, on its own from here (a completer's chain: enable, disable and
+        failures apply to it at its own frame), with fresh counters."""
+        twin = copy.copy(self)
+        twin.params = dict(self.params)
+        twin.failures_in_row = twin.failures = twin.processed = 0
+        twin.latency = Latency()
+        return twin
 
     def image_outputs(self) -> list[str]:
         return [o for o in self.outputs if o not in self.scalar_names]
@@ -193,6 +203,12 @@ class Chain:
         slot.outputs = tuple(getattr(engine, "outputs", slot.outputs))
         slot.scalar_names = tuple(getattr(engine, "scalar_outputs", slot.scalar_names))
         return engine
+
+    def set_enabled(self, name: str, on: bool, reason: str = "") -> None:
+        """Turn engine ``name`` on or off in this chain (its own slots: see :meth:`EngineSlot.copy`)."""
+        for slot in self.slots:
+            if slot.name == name:
+                slot.enabled, slot.reason, slot.failures_in_row = on, ("" if on else reason), 0
 
     def instances(self) -> list[Any]:
         """The engine instances, in chain order (those running)."""

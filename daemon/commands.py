@@ -105,10 +105,17 @@ def _engine_command(pipeline: Any, request: dict[str, Any]) -> Reply:
         return {"ok": False, "error": f"no engine {name!r} in this daemon; it runs: {list(pipeline.engine_states)}"}
     with pipeline.between_frames():
         running = pipeline.running_engines(name)
-        if cmd == "enable":
-            state.enabled, state.reason, state.failures_in_row = True, "", 0
-        elif cmd == "disable":
-            state.enabled, state.reason = False, "disabled by a control command"
+        if cmd in ("enable", "disable"):
+            pipeline.record_change(
+                {"engine": name, "cmd": cmd},
+                apply_chain=lambda chain, on=cmd == "enable": chain.set_enabled(
+                    name, on, "disabled by a control command"
+                ),
+            )
+            if cmd == "enable":
+                state.enabled, state.reason, state.failures_in_row = True, "", 0
+            else:
+                state.enabled, state.reason = False, "disabled by a control command"
         elif cmd == "set":
             param, value = request.get("param"), request.get("value")
             if not isinstance(param, str):

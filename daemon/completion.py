@@ -135,6 +135,8 @@ class Completer:
         """Take the live chain of a claimed slot, whose state is in order up to the frame before the
         first skipped one (None: the slot's first frame was skipped; a new chain starts there)."""
         track = self.tracks[key]
+        if chain is not None:  # its own slots from here: enable/disable reach it at its frame
+            chain.slots = [s.copy() for s in chain.slots]
         track.chain = chain
         track.adopted = True
 
@@ -229,6 +231,7 @@ class Completer:
     def _run(self, track: _Track, item: Item, arr: np.ndarray) -> None:
         if track.chain is None:
             track.chain = self.make_chain(item)
+            track.chain.slots = [s.copy() for s in track.chain.slots]
         while track.pending and track.pending[0][0] < item.t:
             _, apply = track.pending.pop(0)
             with self.frame_lock:
@@ -417,6 +420,9 @@ def complete_store(
 
 
 def _apply_change(chain: Chain, change: dict[str, Any]) -> None:
+    if change.get("cmd") in ("enable", "disable"):
+        chain.set_enabled(change["engine"], change["cmd"] == "enable", "disabled by a control command")
+        return
     eng = chain.engines.get(change["engine"])
     if eng is None:
         return

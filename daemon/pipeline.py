@@ -578,7 +578,12 @@ class Pipeline:
         completer's chains take a change at its frame (:meth:`record_change`)."""
         return [eng for chain in self._chains.values() if (eng := chain.engines.get(name)) is not None]
 
-    def record_change(self, change: dict[str, Any], apply: Callable[[Any], None]) -> None:
+    def record_change(
+        self,
+        change: dict[str, Any],
+        apply: Callable[[Any], None] | None = None,
+        apply_chain: Callable[[Any], None] | None = None,
+    ) -> None:
         """A change the live chains just took (call inside between_frames): the completer's chains
         take it at the same frame, and the store's provenance records where it applies from
         (per slot, after the time point the live path had reached) so that ``livescope complete``
@@ -586,8 +591,10 @@ class Pipeline:
         after = {key: chain.last_t for key, chain in self._chains.items()}
 
         def on_chain(chain: Any) -> None:
+            if apply_chain is not None:
+                apply_chain(chain)
             eng = chain.engines.get(change["engine"])
-            if eng is not None:
+            if eng is not None and apply is not None:
                 apply(eng)
 
         self.completer.defer(after, on_chain)

@@ -114,6 +114,19 @@ def test_live_a_slot_shared_by_two_chains_is_switched_off_for_both():
     assert slot.processed == 1
 
 
+def test_a_chain_with_copied_slots_is_switched_on_and_off_on_its_own():
+    """The completer's chains: a change reaches them at their own frame, not when the live one's does."""
+    slot = EngineSlot("passthrough", {"delay_s": 0.0})
+    live, behind = Chain([slot], _spec(), strict=False), Chain([slot.copy()], _spec(), strict=False)
+    slot.enabled = False  # the live side: a disable command
+    assert live.run(np.ones((8, 8)), _info(0)).images == {}
+    assert "passthrough" in behind.run(np.ones((8, 8)), _info(0)).images  # still before the change
+    behind.set_enabled("passthrough", False, "disabled by a control command")
+    assert behind.run(np.ones((8, 8)), _info(1)).images == {} and behind.slots[0].reason
+    assert behind.last_t == 1 and behind.slots[0].processed == 1 and slot.processed == 0
+    assert behind.slots[0].params == slot.params and behind.slots[0].params is not slot.params
+
+
 def test_an_unknown_engine_is_a_disabled_slot_that_says_why():
     slot = EngineSlot("no_such_engine")
     assert not slot.enabled and "unknown engine" in slot.reason
