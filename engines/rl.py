@@ -74,6 +74,8 @@ __all__ = [
     "deconvolve_array",
     "edge_pad",
     "fast_len",
+    "forward",
+    "rl_iterates",
     "fast_shape",
     "fft_workers",
     "has_dct",
@@ -389,6 +391,33 @@ def richardson_lucy(data: Any, plan: DeconvolutionPlan | DCTPlan, iterations: in
         correction = project(fft, _divide_into(xp, data, blurred), plan.otf_bp, shape, axes)
         est = _maximum(xp, _multiply_into(xp, est, correction), 0.0)
     return est
+
+
+def rl_iterates(data: Any, plan: DeconvolutionPlan | DCTPlan, iterations: int, *, fft: Any = None) -> Any:
+    """Each iterate of :func:`richardson_lucy` in turn (1, 2, ... ``iterations``): a search over
+    iteration counts (``engines.selftune``) runs the iterations once, not once per count. The
+    iterates are new arrays (a caller may keep them)."""
+    xp = _array.namespace(data)
+    fft = fft if fft is not None else _array.fft_module(data)
+    axes = tuple(range(data.ndim))
+    shape = tuple(data.shape)
+    if shape != plan.shape:
+        raise ValueError(f"data shape {shape} does not match the plan's FFT shape {plan.shape}")
+    project = _project_dct if plan.boundary == "dct" else _project
+    est = _maximum(xp, project(fft, data, plan.otf_bp, shape, axes), 0.0)
+    yield est
+    for _ in range(iterations - 1):
+        blurred = _maximum(xp, project(fft, est, plan.otf, shape, axes), TINY)
+        correction = project(fft, data / blurred, plan.otf_bp, shape, axes)
+        est = _maximum(xp, est * correction, 0.0)
+        yield est
+
+
+def forward(est: Any, plan: DeconvolutionPlan | DCTPlan, *, fft: Any = None) -> Any:
+    """The estimate blurred by the plan's PSF (what the camera would see of it, without noise)."""
+    fft = fft if fft is not None else _array.fft_module(est)
+    project = _project_dct if plan.boundary == "dct" else _project
+    return project(fft, est, plan.otf, tuple(est.shape), tuple(range(est.ndim)))
 
 
 def _project(fft: Any, a: Any, transfer: Any, shape: tuple[int, ...], axes: tuple[int, ...]) -> Any:
