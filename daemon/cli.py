@@ -223,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
         "saved raw, on spare capacity during the acquisition and the rest after it (during, the "
         "default), only after it (after), or left skipped (off)",
     )
+    p.add_argument(
+        "--tune",
+        choices=["auto", "off"],
+        default=None,
+        help="self-tuning deconvolution and the live resolution readout (default auto: on when the "
+        "camera's gain and offset are known, from --calibration or the stream)",
+    )
     p.add_argument("--fsync", action="store_true", default=None, help="fsync every shard (power-loss safety, slower)")
     p.add_argument(
         "--calibration",
@@ -626,6 +633,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         float16=args.float16,
         save_live=args.save_live,
         complete=args.complete,
+        tune=args.tune,
         fsync=args.fsync,
         memory_budget_mb=args.memory_budget_mb,
         calibration=args.calibration,

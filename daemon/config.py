@@ -88,6 +88,11 @@ class DaemonConfig:
     # saved products of frames the live path skipped: restored in order from the saved raw
     # (daemon/completion.py): during the acquisition on spare capacity, only after it, or off
     complete: Literal["during", "after", "off"] = "during"
+    # self-tuning deconvolution and the live resolution readout (daemon/tuning.py): they need the
+    # camera's gain and offset (--calibration, or the stream's camera metadata)
+    tune: Literal["auto", "off"] = "auto"
+    tune_every_s: _Positive = 10.0
+    resolution_every_s: _NonNegative = 2.0  # 0: no resolution readout
     compress_raw: _Flag = False
     fsync: _Flag = False
     memory_budget_mb: _NonNegative = 1024.0

@@ -49,6 +49,7 @@ from .restore import RestoreServer
 from .routing import MAX_RECORD_CELLS, MAX_SEGMENTS, MAX_T_JUMP, Item, Rejected, Router
 from .sinks import EventLog, PreviewSink, StoreSink
 from .telemetry import Latency, Rate
+from .tuning import Tuner
 
 __all__ = ["MAX_RECORD_CELLS", "MAX_SEGMENTS", "MAX_T_JUMP", "Pipeline"]
 
@@ -164,6 +165,26 @@ class Pipeline:
             RestoreServer(cfg.restore, self._restore_one, curve=self.curve, stop=self._stop) if cfg.restore else None
         )
         self.fit_job: FitJob | None = None
+        self._newest: dict[tuple, Item] = {}  # per engine slot, the newest routed frame (for the tuner)
+        self.tuner = (
+            Tuner(
+                newest=lambda: dict(self._newest),
+                engine_params=lambda: (
+                    dict(self.engine_states["deconvolve"].params) if "deconvolve" in self.engine_states else None
+                ),
+                apply=lambda param, value: self.handle(
+                    {"cmd": "set", "engine": "deconvolve", "param": param, "value": value}
+                ),
+                publish=self._publish_scalars,
+                calibration=self._calibration,
+                tune="deconvolve" in self.engine_states,
+                every_s=cfg.tune_every_s,
+                resolution_every_s=cfg.resolution_every_s,
+                stop=self._stop,
+            )
+            if cfg.tune != "off" and self.engine_states
+            else None
+        )
         self.changes: list[dict[str, Any]] = []  # parameter changes and model swaps, where they apply
         self.rejected: dict[str, int] = {}  # frames the daemon refused after decoding, by reason
         self.sender_stats: dict[str, dict[str, int]] = {}  # what each stream's sender says it dropped
@@ -216,6 +237,8 @@ class Pipeline:
             loops.append(("restore", self.restore_server.run))
         if self.completer.enabled:
             loops.append(("complete", self.completer.run))
+        if self.tuner is not None:
+            loops.append(("tune", self.tuner.run))
         for name, target in loops:
             th = threading.Thread(target=target, name=f"livescope-{name}", daemon=True)
             th.start()
@@ -430,6 +453,8 @@ class Pipeline:
             if vol is None:
                 return None
             item, key = vol, (seg.stream, item.p, item.c, -1, seg.number)
+        if item.array.ndim == 2:
+            self._newest[key] = item
         if not to_engines:
             return key, item
         completing = self.completer.enabled and seg.saved
@@ -562,6 +587,12 @@ class Pipeline:
             )
         self.fps_out.tick()
         return result.images
+
+    def _publish_scalars(self, item: Item, scalars: dict[str, float]) -> None:
+        """Per-frame numbers computed beside the chain (the resolution readout): shown and stored."""
+        self.scalars_last.update(scalars)
+        if self.store is not None and item.segment.saved:
+            self.sink.scalars(scalars, item)
 
     def _disable(self, state: EngineSlot, reason: str) -> None:
         state.disable(reason)
@@ -737,6 +768,7 @@ class Pipeline:
             "curve": {"keys": str(self.curve.folder), "refused_clients": self.curve.refused} if self.curve else None,
             "fit": self.fit_job.status() if self.fit_job is not None else None,
             "completion": self.completer.status(),
+            "tuning": self.tuner.status() if self.tuner is not None else None,
             "scalars": dict(self.scalars_last),
             "store": stored["info"],
         }

@@ -42,6 +42,7 @@ def _cfg(tmp_path, free_address, **kw):
         engines=ENGINES,
         engine_params=PARAMS,
         save_products=True,  # every product, to check each is complete (the default keeps fewer)
+        tune="off",  # compared with offline runs of fixed settings (tests/daemon/test_tuning.py: tuned)
     )
     base.update(kw)
     return DaemonConfig(**base)
@@ -117,7 +118,7 @@ def test_a_daemon_killed_mid_completion_is_finished_by_livescope_complete(tmp_pa
         sys.executable, "-m", "livescope.daemon.cli", "daemon", "--source", "sim", "--frames", "60",
         "--sim-size", "64", "--sim-interval", "0", "--sim-drift", "0.3", "-0.2",
         "--engines", ",".join(ENGINES), "--param", "passthrough.delay_s=0.05",
-        "--complete", "after", "--save", "all", "--out", str(out),
+        "--complete", "after", "--save", "all", "--tune", "off", "--out", str(out),
         "--ingest", free_address(), "--publish", free_address(),
         "--control", control,
     ]  # fmt: skip
