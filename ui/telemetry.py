@@ -55,6 +55,17 @@ def completion_text(st: dict[str, Any]) -> tuple[str, str | None]:
     return f"{to_go} to go{left}{waiting}", COLORS["warn"]
 
 
+def resolution_points(st: dict[str, Any]) -> list[tuple[str, float]]:
+    """(product, resolution) from a status's per-frame scalars ``resolution_<product>_nm`` (or
+    ``_px`` where the stream gives no pixel size), raw first; NaN (nothing shared) left out."""
+    out = []
+    for key, value in (st.get("scalars") or {}).items():
+        if key.startswith("resolution_") and isinstance(value, int | float) and value == value:
+            name = key[len("resolution_") :].rsplit("_", 1)[0]
+            out.append((name, float(value)))
+    return sorted(out, key=lambda kv: (kv[0] != "raw", kv[0]))
+
+
 def status_line(st: dict[str, Any], display_fps: float) -> str:
     """One line of rich text for the status bar."""
     f = st.get("frames", {})
@@ -134,8 +145,11 @@ class TelemetryPanel(QtWidgets.QWidget):
         lay.addWidget(self.path)
         self.fps_plot = self._plot("frames per second", "fps")
         self.lat_plot = self._plot("latency p50 (solid) / p99 (dashed)", "ms")
+        # the live resolution readout (daemon/tuning.py: FRC of two photon halves), raw and restored
+        self.res_plot = self._plot("resolution (FRC): raw and restored", "nm")
         lay.addWidget(self.fps_plot, 1)
         lay.addWidget(self.lat_plot, 1)
+        lay.addWidget(self.res_plot, 1)
         self.engines_label = QtWidgets.QLabel("")
         self.engines_label.setObjectName("metric")
         self.engines_label.setTextFormat(QtCore.Qt.TextFormat.RichText)
@@ -208,6 +222,8 @@ class TelemetryPanel(QtWidgets.QWidget):
             colour = LINE_COLORS[i % len(LINE_COLORS)]
             self._add(self.lat_plot, f"p50:{name}", t, summary.get("p50_ms"), colour)
             self._add(self.lat_plot, f"p99:{name}", t, summary.get("p99_ms"), colour, dashed=True, legend=False)
+        for i, (name, value) in enumerate(resolution_points(st)):
+            self._add(self.res_plot, f"res:{name}", t, value, LINE_COLORS[i % len(LINE_COLORS)])
         for key, s in self.series.items():
             self.curves[key].setData(np.fromiter(s.t, float), np.fromiter(s.v, float))
         lost = int(f.get("lost", 0))

@@ -1,4 +1,4 @@
-"""What the viewer says of the saved products' completion (ui/telemetry.py), from a daemon status."""
+"""What the viewer's telemetry says of completion and resolution (ui/telemetry.py), from a daemon status."""
 
 from __future__ import annotations
 
@@ -34,3 +34,12 @@ def test_the_status_line_mentions_products_only_while_frames_are_to_go():
     base = {"frames": {}, "fps": {}}
     assert "products" not in status_line({**base, **_st(mode="during", frames_to_go=0)}, 30)
     assert "products: 7 to go" in status_line({**base, **_st(mode="during", frames_to_go=7, eta_s=1.0)}, 30)
+
+
+def test_the_resolution_readout_from_a_status_raw_first_without_nan():
+    from livescope.ui.telemetry import resolution_points
+
+    st = {"scalars": {"resolution_deconvolved_nm": 280.5, "resolution_raw_nm": 541.0, "resolution_x_nm": float("nan"),
+                      "novelty": 0.3}}  # fmt: skip
+    assert resolution_points(st) == [("raw", 541.0), ("deconvolved", 280.5)]
+    assert resolution_points({}) == []
