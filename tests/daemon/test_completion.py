@@ -135,7 +135,8 @@ def test_a_daemon_killed_mid_completion_is_finished_by_livescope_complete(tmp_pa
             except Exception:
                 time.sleep(0.05)
                 continue
-            if st.get("state") == "completing" and st["completion"]["frames_completed"] >= 3:
+            completing = st.get("state") == "completing" and st["completion"]["frames_completed"] >= 3
+            if completing and st["frames"]["saved"] == 60:  # every raw frame reported saved, products not
                 killed_at = st["completion"]
                 os.kill(proc.pid, signal.SIGKILL)
                 break
@@ -151,7 +152,8 @@ def test_a_daemon_killed_mid_completion_is_finished_by_livescope_complete(tmp_pa
     subprocess.run([sys.executable, "-m", "livescope.daemon.cli", "recover", str(out)], check=True, capture_output=True)
     raw_saved = int((read_records(out / "raw")["status"] == STATUS["saved"]).sum())
     product_saved = int((read_records(out / "passthrough")["status"] == STATUS["saved"]).sum())
-    assert raw_saved == 60 and product_saved < raw_saved  # the kill left frames to complete
+    assert raw_saved == 60  # reported saved before the kill: on disk after it
+    assert product_saved < raw_saved  # the kill left frames to complete
     r = subprocess.run(
         [sys.executable, "-m", "livescope.daemon.cli", "complete", str(out)], capture_output=True, text=True
     )
