@@ -28,12 +28,48 @@ def _setup_logging(verbose: int) -> None:
         pass
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger().setLevel(level)
-    # pymmcore-plus logs every MDA event at INFO on its own logger: only with -vv
-    logging.getLogger("pymmcore-plus").setLevel(logging.DEBUG if verbose >= 2 else max(level, logging.WARNING))
+    # pymmcore-plus logs every MDA event at INFO on its own logger, Dask each worker's start and
+    # stop: only with -vv
+    for name in ("pymmcore-plus", "distributed", "bokeh", "tornado"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else max(level, logging.WARNING))
+
+
+class _Help(argparse.HelpFormatter):
+    """Every option's default in its help, where it has one worth saying (not None or off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            not action.option_strings
+            or "default" in text
+            or default in (None, False, argparse.SUPPRESS)
+            or default == []
+            or isinstance(action, argparse._HelpAction | argparse._CountAction)
+        ):
+            return text
+        shown = " ".join(str(v) for v in default) if isinstance(default, tuple | list) else default
+        return f"{text} (default: {shown})".replace("%", "%%").replace("%%(", "%(")
+
+
+def _finish_parser(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """Defaults shown in every help, and -v / -q after the command too (``livescope daemon -v``)."""
+    parser.formatter_class = _Help
+    if not top:
+        parser.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more log output")
+        parser.add_argument("-q", "--quiet", action="count", default=argparse.SUPPRESS, help="less log output")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _finish_parser(child, top=False)
 
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engines", default=None, help="comma-separated engine chain, e.g. register,denoise,deconvolve")
+    p.add_argument(
+        "--engines",
+        default=None,
+        help="comma-separated engine chain, e.g. register,denoise,deconvolve (`livescope engines` lists them)",
+    )
     p.add_argument(
         "--param",
         action="append",
@@ -115,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="livescope", description="A live companion for microscopes.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v info, -vv debug)")
+    parser.add_argument("-q", "--quiet", action="count", default=0, help="less log output (errors only)")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
 
@@ -245,9 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
         dest="memory_budget_mb",
         help="MB of frames buffered for the store before frames are recorded lost (default 1024)",
     )
-    p.add_argument("--sim-channels", type=int, default=None, choices=[1, 2])
-    p.add_argument("--sim-z", type=int, default=None)
-    p.add_argument("--sim-size", type=int, default=None)
+    p.add_argument(
+        "--sim-channels", type=int, default=None, choices=[1, 2], help="built-in microscope: channels (GFP, mCherry)"
+    )
+    p.add_argument("--sim-z", type=int, default=None, help="built-in microscope: z planes per time point (1)")
+    p.add_argument("--sim-size", type=int, default=None, help="built-in microscope: frame size in pixels (256)")
     p.add_argument(
         "--sim-interval", type=float, default=None, dest="sim_interval_s", help="seconds between time points"
     )
@@ -264,10 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_curve_options(p)
 
     p = sub.add_parser("process", help="the same engine chain offline on a TIFF or OME-Zarr movie")
-    p.add_argument("input")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--frames", type=int, default=None)
+    p.add_argument("input", help="a TIFF / OME-TIFF, an OME-Zarr image or livescope store, or an NDTiff folder")
+    p.add_argument("--out", required=True, help="the OME-Zarr folder to write (raw copy and products)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--frames", type=int, default=None, help="only the first N time points (default: all)")
     p.add_argument("--no-raw", action="store_true", help="do not copy the raw frames into the output")
     p.add_argument(
         "--axes",
@@ -361,7 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="build a TensorRT engine for a model ahead of time (NVIDIA GPU)")
     p.add_argument("model", nargs="?", default=None, help="a .lsm model (default: the shipped one)")
-    p.add_argument("--shape", type=int, nargs=2, default=(512, 512), metavar=("H", "W"))
+    p.add_argument(
+        "--shape",
+        type=int,
+        nargs=2,
+        default=(512, 512),
+        metavar=("H", "W"),
+        help="the frame size the engine is built for (TensorRT engines are built per shape profile)",
+    )
 
     p = sub.add_parser("calibrate", help="camera noise calibration (gain, offset, read noise) from a movie")
     p.add_argument("input", help="a TIFF time-lapse of the camera's frames")
@@ -369,12 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the calibration as JSON")
 
     p = sub.add_parser("status", help="ask a running daemon for its status (JSON)")
-    p.add_argument("--control", default=DEFAULT_CONTROL)
-    p.add_argument("--timeout", type=float, default=3.0)
+    p.add_argument("--control", default=DEFAULT_CONTROL, help="the daemon's control socket")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer")
     _add_curve_options(p)
 
     p = sub.add_parser("stop", help="ask a running daemon to stop (flushes and closes its store)")
-    p.add_argument("--control", default=DEFAULT_CONTROL)
+    p.add_argument("--control", default=DEFAULT_CONTROL, help="the daemon's control socket")
     _add_curve_options(p)
 
     p = sub.add_parser("keys", help="ZeroMQ CURVE keys: needed to bind other addresses than loopback, or --curve")
@@ -388,15 +434,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     k.add_argument("--force", action="store_true", help="replace existing keys (clients holding old keys are refused)")
     k = ks.add_parser("client", help="make a client key pair only (on a viewer's or a camera's machine)")
-    k.add_argument("--dir", default=None)
-    k.add_argument("--force", action="store_true")
+    k.add_argument("--dir", default=None, help="where to write the client key pair (default: the keys folder)")
+    k.add_argument("--force", action="store_true", help="replace an existing client key pair")
     k = ks.add_parser("allow", help="allow a client: copy its public key (.key) into the daemon's allow-list")
     k.add_argument("public_key", help="the client's public key file (CLIENT.key, never the .key_secret)")
     k.add_argument("--dir", default=None, help="the daemon's keys folder")
     k.add_argument("--name", default=None, help="name in the allow-list (default: the file's name)")
 
     p = sub.add_parser("recover", help="after a crash: trim a store to the frames it recorded as saved")
-    p.add_argument("store")
+    p.add_argument("store", help="the store's root folder")
 
     p = sub.add_parser(
         "complete",
@@ -410,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--param", action="append", default=None, metavar="ENGINE.NAME=VALUE", help="an engine parameter (repeatable)"
     )
+    p = sub.add_parser("engines", help="the engines this installation can run, their outputs and parameters")
+    p.add_argument("name", nargs="?", default=None, help="one engine (default: all)")
+    _finish_parser(parser)
     return parser
 
 
@@ -685,9 +734,25 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         ),
         flush=True,
     )
+    print(_what_it_does(cfg), file=sys.stderr, flush=True)
     summary = run_daemon(cfg, progress=args.progress)
     _print_summary(summary)
     return 0
+
+
+def _what_it_does(cfg: Any) -> str:
+    """One line on what this daemon will do, so a bare ``livescope daemon`` is not a silent mystery."""
+    if cfg.source == "sim":
+        source = "the built-in simulated microscope" + (
+            f" for {cfg.frames} time points" if cfg.frames else " until Ctrl-C (--frames N to stop on its own)"
+        )
+    elif cfg.source == "zmq":
+        source = f"frames from publishers connecting to {cfg.ingest} until Ctrl-C or `livescope stop`"
+    else:
+        source = f"frames from {cfg.source}"
+    engines = f"engines {', '.join(cfg.engines)}" if cfg.engines else "no engines (--engines, see `livescope engines`)"
+    saving = f"saving to {cfg.out}" if cfg.out else "not saving (--out PATH to save)"
+    return f"livescope daemon: {source}; {engines}; {saving}; previews on {cfg.publish or 'nothing'}"
 
 
 def cmd_view(args: argparse.Namespace) -> int:
@@ -777,6 +842,35 @@ def cmd_keys(args: argparse.Namespace) -> int:
     else:
         dest = auth.allow_client(args.public_key, args.dir, name=args.name)
         print(f"allowed: {dest} (running daemons pick it up at the client's next connection)")
+    return 0
+
+
+def cmd_engines(args: argparse.Namespace) -> int:
+    from ..engines import available_engines, engine_factory
+    from ..engines.base import EngineError
+
+    names = available_engines()
+    if args.name is not None and args.name not in names:
+        print(f"livescope engines: no engine {args.name!r}; available: {', '.join(names)}", file=sys.stderr)
+        return 2
+    for name in [args.name] if args.name else names:
+        try:
+            cls = engine_factory(name)
+        except EngineError as exc:
+            print(f"{name}: not available here ({exc})\n")
+            continue
+        doc = (cls.__doc__ or "").strip().splitlines()
+        print(f"{name}: {doc[0] if doc else ''}")
+        scalars = set(getattr(cls, "scalar_outputs", ()))
+        outputs = [o for o in getattr(cls, "outputs", ()) if o not in scalars]
+        print(
+            f"  images: {', '.join(outputs) or '-'}"
+            + (f"; per-frame numbers: {', '.join(sorted(scalars))}" if scalars else "")
+        )
+        for pname, param in (getattr(cls, "parameters", None) or {}).items():
+            default = "" if param.default is None else f" = {param.default!r}"
+            print(f"  --param {name}.{pname}{default}" + (f"  {param.doc}" if param.doc else ""))
+        print()
     return 0
 
 
@@ -1037,6 +1131,7 @@ COMMANDS = {
     "stop": cmd_stop,
     "recover": cmd_recover,
     "complete": cmd_complete,
+    "engines": cmd_engines,
     "fit": cmd_fit,
     "compile": cmd_compile,
     "calibrate": cmd_calibrate,
@@ -1055,8 +1150,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose - args.quiet)
     try:
+        from .config import normalize_address
+
+        for attr in ("control", "connect"):  # the client commands' addresses (the daemon's: in its config)
+            value = getattr(args, attr, None)
+            if isinstance(value, str) and value and args.command != "daemon":
+                setattr(args, attr, normalize_address(value, f"--{attr}"))
         return COMMANDS[args.command](args)
     except (OSError, ValueError, RuntimeError, ImportError) as exc:
         if args.verbose:

@@ -224,6 +224,22 @@ def load_config(path: str | Path | None, *, flags: Mapping[str, str] | None = No
     return _validate(data, origin, param_origin)
 
 
+def normalize_address(address: str, what: str = "address") -> str:
+    """A ZeroMQ address: ``HOST:PORT`` (or ``:PORT``, ``PORT``) is read as ``tcp://HOST:PORT``; any
+    other address without a scheme is refused naming the form to use."""
+    import re
+
+    if "://" in address:
+        return address
+    m = re.fullmatch(r"(?:(\[[0-9a-fA-F:.]+\]|[\w.-]+)?:)?(\d{1,5})", address.strip())
+    if m:
+        host = m.group(1) or "127.0.0.1"
+        return f"tcp://{host}:{m.group(2)}"
+    raise ValueError(
+        f"{what} = {address!r} is not a ZeroMQ address: give tcp://HOST:PORT (e.g. tcp://127.0.0.1:5570) or ipc://PATH"
+    )
+
+
 def validate_config(cfg: DaemonConfig, origin: Mapping[str, str] | None = None) -> DaemonConfig:
     """Check a DaemonConfig built in code the way :func:`load_config` checks a file; returns a
     checked copy or raises ValueError naming each problem and its fix. ``origin`` names where a
@@ -245,6 +261,10 @@ def _validate(
 
     if data.get("out") == "":
         raise ValueError(f"{where('out')}: out is empty; give the OME-Zarr folder, or leave it out to save nothing")
+    for key in ("ingest", "publish", "control", "restore"):
+        value = data.get(key)
+        if isinstance(value, str) and value:
+            data[key] = normalize_address(value, f"{where(key)}: {key}")
     lines: dict[str, str] = {}
     try:
         cfg: DaemonConfig = _adapter().validate_python(data)

@@ -209,7 +209,7 @@ class ControlClient:
                 else "with CURVE, a daemon also stays silent to a key not in its allow-list (`livescope keys allow`)"
             )
             raise ControlTimeout(
-                f"no answer from a livescope daemon at {self.address} within {self.timeout_ms / 1000:.0f} s; "
+                f"no answer from a livescope daemon at {self.address} within {self.timeout_ms / 1000:g} s; "
                 f"is it running (`livescope daemon`)? pass its address with --control; {hint}"
             ) from None
 

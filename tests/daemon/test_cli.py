@@ -145,3 +145,58 @@ def test_process_on_two_dask_workers_from_the_cli(tmp_path):
     np.testing.assert_array_equal(
         zarr.open_array(str(tmp_path / "o.zarr" / "passthrough" / "0"))[...], movie.astype(np.float32)
     )
+
+
+def _all_actions(parser, name="livescope"):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _all_actions(sub, f"{name} {sub_name}")
+        elif not isinstance(action, argparse._HelpAction):
+            yield name, action
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    missing = [f"{name} {a.option_strings or a.dest}" for name, a in _all_actions(build_parser()) if not a.help]
+    assert not missing, missing
+
+
+def test_defaults_are_shown_and_v_q_work_after_the_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["status", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # as read, not as wrapped
+    assert "(default: tcp://127.0.0.1:5572)" in out and "(default: 3.0)" in out
+    args = build_parser().parse_args(["status", "-v", "-v"])
+    assert args.verbose == 2 and args.quiet == 0
+    assert build_parser().parse_args(["-q", "stop"]).quiet == 1
+
+
+def test_an_address_without_a_scheme_is_read_as_tcp_or_refused_with_the_form(capsys):
+    from livescope.daemon.config import DaemonConfig, validate_config
+
+    cfg = validate_config(DaemonConfig(ingest="127.0.0.1:7351", publish=":7352", control="7353"))
+    assert (cfg.ingest, cfg.publish, cfg.control) == ("tcp://127.0.0.1:7351", "tcp://127.0.0.1:7352",
+                                                       "tcp://127.0.0.1:7353")  # fmt: skip
+    with pytest.raises(ValueError, match=r"give tcp://HOST:PORT"):
+        validate_config(DaemonConfig(ingest="camera-pc"))
+    assert main(["status", "--control", "127.0.0.1:1", "--timeout", "0.2"]) == 2
+    assert "tcp://127.0.0.1:1 within 0.2 s" in capsys.readouterr().err
+
+
+def test_engines_lists_each_engine_with_its_outputs_and_parameters(capsys):
+    assert main(["engines", "deconvolve"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("deconvolve:") and "images: deconvolved" in out
+    assert "--param deconvolve.psf_sigma = 1.5" in out and "--param deconvolve.iterations" in out
+    assert main(["engines", "nonesuch"]) == 2
+    assert "available:" in capsys.readouterr().err
+
+
+def test_a_bare_daemon_says_what_it_is_doing(free_address, capsys):
+    argv = ["daemon", "--frames", "2", "--sim-interval", "0", "--ingest", free_address(), "--publish",
+            free_address(), "--control", free_address()]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "the built-in simulated microscope for 2 time points" in err and "not saving (--out PATH" in err
