@@ -62,6 +62,9 @@ class _Track:
     unrecoverable: int = 0  # raw frames lost: their products cannot be made
     # changes the live chains took (set, swap_model), each for this chain's first frame after t
     pending: list[tuple[int, Callable[[Chain], None]]] = dataclasses.field(default_factory=list)
+    # the engines' configuration when the slot was claimed: a chain the completer makes itself
+    # (the slot's first frame was skipped) starts from it, and takes later changes at their frames
+    slots_at_claim: list[EngineSlot] = dataclasses.field(default_factory=list)
 
 
 class Completer:
@@ -70,7 +73,7 @@ class Completer:
     ``sink``: the store sink (products are offered there, waiting for room: this path may wait,
     the live one never does); ``writer``: (product, item) -> the store's image writer of that
     product (raw must exist, it was saved); ``saves``: whether a product is saved;
-    ``make_chain``: (item) -> a new chain for the item's stream (when the first frame of a slot
+    ``make_chain``: (item, slots) -> a new chain for the item's stream (when the first frame of a slot
     was already skipped); ``live_done``: True once no more tickets can come.
     """
 
@@ -81,7 +84,7 @@ class Completer:
         sink: Any,
         writer: Callable[[str, Item], Any],
         saves: Callable[[str], bool],
-        make_chain: Callable[[Item], Chain],
+        make_chain: Callable[[Item, list[EngineSlot]], Chain],
         live_done: Callable[[], bool],
         engine_slots: list[EngineSlot],
     ) -> None:
@@ -115,7 +118,9 @@ class Completer:
         from it on, the slot's saved products are the completer's."""
         with self._lock:
             if key not in self.tracks:
-                self.tracks[key] = _Track(key, deque([ticket(first_skipped)]))
+                self.tracks[key] = _Track(
+                    key, deque([ticket(first_skipped)]), slots_at_claim=[s.copy() for s in self.engine_slots]
+                )
                 log.info(
                     "the live chain fell behind on %s at t=%d: its products are completed in order",
                     key,
@@ -134,21 +139,24 @@ class Completer:
     def adopt(self, key: tuple, chain: Chain | None) -> None:
         """Take the live chain of a claimed slot, whose state is in order up to the frame before the
         first skipped one (None: the slot's first frame was skipped; a new chain starts there)."""
-        track = self.tracks[key]
-        if chain is not None:  # its own slots from here: enable/disable reach it at its frame
-            chain.slots = [s.copy() for s in chain.slots]
-        track.chain = chain
-        track.adopted = True
+        with self._lock:
+            track = self.tracks[key]
+            if chain is not None:  # its own slots from here: enable/disable reach it at its frame
+                chain.slots = [s.copy() for s in chain.slots]
+                track.pending.clear()  # the live chain took every change made so far, at its frame
+            track.chain = chain
+            track.adopted = True
 
     def defer(self, after: dict[tuple, int], apply: Callable[[Chain], None]) -> None:
         """A change the live chains took between two frames (a parameter, a model): each of the
         completer's chains takes it before its first frame after the one the live path had reached
         on that slot (``after[key]``), so the saved product changes at the same frame as the live
-        one. A slot claimed but not yet handed over needs nothing: its chain is still live."""
+        one. (A slot claimed but not yet handed over keeps them too: if its live chain is handed
+        over, that chain has taken them and they are dropped; if the slot's first frame was skipped,
+        the completer's own chain starts from the configuration at the claim and takes them.)"""
         with self._lock:
             for key, track in self.tracks.items():
-                if track.adopted:
-                    track.pending.append((after.get(key, -1), apply))
+                track.pending.append((after.get(key, -1), apply))
 
     # -- progress ---------------------------------------------------------------------------------
     def to_go(self) -> int:
@@ -230,8 +238,7 @@ class Completer:
 
     def _run(self, track: _Track, item: Item, arr: np.ndarray) -> None:
         if track.chain is None:
-            track.chain = self.make_chain(item)
-            track.chain.slots = [s.copy() for s in track.chain.slots]
+            track.chain = self.make_chain(item, [s.copy() for s in track.slots_at_claim])
         while track.pending and track.pending[0][0] < item.t:
             _, apply = track.pending.pop(0)
             with self.frame_lock:

@@ -511,14 +511,14 @@ class Pipeline:
             except Exception:
                 log.exception("engine chain failed on seq %d", item.frame.seq)
 
-    def _new_chain(self, item: Item) -> Chain:
+    def _new_chain(self, item: Item, slots: list[EngineSlot] | None = None) -> Chain:
         spec = StreamSpec(
             shape=tuple(item.array.shape),
             channel=str(item.frame.header.get("channel", item.c)),
             **item.segment.spec_base,
         )
         return Chain(
-            list(self.engine_states.values()),
+            list(self.engine_states.values()) if slots is None else slots,
             spec,
             strict=False,
             max_failures=self.cfg.max_engine_failures,
