@@ -1,0 +1,116 @@
+"""The live dock widget with a real daemon: one layer per product updated in place at screen rate
+(never a layer per frame), the daemon's counts, its events, engines turned off and on."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari", reason="the napari extra: pip install 'livescope[napari]'")
+pytest.importorskip("pytestqt")
+
+from livescope.daemon.cli import run_daemon  # noqa: E402
+from livescope.daemon.config import DaemonConfig  # noqa: E402
+
+
+@pytest.fixture
+def daemon(free_address, tmp_path):
+    """The sim microscope through a real daemon (previews and control sockets), in a thread."""
+    cfg = DaemonConfig(
+        source="sim",
+        frames=100000,  # until stopped
+        sim_shape=(64, 64),
+        sim_interval_s=0.01,
+        engines=["passthrough"],
+        engine_params={"passthrough": {"delay_s": 0.02}},
+        complete="off",
+        out=tmp_path / "live.zarr",
+        ingest=free_address(),
+        publish=free_address(),
+        control=free_address(),
+        preview_hz=50,
+    )
+    started = threading.Event()
+    box = {}
+
+    def on_started(pipeline):
+        box["pipeline"] = pipeline
+        started.set()
+
+    thread = threading.Thread(target=lambda: run_daemon(cfg, on_started=on_started), daemon=True)
+    thread.start()
+    assert started.wait(20)
+    yield cfg, box["pipeline"]
+    box["pipeline"].request_stop()
+    thread.join(20)
+
+
+def test_one_layer_per_product_updated_in_place(qtbot, daemon):
+    from napari.components import ViewerModel
+
+    from livescope.ui.napari import LiveWidget
+    from livescope.ui.napari._widget import grid_of
+
+    cfg, pipeline = daemon
+    viewer = ViewerModel()
+    widget = LiveWidget(viewer, preview=cfg.publish, control=cfg.control)
+    qtbot.addWidget(widget)
+    widget.connect_daemon()
+    try:
+        qtbot.waitUntil(
+            lambda: min(widget.updates.get(n, 0) for n in ("live raw", "live passthrough")) >= 3, timeout=10000
+        )
+        assert [layer.name for layer in viewer.layers] == ["live passthrough", "live raw"]
+        raw = viewer.layers["live raw"]
+        first_seq = raw.metadata["livescope"]["seq"]
+        drawn = widget.frames_drawn
+        qtbot.waitUntil(lambda: widget.frames_drawn >= drawn + 20, timeout=10000)
+        # the same two layers, their data replaced by newer frames
+        assert len(viewer.layers) == 2 and viewer.layers["live raw"] is raw
+        assert raw.metadata["livescope"]["seq"] > first_seq
+        assert raw.data.shape == (64, 64) and raw.data.dtype == np.uint16
+        assert grid_of(viewer).enabled
+        # the daemon's counts from its control socket
+        qtbot.waitUntil(lambda: "received" in widget.telemetry.text(), timeout=5000)
+        assert widget.status["frames"]["received"] > 0 and "skipped frames" in widget.telemetry.text()
+        # events, as the daemon numbers them
+        pipeline.add_event({"kind": "novelty", "t": 3, "score": 9.5, "bbox": [1, 2, 5, 6]})
+        qtbot.waitUntil(lambda: widget.event_list.count() == 1, timeout=5000)
+        assert "novelty" in widget.event_list.item(0).text() and "t=3" in widget.event_list.item(0).text()
+        # an engine turned off from napari, and on again
+        qtbot.waitUntil(lambda: "passthrough" in widget.engine_boxes, timeout=5000)
+        widget.engine_boxes["passthrough"].setChecked(False)
+        qtbot.waitUntil(lambda: not pipeline.status()["engines"]["passthrough"]["enabled"], timeout=5000)
+        # the box follows the daemon's status (a reply sent before the command may come after it)
+        qtbot.waitUntil(lambda: widget.status["engines"]["passthrough"]["enabled"] is False, timeout=5000)
+        qtbot.waitUntil(lambda: not widget.engine_boxes["passthrough"].isChecked(), timeout=5000)
+        widget.engine_boxes["passthrough"].setChecked(True)
+        qtbot.waitUntil(lambda: pipeline.status()["engines"]["passthrough"]["enabled"], timeout=5000)
+    finally:
+        widget.disconnect_daemon()
+    assert not widget.connected and len(viewer.layers) == 2  # the last frames stay
+
+
+def test_the_widget_is_contributed_to_napari():
+    import npe2
+
+    pm = npe2.PluginManager.instance()
+    pm.discover()
+    manifest = pm.get_manifest("livescope")
+    assert [w.display_name for w in manifest.contributions.widgets] == ["livescope live"]
+    assert manifest.contributions.readers[0].accepts_directories
+
+
+def test_napari_is_imported_by_the_plugin_only():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import livescope.daemon.cli, livescope.daemon.pipeline, livescope.bridges.store, livescope.ui.viewer\n"
+        "import livescope.ui.napari\n"  # the plugin package itself loads napari only on use
+        "assert 'napari' not in sys.modules, sorted(m for m in sys.modules if m.startswith('napari'))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -1,0 +1,360 @@
+"""The live dock widget: a running daemon's previews as napari layers, updated in place.
+
+A thread subscribes to the daemon's preview socket (``PreviewSubscriber``, PUB/SUB: the newest
+frame of each product, already downsampled by the daemon) and keeps only the newest frame per
+key; a timer on the GUI thread, at screen rate, replaces each changed layer's ``data`` (one layer
+per product, never a new layer per frame). The control socket is the live viewer's
+``DaemonLink`` (its own thread: a daemon that is away never freezes napari), asked for ``status``
+twice a second and for new ``events`` once a second; the widget shows the counts, lists the
+events and turns engines on and off.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from napari.components import ViewerModel
+from qtpy import QtCore, QtWidgets
+
+from ...bridges.protocol import Frame
+from ...bridges.store import COLORS
+from ...bridges.transport import DEFAULT_CONTROL, DEFAULT_PUBLISH, PreviewSubscriber
+from ..link import DaemonLink
+
+__all__ = ["LiveWidget", "PreviewThread", "grid_of", "layer_name", "telemetry_text"]
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str, int, int, int]  # (stream, product, p, c, z), as PreviewSubscriber.latest() gives it
+LEVELS_EVERY_S = 1.0  # display levels: percentiles now and then, never per frame (as the live viewer)
+EVENTS_SHOWN = 500
+
+
+class PreviewThread:
+    """Drains the preview socket on its own thread; :meth:`take` hands the GUI the newest frame
+    per key that arrived since the last call."""
+
+    def __init__(self, address: str, *, curve: Any = None, poll_s: float = 0.005) -> None:
+        self.sub = PreviewSubscriber(address, curve=curve)
+        self.poll_s = poll_s
+        self._latest: dict[Key, Frame] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="livescope-napari-previews", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                new = self.sub.latest()
+                if new:
+                    with self._lock:
+                        self._latest.update(new)
+                self._stop.wait(self.poll_s)
+        finally:
+            self.sub.close()  # a socket is closed by the thread that used it
+
+    def take(self) -> dict[Key, Frame]:
+        with self._lock:
+            out, self._latest = self._latest, {}
+        return out
+
+    @property
+    def received(self) -> int:
+        return self.sub.received
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+
+def layer_name(key: Key, first_stream: str | None, channel: str | None = None) -> str:
+    """``live raw``, ``live denoised p1``, ``live raw camB c1`` (the first stream's name is left out)."""
+    stream, product, p, c, _z = key
+    parts = ["live", product]
+    if stream and first_stream is not None and stream != first_stream:
+        parts.append(stream)
+    if p:
+        parts.append(f"p{p}")
+    if c:
+        parts.append(channel or f"c{c}")
+    return " ".join(parts)
+
+
+def _display_levels(arr: np.ndarray) -> tuple[float, float]:
+    sample = np.asarray(arr[::4, ::4], dtype=np.float32)
+    finite = sample[np.isfinite(sample)]
+    if not finite.size:
+        return (0.0, 1.0)
+    lo, hi = (float(v) for v in np.percentile(finite, (0.5, 99.8)))
+    return (lo, hi if hi > lo else lo + 1.0)
+
+
+def _colormap(c: int, n_channels_seen: int) -> Any:
+    if n_channels_seen <= 1:
+        return "gray"
+    from napari.utils.colormaps import Colormap
+
+    hexa = COLORS[c % len(COLORS)]
+    rgb = [int(hexa[i : i + 2], 16) / 255 for i in (0, 2, 4)]
+    return Colormap([[0.0, 0.0, 0.0, 1.0], [*rgb, 1.0]], name=f"livescope #{hexa}")
+
+
+class LiveWidget(QtWidgets.QWidget):
+    """*Plugins > livescope live*: addresses, connect / disconnect, telemetry, events, engines."""
+
+    def __init__(
+        self,
+        napari_viewer: ViewerModel,
+        *,
+        preview: str = DEFAULT_PUBLISH,
+        control: str | None = DEFAULT_CONTROL,
+        fps: float = 60.0,
+    ) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.previews: PreviewThread | None = None
+        self.link: DaemonLink | None = None
+        self.layers: dict[str, Any] = {}  # layer name -> the layer this widget updates
+        self.updates: dict[str, int] = {}  # layer name -> frames drawn (tests, the benchmark)
+        self.frames_drawn = 0
+        self.status: dict[str, Any] = {}
+        self.events: list[dict[str, Any]] = []
+        self._first_stream: str | None = None
+        self._channels: set[int] = set()
+        self._levels_at: dict[str, float] = {}
+        self.engine_boxes: dict[str, QtWidgets.QCheckBox] = {}
+
+        self.preview_edit = QtWidgets.QLineEdit(preview)
+        self.control_edit = QtWidgets.QLineEdit(control or "")
+        self.curve_box = QtWidgets.QCheckBox("CURVE (the daemon runs --curve)")
+        self.grid_box = QtWidgets.QCheckBox("grid: one tile per product")
+        self.grid_box.setChecked(True)
+        self.connect_button = QtWidgets.QPushButton("Connect")
+        self.connect_button.clicked.connect(self.toggle_connection)
+        self.state_label = QtWidgets.QLabel("not connected")
+        self.state_label.setWordWrap(True)
+        self.telemetry = QtWidgets.QLabel("")
+        self.telemetry.setWordWrap(True)
+        self.telemetry.setTextInteractionFlags(QtCore.Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.engines_box = QtWidgets.QGroupBox("Engines")
+        self.engines_layout = QtWidgets.QVBoxLayout(self.engines_box)
+        self.event_list = QtWidgets.QListWidget()
+        self.event_list.itemActivated.connect(self._go_to_event)
+
+        form = QtWidgets.QFormLayout()
+        form.addRow("Previews", self.preview_edit)
+        form.addRow("Control", self.control_edit)
+        layout = QtWidgets.QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.curve_box)
+        layout.addWidget(self.grid_box)
+        layout.addWidget(self.connect_button)
+        layout.addWidget(self.state_label)
+        layout.addWidget(self.telemetry)
+        layout.addWidget(self.engines_box)
+        layout.addWidget(QtWidgets.QLabel("Events (double-click: go to its time point)"))
+        layout.addWidget(self.event_list, 1)
+
+        self.timer = QtCore.QTimer(self)
+        self.timer.setInterval(max(1, int(1000 / fps)))
+        self.timer.timeout.connect(self.tick)
+
+    # -- connection ------------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self.previews is not None
+
+    def toggle_connection(self) -> None:
+        if self.connected:
+            self.disconnect_daemon()
+        else:
+            self.connect_daemon()
+
+    def connect_daemon(self) -> None:
+        """Subscribe to the previews and open the control link at the addresses in the fields."""
+        if self.connected:
+            return
+        curve = None
+        if self.curve_box.isChecked():
+            from ...bridges.auth import CurveClient, CurveKeysMissing
+
+            try:
+                curve = CurveClient.from_dir()
+            except (CurveKeysMissing, OSError) as exc:
+                self.state_label.setText(f"CURVE keys: {exc}")
+                return
+        preview = self.preview_edit.text().strip()
+        control = self.control_edit.text().strip() or None
+        try:
+            self.previews = PreviewThread(preview, curve=curve)
+        except Exception as exc:  # a malformed address: said in the widget, napari goes on
+            self.state_label.setText(f"cannot subscribe to {preview}: {exc}")
+            return
+        self.link = DaemonLink(control, curve=curve) if control else None
+        if self.grid_box.isChecked():
+            grid_of(self.viewer).enabled = True
+        self.connect_button.setText("Disconnect")
+        self.state_label.setText(f"subscribed to {preview}; waiting for frames")
+        self.timer.start()
+
+    def disconnect_daemon(self) -> None:
+        self.timer.stop()
+        if self.previews is not None:
+            self.previews.close()
+            self.previews = None
+        if self.link is not None:
+            self.link.close()
+            self.link = None
+        self.connect_button.setText("Connect")
+        self.state_label.setText("not connected (the layers keep the last frames)")
+
+    def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt's name)
+        self.disconnect_daemon()
+        super().closeEvent(event)
+
+    # -- each tick, on the GUI thread ------------------------------------------------------------
+    def tick(self) -> None:
+        if self.previews is not None:
+            frames = self.previews.take()
+            for key in sorted(frames):
+                self._show(key, frames[key])
+        if self.link is not None:
+            for kind, payload in self.link.drain():
+                self._on_link(kind, payload)
+
+    def _show(self, key: Key, frame: Frame) -> None:
+        if frame.array is None:
+            return
+        if self._first_stream is None:
+            self._first_stream = key[0]
+        h = frame.header
+        self._channels.add(key[3])
+        name = layer_name(key, self._first_stream, h.get("channel") if key[3] else None)
+        arr = np.asarray(frame.array)
+        if arr.dtype == np.float16:  # vispy has no half-float textures
+            arr = arr.astype(np.float32)
+        px = h.get("pixel_size_um")
+        scale = (float(px), float(px)) if px else (1.0, 1.0)
+        layer = self.layers.get(name)
+        if layer is None or layer not in self.viewer.layers:  # first frame, or the user deleted it
+            layer = self.viewer.add_image(
+                arr,
+                name=name,
+                scale=scale,
+                units=("micrometer", "micrometer") if px else ("pixel", "pixel"),
+                colormap=_colormap(key[3], len(self._channels)),
+                contrast_limits=_display_levels(arr),
+                blending="additive",
+                metadata={"livescope": {"live": True, "key": key}},
+            )
+            self.layers[name] = layer
+            self._levels_at[name] = time.monotonic()
+        else:
+            layer.data = arr  # in place: the same layer, its new frame
+            if tuple(layer.scale) != scale:
+                layer.scale = scale
+            now = time.monotonic()
+            if now - self._levels_at.get(name, 0.0) >= LEVELS_EVERY_S:
+                self._levels_at[name] = now
+                layer.contrast_limits = _display_levels(arr)
+        layer.metadata["livescope"].update(
+            seq=h.get("seq"), t=(h.get("index") or {}).get("t"), latency_ms=h.get("latency_ms"), z=key[4]
+        )
+        if h.get("scalars"):
+            layer.metadata["livescope"]["scalars"] = dict(h["scalars"])
+        self.updates[name] = self.updates.get(name, 0) + 1
+        self.frames_drawn += 1
+
+    # -- the control link ------------------------------------------------------------------------
+    def _on_link(self, kind: str, payload: Any) -> None:
+        if kind == "status":
+            self.status = payload
+            self.telemetry.setText(telemetry_text(payload))
+            self._update_engines(payload.get("engines") or {})
+        elif kind == "events":
+            self._add_events(payload)
+        elif kind == "down":
+            self.state_label.setText(f"no daemon answers at {payload}: is it running? (reconnecting by itself)")
+        elif kind == "up":
+            self.state_label.setText(f"connected to {self.control_edit.text().strip()}")
+        elif kind == "restarted":
+            self.state_label.setText("the daemon restarted: counters and events start over")
+            self.events.clear()
+            self.event_list.clear()
+        elif kind == "refused":
+            self.state_label.setText(f"the daemon refused: {payload}")
+        elif kind == "reply":
+            request, answer = payload
+            ok = answer.get("ok", False)
+            self.state_label.setText(
+                f"{request.get('cmd')} {request.get('engine', '')}: " + ("✓" if ok else answer.get("error", "refused"))
+            )
+
+    def _add_events(self, events: list[dict[str, Any]]) -> None:
+        for ev in events:
+            self.events.append(ev)
+            score = ev.get("score")
+            text = f"#{ev.get('id')}  t={ev.get('t')}  {ev.get('kind', 'event')}"
+            if isinstance(score, int | float):
+                text += f"  {score:.3g}"
+            if ev.get("stream"):
+                text += f"  [{ev['stream']}]"
+            item = QtWidgets.QListWidgetItem(text)
+            item.setData(QtCore.Qt.ItemDataRole.UserRole, ev)
+            self.event_list.addItem(item)
+        while self.event_list.count() > EVENTS_SHOWN:
+            self.event_list.takeItem(0)
+        del self.events[:-EVENTS_SHOWN]
+        self.event_list.scrollToBottom()
+
+    def _go_to_event(self, item: QtWidgets.QListWidgetItem) -> None:
+        """Events name their time point; with a store layer open, step its t slider there."""
+        ev = item.data(QtCore.Qt.ItemDataRole.UserRole) or {}
+        labels = list(getattr(self.viewer.dims, "axis_labels", ()))
+        if "t" in labels and ev.get("t") is not None:
+            self.viewer.dims.set_current_step(labels.index("t"), int(ev["t"]))  # a step, whatever t's scale
+
+    def _update_engines(self, engines: Mapping[str, Any]) -> None:
+        for name, info in engines.items():
+            box = self.engine_boxes.get(name)
+            if box is None:
+                box = QtWidgets.QCheckBox(name)
+                box.toggled.connect(lambda on, engine=name: self._set_engine(engine, on))
+                self.engines_layout.addWidget(box)
+                self.engine_boxes[name] = box
+            box.blockSignals(True)  # follow the daemon: never a command for what it already says
+            box.setChecked(bool(info.get("enabled")))
+            box.blockSignals(False)
+            box.setToolTip(info.get("reason") or "")
+
+    def _set_engine(self, engine: str, on: bool) -> None:
+        if self.link is not None:
+            self.link.request("enable" if on else "disable", engine=engine)
+
+
+def grid_of(viewer: Any) -> Any:
+    """The viewer's grid settings: ``viewer.canvas.grid`` from napari 0.9, ``viewer.grid`` before."""
+    canvas = getattr(viewer, "canvas", None)
+    return canvas.grid if canvas is not None and hasattr(canvas, "grid") else viewer.grid
+
+
+def telemetry_text(status: Mapping[str, Any]) -> str:
+    """The daemon's counts in a few lines: received, saved, lost, skipped, rejected, rates."""
+    f = status.get("frames") or {}
+    skipped = f.get("skipped") or {}
+    fps = status.get("fps") or {}
+    lines = [
+        f"state {status.get('state', '?')}",
+        f"received {f.get('received', 0)} · saved {f.get('saved', 0)} · lost {f.get('lost', 0)}"
+        f" · rejected {f.get('rejected', 0)}",
+        f"skipped frames {f.get('skipped_frames', 0)}"
+        + (" (" + ", ".join(f"{k} {v}" for k, v in skipped.items()) + ")" if skipped else ""),
+        f"fps in {fps.get('in', 0):.1f} · processed {fps.get('processed', 0):.1f} · saved {fps.get('saved', 0):.1f}",
+    ]
+    return "\n".join(lines)
