@@ -60,13 +60,14 @@ def test_values_beyond_float16_are_clipped_and_counted_as_saturated(tmp_path):
     w = store.image("deconvolved", 0, 0, layout)
     plane = np.full((8, 8), 1000.5, np.float32)
     plane[0, :3] = [70000.0, -1e6, 65504.0]  # two beyond the range, one on its edge
+    plane[2, 2] = np.nan  # a failed pixel stays NaN, not counted
     w.write(0, 0, 0, plane, seq=0, time_s=0.0)
     w.flush()
     store.close()
     saved = zarr.open_array(str(tmp_path / "f.zarr" / "deconvolved" / "0"), mode="r")[0]
     assert saved.dtype == np.float16
     assert saved[0, :3].tolist() == [FLOAT16_MAX, -FLOAT16_MAX, FLOAT16_MAX] and saved[1, 1] == np.float16(1000.5)
-    assert read_records(tmp_path / "f.zarr" / "deconvolved")["saturated"][0] == 2
+    assert np.isnan(saved[2, 2]) and read_records(tmp_path / "f.zarr" / "deconvolved")["saturated"][0] == 2
 
 
 def test_the_fast_float16_conversion_gives_numpys_bits():
