@@ -11,6 +11,10 @@ Every frame is split, causally and at constant cost, into
   shrunk at a multiple of the noise so that the noise stays in the residual);
 - ``residual``: the rest (noise); ``background + slow + fast + residual == frame`` exactly.
 
+The rolling method compares spatially smoothed frames (``smooth``, a Gaussian of 1 px: objects
+are wider than a pixel, noise is not), and a lagged frame is dilated by ``slow_reach`` px per
+frame of lag before the slow test, so a drifting object's leading edge still counts as present.
+
 The split is by time, never by size: a fast particle and a slow blob of the same size and
 brightness differ only in how many lags they survive.
 
@@ -50,7 +54,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ._array import namespace, to_numpy
+from ._array import namespace, ndimage_module, to_numpy
 from .base import (
     Applies,
     EngineBase,
@@ -140,6 +144,107 @@ def _check_slow_rank(rank: float) -> str | None:
     return None if 0.0 <= rank <= 1.0 else f"decompose: slow_rank is a fraction in [0, 1], got {rank}"
 
 
+def _check_smooth(sigma: float) -> str | None:
+    return None if 0.0 <= sigma <= 4.0 else f"decompose: smooth is a sigma in px in [0, 4], got {sigma}"
+
+
+def _check_reach(reach: float) -> str | None:
+    return None if 0.0 <= reach <= 2.0 else f"decompose: slow_reach is in px per frame in [0, 2], got {reach}"
+
+
+# The slow test dilates a lagged frame by round(slow_reach * lag) px, at most this many.
+_MAX_REACH = 4
+
+
+def _shifted(xp: Any, a: Any, d: int, axis: int) -> Any:
+    """``a`` shifted by ``d`` along ``axis`` (positive: towards higher indices), the edge row
+    (column) repeated: scipy.ndimage's ``mode="nearest"``."""
+    n = a.shape[axis]
+    d = max(-(n - 1), min(n - 1, d))
+    if d == 0:
+        return a
+    if axis == 0:
+        edge = a[:1, :] if d > 0 else a[-1:, :]
+        body = a[:-d, :] if d > 0 else a[-d:, :]
+    else:
+        edge = a[:, :1] if d > 0 else a[:, -1:]
+        body = a[:, :-d] if d > 0 else a[:, -d:]
+    pad = xp.concat([edge] * abs(d), axis=axis)
+    return xp.concat([pad, body] if d > 0 else [body, pad], axis=axis)
+
+
+def namespace_of(a: Any) -> Any:
+    """numpy or cupy itself (not the array-API wrapper), for what the standard lacks."""
+    import array_api_compat
+
+    if array_api_compat.is_cupy_array(a):
+        import cupy
+
+        return cupy
+    import numpy
+
+    return numpy
+
+
+def _is_numpy_or_cupy(a: Any) -> bool:
+    import array_api_compat
+
+    return bool(array_api_compat.is_numpy_array(a) or array_api_compat.is_cupy_array(a))
+
+
+def gaussian_smooth(xp: Any, a: Any, sigma: float) -> Any:
+    """Separable Gaussian blur truncated at 2 sigma, edges repeated (``mode="nearest"``):
+    scipy.ndimage (cupyx for cupy) where there is one, shifted multiply-adds elsewhere."""
+    r = int(math.ceil(2.0 * sigma))
+    if sigma <= 0 or r == 0:
+        return a
+    weights = [math.exp(-(d * d) / (2.0 * sigma * sigma)) for d in range(-r, r + 1)]
+    total = sum(weights)
+    weights = [w / total for w in weights]
+    if _is_numpy_or_cupy(a):
+        ndi = ndimage_module(a)
+        kernel = xp.asarray(weights, dtype=a.dtype)
+        out = ndi.correlate1d(a, kernel, axis=0, mode="nearest")
+        return ndi.correlate1d(out, kernel, axis=1, mode="nearest")
+    out = a
+    for axis in (0, 1):
+        acc = out * weights[r]
+        for d in range(1, r + 1):
+            acc = acc + weights[r + d] * (_shifted(xp, out, d, axis) + _shifted(xp, out, -d, axis))
+        out = acc
+    return out
+
+
+def smoothing_gain(sigma: float) -> float:
+    """Factor by which ``gaussian_smooth`` scales white noise's standard deviation."""
+    r = int(math.ceil(2.0 * sigma))
+    if sigma <= 0 or r == 0:
+        return 1.0
+    weights = [math.exp(-(d * d) / (2.0 * sigma * sigma)) for d in range(-r, r + 1)]
+    total = sum(weights)
+    return sum((w / total) ** 2 for w in weights)  # sqrt(sum w^2) per axis, two axes
+
+
+def dilate(xp: Any, a: Any, r: int) -> Any:
+    """Per-pixel maximum over the (2r + 1)^2 square around it, clipped at the edges (the same
+    as scipy.ndimage's ``maximum_filter(mode="nearest")``): shifted maxima, per axis."""
+    if r <= 0:
+        return a
+    out = a
+    for axis in (0, 1):
+        src = out
+        acc = src + 0.0
+        for d in range(1, min(r, src.shape[axis] - 1) + 1):
+            if axis == 0:
+                acc[d:, :] = xp.maximum(acc[d:, :], src[:-d, :])
+                acc[:-d, :] = xp.maximum(acc[:-d, :], src[d:, :])
+            else:
+                acc[:, d:] = xp.maximum(acc[:, d:], src[:, :-d])
+                acc[:, :-d] = xp.maximum(acc[:, :-d], src[:, d:])
+        out = acc
+    return out
+
+
 _RESET = Applies.RESET  # the rolling state (ring, history, background, scores) starts over
 
 
@@ -167,6 +272,8 @@ class Decompose(EngineBase):
         "background_samples": Param(16, int, applies=_RESET, doc="decimated frames it keeps"),
         "background_percentile": Param(10.0, float),
         "slow_rank": Param(0.0, float, check=_check_slow_rank),
+        "smooth": Param(1.0, float, check=_check_smooth, doc="Gaussian sigma (px) of the spatial prefilter; 0: off"),
+        "slow_reach": Param(0.15, float, check=_check_reach, doc="px per frame a slow object may move"),
         "shrink_slow": Param(3.0, float),
         "shrink_fast": Param(2.0, float),
         "bleach_correction": Param(True, as_bool),
@@ -191,6 +298,8 @@ class Decompose(EngineBase):
     background_samples: int
     background_percentile: float
     slow_rank: float
+    smooth: float
+    slow_reach: float
     shrink_slow: float
     shrink_fast: float
     bleach_correction: bool
@@ -215,6 +324,8 @@ class Decompose(EngineBase):
         background_samples: int = 16,
         background_percentile: float = 10.0,
         slow_rank: float = 0.0,
+        smooth: float = 1.0,
+        slow_reach: float = 0.15,
         shrink_slow: float = 3.0,
         shrink_fast: float = 2.0,
         bleach_correction: bool = True,
@@ -353,9 +464,12 @@ class Decompose(EngineBase):
         self._hist_n = 0
         self._hist_pos = 0
         self._hist_frames = [1] * self.background_samples  # frames averaged in each sample
+        self._spacing = 1  # frames per sample now: doubles (pairs merged) until the window is spanned
         self._acc: Any = None
         self._acc_n = 0
         self._background: Any = None
+        self._background_s: Any = None  # the background smoothed as the frames are compared
+        self._background_s_sigma = -1.0  # the smoothing it was made with (-1: not made)
         self._stripe = 0
         # Noise (sigma of one frame, corrected units), a slow running estimate.
         self._sigma: float | None = None
@@ -377,7 +491,7 @@ class Decompose(EngineBase):
     def state_nbytes(self) -> int:
         """Bytes of frame-sized state held (constant once the buffers are full)."""
         total = 0
-        for a in (self._ring, self._hist, self._background, self._acc):
+        for a in (self._ring, self._hist, self._background, self._background_s, self._acc):
             if a is not None:
                 total += int(a.size) * 4
         return total
@@ -401,11 +515,19 @@ class Decompose(EngineBase):
 
         gain = self._bleach_gain(xp, raw, t)  # corrected = raw * gain
         cur = raw * gain if gain != 1.0 else raw
+        corrected = cur
+        smooth = self.smooth if self.method == "rolling" else 0.0
+        if smooth > 0:
+            # The rolling method compares spatially smoothed frames: far less noise in every
+            # order statistic (objects are wider than a pixel). The background keeps the sharp
+            # frames (a thin filament stays thin); what smoothing removes goes to `residual`.
+            cur = gaussian_smooth(xp, cur, smooth)
 
         lagged = self._lagged(t)  # buffered corrected frames, one per lag
         if lagged:
             self._update_sigma(xp, cur, lagged[0])
-        sigma = self._sigma if self._sigma is not None else 0.0
+        sigma = self._sigma if self._sigma is not None else 0.0  # of `cur` (smoothed)
+        sigma_frame = sigma / smoothing_gain(smooth)  # of one corrected frame (white noise)
 
         self._take_fitted()
         if self._predictor is not None and lagged:
@@ -413,9 +535,10 @@ class Decompose(EngineBase):
         if self.method == "learned" and self.model is None:
             self._collect_for_fit(cur)
 
-        self._insert_history(xp, cur)
-        self._update_background(xp, sigma)
-        bg = self._background
+        self._insert_history(xp, corrected)
+        rows = self._update_background(xp, sigma_frame)
+        bg_sharp = self._background
+        bg = self._smoothed_background(xp, smooth, rows)  # what `cur` is compared with
 
         # Slow: what the frame and (nearly) all its lagged frames hold: a low order statistic
         # over them, plus its expected noise offset so that noise averages to zero.
@@ -423,7 +546,11 @@ class Decompose(EngineBase):
         rank = min(n - 1, max(0, round(self.slow_rank * (n - 1))))
         if n > 1:
             offset = -statistics.NormalDist().inv_cdf((rank + 1 - 0.375) / (n + 0.25)) * sigma
-            slow_raw = order_statistic(xp, [cur, *lagged], rank) - bg + offset
+            # A slow object may move round(slow_reach * lag) px by lag k: the lagged frame is
+            # dilated by that much, so its leading edge still counts as present at every lag.
+            reach = [min(_MAX_REACH, int(round(self.slow_reach * lag))) for lag in self.lags[: len(lagged)]]
+            seen = [dilate(xp, f, r) for f, r in zip(lagged, reach, strict=True)]
+            slow_raw = order_statistic(xp, [cur, *seen], rank) - bg + offset
         else:
             slow_raw = cur - bg
         # 0.6 sigma: about the noise of a low order statistic of 3-9 frames.
@@ -437,7 +564,7 @@ class Decompose(EngineBase):
         self._n += 1
 
         inv = 1.0 / gain
-        background = bg * inv if inv != 1.0 else bg + 0.0  # a fresh array the caller may keep
+        background = bg_sharp * inv if inv != 1.0 else bg_sharp + 0.0  # a fresh array the caller may keep
         slow = slow * inv if inv != 1.0 else slow
         fast = fast * inv if inv != 1.0 else fast
         residual = raw - background - slow - fast
@@ -561,6 +688,7 @@ class Decompose(EngineBase):
         self._ring = xp.zeros((self._ring_len, *shape), dtype=xp.float32)
         self._hist = xp.zeros((self.background_samples, *shape), dtype=xp.float32)
         self._background = xp.zeros(shape, dtype=xp.float32)
+        self._background_s = xp.zeros(shape, dtype=xp.float32)
         self._acc = xp.zeros(shape, dtype=xp.float32)
 
     # -- time base -------------------------------------------------------------------------
@@ -679,33 +807,75 @@ class Decompose(EngineBase):
     def _insert_history(self, xp: Any, cur: Any) -> None:
         # Each history sample is the mean of `spacing` consecutive frames (box filter, then
         # decimate): less noise, and a particle passing through counts for 1/spacing only.
-        # Early on every frame goes in, then ever more are averaged, finally `every` per sample,
-        # so the history spans about the whole past until it spans background_window frames.
+        # The history always spans the whole past: every frame goes in until it is full, then
+        # adjacent samples are merged in pairs and the spacing doubles, until the samples span
+        # background_window frames; from then on it is a ring.
         m = self.background_samples
         every = max(1, self.background_window // m)
-        spacing = min(every, max(1, self._n // m))
         if self._acc_n == 0:
             self._acc[...] = cur
         else:
             self._acc += cur
         self._acc_n += 1
-        if self._acc_n < spacing:
+        if self._acc_n < self._spacing:
             return
+        if self._hist_n == m and self._spacing < every:
+            self._merge_history(m)
         self._hist[self._hist_pos, ...] = self._acc * (1.0 / self._acc_n)
         self._hist_frames[self._hist_pos] = self._acc_n
         self._acc_n = 0
         self._hist_pos = (self._hist_pos + 1) % m
         self._hist_n = min(self._hist_n + 1, m)
 
-    def _update_background(self, xp: Any, sigma: float) -> None:
+    def _merge_history(self, m: int) -> None:
+        """Merge adjacent samples in pairs (weighted by the frames each holds), oldest first."""
+        f = self._hist_frames
+        k = 0
+        for i in range(0, m - 1, 2):
+            w0, w1 = f[i], f[i + 1]
+            self._hist[k, ...] = (self._hist[i, ...] * w0 + self._hist[i + 1, ...] * w1) * (1.0 / (w0 + w1))
+            f[k] = w0 + w1
+            k += 1
+        if m % 2:
+            self._hist[k, ...] = self._hist[m - 1, ...]
+            f[k] = f[m - 1]
+            k += 1
+        self._hist_n = k
+        self._hist_pos = k % m
+        self._spacing = min(2 * self._spacing, max(1, self.background_window // m))
+        self._stripe = 0
+
+    def _smoothed_background(self, xp: Any, sigma: float, rows: tuple[int, int]) -> Any:
+        """The background smoothed like the frames; only the rows that changed are redone (with
+        a margin of twice the kernel radius: exact, the edges clamp as in the whole image)."""
+        if sigma <= 0:
+            return self._background
+        h = self._background.shape[0]
+        r = int(math.ceil(2.0 * sigma))
+        if sigma != self._background_s_sigma:
+            rows = (0, h)
+            self._background_s_sigma = sigma
+        r0, r1 = rows
+        if r1 <= r0:
+            return self._background_s
+        a0, a1 = max(0, r0 - 2 * r), min(h, r1 + 2 * r)
+        w0, w1 = max(0, r0 - r), min(h, r1 + r)
+        part = gaussian_smooth(xp, self._background[a0:a1, ...], sigma)
+        self._background_s[w0:w1, ...] = part[w0 - a0 : w1 - a0, ...]
+        return self._background_s
+
+    def _update_background(self, xp: Any, sigma: float) -> tuple[int, int]:
+        """Re-sort one stripe of the history's percentile; returns the rows that changed."""
         n = self._hist_n
         h = self._hist.shape[1]
         if n == 1:  # the first frame is the first guess
             self._background[...] = self._hist[0, ...]
-            return
+            return 0, h
         # Constant cost per frame: one horizontal stripe of the percentile each frame, the whole
         # image every `every` frames (the history changes no faster than that, once full).
-        stripes = max(1, self.background_window // self.background_samples)
+        # Early on (short spacing) the history changes every few frames, and so is re-sorted
+        # as often.
+        stripes = max(1, min(self.background_window // self.background_samples, self._spacing))
         rows = -(-h // stripes)
         r0 = (self._stripe % stripes) * rows
         r1 = min(h, r0 + rows)
@@ -713,12 +883,16 @@ class Decompose(EngineBase):
         q = self.background_percentile / 100.0
         rank = min(n - 1, max(0, round(q * (n - 1))))
         stack = self._hist[:n, r0:r1, :]
-        low = xp.sort(stack, axis=0)[rank, ...]
+        if _is_numpy_or_cupy(stack):  # a partial sort where the namespace has one
+            low = namespace_of(stack).partition(stack, rank, axis=0)[rank, ...]
+        else:
+            low = xp.sort(stack, axis=0)[rank, ...]
         # A low rank of n noisy samples sits below their mean: add the expected offset back
         # (Blom's approximation of normal order statistics).
         bias = -statistics.NormalDist().inv_cdf((rank + 1 - 0.375) / (n + 0.25))
         averaged = statistics.median(self._hist_frames[:n])
         self._background[r0:r1, ...] = low + bias * sigma / math.sqrt(averaged)
+        return r0, r1
 
     # -- novelty and events ----------------------------------------------------------------
 

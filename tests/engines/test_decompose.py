@@ -146,8 +146,9 @@ def test_memory_is_bounded_over_a_long_stream():
         if t in (100, 300, 599):
             sizes.append((_state_bytes(engine), engine.state_nbytes()))
     assert sizes[0] == sizes[1] == sizes[2], sizes
-    # ring (2 * 8 + 1), history (8), background and accumulator: frames of 16x16 float32
-    assert sizes[0][1] == (17 + 8 + 2) * 16 * 16 * 4
+    # ring (2 * 8 + 1), history (8), background (sharp and smoothed) and accumulator: frames of
+    # 16x16 float32
+    assert sizes[0][1] == (17 + 8 + 3) * 16 * 16 * 4
 
 
 def test_bleaching_does_not_read_as_slow():
