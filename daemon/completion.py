@@ -216,8 +216,8 @@ class Completer:
         if any(s in ("missing",) for s in states) and not self.live_done():
             return False  # not on disk yet
         if any(s != "saved" for s in states):
-            if any(s == "missing" for s in states) and raw.pending:
-                return False  # still being written after the stream ended
+            if any(s == "missing" for s in states) and (raw.pending or self.sink.queued_bytes > 0):
+                return False  # still queued for the store, or being written, after the stream ended
             track.tickets.popleft()
             track.unrecoverable += 1
             return True
