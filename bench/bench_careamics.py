@@ -46,7 +46,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
-SHIPPED_STEPS = 3291  # engines/models/denoise_default.lsm metadata["training"]["steps"]
+SHIPPED_STEPS = 3291  # engines/models/denoise_default.lsmodel metadata["training"]["steps"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -369,7 +369,7 @@ def learned_table(quick, real=True):
     t0 = time.perf_counter()
     model = fit_multilag(train, steps=steps, seed=0)
     fit_s = time.perf_counter() - t0
-    path = Path("/tmp") / f"bench_multilag_{model.hash}.lsm"
+    path = Path("/tmp") / f"bench_multilag_{model.hash}.lsmodel"
     model.save(path)
     predictor = MultiLagPredictor(modelfile.load(path), "onnxruntime")
     lags = [int(v) for v in predictor.lags]
@@ -455,7 +455,7 @@ def learned_real(steps):
     t0 = time.perf_counter()
     model = fit_multilag(movie, steps=steps, seed=0)
     fit_s = time.perf_counter() - t0
-    mpath = Path("/tmp") / f"bench_multilag_real_{model.hash}.lsm"
+    mpath = Path("/tmp") / f"bench_multilag_real_{model.hash}.lsmodel"
     model.save(mpath)
     first = 15
     rows = []

@@ -96,7 +96,7 @@ def quality(args) -> list[tuple]:
             progress=False,
             description=f"W2S {key} input (bench)",
         )
-        path = Path(f"/tmp/livescope_bench_fit_{key}.lsm")
+        path = Path(f"/tmp/livescope_bench_fit_{key}.lsmodel")
         res.model.save(path)
         eng = livescope_engine(str(path))
         out = eng.process(noisy, FrameInfo(seq=0))["denoised"]

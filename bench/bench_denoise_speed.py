@@ -1,8 +1,8 @@
 """Denoising speed, head to head: denoising models and BM3D, round after round, in one run.
 
     python bench/bench_denoise_speed.py                                 # shipped model vs BM3D
-    python bench/bench_denoise_speed.py --model /tmp/old.lsm --rounds 8 # and another model file
-    git show d71f73d:engines/models/denoise_default.lsm > /tmp/old.lsm  # the concatenated-skip model
+    python bench/bench_denoise_speed.py --model /tmp/old.lsmodel --rounds 8 # and another model file
+    git show d71f73d:engines/models/denoise_default.lsmodel > /tmp/old.lsmodel  # the concatenated-skip model
 
 A machine's speed drifts within minutes (other jobs, clocks), so a model timed now and BM3D timed
 a minute later give a ratio that drifts too. Here every contender lives in its own process (two

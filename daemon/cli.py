@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
         "from a file or live",
     )
     p.add_argument("input", nargs="?", help="a TIFF / OME-Zarr movie or frame (omit with --live)")
-    p.add_argument("--out", help="the model file to write (.lsm)")
+    p.add_argument("--out", help="the model file to write (.lsmodel)")
     p.add_argument("--live", action="store_true", help="fit on the running daemon's stream and hot-swap the model")
     p.add_argument("--control", default=DEFAULT_CONTROL, help="with --live: the daemon's control socket")
     p.add_argument(
@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_curve_options(p)
 
     p = sub.add_parser("compile", help="build a TensorRT engine for a model ahead of time (NVIDIA GPU)")
-    p.add_argument("model", nargs="?", default=None, help="a .lsm model (default: the shipped one)")
+    p.add_argument("model", nargs="?", default=None, help="a .lsmodel model (default: the shipped one)")
     p.add_argument(
         "--shape",
         type=int,
@@ -911,7 +911,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.live:
         return _fit_live(args)
     if not args.input or not args.out:
-        print("livescope fit: give INPUT and --out MODEL.lsm (or --live)", file=sys.stderr)
+        print("livescope fit: give INPUT and --out MODEL.lsmodel (or --live)", file=sys.stderr)
         return 2
     if decompose:
         return _fit_decompose(args)

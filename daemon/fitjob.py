@@ -113,7 +113,7 @@ class FitJob:
 
                 folder = Path(tempfile.mkdtemp(prefix="livescope-fit-"))
             folder.mkdir(parents=True, exist_ok=True)
-            path = folder / time.strftime(f"{self.task}-fit-%Y%m%d-%H%M%S.lsm")
+            path = folder / time.strftime(f"{self.task}-fit-%Y%m%d-%H%M%S.lsmodel")
             result.model.save(path)
             self.state = "swapping"
             self.swap(str(path))

@@ -3,7 +3,7 @@
 Parameters (constructor keywords, ``--param denoise.key=value``):
 
 - ``model``: path of a livescope model file; None is the shipped default
-  (``engines/models/denoise_default.lsm``, trained by ``engines/models/train_default.py``);
+  (``engines/models/denoise_default.lsmodel``, trained by ``engines/models/train_default.py``);
 - ``backend``: ``auto`` (tensorrt > onnxruntime > torch, the first that works), or one of those
   (a failing one falls back down that order, with the reason logged);
 - ``tile``, ``overlap``: frames larger than ``tile`` run in overlapping tiles stitched without

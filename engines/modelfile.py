@@ -31,6 +31,8 @@ from .base import EngineError
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "LEGACY_SUFFIXES",
+    "MODEL_SUFFIX",
     "ModelFile",
     "ModelFileError",
     "default_model_path",
@@ -39,6 +41,8 @@ __all__ = [
 
 FORMAT = "livescope-denoise-model"
 FORMAT_VERSION = 1  # bump on a change that older readers cannot run
+MODEL_SUFFIX = ".lsmodel"  # no image format uses it (the earlier ".lsm" is Zeiss's confocal format)
+LEGACY_SUFFIXES = (".lsm",)  # files written before the rename still load
 _REQUIRED = ("format", "format_version", "architecture", "inputs", "normalisation", "sha256")
 
 
@@ -47,7 +51,7 @@ class ModelFileError(EngineError):
 
 
 def default_model_path() -> Path:
-    return Path(__file__).resolve().parent / "models" / "denoise_default.lsm"
+    return Path(__file__).resolve().parent / "models" / f"denoise_default{MODEL_SUFFIX}"
 
 
 def _sha256(data: bytes) -> str:
@@ -164,6 +168,7 @@ def load(path: str | Path | None = None) -> ModelFile:
             f"model file {path} does not exist; pass model=None for the shipped "
             "default or train one with `livescope fit INPUT --out MODEL`"
         )
+    _refuse_images(path)
     try:
         with zipfile.ZipFile(path) as zf:
             meta = json.loads(zf.read("metadata.json"))
@@ -177,6 +182,32 @@ def load(path: str | Path | None = None) -> ModelFile:
     with np.load(io.BytesIO(members["weights.npz"]), allow_pickle=False) as npz:
         weights = {k: npz[k] for k in npz.files}
     return ModelFile(meta, members["model.onnx"], weights)
+
+
+_IMAGE_MAGIC = {
+    b"II*\x00": "a TIFF image (Zeiss .lsm, OME-TIFF, ImageJ)",
+    b"MM\x00*": "a TIFF image (Zeiss .lsm, OME-TIFF, ImageJ)",
+    b"II+\x00": "a BigTIFF image",
+    b"MM\x00+": "a BigTIFF image",
+    b"\x89HDF": "an HDF5 file",
+    b"\x93NUM": "a numpy .npy array",
+}
+
+
+def _refuse_images(path: Path) -> None:
+    """An image given where a model belongs (a Zeiss .lsm, say) is named as such, not 'corrupt'."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return
+    what = _IMAGE_MAGIC.get(head)
+    if what:
+        raise ModelFileError(
+            f"{path} is {what}, not a livescope model; livescope models end in {MODEL_SUFFIX} "
+            "(train one with `livescope fit INPUT --out MODEL.lsmodel`, or pass a BioImage Model Zoo "
+            "package with `denoise.model=PATH/rdf.yaml`)"
+        )
 
 
 def _check(path: Path, meta: dict[str, Any], members: dict[str, bytes]) -> None:

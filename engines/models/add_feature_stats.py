@@ -1,7 +1,7 @@
 """Add the training data's feature statistics to a model file, without touching its weights.
 
-    python engines/models/add_feature_stats.py                      # the shipped denoise_default.lsm
-    python engines/models/add_feature_stats.py --model M.lsm --frames a.tif b.tif
+    python engines/models/add_feature_stats.py                      # the shipped denoise_default.lsmodel
+    python engines/models/add_feature_stats.py --model M.lsmodel --frames a.tif b.tif
 
 The trust engine's feature check (docs/trust.md) measures how far a frame lies from the data a
 model was trained on; ``fit`` stores those statistics in every model it writes
@@ -46,7 +46,7 @@ def rewrite_metadata(path: Path, metadata: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=HERE / "denoise_default.lsm")
+    p.add_argument("--model", type=Path, default=HERE / "denoise_default.lsmodel")
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     p.add_argument(
         "--frames", type=Path, nargs="*", help="training frames (default: the model's own training draws, see above)"

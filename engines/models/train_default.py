@@ -1,22 +1,22 @@
 """Train livescope's shipped default denoising model, and evaluate it honestly on real data.
 
-The shipped ``denoise_default.lsm`` (recipe ``supervised``, pixel-unshuffled U-Net with added,
+The shipped ``denoise_default.lsmodel`` (recipe ``supervised``, pixel-unshuffled U-Net with added,
 not concatenated, skips), in two learning-rate cycles (50 + 22 minutes) on one torch thread, the
 second continuing from the first on fresh crops::
 
     python engines/models/train_default.py --recipe supervised --base 32 --unshuffle 2 --skip add \
-        --minutes 50 --seed 3 --out /tmp/b.lsm
+        --minutes 50 --seed 3 --out /tmp/b.lsmodel
     python engines/models/train_default.py --recipe supervised --base 32 --unshuffle 2 --skip add \
-        --init /tmp/b.lsm --lr 1e-3 --seed 5 --minutes 22 --out engines/models/denoise_default.lsm
+        --init /tmp/b.lsmodel --lr 1e-3 --seed 5 --minutes 22 --out engines/models/denoise_default.lsmodel
 
 The model shipped before it (concatenated skips: more FLOPs per frame, docs/denoising.md, section
 "The shipped default model"), in two cycles::
 
-    python engines/models/train_default.py --recipe supervised --base 32 --unshuffle 2 --minutes 16 --out /tmp/a.lsm
-    python engines/models/train_default.py --recipe supervised --base 32 --unshuffle 2 --init /tmp/a.lsm \
-        --lr 1e-3 --seed 1 --minutes 18 --out /tmp/cat.lsm
+    python engines/models/train_default.py --recipe supervised --base 32 --unshuffle 2 --minutes 16 --out /tmp/a.lsmodel
+    python engines/models/train_default.py --recipe supervised --base 32 --unshuffle 2 --init /tmp/a.lsmodel \
+        --lr 1e-3 --seed 1 --minutes 18 --out /tmp/cat.lsmodel
 
-    python engines/models/train_default.py --out /tmp/n2v.lsm   # recipe n2v: the earlier default
+    python engines/models/train_default.py --out /tmp/n2v.lsmodel   # recipe n2v: the earlier default
 
 Recipe ``supervised`` (the shipped model; better than the best-sigma Gaussian on both W2S pairs,
 trained on neither; see docs/denoising.md): clean images that are neither W2S image, made noisy
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out",
         type=Path,
         required=True,
-        help="where to write the model (engines/models/denoise_default.lsm is the shipped one)",
+        help="where to write the model (engines/models/denoise_default.lsmodel is the shipped one)",
     )
     p.add_argument("--steps", type=int, default=None, help="default: 4000 (n2v), 20000 (supervised)")
     p.add_argument(

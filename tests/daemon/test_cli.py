@@ -77,9 +77,9 @@ def test_status_without_a_daemon_says_how_to_fix(free_address, capsys):
 def test_param_parsing_and_bad_param():
     from livescope.daemon.config import parse_params
 
-    assert parse_params(["deconvolve.iterations=3", "denoise.model=/a/b.lsm", "x.flag=true"]) == {
+    assert parse_params(["deconvolve.iterations=3", "denoise.model=/a/b.lsmodel", "x.flag=true"]) == {
         "deconvolve": {"iterations": 3},
-        "denoise": {"model": "/a/b.lsm"},
+        "denoise": {"model": "/a/b.lsmodel"},
         "x": {"flag": True},
     }
     with pytest.raises(ValueError, match="ENGINE.NAME=VALUE"):

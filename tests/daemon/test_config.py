@@ -26,7 +26,7 @@ BAD_TOML = [
     ('engines = ["denoize"]', ["unknown engine 'denoize'", "available:", "denoise"]),
     ('engines = ["passthrough", "passthrough"]', ["listed twice"]),
     (
-        'engines = ["denoise"]\n[params.denoise]\nmodle = "x.lsm"',
+        'engines = ["denoise"]\n[params.denoise]\nmodle = "x.lsmodel"',
         ["[params.denoise]", "no parameter 'modle'", "did you mean 'model'", "it takes: model, backend"],
     ),
     (
@@ -35,7 +35,7 @@ BAD_TOML = [
     ),
     ('engines = ["deconvolve"]\n[params.deconvolve]\nmethod = "fast"', ["engine deconvolve", "method must be"]),
     ("[params.denosie]\niterations = 2", ["no engine 'denosie'", "did you mean 'denoise'"]),
-    ('[engines.denoise]\nmodel = "x.lsm"', ["engines", "[params.ENGINE]"]),
+    ('[engines.denoise]\nmodel = "x.lsmodel"', ["engines", "[params.ENGINE]"]),
     ('calibration = "no-such-cal.json"', ["calibration", "no such file"]),
     ('source = "flie:movie.tif"', ["source", "file:PATH"]),
     ('engines = ["passthrough"]\nsave_products = ["denoised"]', ["save_products", "'denoised'", "passthrough, raw"]),
@@ -66,7 +66,7 @@ def test_every_problem_is_listed_at_once(tmp_path):
 # the same mistakes on the command line: refused before anything binds, exit status 2
 BAD_CLI = [
     (["--engines", "denoise,nonsense"], ["--engines", "unknown engine 'nonsense'"]),
-    (["--engines", "denoise", "--param", "denoise.modle=x.lsm"], ["--param denoise.modle", "did you mean 'model'"]),
+    (["--engines", "denoise", "--param", "denoise.modle=x.lsmodel"], ["--param denoise.modle", "did you mean 'model'"]),
     (["--engines", "deconvolve", "--psf", "no-such-psf.tif"], ["deconvolve.psf", "no such file"]),
     (["--engines", "deconvolve", "--param", "deconvolve.method=fast"], ["--param deconvolve.method", "method must be"]),
     (["--memory-budget", "-5"], ["--memory-budget", "memory_budget_mb", "greater than or equal to 0"]),

@@ -24,7 +24,7 @@ def test_fit_a_file_writes_a_model_and_loss_curve(tmp_path, capsys):
 
     sample = SimSample(SimConfig(shape=(64, 64), seed=2))
     tifffile.imwrite(tmp_path / "movie.tif", np.stack([sample.render(t) for t in range(6)]))
-    out = tmp_path / "mine.lsm"
+    out = tmp_path / "mine.lsmodel"
     assert (
         main(
             ["fit", str(tmp_path / "movie.tif"), "--out", str(out), "--steps", "3", "--frames", "6", "--seconds", "60"]
@@ -33,7 +33,7 @@ def test_fit_a_file_writes_a_model_and_loss_curve(tmp_path, capsys):
     )
     model = modelfile.load(out)
     assert model.hash and "movie.tif" in model.metadata["training"]["data"]
-    curve = (tmp_path / "mine.lsm.loss.csv").read_text().splitlines()
+    curve = (tmp_path / "mine.lsmodel.loss.csv").read_text().splitlines()
     assert curve[0] == "step,loss" and len(curve) == 4
     assert "model written" in capsys.readouterr().out
 
@@ -46,7 +46,7 @@ def test_fit_decompose_then_process_with_the_learned_model(tmp_path, capsys):
     sample = SimSample(SimConfig(shape=(48, 48), seed=3))
     movie = np.stack([sample.render(t) for t in range(40)])
     tifffile.imwrite(tmp_path / "movie.tif", movie)
-    out = tmp_path / "lags.lsm"
+    out = tmp_path / "lags.lsmodel"
     assert (
         main(
             [
@@ -183,7 +183,7 @@ def test_swap_model_paths_are_confined_to_the_output_folder(tmp_path, free_addre
     server.start()
     client = ControlClient(cfg.control)
     try:
-        for path in ("/etc/passwd", "../../outside.lsm", str(tmp_path / "elsewhere.lsm")):
+        for path in ("/etc/passwd", "../../outside.lsmodel", str(tmp_path / "elsewhere.lsmodel")):
             reply = client.request("swap_model", engine="denoise", path=path)
             assert reply["ok"] is False and "outside the output folder" in reply["error"]
         assert client.request("swap_model", engine="denoise", path="default")["ok"]
@@ -204,7 +204,7 @@ def test_fit_deconvolve_from_a_file_then_process(tmp_path, capsys):
     sample = SimSample(cfg)
     movie = np.stack([sample.render(t) for t in range(6)])
     tifffile.imwrite(tmp_path / "movie.tif", movie)
-    out = tmp_path / "deconv.lsm"
+    out = tmp_path / "deconv.lsmodel"
     assert (
         main(
             [
@@ -231,7 +231,7 @@ def test_fit_deconvolve_from_a_file_then_process(tmp_path, capsys):
     model = modelfile.load(out)
     assert model.task == "deconvolve" and model.metadata["psf"]["grid"] == [3, 3]
     assert model.metadata["field_shape"] == [48, 48] and "movie.tif" in model.metadata["training"]["data"]
-    assert len((tmp_path / "deconv.lsm.loss.csv").read_text().splitlines()) == 4
+    assert len((tmp_path / "deconv.lsmodel.loss.csv").read_text().splitlines()) == 4
     # z-stacks: (t, z, y, x) with 3 planes, the network applied plane by plane
     stacks = np.stack([np.stack([sample.render(t, 0, z, (z - 1) * 0.5) for z in range(3)]) for t in range(2)])
     tifffile.imwrite(tmp_path / "stacks.tif", stacks, imagej=True, metadata={"axes": "TZYX"})
@@ -350,7 +350,7 @@ def test_live_fit_refits_a_restore_model_and_refuses_wrong_tasks(tmp_path, free_
         depth=2,
         restore_window=3,
     )
-    start = first.model.save(tmp_path / "first.lsm")
+    start = first.model.save(tmp_path / "first.lsmodel")
     cfg = DaemonConfig(
         source="zmq",
         engines=["restore"],

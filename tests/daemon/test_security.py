@@ -287,9 +287,9 @@ def test_control_paths_are_confined_to_the_output_folder_and_errors_tell_nothing
     out = tmp_path / "run.zarr"
     outside = tmp_path / "outside"
     outside.mkdir()
-    secret = outside / "secret.lsm"
+    secret = outside / "secret.lsmodel"
     secret.write_bytes(b"not a zip")
-    absent = outside / "absent.lsm"
+    absent = outside / "absent.lsmodel"
     cfg = DaemonConfig(
         source="zmq",
         engines=["denoise", "deconvolve", "decompose"],
@@ -317,7 +317,7 @@ def test_control_paths_are_confined_to_the_output_folder_and_errors_tell_nothing
             ("decompose", "fit_out"),
         ]
         for engine, param in path_params:
-            for value in (str(secret), str(absent), "../outside/secret.lsm", "/etc/shadow"):
+            for value in (str(secret), str(absent), "../outside/secret.lsmodel", "/etc/shadow"):
                 reply = ask(cmd="set", engine=engine, param=param, value=value)
                 assert reply["ok"] is False and "outside the output folder" in reply["error"], (engine, param, reply)
             # an existing and a missing file outside get the same answer, but for the name itself
@@ -331,15 +331,15 @@ def test_control_paths_are_confined_to_the_output_folder_and_errors_tell_nothing
         ]
         assert swaps[0] == swaps[1] and "outside the output folder" in swaps[0]
         if sys.platform != "win32":
-            (out / "link.lsm").symlink_to(secret)  # a link inside that leads outside
-            assert "outside" in ask(cmd="set", engine="denoise", param="model", value="link.lsm")["error"]
+            (out / "link.lsmodel").symlink_to(secret)  # a link inside that leads outside
+            assert "outside" in ask(cmd="set", engine="denoise", param="model", value="link.lsmodel")["error"]
         assert {n: dict(s.params) for n, s in pipeline.engine_states.items()} == before  # nothing taken
         # inside the output folder: taken, as an absolute path there
         assert ask(cmd="set", engine="deconvolve", param="psf", value="psf.tif")["ok"]
         assert pipeline.engine_states["deconvolve"].params["psf"] == str((out / "psf.tif").resolve())
         assert ask(cmd="set", engine="deconvolve", param="psf", value=[[0, 1, 0], [1, 4, 1], [0, 1, 0]])["ok"]
         # a misspelled parameter is refused before it is stored for the next stream
-        reply = ask(cmd="set", engine="denoise", param="modle", value="x.lsm")
+        reply = ask(cmd="set", engine="denoise", param="modle", value="x.lsmodel")
         assert reply["ok"] is False and "has no parameter 'modle'" in reply["error"]
         assert "modle" not in pipeline.engine_states["denoise"].params
     finally:

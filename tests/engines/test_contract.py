@@ -129,7 +129,7 @@ def restore_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     meta.pop("training_features", None)
     meta.update(task="restore", psf=PSFField.of(gaussian_psf(1.5)).as_metadata(), field_shape=[32, 32], residual=False)
     return modelfile.ModelFile(meta, base.onnx, dict(base.weights)).save(
-        tmp_path_factory.mktemp("models") / "restore.lsm"
+        tmp_path_factory.mktemp("models") / "restore.lsmodel"
     )
 
 
@@ -220,10 +220,10 @@ SPECIAL: dict[tuple[str, str], tuple[Any, Any]] = {
     ("deconvolve", "boundary"): ("reflect", "wrap"),
     ("deconvolve", "device"): ("cpu", "tpu"),
     ("deconvolve", "model"): (None, NO_BAD),  # a path, opened when method="net"
-    ("denoise", "model"): ("default", "no-such-model.lsm"),
+    ("denoise", "model"): ("default", "no-such-model.lsmodel"),
     ("denoise", "backend"): ("onnxruntime", "magic"),
     ("denoise", "calibration"): (CAMERA.as_dict(), "no-such-calibration.json"),
-    ("decompose", "model"): (None, "no-such-model.lsm"),
+    ("decompose", "model"): (None, "no-such-model.lsmodel"),
     ("decompose", "backend"): ("auto", NO_BAD),
     ("decompose", "fit_out"): (None, NO_BAD),
     ("decompose", "method"): ("rolling", "magic"),
@@ -233,7 +233,7 @@ SPECIAL: dict[tuple[str, str], tuple[Any, Any]] = {
     ("register", "stage_affine"): ([0.1, 0.0, 0.0, 0.0, 0.1, 0.0], "1,2,3"),
     ("trust", "restore"): ("denoise", "deconvolve"),
     ("trust", "calibration"): (CAMERA.as_dict(), "no-such-calibration.json"),
-    ("restore", "model"): ("restore_model", "no-such-model.lsm"),
+    ("restore", "model"): ("restore_model", "no-such-model.lsmodel"),
     ("restore", "backend"): ("onnxruntime", "magic"),
 }
 
@@ -374,6 +374,6 @@ def test_declared_capabilities_work(case: Case, request: pytest.FixtureRequest) 
     if isinstance(eng, SwapsModel):
         before = eng.describe()["parameters"]
         with pytest.raises((EngineError, OSError)):
-            eng.swap_model("no-such-model.lsm")
+            eng.swap_model("no-such-model.lsmodel")
         assert eng.describe()["parameters"] == before
         eng.process(frame, info(1))

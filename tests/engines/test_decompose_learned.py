@@ -30,7 +30,7 @@ OWN = ("background", "slow", "slow", "fast")  # the component each lag's share s
 def fitted(tmp_path_factory):
     frames, _ = lag_movie(300, shape=(64, 64), seed=1)
     model = fit_multilag(frames, steps=1000, seed=0)
-    path = tmp_path_factory.mktemp("multilag") / "decompose.lsm"
+    path = tmp_path_factory.mktemp("multilag") / "decompose.lsmodel"
     model.save(path)
     return path
 
@@ -102,7 +102,7 @@ def test_learned_engine_adds_up_separates_and_flags_events(fitted, test_movie):
 
 def test_online_fit_switches_between_frames(tmp_path):
     frames, _ = lag_movie(80, shape=(48, 48), seed=3)
-    out = tmp_path / "online.lsm"
+    out = tmp_path / "online.lsmodel"
     engine = create_engine("decompose", method="learned", fit_frames=40, fit_steps=15, fit_seconds=30, fit_out=str(out))
     engine.setup(StreamSpec(shape=(48, 48), dtype="float32", interval_s=1.0))
     states = []
@@ -128,7 +128,7 @@ def test_swap_and_refusals(fitted, tmp_path):
     with pytest.raises(EngineError, match="fit --task decompose"):
         engine.set_param("model", str(modelfile.default_model_path()))  # a denoising model
     assert engine.describe()["model_hash"] == modelfile.load(fitted).hash  # the old one stays
-    bad = tmp_path / "bad.lsm"
+    bad = tmp_path / "bad.lsmodel"
     bad.write_bytes(b"not a zip")
     with pytest.raises(EngineError, match="corrupt"):
         create_engine("decompose", method="learned", model=str(bad))

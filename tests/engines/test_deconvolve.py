@@ -457,7 +457,7 @@ def test_kernel_is_public_and_a_bad_model_swap_keeps_the_running_method(tmp_path
     eng.setup(StreamSpec(shape=(32, 32)))
     assert eng.kernel is not None and eng.kernel.ndim == 2
     method = eng.method
-    bad = tmp_path / "bad.lsm"
+    bad = tmp_path / "bad.lsmodel"
     bad.write_bytes(b"not a model")
     with pytest.raises(EngineError):
         eng.swap_model(bad)

@@ -66,7 +66,7 @@ def _camera(photons: np.ndarray, rng, gain=2.0, offset=100.0, read=3.0) -> np.nd
 
 def test_model_file_roundtrip(tmp_path):
     m = _model()
-    path = m.save(tmp_path / "m.lsm")
+    path = m.save(tmp_path / "m.lsmodel")
     back = modelfile.load(path)
     assert back.hash == m.hash and back.k == 0 and back.multiple == 4
     assert set(back.weights) == set(m.weights)
@@ -74,15 +74,15 @@ def test_model_file_roundtrip(tmp_path):
 
 
 def test_corrupt_or_incompatible_model_refused(tmp_path):
-    good = _model().save(tmp_path / "good.lsm")
+    good = _model().save(tmp_path / "good.lsmodel")
     data = good.read_bytes()
 
-    truncated = tmp_path / "truncated.lsm"
+    truncated = tmp_path / "truncated.lsmodel"
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelFileError, match="corrupt"):
         modelfile.load(truncated)
 
-    notzip = tmp_path / "notzip.lsm"
+    notzip = tmp_path / "notzip.lsmodel"
     notzip.write_bytes(b"\x00" * 1000)
     with pytest.raises(ModelFileError):
         modelfile.load(notzip)
@@ -102,7 +102,7 @@ def test_corrupt_or_incompatible_model_refused(tmp_path):
         return bytes(blob)
 
     with pytest.raises(ModelFileError, match="sha256"):
-        modelfile.load(rewrite("flipped.lsm", flip_weight))
+        modelfile.load(rewrite("flipped.lsmodel", flip_weight))
 
     import json
 
@@ -114,9 +114,22 @@ def test_corrupt_or_incompatible_model_refused(tmp_path):
         return json.dumps(meta).encode()
 
     with pytest.raises(ModelFileError, match="upgrade livescope"):
-        modelfile.load(rewrite("newer.lsm", newer))
+        modelfile.load(rewrite("newer.lsmodel", newer))
     with pytest.raises(ModelFileError, match="does not exist"):
-        modelfile.load(tmp_path / "missing.lsm")
+        modelfile.load(tmp_path / "missing.lsmodel")
+
+
+def test_model_suffix_is_no_image_format_and_old_files_still_load(tmp_path):
+    import tifffile
+
+    assert modelfile.default_model_path().suffix == modelfile.MODEL_SUFFIX == ".lsmodel"
+    old = _model().save(tmp_path / "written-before-the-rename.lsm")  # the earlier suffix
+    assert modelfile.load(old).hash == modelfile.load(_model().save(tmp_path / "new.lsmodel")).hash
+    # a Zeiss confocal .lsm (a TIFF) given as a model is named for what it is
+    image = tmp_path / "cells.lsm"
+    tifffile.imwrite(image, np.zeros((8, 8), np.uint16))
+    with pytest.raises(ModelFileError, match="TIFF image.*not a livescope model.*lsmodel"):
+        modelfile.load(image)
 
 
 def test_shipped_model_loads_and_is_small():
@@ -179,7 +192,7 @@ def test_unshuffled_unet_roundtrips_and_matches_torch(tmp_path):
     assert net.depth == 3 and net.levels == 2
     m = ModelFile.from_net(net, {"training": {"data": "random weights (test)"}})
     assert m.arch["unshuffle"] == 2 and m.multiple == 8
-    back = modelfile.load(m.save(tmp_path / "u2.lsm"))
+    back = modelfile.load(m.save(tmp_path / "u2.lsmodel"))
     x = np.random.default_rng(0).random((1, 1, 48, 72), dtype=np.float32)
     y_torch = TorchBackend(back).run(x)  # rebuilt from the file's architecture and weights
     with torch.no_grad():
@@ -199,7 +212,7 @@ def test_added_skips_roundtrip_and_cost_less(tmp_path):
     m = ModelFile.from_net(net, {"training": {"data": "random weights (test)"}})
     assert m.arch["skip"] == "add"
     assert "skip" not in ModelFile.from_net(UNet(1, base=8, depth=2), {}).arch  # old readers
-    back = modelfile.load(m.save(tmp_path / "add.lsm"))
+    back = modelfile.load(m.save(tmp_path / "add.lsmodel"))
     x = np.random.default_rng(3).random((1, 1, 40, 56), dtype=np.float32)
     with torch.no_grad():
         y_net = net.eval()(torch.from_numpy(x)).numpy()
@@ -362,7 +375,7 @@ def test_fitting_reduces_error_against_ground_truth(mode, tmp_path):
         assert feats is None  # two 64x64 images: 18 tiles of 32 px, too few for 8 features (logged)
     else:
         assert feats["tiles"] == 5 * 9 and len(feats["mean"]) == 8 and feats["z_quantiles"]["99"] > 0
-    res.model._saved = res.model.save(tmp_path / "fitted.lsm")
+    res.model._saved = res.model.save(tmp_path / "fitted.lsmodel")
     assert modelfile.load(res.model._saved).training_features == feats
     fitted, noisy = _mse_after_fit(res.model, raw[-1], truth)
     # a tiny net after 200 steps: measured 0.59 (supervised ~0.4, Noise2Void+pairs 0.6-0.72) of
@@ -379,7 +392,7 @@ def test_fit_continued_from_the_shipped_model_keeps_its_quality(tmp_path):
     raw = _camera(photons, rng)
     truth = 2.0 * photons[-1] + 100.0
     shipped = modelfile.load(None)
-    shipped._saved = shipped.save(tmp_path / "shipped.lsm")
+    shipped._saved = shipped.save(tmp_path / "shipped.lsmodel")
     before, noisy = _mse_after_fit(shipped, raw[-1], truth)
     res = fit(raw[:-1], model=modelfile.load(None), steps=40, batch=8, patch=64, progress=False, seed=0)
     assert res.model.metadata["training"]["lr"] == 5e-4
@@ -387,7 +400,7 @@ def test_fit_continued_from_the_shipped_model_keeps_its_quality(tmp_path):
         fit(raw[:-1], base=8, depth=2, steps=1, batch=2, patch=32, progress=False).model.metadata["training"]["lr"]
         == 2e-3
     )
-    res.model._saved = res.model.save(tmp_path / "continued.lsm")
+    res.model._saved = res.model.save(tmp_path / "continued.lsmodel")
     after, _ = _mse_after_fit(res.model, raw[-1], truth)
     assert before < 0.1 * noisy and after < 0.95 * before, (noisy, before, after)
 
@@ -420,7 +433,7 @@ def test_engine_end_to_end_on_uint16_frames():
 
 
 def test_swap_model_between_frames_loses_no_frame(tmp_path):
-    path_b = _model(seed=7).save(tmp_path / "b.lsm")
+    path_b = _model(seed=7).save(tmp_path / "b.lsmodel")
     eng = create_engine("denoise", backend="onnxruntime", tile=0)
     eng.setup(StreamSpec(shape=(64, 64)))
     rng = np.random.default_rng(0)
@@ -456,7 +469,7 @@ def test_swap_model_between_frames_loses_no_frame(tmp_path):
     assert which == sorted(which)  # once swapped, never back
 
     # a bad model file is refused and the running model stays
-    bad = tmp_path / "bad.lsm"
+    bad = tmp_path / "bad.lsmodel"
     bad.write_bytes(b"garbage")
     with pytest.raises(ModelFileError):
         eng.swap_model(bad)
@@ -544,7 +557,7 @@ def test_shipped_model_denoises_held_out_real_photon_counts():
 
 
 def test_engine_with_past_frames(tmp_path):
-    path = _model(k=2, seed=4).save(tmp_path / "k2.lsm")
+    path = _model(k=2, seed=4).save(tmp_path / "k2.lsmodel")
     eng = create_engine("denoise", model=str(path), backend="onnxruntime", tile=0)
     eng.setup(StreamSpec(shape=(48, 40)))
     assert eng.window == 2

@@ -161,7 +161,7 @@ def trained(source, objects, tmp_path_factory):
         threads=2,
     )
     fit_s = time.perf_counter() - t0
-    path = res.model.save(tmp_path_factory.mktemp("netdeconv") / "deconv.lsm")
+    path = res.model.save(tmp_path_factory.mktemp("netdeconv") / "deconv.lsmodel")
     return {
         "model": res.model,
         "path": path,

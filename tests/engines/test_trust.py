@@ -399,7 +399,7 @@ def test_model_file_without_training_features_has_no_feature_score(tmp_path):
     old = modelfile.ModelFile(
         {k: v for k, v in shipped.metadata.items() if k != "training_features"}, shipped.onnx, shipped.weights
     )
-    path = old.save(tmp_path / "old.lsm")
+    path = old.save(tmp_path / "old.lsmodel")
     assert modelfile.load(path).hash == shipped.hash  # the hash covers the weights, not the metadata
     eng = _denoise_trust(model=str(path), feature_every=1, **CAM)
     out = eng.process(_camera(np.full((64, 64), 20.0), np.random.default_rng(0)), FrameInfo(seq=0))
