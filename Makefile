@@ -14,12 +14,12 @@ STAMP  := $(VENV)/.livescope-installed
 TORCH_VERSION  ?= 2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: demo test lint install bench clean screenshot
+.PHONY: demo test lint install bench clean screenshot wheel
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "livescope needs Python 3.11+ (zarr-python 3)"'
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=77" wheel
 	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
 	$(BIN)/python -m pip install -q -e ".[ui,ml,test]"
 	@touch $(STAMP)
@@ -37,9 +37,14 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# the wheel users install with pip (docs/install.md); CI builds it (.ci/run)
+wheel: $(STAMP)
+	$(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w dist .
+	@ls dist/livescope-*.whl
+
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	@echo "benchmarks: see bench/README.md (each script prints a markdown table)"
 
 clean:
-	rm -rf $(VENV) livescope-demo.zarr livescope-demo.zarr.png .pytest_cache
+	rm -rf $(VENV) dist build livescope-demo.zarr livescope-demo.zarr.png .pytest_cache

@@ -32,6 +32,10 @@ def _setup_logging(verbose: int) -> None:
     # stop: only with -vv
     for name in ("pymmcore-plus", "distributed", "bokeh", "tornado"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else max(level, logging.WARNING))
+    # distributed sets its loggers' levels from dask's config when it is imported (later, by
+    # `process`), and its worker processes do the same: say it in the config they all read
+    if verbose < 2:
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 
 
 class _Help(argparse.HelpFormatter):
@@ -987,9 +991,10 @@ def _fit_decompose(args: argparse.Namespace) -> int:
         )
     out = model.save(args.out)
     t = model.metadata["training"]
+    loss = "n/a" if t.get("final_loss") is None else f"{t['final_loss']:.4g}"
     print(
         f"model written to {out} ({t['steps']} steps in {t['seconds']:.0f} s, lags {lags}, loss "
-        f"{t['final_loss']:.4g}); use it with --param decompose.method=learned "
+        f"{loss}); use it with --param decompose.method=learned "
         f"--param decompose.model={out}"
     )
     return 0

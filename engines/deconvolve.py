@@ -473,8 +473,9 @@ class Deconvolve(EngineBase):
         if self.psf_pixel_size_um is not None:
             if pixel is None:
                 raise EngineError(
-                    "psf_pixel_size_um is set but the stream does not say its pixel size; set "
-                    "pixel_size_um in the acquisition metadata, or drop psf_pixel_size_um if the "
+                    "psf_pixel_size_um is set but the stream does not say its pixel size; give it "
+                    "(`--pixel-size UM` of livescope process / daemon, or pixel_size_um in the "
+                    "acquisition metadata), or drop psf_pixel_size_um if the "
                     "PSF was measured at the frames' own pixel size"
                 )
             src = [self.psf_pixel_size_um] * 2

@@ -200,3 +200,26 @@ def test_a_bare_daemon_says_what_it_is_doing(free_address, capsys):
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "the built-in simulated microscope for 2 time points" in err and "not saving (--out PATH" in err
+
+
+def test_a_cpu_run_on_dask_logs_nothing_the_user_need_not_act_on(tmp_path):
+    """No Dask INFO chatter (it configures its loggers on import, in workers too), no warning
+    about TensorRT on a machine without it; -vv shows Dask's lines (the check can fail)."""
+    import tifffile
+
+    movie = np.random.default_rng(2).integers(100, 1000, (4, 32, 32), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "m.tif", movie, imagej=True, metadata={"axes": "TYX"})
+
+    def run(*flags: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "livescope.daemon.cli", *flags, "process", str(tmp_path / "m.tif"),
+             "--out", str(tmp_path / f"o{len(flags)}.zarr"), "--engines", "denoise,deconvolve",
+             "--workers", "2", "--threads"],
+            capture_output=True, text=True, timeout=240, cwd=tmp_path,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stderr
+
+    quiet = [line for line in run().splitlines() if " INFO " in line or " WARNING " in line]
+    assert quiet == []
+    assert " INFO distributed." in run("-vv")
