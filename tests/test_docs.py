@@ -322,3 +322,61 @@ def test_the_configuration_refusal_shown_in_the_docs_is_what_the_daemon_prints(t
     for want, got in zip(shown[1:], printed[1:], strict=True):
         want = want.strip().removesuffix("...").rstrip(", ")
         assert got.strip().startswith(want), (want, got)
+
+
+# ------------------------------------------------------------------------------ python examples
+
+
+def _python_blocks():
+    for doc in DOCS:
+        text = doc.read_text(encoding="utf-8")
+        for match in re.finditer(r"^```python\n(.*?)^```", text, re.S | re.M):
+            line = text.count("\n", 0, match.start()) + 1
+            yield f"{doc.relative_to(REPO).as_posix()}:{line}", match.group(1)
+
+
+PY_BLOCKS = list(_python_blocks())
+
+
+@pytest.mark.parametrize("where,code", PY_BLOCKS, ids=[b[0] for b in PY_BLOCKS])
+def test_each_python_example_uses_the_api_that_exists(where, code):
+    """The python examples in the docs: valid code, every livescope name they import exists, and
+    every call of an imported livescope function or class (``create_engine`` included, with the
+    engine's parameters) passes only keywords it takes."""
+    import ast
+    import importlib
+    import inspect
+
+    from livescope.engines import available_engines, engine_factory
+
+    tree = ast.parse(code.replace("\n...\n", "\npass\n"), filename=where)
+    imported: dict[str, object] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("livescope"):
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                assert hasattr(module, alias.name), f"{where}: {node.module} has no {alias.name}"
+                imported[alias.asname or alias.name] = getattr(module, alias.name)
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in imported):
+            continue
+        target = imported[node.func.id]
+        keywords = {k.arg for k in node.keywords if k.arg}
+        if node.func.id == "create_engine" and node.args and isinstance(node.args[0], ast.Constant):
+            name = node.args[0].value
+            assert name in available_engines(), f"{where}: no engine {name!r}"
+            params = set(getattr(engine_factory(name), "parameters", {}))
+            inner = next((k.value for k in node.keywords if k.arg == "restore"), None)
+            if isinstance(inner, ast.Constant):  # the trust wrapper takes its inner engine's too
+                params |= set(getattr(engine_factory(inner.value), "parameters", {}))
+            unknown = keywords - params
+            assert not unknown, f"{where}: engine {name!r} has no parameter {sorted(unknown)}"
+            continue
+        try:
+            signature = inspect.signature(target)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            continue
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+            continue
+        unknown = keywords - set(signature.parameters)
+        assert not unknown, f"{where}: {node.func.id}() takes no {sorted(unknown)}"
