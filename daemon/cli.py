@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,7 +35,9 @@ def _setup_logging(verbose: int) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else max(level, logging.WARNING))
     # distributed sets its loggers' levels from dask's config when it is imported (later, by
     # `process`), and its worker processes do the same: say it in the config they all read
-    if verbose < 2:
+    if verbose >= 2:
+        os.environ["DASK_LOGGING__DISTRIBUTED"] = "info"
+    else:
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 
 
@@ -144,6 +147,21 @@ def _engine_params(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return params
 
 
+_UNITS_MB = {"": 1.0, "k": 1 / 1024, "m": 1.0, "g": 1024.0, "t": 1024.0**2}
+
+
+def size_mb(text: str) -> float:
+    """A memory size as every option takes it: a number of MB, or a number with a unit
+    (``512MB``, ``2GB``, ``2 GiB``; binary multiples). Returns MB."""
+    match = re.fullmatch(r"\s*(-?[0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give MB (2048) or a unit (2GB, 512MB)")
+    value = float(match.group(1)) * _UNITS_MB[match.group(2).lower()]
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size must be 0 or more")
+    return value
+
+
 def _engines(arg: str | None) -> list[str] | None:
     if arg is None:
         return None
@@ -225,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="z step in um for streams whose frames do not say it",
     )
     p.add_argument(
+        "--interval",
+        type=float,
+        default=None,
+        dest="interval_s",
+        help="seconds between time points for streams whose frames do not say it",
+    )
+    p.add_argument(
         "--compress",
         action="store_true",
         default=None,
@@ -281,10 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--memory-budget",
-        type=float,
+        type=size_mb,
         default=None,
         dest="memory_budget_mb",
-        help="MB of frames buffered for the store before frames are recorded lost (default 1024)",
+        metavar="SIZE",
+        help="frames buffered for the store before frames are recorded lost: MB, or with a unit "
+        "(2GB, 512MB) (default 1024 MB)",
     )
     p.add_argument(
         "--sim-channels", type=int, default=None, choices=[1, 2], help="built-in microscope: channels (GFP, mCherry)"
@@ -328,7 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler", default=None, help="an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (HPC, k8s)")
     g.add_argument("--chunk-t", type=int, default=None, help="time points per task")
     g.add_argument("--tile", type=int, default=None, help="spatial tile size in pixels (engines that allow tiling)")
-    g.add_argument("--memory-limit", default=None, help="per local worker, e.g. 4GB")
+    g.add_argument(
+        "--memory-limit",
+        type=size_mb,
+        default=None,
+        metavar="SIZE",
+        help="per local worker: MB, or with a unit (4GB, 512MB) (default: Dask's share of the RAM)",
+    )
     g.add_argument("--resume", action="store_true", help="finish an interrupted run: complete chunks are skipped")
     g.add_argument("--threads", action="store_true", help="local workers as threads, not processes")
     g = p.add_argument_group("sampling (default: what the movie's metadata says; these override it)")
@@ -650,6 +683,7 @@ DAEMON_FLAGS = {
     "rate_fps": "--rate",
     "pixel_size_um": "--pixel-size",
     "z_step_um": "--z-step",
+    "interval_s": "--interval",
     "compress_raw": "--compress",
     "memory_budget_mb": "--memory-budget",
     "sim_interval_s": "--sim-interval",
@@ -682,6 +716,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         rate_fps=args.rate_fps,
         pixel_size_um=args.pixel_size_um,
         z_step_um=args.z_step_um,
+        interval_s=args.interval_s,
         compress_raw=args.compress_raw,
         float16=args.float16,
         save_live=args.save_live,
@@ -789,7 +824,7 @@ def cmd_process(args: argparse.Namespace) -> int:
         chunk_t=args.chunk_t,
         tile=args.tile,
         resume=args.resume,
-        memory_limit=args.memory_limit,
+        memory_limit=None if args.memory_limit is None else f"{args.memory_limit:g}MB",
         processes=not args.threads,
         sampling={"pixel_size_um": args.pixel_size, "z_step_um": args.z_step, "interval_s": args.interval},
         axes=args.axes,

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -210,12 +211,14 @@ def test_a_cpu_run_on_dask_logs_nothing_the_user_need_not_act_on(tmp_path):
     movie = np.random.default_rng(2).integers(100, 1000, (4, 32, 32), dtype=np.uint16)
     tifffile.imwrite(tmp_path / "m.tif", movie, imagej=True, metadata={"axes": "TYX"})
 
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}  # as a user's shell
+
     def run(*flags: str) -> str:
         out = subprocess.run(
             [sys.executable, "-m", "livescope.daemon.cli", *flags, "process", str(tmp_path / "m.tif"),
              "--out", str(tmp_path / f"o{len(flags)}.zarr"), "--engines", "denoise,deconvolve",
              "--workers", "2", "--threads"],
-            capture_output=True, text=True, timeout=240, cwd=tmp_path,
+            capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env,
         )  # fmt: skip
         assert out.returncode == 0, out.stderr[-3000:]
         return out.stderr
@@ -223,3 +226,20 @@ def test_a_cpu_run_on_dask_logs_nothing_the_user_need_not_act_on(tmp_path):
     quiet = [line for line in run().splitlines() if " INFO " in line or " WARNING " in line]
     assert quiet == []
     assert " INFO distributed." in run("-vv")
+
+
+def test_memory_sizes_take_the_same_units_in_every_command():
+    from livescope.daemon.cli import size_mb
+
+    assert size_mb("2048") == 2048 and size_mb("2GB") == 2048 and size_mb("512 MB") == 512
+    assert size_mb("2GiB") == 2048 and size_mb("1.5g") == 1536
+    parser = build_parser()
+    assert parser.parse_args(["daemon", "--memory-budget", "2GB"]).memory_budget_mb == 2048
+    assert parser.parse_args(["process", "m.tif", "--out", "o", "--memory-limit", "4GB"]).memory_limit == 4096
+    assert parser.parse_args(["process", "m.tif", "--out", "o", "--memory-limit", "4096"]).memory_limit == 4096
+    for bad in ("2x", "-1", "GB"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["daemon", "--memory-budget", bad])
+    # the sampling options are the same in daemon and process
+    daemon = parser.parse_args(["daemon", "--pixel-size", "0.1", "--z-step", "0.3", "--interval", "2"])
+    assert (daemon.pixel_size_um, daemon.z_step_um, daemon.interval_s) == (0.1, 0.3, 2.0)
