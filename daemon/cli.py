@@ -493,6 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--param", action="append", default=None, metavar="ENGINE.NAME=VALUE", help="an engine parameter (repeatable)"
     )
+    g = p.add_argument_group("on Dask (as livescope process; default: in order, in this process)")
+    g.add_argument("--workers", type=int, default=None, help="local Dask workers")
+    g.add_argument("--scheduler", default=None, help="an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
+    g.add_argument("--threads", action="store_true", help="local workers as threads, not processes")
     p = sub.add_parser("engines", help="the engines this installation can run, their outputs and parameters")
     p.add_argument("name", nargs="?", default=None, help="one engine (default: all)")
     _finish_parser(parser)
@@ -922,7 +926,15 @@ def cmd_complete(args: argparse.Namespace) -> int:
     if params and engines is None:
         print("livescope complete: --param needs --engines (the chain they belong to)", file=sys.stderr)
         return 2
-    done = complete_store(args.store, engines, params, progress=True)
+    done = complete_store(
+        args.store,
+        engines,
+        params,
+        progress=True,
+        workers=args.workers,
+        scheduler=args.scheduler,
+        processes=not args.threads,
+    )
     print(json.dumps({"completed": done}, indent=1))
     return 0
 

@@ -301,6 +301,9 @@ def complete_store(
     engine_params: dict[str, dict[str, Any]] | None = None,
     *,
     progress: bool = False,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    processes: bool = True,
 ) -> dict[str, Any]:
     """Complete a daemon's store whose products are missing frames (a daemon stopped mid-completion
     or killed, or one run with ``--complete off``): per (position, channel, plane), every product
@@ -309,7 +312,14 @@ def complete_store(
     exactly), as the daemon's completer and ``livescope process`` compute it, and written in its
     place with its record. Idempotent; a run killed midway is continued by the next.
     ``engines``/``engine_params`` default to the store's provenance. Returns frames completed per
-    image."""
+    image.
+
+    ``workers`` (local Dask workers, ``processes`` or threads) or ``scheduler`` (an existing Dask
+    scheduler): the chain runs as ``livescope process`` runs it on Dask, in time chunks with the
+    stateful engines' warm-up (bit-exact with the in-order chain), into a scratch folder in the
+    store, and the missing frames are copied in. A run whose parameters changed mid-way, or an
+    image with several positions, is completed in order here instead (said in the log): the
+    changes apply at their frames only in order."""
     import json
     from pathlib import Path
 
@@ -376,6 +386,19 @@ def complete_store(
             missing = [t for t in range(first, n_t) if raw_ok[t]] if first is not None else []
             if missing:
                 todo_units.append((p, c, z, zs, missing))
+        dask = bool(workers or scheduler) and bool(todo_units)
+        if dask and changes:
+            log.warning("%s: parameters changed during the run: completing in order here, not on Dask", raw_name)
+        elif dask and src.sizes.get("p", 1) > 1:
+            log.warning("%s: several positions in one image: completing in order here, not on Dask", raw_name)
+        elif dask:
+            out[raw_name] = _complete_on_dask(
+                root, raw_name, src, todo_units, arrays, records, engines, engine_params,
+                progress=progress, workers=workers, scheduler=scheduler, processes=processes,
+            )  # fmt: skip
+            for q in present.values():
+                _recount(q)
+            continue
         total = sum(len(u[4]) for u in todo_units)
         bar = tqdm(total=total, desc=f"completing {raw_name}", unit="frame", disable=not progress or not total)
         stream = str(src.stream.get("stream", ""))
@@ -424,6 +447,58 @@ def complete_store(
         out[raw_name] = done
     refresh_root(root)
     return out
+
+
+def _complete_on_dask(
+    root: Any,
+    raw_name: str,
+    src: Any,
+    todo_units: list[tuple[Any, ...]],
+    arrays: dict[str, Any],
+    records: dict[str, dict[str, Any]],
+    engines: list[str],
+    engine_params: dict[str, dict[str, Any]],
+    **dask: Any,
+) -> int:
+    """``livescope process`` on Dask over the store's raw image into a scratch folder, then the
+    missing frames (pixels, then records) copied into the store's products. Returns frames done."""
+    import shutil
+
+    import zarr
+
+    from ..bridges.store import STATUS
+    from .process import process_file
+
+    scratch = root / f".complete-{raw_name}"
+    shutil.rmtree(scratch, ignore_errors=True)  # a killed run's scratch: computed again
+    last = max(max(u[4]) for u in todo_units)
+    try:
+        process_file(
+            root / raw_name, scratch, engines, engine_params, overwrite=True, save_raw=False, frames=last + 1, **dask
+        )
+        for name, arr in arrays.items():
+            computed = zarr.open_array(str(scratch / name / "0"), mode="r")
+            seq = zarr.open_array(str(scratch / name / "livescope" / "seq"), mode="r")
+            stamp = zarr.open_array(str(scratch / name / "livescope" / "time"), mode="r")
+            rec = records[name]
+            for _p, c, _z, zs, missing in todo_units:
+                for t in missing:
+                    if arr.shape[0] <= t:  # trimmed by recover: grow back to the raw's length
+                        arr.resize((src.sizes["t"], *arr.shape[1:]))
+                        for r in rec.values():
+                            r.resize((src.sizes["t"], *r.shape[1:]))
+                    for zz in zs:
+                        lead = _lead(src, t, c, zz)
+                        arr[lead + (slice(None), slice(None))] = np.asarray(computed[lead]).astype(
+                            arr.dtype, copy=False
+                        )
+                        rec["seq"][lead] = seq[lead]
+                        rec["time"][lead] = stamp[lead]
+                        rec["status"][lead] = STATUS["saved"]
+        done = sum(len(u[4]) for u in todo_units)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return done
 
 
 def _apply_change(chain: Chain, change: dict[str, Any]) -> None:

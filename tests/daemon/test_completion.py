@@ -16,7 +16,7 @@ import pytest
 import zarr
 
 from livescope.bridges.store import STATUS, read_records, to_stored
-from livescope.daemon.cli import run_daemon
+from livescope.daemon.cli import main, run_daemon
 from livescope.daemon.completion import complete_store
 from livescope.daemon.config import DaemonConfig
 from livescope.daemon.process import process_file
@@ -198,3 +198,16 @@ def test_a_parameter_changed_mid_run_applies_to_the_saved_product_from_the_same_
     assert not np.array_equal(with_before[after + 1], with_after[after + 1])  # the setting shows
     np.testing.assert_array_equal(saved[: after + 1], with_before[: after + 1])
     np.testing.assert_array_equal(saved[after + 1 :], with_after[after + 1 :])
+
+
+def test_livescope_complete_on_dask_equals_the_in_order_completion(tmp_path, free_address):
+    """`livescope complete STORE --workers 2`: the chain in time chunks with the stateful engines'
+    warm-up, the missing frames copied in; the store equals offline reprocessing, as in order."""
+    cfg = _cfg(tmp_path, free_address, complete="off")
+    summary = run_daemon(cfg)
+    skipped = summary["frames"]["skipped_frames"]
+    assert skipped > 5
+    assert main(["complete", str(cfg.out), "--workers", "2", "--threads"]) == 0
+    _assert_equal_products(cfg.out, _reprocessed(tmp_path, cfg.out))
+    assert not list(cfg.out.glob(".complete-*"))  # the scratch folder is gone
+    assert complete_store(cfg.out, workers=2, processes=False) == {"raw": 0}  # idempotent
