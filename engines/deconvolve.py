@@ -44,7 +44,9 @@ from .psf import (
 from .rl import (
     BOUNDARIES,
     BYTES_PER_VOXEL,
+    DEFAULT_START,
     PAD_MASS,
+    STARTS,
     TINY,
     DCTPlan,
     DeconvolutionPlan,
@@ -68,6 +70,7 @@ __all__ = [
     "Deconvolve",
     "DeconvolutionPlan",
     "PAD_MASS",
+    "STARTS",
     "TINY",
     "choose_boundary",
     "dct_shape",
@@ -205,9 +208,15 @@ class Deconvolve(EngineBase):
         "device": Param("cpu", _lower, applies=_R, check=_one_of("device", ("cpu", "gpu"))),
         "model": Param(None, optional(str), applies=_R, doc='method="net": a fitted model file'),
         "boundary": Param("auto", _lower, applies=_R, check=_check_boundary),
+        "start": Param(
+            DEFAULT_START,
+            _lower,
+            check=_one_of("start", STARTS),
+            doc="first estimate: flat (one back projection, 2 FFTs fewer) or image (the frame)",
+        ),
     }
     # the parameters whose change leaves the PSF as it is
-    _KEEP_PSF = ("iterations", "offset", "memory_budget_mb", "device", "model", "boundary")
+    _KEEP_PSF = ("iterations", "offset", "memory_budget_mb", "device", "model", "boundary", "start")
 
     # the parameters as ``_init_params`` sets them (converted and checked)
     psf: str | Path | Any | None
@@ -231,6 +240,7 @@ class Deconvolve(EngineBase):
     device: str
     model: str | None
     boundary: str
+    start: str
 
     def __init__(
         self,
@@ -255,6 +265,7 @@ class Deconvolve(EngineBase):
         device: str = "cpu",
         model: str | Path | None = None,
         boundary: str = "auto",
+        start: str = DEFAULT_START,
     ) -> None:
         self._init_params(locals())
         self.spec: StreamSpec | None = None
@@ -322,6 +333,7 @@ class Deconvolve(EngineBase):
             pad=self._pad,
             memory_budget_mb=self.memory_budget_mb,
             boundary=self._boundary_used,
+            start=self.start,
         )
         return {"deconvolved": np.asarray(_array.to_numpy(out), dtype=np.float32)}
 

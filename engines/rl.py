@@ -20,8 +20,9 @@ which reaches in 1-2 iterations what matched RL reaches after tens. ``eps`` is c
 the back projector's gain at the cutoff is ``beta`` (default: the OTF's own gain there).
 
 Everything per PSF is computed once per transform shape and cached (OTF and back projector).
-From the flat start the first iteration is a single back projection of the data (2
-transforms, not 4). Edges, three ways (``boundary``):
+From the flat start (the default; ``start="image"`` starts from the data: docs/deconvolution.md,
+"Start") the first iteration is a single back projection of the data (2 transforms, not 4).
+Edges, three ways (``boundary``):
 
 - ``dct`` (the default for mirror-symmetric PSFs: Gaussians, the widefield model): the frame
   continues by reflection to infinity, exactly, with no padding at all. A convolution with an
@@ -65,10 +66,13 @@ __all__ = [
     "BOUNDARIES",
     "BYTES_PER_VOXEL",
     "DCTPlan",
+    "DEFAULT_START",
     "DeconvolutionPlan",
     "PAD_MASS",
+    "STARTS",
     "TINY",
     "back_projector_kernel",
+    "check_start",
     "choose_boundary",
     "dct_shape",
     "deconvolve_array",
@@ -96,6 +100,8 @@ DEFAULT_ORDER = 10  # Butterworth order n in (k/kc)^(2n); Guo et al.'s code defa
 BYTES_PER_VOXEL = 40  # float32 estimate, data, blurred, ratio + two complex64 half spectra + FFT scratch
 TINY = 1e-6  # below this the blurred estimate is taken as zero (data are photon-like counts)
 BOUNDARIES = ("auto", "dct", "reflect", "periodic")
+STARTS = ("flat", "image")  # the first estimate: flat, or the data (richardson_lucy)
+DEFAULT_START = "flat"  # measured against "image" on real data: docs/deconvolution.md, "Start"
 SYMMETRY_TOL = 1e-6  # a PSF is mirror-symmetric when flipping any axis moves it by less (of its peak)
 
 
@@ -364,17 +370,42 @@ def make_plan(psf: np.ndarray, shape: tuple[int, ...], method: str = "wb", xp: A
 # --------------------------------------------------------------------------- core
 
 
-def richardson_lucy(data: Any, plan: DeconvolutionPlan | DCTPlan, iterations: int, *, fft: Any = None) -> Any:
+def check_start(start: str) -> str:
+    """The start as given, or an EngineError naming the choices."""
+    if start not in STARTS:
+        raise EngineError(f"start must be one of {', '.join(STARTS)}; got {start!r}")
+    return start
+
+
+def _first_iterate(xp: Any, fft: Any, data: Any, plan: DeconvolutionPlan | DCTPlan, start: str) -> Any:
+    """The estimate after one iteration from the given start.
+
+    ``flat``: from a flat start ``c`` the first iteration needs no forward projection and
+    forgets ``c``: the PSF sums to 1, so ``H c = c`` and ``c * B(g / c) = B(g)``, one back
+    projection of the data (two transforms). ``image``: from the data itself (Guo et al.'s
+    code), floored at ``TINY`` so that zero pixels may still grow: a full step, four transforms.
+    """
+    axes = tuple(range(data.ndim))
+    shape = tuple(data.shape)
+    project = _project_dct if plan.boundary == "dct" else _project
+    if check_start(start) == "flat":
+        return _maximum(xp, project(fft, data, plan.otf_bp, shape, axes), 0.0)
+    est = xp.maximum(data, TINY)  # a new array: the caller's data stay as they are
+    blurred = _maximum(xp, project(fft, est, plan.otf, shape, axes), TINY)
+    correction = project(fft, _divide_into(xp, data, blurred), plan.otf_bp, shape, axes)
+    return _maximum(xp, _multiply_into(xp, est, correction), 0.0)
+
+
+def richardson_lucy(
+    data: Any, plan: DeconvolutionPlan | DCTPlan, iterations: int, *, fft: Any = None, start: str = DEFAULT_START
+) -> Any:
     """RL iterations on an array already of the plan's shape: periodic boundaries for a
     :class:`DeconvolutionPlan`, symmetric (mirror) ones for a :class:`DCTPlan`.
 
-    Starts from a flat estimate, as scikit-image does: starting from the data itself carries
-    its noise into every iterate, and measured on a real image that cost 2-3 dB PSNR
-    (docs/deconvolution.md). From a flat start ``c`` the first iteration needs no forward
-    projection and forgets ``c``: the PSF sums to 1, so ``H c = c`` and
-    ``c * B(g / c) = B(g)``; the first iteration is one back projection of the data, two FFTs
-    instead of four. The estimate is kept non-negative: the WB back projector has negative
-    lobes.
+    ``start``: ``flat`` (default, as scikit-image does) makes the first iteration one back
+    projection of the data, two FFTs instead of four; ``image`` starts from the data, as Guo et
+    al.'s code does. Measured on real data (docs/deconvolution.md, "Start"). The estimate is
+    kept non-negative: the WB back projector has negative lobes.
     """
     xp = _array.namespace(data)
     fft = fft if fft is not None else _array.fft_module(data)
@@ -382,10 +413,11 @@ def richardson_lucy(data: Any, plan: DeconvolutionPlan | DCTPlan, iterations: in
     shape = tuple(data.shape)
     if shape != plan.shape:
         raise ValueError(f"data shape {shape} does not match the plan's FFT shape {plan.shape}")
+    check_start(start)
     if iterations == 0:
         return data
     project = _project_dct if plan.boundary == "dct" else _project
-    est = _maximum(xp, project(fft, data, plan.otf_bp, shape, axes), 0.0)
+    est = _first_iterate(xp, fft, data, plan, start)
     for _ in range(iterations - 1):
         blurred = _maximum(xp, project(fft, est, plan.otf, shape, axes), TINY)
         correction = project(fft, _divide_into(xp, data, blurred), plan.otf_bp, shape, axes)
@@ -393,7 +425,9 @@ def richardson_lucy(data: Any, plan: DeconvolutionPlan | DCTPlan, iterations: in
     return est
 
 
-def rl_iterates(data: Any, plan: DeconvolutionPlan | DCTPlan, iterations: int, *, fft: Any = None) -> Any:
+def rl_iterates(
+    data: Any, plan: DeconvolutionPlan | DCTPlan, iterations: int, *, fft: Any = None, start: str = DEFAULT_START
+) -> Any:
     """Each iterate of :func:`richardson_lucy` in turn (1, 2, ... ``iterations``): a search over
     iteration counts (``engines.selftune``) runs the iterations once, not once per count. The
     iterates are new arrays (a caller may keep them)."""
@@ -404,7 +438,7 @@ def rl_iterates(data: Any, plan: DeconvolutionPlan | DCTPlan, iterations: int, *
     if shape != plan.shape:
         raise ValueError(f"data shape {shape} does not match the plan's FFT shape {plan.shape}")
     project = _project_dct if plan.boundary == "dct" else _project
-    est = _maximum(xp, project(fft, data, plan.otf_bp, shape, axes), 0.0)
+    est = _first_iterate(xp, fft, data, plan, check_start(start))
     yield est
     for _ in range(iterations - 1):
         blurred = _maximum(xp, project(fft, est, plan.otf, shape, axes), TINY)
@@ -520,6 +554,7 @@ def deconvolve_array(
     memory_budget_mb: float | None = None,
     conserve_flux: bool = True,
     boundary: str = "auto",
+    start: str = DEFAULT_START,
 ) -> Any:
     """Deconvolve one offset-free, non-negative frame or stack (any array-API backend).
 
@@ -529,11 +564,14 @@ def deconvolve_array(
     :func:`edge_pad`); all are derived here when not given. ``boundary``: ``dct`` (exact mirror
     extension, no padding; mirror-symmetric PSFs), ``reflect`` (padding; any PSF), ``periodic``
     (no padding, edges wrap: data with empty borders) or ``auto`` (:func:`choose_boundary`).
+    ``start``: the first estimate, ``flat`` or ``image`` (:func:`richardson_lucy`); each tile
+    starts from its own window of the data.
     """
     xp = _array.namespace(data)
     fft = _array.fft_module(data)
     if data.ndim != psf.ndim:
         raise EngineError(f"a {psf.ndim}-D PSF cannot deconvolve {data.ndim}-D data of shape {tuple(data.shape)}")
+    check_start(start)
     wb = wb if wb is not None else wb_parameters(psf)
     plans = plans if plans is not None else {}
     if footprint is None or pad is None:
@@ -572,7 +610,7 @@ def deconvolve_array(
         if plan is None:
             log.debug("computing OTF and back projector for %s shape %s", boundary, window)
             plan = plans[key] = plan_cls(psf, window, method, wb, xp)
-        return richardson_lucy(block, plan, iterations, fft=fft)
+        return richardson_lucy(block, plan, iterations, fft=fft, start=start)
 
     if math.prod(domain) <= budget:
         out = run([0] * len(shape), domain)

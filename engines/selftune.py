@@ -33,13 +33,14 @@ photons) it is small against the shot noise.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
-from .rl import DCTPlan, DeconvolutionPlan, choose_boundary, forward, make_plan, rl_iterates
+from .rl import DEFAULT_START, DCTPlan, DeconvolutionPlan, check_start, choose_boundary, forward, make_plan, rl_iterates
 
 __all__ = [
     "Candidate",
@@ -55,6 +56,7 @@ __all__ = [
 RL_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48)
 WB_COUNTS = (1, 2, 3, 4, 6)
 WB_ALPHAS = (0.001, 0.01, 0.1)
+STARTS = (DEFAULT_START,)  # the image start is not a candidate: measured, docs/selftune.md
 FRC_THRESHOLD = 1.0 / 7.0
 
 
@@ -63,12 +65,15 @@ class Candidate:
     method: str  # "rl" (classic back projector) or "wb" (Wiener-Butterworth)
     iterations: int
     alpha: float | None = None  # WB only
+    start: str = DEFAULT_START  # the first estimate (rl.STARTS)
 
     def params(self) -> dict[str, Any]:
-        """As the deconvolve engine's parameters."""
+        """As the deconvolve engine's parameters (``start`` only where it is not the default)."""
         out: dict[str, Any] = {"method": self.method, "iterations": self.iterations}
         if self.method == "wb":
             out["alpha"] = self.alpha
+        if self.start != DEFAULT_START:
+            out["start"] = self.start
         return out
 
 
@@ -147,10 +152,15 @@ def _nll(pred: np.ndarray, target: np.ndarray) -> float:
 
 
 def candidates(
-    rl_counts: Iterable[int] = RL_COUNTS, wb_counts: Iterable[int] = WB_COUNTS, wb_alphas: Iterable[float] = WB_ALPHAS
+    rl_counts: Iterable[int] = RL_COUNTS,
+    wb_counts: Iterable[int] = WB_COUNTS,
+    wb_alphas: Iterable[float] = WB_ALPHAS,
+    starts: Iterable[str] = STARTS,
 ) -> list[Candidate]:
-    out = [Candidate("rl", k) for k in rl_counts]
-    out += [Candidate("wb", k, a) for a in wb_alphas for k in wb_counts]
+    out: list[Candidate] = []
+    for start in starts:
+        out += [Candidate("rl", k, start=start) for k in rl_counts]
+        out += [Candidate("wb", k, a, start=start) for a in wb_alphas for k in wb_counts]
     return out
 
 
@@ -164,12 +174,15 @@ def tune_deconvolution(
     rl_counts: Sequence[int] = RL_COUNTS,
     wb_counts: Sequence[int] = WB_COUNTS,
     wb_alphas: Sequence[float] = WB_ALPHAS,
+    starts: Sequence[str] = STARTS,
     criterion: str = "object",
     otf_floor: float = 0.05,
 ) -> TuneResult:
     """The deconvolution setting (back projector, its alpha, iteration count) that best predicts
     held-out photons of this frame. ``counts``: the frame in photons (:func:`to_photons`);
-    ``splits``: independent splits averaged (the score's own noise halves with four)."""
+    ``splits``: independent splits averaged (the score's own noise halves with four);
+    ``starts``: the first estimates tried (``rl.STARTS``; each one runs every back projector's
+    iterations once more)."""
     counts = np.asarray(counts, dtype=np.float32)
     rng = rng if rng is not None else np.random.default_rng(0)
     scale = (1.0 - p) / p
@@ -185,16 +198,16 @@ def tune_deconvolution(
         b_coeffs = transform(b)[keep] / (otf[keep] * (1.0 - p))
         groups: list[tuple[str, float | None, Sequence[int]]] = [("rl", None, rl_counts)]
         groups += [("wb", alpha, wb_counts) for alpha in wb_alphas]
-        for method, alpha, counts_k in groups:
+        for (method, alpha, counts_k), start in itertools.product(groups, [check_start(s) for s in starts]):
             if not counts_k:
                 continue
             plan = plans.get((method, alpha))
             if plan is None:
                 plan = plans[(method, alpha)] = _plan(psf, a.shape, method, alpha)
             wanted = set(counts_k)
-            for k, est in enumerate(rl_iterates(a, plan, max(counts_k)), start=1):
+            for k, est in enumerate(rl_iterates(a, plan, max(counts_k), start=start), start=1):
                 if k in wanted:
-                    c = Candidate(method, k, alpha if method == "wb" else None)
+                    c = Candidate(method, k, alpha if method == "wb" else None, start=start)
                     if criterion == "object":
                         score = _object_error(est, b_coeffs, keep, p, transform)
                     else:

@@ -464,3 +464,92 @@ def test_kernel_is_public_and_a_bad_model_swap_keeps_the_running_method(tmp_path
     assert eng.method == method and eng.model is None
     out = eng.process(np.full((32, 32), 10, np.uint16), FrameInfo(seq=0))
     assert out["deconvolved"].shape == (32, 32)
+
+
+# ---- the start (issue #25): flat (one back projection) or the image itself (Guo et al.'s code)
+
+
+def textbook_rl_from(data: np.ndarray, plan: D.DeconvolutionPlan, iterations: int, start: np.ndarray) -> np.ndarray:
+    """RL as written, any number of axes, float64, from a given first estimate."""
+    otf, bp = np.asarray(plan.otf, complex), np.asarray(plan.otf_bp, complex)
+    conv = lambda a, t: np.fft.irfftn(np.fft.rfftn(a) * t, s=a.shape)  # noqa: E731
+    est = start.astype(float)
+    for _ in range(iterations):
+        est = np.maximum(est * conv(data / np.maximum(conv(est, otf), D.TINY), bp), 0.0)
+    return est
+
+
+@pytest.mark.parametrize("method", ["wb", "rl"])
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_image_start_is_textbook_rl_from_the_data(known, method: str, ndim: int) -> None:
+    if ndim == 2:
+        data, psf = noisy(known[1])[:, :90], AIRY
+    else:
+        psf = P.gaussian_psf((1.5, 1.2, 1.2), ndim=3)
+        data = np.random.default_rng(2).poisson(20.0 + 30.0 * np.random.default_rng(1).random((16, 24, 22)))
+        data = data.astype(np.float32)
+    plan = D.make_plan(psf, data.shape, method)
+    for its in (1, 3):
+        ours = np.asarray(D.richardson_lucy(data, plan, its, start="image"), float)
+        ref = textbook_rl_from(data.astype(float), plan, its, np.maximum(data, D.TINY))
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5 * ref.max())
+        flat = np.asarray(D.richardson_lucy(data, plan, its), float)
+        assert np.abs(flat - ours).max() > 1e-3 * ref.max()  # the two starts differ
+    np.testing.assert_array_equal(np.asarray(D.richardson_lucy(data, plan, 0, start="image")), data)
+
+
+def test_image_start_keeps_an_image_the_psf_leaves_as_it_is() -> None:
+    # a one-pixel PSF blurs nothing: from the image, RL has nothing to correct (g * B(g / g) = g)
+    data = np.random.default_rng(0).poisson(40.0, (24, 30)).astype(np.float32) + 1
+    plan = D.DeconvolutionPlan(np.ones((1, 1)), data.shape, "rl", {}, np)
+    for its in (1, 4):
+        np.testing.assert_allclose(np.asarray(D.richardson_lucy(data, plan, its, start="image")), data, rtol=1e-5)
+    with pytest.raises(EngineError, match="start must be one of flat, image"):
+        D.richardson_lucy(data, plan, 1, start="data")
+
+
+@pytest.mark.parametrize("boundary", ["dct", "reflect", "periodic"])
+def test_image_start_tiles_like_untiled_on_every_boundary(boundary: str) -> None:
+    data = noisy(blur(scene(n=400, seed=4), AIRY), seed=5)
+    if boundary in ("dct", "periodic"):  # their untiled domain is the bare frame: make it larger
+        data = np.concatenate([data, data[::-1][:240]], axis=0)
+    wb = D.wb_parameters(AIRY)
+    full = run(data, AIRY, 2, "wb", boundary=boundary, start="image")
+    domain = data.shape if boundary != "reflect" else D.padded_shape(data.shape, D.edge_pad(AIRY, "wb", wb))
+    plans: dict = {}
+    budget_mb = 0.6 * np.prod(domain) * D.BYTES_PER_VOXEL / 2**20
+    tiled = run(data, AIRY, 2, "wb", boundary=boundary, start="image", plans=plans, memory_budget_mb=budget_mb)
+    assert len(plans) == 1 and np.prod(next(iter(plans))[1]) < np.prod(domain)  # it did tile
+    assert np.abs(tiled - full).max() < 1e-5 * np.abs(full).max()
+    assert np.abs(run(data, AIRY, 2, "wb", boundary=boundary) - full).max() > 1e-3 * full.max()
+
+
+@pytest.mark.parametrize("start", ["flat", "image"])
+def test_both_starts_run_on_array_api_strict(start: str) -> None:
+    xps = pytest.importorskip("array_api_strict")
+    data = noisy(blur(scene(n=40), AIRY))[:, :36]
+    ref = run(data, AIRY, 2, start=start)
+    out = D.deconvolve_array(xps.asarray(data), AIRY, iterations=2, start=start)
+    assert type(out).__module__.startswith("array_api_strict")
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4, atol=1e-3 * ref.max())
+
+
+def test_the_engine_starts_where_the_docs_say_and_switches_live() -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "deconvolution.md").read_text()
+    row = next(line for line in doc.splitlines() if line.startswith("| `start` |"))
+    documented = row.split("|")[2].strip().strip("`")
+    eng = create_engine("deconvolve", offset=0, volume=True, psf_sigma=1.2, psf_sigma_z=1.5)
+    assert eng.start == documented == R.DEFAULT_START == D.Deconvolve.parameters["start"].default
+    stack = np.random.default_rng(6).poisson(30.0, (8, 32, 32)).astype(np.float32)
+    eng.setup(StreamSpec(shape=stack.shape))
+    sha = eng.describe()["psf_sha1"]
+    first = eng.process(stack, INFO)["deconvolved"]
+    other = "image" if documented == "flat" else "flat"
+    eng.set_param("start", other.upper())
+    assert eng.describe()["parameters"]["start"] == other and eng.describe()["psf_sha1"] == sha
+    assert np.abs(eng.process(stack, INFO)["deconvolved"] - first).max() > 1e-3 * first.max()
+    with pytest.raises(EngineError, match="start must be"):
+        eng.set_param("start", "zero")
+    assert eng.start == other

@@ -87,3 +87,24 @@ def test_frc_resolution_follows_the_psf_width_and_reads_in_nm():
     assert frc_resolution(a, b, pixel_size_nm=100.0) == pytest.approx(100.0 * frc_resolution(a, b), rel=1e-6)
     noise = rng.poisson(5.0, (2, 64, 64)).astype(float)  # two images sharing nothing
     assert np.isnan(frc_resolution(noise[0], noise[1]))
+
+
+def test_the_start_is_a_candidate_only_when_asked_and_each_iterate_follows_its_start():
+    from livescope.engines import selftune
+
+    assert {c.start for c in candidates()} == {"flat"} == set(selftune.STARTS)  # docs/selftune.md: measured
+    both = candidates(rl_counts=(1, 2), wb_counts=(1,), wb_alphas=(0.01,), starts=("flat", "image"))
+    assert {(c.method, c.start) for c in both} == {(m, s) for m in ("rl", "wb") for s in ("flat", "image")}
+    assert Candidate("rl", 2).params() == {"method": "rl", "iterations": 2}  # what the daemon sets today
+    assert Candidate("rl", 2, start="image").params() == {"method": "rl", "iterations": 2, "start": "image"}
+    truth, psf = _truth() * 400, gaussian_psf(1.5)
+    counts = np.random.default_rng(3).poisson(_blur(truth, psf)).astype(np.float64)
+    plan = make_plan(psf, counts.shape, "wb", np, boundary="dct")
+    its = [np.array(e) for e in rl_iterates(counts.astype(np.float32), plan, 3, start="image")]
+    ref = np.asarray(richardson_lucy(counts.astype(np.float32), plan, 3, start="image"))
+    np.testing.assert_allclose(its[-1], ref, rtol=1e-5, atol=1e-4)
+    res = tune_deconvolution(counts, psf, rng=np.random.default_rng(4), rl_counts=(1, 2, 4), wb_counts=(1, 2),
+                             wb_alphas=(0.01,), starts=("flat", "image"))  # fmt: skip
+    assert {c.start for c in res.scores} == {"flat", "image"} and len(res.scores) == 10
+    with pytest.raises(Exception, match="start must be one of"):
+        tune_deconvolution(counts, psf, starts=("zero",))
