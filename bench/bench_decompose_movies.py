@@ -27,7 +27,7 @@ version the tests use (48 frames of 64x64, three types).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -223,10 +223,20 @@ def _walk(rng, n, shape, motion, speed_range, n_frames, margin=3.0):
 
 
 def make_movie(
-    kind: str, seed: int, n_frames: int = 96, shape: tuple[int, int] = (128, 128)
+    kind: str,
+    seed: int,
+    n_frames: int = 96,
+    shape: tuple[int, int] = (128, 128),
+    inject: Callable[[np.ndarray, dict[str, Any]], list[dict[str, Any]]] | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
     """One movie of ``kind``: frames (float32, camera counts) and the truth of each component
-    (float32, the same units, no offset)."""
+    (float32, the same units, no offset).
+
+    ``inject(electrons, params)`` (optional, ``bench/bench_events.py``) may change the clean
+    photo-electron movie in place before the noise is drawn (events: a burst, a division, ...);
+    what it returns (the events' ground truth) is kept in ``params["events"]``. The components'
+    truth does not include it. Blinking objects' switches are kept in ``params["switches"]``
+    as ``(frame, y, x)``."""
     rng = np.random.default_rng(seed)
     p = _draw(kind, rng)
     h, w = shape
@@ -263,6 +273,7 @@ def make_movie(
                         on[:cut, i] = False
                     else:
                         on[cut:, i] = False
+                    p.setdefault("switches", []).append((cut, float(track[cut, i, 0]), float(track[cut, i, 1])))
         pops[comp] = (track, sig, amp, on)
 
     truth = {k: np.zeros((n_frames, h, w), np.float32) for k in COMPONENTS}
@@ -282,6 +293,8 @@ def make_movie(
         for comp, (track, sig, amp, on) in pops.items():
             truth[comp][t] = gain_t[t] * _render(shape, track[t][on[t]], sig[on[t]], amp[on[t]])
     electrons = sum(truth[k].astype(np.float64) for k in COMPONENTS)
+    if inject is not None:
+        p["events"] = inject(electrons, p)
     camera_gain, offset = 2.0, 100.0
     noisy = rng.poisson(electrons) + rng.normal(0, p["read_noise"], electrons.shape)
     frames = (noisy * camera_gain + offset).astype(np.float32)

@@ -66,6 +66,7 @@ from .base import (
     optional,
     register_engine,
 )
+from .events import EventGroups, describe, event_score, field_fraction
 
 __all__ = ["Decompose", "order_statistic"]
 
@@ -482,6 +483,8 @@ class Decompose(EngineBase):
         self._intervals: list[float] = []
         self._interval: float | None = None
         self._scores: deque[float] = deque(maxlen=self.novelty_window)
+        self._field_scores: deque[float] = deque(maxlen=self.novelty_window)  # engines/events.py
+        self._groups = EventGroups()  # similar events share a group id (engines/events.py)
         # Online fitting: frames collected for it (host copies of a central crop).
         self._fit_buf: list[Any] = []
         self._generation = getattr(self, "_generation", 0) + 1  # a fit started before is stale
@@ -559,6 +562,8 @@ class Decompose(EngineBase):
 
         novelty, excess = self._novelty(xp, cur, lagged, sigma)
         events = self._events(novelty, excess, info)
+        if events:  # what each event likely is, and its group (engines/events.py)
+            self._describe_events(events, excess, cur, lagged, bg, fast, sigma)
 
         self._push_ring(cur, t)
         self._n += 1
@@ -609,6 +614,8 @@ class Decompose(EngineBase):
             unexplained = xp.minimum(unexplained, cur - inp)
         novelty, excess = self._novelty_map(xp, unexplained * (1.0 / max(sigma, 1e-12)), sigma)
         events = self._events(novelty, excess, info)
+        if events:
+            self._describe_events(events, excess, cur, lagged, bg, fast, sigma)
         self._push_ring(cur, t)
         self._n += 1
         inv = 1.0 / gain
@@ -918,20 +925,40 @@ class Decompose(EngineBase):
         return float(xp.max(means)), excess
 
     def _events(self, novelty: float, excess: Any, info: FrameInfo) -> list[dict[str, Any]]:
+        # Two channels, each a robust z-score against its own past (engines/events.py): the most
+        # novel block (local) and the fraction of blocks holding novel signal (whole field).
         past = list(self._scores)
         self._scores.append(novelty)
+        field = field_fraction(namespace(excess), excess, self.event_block) if excess is not None else 0.0
+        past_field = list(self._field_scores)
+        self._field_scores.append(field)
         warm = self._n >= self.lags[-1] and len(past) >= _NOVELTY_MIN_HISTORY
-        if excess is None or not warm or novelty < self.event_min_novelty:
+        if excess is None or not warm:
             return []
-        med = statistics.median(past)
-        mad = statistics.median(abs(v - med) for v in past) * 1.4826
-        # A floor on the spread: a quiet movie has a MAD near zero, and then any flicker would
-        # stand out.
-        spread = max(mad, 0.05 * med, 0.05)
-        score = (novelty - med) / spread
+        score, channel = event_score(past, novelty, past_field, field, self.event_min_novelty)
         if score < self.event_threshold:
             return []
-        return [self._event_region(_host(excess), info, score, novelty)]
+        event = self._event_region(_host(excess), info, score, novelty)
+        event["channel"] = channel
+        return [event]
+
+    def _describe_events(
+        self, events: list[dict[str, Any]], excess: Any, cur: Any, lagged: list[Any], bg: Any, fast: Any, sigma: float
+    ) -> None:
+        """Add what each event likely is (kind, component, lag, size, motion) and its group."""
+        for event in events:
+            describe(
+                event,
+                excess=_host(excess),
+                frame=_host(cur),
+                lagged=[_host(f) for f in lagged],
+                lags=self.lags[: len(lagged)],
+                background=_host(bg),
+                fast=_host(fast),
+                sigma=sigma,
+                block=self.event_block,
+            )
+            self._groups.assign(event)
 
     def _event_region(self, excess: Any, info: FrameInfo, score: float, novelty: float) -> dict:
         import numpy as np
