@@ -54,7 +54,7 @@ SHIPPED_STEPS = 3291  # engines/models/denoise_default.lsmodel metadata["trainin
 # ---------------------------------------------------------------------------------------------
 
 
-def _torchvision_stand_in() -> None:
+def torchvision_stand_in() -> None:
     """CAREamics imports torchvision only for its LVAE models (``center_crop``) and the BMZ
     export (a version string). The PyPI torchvision 0.28 (the release for torch 2.13) is a CUDA
     build that cannot load next to torch 2.13+cpu, and no CPU build can be installed here, so
@@ -180,7 +180,7 @@ def worker(args) -> int:
     torch.set_num_threads(2)
     import lightning.pytorch  # noqa: F401  before the stand-in: torchmetrics then sees no torchvision
 
-    _torchvision_stand_in()
+    torchvision_stand_in()
     import careamics
     import lightning
 

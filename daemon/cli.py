@@ -497,6 +497,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=None, help="local Dask workers")
     g.add_argument("--scheduler", default=None, help="an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
     g.add_argument("--threads", action="store_true", help="local workers as threads, not processes")
+    p = sub.add_parser(
+        "export",
+        help="write a livescope denoising model as a BioImage Model Zoo package (docs/models.md)",
+    )
+    p.add_argument("model", nargs="?", default=None, help="a .lsmodel file (default: the shipped one)")
+    p.add_argument("--format", choices=("bioimageio",), default="bioimageio", help="the package format")
+    p.add_argument("--out", required=True, help="the package folder to write (a .zip name writes the zip)")
+    p.add_argument(
+        "--sample",
+        required=True,
+        help="a frame (or movie: its first frame) of your camera and sample: fixes the package's "
+        "normalisation and is its test input",
+    )
+    p.add_argument("--name", default=None, help="the package's name (default: from the model)")
     p = sub.add_parser("engines", help="the engines this installation can run, their outputs and parameters")
     p.add_argument("name", nargs="?", default=None, help="one engine (default: all)")
     _finish_parser(parser)
@@ -917,6 +931,22 @@ def cmd_engines(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..bridges.movies import open_movie
+    from ..engines.modelzoo_export import export_bioimageio
+
+    src = open_movie(args.sample)
+    frame = src.read(0, 1, 0, 0, (0, src.sizes["y"]), (0, src.sizes["x"]), 0)
+    frame = np.asarray(frame).reshape(-1, src.sizes["y"], src.sizes["x"])[0]
+    out = export_bioimageio(
+        args.model, args.out, sample=frame, name=args.name, zip_package=str(args.out).endswith(".zip")
+    )
+    print(f"BioImage Model Zoo package written: {out} (use it with --param denoise.model={out})")
+    return 0
+
+
 def cmd_complete(args: argparse.Namespace) -> int:
     from .completion import complete_store
     from .config import parse_params
@@ -1183,6 +1213,7 @@ COMMANDS = {
     "stop": cmd_stop,
     "recover": cmd_recover,
     "complete": cmd_complete,
+    "export": cmd_export,
     "engines": cmd_engines,
     "fit": cmd_fit,
     "compile": cmd_compile,

@@ -348,7 +348,9 @@ def _check_engines(cfg: DaemonConfig, where: Any, param_origin: Mapping[tuple[st
             elif param in PATH_PARAMS and isinstance(value, str) and value not in ("", "default", "none", "None"):
                 # fit_out is written: its folder must exist; the others are read
                 missing = str(Path(value).parent) if param == "fit_out" else value
-                if not (Path(missing).is_dir() if param == "fit_out" else Path(value).is_file()):
+                # a Model Zoo package may be given as its folder (holding rdf.yaml)
+                readable = Path(value).is_file() or (param == "model" and (Path(value) / "rdf.yaml").is_file())
+                if not (Path(missing).is_dir() if param == "fit_out" else readable):
                     bad.add(engine)
                     problems.append(f"{at(param)}: {engine}.{param} = {_toml(value)}: {_missing(missing)}")
     products = {"raw"}

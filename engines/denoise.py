@@ -4,6 +4,8 @@ Parameters (constructor keywords, ``--param denoise.key=value``):
 
 - ``model``: path of a livescope model file; None is the shipped default
   (``engines/models/denoise_default.lsmodel``, trained by ``engines/models/train_default.py``);
+  or a BioImage Model Zoo package (``PATH/rdf.yaml``, its folder or its zip; engines/modelzoo.py),
+  which runs with its own pre- and postprocessing on every frame instead of the normalisation below;
 - ``backend``: ``auto`` (tensorrt > onnxruntime > torch, the first that works), or one of those
   (a failing one falls back down that order, with the reason logged);
 - ``tile``, ``overlap``: frames larger than ``tile`` run in overlapping tiles stitched without
@@ -41,7 +43,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from . import modelfile
+from . import modelfile, modelzoo
 from ._array import to_numpy
 from .base import (
     Applies,
@@ -51,12 +53,14 @@ from .base import (
     Param,
     Reach,
     StreamSpec,
+    as_bool,
     is_none,
     optional,
     register_engine,
 )
 from .calibrate import NoiseModel
 from .inference import ORDER, Normalisation, Runner, receptive_radius, run_tiled
+from .modelzoo import BioImageModel
 
 __all__ = ["Denoise"]
 
@@ -114,7 +118,7 @@ class Denoise(EngineBase):
             setter="swap_model",
             attr="model_path",
             show=lambda path: path or "default",
-            doc="a model file; None: the shipped default",
+            doc="a model file or a BioImage Model Zoo package (PATH/rdf.yaml); None: the shipped default",
         ),
         "backend": Param(
             "auto",
@@ -137,6 +141,12 @@ class Denoise(EngineBase):
             doc="a camera calibration: livescope calibrate's dict or JSON file",
         ),
         "threads": Param(None, optional(int)),
+        "pass_on": Param(
+            True,
+            as_bool,
+            doc="hand the denoised frame to the next engine (false: it gets this engine's input, "
+            "denoised is still an output); the self-tuner sets it when deconvolving raw frames wins",
+        ),
     }
 
     # the parameters as ``_init_params`` sets them (converted and checked)
@@ -150,6 +160,7 @@ class Denoise(EngineBase):
     excess_noise: float
     calibration: str | Path | dict[str, Any] | NoiseModel | None
     threads: int | None
+    pass_on: bool
 
     def __init__(
         self,
@@ -163,6 +174,7 @@ class Denoise(EngineBase):
         excess_noise: float = 1.0,
         calibration: str | Path | dict[str, Any] | NoiseModel | None = None,
         threads: int | None = None,
+        pass_on: bool = True,
     ) -> None:
         self._init_params(locals())
         self._calibrated = _noise_model(self.calibration)
@@ -177,6 +189,10 @@ class Denoise(EngineBase):
     # ------------------------------------------------------------------ protocol
 
     @property
+    def passes(self) -> str | None:
+        return "denoised" if self.pass_on else None
+
+    @property
     def window(self) -> int:
         return self._model().k
 
@@ -187,10 +203,12 @@ class Denoise(EngineBase):
         model = self._model()
         m = int(model.multiple)
         halo = max(int(self.overlap) // 2, receptive_radius(model.metadata.get("architecture", {})))
+        if isinstance(model, BioImageModel):
+            halo = max(halo, model.halo)
         return Reach(-(-halo // m) * m, int(model.k), m)
 
     def _model(self) -> modelfile.ModelFile:
-        return self._loaded.model if self._loaded else modelfile.load(self.model_path)
+        return self._loaded.model if self._loaded else modelzoo.load_model(self.model_path)
 
     def setup(self, spec: StreamSpec) -> None:
         self.spec = spec
@@ -203,6 +221,8 @@ class Denoise(EngineBase):
             raise EngineError("denoise.process called before setup(spec)")
         loaded = self._loaded  # one reference for the whole frame: a swap lands between frames
         raw = np.asarray(to_numpy(frame), dtype=np.float32)
+        if isinstance(loaded.model, BioImageModel):  # its own processing, with this frame's statistics
+            return {"denoised": loaded.model.predict(raw, loaded.runner.run, tile=self.tile, overlap=self.overlap)}
         norm = self._norm
         if norm is None:
             norm = self._norm = self._estimate(raw, loaded.model)
@@ -229,6 +249,7 @@ class Denoise(EngineBase):
         loaded = self._loaded
         model = loaded.model if loaded else None
         return {
+            "model_package": model.provenance if isinstance(model, BioImageModel) else None,
             "model_hash": model.hash if model else None,
             "model_training": model.metadata.get("training") if model else None,
             "past_frames": model.k if model else None,
@@ -254,6 +275,9 @@ class Denoise(EngineBase):
         """The network's output for any frame under the stream's normalisation, without past
         frames and without touching the engine's state (trust's test-time augmentation)."""
         loaded, norm = self._loaded, self._norm
+        if loaded is not None and isinstance(loaded.model, BioImageModel):
+            raw = np.asarray(to_numpy(frame), dtype=np.float32)
+            return loaded.model.predict(raw, loaded.runner.run, tile=self.tile, overlap=self.overlap)
         if loaded is None or norm is None:
             raise EngineError("denoise.predict needs the stream's first frame processed (it fixes the normalisation)")
         if loaded.model.k:
@@ -351,7 +375,7 @@ class Denoise(EngineBase):
         return (1, 1 + model.k, h, w)
 
     def _open(self, path: str | None) -> _Loaded:
-        model = modelfile.load(path)
+        model = modelzoo.load_model(path)
         if model.task != "denoise":
             # a deconvolution model normalises differently and predicts a correction: refuse it
             raise EngineError(
@@ -362,18 +386,18 @@ class Denoise(EngineBase):
         options: dict[str, Any] = {"shape": self._input_shape(model), "threads": self.threads}
         if self.backend in ("auto", "tensorrt") and _tensorrt_installed():
             # a TensorRT build takes seconds to minutes: serve with the next backend meanwhile
-            runner = Runner(model, ORDER[1], **options)
+            runner = modelzoo.make_runner(model, ORDER[1], **options)
             loaded = _Loaded(model, runner, path)
             self._builder = threading.Thread(
                 target=self._build_tensorrt, args=(loaded, options), name="denoise-tensorrt-build", daemon=True
             )
             self._builder.start()
             return loaded
-        return _Loaded(model, Runner(model, self.backend, **options), path)
+        return _Loaded(model, modelzoo.make_runner(model, self.backend, **options), path)
 
     def _build_tensorrt(self, serving: _Loaded, options: dict[str, Any]) -> None:
         try:
-            runner = Runner(serving.model, "tensorrt", **options)
+            runner = modelzoo.make_runner(serving.model, "tensorrt", **options)
         except Exception as exc:  # never crash the stream over a faster backend
             log.warning("TensorRT backend not available (%s); staying on %s", exc, serving.runner.name)
             return

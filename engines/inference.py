@@ -277,6 +277,7 @@ class OnnxRuntimeBackend:
     def __init__(self, model: ModelFile, *, threads: int | None = None, **_: Any) -> None:
         import onnxruntime as ort
 
+        _require_onnx(model)
         opts = ort.SessionOptions()
         # all graph optimisations (conv + activation fusion, layout transforms), one operator
         # at a time (the graph is a chain: parallelism is inside each convolution)
@@ -288,9 +289,15 @@ class OnnxRuntimeBackend:
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         self.session = ort.InferenceSession(model.onnx, opts, providers=providers)
         self.providers = self.session.get_providers()
+        self.input_name = self.session.get_inputs()[0].name  # "frames" in livescope's graphs
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {"frames": np.ascontiguousarray(x, dtype=np.float32)})[0]
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+def _require_onnx(model: ModelFile) -> None:
+    if not model.onnx:  # a Model Zoo package with TorchScript weights only, say
+        raise EngineError("the model has no ONNX weights (the torch backend runs its other weights)")
 
 
 def trt_cache_dir() -> Path:
@@ -336,6 +343,7 @@ class TensorRTBackend:
             raise EngineError("TensorRT needs a CUDA GPU; none is visible")
         if shape is None:
             raise EngineError("TensorRT needs the frame shape to build its profile")
+        _require_onnx(model)
         self._torch, self._trt = torch, trt
         self.shape = tuple(int(s) for s in shape)
         self.engine_path = build_trt_engine(model, self.shape, cache_dir=cache_dir)
@@ -343,13 +351,18 @@ class TensorRTBackend:
         runtime = trt.Runtime(logger)
         self.engine = runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         self.context = self.engine.create_execution_context()
-        self.context.set_input_shape("frames", self.shape)
+        # the graph's own names ("frames" -> "denoised" in livescope's; a Model Zoo graph's differ)
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        source, target = inputs[0], next(n for n in names if n not in inputs)
+        self.context.set_input_shape(source, self.shape)
         self.stream = torch.cuda.Stream()
         self.d_in = torch.empty(self.shape, dtype=torch.float32, device="cuda")
-        self.d_out = torch.empty((self.shape[0], 1, *self.shape[2:]), dtype=torch.float32, device="cuda")
+        out_shape = tuple(int(s) for s in self.context.get_tensor_shape(target))
+        self.d_out = torch.empty(out_shape, dtype=torch.float32, device="cuda")
         self.h_out = torch.empty(self.d_out.shape, dtype=torch.float32, pin_memory=True)
-        self.context.set_tensor_address("frames", self.d_in.data_ptr())
-        self.context.set_tensor_address("denoised", self.d_out.data_ptr())
+        self.context.set_tensor_address(source, self.d_in.data_ptr())
+        self.context.set_tensor_address(target, self.d_out.data_ptr())
 
     def run(self, x: np.ndarray) -> np.ndarray:
         torch = self._torch
@@ -390,7 +403,7 @@ def build_trt_engine(
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
-    profile.set_shape("frames", shape, shape, shape)
+    profile.set_shape(network.get_input(0).name, shape, shape, shape)
     config.add_optimization_profile(profile)
     blob = builder.build_serialized_network(network, config)
     if blob is None:

@@ -41,7 +41,7 @@ from typing import Any, ClassVar, cast
 
 import numpy as np
 
-from . import modelfile
+from . import modelfile, modelzoo
 from ._array import to_numpy
 from .base import (
     Applies,
@@ -599,6 +599,13 @@ class NetDeconvolver:
         threads: int | None = None,
         shape: tuple[int, ...] | None = None,
     ) -> None:
+        if not isinstance(model, modelfile.ModelFile) and modelzoo.is_package(model):
+            raise EngineError(
+                f"{model} is a BioImage Model Zoo package: run it with the denoise engine "
+                "(denoise.model=PATH/rdf.yaml runs any image-to-image package with its own processing); "
+                "restore and deconvolve --method net need livescope's PSF and consistency metadata "
+                "(fit one with `livescope fit --task restore`)"
+            )
         self.model = model if isinstance(model, modelfile.ModelFile) else modelfile.load(model)
         task = self.model.task
         if task not in TASKS:

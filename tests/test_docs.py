@@ -8,7 +8,8 @@ Two levels, so that a renamed or removed option fails CI wherever the docs show 
    real parser. ``python bench/X.py --opt`` lines: the script exists and takes ``--opt``.
 2. **Every code-block command is run**, doc by doc in the order shown, in a folder holding small
    real data under the names the docs use (``movie.tif``: the cancer-cell migration crop;
-   ``bead.tif``: the bead PSF), the way a user runs it (``python -m livescope.daemon.cli`` in a
+   ``bead.tif``: the bead PSF; ``mine.lsmodel``, ``models/n2v``: a livescope model and a CAREamics
+   Model Zoo package), the way a user runs it (``python -m livescope.daemon.cli`` in a
    subprocess). What a user's run would take minutes for is bounded, and only that: a fit gets
    at most 3 steps and 20 s, a daemon on the simulated microscope or a process run 6 frames, a
    daemon that waits for a camera (``--source zmq``) is started, asked for its status and
@@ -245,6 +246,12 @@ def _prepare(folder: Path) -> None:
         metadata={"axes": "TYX", "unit": "um", "finterval": 2.0},
     )
     shutil.copy(REAL / "psf_from_beads.tif", folder / "bead.tif")
+    # models a user has: their own livescope model, and a CAREamics package (docs/models.md)
+    from livescope.engines.modelfile import default_model_path
+
+    shutil.copy(default_model_path(), folder / "mine.lsmodel")
+    package = REPO / "tests" / "data" / "bmz_careamics_n2v" / "careamics_n2v.bioimageio.zip"
+    shutil.unpack_archive(package, folder / "models" / "n2v")
 
 
 def _run(runner: Runner, cmd: str) -> subprocess.CompletedProcess | None:
