@@ -172,8 +172,8 @@ class Pipeline:
                 engine_params=lambda: (
                     dict(self.engine_states["deconvolve"].params) if "deconvolve" in self.engine_states else None
                 ),
-                apply=lambda param, value: self.handle(
-                    {"cmd": "set", "engine": "deconvolve", "param": param, "value": value}
+                apply=lambda engine, param, value: self.handle(
+                    {"cmd": "set", "engine": engine, "param": param, "value": value}
                 ),
                 publish=self._publish_scalars,
                 calibration=self._calibration,
@@ -181,6 +181,11 @@ class Pipeline:
                 every_s=cfg.tune_every_s,
                 resolution_every_s=cfg.resolution_every_s,
                 stop=self._stop,
+                denoise_params=(
+                    (lambda: dict(self.engine_states["denoise"].params))
+                    if _denoises_before_deconvolving(list(self.engine_states))
+                    else None
+                ),
             )
             if cfg.tune != "off" and self.engine_states
             else None
@@ -779,6 +784,15 @@ def _merge_counts(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
     for k, v in b.items():
         out[k] = out.get(k, 0) + v
     return out
+
+
+def _denoises_before_deconvolving(engines: list[str]) -> bool:
+    """The chain hands the denoised frame to the deconvolution (the tuner can then choose the raw
+    one instead): denoise before deconvolve, with only registration between them."""
+    if "denoise" not in engines or "deconvolve" not in engines:
+        return False
+    between = engines[engines.index("denoise") + 1 : engines.index("deconvolve")]
+    return engines.index("denoise") < engines.index("deconvolve") and set(between) <= {"register"}
 
 
 def _read_calibration(path: str | None) -> dict[str, Any] | None:

@@ -40,24 +40,31 @@ ENGINE = "deconvolve"
 
 class Tuner:
     """``newest``: () -> {slot key: the newest routed item} ; ``engine_params``: () -> the
-    deconvolution's parameters now ; ``apply``: (param, value) -> a reply as a ``set`` command's ;
-    ``publish``: (item, scalars) -> stores and shows per-frame scalars."""
+    deconvolution's parameters now ; ``apply``: (engine, param, value) -> a reply as a ``set``
+    command's ; ``publish``: (item, scalars) -> stores and shows per-frame scalars;
+    ``denoise_params``: () -> the parameters of the denoiser that runs before the deconvolution
+    (None: the chain has none), so the tuner also decides whether the deconvolution takes the
+    denoised frame (``denoise.pass_on``) or the raw one."""
 
     def __init__(
         self,
         *,
         newest: Callable[[], dict[tuple, Any]],
         engine_params: Callable[[], dict[str, Any] | None],
-        apply: Callable[[str, Any], dict[str, Any]],
+        apply: Callable[[str, str, Any], dict[str, Any]],
         publish: Callable[[Any, dict[str, float]], None],
         calibration: dict[str, Any] | None,
         tune: bool,
         every_s: float,
         resolution_every_s: float,
         stop: threading.Event,
+        denoise_params: Callable[[], dict[str, Any] | None] | None = None,
     ) -> None:
         self.newest = newest
         self.engine_params = engine_params
+        self.denoise_params = denoise_params or (lambda: None)
+        self._denoiser_key: tuple | None = None
+        self._denoiser_engine: Any = None
         self.apply = apply
         self.publish = publish
         self.calibration = calibration or {}
@@ -149,7 +156,9 @@ class Tuner:
         psf = getattr(eng, "kernel", None)
         if psf is None or np.ndim(psf) != 2:
             return
-        res = tune_deconvolution(counts, np.asarray(psf), rng=np.random.default_rng(item.frame.seq))
+        dparams = self.denoise_params()
+        denoiser = self._denoiser(item, dparams) if dparams is not None else None
+        res = tune_deconvolution(counts, np.asarray(psf), rng=np.random.default_rng(item.frame.seq), denoiser=denoiser)
         self.runs += 1
         self.last = {**res.summary(), "seq": item.frame.seq, "t": item.t, "time": time.time()}
         best = res.best.params()
@@ -158,22 +167,65 @@ class Tuner:
             "iterations": params.get("iterations"),
             "alpha": params.get("alpha"),
         }
-        wanted = {k: v for k, v in best.items() if now.get(k) != v}
+        wanted = {(ENGINE, k): v for k, v in best.items() if now.get(k) != v}
+        if dparams is not None and bool(dparams.get("pass_on", True)) != res.best.denoised:
+            wanted[("denoise", "pass_on")] = res.best.denoised  # first: the input, then its setting
         if not wanted:
             return
-        for param in ("method", "alpha", "iterations"):  # the back projector first: iterations check it
-            if param in wanted:
-                reply = self.apply(param, wanted[param])
+        order = [("denoise", "pass_on")] + [(ENGINE, k) for k in ("method", "alpha", "iterations")]
+        for key in order:  # the back projector before the iterations: they are checked against it
+            if key in wanted:
+                reply = self.apply(key[0], key[1], wanted[key])
                 if not reply.get("ok"):
-                    log.warning("self-tuning could not set %s=%r: %s", param, wanted[param], reply.get("error"))
+                    log.warning("self-tuning could not set %s.%s=%r: %s", *key, wanted[key], reply.get("error"))
                     return
         self.changes += 1
         log.info(
-            "self-tuning: deconvolution now %s (%.1f photons per pixel, was %s)",
+            "self-tuning: deconvolution now %s%s (%.1f photons per pixel)",
             best,
+            "" if dparams is None else (" of the denoised frame" if res.best.denoised else " of the raw frame"),
             res.photons,
-            {k: now.get(k) for k in wanted},
         )
+
+    def _denoiser(self, item: Any, dparams: dict[str, Any]) -> Callable[[np.ndarray], Any] | None:
+        """The chain's denoiser (its model, backend and tiles) for frames counted in photons: its
+        own instance on this thread, rebuilt when the model or the frame shape changes."""
+        from ..engines import FrameInfo
+
+        shape = tuple(item.array.shape)
+        key = (dparams.get("model"), dparams.get("backend"), dparams.get("tile"), shape)
+        if key != self._denoiser_key:
+            if self._denoiser_engine is not None:
+                self._denoiser_engine.close()
+            gain = self.calibration.get("gain") or item.segment.spec_base.get("camera_gain")
+            read_var = self.calibration.get("read_var")  # ADU^2, in a `livescope calibrate` file
+            read = self.calibration.get("read_noise") or (float(read_var) ** 0.5 if read_var else None)
+            try:
+                self._denoiser_engine = create_engine(
+                    "denoise",
+                    model=dparams.get("model"),
+                    backend=dparams.get("backend", "auto"),
+                    tile=dparams.get("tile", 512),
+                    overlap=dparams.get("overlap", 104),
+                    excess_noise=dparams.get("excess_noise", 1.0),
+                    gain=1.0,
+                    offset=0.0,
+                    read_noise=float(read) / float(gain) if read and gain else None,
+                )
+            except Exception as exc:
+                self._say_once("denoiser", "self-tuning cannot run the denoiser (%r): it tunes the raw path only", exc)
+                self._denoiser_key, self._denoiser_engine = key, None
+                return None
+            self._denoiser_key = key
+        eng = self._denoiser_engine
+        if eng is None:
+            return None
+
+        def run(frame: np.ndarray) -> Any:
+            eng.setup(StreamSpec(shape=frame.shape, camera_offset=0.0, camera_gain=1.0))  # its own normalisation
+            return eng.process(frame.astype(np.float32), FrameInfo(seq=item.frame.seq))["denoised"]
+
+        return run
 
     def _resolution(self, counts: np.ndarray, item: Any) -> None:
         a, b = split_photons(counts, 0.5, np.random.default_rng(item.frame.seq))

@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -66,6 +66,7 @@ class Candidate:
     iterations: int
     alpha: float | None = None  # WB only
     start: str = DEFAULT_START  # the first estimate (rl.STARTS)
+    denoised: bool = False  # deconvolve the denoiser's output (the chain's denoise first), not the raw
 
     def params(self) -> dict[str, Any]:
         """As the deconvolve engine's parameters (``start`` only where it is not the default)."""
@@ -90,7 +91,8 @@ class TuneResult:
             "best": self.best.params(),
             "p": self.p,
             "photons_per_pixel": self.photons,
-            "ranking": [{**c.params(), "score": round(s, 6)} for c, s in ranked[:5]],
+            "denoise_first": self.best.denoised,
+            "ranking": [{**c.params(), "denoised": c.denoised, "score": round(s, 6)} for c, s in ranked[:5]],
         }
 
 
@@ -177,12 +179,18 @@ def tune_deconvolution(
     starts: Sequence[str] = STARTS,
     criterion: str = "object",
     otf_floor: float = 0.05,
+    denoiser: Callable[[np.ndarray], Any] | None = None,
 ) -> TuneResult:
     """The deconvolution setting (back projector, its alpha, iteration count) that best predicts
     held-out photons of this frame. ``counts``: the frame in photons (:func:`to_photons`);
     ``splits``: independent splits averaged (the score's own noise halves with four);
     ``starts``: the first estimates tried (``rl.STARTS``; each one runs every back projector's
-    iterations once more)."""
+    iterations once more).
+
+    ``denoiser`` (photons -> photons, e.g. the chain's denoise engine set up with gain 1 and
+    offset 0): every setting is also scored on the denoised part A (``Candidate.denoised``), so
+    the same criterion decides whether to denoise before deconvolving. Part B stays raw: its
+    noise is independent of A's whatever A went through."""
     counts = np.asarray(counts, dtype=np.float32)
     rng = rng if rng is not None else np.random.default_rng(0)
     scale = (1.0 - p) / p
@@ -198,16 +206,21 @@ def tune_deconvolution(
         b_coeffs = transform(b)[keep] / (otf[keep] * (1.0 - p))
         groups: list[tuple[str, float | None, Sequence[int]]] = [("rl", None, rl_counts)]
         groups += [("wb", alpha, wb_counts) for alpha in wb_alphas]
-        for (method, alpha, counts_k), start in itertools.product(groups, [check_start(s) for s in starts]):
+        sources = [(False, a)]
+        if denoiser is not None:
+            sources.append((True, np.maximum(np.asarray(denoiser(a), dtype=np.float32), 0.0)))
+        for (denoised, source), (method, alpha, counts_k), start in itertools.product(
+            sources, groups, [check_start(s) for s in starts]
+        ):
             if not counts_k:
                 continue
             plan = plans.get((method, alpha))
             if plan is None:
                 plan = plans[(method, alpha)] = _plan(psf, a.shape, method, alpha)
             wanted = set(counts_k)
-            for k, est in enumerate(rl_iterates(a, plan, max(counts_k), start=start), start=1):
+            for k, est in enumerate(rl_iterates(source, plan, max(counts_k), start=start), start=1):
                 if k in wanted:
-                    c = Candidate(method, k, alpha if method == "wb" else None, start=start)
+                    c = Candidate(method, k, alpha if method == "wb" else None, start=start, denoised=denoised)
                     if criterion == "object":
                         score = _object_error(est, b_coeffs, keep, p, transform)
                     else:

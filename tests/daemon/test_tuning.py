@@ -73,3 +73,34 @@ def test_without_a_camera_gain_the_tuner_says_so_and_stays_idle(tmp_path, free_a
     assert summary["frames"]["saved"] == 30
     assert summary["tuning"]["runs"] == 0 and "calibration" in summary["tuning"]["idle"]
     assert sum("idle" in r.message for r in caplog.records) == 1  # said once
+
+
+def test_with_a_denoiser_before_it_the_tuner_also_chooses_the_deconvolutions_input(tmp_path, free_address):
+    """denoise then deconvolve: the tuner scores both inputs and sets denoise.pass_on; with
+    pass_on false the deconvolution gets the frame the denoiser got (denoised is still saved)."""
+    cfg = _cfg(tmp_path, free_address, engines=["denoise", "deconvolve"], frames=60)
+    summary = run_daemon(cfg)
+    last = summary["tuning"]["last"]
+    assert isinstance(last["denoise_first"], bool)
+    prov = json.loads((cfg.out / "zarr.json").read_text())["attributes"]["livescope"]["provenance"]
+    switched = [c for c in prov.get("changes", []) if c["engine"] == "denoise"]
+    assert all(c["param"] == "pass_on" and c["after"] for c in switched)
+    from livescope.bridges.store import STATUS
+
+    assert (read_records(cfg.out / "denoised")["status"] == STATUS["saved"]).sum() > 30  # still saved
+
+
+def test_pass_on_false_hands_the_denoisers_input_to_the_next_engine():
+    from livescope.daemon.chain import Chain, slots_for
+    from livescope.engines import FrameInfo, StreamSpec
+
+    frame = np.random.default_rng(0).poisson(40.0, (64, 64)).astype(np.uint16) + 100
+    spec = StreamSpec(shape=(64, 64), camera_offset=100.0, camera_gain=1.0)
+    params = {"denoise": {"backend": "onnxruntime", "pass_on": False}, "deconvolve": {"iterations": 2}}
+    bypass = Chain(slots_for(["denoise", "deconvolve"], params), spec).run(frame, FrameInfo(seq=0))
+    alone = Chain(slots_for(["deconvolve"], params), spec).run(frame, FrameInfo(seq=0))
+    np.testing.assert_array_equal(bypass.images["deconvolved"], alone.images["deconvolved"])
+    assert "denoised" in bypass.images
+    params["denoise"]["pass_on"] = True
+    chained = Chain(slots_for(["denoise", "deconvolve"], params), spec).run(frame, FrameInfo(seq=0))
+    assert not np.array_equal(chained.images["deconvolved"], alone.images["deconvolved"])
