@@ -6,7 +6,9 @@ The npe2 manifest (``napari.yaml``, entry point ``napari.manifest``: ``livescope
   livescope) opens every image of a store as a layer, with its frames not saved and its events
   (``_reader.py``);
 - a dock widget, *Plugins > livescope live*: subscribes to a running daemon's previews and
-  control socket and updates one layer per product in place (``_widget.py``).
+  control socket and updates one layer per product in place (``_widget.py``); *Attach to the
+  Micro-Manager core* streams the pymmcore-plus core of napari-micromanager (or
+  ``CMMCorePlus.instance()``) to that daemon, starting one when none runs (``_attach.py``).
 
 napari is imported here only, never by the rest of livescope: ``pip install "livescope[napari]"``.
 """

@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,8 +24,9 @@ from qtpy import QtCore, QtWidgets
 
 from ...bridges.protocol import Frame
 from ...bridges.store import COLORS
-from ...bridges.transport import DEFAULT_CONTROL, DEFAULT_PUBLISH, PreviewSubscriber
+from ...bridges.transport import DEFAULT_CONTROL, DEFAULT_INGEST, DEFAULT_PUBLISH, PreviewSubscriber
 from ..link import DaemonLink
+from ._attach import DaemonProcess, core_name, default_out, find_core
 
 __all__ = ["LiveWidget", "PreviewThread", "grid_of", "layer_name", "telemetry_text"]
 
@@ -114,6 +116,10 @@ class LiveWidget(QtWidgets.QWidget):
         *,
         preview: str = DEFAULT_PUBLISH,
         control: str | None = DEFAULT_CONTROL,
+        ingest: str = DEFAULT_INGEST,
+        engines: str = "",
+        out: str = "",
+        daemon_args: list[str] | None = None,
         fps: float = 60.0,
     ) -> None:
         super().__init__()
@@ -129,6 +135,12 @@ class LiveWidget(QtWidgets.QWidget):
         self._channels: set[int] = set()
         self._levels_at: dict[str, float] = {}
         self.engine_boxes: dict[str, QtWidgets.QCheckBox] = {}
+        # attached to a Micro-Manager core: the bridge, and the daemon this dock started
+        self.core: Any = None
+        self.bridge: Any = None
+        self.daemon: DaemonProcess | None = None
+        self.daemon_args = list(daemon_args or [])
+        self._attach_pending = False
 
         self.preview_edit = QtWidgets.QLineEdit(preview)
         self.control_edit = QtWidgets.QLineEdit(control or "")
@@ -147,6 +159,29 @@ class LiveWidget(QtWidgets.QWidget):
         self.event_list = QtWidgets.QListWidget()
         self.event_list.itemActivated.connect(self._go_to_event)
 
+        self.mm_box = QtWidgets.QGroupBox("Micro-Manager core")
+        self.ingest_edit = QtWidgets.QLineEdit(ingest)
+        self.chain_edit = QtWidgets.QLineEdit(engines)
+        self.chain_edit.setPlaceholderText("the daemon's default chain")
+        self.chain_edit.setToolTip("a daemon this dock starts runs these engines, e.g. register,denoise,deconvolve")
+        self.out_edit = QtWidgets.QLineEdit(out)
+        self.out_edit.setPlaceholderText("~/livescope-DATE-TIME.zarr")
+        self.out_edit.setToolTip("where a daemon this dock starts saves raw and products (OME-Zarr)")
+        self.attach_button = QtWidgets.QPushButton("Attach to the Micro-Manager core")
+        self.attach_button.setToolTip(
+            "stream every frame of the core's acquisitions (MDA, live, snaps) to the daemon at these "
+            "addresses, starting one when none answers, and show its products here"
+        )
+        self.attach_button.clicked.connect(self.toggle_attach)
+        self.attach_label = QtWidgets.QLabel("")
+        self.attach_label.setWordWrap(True)
+        mm_form = QtWidgets.QFormLayout(self.mm_box)
+        mm_form.addRow("Ingest", self.ingest_edit)
+        mm_form.addRow("Engines", self.chain_edit)
+        mm_form.addRow("Save to", self.out_edit)
+        mm_form.addRow(self.attach_button)
+        mm_form.addRow(self.attach_label)
+
         form = QtWidgets.QFormLayout()
         form.addRow("Previews", self.preview_edit)
         form.addRow("Control", self.control_edit)
@@ -155,6 +190,7 @@ class LiveWidget(QtWidgets.QWidget):
         layout.addWidget(self.curve_box)
         layout.addWidget(self.grid_box)
         layout.addWidget(self.connect_button)
+        layout.addWidget(self.mm_box)
         layout.addWidget(self.state_label)
         layout.addWidget(self.telemetry)
         layout.addWidget(self.engines_box)
@@ -164,6 +200,9 @@ class LiveWidget(QtWidgets.QWidget):
         self.timer = QtCore.QTimer(self)
         self.timer.setInterval(max(1, int(1000 / fps)))
         self.timer.timeout.connect(self.tick)
+        app = QtWidgets.QApplication.instance()
+        if app is not None:  # quitting napari stops what this dock started
+            app.aboutToQuit.connect(self.shutdown)
 
     # -- connection ------------------------------------------------------------------------------
     @property
@@ -215,15 +254,157 @@ class LiveWidget(QtWidgets.QWidget):
         self.state_label.setText("not connected (the layers keep the last frames)")
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt's name)
-        self.disconnect_daemon()
+        self.shutdown()
         super().closeEvent(event)
+
+    def shutdown(self) -> None:
+        """Detach from the core, stop the daemon this dock started (it flushes its store), disconnect."""
+        self.detach_core()
+        if self.daemon is not None:
+            self.daemon.stop()
+        self.disconnect_daemon()
+
+    # -- attached to a Micro-Manager core -----------------------------------------------------------
+    @property
+    def attached(self) -> bool:
+        return self.bridge is not None
+
+    def toggle_attach(self) -> None:
+        if self.attached or self._attach_pending:
+            self.detach_core()
+        else:
+            self.attach_core()
+
+    def attach_core(self) -> None:
+        """Find the core, then (on the link's first answer, in :meth:`_on_link`) attach the bridge
+        to the daemon at the dock's addresses or start one."""
+        if self.attached or self._attach_pending:
+            return
+        found = find_core(self.viewer)
+        if found is None:
+            self.attach_label.setText(
+                "no Micro-Manager core in this napari: open napari-micromanager's window "
+                "(Plugins > napari-micromanager), or make a pymmcore_plus.CMMCorePlus, first"
+            )
+            return
+        self.core, where = found
+        if not self.control_edit.text().strip():
+            self.attach_label.setText("the Control address is needed: it says whether a daemon is running")
+            return
+        if self.daemon is not None and not self.daemon.running:
+            self.daemon = None  # the one this dock started earlier has finished
+        if self.connected and not (self.link is not None and self.link.connected):
+            self.disconnect_daemon()  # a link that already said "down" says it once: start afresh
+        if not self.connected:
+            self.connect_daemon()
+            if not self.connected:
+                return
+        self._attach_pending = True
+        self.attach_button.setText("Detach")
+        control = self.control_edit.text().strip()
+        self.attach_label.setText(f"{core_name(self.core)} from {where}; asking the daemon at {control}")
+        if self.link is not None and self.link.connected and self.status:  # already answering
+            self._attach_to_daemon(self.status)
+
+    def _start_daemon(self) -> None:
+        out_text = self.out_edit.text().strip()
+        out = Path(out_text).expanduser() if out_text else default_out()
+        try:
+            self.daemon = DaemonProcess(
+                ingest=self.ingest_edit.text().strip(),
+                publish=self.preview_edit.text().strip(),
+                control=self.control_edit.text().strip(),
+                out=out,
+                engines=self.chain_edit.text().strip().replace(" ", ""),
+                extra=self.daemon_args,
+            )
+        except OSError as exc:
+            self._attach_failed(f"could not start a daemon: {exc}")
+            return
+        self.attach_label.setText(f"no daemon answered: started one (pid {self.daemon.pid}), saving to {out}")
+
+    def _attach_to_daemon(self, status: Mapping[str, Any]) -> None:
+        self._attach_pending = False
+        source = str(status.get("source", ""))
+        if not source.startswith("zmq"):
+            self._attach_failed(
+                f"the daemon at {self.control_edit.text()} reads from {source!r}, not from an ingest socket: "
+                "stop it, or give the addresses of a daemon run with --source zmq"
+            )
+            return
+        from ...bridges.mmcore import attach
+
+        ingest = self.ingest_edit.text().strip()
+        try:
+            self.bridge = attach(self.core, ingest)
+        except Exception as exc:  # a malformed address, a core that is not a pymmcore-plus core
+            self._attach_failed(f"cannot attach to {ingest}: {exc}")
+            return
+        self.attach_button.setText("Detach")
+        self._show_bridge()
+
+    def _attach_failed(self, text: str) -> None:
+        self._attach_pending = False
+        self.attach_button.setText("Attach to the Micro-Manager core")
+        self.attach_label.setText(text)
+
+    def _show_bridge(self) -> None:
+        b = self.bridge
+        if b is None:
+            return
+        started = f"; daemon pid {self.daemon.pid} saving to {self.daemon.out}" if self.daemon is not None else ""
+        self.attach_label.setText(
+            f"attached to {core_name(self.core)} -> {b.address}: {b.sent} frames sent, {b.dropped} dropped, "
+            f"{b.acquisitions} acquisitions{started}"
+        )
+
+    def detach_core(self) -> None:
+        """Close the bridge (its queued frames are sent first); a daemon this dock started is asked
+        to stop, and the dock disconnects when it has saved everything."""
+        self._attach_pending = False
+        text = ""
+        if self.bridge is not None:
+            b, self.bridge = self.bridge, None
+            b.close()
+            text = f"detached: {b.sent} frames sent, {b.dropped} dropped"
+        self.attach_button.setText("Attach to the Micro-Manager core")
+        if self.daemon is not None and self.daemon.running:
+            self.daemon.request_stop()
+            text += f"; the daemon is finishing {self.daemon.out}"
+        if text:
+            self.attach_label.setText(text.removeprefix("; "))
+
+    def _watch_daemon(self) -> None:
+        """The daemon this dock started: failed to start, or finished after a detach."""
+        d = self.daemon
+        if d is None or d.running:
+            return
+        self.daemon = None
+        if self._attach_pending:
+            self._attach_failed(f"the daemon did not start (exit {d.returncode}):\n{d.log_tail()}")
+        elif self.bridge is not None:  # it went away under the bridge (killed, or stopped by `livescope stop`)
+            self.detach_core()
+            self.attach_label.setText(f"the daemon stopped (exit {d.returncode}); detached")
+        else:
+            self.attach_label.setText(
+                f"the daemon stopped (exit {d.returncode}); its store: {d.out}"
+                if d.returncode == 0
+                else f"the daemon stopped (exit {d.returncode}):\n{d.log_tail()}"
+            )
+        d.stop()  # closes its log file
+        self.disconnect_daemon()
 
     # -- each tick, on the GUI thread ------------------------------------------------------------
     def tick(self) -> None:
+        if self.daemon is not None:
+            self._watch_daemon()
         if self.previews is not None:
             frames = self.previews.take()
+            n_layers = len(self.layers)
             for key in sorted(frames):
                 self._show(key, frames[key])
+            if len(self.layers) > n_layers:  # a new product: every tile fits its view again
+                self.viewer.reset_view()
         if self.link is not None:
             for kind, payload in self.link.drain():
                 self._on_link(kind, payload)
@@ -244,7 +425,7 @@ class LiveWidget(QtWidgets.QWidget):
         layer = self.layers.get(name)
         if layer is None or layer not in self.viewer.layers:  # first frame, or the user deleted it
             layer = self.viewer.add_image(
-                arr,
+                np.array(arr),  # the layer's own, writable copy: later frames are copied into it
                 name=name,
                 scale=scale,
                 units=("micrometer", "micrometer") if px else ("pixel", "pixel"),
@@ -255,12 +436,27 @@ class LiveWidget(QtWidgets.QWidget):
             )
             self.layers[name] = layer
             self._levels_at[name] = time.monotonic()
+        elif not layer.visible:
+            return  # a hidden layer is not drawn: its data waits for the next frame after it is shown
         else:
-            layer.data = arr  # in place: the same layer, its new frame
+            now = time.monotonic()
+            levels = now - self._levels_at.get(name, 0.0) >= LEVELS_EVERY_S
+            data = layer.data
+            if (
+                isinstance(data, np.ndarray)
+                and data.shape == arr.shape
+                and data.dtype == arr.dtype
+                and data.flags.writeable
+            ):
+                # the same layer, its new frame copied in: napari re-slices and uploads it, but
+                # keeps its dims, extent and (but once a second) its thumbnail
+                np.copyto(data, arr)
+                layer.refresh(thumbnail=levels, highlight=False, extent=False)
+            else:  # another shape or dtype (binning changed): the layer's data replaced
+                layer.data = np.array(arr)
             if tuple(layer.scale) != scale:
                 layer.scale = scale
-            now = time.monotonic()
-            if now - self._levels_at.get(name, 0.0) >= LEVELS_EVERY_S:
+            if levels:
                 self._levels_at[name] = now
                 layer.contrast_limits = _display_levels(arr)
         layer.metadata["livescope"].update(
@@ -277,12 +473,17 @@ class LiveWidget(QtWidgets.QWidget):
             self.status = payload
             self.telemetry.setText(telemetry_text(payload))
             self._update_engines(payload.get("engines") or {})
+            self._show_bridge()
         elif kind == "events":
             self._add_events(payload)
         elif kind == "down":
             self.state_label.setText(f"no daemon answers at {payload}: is it running? (reconnecting by itself)")
+            if self._attach_pending and self.daemon is None:
+                self._start_daemon()
         elif kind == "up":
             self.state_label.setText(f"connected to {self.control_edit.text().strip()}")
+            if self._attach_pending:
+                self._attach_to_daemon(payload)
         elif kind == "restarted":
             self.state_label.setText("the daemon restarted: counters and events start over")
             self.events.clear()
