@@ -618,6 +618,15 @@ def _print_summary(summary: dict[str, Any]) -> None:
             f"products completed in order: {comp['frames_completed']} frame(s) the live path skipped"
             f"{left}{lost} (--complete {comp['mode']})"
         )
+    tuning = summary.get("tuning") or {}
+    if tuning.get("runs"):
+        last = (tuning.get("last") or {}).get("best") or {}
+        setting = " ".join(f"{k} {v}" for k, v in last.items())
+        first = " of the denoised frame" if (tuning.get("last") or {}).get("denoise_first") else ""
+        print(
+            f"self-tuning: {tuning['runs']} runs, {tuning['changes']} changes, {tuning['cpu_s']:.1f} s CPU; "
+            f"deconvolution now {setting}{first}"
+        )
     if summary.get("events"):
         print(f"events flagged: {summary['events']}")
 

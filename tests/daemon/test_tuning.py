@@ -104,3 +104,12 @@ def test_pass_on_false_hands_the_denoisers_input_to_the_next_engine():
     params["denoise"]["pass_on"] = True
     chained = Chain(slots_for(["denoise", "deconvolve"], params), spec).run(frame, FrameInfo(seq=0))
     assert not np.array_equal(chained.images["deconvolved"], alone.images["deconvolved"])
+
+
+def test_the_tuner_works_on_a_centred_crop_of_large_frames():
+    from livescope.daemon.tuning import CROP, _centre
+
+    frame = np.arange(700 * 600, dtype=np.float32).reshape(700, 600)
+    crop = _centre(frame, CROP)
+    assert crop.shape == (512, 512) and crop[0, 0] == frame[94, 44]
+    assert _centre(frame[:100, :80], CROP).shape == (100, 80)  # smaller frames whole
