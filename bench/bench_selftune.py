@@ -58,6 +58,22 @@ def images(calibrate: bool) -> dict[str, np.ndarray]:
     return out
 
 
+def cases(imgs: dict[str, np.ndarray]):
+    """Each image normalised to 0..1, blurred by a Gaussian PSF (sigma 1.5, 2.5 px) at a peak of
+    50, 400 and 4000 photons: (name, sigma, peak, psf, truth, blurred photon rate)."""
+    for name, img in imgs.items():
+        img = img - np.percentile(img, 1)
+        img = np.maximum(img, 0) / img.max()
+        for sigma in (1.5, 2.5):
+            psf = gaussian_psf(sigma)
+            for peak in (50, 400, 4000):
+                truth = img * peak
+                blurred = np.maximum(
+                    forward(truth.astype(np.float32), make_plan(psf, truth.shape, "rl", np, boundary="dct")), 0
+                )
+                yield name, sigma, peak, psf, truth, blurred
+
+
 def psnr_fit(x: np.ndarray, truth: np.ndarray) -> float:
     a = np.vstack([x.ravel(), np.ones(x.size)]).T
     coef, *_ = np.linalg.lstsq(a, truth.ravel(), rcond=None)
@@ -106,31 +122,22 @@ def denoise_first(rng: np.random.Generator) -> None:
         "| auto - best of both |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for name, img in images(False).items():
-        img = img - np.percentile(img, 1)
-        img = np.maximum(img, 0) / img.max()
-        for sigma in (1.5, 2.5):
-            psf = gaussian_psf(sigma)
-            for peak in (50, 400, 4000):
-                truth = img * peak
-                blurred = np.maximum(
-                    forward(truth.astype(np.float32), make_plan(psf, truth.shape, "rl", np, boundary="dct")), 0
-                )
-                counts = to_photons(rng.poisson(blurred) + 100.0, gain=1.0, offset=100.0)
-                raw = {c.iterations: psnr_fit(r, truth) for c, r in all_settings(counts, psf, cands).items()}
-                den_in = np.maximum(denoiser(counts), 0)
-                den = {c.iterations: psnr_fit(r, truth) for c, r in all_settings(den_in, psf, cands).items()}
-                res = tune_deconvolution(
-                    counts, psf, rng=np.random.default_rng(7), wb_counts=(), rl_counts=ks, denoiser=denoiser
-                )
-                auto = (den if res.best.denoised else raw)[res.best.iterations]
-                both = max(max(raw.values()), max(den.values()))
-                pick = f"{'denoised' if res.best.denoised else 'raw'} {res.best.iterations}"
-                print(
-                    f"| {name} | {sigma} | {peak} | {max(raw.values()):.2f} | {max(den.values()):.2f} | {pick} | "
-                    f"{auto:.2f} | {auto - both:+.2f} |",
-                    flush=True,
-                )
+    for name, sigma, peak, psf, truth, blurred in cases(images(False)):
+        counts = to_photons(rng.poisson(blurred) + 100.0, gain=1.0, offset=100.0)
+        raw = {c.iterations: psnr_fit(r, truth) for c, r in all_settings(counts, psf, cands).items()}
+        den_in = np.maximum(denoiser(counts), 0)
+        den = {c.iterations: psnr_fit(r, truth) for c, r in all_settings(den_in, psf, cands).items()}
+        res = tune_deconvolution(
+            counts, psf, rng=np.random.default_rng(7), wb_counts=(), rl_counts=ks, denoiser=denoiser
+        )
+        auto = (den if res.best.denoised else raw)[res.best.iterations]
+        both = max(max(raw.values()), max(den.values()))
+        pick = f"{'denoised' if res.best.denoised else 'raw'} {res.best.iterations}"
+        print(
+            f"| {name} | {sigma} | {peak} | {max(raw.values()):.2f} | {max(den.values()):.2f} | {pick} | "
+            f"{auto:.2f} | {auto - both:+.2f} |",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -152,42 +159,33 @@ def main() -> None:
         "| auto - oracle | skimage RL best (it.) | tune s |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, img in images(args.calibrate).items():
-        img = img - np.percentile(img, 1)
-        img = np.maximum(img, 0) / img.max()
-        for sigma in (1.5, 2.5):
-            psf = gaussian_psf(sigma)
-            for peak in (50, 400, 4000):
-                truth = img * peak
-                blurred = np.maximum(
-                    forward(truth.astype(np.float32), make_plan(psf, truth.shape, "rl", np, boundary="dct")), 0
-                )
-                adu = rng.poisson(blurred) + 100.0
-                counts = to_photons(adu, gain=1.0, offset=100.0)
-                restored = all_settings(counts, psf, cands)
-                scores = {c: psnr_fit(r, truth) for c, r in restored.items()}
-                oracle = max(scores, key=lambda c: scores[c])
-                default = scores[Candidate("wb", 2, 0.01)]
-                sk, sk_k = skimage_best(counts, psf, truth)
-                for p, floor in [(p, f) for p in args.p for f in args.otf_floor]:
-                    t0 = time.perf_counter()
-                    res = tune_deconvolution(
-                        counts,
-                        psf,
-                        p=p,
-                        splits=args.splits,
-                        rng=np.random.default_rng(7),
-                        criterion=args.criterion,
-                        otf_floor=floor,
-                    )
-                    dt = time.perf_counter() - t0
-                    auto = scores[res.best]
-                    print(
-                        f"| {name} | {sigma} | {peak} | {p}/{floor} | {psnr_fit(counts, truth):.2f} | {default:.2f} | "
-                        f"{auto:.2f} | {_short(res.best)} | {scores[oracle]:.2f} | {_short(oracle)} | "
-                        f"{auto - scores[oracle]:+.2f} | {sk:.2f} ({sk_k}) | {dt:.1f} |",
-                        flush=True,
-                    )
+    for name, sigma, peak, psf, truth, blurred in cases(images(args.calibrate)):
+        adu = rng.poisson(blurred) + 100.0
+        counts = to_photons(adu, gain=1.0, offset=100.0)
+        restored = all_settings(counts, psf, cands)
+        scores = {c: psnr_fit(r, truth) for c, r in restored.items()}
+        oracle = max(scores, key=lambda c: scores[c])
+        default = scores[Candidate("wb", 2, 0.01)]
+        sk, sk_k = skimage_best(counts, psf, truth)
+        for p, floor in [(p, f) for p in args.p for f in args.otf_floor]:
+            t0 = time.perf_counter()
+            res = tune_deconvolution(
+                counts,
+                psf,
+                p=p,
+                splits=args.splits,
+                rng=np.random.default_rng(7),
+                criterion=args.criterion,
+                otf_floor=floor,
+            )
+            dt = time.perf_counter() - t0
+            auto = scores[res.best]
+            print(
+                f"| {name} | {sigma} | {peak} | {p}/{floor} | {psnr_fit(counts, truth):.2f} | {default:.2f} | "
+                f"{auto:.2f} | {_short(res.best)} | {scores[oracle]:.2f} | {_short(oracle)} | "
+                f"{auto - scores[oracle]:+.2f} | {sk:.2f} ({sk_k}) | {dt:.1f} |",
+                flush=True,
+            )
 
 
 def _short(c: Candidate) -> str:
