@@ -352,7 +352,13 @@ def _check_engines(cfg: DaemonConfig, where: Any, param_origin: Mapping[tuple[st
                 readable = Path(value).is_file() or (param == "model" and (Path(value) / "rdf.yaml").is_file())
                 if not (Path(missing).is_dir() if param == "fit_out" else readable):
                     bad.add(engine)
-                    problems.append(f"{at(param)}: {engine}.{param} = {_toml(value)}: {_missing(missing)}")
+                    why = (
+                        "a folder without rdf.yaml: give a model file, or a BioImage Model Zoo package "
+                        "(its folder, rdf.yaml or zip)"
+                        if param == "model" and Path(value).is_dir()
+                        else _missing(missing)
+                    )
+                    problems.append(f"{at(param)}: {engine}.{param} = {_toml(value)}: {why}")
     products = {"raw"}
     for name in dict.fromkeys(cfg.engines):
         if name in bad:

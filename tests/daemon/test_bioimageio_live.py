@@ -64,3 +64,21 @@ def _find(tree, key):
             if found is not None:
                 return found
     return None
+
+
+def test_the_daemon_takes_a_package_folder_and_refuses_one_without_rdf(tmp_path, free_address, capsys):
+    """`--param denoise.model=FOLDER`: a package unpacked as a folder (with rdf.yaml) is checked at
+    start like a file; a folder without one is refused before anything starts."""
+    import shutil
+
+    from livescope.daemon.cli import main
+
+    folder = tmp_path / "n2v"
+    shutil.unpack_archive(PACKAGE, folder)
+    common = ["daemon", "--frames", "2", "--sim-size", "64", "--engines", "denoise", "--tune", "off"]
+    common += ["--ingest", free_address(), "--control", free_address(), "--publish", ""]
+    assert main([*common, "--param", f"denoise.model={folder}", "--out", str(tmp_path / "a.zarr")]) == 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([*common, "--param", f"denoise.model={empty}", "--out", str(tmp_path / "b.zarr")]) == 2
+    assert "a folder without rdf.yaml" in capsys.readouterr().err
