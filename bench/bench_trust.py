@@ -5,9 +5,12 @@
 
 Frames are 128x128 and labelled:
 
-Checks: the residual (denoising) and re-blur (deconvolution) checks, TTA and the feature distance
+Checks: the residual (denoising) and re-blur (deconvolution) checks, TTA, the feature distance
 (networks: tile features in the model's variance-stabilised units against the statistics its
-model file holds), and the naive baseline (the whole frame's residual variance).
+model file holds), the photon-split check (the frame's photons split into two half-dose frames,
+each restored, their disagreement against the noise model: map score and the 99.9 % tail of the
+standardised difference; shown beside the others, ``split_every`` in the engine) and the naive
+baseline (the whole frame's residual variance).
 
 - in distribution (null) for the shipped denoise model (supervised, trained on crappified sim
   microscope frames and the cell-migration movie; neither W2S image): ``w2s-resim``, crops of the
@@ -160,7 +163,9 @@ THREADS: int | None = None  # onnxruntime intra-op threads (--threads)
 def run_denoise(frames, tta: bool, timings: dict) -> dict[str, np.ndarray]:
     eng = create_engine("denoise", backend="onnxruntime", tile=0, threads=THREADS)
     eng.setup(StreamSpec(shape=SHAPE))
-    res: dict[str, list[float]] = {"score": [], "base": [], "tta": [], "features": []}
+    halves = create_engine("denoise", backend="onnxruntime", tile=0, threads=THREADS)  # the split check's own
+    halves.setup(StreamSpec(shape=SHAPE))
+    res: dict[str, list[float]] = {"score": [], "base": [], "tta": [], "features": [], "split": [], "split_tail": []}
     stats_f = eng._loaded.model.metadata["training_features"]
     for i, (raw, model) in enumerate(frames):
         eng._norm = None  # each crop is a stream of its own: normalisation fixed on its first frame
@@ -186,6 +191,15 @@ def run_denoise(frames, tta: bool, timings: dict) -> dict[str, np.ndarray]:
             tmap, _ = T.tta_trust(preds, model)
             res["tta"].append(T.frame_score(tmap))
             timings.setdefault("tta check (3 inferences)", []).append(time.perf_counter() - t3)
+        halves._norm = None  # the halves are a half-dose stream of their own
+        t5 = time.perf_counter()
+        a, b = T.split_halves(raw, model, np.random.default_rng(i))
+        ra = halves.process(a, FrameInfo(seq=i))["denoised"]
+        rb = halves.process(b, FrameInfo(seq=i))["denoised"]
+        smap, sstats = T.split_trust(ra, rb, model)
+        timings.setdefault("split check (2 inferences)", []).append(time.perf_counter() - t5)
+        res["split"].append(T.frame_score(smap))
+        res["split_tail"].append(-sstats["split_tail"])
     return {k: np.asarray(v) for k, v in res.items()}
 
 
@@ -204,7 +218,7 @@ def _predictor(eng):
 
 
 def run_deconvolve(frames, timings: dict) -> dict[str, np.ndarray]:
-    res: dict[str, list[float]] = {"score": [], "base": []}
+    res: dict[str, list[float]] = {"score": [], "base": [], "split": [], "split_tail": []}
     engines: dict[float, object] = {}
     for i, (raw, model, sigma, offset) in enumerate(frames):
         key = (round(sigma, 3), offset)
@@ -222,6 +236,13 @@ def run_deconvolve(frames, timings: dict) -> dict[str, np.ndarray]:
         timings.setdefault("re-blur check", []).append(t2 - t1)
         res["score"].append(score)
         res["base"].append(-abs(np.log(stats["var"])))
+        t3 = time.perf_counter()
+        a, b = T.split_halves(raw, model, np.random.default_rng(i))
+        ra, rb = (e.process(h, FrameInfo(seq=i))["deconvolved"] + offset for h in (a, b))  # offset back: ADU
+        smap, sstats = T.split_trust(ra, rb, model, psf=e._kernel)
+        timings.setdefault("split check (2 deconvolutions)", []).append(time.perf_counter() - t3)
+        res["split"].append(T.frame_score(smap))
+        res["split_tail"].append(-sstats["split_tail"])
     return {k: np.asarray(v) for k, v in res.items()}
 
 
@@ -324,6 +345,10 @@ def main(argv: list[str] | None = None) -> None:
     th_t, far_t = threshold(r_null["tta"], source)
     th_f, far_f = threshold(r_null["features"], source)
     th_c, far_c = threshold(d_null["score"], dsource)
+    th_s, far_s = threshold(r_null["split"], source)
+    th_st, far_st = threshold(r_null["split_tail"], source)
+    th_cs, far_cs = threshold(d_null["split"], dsource)
+    th_cst, far_cst = threshold(d_null["split_tail"], dsource)
     print(
         f"# Trust scores ({platform.machine()}, {SHAPE[0]}x{SHAPE[1]} frames, {time.perf_counter() - t_start:.0f} s)\n"
     )
@@ -335,6 +360,10 @@ def main(argv: list[str] | None = None) -> None:
         ("tta", r_null["tta"], th_t, far_t),
         ("features", r_null["features"], th_f, far_f),
         ("deconvolve re-blur", d_null["score"], th_c, far_c),
+        ("denoise split", r_null["split"], th_s, far_s),
+        ("denoise split tail (-q99.9)", r_null["split_tail"], th_st, far_st),
+        ("deconvolve split", d_null["split"], th_cs, far_cs),
+        ("deconvolve split tail (-q99.9)", d_null["split_tail"], th_cst, far_cst),
     ):
         rates = "; ".join(f"{k}: {v:.1%} of {n}" for k, (v, n) in far.items())
         print(f"| {name} | {r.size} | {th:.2f} | {rates} |")
@@ -343,6 +372,10 @@ def main(argv: list[str] | None = None) -> None:
         ("tta", r_null["tta"]),
         ("features", r_null["features"]),
         ("deconvolve re-blur", d_null["score"]),
+        ("denoise split", r_null["split"]),
+        ("denoise split tail", r_null["split_tail"]),
+        ("deconvolve split", d_null["split"]),
+        ("deconvolve split tail", d_null["split_tail"]),
     ):
         q = np.quantile(r, [0.001, 0.01, 0.05, 0.5])
         print(f"\n{name}: null quantiles 0.1/1/5/50 %: " + ", ".join(f"{v:.3f}" for v in q), end="")
@@ -368,6 +401,84 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"| deconvolved | {k} | {r['score'].size} | {auc(r['score'], d_null['score']):.3f} | | | "
             f"{auc(r['base'], d_null['base']):.3f} | {np.mean(r['score'] < th_c):.0%} | | | |"
+        )
+
+    print("\n## The photon-split check against the existing checks (detected = below the threshold)\n")
+
+    def any_of(r, checks):
+        return np.logical_or.reduce([r[k] < th for k, th in checks])
+
+    old = [("score", th_d), ("tta", th_t), ("features", th_f)]
+    new = [*old, ("split", th_s)]
+    tail = [*old, ("split_tail", th_st)]
+    print(
+        f"false alarms on all {r_null['score'].size} null frames: any existing check "
+        f"{np.mean(any_of(r_null, old)):.1%}, any + split {np.mean(any_of(r_null, new)):.1%}, "
+        f"any + split tail {np.mean(any_of(r_null, tail)):.1%}; split alone {np.mean(r_null['split'] < th_s):.1%}"
+    )
+    print(
+        f"deconvolution, all {d_null['score'].size} null frames: re-blur {np.mean(d_null['score'] < th_c):.1%}, "
+        f"re-blur or split {np.mean((d_null['score'] < th_c) | (d_null['split'] < th_cs)):.1%}\n"
+    )
+
+    # the same false-alarm rate: every check of a set at one common null quantile q, q chosen so that
+    # "any check fires" on as many null frames as the existing three at their thresholds do
+    def matched(null_r, checks, target):
+        lo, hi = 0.0, 0.05
+        for _ in range(40):
+            q = (lo + hi) / 2
+            ths = [(c, float(np.quantile(null_r[c], q))) for c in checks]
+            lo, hi = (q, hi) if np.mean(any_of(null_r, ths)) <= target else (lo, q)
+        return [(c, float(np.quantile(null_r[c], lo))) for c in checks]
+
+    target = float(np.mean(any_of(r_null, old)))
+    m_split = matched(r_null, ["score", "tta", "features", "split"], target)
+    m_tail = matched(r_null, ["score", "tta", "features", "split_tail"], target)
+    d_target = float(np.mean(d_null["score"] < th_c))
+    dm_split = matched(d_null, ["score", "split"], d_target)
+    dm_tail = matched(d_null, ["score", "split_tail"], d_target)
+    print(
+        f"matched to the existing checks' {target:.1%} (deconvolution {d_target:.1%}): with split, thresholds "
+        + ", ".join(f"{c} {t:.3f}" for c, t in m_split)
+        + f" ({np.mean(any_of(r_null, m_split)):.1%}); with split tail "
+        + ", ".join(f"{c} {t:.3f}" for c, t in m_tail)
+        + f" ({np.mean(any_of(r_null, m_tail)):.1%})\n"
+    )
+    print(
+        "| product | artefact | detected (existing) | detected at the same false-alarm rate: existing + split | "
+        "existing + split tail |"
+    )
+    print("|---|---|---|---|---|")
+    for k, r in r_art.items():
+        print(
+            f"| denoised | {k} | {np.mean(any_of(r, old)):.0%} | {np.mean(any_of(r, m_split)):.0%} | "
+            f"{np.mean(any_of(r, m_tail)):.0%} |"
+        )
+    for k, r in d_art.items():
+        print(
+            f"| deconvolved | {k} | {np.mean(r['score'] < th_c):.0%} | {np.mean(any_of(r, dm_split)):.0%} | "
+            f"{np.mean(any_of(r, dm_tail)):.0%} |"
+        )
+    print()
+    print(
+        "| product | artefact | split AUC | split tail AUC | detected (split) | detected (split tail) | "
+        "detected (any existing) | detected (any + split) | detected (any + split tail) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for k, r in r_art.items():
+        print(
+            f"| denoised | {k} | {auc(r['split'], r_null['split']):.3f} | "
+            f"{auc(r['split_tail'], r_null['split_tail']):.3f} | {np.mean(r['split'] < th_s):.0%} | "
+            f"{np.mean(r['split_tail'] < th_st):.0%} | {np.mean(any_of(r, old)):.0%} | "
+            f"{np.mean(any_of(r, new)):.0%} | {np.mean(any_of(r, tail)):.0%} |"
+        )
+    for k, r in d_art.items():
+        print(
+            f"| deconvolved | {k} | {auc(r['split'], d_null['split']):.3f} | "
+            f"{auc(r['split_tail'], d_null['split_tail']):.3f} | {np.mean(r['split'] < th_cs):.0%} | "
+            f"{np.mean(r['split_tail'] < th_cst):.0%} | {np.mean(r['score'] < th_c):.0%} | "
+            f"{np.mean((r['score'] < th_c) | (r['split'] < th_cs)):.0%} | "
+            f"{np.mean((r['score'] < th_c) | (r['split_tail'] < th_cst)):.0%} |"
         )
 
     print("\n## Cost per 128x128 frame (median ms)\n")

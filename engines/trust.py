@@ -17,7 +17,11 @@ runs it, and checks its product against the raw frame under the camera's noise m
   normalisation gives (noise sigma 1: structure per scale, contrast, orientation coherence,
   skewness), and their Mahalanobis distance from the training tiles' mean and covariance, which
   ``fit`` stores in the model file (``training_features``). Runs on every ``feature_every``-th
-  frame; a model file without the statistics has no feature score (``describe()`` says so).
+  frame; a model file without the statistics has no feature score (``describe()`` says so);
+- **split** (off by default, ``split_every``): the frame's photons split into two independent
+  half-dose frames (binomial thinning, :mod:`.selftune`), each restored; where the two
+  restorations disagree as much as two raw half-dose frames would, the restoration follows the
+  noise (invents structure). Two extra restorations per checked frame.
 
 Each check gives a map in [0, 1] (1: consistent with the noise) over windows of
 ``(2 radius + 1)^2`` pixels, and a frame score: the map's ``area`` quantile (the trust that all
@@ -27,8 +31,9 @@ but 1 % of the frame reaches). A score under its threshold adds an event
 Outputs for product ``P`` (``denoised`` / ``deconvolved``): the inner engine's outputs, the map
 ``trust_P`` (float32 image: the minimum of the maps of the checks run on the frame), the
 scalars ``trust_P_score`` (residual or re-blur check), ``trust_P_tta`` and ``trust_P_features``
-(sampled frames of networks only) and ``trust_P_ok`` (1.0 when every check computed on the frame
-passed). ``passes`` is the inner product, so the chain continues with it.
+(sampled frames of networks only), ``trust_P_split`` (sampled frames, when on) and ``trust_P_ok``
+(1.0 when every check computed on the frame passed). ``passes`` is the inner product, so the
+chain continues with it.
 
 The core functions are written against the array API (numpy, cupy, array_api_strict).
 """
@@ -62,6 +67,7 @@ from .base import (
     register_engine,
 )
 from .calibrate import Calibrator, NoiseModel
+from .selftune import split_photons, to_photons
 
 __all__ = [
     "FEATURE_NAMES",
@@ -76,6 +82,8 @@ __all__ = [
     "residual_trust",
     "score_deconvolved",
     "score_denoised",
+    "split_halves",
+    "split_trust",
     "standardised_residual",
     "tile_features",
     "tta_predictions",
@@ -91,13 +99,17 @@ log = logging.getLogger(__name__)
 # 0.82 (sim 0.8 %, W2S 0 %). features: that run's half-sample 1 % quantile, 0.51, alarms on 6.5 %
 # of held-out sim frames, so it is set to the 1 % quantile of all null frames, 0.48, fewer false
 # alarms at the cost of some detections. The deconvolve re-blur threshold is the earlier
-# full-bench value (0.52 in this run). Retraining the model means re-measuring these
-# (docs/trust.md).
+# full-bench value (0.52 in this run). The photon-split check (off by default: at the same
+# false-alarm rate it catches no more artefacts, 2026-12-06) has the 1 % quantiles of all null
+# frames, 0.60 (denoise; its half-sample quantile 0.61 alarms on 5 % of sim frames) and 0.50
+# (deconvolve). Retraining the model means re-measuring these (docs/trust.md).
 THRESHOLDS: dict[str, float] = {
     "denoise": 0.57,
     "deconvolve": 0.51,
     "tta": 0.82,
     "features": 0.48,
+    "split_denoise": 0.60,
+    "split_deconvolve": 0.50,
 }
 
 TRANSFORMS = ("fliplr", "flipud", "rot90")
@@ -257,6 +269,61 @@ def tta_trust(predictions: Sequence[Any], model: NoiseModel, radius: int = 8) ->
     ratio = box_mean(spread, radius) / box_mean(xp.astype(noise, xp.float32), radius)
     tmap = xp.clip(1.0 - xp.sqrt(xp.clip(ratio, 0.0, None)), 0.0, 1.0)
     return xp.astype(tmap, xp.float32), {"disagreement": float(xp.sqrt(xp.mean(spread) / xp.mean(noise)))}
+
+
+# --------------------------------------------------------------------------- photon splitting
+
+
+def split_halves(raw: Any, model: NoiseModel, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Two independent half-dose frames of one raw frame, in the camera's ADU: its photons
+    (``(raw - offset) / gain``, rounded) split by binomial thinning with p = 0.5, each part put
+    back through the camera's gain and offset. Without a known offset (a stream calibration
+    without dark frames) the offset is where the noise line meets zero variance,
+    ``-intercept / slope`` (read noise then counts as a fraction of a photon)."""
+    frame = np.asarray(_array.to_numpy(raw), dtype=np.float32)
+    offset: Any
+    if model.offset_map is not None and np.shape(model.offset_map) == frame.shape:
+        offset = np.asarray(model.offset_map, dtype=np.float32)
+    elif model.offset is not None:
+        offset = float(model.offset)
+    else:
+        offset = -float(model.intercept) / float(model.slope)
+    gain = float(model.gain)
+    a, b = split_photons(to_photons(frame - offset, gain, 0.0), 0.5, rng)
+    return (gain * a + offset).astype(np.float32), (gain * b + offset).astype(np.float32)
+
+
+def split_trust(
+    restored_a: Any, restored_b: Any, model: NoiseModel, radius: int = 8, psf: Any = None
+) -> tuple[Any, dict[str, float]]:
+    """Agreement of the restorations of two half-dose frames of one frame (:func:`split_halves`).
+
+    Their photon noise is independent, so where the restoration keeps only the signal they
+    agree; where it invents structure from the noise they disagree. The disagreement is measured
+    against what two raw half-dose frames would show, ``2 var_model``:
+    ``1 - sqrt(local mean of (a - b)^2 / local mean of 2 var_model((a + b) / 2))``, clipped to
+    [0, 1]: 0 where the restorations differ as much as the raw halves do. Statistics:
+    ``split_disagreement`` (the whole frame's ratio, as a sigma) and ``split_tail`` (the 99.9 %
+    quantile of the standardised difference over its own robust sigma: isolated outliers).
+
+    ``psf``: deconvolutions (offset added back) are compared re-blurred with it, in the data's
+    units: deconvolution amplifies noise beyond the raw frame's wherever the PSF passes little."""
+    xp = _array.namespace(restored_a, restored_b)
+    a = xp.astype(restored_a, xp.float32)
+    b = xp.astype(restored_b, xp.float32)
+    if psf is not None:
+        a, b = reblur(a, psf), reblur(b, psf)
+    d = a - b
+    noise = xp.astype(2.0 * model.variance((a + b) / 2), xp.float32)
+    ratio = box_mean(d * d, radius) / box_mean(noise, radius)
+    tmap = xp.clip(1.0 - xp.sqrt(xp.clip(ratio, 0.0, None)), 0.0, 1.0)
+    s = np.abs(np.asarray(_array.to_numpy(d / xp.sqrt(noise)), dtype=np.float64))
+    robust = max(1.4826 * float(np.median(s)), 1e-6)
+    stats = {
+        "split_disagreement": float(xp.sqrt(xp.mean(d * d) / xp.mean(noise))),
+        "split_tail": float(np.quantile(s / robust, 0.999)),
+    }
+    return xp.astype(tmap, xp.float32), stats
 
 
 # --------------------------------------------------------------------------- features
@@ -496,12 +563,14 @@ class Trust(EngineBase):
         "trust_denoised_score",
         "trust_denoised_tta",
         "trust_denoised_features",
+        "trust_denoised_split",
         "trust_denoised_ok",
     )
     scalar_outputs: ClassVar[tuple[str, ...]] = (
         "trust_denoised_score",
         "trust_denoised_tta",
         "trust_denoised_features",
+        "trust_denoised_split",
         "trust_denoised_ok",
     )
     saved_by_default: ClassVar[tuple[str, ...] | None] = ("denoised", "trust_denoised")  # and where to trust it
@@ -536,6 +605,8 @@ class Trust(EngineBase):
         "tta_transforms": Param(TRANSFORMS, _transforms, show=list),
         "feature_every": Param(5, int, doc="feature distance on every n-th frame; 0: never"),
         "feature_threshold": Param(None, optional(float)),
+        "split_every": Param(0, int, doc="photon-split check on every n-th frame (two restorations); 0: never"),
+        "split_threshold": Param(None, optional(float)),
     }
 
     # the parameters as ``_init_params`` sets them (converted and checked; the None thresholds
@@ -555,6 +626,8 @@ class Trust(EngineBase):
     tta_transforms: tuple[str, ...]
     feature_every: int
     feature_threshold: float
+    split_every: int
+    split_threshold: float
 
     def __init__(
         self,
@@ -573,6 +646,8 @@ class Trust(EngineBase):
         tta_transforms: Sequence[str] | str = TRANSFORMS,
         feature_every: int = 5,
         feature_threshold: float | None = None,
+        split_every: int = 0,
+        split_threshold: float | None = None,
         **inner_params: Any,
     ) -> None:
         self._init_params(locals())  # trust's own; inner_params go to the inner engine
@@ -591,7 +666,13 @@ class Trust(EngineBase):
         self.inner = create_engine(self.restore, **self.inner_params)
         self.product = _product(self.restore)
         p = self.product
-        scalars = (f"trust_{p}_score", f"trust_{p}_tta", f"trust_{p}_features", f"trust_{p}_ok")
+        scalars = (
+            f"trust_{p}_score",
+            f"trust_{p}_tta",
+            f"trust_{p}_features",
+            f"trust_{p}_split",
+            f"trust_{p}_ok",
+        )
         self.outputs = (*self.inner.outputs, f"trust_{p}", *scalars)  # type: ignore[misc]
         self.scalar_outputs = (*getattr(self.inner, "scalar_outputs", ()), *scalars)  # type: ignore[misc]
         self.spec: StreamSpec | None = None
@@ -600,6 +681,8 @@ class Trust(EngineBase):
         self._fixed = False
         self._warned_tta = False
         self._warned_features = False
+        self._warned_split = False
+        self._halves: Any = None  # the split check's own instance of a network (its own normalisation)
 
     def _validate(self) -> None:
         if self.threshold is None:
@@ -608,6 +691,10 @@ class Trust(EngineBase):
             self.tta_threshold = float(THRESHOLDS["tta"])
         if self.feature_threshold is None:
             self.feature_threshold = float(THRESHOLDS["features"])
+        if self.split_threshold is None:
+            self.split_threshold = float(
+                THRESHOLDS["split_deconvolve" if self.restore == "deconvolve" else "split_denoise"]
+            )
 
     # ------------------------------------------------------------------ protocol
 
@@ -628,6 +715,8 @@ class Trust(EngineBase):
             raise EngineError("trust checks single planes; run the inner engine with volume=False")
         self.spec = spec
         self.inner.setup(spec)
+        if self._halves is not None:
+            self._halves.setup(spec)
         self._reset_model()
 
     def process(self, frame: Any, info: FrameInfo) -> dict[str, Any]:
@@ -682,6 +771,17 @@ class Trust(EngineBase):
                 if fscore < self.feature_threshold:
                     ok = False
                     events.append(self._event("features", fscore, self.feature_threshold, info, fstats))
+        if self.split_every > 0 and info.seq % self.split_every == 0:
+            halves = self._restore_halves(raw, model, info)
+            if halves is not None:
+                split_psf = self._inner_psf(raw)[0] if self.restore == "deconvolve" else None
+                smap, sstats = split_trust(*halves, model, self.radius, psf=split_psf)
+                sscore = frame_score(smap, self.area)
+                out[f"trust_{p}_split"] = sscore
+                tmap = np.minimum(tmap, smap)
+                if sscore < self.split_threshold:
+                    ok = False
+                    events.append(self._event("split", sscore, self.split_threshold, info, sstats))
         out[f"trust_{p}"] = np.asarray(tmap, dtype=np.float32)
         out[f"trust_{p}_ok"] = 1.0 if ok else 0.0
         if events:
@@ -699,9 +799,13 @@ class Trust(EngineBase):
                     f"neither trust nor {self.restore} has parameter {name!r}; trust has: "
                     f"{', '.join(self.parameters)} ({exc.args[0] if exc.args else ''})"
                 ) from None
+            if self._halves is not None:  # the split check's instance follows the stream's
+                self._halves.set_param(name, value)
             return
         if name in _CAMERA and name in _inner_parameters(self.inner):
             self.inner.set_param(name, value)  # type: ignore[attr-defined]
+            if self._halves is not None:
+                self._halves.set_param(name, value)
         super().set_param(name, value)
 
     def _reset_state(self, name: str) -> None:  # the camera: the noise model starts over
@@ -714,12 +818,14 @@ class Trust(EngineBase):
             "noise_model": model.as_dict() if model is not None else None,
             "noise_model_fixed": self._fixed,
             "feature_check": self._feature_status(),
+            "split_check": f"on, every {self.split_every} frame(s)" if self.split_every > 0 else "off (split_every 0)",
             "thresholds_source": "bench/bench_trust.py (docs/trust.md)",
         }
 
     def close(self) -> None:
-        if hasattr(self.inner, "close"):
-            self.inner.close()
+        for eng in (self.inner, self._halves):
+            if hasattr(eng, "close"):
+                eng.close()
 
     # ------------------------------------------------------------------ helpers
 
@@ -791,6 +897,31 @@ class Trust(EngineBase):
                 self._warned_tta = True
             return None
         return net.predict
+
+    def _restore_halves(self, raw: np.ndarray, model: NoiseModel, info: FrameInfo) -> tuple[Any, Any] | None:
+        """The frame's photons split into two half-dose frames, each restored (in ADU, the offset
+        back on a deconvolution); None for models that take past frames (said once). A network
+        restores them in an instance of its own: its normalisation is fixed on the first half-dose
+        frame, as the stream's is on its first frame; a classical engine keeps no state."""
+        net = self._network()
+        if net is not None and net.model_file is not None and net.model_file.k:
+            if not self._warned_split:
+                log.warning("trust: photon-split check skipped: the model takes past frames")
+                self._warned_split = True
+            return None
+        eng = self.inner
+        if net is not None:
+            if self._halves is None:
+                self._halves = create_engine(self.restore, **self.inner_params)
+                self._halves.setup(self.spec or StreamSpec(shape=raw.shape))
+            eng = self._halves
+        a, b = split_halves(raw, model, np.random.default_rng(info.seq))
+        key = self.product
+        ra, rb = (np.asarray(_array.to_numpy(eng.process(h, info)[key]), np.float32) for h in (a, b))
+        if self.restore == "deconvolve":
+            offset = float(self.inner.camera_offset(raw)) if isinstance(self.inner, HasKernel) else 0.0
+            ra, rb = ra + np.float32(offset), rb + np.float32(offset)
+        return ra, rb
 
     def _training_features(self) -> dict[str, Any] | None:
         net = self._network()

@@ -148,6 +148,87 @@ def test_tta_transforms_map_back_exactly():
         create_engine("trust", restore="deconvolve", tta_transforms="spin")
 
 
+def test_split_halves_share_the_photons_and_are_independent():
+    rng = np.random.default_rng(5)
+    scene = np.full((96, 96), 20.0, np.float32)
+    raw = _camera(scene, rng)
+    a, b = T.split_halves(raw, CAMERA, np.random.default_rng(0))
+    photons = np.maximum(np.rint((raw.astype(np.float64) - OFFSET) / GAIN), 0)
+    np.testing.assert_allclose((a - OFFSET) / GAIN + (b - OFFSET) / GAIN, photons, atol=1e-3)
+    assert a.dtype == np.float32 and ((a - OFFSET) / GAIN).mean() == pytest.approx(photons.mean() / 2, rel=0.03)
+    assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.05  # thinning: independent halves
+    # no offset known (a stream calibration without dark frames): where the variance line meets 0
+    no_dark = NoiseModel(gain=GAIN, intercept=CAMERA.intercept)
+    a2, _ = T.split_halves(raw, no_dark, np.random.default_rng(0))
+    assert abs(float(a2.mean() - a.mean())) < 2 * GAIN
+
+
+def test_split_trust_trusts_agreement_and_flags_restorations_that_follow_the_noise():
+    rng = np.random.default_rng(6)
+    clean = _filaments(rng) + 5
+    a, b = T.split_halves(_camera(clean, rng), CAMERA, np.random.default_rng(1))
+    truth = (OFFSET + GAIN * clean / 2).astype(np.float32)  # a perfect restoration of either half
+    tmap, stats = T.split_trust(truth, truth, CAMERA)
+    assert tmap.dtype == np.float32 and tmap.shape == truth.shape and T.frame_score(tmap) == 1.0
+    # an "identity restoration" keeps all the noise: the halves differ as raw halves do
+    tmap, stats = T.split_trust(a, b, CAMERA)
+    assert stats["split_disagreement"] == pytest.approx(1.0, abs=0.1) and T.frame_score(tmap) < 0.2
+    # a blob invented in one half only: low trust there, full trust far from it, a heavy tail
+    invented = truth.copy()
+    invented[60:68, 60:68] += 40 * GAIN
+    tmap, stats = T.split_trust(invented, truth, CAMERA, radius=4)
+    assert tmap[64, 64] < 0.1 and tmap[10, 10] == 1.0 and stats["split_tail"] > 10
+    # deconvolutions are compared re-blurred with the PSF: still agreement where they agree
+    psf = np.outer(*(2 * [np.exp(-(np.arange(-4, 5) ** 2) / 4.0)]))
+    tmap, _ = T.split_trust(truth, truth, CAMERA, psf=psf)
+    assert T.frame_score(tmap) == 1.0
+
+
+def test_split_check_is_off_by_default_and_runs_every_nth_frame():
+    sim = pytest.importorskip("livescope.bridges.sim")
+    cfg = sim.SimConfig(shape=(96, 96), seed=4)
+    s = sim.SimSample(cfg)
+    cam = {"gain": 1 / cfg.gain, "offset": cfg.offset, "read_noise": cfg.read_noise / cfg.gain}
+    off = create_engine("trust", restore="deconvolve", psf_sigma=cfg.psf_sigma, **cam)
+    on = create_engine("trust", restore="deconvolve", psf_sigma=cfg.psf_sigma, split_every=2, **cam)
+    strict = create_engine(
+        "trust", restore="deconvolve", psf_sigma=cfg.psf_sigma, split_every=1, split_threshold=1.01, **cam
+    )
+    for e in (off, on, strict):
+        e.setup(StreamSpec(shape=cfg.shape))
+    assert off.split_every == 0 and "trust_deconvolved_split" in on.scalar_outputs
+    for t in range(2):
+        raw = s.render(t)
+        assert "trust_deconvolved_split" not in off.process(raw, FrameInfo(seq=t))
+        out = on.process(raw, FrameInfo(seq=t))
+        if t % 2 == 0:
+            assert 0.0 <= out["trust_deconvolved_split"] <= 1.0
+            assert out["trust_deconvolved_split"] > T.THRESHOLDS["split_deconvolve"] and "events" not in out
+        else:
+            assert "trust_deconvolved_split" not in out
+        fired = strict.process(raw, FrameInfo(seq=t))
+        assert fired["trust_deconvolved_ok"] == 0.0 and fired["events"][-1]["check"] == "split"
+        assert "split_disagreement" in fired["events"][-1]
+
+
+def test_split_check_restores_the_halves_apart_from_the_stream():
+    pytest.importorskip("onnxruntime")
+    rng = np.random.default_rng(7)
+    scene = _cells_scene()
+    plain = _denoise_trust(tta_every=0, feature_every=0, **CAM)
+    split = _denoise_trust(tta_every=0, feature_every=0, split_every=1, **CAM)
+    for t in range(2):
+        raw = _camera(scene[10 * t, 1:129, 1:129], rng)
+        want = plain.process(raw, FrameInfo(seq=t))
+        got = split.process(raw, FrameInfo(seq=t))
+        np.testing.assert_array_equal(got["denoised"], want["denoised"])  # the stream's engine untouched
+        assert 0.0 <= got["trust_denoised_split"] <= 1.0
+    assert split._halves is not None and split._halves is not split.inner
+    assert split.inner.normalisation == plain.inner.normalisation
+    split.set_param("overlap", 16)  # an inner parameter reaches the halves' instance too
+    assert split.inner.overlap == split._halves.overlap == 16
+
+
 # --------------------------------------------------------------------------- the engine, denoising
 
 
@@ -160,7 +241,8 @@ def test_denoise_trust_in_distribution_stays_above_threshold(real_scene):
         eng._reset_model()
         eng.inner._norm = None  # each crop as a new stream
         out = eng.process(raw, FrameInfo(seq=seq))
-        assert set(eng.outputs) - {"trust_denoised_tta"} <= set(out) and "events" not in out
+        # tta on every 2nd frame; the photon split is off by default
+        assert set(eng.outputs) - {"trust_denoised_tta", "trust_denoised_split"} <= set(out) and "events" not in out
         assert out["trust_denoised"].shape == raw.shape and out["trust_denoised"].dtype == np.float32
         assert out["trust_denoised_ok"] == 1.0
         assert ("trust_denoised_tta" in out) == (seq % 2 == 0)
