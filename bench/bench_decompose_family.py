@@ -17,8 +17,9 @@ Methods:
   (``s``, ``l`` chosen on the tuning part);
 - ``robust PCA`` (offline): principal component pursuit (inexact ALM), low rank = background,
   sparse = slow and fast;
-- ``decompose`` with ``method="rolling"`` (the previous default: ``smooth=0, slow_reach=0``) and
-  the current default (spatially smoothed ring, motion-tolerant slow, see docs/decomposition.md).
+- ``decompose`` with ``smooth=0, slow_reach=0`` (no spatial smoothing, no motion reach), the
+  current default (see docs/decomposition.md), and the default with ``follow_drift=True`` (the
+  background follows stage drift; off by default).
 
 Run:  python bench/bench_decompose_family.py [--quick] [--json OUT.json]
 """
@@ -207,6 +208,7 @@ def main() -> None:
         "robust PCA": robust_pca,
         "decompose, smooth=0 slow_reach=0": lambda f: run_engine(f, **PREVIOUS),
         "decompose (default)": lambda f: run_engine(f),
+        "decompose, follow_drift=True": lambda f: run_engine(f, follow_drift=True),
     }
     if args.quick:
         methods.pop("robust PCA")

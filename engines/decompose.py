@@ -2,8 +2,9 @@
 
 Every frame is split, causally and at constant cost, into
 
-- ``background``: what stays for most of a long window (a low per-pixel percentile of a decimated
-  history of the last ``background_window`` frames, corrected for the percentile's noise bias);
+- ``background``: what stays for most of a long window (per pixel, the mean of the lowest samples
+  of a decimated history of the last ``background_window`` frames: a clipped mean, corrected for
+  the clipping's noise bias); with ``follow_drift`` it moves with the stage's drift;
 - ``slow``: what is there at every lag of the recent window (the per-pixel minimum over the
   frame and its lagged frames t-1, t-2, t-4, t-8, corrected for its noise offset, minus the
   background): an object that moves less than its own size in the longest lag;
@@ -246,6 +247,31 @@ def dilate(xp: Any, a: Any, r: int) -> Any:
     return out
 
 
+def shift_linear(xp: Any, a: Any, dy: float, dx: float) -> Any:
+    """``a`` moved by (dy, dx) px (content at y goes to y + dy), linear interpolation, edges
+    repeated (scipy.ndimage's ``shift(order=1, mode="nearest")``)."""
+    out = a
+    for axis, d in ((0, dy), (1, dx)):
+        whole = math.floor(d)
+        frac = d - whole
+        moved = _shifted(xp, out, whole, axis)
+        if frac > 1e-4:
+            moved = moved * (1.0 - frac) + _shifted(xp, out, whole + 1, axis) * frac
+        out = moved
+    return out
+
+
+# Stage drift (``follow_drift``): the field's shift is measured on a central crop of at most
+# _DRIFT_CROP px; pixels off by more than _DRIFT_Z noise sigmas are left out; the background starts
+# to follow once the field's offset from it, averaged over _DRIFT_FRAMES frames, exceeds _DRIFT_ON
+# px; the anchor the shift is then measured against is taken again every _DRIFT_ANCHOR frames.
+_DRIFT_CROP = 256
+_DRIFT_Z = 3.0
+_DRIFT_FRAMES = 8
+_DRIFT_ON = 0.15
+_DRIFT_ANCHOR = 64
+
+
 _RESET = Applies.RESET  # the rolling state (ring, history, background, scores) starts over
 
 
@@ -271,10 +297,13 @@ class Decompose(EngineBase):
         "method": Param("rolling", str, check=_check_method, applies=Applies.REBUILD, doc="rolling or learned"),
         "background_window": Param(128, int, applies=_RESET, doc="frames the background spans"),
         "background_samples": Param(16, int, applies=_RESET, doc="decimated frames it keeps"),
-        "background_percentile": Param(10.0, float),
+        "background_percentile": Param(0.0, float),
+        "background_clip": Param(2.0, float, doc="noise sigmas above the low percentile averaged in; 0: off"),
+        "background_smooth": Param(0.5, float, check=_check_smooth, doc="Gaussian sigma (px) of the output background"),
         "slow_rank": Param(0.0, float, check=_check_slow_rank),
         "smooth": Param(1.0, float, check=_check_smooth, doc="Gaussian sigma (px) of the spatial prefilter; 0: off"),
-        "slow_reach": Param(0.15, float, check=_check_reach, doc="px per frame a slow object may move"),
+        "slow_reach": Param(0.1, float, check=_check_reach, doc="px per frame a slow object may move"),
+        "follow_drift": Param(False, as_bool, applies=_RESET, doc="move the background with stage drift"),
         "shrink_slow": Param(3.0, float),
         "shrink_fast": Param(2.0, float),
         "bleach_correction": Param(True, as_bool),
@@ -298,9 +327,12 @@ class Decompose(EngineBase):
     background_window: int
     background_samples: int
     background_percentile: float
+    background_clip: float
+    background_smooth: float
     slow_rank: float
     smooth: float
     slow_reach: float
+    follow_drift: bool
     shrink_slow: float
     shrink_fast: float
     bleach_correction: bool
@@ -323,10 +355,13 @@ class Decompose(EngineBase):
         method: str = "rolling",
         background_window: int = 128,
         background_samples: int = 16,
-        background_percentile: float = 10.0,
+        background_percentile: float = 0.0,
+        background_clip: float = 2.0,
+        background_smooth: float = 0.5,
         slow_rank: float = 0.0,
         smooth: float = 1.0,
-        slow_reach: float = 0.15,
+        slow_reach: float = 0.1,
+        follow_drift: bool = False,
         shrink_slow: float = 3.0,
         shrink_fast: float = 2.0,
         bleach_correction: bool = True,
@@ -465,12 +500,27 @@ class Decompose(EngineBase):
         self._hist_n = 0
         self._hist_pos = 0
         self._hist_frames = [1] * self.background_samples  # frames averaged in each sample
+        # The noise sigma of one of its frames, as it was then: bleach correction amplifies the
+        # noise as the stream fades, so the samples of the past are less noisy than the frame now.
+        self._hist_sigma = [0.0] * self.background_samples
+        self._acc_sigma = 0.0
         self._spacing = 1  # frames per sample now: doubles (pairs merged) until the window is spanned
         self._acc: Any = None
         self._acc_n = 0
+        # Stage drift: where the field is now relative to the history's frame of reference (px),
+        # whether the background follows it yet, and the drift summed over the frames in `_acc`.
+        self._drift = (0.0, 0.0)
+        self._drift_on = False
+        self._acc_drift = (0.0, 0.0)
+        self._drift_mean = (0.0, 0.0)  # the field's offset from the background, averaged
+        self._anchor: Any = None  # what the drift is measured against once the background follows
+        self._anchor_at = (0.0, 0.0)  # the drift when the anchor was taken
+        self._anchor_age = 0  # frames since
         self._background: Any = None
         self._background_s: Any = None  # the background smoothed as the frames are compared
         self._background_s_sigma = -1.0  # the smoothing it was made with (-1: not made)
+        self._background_o: Any = None  # the background as output (`background_smooth`)
+        self._background_o_sigma = -1.0
         self._stripe = 0
         # Noise (sigma of one frame, corrected units), a slow running estimate.
         self._sigma: float | None = None
@@ -494,7 +544,8 @@ class Decompose(EngineBase):
     def state_nbytes(self) -> int:
         """Bytes of frame-sized state held (constant once the buffers are full)."""
         total = 0
-        for a in (self._ring, self._hist, self._background, self._background_s, self._acc):
+        frames = (self._ring, self._hist, self._background, self._background_s, self._background_o, self._acc)
+        for a in (*frames, self._anchor):
             if a is not None:
                 total += int(a.size) * 4
         return total
@@ -516,8 +567,12 @@ class Decompose(EngineBase):
         if self._ring is None:
             self._allocate(xp, raw.shape)
 
-        gain = self._bleach_gain(xp, raw, t)  # corrected = raw * gain
-        cur = raw * gain if gain != 1.0 else raw
+        gain = self._bleach_gain(xp, raw, t)
+        # Bleaching scales the light, not the camera's offset (`dark`): corrected = (raw - dark)
+        # * gain + dark. (Scaling the offset too made a constant that grows with the correction,
+        # which the lagging background does not follow: it read as `slow` everywhere.)
+        dark = self._offset()
+        cur = (raw - dark) * gain + dark if gain != 1.0 else raw
         corrected = cur
         smooth = self.smooth if self.method == "rolling" else 0.0
         if smooth > 0:
@@ -534,14 +589,22 @@ class Decompose(EngineBase):
 
         self._take_fitted()
         if self._predictor is not None and lagged:
-            return self._process_learned(xp, raw, cur, t, gain, lagged, sigma, info)
+            return self._process_learned(xp, raw, cur, t, gain, dark, lagged, sigma, info)
         if self.method == "learned" and self.model is None:
             self._collect_for_fit(cur)
 
-        self._insert_history(xp, corrected)
-        rows = self._update_background(xp, sigma_frame)
-        bg_sharp = self._background
-        bg = self._smoothed_background(xp, smooth, rows)  # what `cur` is compared with
+        if self.follow_drift:
+            self._track_drift(xp, cur, smooth, sigma)
+        self._insert_history(xp, corrected, sigma_frame)
+        rows = self._update_background(xp)
+        # The background as output: lightly smoothed (`background_smooth`): it is a mean of few
+        # samples per pixel, noisy on dim movies. And as `cur` is compared with it.
+        bg_sharp = self._smoothed_background(xp, self.background_smooth, rows, "_background_o")
+        bg = self._smoothed_background(xp, smooth, rows)
+        if self._drift_on:  # the history is kept where the field was: move it to where it is
+            dy, dx = self._drift
+            bg_sharp = shift_linear(xp, bg_sharp, dy, dx)
+            bg = shift_linear(xp, bg, dy, dx) if smooth > 0 else bg_sharp
 
         # Slow: what the frame and (nearly) all its lagged frames hold: a low order statistic
         # over them, plus its expected noise offset so that noise averages to zero.
@@ -569,7 +632,8 @@ class Decompose(EngineBase):
         self._n += 1
 
         inv = 1.0 / gain
-        background = bg_sharp * inv if inv != 1.0 else bg_sharp + 0.0  # a fresh array the caller may keep
+        # a fresh array the caller may keep
+        background = (bg_sharp - dark) * inv + dark if inv != 1.0 else bg_sharp + 0.0
         slow = slow * inv if inv != 1.0 else slow
         fast = fast * inv if inv != 1.0 else fast
         residual = raw - background - slow - fast
@@ -584,7 +648,16 @@ class Decompose(EngineBase):
         }
 
     def _process_learned(
-        self, xp: Any, raw: Any, cur: Any, t: float, gain: float, lagged: list[Any], sigma: float, info: FrameInfo
+        self,
+        xp: Any,
+        raw: Any,
+        cur: Any,
+        t: float,
+        gain: float,
+        dark: float,
+        lagged: list[Any],
+        sigma: float,
+        info: FrameInfo,
     ) -> dict[str, Any]:
         from .multilag import components
 
@@ -620,7 +693,7 @@ class Decompose(EngineBase):
         self._n += 1
         inv = 1.0 / gain
         if inv != 1.0:
-            bg, slow, fast = bg * inv, slow * inv, fast * inv
+            bg, slow, fast = (bg - dark) * inv + dark, slow * inv, fast * inv
         return {
             "background": bg,
             "slow": slow,
@@ -696,6 +769,7 @@ class Decompose(EngineBase):
         self._hist = xp.zeros((self.background_samples, *shape), dtype=xp.float32)
         self._background = xp.zeros(shape, dtype=xp.float32)
         self._background_s = xp.zeros(shape, dtype=xp.float32)
+        self._background_o = xp.zeros(shape, dtype=xp.float32)
         self._acc = xp.zeros(shape, dtype=xp.float32)
 
     # -- time base -------------------------------------------------------------------------
@@ -775,10 +849,7 @@ class Decompose(EngineBase):
             return 1.0
         if self._t0 is None:
             self._t0 = t
-        offset = 0.0
-        if self.spec is not None and self.spec.camera_offset is not None:
-            offset = float(self.spec.camera_offset)
-        level = float(xp.mean(raw)) - offset
+        level = float(xp.mean(raw)) - self._offset()
         if level <= 0:
             return self._gain_from_fit(t)
         y = math.log(level)
@@ -788,6 +859,12 @@ class Decompose(EngineBase):
         for i, v in enumerate((1.0, tt, tt * tt, y, tt * y)):
             f[i] = f[i] * forget + v
         return self._gain_from_fit(t)
+
+    def _offset(self) -> float:
+        """The camera's offset (counts without light) where the stream says, else 0."""
+        if self.spec is not None and self.spec.camera_offset is not None:
+            return float(self.spec.camera_offset)
+        return 0.0
 
     def _gain_from_fit(self, t: float) -> float:
         s0, st, stt, sy, sty = self._fit
@@ -811,7 +888,85 @@ class Decompose(EngineBase):
         sigma = 1.4826 * mad / math.sqrt(2.0)
         self._sigma = sigma if self._sigma is None else 0.9 * self._sigma + 0.1 * sigma
 
-    def _insert_history(self, xp: Any, cur: Any) -> None:
+    def _track_drift(self, xp: Any, cur: Any, smooth: float, sigma: float) -> None:
+        """The field's global shift, measured on a central crop of the (smoothed) frame (see
+        `_register`). While the background stays put: against the background, from no shift. The
+        background starts to follow once that offset, averaged over `_DRIFT_FRAMES` frames,
+        exceeds `_DRIFT_ON` px (a static scene never pays for the moves). From then on: against
+        an anchor, the background as it was at some frame with the drift then, taken again every
+        `_DRIFT_ANCHOR` frames. Not against the running background: that follows the estimate,
+        so its errors would add up frame after frame (the background wandering off)."""
+        if sigma <= 0 or self._hist_n < 4:
+            return
+        h, w = cur.shape
+        ch, cw = min(h, _DRIFT_CROP), min(w, _DRIFT_CROP)
+        y0, x0 = (h - ch) // 2, (w - cw) // 2
+        ref = self._background_s if smooth > 0 and self._background_s_sigma == smooth else self._background
+        frame = cur[y0 : y0 + ch, x0 : x0 + cw]
+        if not self._drift_on:
+            step = self._register(xp, frame, ref[y0 : y0 + ch, x0 : x0 + cw], 0.0, 0.0, sigma, 0)
+            if step is None:
+                return
+            self._drift = step
+            # Stage drift pushes the field off the (lagging) background in one direction, frame
+            # after frame; noise and moving objects push it about: average the offset first.
+            my, mx = self._drift_mean
+            a = 1.0 / _DRIFT_FRAMES
+            self._drift_mean = (my + a * (step[0] - my), mx + a * (step[1] - mx))
+            self._drift_on = math.hypot(*self._drift_mean) > _DRIFT_ON
+            return
+        dy, dx = self._drift
+        if self._anchor is None or self._anchor_age >= _DRIFT_ANCHOR:
+            self._anchor = shift_linear(xp, ref, dy, dx)[y0 : y0 + ch, x0 : x0 + cw] + 0.0
+            self._anchor_at = (dy, dx)
+            self._anchor_age = 0
+        self._anchor_age += 1
+        ay, ax = self._anchor_at
+        edge = int(math.ceil(max(abs(ay), abs(ax)))) if ch == h or cw == w else 0  # repeated edges
+        at = self._register(xp, frame, self._anchor, dy - ay, dx - ax, sigma, edge)
+        if at is not None:
+            self._drift = (ay + at[0], ax + at[1])
+
+    def _register(self, xp: Any, frame: Any, ref: Any, dy: float, dx: float, sigma: float, edge: int) -> Any:
+        """The shift (px) of ``frame`` against ``ref``, from (dy, dx): a coarse Lucas-Kanade step
+        that tolerates a 1 px misfit, then a fine one that leaves out all but the noise."""
+        coarse = self._lucas_kanade(xp, frame, ref, dy, dx, sigma, edge, 1.0)
+        if coarse is None:
+            return None
+        dy, dx = dy + coarse[0], dx + coarse[1]
+        fine = self._lucas_kanade(xp, frame, ref, dy, dx, sigma, edge, 0.0)
+        return (dy, dx) if fine is None else (dy + fine[0], dx + fine[1])
+
+    def _lucas_kanade(
+        self, xp: Any, frame: Any, ref: Any, dy: float, dx: float, sigma: float, edge: int, misfit: float
+    ) -> tuple[float, float] | None:
+        """The shift (px) still left between ``frame`` and ``ref`` moved by (dy, dx); ``edge``
+        px at the border of ``ref`` are not to be trusted. Pixels off by more than 3 sigma of the
+        noise plus what a ``misfit`` px error of the shift makes there are left out (objects)."""
+        ch, cw = frame.shape
+        ref = shift_linear(xp, ref, dy, dx)
+        m = int(math.ceil(max(abs(dy), abs(dx)))) + edge + 2  # moved: its edges are repeated
+        if ch <= 2 * m + 2 or cw <= 2 * m + 2:
+            return None
+        inner = (slice(m, ch - m), slice(m, cw - m))
+        gy = (ref[m + 1 : ch - m + 1, m : cw - m] - ref[m - 1 : ch - m - 1, m : cw - m]) * 0.5
+        gx = (ref[m : ch - m, m + 1 : cw - m + 1] - ref[m : ch - m, m - 1 : cw - m - 1]) * 0.5
+        r = frame[inner] - ref[inner]
+        r = r - xp.mean(r)
+        tol = (_DRIFT_Z * _DRIFT_Z) * (sigma * sigma + (misfit * misfit) * (gy * gy + gx * gx))
+        keep = xp.astype(r * r < tol, r.dtype)
+        gy, gx, r = gy * keep, gx * keep, r * keep
+        a, b, c = float(xp.sum(gy * gy)), float(xp.sum(gy * gx)), float(xp.sum(gx * gx))
+        ey, ex = float(xp.sum(gy * r)), float(xp.sum(gx * r))
+        det = a * c - b * b
+        if det <= 1e-12 * max(1.0, a * c):
+            return None
+        # r = -(step . gradient): the 2x2 normal equations, at most 1 px per step
+        sy = max(-1.0, min(1.0, -(c * ey - b * ex) / det))
+        sx = max(-1.0, min(1.0, -(a * ex - b * ey) / det))
+        return sy, sx
+
+    def _insert_history(self, xp: Any, cur: Any, sigma: float) -> None:
         # Each history sample is the mean of `spacing` consecutive frames (box filter, then
         # decimate): less noise, and a particle passing through counts for 1/spacing only.
         # The history always spans the whole past: every frame goes in until it is full, then
@@ -821,57 +976,68 @@ class Decompose(EngineBase):
         every = max(1, self.background_window // m)
         if self._acc_n == 0:
             self._acc[...] = cur
+            self._acc_drift = self._drift
+            self._acc_sigma = sigma
         else:
             self._acc += cur
+            self._acc_sigma += sigma
+            self._acc_drift = (self._acc_drift[0] + self._drift[0], self._acc_drift[1] + self._drift[1])
         self._acc_n += 1
         if self._acc_n < self._spacing:
             return
         if self._hist_n == m and self._spacing < every:
             self._merge_history(m)
-        self._hist[self._hist_pos, ...] = self._acc * (1.0 / self._acc_n)
+        sample = self._acc * (1.0 / self._acc_n)
+        if self._drift_on:  # back to the history's frame of reference, by the frames' mean drift
+            sample = shift_linear(xp, sample, -self._acc_drift[0] / self._acc_n, -self._acc_drift[1] / self._acc_n)
+        self._hist[self._hist_pos, ...] = sample
         self._hist_frames[self._hist_pos] = self._acc_n
+        self._hist_sigma[self._hist_pos] = self._acc_sigma / self._acc_n
         self._acc_n = 0
         self._hist_pos = (self._hist_pos + 1) % m
         self._hist_n = min(self._hist_n + 1, m)
 
     def _merge_history(self, m: int) -> None:
         """Merge adjacent samples in pairs (weighted by the frames each holds), oldest first."""
-        f = self._hist_frames
+        f, s = self._hist_frames, self._hist_sigma
         k = 0
         for i in range(0, m - 1, 2):
             w0, w1 = f[i], f[i + 1]
             self._hist[k, ...] = (self._hist[i, ...] * w0 + self._hist[i + 1, ...] * w1) * (1.0 / (w0 + w1))
+            s[k] = (s[i] * w0 + s[i + 1] * w1) / (w0 + w1)
             f[k] = w0 + w1
             k += 1
         if m % 2:
             self._hist[k, ...] = self._hist[m - 1, ...]
-            f[k] = f[m - 1]
+            f[k], s[k] = f[m - 1], s[m - 1]
             k += 1
         self._hist_n = k
         self._hist_pos = k % m
         self._spacing = min(2 * self._spacing, max(1, self.background_window // m))
         self._stripe = 0
 
-    def _smoothed_background(self, xp: Any, sigma: float, rows: tuple[int, int]) -> Any:
-        """The background smoothed like the frames; only the rows that changed are redone (with
-        a margin of twice the kernel radius: exact, the edges clamp as in the whole image)."""
+    def _smoothed_background(self, xp: Any, sigma: float, rows: tuple[int, int], name: str = "_background_s") -> Any:
+        """The background smoothed by ``sigma`` (kept in the attribute ``name``, with the sigma it
+        was made with in ``name + "_sigma"``); only the rows that changed are redone (with a
+        margin of twice the kernel radius: exact, the edges clamp as in the whole image)."""
         if sigma <= 0:
             return self._background
+        out = getattr(self, name)
         h = self._background.shape[0]
         r = int(math.ceil(2.0 * sigma))
-        if sigma != self._background_s_sigma:
+        if sigma != getattr(self, name + "_sigma"):
             rows = (0, h)
-            self._background_s_sigma = sigma
+            setattr(self, name + "_sigma", sigma)
         r0, r1 = rows
         if r1 <= r0:
-            return self._background_s
+            return out
         a0, a1 = max(0, r0 - 2 * r), min(h, r1 + 2 * r)
         w0, w1 = max(0, r0 - r), min(h, r1 + r)
         part = gaussian_smooth(xp, self._background[a0:a1, ...], sigma)
-        self._background_s[w0:w1, ...] = part[w0 - a0 : w1 - a0, ...]
-        return self._background_s
+        out[w0:w1, ...] = part[w0 - a0 : w1 - a0, ...]
+        return out
 
-    def _update_background(self, xp: Any, sigma: float) -> tuple[int, int]:
+    def _update_background(self, xp: Any) -> tuple[int, int]:
         """Re-sort one stripe of the history's percentile; returns the rows that changed."""
         n = self._hist_n
         h = self._hist.shape[1]
@@ -898,7 +1064,21 @@ class Decompose(EngineBase):
         # (Blom's approximation of normal order statistics).
         bias = -statistics.NormalDist().inv_cdf((rank + 1 - 0.375) / (n + 0.25))
         averaged = statistics.median(self._hist_frames[:n])
-        self._background[r0:r1, ...] = low + bias * sigma / math.sqrt(averaged)
+        noise = statistics.median(self._hist_sigma[:n]) / math.sqrt(averaged)  # of one history sample
+        level = low + bias * noise
+        clip = self.background_clip
+        if clip > 0 and noise > 0 and n > 2:
+            # Clipped mean: the samples up to `clip` noise sigmas above the percentile's level,
+            # averaged (an order statistic alone is noisy), plus the mean offset of a normal
+            # truncated there. Objects that pass lie above and stay out.
+            keep = stack <= level + clip * noise
+            count = xp.sum(xp.astype(keep, stack.dtype), axis=0)
+            total = xp.sum(xp.where(keep, stack, xp.zeros_like(stack)), axis=0)
+            z = statistics.NormalDist()
+            cut = z.pdf(clip) / max(z.cdf(clip), 1e-6)
+            mean = total / xp.maximum(count, xp.ones_like(count)) + cut * noise
+            level = xp.where(count > 0, mean, level)
+        self._background[r0:r1, ...] = level
         return r0, r1
 
     # -- novelty and events ----------------------------------------------------------------

@@ -146,9 +146,9 @@ def test_memory_is_bounded_over_a_long_stream():
         if t in (100, 300, 599):
             sizes.append((_state_bytes(engine), engine.state_nbytes()))
     assert sizes[0] == sizes[1] == sizes[2], sizes
-    # ring (2 * 8 + 1), history (8), background (sharp and smoothed) and accumulator: frames of
-    # 16x16 float32
-    assert sizes[0][1] == (17 + 8 + 3) * 16 * 16 * 4
+    # ring (2 * 8 + 1), history (8), background (sharp, as output and as compared) and
+    # accumulator: frames of 16x16 float32
+    assert sizes[0][1] == (17 + 8 + 4) * 16 * 16 * 4
 
 
 def test_bleaching_does_not_read_as_slow():
@@ -169,6 +169,54 @@ def test_bleaching_does_not_read_as_slow():
     }
     assert scores["on"]["background"] > max(0.995, scores["off"]["background"]), scores
     assert scores["on"]["fast"] > scores["off"]["fast"] - 0.01, scores
+
+
+def test_bleach_correction_leaves_the_camera_offset_alone():
+    # Bleaching scales the light, not the camera's offset: with the offset scaled too, the
+    # correction made a constant that grew with it, which read as `slow` everywhere.
+    frames, truth = synthetic_movie(n_frames=160, n_slow=0, bleach_tau=60.0, seed=4)
+    frames += 100.0  # the camera's offset
+    engine = create_engine("decompose")
+    engine.setup(StreamSpec(shape=frames.shape[1:], dtype="float32", interval_s=1.0, camera_offset=100.0))
+    out = [engine.process(f, FrameInfo(seq=t, timestamp=float(t))) for t, f in enumerate(frames)]
+    later = slice(60, None)
+    slow = np.stack([o["slow"] for o in out])[later]
+    background = np.stack([o["background"] for o in out])[later]
+    assert abs(float(np.mean(slow))) < 0.5, float(np.mean(slow))
+    assert abs(float(np.mean(background - 100.0 - truth["background"][later]))) < 1.0
+    assert corr(background, truth["background"][later]) > 0.995
+
+
+def test_background_follows_stage_drift():
+    from scipy import ndimage
+
+    frames, truth = synthetic_movie(n_frames=96, shape=(96, 96), n_slow=2, n_fast=4, seed=3)
+    rng = np.random.default_rng(3)
+    v = np.array([0.12, -0.06])  # px per frame
+    field = np.stack([ndimage.shift(truth["background"][0], v * t, order=1, mode="nearest") for t in range(96)])
+    frames = (field + truth["slow"] + truth["fast"] + rng.normal(0, 5, field.shape)).astype(np.float32)
+    later = slice(32, None)
+    still, _, _ = run_engine(frames)
+    follows, _, engine = run_engine(frames, follow_drift=True)
+    assert corr(still["background"][later], field[later]) < 0.5
+    assert corr(follows["background"][later], field[later]) > 0.97
+    np.testing.assert_allclose(engine._drift, v * 95, atol=0.6)  # measured from the first frames
+    # A scene that does not drift never starts to follow (and never pays for it).
+    _, _, engine = run_engine(synthetic_movie(n_frames=96, seed=5)[0], follow_drift=True)
+    assert not engine._drift_on
+
+
+def test_shift_linear_matches_scipy():
+    from scipy import ndimage
+
+    from livescope.engines.decompose import shift_linear
+
+    a = np.random.default_rng(0).normal(size=(12, 15)).astype(np.float32)
+    for d in ((0.3, -1.7), (-2.0, 0.5), (0.0, 0.0)):
+        ref = ndimage.shift(a, d, order=1, mode="nearest")
+        np.testing.assert_allclose(shift_linear(np, a, *d), ref, atol=1e-5)
+        strict = pytest.importorskip("array_api_strict")
+        np.testing.assert_allclose(np.from_dlpack(shift_linear(strict, strict.asarray(a), *d)), ref, atol=1e-5)
 
 
 def test_lags_follow_timestamps_when_the_interval_changes():
@@ -207,6 +255,24 @@ def test_array_api_strict_matches_numpy():
             np.testing.assert_allclose(np.from_dlpack(res[k]), ref[k][t], atol=2e-3)
         assert res["novelty"] == pytest.approx(ref["novelty"][t], rel=1e-4, abs=1e-6)
         assert [e["seq"] for e in res["events"]] == [e["seq"] for e in ref_events if e["seq"] == t]
+
+
+def test_array_api_strict_follows_drift_as_numpy():
+    xp = pytest.importorskip("array_api_strict")
+    from scipy import ndimage
+
+    frames, truth = synthetic_movie(n_frames=40, shape=(48, 48), n_slow=1, n_fast=2, seed=6)
+    field = np.stack([ndimage.shift(truth["background"][0], (0.3 * t, 0.0), order=1) for t in range(40)])
+    frames = (frames - truth["background"] + field).astype(np.float32)
+    kw = {"background_window": 16, "background_samples": 4, "follow_drift": True}
+    ref, _, ref_engine = run_engine(frames, **kw)
+    assert ref_engine._drift_on
+    engine = create_engine("decompose", **kw)
+    engine.setup(StreamSpec(shape=(48, 48), dtype="float32", interval_s=1.0))
+    for t, frame in enumerate(frames):
+        res = engine.process(xp.asarray(frame), FrameInfo(seq=t, timestamp=float(t)))
+        for k in (*COMPONENTS, "residual"):
+            np.testing.assert_allclose(np.from_dlpack(res[k]), ref[k][t], atol=5e-3)
 
 
 def test_parameters_describe_and_errors():
