@@ -27,15 +27,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import tifffile
 from scipy import ndimage, optimize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_deconvolve import timed  # noqa: E402  (best of 3 after a warm-up run)
 from bench_selftune import images, psnr_fit  # noqa: E402
 
 from livescope.engines import FrameInfo, StreamSpec, create_engine  # noqa: E402
@@ -61,16 +60,6 @@ FWHM = 2.0 * np.sqrt(2.0 * np.log(2.0))
 def real(name: str) -> np.ndarray:
     path = DATA / name if (DATA / name).exists() else REPO_DATA / name
     return tifffile.imread(path).astype(np.float32)
-
-
-def timed(fn: Any, repeat: int = 3) -> tuple[Any, float]:
-    out = fn()  # warm: OTFs and plans cached
-    best = np.inf
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return out, best
 
 
 class Volume:
