@@ -324,15 +324,23 @@ def speed_table(n_frames):
     pool = rng.poisson(200, (16, 512, 512)).astype(np.uint16)
     print("| method | ms/frame | frames/s |")
     print("|---|---|---|")
-    engine = create_engine("decompose")
-    engine.setup(StreamSpec(shape=(512, 512), interval_s=0.02))
-    for t in range(160):  # past the background window: the steady state
-        engine.process(pool[t % 16], FrameInfo(seq=t, timestamp=0.02 * t))
-    t0 = time.perf_counter()
-    for t in range(160, 160 + n_frames):
-        engine.process(pool[t % 16], FrameInfo(seq=t, timestamp=0.02 * t))
-    dt = (time.perf_counter() - t0) / n_frames
-    print(f"| decompose (rolling, lags 1,2,4,8, window 128) | {dt * 1e3:.1f} | {1 / dt:.0f} |")
+    # The default (the background follows stage drift once it is seen: on these static frames
+    # only the measurement runs) and without drift following, in turns, best of 2.
+    for label, kw in (
+        ("decompose (rolling, lags 1,2,4,8, window 128)", {}),
+        ("decompose, follow_drift=False", {"follow_drift": False}),
+    ):
+        best = float("inf")
+        for _ in range(2):
+            engine = create_engine("decompose", **kw)
+            engine.setup(StreamSpec(shape=(512, 512), interval_s=0.02))
+            for t in range(160):  # past the background window: the steady state
+                engine.process(pool[t % 16], FrameInfo(seq=t, timestamp=0.02 * t))
+            t0 = time.perf_counter()
+            for t in range(160, 160 + n_frames):
+                engine.process(pool[t % 16], FrameInfo(seq=t, timestamp=0.02 * t))
+            best = min(best, (time.perf_counter() - t0) / n_frames)
+        print(f"| {label} | {best * 1e3:.1f} | {1 / best:.0f} |")
     # Live peer: a running mean background (exponential), subtracted.
     bg = pool[0].astype(np.float32)
     t0 = time.perf_counter()

@@ -18,8 +18,8 @@ Methods:
 - ``robust PCA`` (offline): principal component pursuit (inexact ALM), low rank = background,
   sparse = slow and fast;
 - ``decompose`` with ``smooth=0, slow_reach=0`` (no spatial smoothing, no motion reach), the
-  current default (see docs/decomposition.md), and the default with ``follow_drift=True`` (the
-  background follows stage drift; off by default).
+  current default (see docs/decomposition.md; the background follows stage drift), and the
+  default with ``follow_drift=False`` (the background stays put, as before #26's drift gate).
 
 Run:  python bench/bench_decompose_family.py [--quick] [--json OUT.json]
 """
@@ -208,7 +208,7 @@ def main() -> None:
         "robust PCA": robust_pca,
         "decompose, smooth=0 slow_reach=0": lambda f: run_engine(f, **PREVIOUS),
         "decompose (default)": lambda f: run_engine(f),
-        "decompose, follow_drift=True": lambda f: run_engine(f, follow_drift=True),
+        "decompose, follow_drift=False": lambda f: run_engine(f, follow_drift=False),
     }
     if args.quick:
         methods.pop("robust PCA")

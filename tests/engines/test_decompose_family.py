@@ -84,3 +84,29 @@ def test_smoothing_and_dilation_match_scipy():
     strict = np.from_dlpack(gaussian_smooth(array_api_strict, array_api_strict.asarray(a), 1.0))
     np.testing.assert_allclose(strict, smooth, atol=1e-5)
     assert float(np.std(gaussian_smooth(np, rng.normal(size=(256, 256)), 1.0))) == pytest.approx(0.28, abs=0.02)
+
+
+def _follows(frames) -> bool:
+    from livescope.engines.base import FrameInfo, StreamSpec, create_engine
+
+    engine = create_engine("decompose")  # follow_drift is on by default
+    engine.setup(StreamSpec(shape=frames.shape[1:], dtype="float32", interval_s=1.0, camera_offset=100.0))
+    for t, frame in enumerate(frames):
+        engine.process(frame, FrameInfo(seq=t, timestamp=float(t)))
+    return bool(engine._drift_on)
+
+
+def test_drift_following_starts_on_drift_and_never_on_crowded_static_scenes():
+    # The tuning movie crowded/0 is where the earlier gate (the averaged offset alone) followed
+    # a phantom drift of 6 px; the gate on the residual it explains keeps it still.
+    for split in ("tune", "heldout"):
+        for name, frames, _, p in family(split, "full", kinds=("crowded", "high_photon", "drift")):
+            assert _follows(frames) == (p["drift"] > 0), (split, name)
+
+
+def test_a_static_scene_gets_exactly_the_output_of_no_drift_following(heldout):
+    _, frames, _, _ = heldout[0]
+    on = run_engine(frames)
+    off = run_engine(frames, follow_drift=False)
+    for k in COMPONENTS:
+        np.testing.assert_array_equal(on[k], off[k])
