@@ -4,12 +4,16 @@ the livescope viewer's pyqtgraph panels measured the same way in the same run.
     python bench/bench_napari.py [--n 200]     # starts its own Xvfb when there is no DISPLAY
 
 1. Redraws: six frames (raw uint16 + five float32 products, 512x512, bench_viewer's frame sets)
-   replace six layers' data (``layer.data = frame``) or are copied into it (``np.copyto`` and
-   ``layer.refresh(thumbnail=False, ...)``, the live widget's way) and the canvas is painted
-   synchronously, N times; the live viewer's rows come from bench_viewer's
+   replace six layers' data (``layer.data = frame``), or are copied into it (``np.copyto`` and
+   ``layer.refresh(thumbnail=False, ...)``, the live widget's way before), or go through the live
+   widget's own update (``LiveWidget._show``: copied in, only the texture uploaded again), and
+   the canvas is painted synchronously, N times; and the canvas painted with no new data (what
+   drawing six layers costs, the floor). The live viewer's rows come from bench_viewer's
    ``bench_redraws`` (its six panels and six pg.ImageViews, the same frames, the same timing).
 2. End to end: previews over ZeroMQ at 60 Hz (six products), the napari live widget on its 60 Hz
-   timer: frame sets it draws per second, and the canvas paints per second.
+   timer: frame sets it draws per second, and the canvas paints per second; first with the
+   widget's texture-only path turned off (napari's refresh for every frame: the dock before),
+   then as it is, in the same run.
 3. What a viewer costs the daemon: ``livescope daemon --source zmq`` fed by a camera process
    (the sim microscope's frames, rendered ahead, sent at 20 fps: the daemon's CPU is its own,
    not the sim's rendering), 512x512, a chain that keeps up, three ways in one run, in turns: no
@@ -46,7 +50,7 @@ def bench_napari(n: int) -> list[tuple[str, float, float]]:
     import napari
     from qtpy import QtWidgets
 
-    from livescope.bridges.transport import PreviewPublisher, free_tcp_address
+    from livescope.bridges.protocol import Frame
     from livescope.ui.napari import LiveWidget
     from livescope.ui.napari._widget import grid_of
 
@@ -78,15 +82,62 @@ def bench_napari(n: int) -> list[tuple[str, float, float]]:
 
     for name, arr in sets[0].items():
         viewer.layers[name].data = arr.copy()  # the layers' own arrays, written in place
-    rows.append(("napari, six layers (copied in place, refresh, no thumbnail), grid", *_time(draw_in_place, n, app)))
+    label = "napari, six layers (copied in place, refresh, no thumbnail: the dock before), grid"
+    rows.append((label, *_time(draw_in_place, n, app)))
     viewer.close()
 
-    # end to end: the live widget on previews published at 60 Hz
+    # the dock's own code (LiveWidget._show) on the same frames, no socket: copied in, the texture
+    # uploaded again from the view napari draws (levels, thumbnail and a napari refresh once a second)
+    viewer = napari.Viewer(show=True)
+    viewer.window._qt_window.resize(1600, 1000)
+    widget = LiveWidget(viewer, control="")
+    viewer.window.add_dock_widget(widget, area="right")
+    grid_of(viewer).enabled = True  # what connect_daemon does
+    native = _canvas(viewer)._scene_canvas.native
+
+    def draw_dock(i: int) -> None:
+        for name, arr in sets[i % len(sets)].items():
+            header = {"v": 1, "stream": "b", "seq": i, "product": name, "index": {"t": i}}
+            widget._show(("b", name, 0, 0, 0), Frame(header, arr))
+        if i == 0:
+            viewer.reset_view()
+        native.repaint()
+
+    rows.append(("napari live dock's update (LiveWidget._show), six layers, grid", *_time(draw_dock, n, app)))
+    assert len(viewer.layers) == len(PRODUCTS)
+    fast_share = widget.texture_updates / max(widget.frames_drawn, 1)
+    print(f"dock's update: {100 * fast_share:.0f} % of the layer updates took the texture-only path")
+    size = native.size()
+    print(f"napari canvas beside the dock: {size.width()}x{size.height()} pixels")
+
+    def repaint(i: int) -> None:
+        native.repaint()
+
+    rows.append(("napari canvas repaint alone, the same six layers, no new data (the floor)", *_time(repaint, n, app)))
+    viewer.close()
+
+    # end to end: the live widget on previews published at 60 Hz; first with its texture-only
+    # path turned off (every frame refreshed through napari, the dock before), then as it is
+    for fast in (False, True):
+        rows += _end_to_end(app, sets, fast=fast)
+    return rows
+
+
+def _end_to_end(app, sets, *, fast: bool) -> list[tuple[str, float, float]]:
+    """The live widget on previews published at 60 Hz over ZeroMQ (in this process): frame sets
+    it draws per second, and the canvas paints per second, over 5 s after 2 s of warm-up."""
+    import napari
+
+    from livescope.bridges.transport import PreviewPublisher, free_tcp_address
+    from livescope.ui.napari import LiveWidget
+
     addr = free_tcp_address()
     pub = PreviewPublisher(addr)
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1600, 1000)
     widget = LiveWidget(viewer, preview=addr, control="", fps=60)
+    if not fast:
+        widget._texture_node = lambda layer: None  # napari's refresh, always
     viewer.window.add_dock_widget(widget, area="right")
     paints = [0]
     _canvas(viewer)._scene_canvas.events.draw.connect(lambda _e: paints.__setitem__(0, paints[0] + 1))
@@ -118,11 +169,16 @@ def bench_napari(n: int) -> list[tuple[str, float, float]]:
     th.join()
     widget.disconnect_daemon()
     assert len(viewer.layers) == len(PRODUCTS), [la.name for la in viewer.layers]  # in place, never a layer per frame
-    rows.append(("napari live widget end to end: 60 Hz previews, frame sets drawn", sets_rate, 1000 / sets_rate))
-    rows.append(("napari live widget end to end: canvas paints", paint_rate, 1000 / paint_rate))
+    fast_share = widget.texture_updates / max(widget.frames_drawn, 1)
+    how = "texture-only path" if fast else "texture-only path off: napari refresh per frame (the dock before)"
+    print(f"end to end, {how}: {100 * fast_share:.0f} % of the layer updates took the texture-only path")
     viewer.close()
     pub.close()
-    return rows
+    what = "" if fast else ", texture-only path off (the dock before)"
+    return [
+        (f"napari live widget end to end{what}: 60 Hz previews, frame sets drawn", sets_rate, 1000 / sets_rate),
+        (f"napari live widget end to end{what}: canvas paints", paint_rate, 1000 / paint_rate),
+    ]
 
 
 VIEWERS = ("no viewer", "pyqtgraph viewer", "napari dock")

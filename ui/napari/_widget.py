@@ -2,11 +2,13 @@
 
 A thread subscribes to the daemon's preview socket (``PreviewSubscriber``, PUB/SUB: the newest
 frame of each product, already downsampled by the daemon) and keeps only the newest frame per
-key; a timer on the GUI thread, at screen rate, replaces each changed layer's ``data`` (one layer
-per product, never a new layer per frame). The control socket is the live viewer's
-``DaemonLink`` (its own thread: a daemon that is away never freezes napari), asked for ``status``
-twice a second and for new ``events`` once a second; the widget shows the counts, lists the
-events and turns engines on and off.
+key; a timer on the GUI thread, at screen rate, copies each new frame into its layer's own array
+(one layer per product, never a new layer per frame) and has napari's canvas upload that layer's
+texture again, nothing more (napari re-slices the layer, redraws its thumbnail and the dock its
+levels once a second). The control socket is the live viewer's ``DaemonLink`` (its own thread:
+a daemon that is away never freezes napari), asked for ``status`` twice a second and for new
+``events`` once a second; the widget shows the counts, lists the events and turns engines on and
+off.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 from napari.components import ViewerModel
 from qtpy import QtCore, QtWidgets
+from vispy.visuals import ImageVisual
 
 from ...bridges.protocol import Frame
 from ...bridges.store import COLORS
@@ -129,6 +132,7 @@ class LiveWidget(QtWidgets.QWidget):
         self.layers: dict[str, Any] = {}  # layer name -> the layer this widget updates
         self.updates: dict[str, int] = {}  # layer name -> frames drawn (tests, the benchmark)
         self.frames_drawn = 0
+        self.texture_updates = 0  # frames drawn by uploading the texture only (see _texture_node)
         self.status: dict[str, Any] = {}
         self.events: list[dict[str, Any]] = []
         self._first_stream: str | None = None
@@ -448,10 +452,17 @@ class LiveWidget(QtWidgets.QWidget):
                 and data.dtype == arr.dtype
                 and data.flags.writeable
             ):
-                # the same layer, its new frame copied in: napari re-slices and uploads it, but
-                # keeps its dims, extent and (but once a second) its thumbnail
+                # the same layer, its new frame copied into its own array; then either only the
+                # texture is uploaded again (the canvas draws from a view of that array), or, once
+                # a second and wherever there is no such view, napari re-slices the layer (its
+                # dims and extent kept) and redraws its thumbnail
                 np.copyto(data, arr)
-                layer.refresh(thumbnail=levels, highlight=False, extent=False)
+                node = None if levels else self._texture_node(layer)
+                if node is not None:
+                    node.set_data(node._data)  # the same view, uploaded again when the canvas paints
+                    self.texture_updates += 1
+                else:
+                    layer.refresh(thumbnail=levels, highlight=False, extent=False)
             else:  # another shape or dtype (binning changed): the layer's data replaced
                 layer.data = np.array(arr)
             if tuple(layer.scale) != scale:
@@ -466,6 +477,27 @@ class LiveWidget(QtWidgets.QWidget):
             layer.metadata["livescope"]["scalars"] = dict(h["scalars"])
         self.updates[name] = self.updates.get(name, 0) + 1
         self.frames_drawn += 1
+
+    def _texture_node(self, layer: Any) -> Any:
+        """The vispy node that draws ``layer`` on napari's canvas, when the data it uploads is a view
+        of the layer's own array (no copy, no dtype conversion, a 2D image): a frame copied into
+        the array is then in that view already, and uploading it again is all a redraw needs.
+        None otherwise (no canvas, as with a ``ViewerModel``; a 3D view; data napari converted):
+        the caller refreshes the layer through napari."""
+        canvas = getattr(getattr(getattr(self.viewer, "window", None), "_qt_viewer", None), "canvas", None)
+        visuals = getattr(canvas, "layer_to_visual", None)  # napari's VispyCanvas (>= 0.5), no public handle
+        if visuals is None:
+            return None
+        node = getattr(visuals.get(layer), "node", None)
+        source = getattr(node, "_data", None)
+        if (
+            not isinstance(node, ImageVisual)
+            or not isinstance(source, np.ndarray)
+            or source.ndim != 2
+            or not np.may_share_memory(source, layer.data)
+        ):
+            return None
+        return node
 
     # -- the control link ------------------------------------------------------------------------
     def _on_link(self, kind: str, payload: Any) -> None:
