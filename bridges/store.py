@@ -301,6 +301,11 @@ class ImageWriter:
         self._rec = {k: np.full(lead, _RECORD_FILL[k], dtype=dt) for k, dt in RECORD_FIELDS.items()}
         self._buffers: dict[tuple[int, int, int], _ShardBuffer] = {}
         self._inflight: list[tuple[Any, list[tuple[int, ...]], _ShardBuffer]] = []  # (write future, leads, shard)
+        # planes taken by write() whose record is not final yet (saved or lost): counted up when a
+        # plane is buffered and down only after its status is set, so another thread that reads
+        # ``pending`` == 0 and then the status sees the final one (no gap while a shard moves from
+        # the buffers to the writes in flight, or from there to the records)
+        self._unsettled = 0
         self._dirty_scalars: set[str] = set()  # engine scalars changed since their last write
         self._meta_file: Any = None
         self.inflight_bytes = 0
@@ -527,6 +532,7 @@ class ImageWriter:
                 key[0] * self.shard_t, self.shard_t, self.layout.plane_shape, self.dtype
             )
         buf.put(t, plane)
+        self._unsettled += 1
         if buf.full:
             self._submit(key)
 
@@ -650,15 +656,26 @@ class ImageWriter:
         t0, n = buf.t0, buf.count_span
         _, c, z = key
         sel: tuple = (slice(t0, t0 + n),) + ((c,) if self.layout.has_c else ()) + ((z,) if self.layout.has_z else ())
-        if buf.complete_span:
-            fut = self.array[sel].write(buf.data[:n])
-        else:  # a partial shard (timer flush): write only the planes we have
-            futs = []
-            for t in buf.filled:
-                s = (t,) + sel[1:]
-                futs.append(self.array[s].write(buf.data[t - t0]))
-            fut = _AllOf(futs)
         leads = [self.layout.lead_index(t, c, z) for t in buf.filled]
+        try:
+            if buf.complete_span:
+                fut = self.array[sel].write(buf.data[:n])
+            else:  # a partial shard (timer flush): write only the planes we have
+                futs = []
+                for t in buf.filled:
+                    s = (t,) + sel[1:]
+                    futs.append(self.array[s].write(buf.data[t - t0]))
+                fut = _AllOf(futs)
+        except Exception as exc:  # refused before any write started: these planes are lost, counted
+            self.write_errors += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.error("%s: writing %d frame(s) failed: %s", self.name, len(leads), self.last_error)
+            for lead in leads:
+                self._rec["status"][lead] = STATUS["lost"]
+                self._pending(lead)
+            self.lost += len(leads)
+            self._unsettled -= len(leads)
+            return
         self.bytes_written += buf.data[0].nbytes * len(buf.filled)
         self._inflight.append((fut, leads, buf))
         self.inflight_bytes += buf.data.nbytes
@@ -714,6 +731,7 @@ class ImageWriter:
         for lead in done_leads:
             self._rec["status"][lead] = STATUS["saved"]
             self._pending(lead)
+        self._unsettled -= len(done_leads) + len(failed_leads)  # after their statuses (see __init__)
         self._unrecorded_saved += len(done_leads)
         if self._meta_file is not None:
             self._meta_file.flush()  # handed to the OS with the frames it describes
@@ -759,7 +777,10 @@ class ImageWriter:
 
     @property
     def pending(self) -> int:
-        return sum(len(b.filled) for b in self._buffers.values()) + sum(len(leads) for _, leads, _ in self._inflight)
+        """Planes taken by :meth:`write` whose status is not final yet (buffered, or being
+        written). Safe to read from another thread: once it reads 0, every plane written before
+        has its final status in :meth:`status_at`."""
+        return self._unsettled
 
     @property
     def unrecorded(self) -> int:

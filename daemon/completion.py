@@ -212,12 +212,16 @@ class Completer:
         if raw is None:  # the store has not opened the raw image yet
             return False
         zs = _zs(item)
+        # read in this order: once no frame can come (live_done), a raw frame leaves the sink's
+        # queue (queued_bytes) only after the writer took it (pending), and leaves pending only
+        # after its status is final; so a status still missing after both read empty is a frame
+        # the store never got (lost before it), not one on its way
+        ended = self.live_done()
+        on_the_way = self.sink.queued_bytes > 0 or raw.pending > 0
         states = [raw.status_at(item.t, item.c, z) for z in zs]
-        if any(s in ("missing",) for s in states) and not self.live_done():
+        if "missing" in states and (on_the_way or not ended):
             return False  # not on disk yet
         if any(s != "saved" for s in states):
-            if any(s == "missing" for s in states) and (raw.pending or self.sink.queued_bytes > 0):
-                return False  # still queued for the store, or being written, after the stream ended
             track.tickets.popleft()
             track.unrecoverable += 1
             return True

@@ -70,3 +70,29 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.02, message: 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {message}")
         time.sleep(interval)
+
+
+def xvfb_display(first: int, screen: str):
+    """Start an Xvfb on the first free display number from ``first`` (a generator for a pytest
+    fixture: yields ``":N"``, stops the server after); the test skips without Xvfb."""
+    import shutil
+    import subprocess
+
+    if shutil.which("Xvfb") is None:
+        pytest.skip("Xvfb is not installed (apt-get install xvfb libxcb-icccm4 libxcb-keysyms1)")
+    for n in range(first, first + 60):
+        if not Path(f"/tmp/.X11-unix/X{n}").exists() and not Path(f"/tmp/.X{n}-lock").exists():
+            break
+    proc = subprocess.Popen(
+        ["Xvfb", f":{n}", "-screen", "0", screen, "-nolisten", "tcp"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: Path(f"/tmp/.X11-unix/X{n}").exists() or proc.poll() is not None, 10, message="Xvfb")
+        if proc.poll() is not None:
+            pytest.skip(f"Xvfb :{n} did not start")
+        yield f":{n}"
+    finally:
+        proc.terminate()
+        proc.wait(5)

@@ -227,3 +227,35 @@ def test_flush_puts_every_frame_record_and_window_on_disk_before_close(tmp_path)
     xml = (tmp_path / "out" / "OME" / "METADATA.ome.xml").read_text()
     assert xml.count('SizeT="40"') == 2
     store.close()
+
+
+class _WatchedStatus(np.ndarray):
+    """A status array that notes the writer's ``pending`` each time a frame's status is set."""
+
+    def __setitem__(self, key, value):
+        if int(value) != STATUS["missing"]:
+            self.seen.append((int(value), self.writer.pending))
+        super().__setitem__(key, value)
+
+
+@pytest.mark.parametrize("frames", [3, 20])  # a partial shard (timer flush) and full ones
+def test_pending_stays_up_until_each_status_is_final(tmp_path, frames):
+    """Another thread (the completer) reads ``pending`` == 0 and then the status: a frame must never
+    show 0 pending while its status is still missing, or it is taken for a frame the store never got
+    (this gap once dropped 17 completed products of a live run)."""
+    store = OmeZarrStore(tmp_path / "out")
+    w = store.image("raw", 0, 0, _layout())
+    w.write(0, 0, 0, np.zeros((32, 48), np.uint16), seq=0, time_s=0.0)  # grows the records first
+    watched = w._rec["status"].view(_WatchedStatus)
+    watched.seen, watched.writer = [], w
+    w._rec["status"] = watched
+    for t in range(1, frames):
+        w.write(t, 0, 0, np.full((32, 48), t, np.uint16), seq=t, time_s=t)
+        assert w.pending == t + 1 and w.status_at(t, 0, 0) == "missing"
+    w.flush_due(now=float("inf"))
+    assert w.pending == frames  # submitted, not yet settled
+    w._drain(wait=True)
+    saved = [p for s, p in watched.seen if s == STATUS["saved"]]
+    assert len(saved) == frames and min(saved) > 0  # still pending when its status became saved
+    assert w.pending == 0 and all(w.status_at(t, 0, 0) == "saved" for t in range(frames))
+    store.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -19,29 +18,12 @@ pytest.importorskip("pyqtgraph")
 
 from livescope.bridges.transport import PreviewSubscriber  # noqa: E402
 from livescope.ui.panels import apply_levels  # noqa: E402
-from tests.conftest import wait_for  # noqa: E402
+from tests.conftest import xvfb_display  # noqa: E402
 
 
 @pytest.fixture
 def xvfb():
-    if shutil.which("Xvfb") is None:
-        pytest.skip("Xvfb is not installed (apt-get install xvfb libxcb-icccm4 libxcb-keysyms1)")
-    for n in range(140, 200):
-        if not Path(f"/tmp/.X11-unix/X{n}").exists() and not Path(f"/tmp/.X{n}-lock").exists():
-            break
-    proc = subprocess.Popen(
-        ["Xvfb", f":{n}", "-screen", "0", "1600x1000x24", "-nolisten", "tcp"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for(lambda: Path(f"/tmp/.X11-unix/X{n}").exists() or proc.poll() is not None, 10, message="Xvfb")
-        if proc.poll() is not None:
-            pytest.skip(f"Xvfb :{n} did not start")
-        yield f":{n}"
-    finally:
-        proc.terminate()
-        proc.wait(5)
+    yield from xvfb_display(140, "1600x1000x24")
 
 
 def _window_pixels(png: Path) -> np.ndarray:

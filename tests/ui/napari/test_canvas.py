@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,26 +104,9 @@ def _child(out: str) -> None:
 
 @pytest.fixture
 def xvfb():
-    if shutil.which("Xvfb") is None:
-        pytest.skip("Xvfb is not installed (apt-get install xvfb)")
-    for n in range(200, 260):
-        if not Path(f"/tmp/.X11-unix/X{n}").exists() and not Path(f"/tmp/.X{n}-lock").exists():
-            break
-    proc = subprocess.Popen(
-        ["Xvfb", f":{n}", "-screen", "0", "1280x1024x24", "-nolisten", "tcp"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        from tests.conftest import wait_for
+    from tests.conftest import xvfb_display
 
-        wait_for(lambda: Path(f"/tmp/.X11-unix/X{n}").exists() or proc.poll() is not None, 10, message="Xvfb")
-        if proc.poll() is not None:
-            pytest.skip(f"Xvfb :{n} did not start")
-        yield f":{n}"
-    finally:
-        proc.terminate()
-        proc.wait(5)
+    yield from xvfb_display(200, "1280x1024x24")
 
 
 def test_the_fast_path_draws_each_new_frame_at_the_layers_levels(xvfb, tmp_path):
