@@ -530,6 +530,8 @@ class PreviewSubscriber:
         self._sock: zmq.Socket | None = None
         self.rejected = 0
         self.received = 0
+        self.repeats = 0  # the daemon's re-sends of a frame this subscriber already has: dropped
+        self._seen: dict[tuple[str, str, int, int, int], Any] = {}
         self._connect()
 
     def _connect(self) -> None:
@@ -560,6 +562,10 @@ class PreviewSubscriber:
             h = frame.header
             idx = h.get("index") or {}
             key = (frame.stream, h.get("product", "raw"), idx.get("p", 0), idx.get("c", 0), idx.get("z", 0))
+            if h.get("repeat") and self._seen.get(key) == h.get("seq"):
+                self.repeats += 1  # sent again for late joiners; this one has it
+                continue
+            self._seen[key] = h.get("seq")
             out[key] = frame
         return out
 

@@ -288,7 +288,15 @@ def _write(w: Any, item: Item, arr: np.ndarray, saturated: int = -1) -> None:
 
 class PreviewSink:
     """The newest frame per (product, stream tag, p, c, z), sent at ``hz``, at most ``size``
-    pixels across; each header says how long since the frame was received (``latency_ms``)."""
+    pixels across; each header says how long since the frame was received (``latency_ms``).
+
+    PUB/SUB drops what is sent before a subscriber has joined, so a viewer that connects after a
+    short acquisition (or between two) would show nothing. When no new frame is waiting, the
+    newest of each plane is sent again, marked ``repeat``, once per ``resend_s`` and a few per
+    tick; a subscriber that already has that frame drops the repeat (``PreviewSubscriber``)."""
+
+    resend_s = 2.0
+    resend_per_tick = 4
 
     def __init__(self, publisher: Any, hz: float, size: int) -> None:
         self.publisher = publisher
@@ -332,7 +340,11 @@ class PreviewSink:
             ]
             changed.sort(key=lambda x: x[0])
             now = time.monotonic()
-            for _, key in changed[:16]:
+            todo = [(key, False) for _, key in changed[:16]]
+            if not todo:  # nothing new: the newest again, for a subscriber that joined late
+                stale = sorted((w, k) for k, w in list(self._when.items()) if now - w >= self.resend_s)
+                todo = [(key, True) for _, key in stale[: self.resend_per_tick] if key in self.latest]
+            for key, repeat in todo:
                 arr, header = self.latest[key]
                 self._sent[key] = header["seq"]
                 self._when[key] = now
@@ -347,7 +359,9 @@ class PreviewSink:
                     if last:
                         hdr["scalars"] = dict(last)
                     received = hdr.pop("_received", None)
-                    if received is not None:  # frame received -> its preview (this product) on the wire
+                    if repeat:
+                        hdr["repeat"] = True  # its latency was measured when it was first sent
+                    elif received is not None:  # frame received -> its preview (this product) on the wire
                         latency = time.perf_counter() - received
                         hdr["latency_ms"] = round(latency * 1000, 2)
                         (self.lat_preview_raw if header.get("product") == "raw" else self.lat_preview).add(latency)

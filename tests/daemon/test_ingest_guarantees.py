@@ -373,3 +373,58 @@ def test_stop_keeps_what_was_handed_over(tmp_path, free_address):
     assert f["saved"] + f["dropped_at_close"] + f["lost"] == 300, f
     assert f["saved"] == 300, f
     np.testing.assert_array_equal(_raw(cfg)[...], frames)
+
+
+def test_a_viewer_that_joins_after_the_frames_still_gets_the_newest_of_each(tmp_path, free_address):
+    """PUB/SUB drops what was sent before a subscriber joined: the daemon sends the newest preview
+    of each plane again when nothing new comes; a subscriber that already has it drops the repeat."""
+    from livescope.bridges.transport import PreviewSubscriber
+    from tests.conftest import wait_for
+
+    cfg = _cfg(tmp_path, free_address, publish=free_address(), engines=["passthrough"], preview_hz=50.0)
+    early_got: list = []
+    late_got: dict = {}
+    counts: dict = {}
+
+    def publish(pipeline):
+        subs = [PreviewSubscriber(cfg.publish)]
+        cam = BareClient(cfg.ingest, stream="scope")
+        try:
+            _previews(pipeline, cam, subs)
+        finally:  # the daemon ends with the stream, also when a wait below failed
+            cam.end()
+            cam.close()
+            for s in subs:
+                s.close()
+
+    def _previews(pipeline, cam, subs):
+        early = subs[0]
+        for t in range(3):
+            cam.send(np.full((8, 8), 100 + t, np.uint16), index={"t": t})
+        _wait_received(pipeline, 3)
+
+        def early_has_last():
+            for key, frame in early.latest().items():
+                early_got.append((key[1], frame.header["seq"], int(np.asarray(frame.array)[0, 0])))
+            return {(p, v) for p, _, v in early_got} >= {("raw", 102), ("passthrough", 102)}
+
+        wait_for(early_has_last, timeout=10, message="the early subscriber's previews of the last frame")
+        late = PreviewSubscriber(cfg.publish)  # joins after every frame was previewed once
+        subs.append(late)
+
+        def late_has_last():
+            for key, frame in late.latest().items():
+                late_got[key[1]] = (frame.header, int(np.asarray(frame.array)[0, 0]))
+            return {p for p, (_, v) in late_got.items() if v == 102} >= {"raw", "passthrough"}
+
+        wait_for(late_has_last, timeout=10, message="the late subscriber's previews of the last frame")
+        wait_for(lambda: early_has_last() and early.repeats >= 2, timeout=10, message="repeats at the early one")
+        counts.update(early_received=early.received, early_repeats=early.repeats)
+
+    _run(cfg, publish)
+    assert {p for p, (_, v) in late_got.items() if v == 102} >= {"raw", "passthrough"}, late_got
+    assert all(h.get("repeat") and "latency_ms" not in h for h, _ in late_got.values())
+    # the early subscriber saw each (product, frame) once: the repeats never came out of latest()
+    seen = [(p, seq) for p, seq, _ in early_got]
+    assert len(seen) == len(set(seen)), early_got
+    assert counts["early_repeats"] >= 2
