@@ -667,14 +667,8 @@ class ImageWriter:
                     futs.append(self.array[s].write(buf.data[t - t0]))
                 fut = _AllOf(futs)
         except Exception as exc:  # refused before any write started: these planes are lost, counted
-            self.write_errors += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            log.error("%s: writing %d frame(s) failed: %s", self.name, len(leads), self.last_error)
-            for lead in leads:
-                self._rec["status"][lead] = STATUS["lost"]
-                self._pending(lead)
-            self.lost += len(leads)
-            self._unsettled -= len(leads)
+            self._write_failed(exc, len(leads))
+            self._settle(leads, "lost")
             return
         self.bytes_written += buf.data[0].nbytes * len(buf.filled)
         self._inflight.append((fut, leads, buf))
@@ -719,23 +713,28 @@ class ImageWriter:
                 (done_leads if exc is None else failed_leads).append(lead)
             exc = next((e for e in errors if e is not None), None)
             if exc is not None:  # disk full, permissions, a vanished folder: count, never stall
-                self.write_errors += 1
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.error(
-                    "%s: writing %d frame(s) failed: %s", self.name, sum(e is not None for e in errors), self.last_error
-                )
-        for lead in failed_leads:
-            self._rec["status"][lead] = STATUS["lost"]
-            self._pending(lead)
-        self.lost += len(failed_leads)
-        for lead in done_leads:
-            self._rec["status"][lead] = STATUS["saved"]
-            self._pending(lead)
-        self._unsettled -= len(done_leads) + len(failed_leads)  # after their statuses (see __init__)
-        self._unrecorded_saved += len(done_leads)
+                self._write_failed(exc, sum(e is not None for e in errors))
+        self._settle(failed_leads, "lost")
+        self._settle(done_leads, "saved")
         if self._meta_file is not None:
             self._meta_file.flush()  # handed to the OS with the frames it describes
         return self._write_records(force_records)
+
+    def _write_failed(self, exc: BaseException, n: int) -> None:
+        self.write_errors += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        log.error("%s: writing %d frame(s) failed: %s", self.name, n, self.last_error)
+
+    def _settle(self, leads: list[tuple[int, ...]], status: str) -> None:
+        """The planes' final status; only then do they leave ``pending`` (see ``_unsettled``)."""
+        for lead in leads:
+            self._rec["status"][lead] = STATUS[status]
+            self._pending(lead)
+        if status == "lost":
+            self.lost += len(leads)
+        else:
+            self._unrecorded_saved += len(leads)
+        self._unsettled -= len(leads)
 
     def _write_records(self, force: bool) -> int:
         """Write the records not yet on disk; a failed write keeps them for the next try (polls
