@@ -259,8 +259,10 @@ class SimMicroscope:
         return MDASequence(**kwargs)
 
     def close(self) -> None:
-        """Unload the Python devices. Without it, CMMCore's destructor at interpreter exit can
-        abort the process ("exception not rethrown"); also run at exit."""
+        """Unload the Python devices and stop the core's notification thread. Without it the
+        process can abort at interpreter exit ("exception not rethrown", "terminate called without
+        an active exception"): in CMMCore's destructor, or in a notification still being
+        delivered into Python (see ``_stop_notifications``). Also run at exit."""
         import atexit
 
         atexit.unregister(self.close)
@@ -309,6 +311,22 @@ def _unload(core: Any) -> None:
             core.mda.cancel()
         core.unloadAllDevices()
     except Exception:  # at exit: nothing more to do
+        pass
+    _stop_notifications(core)
+
+
+def _stop_notifications(core: Any) -> None:
+    """Stop the core's notification thread. MMCore (12.x) delivers its notifications, the
+    unload's "system configuration loaded" among them, into Python from a thread of its own; one
+    still waiting for the GIL when the interpreter finalizes aborts the process ("terminate
+    called without an active exception": Python ends the thread inside a C++ destructor).
+    Unregistering the callback delivers or drops what is queued and joins that thread (pymmcore
+    releases the GIL meanwhile); the core's pymmcore-plus events end with it, as for a closed core."""
+    try:
+        import pymmcore
+
+        pymmcore.CMMCore.registerCallback(core, None)  # CMMCorePlus disallows its own override
+    except Exception:  # no pymmcore, or a core that has none
         pass
 
 
