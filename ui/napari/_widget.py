@@ -100,6 +100,12 @@ def _display_levels(arr: np.ndarray) -> tuple[float, float]:
     return (lo, hi if hi > lo else lo + 1.0)
 
 
+def _moved(old: tuple[float, float], new: tuple[float, float], tolerance: float = 0.02) -> bool:
+    """Whether display levels moved by more than ``tolerance`` of the old range at either end."""
+    span = max(abs(old[1] - old[0]), 1e-12)
+    return abs(new[0] - old[0]) > tolerance * span or abs(new[1] - old[1]) > tolerance * span
+
+
 def _colormap(c: int, n_channels_seen: int) -> Any:
     if n_channels_seen <= 1:
         return "gray"
@@ -138,6 +144,9 @@ class LiveWidget(QtWidgets.QWidget):
         self._first_stream: str | None = None
         self._channels: set[int] = set()
         self._levels_at: dict[str, float] = {}
+        # layers whose levels (and napari refresh, thumbnail included) may run in this tick: one,
+        # so the six layers' once-a-second refreshes are spread over six paints, never one slow one
+        self._slow_left = 1
         self.engine_boxes: dict[str, QtWidgets.QCheckBox] = {}
         # attached to a Micro-Manager core: the bridge, and the daemon this dock started
         self.core: Any = None
@@ -404,6 +413,7 @@ class LiveWidget(QtWidgets.QWidget):
             self._watch_daemon()
         if self.previews is not None:
             frames = self.previews.take()
+            self._slow_left = 1
             n_layers = len(self.layers)
             for key in sorted(frames):
                 self._show(key, frames[key])
@@ -444,7 +454,9 @@ class LiveWidget(QtWidgets.QWidget):
             return  # a hidden layer is not drawn: its data waits for the next frame after it is shown
         else:
             now = time.monotonic()
-            levels = now - self._levels_at.get(name, 0.0) >= LEVELS_EVERY_S
+            levels = self._slow_left > 0 and now - self._levels_at.get(name, 0.0) >= LEVELS_EVERY_S
+            if levels:
+                self._slow_left -= 1
             data = layer.data
             if (
                 isinstance(data, np.ndarray)
@@ -469,7 +481,9 @@ class LiveWidget(QtWidgets.QWidget):
                 layer.scale = scale
             if levels:
                 self._levels_at[name] = now
-                layer.contrast_limits = _display_levels(arr)
+                new = _display_levels(arr)
+                if _moved(tuple(layer.contrast_limits), new):  # napari redraws its controls for each set
+                    layer.contrast_limits = new
         layer.metadata["livescope"].update(
             seq=h.get("seq"), t=(h.get("index") or {}).get("t"), latency_ms=h.get("latency_ms"), z=key[4]
         )

@@ -94,6 +94,49 @@ def test_one_layer_per_product_updated_in_place(qtbot, daemon):
     assert not widget.connected and len(viewer.layers) == 2  # the last frames stay
 
 
+def test_levels_one_layer_a_tick_and_only_when_they_moved(qtbot, monkeypatch):
+    """Six layers due for their once-a-second levels at once get them over six ticks, one a tick
+    (napari's refresh and its controls' redraw are the slow part of a paint); levels that moved
+    less than 2 % of the range are not set again."""
+    from napari.components import ViewerModel
+
+    from livescope.bridges.protocol import Frame
+    from livescope.ui.napari import LiveWidget, _widget
+
+    monkeypatch.setattr(_widget, "LEVELS_EVERY_S", 600.0)  # due only when the test says so
+    viewer = ViewerModel()
+    widget = LiveWidget(viewer, control="")
+    qtbot.addWidget(widget)
+    products = [f"product{i}" for i in range(6)]
+    rng = np.random.default_rng(0)
+
+    def tick(scale: float, t: int) -> None:
+        widget._slow_left = 1  # what each tick of the dock's timer does before drawing its frames
+        for p in products:
+            arr = (rng.random((256, 256)) * scale).astype(np.float32)
+            widget._show(("s", p, 0, 0, 0), Frame({"seq": t, "product": p, "index": {"t": t}}, arr))
+
+    tick(100.0, 0)  # the layers, made with their first frame's levels
+    layers = [viewer.layers[f"live {p}"] for p in products]
+    assert all(la.contrast_limits[1] < 101 for la in layers)
+    changed: list[set[str]] = []
+    for la in layers:
+        la.events.contrast_limits.connect(lambda _e, name=la.name: changed[-1].add(name))
+    widget._levels_at.clear()  # every layer due at once
+    for t in range(1, 7):  # ten times brighter: every layer's levels have to follow
+        changed.append(set())
+        tick(1000.0, t)
+    assert [len(c) for c in changed] == [1] * 6  # one layer a tick
+    assert set().union(*changed) == {la.name for la in layers}  # and each layer in turn
+    assert all(990 < la.contrast_limits[1] < 1001 for la in layers)
+    for t in range(7, 19):  # the same brightness again: levels within 2 %, nothing set
+        widget._levels_at.clear()
+        changed.append(set())
+        tick(1000.0, t)
+    assert set().union(*changed[6:]) == set()
+    assert all(np.asarray(la.data).max() > 900 for la in layers)  # the frames themselves still drawn
+
+
 def test_the_widget_is_contributed_to_napari():
     import npe2
 
