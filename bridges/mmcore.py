@@ -38,7 +38,7 @@ import numpy as np
 from ._sender import QueuedSender
 from .transport import FramePublisher
 
-__all__ = ["MMCoreBridge", "attach", "json_safe", "psygnal_signals"]
+__all__ = ["MMCoreBridge", "attach", "json_safe", "psygnal_signals", "release_core"]
 
 log = logging.getLogger(__name__)
 
@@ -748,6 +748,29 @@ class MMCoreBridge:
 
 def _causes(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "no cause recorded"
+
+
+def release_core(core: Any) -> None:
+    """Let go of a core this process made and will not use again: cancel its MDA, unload its
+    devices, and stop its notification thread. MMCore (12.x) delivers notifications (the unload's
+    "system configuration loaded" among them) into Python from a thread of its own; one still
+    waiting for the GIL when the interpreter finalizes aborts the process ("terminate called
+    without an active exception": Python ends the thread inside a C++ destructor). Unregistering
+    the callback delivers or drops what is queued and joins that thread (pymmcore releases the
+    GIL meanwhile); the core's pymmcore-plus events end with it. Never for a user's core that
+    lives on (the bridge only listens to those)."""
+    try:
+        if core.mda.is_running():
+            core.mda.cancel()
+        core.unloadAllDevices()
+    except Exception:  # at exit, or a device that fails to unload: nothing more to do
+        log.debug("unloading the core's devices failed", exc_info=True)
+    try:
+        import pymmcore
+
+        pymmcore.CMMCore.registerCallback(core, None)  # CMMCorePlus disallows its own override
+    except Exception:  # no pymmcore, or a core that has none
+        log.debug("unregistering the core's callback failed", exc_info=True)
 
 
 def attach(core: Any, address: str, **kwargs: Any) -> MMCoreBridge:

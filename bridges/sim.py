@@ -262,13 +262,15 @@ class SimMicroscope:
         """Unload the Python devices and stop the core's notification thread. Without it the
         process can abort at interpreter exit ("exception not rethrown", "terminate called without
         an active exception"): in CMMCore's destructor, or in a notification still being
-        delivered into Python (see ``_stop_notifications``). Also run at exit."""
+        delivered into Python (see :func:`livescope.bridges.mmcore.release_core`). Also run at exit."""
         import atexit
 
         atexit.unregister(self.close)
         core, self.core = getattr(self, "core", None), None
         if core is not None:
-            _unload(core)
+            from .mmcore import release_core
+
+            release_core(core)
 
     def endless(self, channels: Sequence[str] = ("GFP",), z_planes: int = 1, interval_s: float | None = None):
         """MDA events for a time-lapse that runs until cancelled (``core.mda.cancel()``): a
@@ -303,31 +305,6 @@ class SimMicroscope:
             "gain": 1.0 / self.cfg.gain,
             "read_noise": self.cfg.read_noise / self.cfg.gain,
         }
-
-
-def _unload(core: Any) -> None:
-    try:
-        if core.mda.is_running():
-            core.mda.cancel()
-        core.unloadAllDevices()
-    except Exception:  # at exit: nothing more to do
-        pass
-    _stop_notifications(core)
-
-
-def _stop_notifications(core: Any) -> None:
-    """Stop the core's notification thread. MMCore (12.x) delivers its notifications, the
-    unload's "system configuration loaded" among them, into Python from a thread of its own; one
-    still waiting for the GIL when the interpreter finalizes aborts the process ("terminate
-    called without an active exception": Python ends the thread inside a C++ destructor).
-    Unregistering the callback delivers or drops what is queued and joins that thread (pymmcore
-    releases the GIL meanwhile); the core's pymmcore-plus events end with it, as for a closed core."""
-    try:
-        import pymmcore
-
-        pymmcore.CMMCore.registerCallback(core, None)  # CMMCorePlus disallows its own override
-    except Exception:  # no pymmcore, or a core that has none
-        pass
 
 
 def _build_core(scope: SimMicroscope) -> Any:

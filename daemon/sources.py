@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..bridges.mmcore import attach
+from ..bridges.mmcore import attach, release_core
 from ..bridges.movies import open_movie
 from ..bridges.sim import SimConfig, SimMicroscope
 from ..bridges.transport import FramePublisher
@@ -86,6 +86,8 @@ class SimSource:
         self.bridge.close()
         if self.scope is not None:
             self.scope.close()
+        else:  # the core this daemon made from --config: its devices released (again is harmless)
+            release_core(self.core)
 
     def stats(self) -> dict[str, Any]:
         return {"bridge": self.bridge.stats()}
@@ -104,6 +106,7 @@ def _load_mm_config(path: str | Path) -> Any:
     try:
         core.loadSystemConfiguration(str(path))
     except Exception as exc:
+        release_core(core)
         raise RuntimeError(
             f"could not load {path}: {exc}. A real rig needs Micro-Manager's device adapters: install them "
             "with `mmcore install` (pymmcore-plus), or run without --config to use the built-in microscope"

@@ -364,6 +364,28 @@ def test_mmcore_source_with_an_unloadable_config_names_the_fix(tmp_path, free_ad
         make_source(cfg)
 
 
+def test_mmcore_source_releases_the_core_it_made(tmp_path, free_address):
+    """The core a daemon makes from --config is its own: stopping unloads it and stops its
+    notification thread (one still delivering at interpreter exit aborts the process)."""
+    import threading
+
+    from livescope.daemon.sources import make_source
+
+    cfg_file = tmp_path / "empty.cfg"
+    cfg_file.write_text("# a configuration with no devices\n")
+    source = make_source(_cfg(tmp_path, free_address, source="mmcore", mm_config=str(cfg_file)))
+    core = source.core
+    heard = threading.Event()
+    core.events.systemConfigurationLoaded.connect(heard.set)
+    core.unloadAllDevices()
+    assert heard.wait(5)  # the core's notifications reach Python from its thread
+    source.stop()
+    heard.clear()
+    core.unloadAllDevices()
+    assert not heard.wait(0.5)  # that thread is gone
+    assert list(core.getLoadedDevices()) == ["Core"]
+
+
 def test_acquisition_metadata_is_kept_per_frame(tmp_path, free_address):
     cfg = _cfg(tmp_path, free_address, source="sim", frames=3, sim_shape=(16, 16), sim_interval_s=0.0)
     run_daemon(cfg)
