@@ -6,7 +6,7 @@ the livescope viewer's pyqtgraph panels measured the same way in the same run.
 1. Redraws: six frames (raw uint16 + five float32 products, 512x512, bench_viewer's frame sets)
    replace six layers' data (``layer.data = frame``), or are copied into it (``np.copyto`` and
    ``layer.refresh(thumbnail=False, ...)``, the live widget's way before), or go through the live
-   widget's own update (``LiveWidget._show``: copied in, only the texture uploaded again), and
+   widget's own update (``LiveWidget.draw``: copied in, only the texture uploaded again), and
    the canvas is painted synchronously, N times; and the canvas painted with no new data (what
    drawing six layers costs, the floor). The live viewer's rows come from bench_viewer's
    ``bench_redraws`` (its six panels and six pg.ImageViews, the same frames, the same timing).
@@ -87,7 +87,7 @@ def bench_napari(n: int) -> list[tuple[str, float, float]]:
     rows.append((label, *_time(draw_in_place, n, app)))
     viewer.close()
 
-    # the dock's own code (LiveWidget._show) on the same frames, no socket: copied in, the texture
+    # the dock's own code (LiveWidget.draw) on the same frames, no socket: copied in, the texture
     # uploaded again from the view napari draws (levels, thumbnail and a napari refresh once a second)
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1600, 1000)
@@ -96,16 +96,16 @@ def bench_napari(n: int) -> list[tuple[str, float, float]]:
     grid_of(viewer).enabled = True  # what connect_daemon does
     native = _canvas(viewer)._scene_canvas.native
 
-    def draw_dock(i: int) -> None:
-        widget._slow_left = 1  # as each tick of the dock's timer: one layer's levels and refresh at most
-        for name, arr in sets[i % len(sets)].items():
-            header = {"v": 1, "stream": "b", "seq": i, "product": name, "index": {"t": i}}
-            widget._show(("b", name, 0, 0, 0), Frame(header, arr))
-        if i == 0:
-            viewer.reset_view()
+    def draw_dock(i: int) -> None:  # what each tick of the dock's timer does with a frame set
+        widget.draw(
+            {
+                ("b", name, 0, 0, 0): Frame({"v": 1, "stream": "b", "seq": i, "product": name, "index": {"t": i}}, arr)
+                for name, arr in sets[i % len(sets)].items()
+            }
+        )
         native.repaint()
 
-    rows.append(("napari live dock's update (LiveWidget._show), six layers, grid", *_time(draw_dock, n, app)))
+    rows.append(("napari live dock's update (LiveWidget.draw), six layers, grid", *_time(draw_dock, n, app)))
     assert len(viewer.layers) == len(PRODUCTS)
     fast_share = widget.texture_updates / max(widget.frames_drawn, 1)
     print(f"dock's update: {100 * fast_share:.0f} % of the layer updates took the texture-only path")

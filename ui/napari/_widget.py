@@ -147,6 +147,7 @@ class LiveWidget(QtWidgets.QWidget):
         # layers whose levels (and napari refresh, thumbnail included) may run in this tick: one,
         # so the six layers' once-a-second refreshes are spread over six paints, never one slow one
         self._slow_left = 1
+        self._names: dict[Key, str] = {}  # each key's layer name, as _show made it
         self.engine_boxes: dict[str, QtWidgets.QCheckBox] = {}
         # attached to a Micro-Manager core: the bridge, and the daemon this dock started
         self.core: Any = None
@@ -412,16 +413,23 @@ class LiveWidget(QtWidgets.QWidget):
         if self.daemon is not None:
             self._watch_daemon()
         if self.previews is not None:
-            frames = self.previews.take()
-            self._slow_left = 1
-            n_layers = len(self.layers)
-            for key in sorted(frames):
-                self._show(key, frames[key])
-            if len(self.layers) > n_layers:  # a new product: every tile fits its view again
-                self.viewer.reset_view()
+            self.draw(self.previews.take())
         if self.link is not None:
             for kind, payload in self.link.drain():
                 self._on_link(kind, payload)
+
+    def draw(self, frames: dict[Key, Frame]) -> None:
+        """One tick's newest frames into their layers. One slow update a tick (levels, napari's
+        refresh): the layer whose levels are the oldest goes first, so it goes round every layer
+        however many there are; new products come first, in key order (their grid tiles)."""
+        self._slow_left = 1
+        n_layers = len(self.layers)
+        order = sorted(frames)
+        order.sort(key=lambda k: self._levels_at.get(self._names.get(k, ""), 0.0))  # stable
+        for key in order:
+            self._show(key, frames[key])
+        if len(self.layers) > n_layers:  # a new product: every tile fits its view again
+            self.viewer.reset_view()
 
     def _show(self, key: Key, frame: Frame) -> None:
         if frame.array is None:
@@ -431,6 +439,7 @@ class LiveWidget(QtWidgets.QWidget):
         h = frame.header
         self._channels.add(key[3])
         name = layer_name(key, self._first_stream, h.get("channel") if key[3] else None)
+        self._names[key] = name
         arr = np.asarray(frame.array)
         if arr.dtype == np.float16:  # vispy has no half-float textures
             arr = arr.astype(np.float32)

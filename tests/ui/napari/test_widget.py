@@ -110,11 +110,15 @@ def test_levels_one_layer_a_tick_and_only_when_they_moved(qtbot, monkeypatch):
     products = [f"product{i}" for i in range(6)]
     rng = np.random.default_rng(0)
 
-    def tick(scale: float, t: int) -> None:
-        widget._slow_left = 1  # what each tick of the dock's timer does before drawing its frames
-        for p in products:
-            arr = (rng.random((256, 256)) * scale).astype(np.float32)
-            widget._show(("s", p, 0, 0, 0), Frame({"seq": t, "product": p, "index": {"t": t}}, arr))
+    def tick(scale: float, t: int) -> None:  # one tick of the dock's timer, with a frame of each
+        widget.draw(
+            {
+                ("s", p, 0, 0, 0): Frame(
+                    {"seq": t, "product": p, "index": {"t": t}}, (rng.random((256, 256)) * scale).astype(np.float32)
+                )
+                for p in products
+            }
+        )
 
     tick(100.0, 0)  # the layers, made with their first frame's levels
     layers = [viewer.layers[f"live {p}"] for p in products]
@@ -135,6 +139,42 @@ def test_levels_one_layer_a_tick_and_only_when_they_moved(qtbot, monkeypatch):
         tick(1000.0, t)
     assert set().union(*changed[6:]) == set()
     assert all(np.asarray(la.data).max() > 900 for la in layers)  # the frames themselves still drawn
+
+
+def test_the_slow_update_goes_round_every_layer(qtbot, monkeypatch):
+    """With more layers than ticks in a second, the one slow update a tick still reaches every
+    layer in turn (the most overdue first), never the same first few again and again."""
+    import types
+
+    from napari.components import ViewerModel
+
+    from livescope.bridges.protocol import Frame
+    from livescope.ui.napari import LiveWidget, _widget
+
+    clock = iter(range(1, 10**6))
+    monkeypatch.setattr(_widget, "time", types.SimpleNamespace(monotonic=lambda: float(next(clock))))
+    monkeypatch.setattr(_widget, "LEVELS_EVERY_S", 0.0)  # every layer due at every tick
+    viewer = ViewerModel()
+    widget = LiveWidget(viewer, control="")
+    qtbot.addWidget(widget)
+    products = [f"p{i:02d}" for i in range(9)]
+    frame = np.zeros((16, 16), np.float32)
+
+    def frames(t: int) -> dict:
+        return {("s", p, 0, 0, 0): Frame({"seq": t, "product": p, "index": {"t": t}}, frame + t) for p in products}
+
+    widget.draw(frames(0))
+    assert [la.name for la in viewer.layers] == [f"live {p}" for p in products]  # tiles in key order
+    served = []
+    for t in range(1, 19):
+        before = dict(widget._levels_at)
+        widget.draw(frames(t))
+        served.append([n for n, at in widget._levels_at.items() if at != before[n]])
+    assert [len(s) for s in served] == [1] * 18  # one slow update a tick
+    names = sorted(f"live {p}" for p in products)
+    assert sorted(n for s in served[:9] for n in s) == names  # every layer once in nine ticks
+    assert sorted(n for s in served[9:] for n in s) == names  # and again
+    assert all(np.asarray(la.data).max() == 18 for la in viewer.layers)  # every frame drawn
 
 
 def test_the_widget_is_contributed_to_napari():
