@@ -168,6 +168,14 @@ class LiveWidget(QtWidgets.QWidget):
         self.telemetry = QtWidgets.QLabel("")
         self.telemetry.setWordWrap(True)
         self.telemetry.setTextInteractionFlags(QtCore.Qt.TextInteractionFlag.TextSelectableByMouse)
+        # how fast napari draws against how fast previews come (once a second): napari drawing in
+        # software OpenGL, or a busy machine, shows here as a rate below the previews'
+        self.rate_label = QtWidgets.QLabel("")
+        self.rate_label.setWordWrap(True)
+        self.draw_rate = 0.0  # ticks a second that drew new frames (canvas updates)
+        self.arrival_rate = 0.0  # previews a second per live layer
+        self._rate_at = (time.monotonic(), 0, 0)  # when, ticks that drew, previews received
+        self._ticks_drawn = 0
         self.engines_box = QtWidgets.QGroupBox("Engines")
         self.engines_layout = QtWidgets.QVBoxLayout(self.engines_box)
         self.event_list = QtWidgets.QListWidget()
@@ -207,6 +215,7 @@ class LiveWidget(QtWidgets.QWidget):
         layout.addWidget(self.mm_box)
         layout.addWidget(self.state_label)
         layout.addWidget(self.telemetry)
+        layout.addWidget(self.rate_label)
         layout.addWidget(self.engines_box)
         layout.addWidget(QtWidgets.QLabel("Events (double-click: go to its time point)"))
         layout.addWidget(self.event_list, 1)
@@ -254,6 +263,7 @@ class LiveWidget(QtWidgets.QWidget):
             grid_of(self.viewer).enabled = True
         self.connect_button.setText("Disconnect")
         self.state_label.setText(f"subscribed to {preview}; waiting for frames")
+        self._rate_at = (time.monotonic(), self._ticks_drawn, 0)
         self.timer.start()
 
     def disconnect_daemon(self) -> None:
@@ -266,6 +276,7 @@ class LiveWidget(QtWidgets.QWidget):
             self.link = None
         self.connect_button.setText("Connect")
         self.state_label.setText("not connected (the layers keep the last frames)")
+        self.rate_label.setText("")
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt's name)
         self.shutdown()
@@ -413,10 +424,32 @@ class LiveWidget(QtWidgets.QWidget):
         if self.daemon is not None:
             self._watch_daemon()
         if self.previews is not None:
-            self.draw(self.previews.take())
+            frames = self.previews.take()
+            if frames:
+                if self.state_label.text().endswith("waiting for frames"):
+                    self.state_label.setText(f"receiving previews from {self.preview_edit.text().strip()}")
+                self.draw(frames)
+                self._ticks_drawn += 1
+            self._update_rates(self.previews.received)
         if self.link is not None:
             for kind, payload in self.link.drain():
                 self._on_link(kind, payload)
+
+    def _update_rates(self, received: int) -> None:
+        now = time.monotonic()
+        t0, drawn0, received0 = self._rate_at
+        if now - t0 < 1.0:
+            return
+        if received < received0:  # a new subscription: its counts start over
+            received0 = 0
+        dt = now - t0
+        self.draw_rate = (self._ticks_drawn - drawn0) / dt
+        self.arrival_rate = (received - received0) / dt / max(len(self.layers), 1)
+        self._rate_at = (now, self._ticks_drawn, received)
+        self.rate_label.setText(
+            f"napari redraws {self.draw_rate:.1f}/s with new frames; previews arrive at "
+            f"{self.arrival_rate:.1f}/s per layer (the newest is drawn, older ones skipped)"
+        )
 
     def draw(self, frames: dict[Key, Frame]) -> None:
         """One tick's newest frames into their layers. One slow update a tick (levels, napari's

@@ -177,6 +177,54 @@ def test_the_slow_update_goes_round_every_layer(qtbot, monkeypatch):
     assert all(np.asarray(la.data).max() == 18 for la in viewer.layers)  # every frame drawn
 
 
+def test_the_dock_says_how_fast_napari_draws_against_the_previews(qtbot, free_address):
+    """Two products published at 40 Hz, the dock's timer at 20 Hz: it says it redraws about 20
+    times a second while previews arrive at about 40 a second per layer."""
+    import time
+
+    from napari.components import ViewerModel
+
+    from livescope.bridges.transport import PreviewPublisher
+    from livescope.ui.napari import LiveWidget
+
+    address = free_address()
+    pub = PreviewPublisher(address)
+    viewer = ViewerModel()
+    widget = LiveWidget(viewer, preview=address, control="", fps=20)
+    qtbot.addWidget(widget)
+    widget.connect_daemon()
+    stop = threading.Event()
+    frame = np.zeros((32, 32), np.uint16)
+
+    def publish() -> None:
+        seq = 0
+        while not stop.is_set():
+            for product in ("raw", "denoised"):
+                header = {"v": 1, "stream": "s", "seq": seq, "product": product, "index": {"t": seq}}
+                pub.send({**header, "shape": [32, 32], "dtype": "uint16", "bits": 12}, frame + seq)
+            seq += 1
+            time.sleep(1 / 40)
+
+    thread = threading.Thread(target=publish, daemon=True)
+    thread.start()
+    try:
+        qtbot.waitUntil(lambda: len(viewer.layers) == 2, timeout=10000)
+        assert widget.state_label.text() == f"receiving previews from {address}"
+        widget._rate_at = (time.monotonic(), widget._ticks_drawn, widget.previews.received)  # both layers in
+        qtbot.waitUntil(lambda: widget.arrival_rate > 0, timeout=5000)
+        qtbot.wait(1200)  # one more window, all of it streaming
+        assert 8 <= widget.draw_rate <= 21, widget.draw_rate  # the timer's 20 Hz at most
+        assert 15 <= widget.arrival_rate <= 42, widget.arrival_rate  # 40 Hz at most, per layer
+        text = widget.rate_label.text()
+        assert f"redraws {widget.draw_rate:.1f}/s" in text and f"{widget.arrival_rate:.1f}/s per layer" in text
+    finally:
+        stop.set()
+        thread.join()
+        widget.disconnect_daemon()
+        pub.close()
+    assert widget.rate_label.text() == ""
+
+
 def test_the_widget_is_contributed_to_napari():
     import npe2
 
