@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from .mmcore import release_core
+
 __all__ = ["SimConfig", "SimSample", "SimMicroscope", "sample_image"]
 
 log = logging.getLogger(__name__)
@@ -268,8 +270,6 @@ class SimMicroscope:
         atexit.unregister(self.close)
         core, self.core = getattr(self, "core", None), None
         if core is not None:
-            from .mmcore import release_core
-
             release_core(core)
 
     def endless(self, channels: Sequence[str] = ("GFP",), z_planes: int = 1, interval_s: float | None = None):

@@ -176,6 +176,7 @@ class LiveWidget(QtWidgets.QWidget):
         self.arrival_rate = 0.0  # previews a second per live layer
         self._rate_at = (time.monotonic(), 0, 0)  # when, ticks that drew, previews received
         self._ticks_drawn = 0
+        self._receiving = False  # a frame came since connecting
         self.engines_box = QtWidgets.QGroupBox("Engines")
         self.engines_layout = QtWidgets.QVBoxLayout(self.engines_box)
         self.event_list = QtWidgets.QListWidget()
@@ -263,7 +264,8 @@ class LiveWidget(QtWidgets.QWidget):
             grid_of(self.viewer).enabled = True
         self.connect_button.setText("Disconnect")
         self.state_label.setText(f"subscribed to {preview}; waiting for frames")
-        self._rate_at = (time.monotonic(), self._ticks_drawn, 0)
+        self._rate_at = (time.monotonic(), self._ticks_drawn, 0)  # a new subscription counts from 0
+        self._receiving = False
         self.timer.start()
 
     def disconnect_daemon(self) -> None:
@@ -426,8 +428,10 @@ class LiveWidget(QtWidgets.QWidget):
         if self.previews is not None:
             frames = self.previews.take()
             if frames:
-                if self.state_label.text().endswith("waiting for frames"):
-                    self.state_label.setText(f"receiving previews from {self.preview_edit.text().strip()}")
+                if not self._receiving:
+                    self._receiving = True
+                    if self.link is None:  # with a link, its state line stays
+                        self.state_label.setText(f"receiving previews from {self.preview_edit.text().strip()}")
                 self.draw(frames)
                 self._ticks_drawn += 1
             self._update_rates(self.previews.received)
@@ -440,8 +444,6 @@ class LiveWidget(QtWidgets.QWidget):
         t0, drawn0, received0 = self._rate_at
         if now - t0 < 1.0:
             return
-        if received < received0:  # a new subscription: its counts start over
-            received0 = 0
         dt = now - t0
         self.draw_rate = (self._ticks_drawn - drawn0) / dt
         self.arrival_rate = (received - received0) / dt / max(len(self.layers), 1)
