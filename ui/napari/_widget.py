@@ -4,11 +4,11 @@ A thread subscribes to the daemon's preview socket (``PreviewSubscriber``, PUB/S
 frame of each product, already downsampled by the daemon) and keeps only the newest frame per
 key; a timer on the GUI thread, at screen rate, copies each new frame into its layer's own array
 (one layer per product, never a new layer per frame) and has napari's canvas upload that layer's
-texture again, nothing more (napari re-slices the layer, redraws its thumbnail and the dock its
-levels once a second). The control socket is the live viewer's ``DaemonLink`` (its own thread:
-a daemon that is away never freezes napari), asked for ``status`` twice a second and for new
-``events`` once a second; the widget shows the counts, lists the events and turns engines on and
-off.
+texture again, nothing more (the dock sets its levels once a second, and napari re-slices the
+layer and redraws its thumbnail every five seconds). The control socket is the live viewer's
+``DaemonLink`` (its own thread: a daemon that is away never freezes napari), asked for ``status``
+twice a second and for new ``events`` once a second; the widget shows the counts, lists the events
+and turns engines on and off.
 """
 
 from __future__ import annotations
@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, str, int, int, int]  # (stream, product, p, c, z), as PreviewSubscriber.latest() gives it
 LEVELS_EVERY_S = 1.0  # display levels: percentiles now and then, never per frame (as the live viewer)
+THUMBNAIL_EVERY_S = 5.0  # napari's refresh of a layer (its thumbnail: the layer list repaints) less often still
+# levels are set again when they moved more than this share of their range: the percentiles of a
+# noisy frame wander a few % from frame to frame, and each set has napari redraw the layer's
+# thumbnail, list row and controls (measured: a 2 % margin set them nearly every second)
+LEVELS_TOLERANCE = 0.05
 EVENTS_SHOWN = 500
 
 
@@ -100,7 +105,7 @@ def _display_levels(arr: np.ndarray) -> tuple[float, float]:
     return (lo, hi if hi > lo else lo + 1.0)
 
 
-def _moved(old: tuple[float, float], new: tuple[float, float], tolerance: float = 0.02) -> bool:
+def _moved(old: tuple[float, float], new: tuple[float, float], tolerance: float = LEVELS_TOLERANCE) -> bool:
     """Whether display levels moved by more than ``tolerance`` of the old range at either end."""
     span = max(abs(old[1] - old[0]), 1e-12)
     return abs(new[0] - old[0]) > tolerance * span or abs(new[1] - old[1]) > tolerance * span
@@ -144,8 +149,11 @@ class LiveWidget(QtWidgets.QWidget):
         self._first_stream: str | None = None
         self._channels: set[int] = set()
         self._levels_at: dict[str, float] = {}
-        # layers whose levels (and napari refresh, thumbnail included) may run in this tick: one,
-        # so the six layers' once-a-second refreshes are spread over six paints, never one slow one
+        self._thumbnail_at: dict[str, float] = {}
+        self._fixed: set[str] = set()  # layers whose contrast limits the user set: auto levels leave them
+        self._setting_levels = False  # the dock itself is setting contrast limits (not the user)
+        # layers whose levels (and, every few seconds, napari's refresh with the thumbnail) may run
+        # in this tick: one, so six layers' slow updates are spread over six paints, never one slow one
         self._slow_left = 1
         self._names: dict[Key, str] = {}  # each key's layer name, as _show made it
         self.engine_boxes: dict[str, QtWidgets.QCheckBox] = {}
@@ -161,6 +169,13 @@ class LiveWidget(QtWidgets.QWidget):
         self.curve_box = QtWidgets.QCheckBox("CURVE (the daemon runs --curve)")
         self.grid_box = QtWidgets.QCheckBox("grid: one tile per product")
         self.grid_box.setChecked(True)
+        self.auto_levels_box = QtWidgets.QCheckBox("auto levels (percentiles, once a second)")
+        self.auto_levels_box.setChecked(True)
+        self.auto_levels_box.setToolTip(
+            "the live layers' contrast limits follow their frames; a layer whose contrast limits you "
+            "set in napari keeps them until this box is ticked again"
+        )
+        self.auto_levels_box.toggled.connect(self._auto_levels_toggled)
         self.connect_button = QtWidgets.QPushButton("Connect")
         self.connect_button.clicked.connect(self.toggle_connection)
         self.state_label = QtWidgets.QLabel("not connected")
@@ -212,6 +227,7 @@ class LiveWidget(QtWidgets.QWidget):
         layout.addLayout(form)
         layout.addWidget(self.curve_box)
         layout.addWidget(self.grid_box)
+        layout.addWidget(self.auto_levels_box)
         layout.addWidget(self.connect_button)
         layout.addWidget(self.mm_box)
         layout.addWidget(self.state_label)
@@ -493,7 +509,9 @@ class LiveWidget(QtWidgets.QWidget):
                 metadata={"livescope": {"live": True, "key": key}},
             )
             self.layers[name] = layer
-            self._levels_at[name] = time.monotonic()
+            self._levels_at[name] = self._thumbnail_at[name] = time.monotonic()
+            self._fixed.discard(name)
+            layer.events.contrast_limits.connect(lambda _e, name=name: self._contrast_set(name))
         elif not layer.visible:
             return  # a hidden layer is not drawn: its data waits for the next frame after it is shown
         else:
@@ -501,6 +519,9 @@ class LiveWidget(QtWidgets.QWidget):
             levels = self._slow_left > 0 and now - self._levels_at.get(name, 0.0) >= LEVELS_EVERY_S
             if levels:
                 self._slow_left -= 1
+            thumbnail = levels and now - self._thumbnail_at.get(name, 0.0) >= THUMBNAIL_EVERY_S
+            if thumbnail:
+                self._thumbnail_at[name] = now
             data = layer.data
             if (
                 isinstance(data, np.ndarray)
@@ -509,25 +530,31 @@ class LiveWidget(QtWidgets.QWidget):
                 and data.flags.writeable
             ):
                 # the same layer, its new frame copied into its own array; then either only the
-                # texture is uploaded again (the canvas draws from a view of that array), or, once
-                # a second and wherever there is no such view, napari re-slices the layer (its
-                # dims and extent kept) and redraws its thumbnail
+                # texture is uploaded again (the canvas draws from a view of that array), or, every
+                # few seconds and wherever there is no such view, napari re-slices the layer (its
+                # dims and extent kept) and redraws its thumbnail (and the layer list repaints:
+                # once a second for each of six layers cost a tenth of the frame rate, measured)
                 np.copyto(data, arr)
-                node = None if levels else self._texture_node(layer)
+                node = None if thumbnail else self._texture_node(layer)
                 if node is not None:
                     node.set_data(node._data)  # the same view, uploaded again when the canvas paints
                     self.texture_updates += 1
                 else:
-                    layer.refresh(thumbnail=levels, highlight=False, extent=False)
+                    layer.refresh(thumbnail=thumbnail, highlight=False, extent=False)
             else:  # another shape or dtype (binning changed): the layer's data replaced
-                layer.data = np.array(arr)
+                self._setting_levels = True  # napari may fit the contrast limits to the new data
+                try:
+                    layer.data = np.array(arr)
+                finally:
+                    self._setting_levels = False
             if tuple(layer.scale) != scale:
                 layer.scale = scale
             if levels:
                 self._levels_at[name] = now
-                new = _display_levels(arr)
-                if _moved(tuple(layer.contrast_limits), new):  # napari redraws its controls for each set
-                    layer.contrast_limits = new
+                if self.auto_levels_box.isChecked() and name not in self._fixed:
+                    new = _display_levels(arr)
+                    if _moved(tuple(layer.contrast_limits), new):  # napari redraws its controls for each set
+                        self._set_levels(layer, new)
         layer.metadata["livescope"].update(
             seq=h.get("seq"), t=(h.get("index") or {}).get("t"), latency_ms=h.get("latency_ms"), z=key[4]
         )
@@ -535,6 +562,26 @@ class LiveWidget(QtWidgets.QWidget):
             layer.metadata["livescope"]["scalars"] = dict(h["scalars"])
         self.updates[name] = self.updates.get(name, 0) + 1
         self.frames_drawn += 1
+
+    # -- levels ------------------------------------------------------------------------------------
+    def _set_levels(self, layer: Any, levels: tuple[float, float]) -> None:
+        self._setting_levels = True
+        try:
+            layer.contrast_limits = levels
+        finally:
+            self._setting_levels = False
+
+    def _contrast_set(self, name: str) -> None:
+        """A layer's contrast limits changed: by the user (napari's slider, its auto-contrast
+        button, code) unless the dock set them; the user's stay, auto levels leave that layer."""
+        if not self._setting_levels:
+            self._fixed.add(name)
+
+    def _auto_levels_toggled(self, on: bool) -> None:
+        """Ticked: every live layer follows its frames' percentiles again, from the next tick."""
+        if on:
+            self._fixed.clear()
+            self._levels_at = dict.fromkeys(self._levels_at, 0.0)
 
     def _texture_node(self, layer: Any) -> Any:
         """The vispy node that draws ``layer`` on napari's canvas, when the data it uploads is a view

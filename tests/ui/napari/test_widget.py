@@ -97,7 +97,7 @@ def test_one_layer_per_product_updated_in_place(qtbot, daemon):
 def test_levels_one_layer_a_tick_and_only_when_they_moved(qtbot, monkeypatch):
     """Six layers due for their once-a-second levels at once get them over six ticks, one a tick
     (napari's refresh and its controls' redraw are the slow part of a paint); levels that moved
-    less than 2 % of the range are not set again."""
+    less than 5 % of the range are not set again."""
     from napari.components import ViewerModel
 
     from livescope.bridges.protocol import Frame
@@ -133,12 +133,89 @@ def test_levels_one_layer_a_tick_and_only_when_they_moved(qtbot, monkeypatch):
     assert [len(c) for c in changed] == [1] * 6  # one layer a tick
     assert set().union(*changed) == {la.name for la in layers}  # and each layer in turn
     assert all(990 < la.contrast_limits[1] < 1001 for la in layers)
-    for t in range(7, 19):  # the same brightness again: levels within 2 %, nothing set
+    for t in range(7, 19):  # the same brightness again: levels within 5 %, nothing set
         widget._levels_at.clear()
         changed.append(set())
         tick(1000.0, t)
     assert set().union(*changed[6:]) == set()
     assert all(np.asarray(la.data).max() > 900 for la in layers)  # the frames themselves still drawn
+
+
+def test_contrast_limits_set_by_hand_stay_until_auto_levels_are_ticked_again(qtbot, monkeypatch):
+    """A layer whose contrast limits the user set in napari keeps them while its frames get ten
+    times brighter (auto levels leave it; the other layers follow); unticking auto levels freezes
+    every layer; ticking it again has every layer follow its frames, the hand-set one included."""
+    from napari.components import ViewerModel
+
+    from livescope.bridges.protocol import Frame
+    from livescope.ui.napari import LiveWidget, _widget
+
+    monkeypatch.setattr(_widget, "LEVELS_EVERY_S", 0.0)  # due at every tick, one layer a tick
+    viewer = ViewerModel()
+    widget = LiveWidget(viewer, control="")
+    qtbot.addWidget(widget)
+    rng = np.random.default_rng(1)
+
+    def ticks(scale: float, n: int = 4) -> None:  # n ticks, a frame of both products in each
+        for t in range(n):
+            widget.draw(
+                {
+                    ("s", p, 0, 0, 0): Frame({"seq": t, "product": p}, frame)
+                    for p in ("raw", "denoised")
+                    for frame in [(rng.random((64, 64)) * scale).astype(np.float32)]
+                }
+            )
+
+    ticks(100.0, 1)
+    raw, den = viewer.layers["live raw"], viewer.layers["live denoised"]
+    raw.contrast_limits = (0.0, 50.0)  # the user, in napari's layer controls
+    ticks(1000.0)
+    assert raw.contrast_limits == [0.0, 50.0]
+    assert den.contrast_limits[1] > 900  # the other layer follows
+    widget.auto_levels_box.setChecked(False)
+    ticks(10000.0)
+    assert raw.contrast_limits == [0.0, 50.0] and den.contrast_limits[1] < 1001  # nothing follows
+    widget.auto_levels_box.setChecked(True)
+    ticks(10000.0)
+    assert raw.contrast_limits[1] > 9000 and den.contrast_limits[1] > 9000  # every layer follows again
+    assert np.asarray(raw.data).max() > 9000  # frames were drawn all along
+
+
+def test_thumbnails_every_few_seconds_not_with_every_levels_check(qtbot, monkeypatch):
+    """Levels are checked once a second; napari's refresh with the thumbnail (the layer list
+    repaints for each) only every THUMBNAIL_EVERY_S, so six layers do not repaint it six times a second."""
+    import itertools
+    import types
+
+    from napari.components import ViewerModel
+
+    from livescope.bridges.protocol import Frame
+    from livescope.ui.napari import LiveWidget, _widget
+
+    clock = [0.0]
+    monkeypatch.setattr(_widget, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    viewer = ViewerModel()
+    widget = LiveWidget(viewer, control="")
+    qtbot.addWidget(widget)
+    frame = np.random.default_rng(2).random((32, 32)).astype(np.float32) * 100
+
+    def tick(t: int) -> None:  # one tick at t/10 s: one frame of the one product
+        clock[0] = t / 10
+        widget.draw({("s", "raw", 0, 0, 0): Frame({"seq": t, "product": "raw"}, frame + t * 1e-3)})
+
+    tick(0)
+    layer = viewer.layers["live raw"]
+    thumbnails: list[float] = []
+    layer.events.thumbnail.connect(lambda _e: thumbnails.append(clock[0]))
+    checked = []
+    for t in range(1, 121):  # twelve seconds at ten ticks a second
+        before = widget._levels_at["live raw"]
+        tick(t)
+        if widget._levels_at["live raw"] != before:
+            checked.append(clock[0])
+    assert len(checked) == 12  # levels: once a second
+    assert thumbnails and all(b - a >= _widget.THUMBNAIL_EVERY_S - 1e-9 for a, b in itertools.pairwise(thumbnails))
+    assert len(thumbnails) == 12 // int(_widget.THUMBNAIL_EVERY_S)  # 5 s and 10 s
 
 
 def test_the_slow_update_goes_round_every_layer(qtbot, monkeypatch):
