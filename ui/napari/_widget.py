@@ -13,10 +13,11 @@ and turns engines on and off.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -542,11 +543,8 @@ class LiveWidget(QtWidgets.QWidget):
                 else:
                     layer.refresh(thumbnail=thumbnail, highlight=False, extent=False)
             else:  # another shape or dtype (binning changed): the layer's data replaced
-                self._setting_levels = True  # napari may fit the contrast limits to the new data
-                try:
+                with self._dock_sets_levels():  # napari may fit the contrast limits to the new data
                     layer.data = np.array(arr)
-                finally:
-                    self._setting_levels = False
             if tuple(layer.scale) != scale:
                 layer.scale = scale
             if levels:
@@ -554,7 +552,8 @@ class LiveWidget(QtWidgets.QWidget):
                 if self.auto_levels_box.isChecked() and name not in self._fixed:
                     new = _display_levels(arr)
                     if _moved(tuple(layer.contrast_limits), new):  # napari redraws its controls for each set
-                        self._set_levels(layer, new)
+                        with self._dock_sets_levels():
+                            layer.contrast_limits = new
         layer.metadata["livescope"].update(
             seq=h.get("seq"), t=(h.get("index") or {}).get("t"), latency_ms=h.get("latency_ms"), z=key[4]
         )
@@ -564,10 +563,12 @@ class LiveWidget(QtWidgets.QWidget):
         self.frames_drawn += 1
 
     # -- levels ------------------------------------------------------------------------------------
-    def _set_levels(self, layer: Any, levels: tuple[float, float]) -> None:
+    @contextlib.contextmanager
+    def _dock_sets_levels(self) -> Iterator[None]:
+        """Contrast-limit changes inside are the dock's, not the user's."""
         self._setting_levels = True
         try:
-            layer.contrast_limits = levels
+            yield
         finally:
             self._setting_levels = False
 
