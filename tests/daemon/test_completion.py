@@ -166,9 +166,10 @@ def test_a_daemon_killed_mid_completion_is_finished_by_livescope_complete(tmp_pa
 def test_a_parameter_changed_mid_run_applies_to_the_saved_product_from_the_same_frame(tmp_path, free_address, mode):
     engines = ["deconvolve", "passthrough"]  # deconvolve is per frame: each frame shows its own setting
     params = {"passthrough": {"delay_s": 0.03}}
-    cfg = _cfg(
-        tmp_path, free_address, engines=engines, engine_params=params, complete="off" if mode != "during" else "during"
-    )
+    complete = "off" if mode != "during" else "during"
+    # frames 20 ms apart (the chain takes 30+ ms, so it still skips): the change, made once 15 were
+    # received, lands while the live path is mid-run, however late a loaded machine runs its thread
+    cfg = _cfg(tmp_path, free_address, engines=engines, engine_params=params, complete=complete, sim_interval_s=0.02)
 
     def change(pipeline):
         def go():
