@@ -615,7 +615,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
         left = f", {comp['frames_to_go']} left skipped" if comp["frames_to_go"] else ""
         lost = f", {comp['unrecoverable']} without raw" if comp.get("unrecoverable") else ""
         print(
-            f"products completed in order: {comp['frames_completed']} frame(s) the live path skipped"
+            f"products completed in order: {comp['frames_completed']} frame(s), from the first the live path skipped on"
             f"{left}{lost} (--complete {comp['mode']})"
         )
     tuning = summary.get("tuning") or {}
